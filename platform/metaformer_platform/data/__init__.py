@@ -1,0 +1,52 @@
+"""The data path: webdataset shards + `_info.json` manifest -> ShardSet plan -> batches.
+
+Layers, bottom up: `storage` (where bytes live), `manifest` (what the shards are), `writer` (making
+shards), `shardset` (who reads what in an epoch), `reader` (tar -> samples -> images), `loader` (batches,
+resumable position), `transforms` (the paper's augmentation via timm), `synthetic` (a built-in dataset).
+No Ray, MLflow or config imports here: callers pass plain arguments.
+"""
+
+from .loader import ShardLoader, build_loader
+from .manifest import (
+    INFO_NAME,
+    Manifest,
+    ShardInfo,
+    SplitInfo,
+    load_manifest,
+    verify_checksums,
+    write_manifest,
+)
+from .shardset import RankPlan, ShardSet, ShardSlice, WorkerPlan, batch_schedule
+from .storage import LocalStorage, Storage, open_storage, register_scheme
+from .synthetic import ensure_synthetic_shards
+from .transforms import build_mixup, build_transforms
+from .writer import Sample, ShardWriter, shard_name, write_dataset, write_shard
+
+__all__ = [
+    "INFO_NAME",
+    "LocalStorage",
+    "Manifest",
+    "RankPlan",
+    "Sample",
+    "ShardInfo",
+    "ShardLoader",
+    "ShardSet",
+    "ShardSlice",
+    "ShardWriter",
+    "SplitInfo",
+    "Storage",
+    "WorkerPlan",
+    "batch_schedule",
+    "build_loader",
+    "build_mixup",
+    "build_transforms",
+    "ensure_synthetic_shards",
+    "load_manifest",
+    "open_storage",
+    "register_scheme",
+    "shard_name",
+    "verify_checksums",
+    "write_dataset",
+    "write_manifest",
+    "write_shard",
+]

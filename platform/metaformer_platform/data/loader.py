@@ -1,0 +1,428 @@
+"""The batch loader: a ShardSet plan, read by torch DataLoader workers, with a resumable position.
+
+Per epoch, each worker streams its shard slices (see `shardset`), shuffles undecoded samples in a buffer,
+drops the samples a resume skips (before decoding them), then decodes, transforms and collates its own
+batches; the DataLoader hands them back round-robin, so the rank's batch order depends only on
+(seed, epoch, rank, world_size, num_workers, batch_size, shuffle_buffer).
+
+What the Trainer does with it:
+
+* Training: `for images, labels in loader` yields the rest of the current epoch, then moves the loader to
+  the next epoch, so a step-counting loop is `while step < max_steps: for batch in loader: ...`.
+  `len(loader)` (== `steps_per_epoch`) is the same on every rank.
+* Resume: store `loader.state_dict()` with the checkpoint (it is identical on every rank, so rank 0's is
+  enough) and call `load_state_dict()` before iterating again. The next iteration re-plans the same
+  epoch and skips the batches already yielded; with the same layout the remaining batches hold exactly
+  the samples, in exactly the order, the interrupted run would have seen (augmentation draws are not
+  replayed). Skipped samples are still read from storage but not decoded. A changed layout (world size,
+  workers, batch size...) is refused, or with `strict=False` restarts the stored epoch from its start.
+* Evaluation (`drop_last=False`, `shuffle=False`): every sample is yielded exactly once across ranks, all
+  ranks yield `len(loader)` batches, and batches may be smaller than batch_size. Count samples as
+  `labels.numel()`, sum (correct, total) per rank, all-reduce both with SUM, then divide; the reduced total
+  equals `loader.total_samples`. No padding or de-duplication is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .manifest import Manifest, load_manifest
+from .reader import RawSample, decode_image, decode_label, iter_shard
+from .shardset import RankPlan, ShardSet
+from .storage import Storage
+
+__all__ = ["ShardLoader", "build_loader"]
+
+_log = logging.getLogger(__name__)
+
+Transform = Callable[[Image.Image], Any]
+
+# Loader settings that change which batch holds which sample: resuming mid-epoch needs them unchanged.
+_LAYOUT_KEYS = (
+    "split",
+    "num_samples",
+    "seed",
+    "world_size",
+    "num_workers",
+    "batch_size",
+    "drop_last",
+    "shuffle",
+    "shuffle_buffer",
+)
+STATE_VERSION = 1
+
+
+def _shuffled(samples: Iterable[RawSample], bufsize: int, rng: random.Random) -> Iterator[RawSample]:
+    buffer: list[RawSample] = []
+    for sample in samples:
+        if len(buffer) < bufsize:
+            buffer.append(sample)
+            continue
+        i = rng.randrange(bufsize)
+        yield buffer[i]
+        buffer[i] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _seed_sample(seed: int, epoch: int, key: str) -> None:
+    """Seed the RNGs the transforms draw from with (seed, epoch, sample key).
+
+    A sample's augmentation then depends on nothing else: not on the worker count, the timing, or where a
+    resumed job picked the epoch up, so a resumed job sees exactly the tensors the uninterrupted one saw.
+    """
+    value = random.Random(f"augment:{seed}:{epoch}:{key}").getrandbits(63)
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
+
+
+@contextlib.contextmanager
+def _rng_preserved() -> Iterator[None]:
+    """Keep the caller's RNG streams untouched (loading in the main process, num_workers=0)."""
+    py, nps, pt = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(nps)
+        torch.set_rng_state(pt)
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class _EpochStream(IterableDataset):
+    """One rank's epoch as a torch IterableDataset; each DataLoader worker reads its own `WorkerPlan`."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        plan: RankPlan,
+        *,
+        skip_batches: int,
+        shuffle: bool,
+        shuffle_buffer: int,
+        seed: int,
+        transform: Transform | None,
+        decode_size: int | None,
+        with_keys: bool,
+    ):
+        super().__init__()
+        self.storage = storage
+        self.plan = plan
+        self.skip_batches = skip_batches
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.transform = transform
+        self.decode_size = decode_size
+        self.with_keys = with_keys
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        loader_worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader asks its workers round-robin starting at worker 0, while after skipping k batches
+        # the rank's next batch belongs to plan worker k % num_workers: rotate so the order still holds.
+        worker = (loader_worker + self.skip_batches) % num_workers
+        assert num_workers == len(self.plan.workers), "the plan was made for another worker count"
+        wplan = self.plan.workers[worker]
+        samples: Iterator[RawSample] = (
+            s
+            for piece in wplan.slices
+            for s in iter_shard(self.storage, piece.filename, piece.start, piece.stop)
+        )
+        if self.shuffle and self.shuffle_buffer > 1:
+            rng = random.Random(f"samples:{self.seed}:{self.plan.epoch}:{self.plan.rank}:{worker}")
+            samples = _shuffled(samples, self.shuffle_buffer, rng)
+        skip = wplan.samples_before(self.skip_batches, num_workers)
+        batch_sizes = wplan.batch_sizes[len(range(worker, self.skip_batches, num_workers)) :]
+        for _ in range(skip):
+            next(samples)
+        # Worker processes own their RNGs; in the main process the trainer's RNG streams must not move.
+        in_main = info is None
+        for size in batch_sizes:
+            images, labels, keys = [], [], []
+            for _ in range(size):
+                sample = next(samples, None)
+                if sample is None:
+                    raise RuntimeError(
+                        f"rank {self.plan.rank} worker {worker}: ran out of samples mid-epoch; the shards "
+                        f"under {self.storage.url} hold fewer samples than their manifest lists"
+                    )
+                img = decode_image(sample, self.decode_size)
+                if self.transform is None:
+                    images.append(_to_tensor(img))
+                else:
+                    with _rng_preserved() if in_main else contextlib.nullcontext():
+                        _seed_sample(self.seed, self.plan.epoch, sample.key)
+                        images.append(self.transform(img))
+                labels.append(decode_label(sample))
+                keys.append(sample.key)
+            batch = (torch.stack(images), torch.tensor(labels, dtype=torch.int64))
+            yield (*batch, keys) if self.with_keys else batch
+
+
+class ShardLoader:
+    """Batches of one split for one rank, epoch after epoch, with a resumable position.
+
+    Iterating yields `(images, labels)` (plus the list of sample keys with `with_keys=True`) for the
+    rest of the current epoch. `len()` is the number of batches per epoch, identical on every rank.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        transform: Transform | None,
+        seed: int,
+        epoch: int,
+        shuffle: bool,
+        shuffle_buffer: int,
+        drop_last: bool,
+        decode_size: int | None,
+        with_keys: bool,
+        pin_memory: bool,
+        prefetch_factor: int | None,
+        multiprocessing_context: str | None,
+        timeout: float,
+    ):
+        self.manifest = manifest
+        self.split = split
+        self.shards = ShardSet.from_manifest(manifest, split)
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.transform = transform
+        self.seed = seed
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.drop_last = drop_last
+        self.decode_size = decode_size
+        self.with_keys = with_keys
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.multiprocessing_context = multiprocessing_context
+        self.timeout = timeout
+        self.epoch = epoch
+        self.batches_yielded = 0
+        try:
+            self._layout = self.plan(epoch)  # raises the ValueErrors (zero batches...) up front
+        except ValueError as err:
+            raise ValueError(f"{manifest.url} split {split!r}: {err}") from None
+
+    def plan(self, epoch: int | None = None) -> RankPlan:
+        """This rank's reading plan for `epoch` (default: the current one)."""
+        return self.shards.plan(
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=self.num_workers,
+            batch_size=self.batch_size,
+            drop_last=self.drop_last,
+            seed=self.seed,
+            epoch=self.epoch if epoch is None else epoch,
+            shuffle=self.shuffle,
+        )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch; the same on every rank."""
+        return self._layout.num_batches
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank yields per epoch (for evaluation: this rank's share, may differ by rank)."""
+        return self._layout.num_samples
+
+    @property
+    def total_samples(self) -> int:
+        """Samples all ranks together yield per epoch (== the split's size when drop_last=False)."""
+        return self._layout.total_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its first batch on the next iteration."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = epoch
+        self.batches_yielded = 0
+
+    def __iter__(self) -> Iterator[tuple]:
+        if self.batches_yielded >= self.steps_per_epoch:
+            self.set_epoch(self.epoch + 1)
+        stream = _EpochStream(
+            self.manifest.storage,
+            self.plan(),
+            skip_batches=self.batches_yielded,
+            shuffle=self.shuffle,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            transform=self.transform,
+            decode_size=self.decode_size,
+            with_keys=self.with_keys,
+        )
+        extra: dict[str, Any] = {}
+        if self.num_workers > 0:
+            # Seeds each worker's `random`/numpy/torch from (seed, epoch, rank), so augmentation is
+            # repeatable; the main process's own RNG state is left alone.
+            base = random.Random(f"workers:{self.seed}:{self.epoch}:{self.rank}").getrandbits(63)
+            generator = torch.Generator().manual_seed(base)
+            extra.update(
+                generator=generator,
+                prefetch_factor=self.prefetch_factor,
+                multiprocessing_context=self.multiprocessing_context,
+                timeout=self.timeout,
+            )
+        loader = DataLoader(
+            stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **extra
+        )
+        for batch in loader:
+            self.batches_yielded += 1
+            yield batch
+        if self.batches_yielded != self.steps_per_epoch:
+            raise RuntimeError(
+                f"rank {self.rank}: epoch {self.epoch} ended after {self.batches_yielded} of "
+                f"{self.steps_per_epoch} batches"
+            )
+        self.set_epoch(self.epoch + 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loader's position and layout; the same on every rank (rank is informational)."""
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "batches_yielded": self.batches_yielded,
+            "steps_per_epoch": self.steps_per_epoch,
+            "rank": self.rank,
+            "split": self.split,
+            "num_samples": self.shards.num_samples,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "batch_size": self.batch_size,
+            "drop_last": self.drop_last,
+            "shuffle": self.shuffle,
+            "shuffle_buffer": self.shuffle_buffer,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
+        """Continue from a stored position: the next iteration skips the batches already yielded.
+
+        When the layout differs (see `_LAYOUT_KEYS`), `strict` raises ValueError; otherwise the stored
+        epoch restarts from its first batch.
+        """
+        missing = [k for k in ("epoch", "batches_yielded", *_LAYOUT_KEYS) if k not in state]
+        if missing:
+            raise ValueError(f"loader state lacks {missing}; pass a dict from ShardLoader.state_dict()")
+        mine = self.state_dict()
+        changed = {k: (state[k], mine[k]) for k in _LAYOUT_KEYS if state[k] != mine[k]}
+        epoch, position = int(state["epoch"]), int(state["batches_yielded"])
+        if epoch < 0 or (not changed and not 0 <= position <= self.steps_per_epoch):
+            raise ValueError(f"loader state has an invalid position: epoch {epoch}, batch {position}")
+        if changed:
+            detail = ", ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in changed.items())
+            if strict:
+                raise ValueError(
+                    f"cannot resume the {self.split!r} loader mid-epoch: its layout changed ({detail}); "
+                    "restore the original settings, or call load_state_dict(state, strict=False) to restart "
+                    f"epoch {epoch} from its beginning"
+                )
+            _log.warning("data layout changed (%s): restarting epoch %d from its first batch", detail, epoch)
+            position = 0
+        self.epoch = epoch
+        self.batches_yielded = position
+
+
+def _positive(name: str, value: Any) -> None:
+    if type(value) is not int or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _non_negative(name: str, value: Any) -> None:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def build_loader(
+    source: str | Path | Manifest,
+    split: str,
+    *,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    transform: Transform | None,
+    seed: int,
+    epoch: int = 0,
+    shuffle: bool,
+    shuffle_buffer: int = 1000,
+    drop_last: bool = True,
+    decode_size: int | None = None,
+    with_keys: bool = False,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = 2,
+    multiprocessing_context: str | None = None,
+    timeout: float = 0,
+) -> ShardLoader:
+    """A loader over split `split` of the shards under `source` (a folder or file:// URL with `_info.json`).
+
+    Training: shuffle=True, drop_last=True. Evaluation: shuffle=False, drop_last=False (every sample exactly
+    once across ranks; see the module docstring for what the Trainer does with the counts).
+    `transform` maps a PIL RGB image to a tensor (None: uint8 CHW, all images the same size).
+    `decode_size`: the smallest short side the transform needs; larger JPEGs decode at reduced scale.
+    `shuffle_buffer`: undecoded samples each worker holds for shuffling (memory: about this many files).
+    """
+    _positive("batch_size", batch_size)
+    _positive("world_size", world_size)
+    _non_negative("rank", rank)
+    if rank >= world_size:
+        raise ValueError(f"rank must be < world_size ({world_size}), got {rank}")
+    _non_negative("num_workers", num_workers)
+    _non_negative("seed", seed)
+    _non_negative("epoch", epoch)
+    if shuffle:
+        _positive("shuffle_buffer", shuffle_buffer)
+    if decode_size is not None:
+        _positive("decode_size", decode_size)
+    if transform is not None and not callable(transform):
+        raise TypeError(f"transform must be callable (PIL image -> tensor), got {type(transform).__name__}")
+    manifest = source if isinstance(source, Manifest) else load_manifest(source)
+    return ShardLoader(
+        manifest,
+        split,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        transform=transform,
+        seed=seed,
+        epoch=epoch,
+        shuffle=shuffle,
+        shuffle_buffer=shuffle_buffer,
+        drop_last=drop_last,
+        decode_size=decode_size,
+        with_keys=with_keys,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor,
+        multiprocessing_context=multiprocessing_context,
+        timeout=timeout,
+    )

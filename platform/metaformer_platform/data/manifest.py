@@ -1,0 +1,313 @@
+"""The `_info.json` shard manifest: the timm `wds/` schema plus checksums and class names.
+
+Schema (keys timm's `ReaderWds` reads are marked *)::
+
+    {
+      "name": "imagenet-1k",                      *  dataset name
+      "format": "metaformer-wds", "version": 1,      what wrote it
+      "num_classes": 1000, "class_names": [...],     label i is class_names[i]
+      "splits": {                                 *
+        "train": {
+          "name": "train",                        *  timm requires it (== the key)
+          "num_samples": 1281167,                 *  == sum(shard_lengths)
+          "filenames": ["train-000000.tar", ...], *  relative to the folder holding _info.json
+          "shard_lengths": [1252, ...],           *  samples per shard, same order
+          "shard_sha256": ["9f2c...", ...],          hex digest of each whole tar
+          "shard_bytes": [131072000, ...]            size of each tar
+        },
+        "val": {...}
+      },
+      "extra": {...}                                 free-form provenance (generator parameters, source)
+    }
+
+Each sample in a shard is `{key}.jpg` + `{key}.cls` (the label as ASCII digits) + an optional `{key}.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .storage import Storage, open_storage
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "INFO_NAME",
+    "Manifest",
+    "ShardInfo",
+    "SplitInfo",
+    "load_manifest",
+    "manifest_dict",
+    "verify_checksums",
+    "write_manifest",
+]
+
+INFO_NAME = "_info.json"
+FORMAT = "metaformer-wds"
+FORMAT_VERSION = 1
+BUILD_HINT = (
+    "build shards with `python jobs/build_shards.py` (or `ensure_synthetic_shards()` for the built-in "
+    "synthetic set), or point the data source at a folder that has one"
+)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One written shard: what the writer reports and the manifest lists."""
+
+    filename: str
+    num_samples: int
+    sha256: str
+    num_bytes: int
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """One split of a manifest; the lists are parallel, one entry per shard."""
+
+    name: str
+    filenames: tuple[str, ...]
+    shard_lengths: tuple[int, ...]
+    shard_sha256: tuple[str, ...] = ()
+    shard_bytes: tuple[int, ...] = ()
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.shard_lengths)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.filenames)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated `_info.json` together with the storage it was read from."""
+
+    name: str
+    splits: Mapping[str, SplitInfo]
+    storage: Storage
+    class_names: tuple[str, ...] = ()
+    num_classes: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.storage.url
+
+    def split(self, name: str) -> SplitInfo:
+        """The named split, or a ValueError that lists the ones there are."""
+        if name not in self.splits:
+            raise ValueError(
+                f"{self.storage.describe(INFO_NAME)}: unknown split {name!r}; this manifest has "
+                f"{sorted(self.splits)}; pass one of those as the split"
+            )
+        return self.splits[name]
+
+
+def _fail(where: str, problem: str, fix: str) -> ValueError:
+    return ValueError(f"{where}: {problem}; {fix}")
+
+
+def _parse_split(where: str, key: str, raw: Any) -> SplitInfo:
+    fix = "rebuild the shards (the manifest is written by the shard writer, not by hand)"
+    if not isinstance(raw, Mapping):
+        raise _fail(where, f"split {key!r} must be an object, got {type(raw).__name__}", fix)
+    for required in ("filenames", "shard_lengths", "num_samples"):
+        if required not in raw:
+            raise _fail(where, f"split {key!r} has no {required!r}", fix)
+    filenames, lengths = raw["filenames"], raw["shard_lengths"]
+    if not isinstance(filenames, list) or not all(isinstance(f, str) and f for f in filenames):
+        raise _fail(where, f"split {key!r}: 'filenames' must be a list of shard file names", fix)
+    if not filenames:
+        raise _fail(where, f"split {key!r} lists no shards", fix)
+    if len(set(filenames)) != len(filenames):
+        raise _fail(where, f"split {key!r} lists a shard more than once", fix)
+    for name in filenames:
+        if name.startswith("/") or "://" in name or ".." in Path(name).parts:
+            raise _fail(where, f"split {key!r}: shard name {name!r} must be relative to the manifest", fix)
+    if not isinstance(lengths, list) or not all(type(n) is int and n >= 0 for n in lengths):
+        raise _fail(where, f"split {key!r}: 'shard_lengths' must be a list of non-negative integers", fix)
+    if len(lengths) != len(filenames):
+        raise _fail(
+            where, f"split {key!r} lists {len(filenames)} filenames but {len(lengths)} shard_lengths", fix
+        )
+    num_samples = raw["num_samples"]
+    if type(num_samples) is not int or num_samples != sum(lengths):
+        raise _fail(
+            where,
+            f"split {key!r}: num_samples is {num_samples!r} but its shard_lengths sum to {sum(lengths)}",
+            fix,
+        )
+    if raw.get("name", key) != key:
+        raise _fail(where, f"split {key!r} has name {raw.get('name')!r} (must equal its key)", fix)
+    sha = raw.get("shard_sha256", [])
+    sizes = raw.get("shard_bytes", [])
+    for label, values, kind in (("shard_sha256", sha, str), ("shard_bytes", sizes, int)):
+        if values and (
+            not isinstance(values, list)
+            or len(values) != len(filenames)
+            or not all(type(v) is kind for v in values)
+        ):
+            raise _fail(where, f"split {key!r}: {label!r} must list one {kind.__name__} per shard", fix)
+    return SplitInfo(
+        name=key,
+        filenames=tuple(filenames),
+        shard_lengths=tuple(lengths),
+        shard_sha256=tuple(sha),
+        shard_bytes=tuple(sizes),
+    )
+
+
+def load_manifest(source: str | Path | Storage, *, check_files: bool = True) -> Manifest:
+    """Read and validate `_info.json` under `source` (a folder, a file:// URL or a `Storage`).
+
+    With `check_files` (the default) every listed shard must exist (and have the listed size, when the
+    manifest records sizes); checksums are only compared by `verify_checksums`, which reads every byte.
+    """
+    storage = open_storage(source) if isinstance(source, (str, Path)) else source
+    where = storage.describe(INFO_NAME)
+    if not storage.exists(INFO_NAME):
+        raise ValueError(f"no shards found in {storage.url}: expected {where}; {BUILD_HINT}")
+    try:
+        raw = json.loads(storage.read_bytes(INFO_NAME))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _fail(where, f"not valid JSON ({err})", "rebuild the shards or fix the file") from None
+    if not isinstance(raw, Mapping):
+        raise _fail(where, "the manifest must be a JSON object", "rebuild the shards")
+    splits_raw = raw.get("splits")
+    if not isinstance(splits_raw, Mapping) or not splits_raw:
+        raise _fail(where, "has no 'splits' object (timm's wds schema needs one)", "rebuild the shards")
+    splits = {key: _parse_split(where, key, value) for key, value in splits_raw.items()}
+
+    class_names = raw.get("class_names", [])
+    if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
+        raise _fail(where, "'class_names' must be a list of strings", "rebuild the shards")
+    num_classes = raw.get("num_classes", len(class_names) or None)
+    if num_classes is not None and (type(num_classes) is not int or num_classes <= 0):
+        raise _fail(
+            where, f"'num_classes' must be a positive integer, got {num_classes!r}", "rebuild the shards"
+        )
+    if class_names and num_classes != len(class_names):
+        raise _fail(
+            where,
+            f"num_classes is {num_classes} but {len(class_names)} class_names are listed",
+            "rebuild the shards",
+        )
+    manifest = Manifest(
+        name=str(raw.get("name", "")),
+        splits=splits,
+        storage=storage,
+        class_names=tuple(class_names),
+        num_classes=num_classes,
+        extra=dict(raw.get("extra", {})),
+    )
+    if check_files:
+        _check_files(manifest)
+    return manifest
+
+
+def _check_files(manifest: Manifest) -> None:
+    storage = manifest.storage
+    missing, wrong_size = [], []
+    for split in manifest.splits.values():
+        for i, name in enumerate(split.filenames):
+            if not storage.exists(name):
+                missing.append(name)
+            elif split.shard_bytes and storage.size(name) != split.shard_bytes[i]:
+                wrong_size.append(
+                    f"{name} ({storage.size(name)} bytes, manifest says {split.shard_bytes[i]})"
+                )
+    where = storage.describe(INFO_NAME)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise _fail(
+            where,
+            f"{len(missing)} listed shard file(s) are missing from {storage.url}: {shown}",
+            "copy the missing shards there or rebuild the shards",
+        )
+    if wrong_size:
+        raise _fail(
+            where, f"shard size differs from the manifest: {', '.join(wrong_size[:5])}", "rebuild the shards"
+        )
+
+
+def sha256_of(storage: Storage, name: str) -> str:
+    digest = hashlib.sha256()
+    with storage.open(name) as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checksums(manifest: Manifest, split: str | None = None) -> int:
+    """Re-hash every shard (of one split, or all) against the manifest; returns the number checked."""
+    splits = [manifest.split(split)] if split is not None else list(manifest.splits.values())
+    checked = 0
+    for info in splits:
+        if not info.shard_sha256:
+            raise _fail(
+                manifest.storage.describe(INFO_NAME),
+                f"split {info.name!r} records no shard_sha256",
+                "rebuild the shards with this platform's writer to get checksums",
+            )
+        for name, expected in zip(info.filenames, info.shard_sha256, strict=True):
+            actual = sha256_of(manifest.storage, name)
+            if actual != expected:
+                raise ValueError(
+                    f"{manifest.storage.describe(name)}: sha256 {actual} does not match the manifest's "
+                    f"{expected}; the shard is corrupt or was replaced: rebuild or re-copy it"
+                )
+            checked += 1
+    return checked
+
+
+def manifest_dict(
+    name: str,
+    splits: Mapping[str, Sequence[ShardInfo]],
+    *,
+    class_names: Sequence[str] = (),
+    num_classes: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON-ready manifest for written shards (see the module docstring for the schema)."""
+    if class_names and num_classes is not None and num_classes != len(class_names):
+        raise ValueError(f"num_classes={num_classes} but {len(class_names)} class_names were given")
+    body: dict[str, Any] = {
+        "name": name,
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "num_classes": num_classes if num_classes is not None else (len(class_names) or None),
+        "class_names": list(class_names),
+        "splits": {},
+    }
+    for split, shards in splits.items():
+        body["splits"][split] = {
+            "name": split,
+            "num_samples": sum(s.num_samples for s in shards),
+            "filenames": [s.filename for s in shards],
+            "shard_lengths": [s.num_samples for s in shards],
+            "shard_sha256": [s.sha256 for s in shards],
+            "shard_bytes": [s.num_bytes for s in shards],
+        }
+    if body["num_classes"] is None:
+        del body["num_classes"]
+    if extra:
+        body["extra"] = dict(extra)
+    return body
+
+
+def write_manifest(root: str | Path, body: Mapping[str, Any]) -> Path:
+    """Write `_info.json` atomically (temp name + rename), so readers never see half a manifest."""
+    root = Path(root)
+    target = root / INFO_NAME
+    tmp = root / f".{INFO_NAME}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(body, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, target)
+    return target
