@@ -1,0 +1,52 @@
+"""Shared command line of the job entry points: ``[--config FILE] [key.path=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from metaformer_platform.config import ConfigError, JobConfig, describe_keys, load_config
+
+
+def parse_job_config(stage: str, description: str, argv: Sequence[str] | None, default_config: Path | None) -> JobConfig:
+    """Parse the command line into a validated config; ``--help`` lists every key with its default."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Overrides are key.path=value (value read as YAML). Keys:\n" + describe_keys(),
+    )
+    default_hint = f" (default: {default_config})" if default_config else ""
+    parser.add_argument("--config", type=Path, default=default_config, help=f"YAML config file{default_hint}")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+    args = parser.parse_args(argv)
+    return load_config(args.config, [f"stage={stage}", *args.overrides])
+
+
+def run_main(stage: str, description: str, argv: Sequence[str] | None = None, default_config: Path | None = None) -> int:
+    """Parse, run, print the outcome; returns the process exit code (2: bad input, 1: the job failed)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = parse_job_config(stage, description, argv, default_config)
+        from metaformer_platform.launch import run_job
+
+        result = run_job(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # the job ran and failed: say so plainly, with the cause
+        print(f"error: the {stage} job failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    m = result.metrics
+    print(f"\n{stage} finished: step {int(m.get('step', 0))}", end="")
+    if "val/top1" in m:
+        print(f", validation top-1 {m['val/top1']:.2f}% top-5 {m.get('val/top5', 0):.2f}% "
+              f"on {int(m.get('val/samples', 0))} images", end="")
+    print(f"\ncheckpoints: {result.run_dir}")
+    if result.checkpoint_path:
+        print(f"latest checkpoint: {result.checkpoint_path}")
+    if result.mlflow_hint:
+        print(result.mlflow_hint)
+    return 0

@@ -1,0 +1,382 @@
+"""Typed job configuration: one pydantic model per component, loaded from YAML with dotted overrides.
+
+The defaults are the PoolFormer paper's ImageNet-1k recipe (Yu et al., CVPR 2022, appendix): AdamW
+(0.9, 0.999, eps 1e-8), weight decay 0.05, lr 1e-3 per 1024 images of global batch, cosine schedule with 5
+warmup epochs, 300 epochs, RandAugment rand-m9-mstd0.5-inc1, mixup 0.8, cutmix 1.0, random erasing 0.25,
+label smoothing 0.1. The per-size values (stochastic depth, crop_pct) live in ``jobs/configs/<size>.yaml``.
+
+A job is configured as ``JobConfig``; ``load_config(path, overrides)`` is the only way in, so every entry
+point validates the same way and reports a bad key or value with the field's path and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Section(BaseModel):
+    """A config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticDataConfig(_Section):
+    num_classes: int = Field(10, ge=2, le=1000, description="classes of the generated set")
+    train_samples: int = Field(4000, ge=1, description="generated training images")
+    val_samples: int = Field(500, ge=1, description="generated validation images")
+    image_size: int = Field(32, ge=8, le=512, description="side of the generated images, px")
+    samples_per_shard: int = Field(500, ge=1, description="images per generated tar shard")
+    seed: int = Field(0, description="seed of the generator (a new seed makes a new data set)")
+
+
+class DataConfig(_Section):
+    source: str = Field(
+        "synthetic",
+        description="'synthetic' (generated on first use into cache_dir) or a folder / file:// URL holding "
+        "webdataset shards and their _info.json",
+    )
+    cache_dir: str = Field("~/.cache/metaformer-platform", description="where generated data is cached")
+    synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
+    train_split: str = Field("train", description="split of _info.json used for training")
+    val_split: str | None = Field("val", description="split used for validation (null: no validation)")
+    img_size: int = Field(224, ge=8, description="training/eval resolution, px")
+    crop_pct: float = Field(0.9, gt=0, le=1, description="eval: resize to img_size/crop_pct, centre crop")
+    interpolation: str = Field("bicubic", description="resize interpolation")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
+    shuffle_buffer: int = Field(1000, ge=0, description="samples in each worker's shuffle buffer")
+    auto_augment: str | None = Field("rand-m9-mstd0.5-inc1", description="timm auto-augment policy or null")
+    re_prob: float = Field(0.25, ge=0, le=1, description="random erasing probability")
+    hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
+    mixup_alpha: float = Field(0.8, ge=0, description="mixup alpha (0 disables)")
+    cutmix_alpha: float = Field(1.0, ge=0, description="cutmix alpha (0 disables)")
+    mixup_switch_prob: float = Field(0.5, ge=0, le=1, description="chance of cutmix instead of mixup")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing")
+
+    @property
+    def uses_mixup(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+
+class ModelConfig(_Section):
+    name: str = Field("poolformer_s12", description="timm model name (see metaformer_platform.models)")
+    num_classes: int | None = Field(None, ge=1, description="head size; null takes it from the data")
+    drop_path_rate: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate")
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the head")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model kwargs")
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        from metaformer_platform.models import check_model_name
+
+        check_model_name(name)
+        return name
+
+
+class OptimConfig(_Section):
+    name: str = Field("adamw", description="optimizer name for timm.optim.create_optimizer_v2")
+    base_lr: float = Field(1e-3, gt=0, description="lr per 1024 images of global batch (linear scaling)")
+    lr: float | None = Field(None, gt=0, description="absolute lr; overrides base_lr scaling when set")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum for SGD-style optimizers")
+    weight_decay: float = Field(0.05, ge=0, description="decoupled weight decay (not on norms/biases)")
+    clip_grad: float | None = Field(None, gt=0, description="clip the gradient norm to this (null: off)")
+    schedule: Literal["cosine"] = Field("cosine", description="lr schedule (timm CosineLRScheduler)")
+    warmup_epochs: float = Field(5.0, ge=0, description="linear warmup length in epochs")
+    warmup_lr: float = Field(1e-6, ge=0, description="lr at the start of warmup")
+    min_lr: float = Field(1e-5, ge=0, description="lr at the end of the cosine")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"each beta must be in [0, 1), got {list(betas)}")
+        return betas
+
+    def resolved_lr(self, global_batch: int) -> float:
+        """The paper's linear scaling rule: lr = base_lr x global_batch / 1024, unless lr is set."""
+        return self.lr if self.lr is not None else self.base_lr * global_batch / 1024
+
+
+class StrategyConfig(_Section):
+    name: str = Field("ddp", description="how the model is distributed: one of metaformer_platform.strategies")
+    find_unused_parameters: bool = Field(False, description="ddp: allow parameters without gradients")
+
+    @field_validator("name")
+    @classmethod
+    def _known_strategy(cls, name: str) -> str:
+        from metaformer_platform.strategies import STRATEGIES
+
+        if name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+        return name
+
+
+class TrainerConfig(_Section):
+    epochs: float = Field(300, gt=0, description="training length in epochs of the train split")
+    max_steps: int | None = Field(None, ge=1, description="training length in optimizer steps (overrides epochs)")
+    batch_size: int = Field(128, ge=1, description="images per worker per micro-step")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 autocast (CPU and CUDA) or fp32")
+    channels_last: bool = Field(True, description="NHWC memory format for model and inputs")
+    compile: bool = Field(False, description="torch.compile the model (slow first step)")
+    seed: int = Field(42, description="seed of weights, data order and augmentation")
+    log_every_steps: int = Field(10, ge=1, description="step metrics cadence")
+    val_every_steps: int | None = Field(None, ge=1, description="validation cadence (null: once per epoch)")
+    checkpoint_every_steps: int = Field(500, ge=1, description="checkpoint cadence (and at the end)")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker (null: its CPUs)")
+
+
+class ScalingSettings(_Section):
+    num_workers: int = Field(2, ge=1, description="training workers (one process each)")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="extra Ray resources per worker (e.g. {'GPU': 1, 'memory': ...})"
+    )
+
+
+class RunSettings(_Section):
+    name: str | None = Field(None, description="run name; the same name resumes (default: <model>-<stage>)")
+    storage_path: str = Field("~/metaformer-runs", description="where Ray Train keeps checkpoints (dir or s3://)")
+    max_failures: int = Field(3, ge=-1, description="worker-group restarts before the job fails (-1: always)")
+    num_to_keep: int | None = Field(2, ge=1, description="checkpoints kept (null: all)")
+    ray_address: str | None = Field(None, description="Ray cluster address (null: RAY_ADDRESS or a local Ray)")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str | None) -> str | None:
+        if name is not None and (not name or "/" in name or name.startswith(".")):
+            raise ValueError(f"run.name {name!r} must be a plain folder name (no '/', not starting with '.')")
+        return name
+
+
+class TrackingConfig(_Section):
+    enabled: bool = Field(True, description="log to MLflow (rank 0 only)")
+    tracking_uri: str | None = Field(
+        None, description="MLflow URI (null: MLFLOW_TRACKING_URI, else MLflow's default sqlite:///mlflow.db)"
+    )
+    experiment: str = Field("metaformer", description="MLflow experiment name")
+    run_name: str | None = Field(None, description="MLflow run name (default: run.name)")
+    tags: dict[str, str] = Field(default_factory=dict, description="extra MLflow tags")
+    system_metrics: bool = Field(True, description="log CPU/GPU/memory system metrics")
+
+
+class JobConfig(_Section):
+    stage: Literal["pretrain", "finetune", "evaluate"] = Field("pretrain", description="what this job does")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    run: RunSettings = Field(default_factory=RunSettings)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobConfig:
+        if self.data.uses_mixup and self.trainer.batch_size % 2:
+            raise ValueError(
+                f"trainer.batch_size={self.trainer.batch_size} must be even when mixup/cutmix is on "
+                "(timm's Mixup flips the batch); use an even batch or set data.mixup_alpha=0 data.cutmix_alpha=0"
+            )
+        return self
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step across all workers."""
+        return self.trainer.batch_size * self.trainer.grad_accum_steps * self.scaling.num_workers
+
+    @property
+    def run_name(self) -> str:
+        return self.run.name or f"{self.model.name}-{self.stage}"
+
+    def flat(self) -> dict[str, Any]:
+        """The resolved config as ``{"a.b.c": value}``: MLflow params, one per leaf."""
+        return dict(_flatten(self.model_dump(mode="json")))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, path + ".")
+        else:
+            yield path, value
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message says which key and how to fix it."""
+
+
+def _field_paths(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+    """Every settable dotted key of ``model`` with its field info (sections included)."""
+    paths: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        paths[path] = field
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            paths.update(_field_paths(annotation, path + "."))
+    return paths
+
+
+def config_keys() -> dict[str, Any]:
+    """All dotted config keys (leaves and sections) and their pydantic field infos."""
+    return _field_paths(JobConfig)
+
+
+def _check_key(path: str, free_form: bool) -> None:
+    keys = config_keys()
+    if path in keys or free_form:
+        return
+    parts = path.split(".")
+    # Name the first segment that is wrong: "optimizer.lr" is wrong at "optimizer".
+    for depth in range(1, len(parts) + 1):
+        head = ".".join(parts[:depth])
+        if head not in keys:
+            break
+    parent = head.rpartition(".")[0]
+    siblings = sorted(k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent)
+    close = difflib.get_close_matches(path, list(keys), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(
+        f"unknown config key {head!r}" + (f" (in {path!r})" if head != path else "") + f".{hint} "
+        f"Valid keys under {parent or 'the top level'!r}: {', '.join(siblings)}. Run with --help to list every key."
+    )
+
+
+def _walk_keys(tree: dict[str, Any], prefix: str = "") -> None:
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        free_form = _is_free_form(prefix.rstrip("."))
+        _check_key(path, free_form)
+        if isinstance(value, dict) and not _is_free_form(path) and not free_form:
+            _walk_keys(value, path + ".")
+
+
+def _is_free_form(path: str) -> bool:
+    """Dict-valued fields whose keys are the user's own (timm kwargs, tags, resources)."""
+    return path in {"model.kwargs", "tracking.tags", "scaling.resources_per_worker"} or any(
+        path.startswith(p + ".") for p in ("model.kwargs", "tracking.tags", "scaling.resources_per_worker")
+    )
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ``("a.b", parsed)``; the value is read as YAML (numbers, booleans, lists, null)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like key.path=value, e.g. trainer.max_steps=100")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({err.problem})") from err
+    return key, value
+
+
+def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = path.split(".")
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[leaf] = value
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a config file into a dict, with errors that name the file."""
+    file = Path(path)
+    if not file.is_file():
+        here = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+        known = sorted(p.name for p in here.glob("*.yaml")) if here.is_dir() else []
+        hint = f" Presets in jobs/configs: {', '.join(known)}." if known else ""
+        raise ConfigError(f"config file {str(file)!r} does not exist.{hint}")
+    try:
+        tree = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(file)!r} is not valid YAML: {err}") from err
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {str(file)!r} must hold a mapping of sections, got {type(tree).__name__}")
+    base = tree.pop("base", None)
+    if base is not None:
+        # A preset may build on another file, named relative to itself.
+        parent = read_yaml(file.parent / base)
+        tree = _merge(parent, tree)
+    return tree
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> JobConfig:
+    """Build a validated ``JobConfig`` from an optional YAML file and ``key.path=value`` overrides.
+
+    Raises ``ConfigError`` (a ``ValueError``) naming the file, key or value that is wrong and the fix.
+    """
+    tree = read_yaml(path) if path is not None else {}
+    _walk_keys(tree)
+    for item in overrides:
+        key, value = parse_override(item)
+        _check_key(key, _is_free_form(key.rpartition(".")[0]))
+        _set_path(tree, key, value)
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, path)) from None
+
+
+def _explain(err: ValidationError, path: str | os.PathLike[str] | None) -> str:
+    where = f" in {str(path)!r}" if path else ""
+    lines = [f"invalid configuration{where}:"]
+    for problem in err.errors():
+        loc = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        msg = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg} (got {problem.get('input')!r})")
+    lines.append("Fix the value in the file or override it with key.path=value; --help lists every key.")
+    return "\n".join(lines)
+
+
+def describe_keys() -> str:
+    """A help text listing every leaf key with its default and meaning."""
+    flat = dict(_flatten(_nested_defaults(JobConfig)))
+    lines = []
+    for path, field in config_keys().items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            continue
+        default = flat.get(path)
+        lines.append(f"  {path} = {default!r}\n      {field.description or ''}")
+    return "\n".join(lines)
+
+
+def _nested_defaults(model: type[BaseModel]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out[name] = _nested_defaults(annotation)
+        else:
+            out[name] = field.get_default(call_default_factory=True)
+    return out

@@ -1,0 +1,241 @@
+"""Run a job on Ray Train: check everything on the driver, then ``TorchTrainer.fit()`` around the Trainer.
+
+Order matters: every check that can fail on bad input (config, data, storage, cluster size) runs before
+the MLflow run is opened and before any worker starts, so a bad job costs no cluster time and leaves
+no RUNNING run or half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from metaformer_platform.config import JobConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobResult:
+    """What a finished job hands back to its entry point."""
+
+    metrics: dict[str, float]
+    checkpoint_path: str | None
+    run_dir: str
+    mlflow_run_id: str | None
+    mlflow_hint: str | None
+
+
+# -- driver-side checks ---------------------------------------------------------------------------
+
+
+def resolve_data_root(cfg: JobConfig) -> Path:
+    """The local folder holding the job's shards; the synthetic set is generated here on first use."""
+    from metaformer_platform import data as mdata
+
+    if cfg.data.source == "synthetic":
+        s = cfg.data.synthetic
+        return mdata.ensure_synthetic_shards(
+            Path(cfg.data.cache_dir).expanduser() / "synthetic",
+            num_classes=s.num_classes,
+            train_samples=s.train_samples,
+            val_samples=s.val_samples,
+            image_size=s.image_size,
+            samples_per_shard=s.samples_per_shard,
+            seed=s.seed,
+        )
+    source = cfg.data.source.removeprefix("file://")
+    return Path(source).expanduser().resolve()
+
+
+def check_data(cfg: JobConfig, data_root: Path) -> None:
+    """The manifest is valid, has the splits the job uses, and each rank gets at least one batch."""
+    from metaformer_platform import data as mdata
+
+    manifest = mdata.load_manifest(data_root)
+    if cfg.data.val_split:
+        manifest.split(cfg.data.val_split)  # raises, naming the splits there are
+    train = manifest.split(cfg.data.train_split)
+    per_rank = train.num_samples // cfg.scaling.num_workers
+    if per_rank < cfg.trainer.batch_size * cfg.trainer.grad_accum_steps:
+        raise ValueError(
+            f"the {cfg.data.train_split!r} split of {str(data_root)!r} has {train.num_samples} samples, "
+            f"{per_rank} per worker: fewer than one step of trainer.batch_size={cfg.trainer.batch_size} x "
+            f"grad_accum_steps={cfg.trainer.grad_accum_steps}; lower the batch size or scaling.num_workers"
+        )
+    if cfg.model.num_classes is None and manifest.num_classes is None:
+        raise ValueError(f"{str(data_root)!r}/_info.json does not say num_classes: set model.num_classes")
+    if cfg.model.num_classes is not None and manifest.num_classes and cfg.model.num_classes < manifest.num_classes:
+        raise ValueError(
+            f"model.num_classes={cfg.model.num_classes} but the data has {manifest.num_classes} classes; "
+            "set model.num_classes=null to take it from the data"
+        )
+
+
+def resolve_storage_path(storage_path: str) -> str:
+    """An absolute local path (created and checked writable) or a URI passed through unchanged."""
+    if "://" in storage_path and not storage_path.startswith("file://"):
+        return storage_path
+    path = Path(storage_path.removeprefix("file://")).expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(
+            f"run.storage_path {storage_path!r} cannot be written ({err.strerror}); choose a folder you can "
+            "write, or an s3:// URI"
+        ) from None
+    return str(path)
+
+
+def check_cluster(cfg: JobConfig) -> None:
+    """The cluster has room for the worker group (Ray would otherwise wait for it forever)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    s = cfg.scaling
+    need = {"CPU": s.num_workers * s.cpus_per_worker}
+    if s.use_gpu:
+        need["GPU"] = s.num_workers * s.resources_per_worker.get("GPU", 1.0)
+    for name, amount in s.resources_per_worker.items():
+        if name not in {"CPU", "GPU"}:
+            need[name] = s.num_workers * amount
+    for name, amount in need.items():
+        have = resources.get(name, 0.0)
+        if have < amount:
+            raise ValueError(
+                f"the job needs {amount:g} {name} (scaling.num_workers={s.num_workers} x "
+                f"{amount / s.num_workers:g} per worker) but the Ray cluster has {have:g}: lower "
+                "scaling.num_workers or scaling.cpus_per_worker, or add nodes"
+            )
+
+
+def connect_ray(cfg: JobConfig) -> None:
+    """Join the configured cluster (``run.ray_address`` or RAY_ADDRESS), or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+# -- the worker ------------------------------------------------------------------------------------
+
+
+def _train_worker(payload: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker: builds the Trainer (resuming when Ray hands a checkpoint) and trains."""
+    import ray.train
+    import ray.train.torch
+
+    from metaformer_platform.strategies.base import DistContext
+    from metaformer_platform.training.trainer import NullTracker, Trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = JobConfig.model_validate(payload["config"])
+    ctx = ray.train.get_context()
+    dist = DistContext(
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        local_rank=ctx.get_local_rank(),
+        node_rank=ctx.get_node_rank(),
+        device=ray.train.torch.get_device(),
+    )
+    tracker: Any = NullTracker()
+    if dist.is_main and payload.get("run_id"):
+        from metaformer_platform.tracking import MlflowTracker
+
+        tracker = MlflowTracker(payload["tracking_uri"], payload["run_id"], system_metrics=cfg.tracking.system_metrics)
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(
+            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{int(metrics['step']):08d}"
+        )
+
+    data_root = resolve_data_root(cfg)  # a cache hit on the driver's node; generated alike elsewhere
+    checkpoint = ray.train.get_checkpoint()
+    try:
+        with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
+            trainer = Trainer(
+                cfg,
+                dist,
+                data_root=data_root,
+                tracker=tracker,
+                report=report,
+                resume_from=Path(resume_dir) if resume_dir else None,
+            )
+        trainer.train()
+    finally:
+        if hasattr(tracker, "close"):
+            tracker.close()
+
+
+# -- the job ---------------------------------------------------------------------------------------
+
+
+def run_job(cfg: JobConfig) -> JobResult:
+    """Check, open the MLflow run, fit on Ray Train, and close the run with the job's outcome."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    data_root = resolve_data_root(cfg)
+    check_data(cfg, data_root)
+    storage_path = resolve_storage_path(cfg.run.storage_path)
+    if cfg.trainer.torch_threads is None:
+        cfg = cfg.model_copy(
+            update={"trainer": cfg.trainer.model_copy(update={"torch_threads": max(1, int(cfg.scaling.cpus_per_worker))})}
+        )
+    connect_ray(cfg)
+    check_cluster(cfg)
+
+    handle = None
+    if cfg.tracking.enabled:
+        from metaformer_platform.tracking import RunHandle
+
+        handle = RunHandle(cfg)
+    payload = {
+        "config": cfg.model_dump(mode="json"),
+        "run_id": handle.run_id if handle else None,
+        "tracking_uri": handle.tracking_uri if handle else None,
+    }
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config=payload,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
+        ),
+    )
+    succeeded = False
+    try:
+        result = trainer.fit()
+        succeeded = result.error is None
+        if result.error is not None:
+            raise result.error
+    finally:
+        if handle is not None:
+            handle.close(succeeded)
+    return JobResult(
+        metrics={k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)},
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        run_dir=str(Path(storage_path) / cfg.run_name) if "://" not in storage_path else f"{storage_path}/{cfg.run_name}",
+        mlflow_run_id=handle.run_id if handle else None,
+        mlflow_hint=handle.ui_hint() if handle else None,
+    )

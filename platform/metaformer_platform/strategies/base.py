@@ -1,0 +1,88 @@
+"""The strategy seam: how a model and its optimizer are distributed, stepped and checkpointed.
+
+The Trainer talks to one ``Strategy``; DDP, FSDP2 and DeepSpeed differ only behind this interface
+(DeepSpeed owns its optimizer step, FSDP2 shards parameters and checkpoints per rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job: ranks and the device it computes on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    node_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+class Strategy(ABC):
+    """Wraps a model for distributed training and owns backward, the optimizer step and model checkpoints."""
+
+    name: str
+
+    def __init__(self, options: Any, dist: DistContext) -> None:
+        self.options = options
+        self.dist = dist
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    @abstractmethod
+    def setup(self, model: nn.Module, build_optimizer: OptimizerFactory) -> None:
+        """Move ``model`` to the device, wrap it, and build its optimizer (after wrapping, as FSDP needs)."""
+
+    @property
+    @abstractmethod
+    def module(self) -> nn.Module:
+        """The plain model underneath the wrapper (for eval, EMA and export)."""
+
+    def no_sync(self, accumulating: bool) -> contextlib.AbstractContextManager[None]:
+        """Skip gradient communication on micro-steps that only accumulate."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, clip_grad: float | None) -> float | None:
+        """Clip (when asked), step the optimizer and zero the gradients; returns the gradient norm if clipped."""
+        assert self.optimizer is not None and self.model is not None
+        norm = None
+        if clip_grad is not None:
+            norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), clip_grad))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    @abstractmethod
+    def save(self, directory: Path) -> None:
+        """Write model and optimizer state for this rank into ``directory`` (every rank calls it)."""
+
+    @abstractmethod
+    def load(self, directory: Path) -> None:
+        """Restore what ``save`` wrote (every rank calls it)."""
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.module.parameters()

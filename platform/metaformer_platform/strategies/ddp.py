@@ -1,0 +1,56 @@
+"""DistributedDataParallel: a full replica per rank, gradients all-reduced (gloo on CPU, nccl on GPU)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from metaformer_platform.strategies.base import OptimizerFactory, Strategy
+from metaformer_platform.training.checkpoint import load_tensors, save_tensors
+
+MODEL_FILE = "model.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+class DDPStrategy(Strategy):
+    name = "ddp"
+
+    def setup(self, model: nn.Module, build_optimizer: OptimizerFactory) -> None:
+        model = model.to(self.dist.device)
+        if self.dist.distributed:
+            device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+            model = DistributedDataParallel(
+                model,
+                device_ids=device_ids,
+                find_unused_parameters=self.options.find_unused_parameters,
+                # Replicas start identical: rank 0's weights are broadcast at construction.
+                broadcast_buffers=True,
+            )
+        self.model = model
+        self.optimizer = build_optimizer(self.module)
+
+    @property
+    def module(self) -> nn.Module:
+        assert self.model is not None, "setup() first"
+        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+
+    def no_sync(self, accumulating: bool) -> contextlib.AbstractContextManager[None]:
+        if accumulating and isinstance(self.model, DistributedDataParallel):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def save(self, directory: Path) -> None:
+        # Replicas are identical, so rank 0 alone writes model and optimizer state.
+        if self.dist.is_main:
+            assert self.optimizer is not None
+            save_tensors(self.module.state_dict(), directory / MODEL_FILE)
+            save_tensors(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+
+    def load(self, directory: Path) -> None:
+        assert self.optimizer is not None
+        state = load_tensors(directory / MODEL_FILE, map_location=self.dist.device)
+        self.module.load_state_dict(state, strict=True)
+        self.optimizer.load_state_dict(load_tensors(directory / OPTIMIZER_FILE, map_location=self.dist.device))

@@ -1,0 +1,36 @@
+"""Optimizer and learning-rate schedule, built with timm (no hand-written AdamW or cosine)."""
+
+from __future__ import annotations
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+
+from metaformer_platform.config import OptimConfig
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """timm's optimizer factory; weight decay is skipped for norms, biases and layer scales (timm's rule)."""
+    kwargs: dict[str, object] = {}
+    if "adam" in cfg.name or "lamb" in cfg.name:
+        kwargs.update(betas=tuple(cfg.betas), eps=cfg.eps)
+    elif cfg.name in {"sgd", "momentum", "nesterov"}:
+        kwargs.update(momentum=cfg.momentum)
+    return create_optimizer_v2(model, opt=cfg.name, lr=lr, weight_decay=cfg.weight_decay, **kwargs)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, steps_per_epoch: int
+) -> CosineLRScheduler:
+    """Per-step cosine decay with linear warmup (warmup length given in epochs, converted to steps)."""
+    warmup_steps = min(int(round(cfg.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(total_steps - warmup_steps, 1),
+        lr_min=cfg.min_lr,
+        warmup_t=warmup_steps,
+        warmup_lr_init=cfg.warmup_lr,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )

@@ -1,0 +1,344 @@
+"""The training loop: counts optimizer steps, validates and checkpoints on a cadence, resumes exactly.
+
+The Trainer knows nothing of Ray or MLflow: it is given where it sits (``DistContext``), a ``Tracker``
+(rank 0 logs, the others do nothing) and a ``report`` callback that publishes a finished checkpoint folder
+(Ray Train's ``ray.train.report`` under ``launch.py``; a plain function in tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from metaformer_platform import data as mdata
+from metaformer_platform.config import JobConfig
+from metaformer_platform.models import create_model
+from metaformer_platform.strategies import get_strategy_class
+from metaformer_platform.strategies.base import DistContext
+from metaformer_platform.training import checkpoint as ckpt
+from metaformer_platform.training.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+ReportFn = Callable[[dict[str, float], "Path | None"], None]
+
+
+class Tracker(Protocol):
+    """What the Trainer needs from experiment tracking (see ``metaformer_platform.tracking``)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+class NullTracker:
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+
+def _no_report(metrics: dict[str, float], checkpoint: Path | None) -> None:
+    pass
+
+
+class Trainer:
+    """Builds model, strategy, data and schedule from a ``JobConfig`` and runs ``train()``."""
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        dist: DistContext,
+        *,
+        data_root: Path | None,
+        tracker: Tracker | None = None,
+        report: ReportFn | None = None,
+        resume_from: Path | None = None,
+        checkpoint_scratch: Path | None = None,
+        loaders: tuple[Any, Any] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.dist = dist
+        self.tracker = tracker or NullTracker()
+        self.report = report or _no_report
+        self.scratch = checkpoint_scratch
+        t = cfg.trainer
+
+        if t.torch_threads:
+            torch.set_num_threads(t.torch_threads)
+        # Every rank draws the same initial weights; data and augmentation seeds are derived per rank.
+        torch.manual_seed(t.seed)
+
+        self.data_root = data_root
+        self.manifest = mdata.load_manifest(data_root) if data_root is not None else None
+        if cfg.model.num_classes is None and self.manifest is None:
+            raise ValueError("model.num_classes must be set when the Trainer is given no data manifest")
+        self.num_classes = cfg.model.num_classes or self.manifest.num_classes  # type: ignore[union-attr]
+        model = create_model(
+            cfg.model.name,
+            num_classes=self.num_classes,
+            drop_path_rate=cfg.model.drop_path_rate,
+            drop_rate=cfg.model.drop_rate,
+            **cfg.model.kwargs,
+        )
+        self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+        model = model.to(memory_format=self.memory_format)
+
+        self.lr = cfg.optim.resolved_lr(cfg.global_batch)
+        self.strategy = get_strategy_class(cfg.strategy.name)(cfg.strategy, dist)
+        self.strategy.setup(model, lambda m: build_optimizer(m, cfg.optim, self.lr))
+        self.forward_model: nn.Module = torch.compile(self.strategy.model) if t.compile else self.strategy.model
+
+        if loaders is not None:  # injected (benchmarks feed in-memory batches)
+            self.train_loader, self.val_loader = loaders
+        else:
+            self.train_loader = self._loader(cfg.data.train_split, training=True)
+            self.val_loader = self._loader(cfg.data.val_split, training=False) if cfg.data.val_split else None
+        self.steps_per_epoch = max(len(self.train_loader) // t.grad_accum_steps, 1)
+        self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
+        self.val_every = t.val_every_steps or self.steps_per_epoch
+        assert self.strategy.optimizer is not None
+        self.scheduler = build_scheduler(self.strategy.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch)
+
+        d = cfg.data
+        self.mixup = mdata.build_mixup(
+            mixup_alpha=d.mixup_alpha,
+            cutmix_alpha=d.cutmix_alpha,
+            switch_prob=d.mixup_switch_prob,
+            label_smoothing=d.label_smoothing,
+            num_classes=self.num_classes,
+        )
+        if self.mixup is not None:
+            from timm.loss import SoftTargetCrossEntropy
+
+            self.train_loss: nn.Module = SoftTargetCrossEntropy()
+        else:
+            self.train_loss = nn.CrossEntropyLoss(label_smoothing=d.label_smoothing)
+        self.eval_loss = nn.CrossEntropyLoss(reduction="sum")
+
+        self.step = 0
+        self._batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.last_val: dict[str, float] = {}
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+
+    # -- building blocks -------------------------------------------------------------------------
+
+    def _loader(self, split: str, *, training: bool) -> mdata.ShardLoader:
+        d, t = self.cfg.data, self.cfg.trainer
+        # Decode JPEGs no larger than the transform needs (eval resizes to img_size / crop_pct first).
+        decode_size = d.img_size if training else math.ceil(d.img_size / d.crop_pct)
+        transform = mdata.build_transforms(
+            d.img_size,
+            is_training=training,
+            crop_pct=d.crop_pct,
+            auto_augment=d.auto_augment,
+            re_prob=d.re_prob,
+            interpolation=d.interpolation,
+            hflip=d.hflip,
+        )
+        return mdata.build_loader(
+            self.data_root,
+            split,
+            batch_size=t.batch_size,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            num_workers=d.num_workers,
+            transform=transform,
+            seed=t.seed,
+            shuffle=training,
+            shuffle_buffer=d.shuffle_buffer if training else 0,
+            drop_last=training,
+            decode_size=decode_size,
+        )
+
+    def _autocast(self) -> Any:
+        if self.cfg.trainer.precision == "bf16":
+            return torch.autocast(device_type=self.dist.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next training batch; a new epoch starts (reshuffled) when the current one runs out."""
+        while True:
+            if self._batches is None:
+                self._batches = iter(self.train_loader)
+            try:
+                images, targets = next(self._batches)
+                break
+            except StopIteration:  # the loader has moved itself to the next epoch
+                self._batches = None
+        images = images.to(self.dist.device, non_blocking=True).to(memory_format=self.memory_format)
+        return images, targets.to(self.dist.device, non_blocking=True)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, float]:
+        """Run until ``total_steps``; returns the last step and validation metrics."""
+        t = self.cfg.trainer
+        log.info(
+            "training %s: %d steps (%d per epoch), global batch %d, lr %.3g, from step %d",
+            self.cfg.model.name, self.total_steps, self.steps_per_epoch, self.cfg.global_batch, self.lr, self.step,
+        )
+        if self.step >= self.total_steps:
+            # A finished run started again under its name: nothing to train, report where it stands.
+            log.info("run is already complete at step %d", self.step)
+            self.last_val = self.validate() if self.val_loader is not None else {}
+            self.report({**self.last_val, "step": float(self.step)}, None)
+            return {**self.last_val, "step": float(self.step)}
+        self.strategy.model.train()
+        window_loss = torch.zeros((), device=self.dist.device)
+        window_steps, window_start = 0, time.perf_counter()
+        metrics: dict[str, float] = {}
+        while self.step < self.total_steps:
+            window_loss += self._train_step()
+            window_steps += 1
+            self.step += 1
+            self.scheduler.step_update(num_updates=self.step)
+
+            if self.step % t.log_every_steps == 0 or self.step == self.total_steps:
+                elapsed = time.perf_counter() - window_start
+                metrics = {
+                    "train/loss": self._mean_across_ranks(window_loss / window_steps),
+                    "train/lr": self.strategy.optimizer.param_groups[0]["lr"],  # type: ignore[union-attr]
+                    "train/images_per_s": window_steps * self.cfg.global_batch / elapsed,
+                    "train/epoch": self.step / self.steps_per_epoch,
+                }
+                self.tracker.log_metrics(metrics, step=self.step)
+                window_loss.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+
+            if self.val_loader is not None and (self.step % self.val_every == 0 or self.step == self.total_steps):
+                self.last_val = self.validate()
+                self.tracker.log_metrics(self.last_val, step=self.step)
+                self.strategy.model.train()
+
+            if self.step % t.checkpoint_every_steps == 0 or self.step == self.total_steps:
+                self.save_and_report({**metrics, **self.last_val})
+                window_start = time.perf_counter()  # the save is not training time
+        return {**metrics, **self.last_val, "step": float(self.step)}
+
+    def _train_step(self) -> torch.Tensor:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss (a tensor)."""
+        accum = self.cfg.trainer.grad_accum_steps
+        total = torch.zeros((), device=self.dist.device)
+        for micro in range(accum):
+            images, targets = self._next_batch()
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+            with self.strategy.no_sync(accumulating=micro < accum - 1):
+                with self._autocast():
+                    loss = self.train_loss(self.forward_model(images), targets)
+                self.strategy.backward(loss / accum)
+            total += loss.detach().float()
+        self.strategy.step(self.cfg.optim.clip_grad)
+        return total / accum
+
+    def _mean_across_ranks(self, value: torch.Tensor) -> float:
+        if self.dist.distributed:
+            value = value.detach().clone()
+            tdist.all_reduce(value, op=tdist.ReduceOp.AVG if self.dist.device.type == "cuda" else tdist.ReduceOp.SUM)
+            if self.dist.device.type != "cuda":
+                value /= self.dist.world_size  # gloo has no AVG
+        return float(value)
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Top-1/top-5 and loss over the whole validation split: each sample counted once across ranks."""
+        assert self.val_loader is not None
+        model = self.strategy.module
+        model.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.dist.device)  # loss, top1, top5, count
+        start = time.perf_counter()
+        for images, targets in self.val_loader:
+            images = images.to(self.dist.device).to(memory_format=self.memory_format)
+            targets = targets.to(self.dist.device)
+            with self._autocast():
+                logits = model(images)
+            logits = logits.float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top.eq(targets[:, None])
+            sums += torch.stack(
+                [
+                    self.eval_loss(logits, targets).double(),
+                    hits[:, 0].sum().double(),
+                    hits.any(dim=1).sum().double(),
+                    torch.tensor(float(len(targets)), dtype=torch.float64, device=self.dist.device),
+                ]
+            )
+        if self.dist.distributed:
+            tdist.all_reduce(sums)
+        loss, top1, top5, count = sums.tolist()
+        if count == 0:
+            raise RuntimeError(f"validation split {self.cfg.data.val_split!r} yielded no samples")
+        return {
+            "val/loss": loss / count,
+            "val/top1": 100.0 * top1 / count,
+            "val/top5": 100.0 * top5 / count,
+            "val/samples": count,
+            "val/images_per_s": count / (time.perf_counter() - start),
+        }
+
+    # -- state and checkpoints -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Trainer state that every rank shares (model and optimizer belong to the strategy)."""
+        return {
+            "step": self.step,
+            "scheduler": self.scheduler.state_dict(),
+            "loader": self.train_loader.state_dict(),
+            "model_name": self.cfg.model.name,
+            "num_classes": self.num_classes,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_loader.load_state_dict(state["loader"])
+        self._batches = None
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """Write this rank's part of a checkpoint into ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.strategy.save(directory)
+        ckpt.save_tensors(ckpt.rng_state(), directory / f"rng-rank{self.dist.rank:05d}.pt")
+        if self.dist.is_main:
+            ckpt.save_tensors(self.state_dict(), directory / ckpt.TRAINER_FILE)
+            (directory / ckpt.CONFIG_FILE).write_text(self.cfg.to_yaml())
+            ckpt.mark_complete(directory)
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Restore model, optimizer, schedule, data position and this rank's RNG from ``directory``."""
+        if not ckpt.is_complete(directory):
+            raise ValueError(
+                f"{str(directory)!r} is not a complete checkpoint (no {ckpt.COMPLETE_MARKER} marker): "
+                "it was written by a process that died mid-save, or is not a checkpoint folder"
+            )
+        state = ckpt.load_tensors(directory / ckpt.TRAINER_FILE)
+        if state["model_name"] != self.cfg.model.name or state["num_classes"] != self.num_classes:
+            raise ValueError(
+                f"checkpoint {str(directory)!r} holds {state['model_name']} with {state['num_classes']} classes, "
+                f"but this job trains {self.cfg.model.name} with {self.num_classes}: use another run.name "
+                "to start fresh, or the matching model config to resume"
+            )
+        self.strategy.load(directory)
+        self.load_state_dict(state)
+        rng_file = directory / f"rng-rank{self.dist.rank:05d}.pt"
+        if rng_file.is_file():
+            ckpt.set_rng_state(ckpt.load_tensors(rng_file))
+        log.info("resumed from %s at step %d", directory, self.step)
+
+    def save_and_report(self, metrics: dict[str, float]) -> None:
+        """Save a checkpoint to local scratch and hand it to ``report`` (which persists it), then clean up."""
+        scratch = Path(tempfile.mkdtemp(prefix=f"ckpt-{self.step:08d}-", dir=self.scratch))
+        try:
+            self.save_checkpoint(scratch)
+            self.report({**metrics, "step": float(self.step)}, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
