@@ -126,7 +126,8 @@ def connect_ray(cfg: JobConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # "local" starts a private cluster instead of attaching to whatever `ray start` left in /tmp/ray.
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
 
 
 # -- the worker ------------------------------------------------------------------------------------

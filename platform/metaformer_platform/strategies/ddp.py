@@ -26,8 +26,6 @@ class DDPStrategy(Strategy):
                 model,
                 device_ids=device_ids,
                 find_unused_parameters=self.options.find_unused_parameters,
-                # Replicas start identical: rank 0's weights are broadcast at construction.
-                broadcast_buffers=True,
             )
         self.model = model
         self.optimizer = build_optimizer(self.module)
