@@ -64,7 +64,6 @@ def test_trains_and_validates_above_chance(shards):
     assert trainer.steps_per_epoch == 512 // 32
     final = trainer.train()
     losses = list(rec.series("train/loss").values())
-    print(final, losses[:5], losses[-5:])
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, losses
     assert final["val/samples"] == 128  # every validation sample exactly once
     assert final["val/top1"] > 50.0  # chance is 25%
