@@ -120,7 +120,7 @@ def platform_loop(args: argparse.Namespace) -> float:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     try:
         cfg = _config(args)
         result = TorchTrainer(

@@ -357,6 +357,38 @@ def test_resume_skips_exactly_the_batches_seen(uneven):
     assert (changed.epoch, changed.batches_yielded) == (2, 0)
 
 
+def _keyed_tensors(loader) -> dict[str, torch.Tensor]:
+    return {k: img for images, _, keys in loader for k, img in zip(keys, images, strict=True)}
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_augmentation_depends_on_the_sample_not_on_workers_or_resume(uneven):
+    """Random crops/flips/RandAugment are seeded by (seed, epoch, key): same tensors for 0 or 2 workers,
+    and a loader resumed mid-epoch produces exactly the tensors the uninterrupted one did."""
+    tf = build_transforms(16, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25)
+    in_process = _keyed_tensors(_loader(uneven, batch_size=3, transform=tf, epoch=1))
+    two_workers = _keyed_tensors(_loader(uneven, batch_size=3, transform=tf, epoch=1, num_workers=2))
+    assert in_process.keys() == two_workers.keys() and len(in_process) == 24
+    assert all(torch.equal(in_process[k], two_workers[k]) for k in in_process)
+    other_epoch = _keyed_tensors(_loader(uneven, batch_size=3, transform=tf, epoch=2))
+    assert any(not torch.equal(in_process[k], other_epoch[k]) for k in in_process)  # epochs differ
+
+    interrupted = _loader(uneven, batch_size=3, transform=tf, epoch=1)
+    for seen, _ in enumerate(interrupted, 1):
+        if seen == 3:
+            break
+    resumed = _loader(uneven, batch_size=3, transform=tf)
+    resumed.load_state_dict(interrupted.state_dict())
+    tail = _keyed_tensors(resumed)
+    assert len(tail) == 24 - 9 and all(torch.equal(in_process[k], v) for k, v in tail.items())
+
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    _keyed_tensors(_loader(uneven, batch_size=3, transform=tf))  # in-process loading...
+    assert torch.equal(torch.rand(1), expected)  # ...leaves the trainer's RNG stream where it was
+
+
 # ---------------------------------------------------------------- transforms and mixup
 
 

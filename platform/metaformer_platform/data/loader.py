@@ -280,14 +280,12 @@ class ShardLoader:
             decode_size=self.decode_size,
             with_keys=self.with_keys,
         )
-        extra: dict[str, Any] = {}
+        # Seeds each worker's `random`/numpy/torch from (seed, epoch, rank). Passed even without workers:
+        # the DataLoader draws its base seed from this generator, not from the trainer's global RNG.
+        base = random.Random(f"workers:{self.seed}:{self.epoch}:{self.rank}").getrandbits(63)
+        extra: dict[str, Any] = {"generator": torch.Generator().manual_seed(base)}
         if self.num_workers > 0:
-            # Seeds each worker's `random`/numpy/torch from (seed, epoch, rank), so augmentation is
-            # repeatable; the main process's own RNG state is left alone.
-            base = random.Random(f"workers:{self.seed}:{self.epoch}:{self.rank}").getrandbits(63)
-            generator = torch.Generator().manual_seed(base)
             extra.update(
-                generator=generator,
                 prefetch_factor=self.prefetch_factor,
                 multiprocessing_context=self.multiprocessing_context,
                 timeout=self.timeout,
