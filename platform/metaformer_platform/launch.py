@@ -76,6 +76,19 @@ def check_data(cfg: JobConfig, data_root: Path) -> None:
         )
 
 
+def check_model(cfg: JobConfig, num_classes: int) -> None:
+    """The model builds with the configured kwargs (on the meta device: no memory, no time)."""
+    import torch
+
+    from metaformer_platform.training.trainer import build_model
+
+    try:
+        with torch.device("meta"):
+            build_model(cfg, num_classes)
+    except TypeError as err:
+        raise ValueError(f"model {cfg.model.name!r} does not build with model.kwargs={cfg.model.kwargs}: {err}") from None
+
+
 def resolve_storage_path(storage_path: str) -> str:
     """An absolute local path (created and checked writable) or a URI passed through unchanged."""
     if "://" in storage_path and not storage_path.startswith("file://"):
@@ -191,6 +204,9 @@ def run_job(cfg: JobConfig) -> JobResult:
 
     data_root = resolve_data_root(cfg)
     check_data(cfg, data_root)
+    from metaformer_platform.data import load_manifest
+
+    check_model(cfg, cfg.model.num_classes or load_manifest(data_root).num_classes)
     storage_path = resolve_storage_path(cfg.run.storage_path)
     if cfg.trainer.torch_threads is None:
         cfg = cfg.model_copy(

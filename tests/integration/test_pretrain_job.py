@@ -102,3 +102,21 @@ def test_a_job_larger_than_the_cluster_is_refused_before_it_starts(first_run, ml
         run_job(cfg)
     assert len(client.search_runs([experiment.experiment_id])) == before  # no run left behind
     assert not (tmp / "runs" / "it-too-big").exists()  # nothing written
+
+
+def test_a_job_that_fails_in_its_workers_ends_its_run_failed(first_run, mlflow_server):
+    """Resuming the 4-class run as a 7-class model fails inside the workers: the job raises, the MLflow
+    run it continued is closed FAILED (not left RUNNING), and the checkpoints already there are intact."""
+    import ray.train
+
+    tmp, first = first_run
+    run_dir = tmp / "runs" / "it-pretrain"
+    before = {p.name: (p / "model.pt").read_bytes() for p in run_dir.glob("checkpoint-*")}
+    cfg = load_config(
+        CONFIGS / "default.yaml",
+        _overrides(tmp, mlflow_server, "model.num_classes=7", "run.max_failures=0", "trainer.max_steps=140"),
+    )
+    with pytest.raises(ray.train.TrainingFailedError, match="holds poolformer_debug with 4 classes"):
+        run_job(cfg)
+    assert MlflowClient(mlflow_server).get_run(first.mlflow_run_id).info.status == "FAILED"
+    assert {p.name: (p / "model.pt").read_bytes() for p in run_dir.glob("checkpoint-*")} == before

@@ -49,6 +49,15 @@ def _no_report(metrics: dict[str, float], checkpoint: Path | None) -> None:
     pass
 
 
+def build_model(cfg: JobConfig, num_classes: int) -> nn.Module:
+    """The configured model (on the current default device; ``torch.device("meta")`` builds it for free)."""
+    m = cfg.model
+    return create_model(
+        m.name, num_classes=num_classes, drop_path_rate=m.drop_path_rate, drop_rate=m.drop_rate,
+        img_size=cfg.data.img_size, **m.kwargs,
+    )
+
+
 class Trainer:
     """Builds model, strategy, data and schedule from a ``JobConfig`` and runs ``train()``."""
 
@@ -81,13 +90,7 @@ class Trainer:
         if cfg.model.num_classes is None and self.manifest is None:
             raise ValueError("model.num_classes must be set when the Trainer is given no data manifest")
         self.num_classes = cfg.model.num_classes or self.manifest.num_classes  # type: ignore[union-attr]
-        model = create_model(
-            cfg.model.name,
-            num_classes=self.num_classes,
-            drop_path_rate=cfg.model.drop_path_rate,
-            drop_rate=cfg.model.drop_rate,
-            **cfg.model.kwargs,
-        )
+        model = build_model(cfg, self.num_classes)
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         model = model.to(memory_format=self.memory_format)
 
