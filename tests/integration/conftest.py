@@ -1,0 +1,85 @@
+"""Real servers for the integration tests, one of each per session, each stopped by its PID at the end.
+
+- ``s3_server``: SeaweedFS on 127.0.0.1 that checks SigV4 signatures, with an empty bucket made through boto3;
+- ``mlflow_server``: the tracking URI of an ``mlflow server`` (sqlite + served artifacts);
+- ``ray_cluster``: a local Ray (``ray.init(num_cpus=2)``) whose workers import the installed package.
+
+On a shared host the session runs in a loopback-only network namespace (``make test`` does that), since Ray
+binds the machine's own address too.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from metaformer_platform import localstack
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """How to reach the session's S3 server."""
+
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    bucket: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        """boto3's environment variables for this server (for ``monkeypatch.setenv`` or a subprocess)."""
+        return localstack.s3_env(self.endpoint_url, self.access_key, self.secret_key)
+
+    def client(self, access_key: str | None = None, secret_key: str | None = None) -> Any:
+        """A boto3 S3 client for this server (other credentials to test refusals)."""
+        import boto3
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
+            aws_access_key_id=access_key or self.access_key, aws_secret_access_key=secret_key or self.secret_key,
+        )
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A SeaweedFS S3 server on a free 127.0.0.1 port, with a fresh bucket; stopped at the end of the session."""
+    root = tmp_path_factory.mktemp("s3")
+    access_key, secret_key = "test" + secrets.token_hex(6), secrets.token_hex(20)
+    svc = localstack.start_s3(root / "data", access_key, secret_key, log_dir=root)
+    try:
+        server = S3Server(svc.url, access_key, secret_key, bucket="test-bucket")
+        server.client().create_bucket(Bucket=server.bucket)
+        yield server
+    finally:
+        localstack.stop_service(svc)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The tracking URI (``http://127.0.0.1:PORT``) of an MLflow server; stopped at the end of the session."""
+    root = tmp_path_factory.mktemp("mlflow")
+    svc = localstack.start_mlflow(root / "store", log_dir=root)
+    try:
+        yield svc.url
+    finally:
+        localstack.stop_service(svc)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """A local Ray with 2 CPUs for the whole session, shut down at its end.
+
+    ``address="local"`` starts a new cluster even when RAY_ADDRESS points elsewhere. Workers run this
+    interpreter, where the package is installed (editable), so they import it without a runtime_env.
+    """
+    import ray
+
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    try:
+        yield context
+    finally:
+        ray.shutdown()

@@ -1,0 +1,230 @@
+"""The local stack as a user runs it: S3 + MLflow + Ray head from `localstack`, and a real `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from metaformer_platform import localstack
+
+REPO = Path(__file__).resolve().parents[2]
+# The embedded default, shrunk to a few steps of the debug model on a small generated data set.
+TINY_JOB = [
+    "--config", "jobs/configs/default.yaml",
+    "model.name=poolformer_debug", "trainer.max_steps=6", "trainer.batch_size=16", "trainer.log_every_steps=2",
+    "trainer.checkpoint_every_steps=6", "data.synthetic.train_samples=256", "data.synthetic.val_samples=64",
+    "data.synthetic.samples_per_shard=64", "tracking.system_metrics=false",
+]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    """The whole stack (S3, MLflow, Ray head) in a fresh state dir, brought down after the module."""
+    state_dir = tmp_path_factory.mktemp("stack")
+    try:
+        yield localstack.up(state_dir, ray=True, num_cpus=2)
+    finally:
+        localstack.down(state_dir)
+
+
+def test_s3_round_trip_with_right_credentials_and_refusal_with_wrong_ones(stack) -> None:
+    import boto3
+    from botocore.exceptions import ClientError
+
+    def client(access_key: str, secret_key: str):
+        return boto3.client("s3", endpoint_url=stack.services["s3"].url, region_name="us-east-1",
+                            aws_access_key_id=access_key, aws_secret_access_key=secret_key)
+
+    good = client(stack.access_key, stack.secret_key)
+    body = bytes(range(256)) * 1000
+    good.put_object(Bucket=stack.bucket, Key="probe/blob.bin", Body=body)
+    assert good.get_object(Bucket=stack.bucket, Key="probe/blob.bin")["Body"].read() == body
+
+    for access_key, secret_key, code in [
+        (stack.access_key, "not-the-secret", "SignatureDoesNotMatch"),
+        ("unknown-key", stack.secret_key, "InvalidAccessKeyId"),
+    ]:
+        with pytest.raises(ClientError) as refused:
+            client(access_key, secret_key).get_object(Bucket=stack.bucket, Key="probe/blob.bin")
+        assert refused.value.response["Error"]["Code"] == code
+        assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    with pytest.raises(urllib.error.HTTPError) as anonymous:
+        urllib.request.urlopen(f"{stack.services['s3'].url}/{stack.bucket}/probe/blob.bin", timeout=10)
+    assert anonymous.value.code == 403
+
+
+def test_s3_and_mlflow_listen_on_loopback_only(stack) -> None:
+    assert stack.services["mlflow"].url.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(f"{stack.services['mlflow'].url}/health", timeout=10) as resp:
+        assert resp.read().decode().strip() == "OK"
+    # S3 and MLflow only: Ray binds the machine's address whatever it is told (hence the namespace).
+    listening = _listening_addresses({svc.pid for name, svc in stack.running().items() if name != "ray"})
+    assert len(listening) >= 9, listening  # weed's S3, master, volume, filer, admin and their gRPC; MLflow
+    assert all(addr in {"127.0.0.1", "::ffff:127.0.0.1"} for addr, _ in listening), listening
+
+
+@pytest.mark.timeout(900)
+def test_ray_job_submit_runs_pretrain_and_logs_to_the_stack_mlflow(stack, tmp_path: Path) -> None:
+    import mlflow
+
+    mlflow_uri, dashboard = stack.services["mlflow"].url, stack.services["ray"].url
+    experiment, submission_id = f"stack-test-{uuid.uuid4().hex[:8]}", f"stack-test-{uuid.uuid4().hex[:8]}"
+    cmd = [
+        sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", dashboard,
+        "--working-dir", str(REPO), "--submission-id", submission_id, "--",
+        "python", "jobs/pretrain.py", *TINY_JOB,
+        f"tracking.tracking_uri={mlflow_uri}", f"tracking.experiment={experiment}", "run.name=stack-test",
+        f"run.storage_path={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=840, cwd=REPO)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    assert f"Job '{submission_id}' succeeded" in output, output[-6000:]
+
+    from ray._common.utils import get_default_ray_temp_dir
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    jobs = JobSubmissionClient(dashboard)
+    assert jobs.get_job_status(submission_id) == JobStatus.SUCCEEDED
+    # The uploaded working dir, as the head unpacked it: .gitignore keeps .venv, caches and outputs out.
+    package = jobs.get_job_info(submission_id).runtime_env["working_dir"]  # gcs://_ray_pkg_<hash>.zip
+    with urllib.request.urlopen(f"{dashboard}/api/version", timeout=10) as resp:
+        session = json.loads(resp.read())["session_name"]
+    unpacked = (Path(get_default_ray_temp_dir()) / session / "runtime_resources" / "working_dir_files"
+                / package.removeprefix("gcs://").removesuffix(".zip"))
+    files = [p for p in unpacked.rglob("*") if p.is_file()]
+    assert (unpacked / "jobs" / "pretrain.py").is_file()
+    assert not (unpacked / ".venv").exists() and not (unpacked / ".git").exists()
+    upload_mib = sum(p.stat().st_size for p in files) / 2**20
+    assert upload_mib < 5, f"the working dir upload holds {upload_mib:.1f} MiB in {len(files)} files"
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment} is missing from {mlflow_uri}"
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, runs
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    losses = client.get_metric_history(run.info.run_id, _loss_key(run.data.metrics))
+    assert len(losses) >= 2 and all(m.value == m.value for m in losses)  # logged during training, no NaN
+
+
+def test_cli_down_stops_everything_and_up_restores_ports_and_data(tmp_path: Path) -> None:
+    state = tmp_path / "st"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "metaformer_platform.localstack", *args,
+                               "--state-dir", str(state)], capture_output=True, text=True, timeout=300)
+
+    first = cli("up", "--no-ray")
+    assert first.returncode == 0, first.stdout + first.stderr
+    try:
+        env = dict(re.findall(r"^export (\w+)=(\S+)$", first.stdout, flags=re.M))
+        assert set(env) >= {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI"}
+        assert "RAY_ADDRESS" not in env
+        state_before = json.loads((state / "stack.json").read_text())
+        _s3(env).put_object(Bucket="metaformer", Key="kept.txt", Body=b"still here")
+
+        down = cli("down")
+        assert down.returncode == 0 and "s3" in down.stdout and "mlflow" in down.stdout, down.stdout
+        status = cli("status")
+        assert status.returncode == 3 and "running" not in status.stdout, status.stdout
+        for svc in state_before["services"].values():
+            assert not localstack.Service(**svc).is_running()
+
+        again = cli("up", "--no-ray")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert dict(re.findall(r"^export (\w+)=(\S+)$", again.stdout, flags=re.M)) == env
+        assert _s3(env).get_object(Bucket="metaformer", Key="kept.txt")["Body"].read() == b"still here"
+    finally:
+        cli("down")
+    assert cli("status").returncode == 3
+
+
+def _s3(env: dict[str, str]):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+
+
+def _loss_key(metrics: dict[str, float]) -> str:
+    keys = sorted(k for k in metrics if "loss" in k and "val" not in k)
+    assert keys, f"no training loss among the run's metrics: {sorted(metrics)}"
+    return keys[0]
+
+
+def _listening_addresses(session_ids: set[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket listened on by processes of the given sessions (Linux /proc)."""
+    inodes: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            sid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3])
+            if sid not in session_ids:
+                continue
+            for fd in (proc / "fd").iterdir():
+                target = str(fd.readlink())
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue  # the process ended while we looked
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                continue
+            hex_addr, hex_port = local.split(":")
+            found.add((_decode_addr(hex_addr, width), int(hex_port, 16)))
+    return found
+
+
+def _decode_addr(hex_addr: str, width: int) -> str:
+    import ipaddress
+
+    raw = bytes.fromhex(hex_addr)
+    # /proc stores each 32-bit word in host (little-endian) order.
+    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    addr = ipaddress.ip_address(raw)
+    return str(addr.ipv4_mapped) if width == 32 and addr.ipv4_mapped else str(addr)
+
+
+def test_session_fixtures_give_working_s3_mlflow_and_ray(s3_server, mlflow_server, ray_cluster) -> None:
+    import mlflow
+    import ray
+    from botocore.exceptions import ClientError
+
+    s3 = s3_server.client()
+    s3.put_object(Bucket=s3_server.bucket, Key="fixture/probe", Body=b"probe")
+    assert s3.get_object(Bucket=s3_server.bucket, Key="fixture/probe")["Body"].read() == b"probe"
+    with pytest.raises(ClientError) as refused:
+        s3_server.client(secret_key="wrong").list_objects_v2(Bucket=s3_server.bucket)
+    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.create_run(client.create_experiment(f"fixture-{uuid.uuid4().hex[:8]}"))
+    for step, value in enumerate([3.0, 2.0, 1.0]):
+        client.log_metric(run.info.run_id, "loss", value, step=step)
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [3.0, 2.0, 1.0]
+
+    @ray.remote
+    def where() -> tuple[str, str]:
+        import metaformer_platform
+
+        return metaformer_platform.__file__, sys.executable
+
+    package_file, python = ray.get(where.remote())
+    assert Path(package_file).resolve().is_relative_to(REPO / "platform")
+    assert Path(python).resolve() == Path(sys.executable).resolve()
+    assert ray.cluster_resources()["CPU"] == 2
