@@ -1,6 +1,6 @@
 """The data path: webdataset shards + `_info.json` manifest -> ShardSet plan -> batches.
 
-Layers, bottom up: `storage` (where bytes live), `manifest` (what the shards are), `writer` (making
+Layers, bottom up: `storage` (where bytes live; `s3` adds s3:// through boto3), `manifest` (what the shards are), `writer` (making
 shards), `shardset` (who reads what in an epoch), `reader` (tar -> samples -> images), `loader` (batches,
 resumable position), `transforms` (the paper's augmentation via timm), `synthetic` (a built-in dataset).
 No Ray, MLflow or config imports here: callers pass plain arguments.
@@ -16,8 +16,9 @@ from .manifest import (
     verify_checksums,
     write_manifest,
 )
+from .s3 import S3AccessError, S3Storage, register_webdataset_s3
 from .shardset import RankPlan, ShardSet, ShardSlice, WorkerPlan, batch_schedule
-from .storage import LocalStorage, Storage, open_storage, register_scheme
+from .storage import LocalStorage, Storage, WritableStorage, open_storage, register_scheme
 from .synthetic import ensure_synthetic_shards
 from .transforms import build_mixup, build_transforms
 from .writer import Sample, ShardWriter, shard_name, write_dataset, write_shard
@@ -27,6 +28,8 @@ __all__ = [
     "LocalStorage",
     "Manifest",
     "RankPlan",
+    "S3AccessError",
+    "S3Storage",
     "Sample",
     "ShardInfo",
     "ShardLoader",
@@ -35,6 +38,7 @@ __all__ = [
     "ShardWriter",
     "SplitInfo",
     "Storage",
+    "WritableStorage",
     "WorkerPlan",
     "batch_schedule",
     "build_loader",
@@ -44,6 +48,7 @@ __all__ = [
     "load_manifest",
     "open_storage",
     "register_scheme",
+    "register_webdataset_s3",
     "shard_name",
     "verify_checksums",
     "write_dataset",

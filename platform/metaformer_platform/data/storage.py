@@ -1,18 +1,21 @@
-"""Where shards live: one small interface over local folders now, object storage later.
+"""Where shards live: one small interface over local folders and object storage.
 
-Every byte the data path reads goes through a `Storage`, so adding s3:// (the streaming data plane) means
-registering one more scheme with `register_scheme`, not touching the manifest, shard set or loader.
+Every byte the data path reads goes through a `Storage`; s3:// (`data/s3.py`) is one more scheme
+registered with `register_scheme`, so the manifest, shard set and loader do not know where bytes live.
+The shard builder also writes through a storage (`upload_file`, `write_bytes`, `delete`, `sha256`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Protocol
 from urllib.parse import unquote, urlparse
 
-__all__ = ["LocalStorage", "Storage", "open_storage", "register_scheme", "split_url"]
+__all__ = ["LocalStorage", "Storage", "WritableStorage", "open_storage", "register_scheme", "split_url"]
 
 
 class Storage(Protocol):
@@ -33,6 +36,18 @@ class Storage(Protocol):
     def describe(self, name: str) -> str:
         """The full location of `name`, for error messages."""
         ...
+
+
+class WritableStorage(Storage, Protocol):
+    """A storage the shard builder can write to: every write is all-or-nothing."""
+
+    def upload_file(self, name: str, path: str | Path, *, sha256: str | None = None) -> None: ...
+
+    def write_bytes(self, name: str, data: bytes) -> None: ...
+
+    def delete(self, name: str) -> None: ...
+
+    def sha256(self, name: str) -> str: ...
 
 
 class LocalStorage:
@@ -60,6 +75,40 @@ class LocalStorage:
 
     def describe(self, name: str) -> str:
         return str(self._path(name))
+
+    def sha256(self, name: str) -> str:
+        digest = hashlib.sha256()
+        with open(self._path(name), "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def _replace_atomically(self, name: str, fill) -> None:
+        # temp name + rename: a reader (or a re-run) never sees half an object
+        target = self._path(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            fill(tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def upload_file(self, name: str, path: str | Path, *, sha256: str | None = None) -> None:
+        """Place a finished local file at `name`: renamed when on the same file system (the file is then
+        gone from `path`), else copied; either way atomically."""
+        target = self._path(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(path, target)
+        except OSError:  # another file system (EXDEV)
+            self._replace_atomically(name, lambda tmp: shutil.copyfile(path, tmp))
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self._replace_atomically(name, lambda tmp: tmp.write_bytes(data))
+
+    def delete(self, name: str) -> None:
+        self._path(name).unlink(missing_ok=True)
 
     def __repr__(self) -> str:
         return f"LocalStorage({str(self.root)!r})"
@@ -103,13 +152,8 @@ def open_storage(source: str | Path) -> Storage:
         return LocalStorage(Path(source).expanduser(), url=source)
     factory = _SCHEMES.get(scheme)
     if factory is None:
-        hint = (
-            " (s3:// arrives with the streaming data plane; until then copy the shards to a local folder)"
-            if scheme == "s3"
-            else ""
-        )
         raise ValueError(
             f"data source {source!r}: unsupported URL scheme {scheme!r}; supported: "
-            f"{sorted(_SCHEMES)} or a plain path{hint}"
+            f"{sorted(_SCHEMES)} or a plain path"
         )
     return factory(source)

@@ -1,0 +1,428 @@
+"""s3:// storage through boto3: lazy per-process clients, retries, resumable streams, clear refusals.
+
+`S3Storage` implements the `Storage` protocol for `s3://bucket/prefix` (registered with `register_scheme`
+when `metaformer_platform.data` is imported; boto3 itself is imported only when a client is first needed).
+
+* Endpoint and credentials come from boto3's standard chain (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID /
+  AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE, config files, instance roles).
+* The client is created on first use in each process: DataLoader workers fork, and a boto3 client (its
+  connection pool) must not be shared across a fork. Pickling drops it, so Ray tasks and spawned workers
+  build their own.
+* Requests are retried by botocore (`{"mode": "standard", "max_attempts": 8}`, or AWS_RETRY_MODE /
+  AWS_MAX_ATTEMPTS). A stream that breaks mid-read is re-opened at the byte where it broke (a ranged GET
+  pinned to the object's ETag, so a replaced object fails instead of splicing two versions), with backoff.
+* Errors a user can fix (missing bucket, refused credentials, no credentials, unreachable endpoint) are
+  raised as `S3AccessError` (a ValueError) that names the URL and the environment variables to check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .storage import register_scheme
+
+__all__ = [
+    "AWS_ENV_VARS",
+    "S3AccessError",
+    "S3Storage",
+    "aws_env",
+    "parse_s3_url",
+    "register_webdataset_s3",
+]
+
+_log = logging.getLogger(__name__)
+
+CREDENTIAL_VARS = (
+    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN or AWS_PROFILE if you use them)"
+)
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "AccessDenied",
+    "AuthorizationHeaderMalformed",
+    "403",
+    "Forbidden",
+}
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+READ_BUFFER = 8 << 20  # tar parsing reads 10 KiB at a time: read the socket in large requests instead
+MULTIPART_CHUNK = 64 << 20
+SHA256_METADATA = "sha256"  # x-amz-meta-sha256, set on every object the builder uploads
+
+
+AWS_ENV_VARS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_RETRY_MODE",
+    "AWS_MAX_ATTEMPTS",
+)
+
+
+def aws_env() -> dict[str, str]:
+    """The S3 settings of this process's environment, for processes that do not inherit it (Ray workers
+    of a cluster started earlier) so that they reach the storage the driver checked."""
+    return {name: os.environ[name] for name in AWS_ENV_VARS if name in os.environ}
+
+
+class S3AccessError(ValueError):
+    """The S3 request was refused for a reason the user has to fix (bucket, credentials, endpoint)."""
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """(bucket, prefix) of `s3://bucket/prefix/`; the prefix has no leading or trailing slash."""
+    if not url.lower().startswith("s3://"):
+        raise ValueError(f"{url!r} is not an s3:// URL")
+    bucket, _, prefix = url[5:].partition("/")
+    if not bucket:
+        raise ValueError(f"S3 URL {url!r} names no bucket; write s3://bucket/prefix")
+    return bucket, prefix.strip("/")
+
+
+def _endpoint() -> str:
+    return (
+        os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or "AWS's default endpoint"
+    )
+
+
+def _retry_config() -> dict[str, Any]:
+    return {
+        "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+        "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "8")),
+    }
+
+
+def default_client() -> Any:
+    """A boto3 S3 client from the standard chain, with retries and timeouts suited to streaming shards."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries=_retry_config(),  # type: ignore[arg-type]
+        connect_timeout=10,
+        read_timeout=60,
+        max_pool_connections=32,
+        # The region only names the signing scope for S3-compatible servers; AWS itself redirects.
+        region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+    )
+    return boto3.session.Session().client("s3", config=config)
+
+
+def _transient_stream_errors() -> tuple[type[BaseException], ...]:
+    from botocore import exceptions as be
+    from urllib3 import exceptions as ue
+
+    return (
+        be.ReadTimeoutError,
+        be.ResponseStreamingError,
+        be.IncompleteReadError,
+        be.ConnectionClosedError,
+        be.EndpointConnectionError,
+        ue.ProtocolError,
+        ue.ReadTimeoutError,
+        ConnectionError,
+        TimeoutError,
+    )
+
+
+class _ResumableBody(io.RawIOBase):
+    """A GET body that, when the connection breaks mid-object, re-opens at the current byte and goes on."""
+
+    def __init__(self, storage: S3Storage, name: str, max_resumes: int, backoff: float):
+        super().__init__()
+        self.storage = storage
+        self.name = name
+        self.max_resumes = max_resumes
+        self.backoff = backoff
+        self.pos = 0
+        self.resumes = 0
+        response = storage._call(
+            "get", name, lambda c: c.get_object(Bucket=storage.bucket, Key=storage.key(name))
+        )
+        self.length = int(response["ContentLength"])
+        self.etag = response.get("ETag")
+        self.body = response["Body"]
+
+    def readable(self) -> bool:
+        return True
+
+    def _reopen(self, err: BaseException) -> None:
+        self.resumes += 1
+        if self.resumes > self.max_resumes:
+            raise OSError(
+                f"{self.storage.describe(self.name)}: the read broke {self.resumes} times (last: {err!r}); "
+                "giving up; check the S3 server and the network"
+            ) from err
+        delay = min(self.backoff * 2 ** (self.resumes - 1), 10.0) * (0.5 + random.random() / 2)
+        _log.warning(
+            "%s: read broke at byte %d of %d (%r); resuming in %.1f s (%d/%d)",
+            self.storage.describe(self.name),
+            self.pos,
+            self.length,
+            err,
+            delay,
+            self.resumes,
+            self.max_resumes,
+        )
+        time.sleep(delay)
+        with_etag = {"IfMatch": self.etag} if self.etag else {}
+        response = self.storage._call(
+            "get",
+            self.name,
+            lambda c: c.get_object(
+                Bucket=self.storage.bucket,
+                Key=self.storage.key(self.name),
+                Range=f"bytes={self.pos}-",
+                **with_etag,
+            ),
+        )
+        self.body = response["Body"]
+
+    def readinto(self, buffer: Any) -> int:
+        if self.pos >= self.length:
+            return 0
+        view = memoryview(buffer).cast("B")
+        while True:
+            try:
+                data = self.body.read(len(view))
+                if not data:
+                    raise ConnectionError(f"stream ended at byte {self.pos} of {self.length}")
+            except _transient_stream_errors() as err:
+                self._reopen(err)
+                continue
+            view[: len(data)] = data
+            self.pos += len(data)
+            return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.body.close()
+        super().close()
+
+
+class S3Storage:
+    """The objects under `s3://bucket/prefix`: streamed reads, whole-object reads, uploads for the builder."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client_factory: Callable[[], Any] | None = None,
+        max_resumes: int = 5,
+        backoff: float = 0.5,
+    ):
+        self.url = url.rstrip("/")
+        self.bucket, self.prefix = parse_s3_url(url)
+        self.client_factory = client_factory or default_client
+        self.max_resumes = max_resumes
+        self.backoff = backoff
+        self._client: Any = None
+        self._pid: int | None = None
+        self._bucket_checked = False
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_client=None, _pid=None, _lock=None, _bucket_checked=False)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        """This process's client (a forked child builds its own)."""
+        if self._client is None or self._pid != os.getpid():
+            with self._lock:
+                if self._client is None or self._pid != os.getpid():
+                    self._client = self.client_factory()
+                    self._pid = os.getpid()
+        return self._client
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def describe(self, name: str) -> str:
+        return f"s3://{self.bucket}/{self.key(name)}"
+
+    def __repr__(self) -> str:
+        return f"S3Storage({self.url!r})"
+
+    # -- errors ------------------------------------------------------------------------------------
+
+    def _refusal(self, err: BaseException, what: str) -> BaseException:
+        """A user-facing error for `err`, or `err` itself when it is not one the user can fix."""
+        from botocore import exceptions as be
+
+        if isinstance(err, be.NoCredentialsError | be.PartialCredentialsError):
+            return S3AccessError(
+                f"{what}: no usable S3 credentials were found ({err}); set {CREDENTIAL_VARS} "
+                f"for the endpoint {_endpoint()} (AWS_ENDPOINT_URL)"
+            )
+        if isinstance(err, be.EndpointConnectionError):
+            return S3AccessError(
+                f"{what}: cannot reach the S3 endpoint {_endpoint()} ({err}); check AWS_ENDPOINT_URL and that "
+                "the server is running"
+            )
+        if isinstance(err, be.ClientError):
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            if code in _CREDENTIAL_CODES:
+                return S3AccessError(
+                    f"{what}: the S3 server at {_endpoint()} refused the credentials ({code}: "
+                    f"{err.response.get('Error', {}).get('Message', '')}); check {CREDENTIAL_VARS} and "
+                    "AWS_ENDPOINT_URL, and that this key may read the bucket"
+                )
+            if code == "NoSuchBucket":
+                return self._no_bucket(what)
+        return err
+
+    def _no_bucket(self, what: str) -> S3AccessError:
+        return S3AccessError(
+            f"{what}: bucket {self.bucket!r} does not exist at {_endpoint()}; create it "
+            f"(e.g. `aws s3 mb s3://{self.bucket}`) or fix the bucket in the URL / AWS_ENDPOINT_URL"
+        )
+
+    def _check_bucket(self) -> None:
+        """Once per process: the bucket exists and the credentials are accepted (HEAD has no error body)."""
+        if self._bucket_checked and self._pid == os.getpid():
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as err:
+            if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket", "NotFound"):
+                raise self._no_bucket(self.url) from None
+            raise self._refusal(err, self.url) from None
+        except BotoCoreError as err:
+            raise self._refusal(err, self.url) from None
+        self._bucket_checked = True
+
+    def _call(self, op: str, name: str, fn: Callable[[Any], Any]) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        self._check_bucket()
+        try:
+            return fn(self.client)
+        except (ClientError, BotoCoreError) as err:
+            mapped = self._refusal(err, self.describe(name))
+            if mapped is err:
+                raise
+            raise mapped from None
+
+    # -- Storage -----------------------------------------------------------------------------------
+
+    def _head(self, name: str) -> Mapping[str, Any] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._call("head", name, lambda c: c.head_object(Bucket=self.bucket, Key=self.key(name)))
+        except ClientError as err:
+            if str(err.response.get("Error", {}).get("Code")) in _MISSING_CODES:
+                return None
+            raise
+
+    def exists(self, name: str) -> bool:
+        return self._head(name) is not None
+
+    def size(self, name: str) -> int:
+        head = self._head(name)
+        if head is None:
+            raise FileNotFoundError(f"{self.describe(name)} does not exist")
+        return int(head["ContentLength"])
+
+    def open(self, name: str) -> BinaryIO:
+        """A buffered stream of the whole object, read in large requests, resumed where a connection broke."""
+        return io.BufferedReader(  # type: ignore[return-value]
+            _ResumableBody(self, name, self.max_resumes, self.backoff), buffer_size=READ_BUFFER
+        )
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.open(name) as stream:
+            return stream.read()
+
+    def stored_sha256(self, name: str) -> str | None:
+        """The sha256 recorded when this platform uploaded `name`, or None (absent object or metadata)."""
+        head = self._head(name)
+        return None if head is None else head.get("Metadata", {}).get(SHA256_METADATA)
+
+    def sha256(self, name: str) -> str:
+        """The recorded sha256 when there is one, else a hash of the streamed object."""
+        recorded = self.stored_sha256(name)
+        if recorded:
+            return recorded
+        digest = hashlib.sha256()
+        with self.open(name) as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    # -- writing (the shard builder) ---------------------------------------------------------------
+
+    def upload_file(self, name: str, path: str | Path, *, sha256: str | None = None) -> None:
+        """Upload a local file (multipart above 64 MiB); S3 makes it visible only once complete."""
+        from boto3.s3.transfer import TransferConfig
+
+        extra = {"Metadata": {SHA256_METADATA: sha256}} if sha256 else None
+        transfer = TransferConfig(multipart_threshold=MULTIPART_CHUNK, multipart_chunksize=MULTIPART_CHUNK)
+        with open(path, "rb") as f:
+            self._call(
+                "put",
+                name,
+                lambda c: c.upload_fileobj(f, self.bucket, self.key(name), ExtraArgs=extra, Config=transfer),
+            )
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self._call("put", name, lambda c: c.put_object(Bucket=self.bucket, Key=self.key(name), Body=data))
+
+    def delete(self, name: str) -> None:
+        self._call("delete", name, lambda c: c.delete_object(Bucket=self.bucket, Key=self.key(name)))
+
+
+register_scheme("s3", S3Storage)
+
+
+# -- webdataset -----------------------------------------------------------------------------------
+
+_WDS_STORAGES: dict[tuple[int, str], S3Storage] = {}
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> BinaryIO:
+    """webdataset's `gopen` handler for s3:// URLs: our resumable boto3 stream."""
+    if mode not in ("rb", "r"):
+        raise ValueError(f"{url}: the s3 handler only reads (mode 'rb'), got mode {mode!r}")
+    bucket, key = parse_s3_url(url)
+    cache_key = (os.getpid(), bucket)
+    storage = _WDS_STORAGES.get(cache_key)
+    if storage is None:
+        storage = _WDS_STORAGES[cache_key] = S3Storage(f"s3://{bucket}")
+    return storage.open(key)
+
+
+def register_webdataset_s3() -> None:
+    """Let webdataset (and timm's `wds/` reader, which opens shards and `_info.json` through it) read s3://.
+
+    webdataset 1.0.2 has no s3 handler of its own; this registers one in `webdataset.gopen_schemes`.
+    """
+    import webdataset
+
+    webdataset.gopen_schemes["s3"] = _gopen_s3

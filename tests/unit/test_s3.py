@@ -1,0 +1,124 @@
+"""S3Storage against a scripted client: resumed streams, refusals translated, per-process clients.
+
+The real server (SeaweedFS with SigV4) is exercised in tests/integration/test_s3_data.py.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import pytest
+from botocore.exceptions import ClientError, NoCredentialsError
+from urllib3.exceptions import ProtocolError
+
+from metaformer_platform.data import S3AccessError, S3Storage, open_storage
+from metaformer_platform.data.s3 import parse_s3_url
+
+DATA = bytes(range(256)) * 4096  # 1 MiB
+
+
+class _Body:
+    """A response body that breaks (as a dropped connection does) after `fail_after` bytes."""
+
+    def __init__(self, data: bytes, fail_after: int | None):
+        self.stream = io.BytesIO(data)
+        self.fail_after = fail_after
+        self.sent = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if self.fail_after is not None and self.sent >= self.fail_after:
+            raise ProtocolError("Connection broken: IncompleteRead")
+        if self.fail_after is not None:
+            n = min(n, self.fail_after - self.sent)
+        chunk = self.stream.read(n)
+        self.sent += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        pass
+
+
+def _error(code: str, status: int, op: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "scripted"}, "ResponseMetadata": {"HTTPStatusCode": status}}, op)
+
+
+class _Client:
+    def __init__(self, breaks: list[int] | None = None, head_bucket_error: Exception | None = None):
+        self.breaks = list(breaks or [])
+        self.head_bucket_error = head_bucket_error
+        self.gets: list[dict] = []
+
+    def head_bucket(self, Bucket):
+        if self.head_bucket_error:
+            raise self.head_bucket_error
+
+    def head_object(self, Bucket, Key):
+        if Key != "pre/shard.tar":
+            raise _error("404", 404, "HeadObject")
+        return {"ContentLength": len(DATA), "Metadata": {}}
+
+    def get_object(self, Bucket, Key, Range=None, IfMatch=None):
+        self.gets.append({"Key": Key, "Range": Range, "IfMatch": IfMatch})
+        start = int(Range.removeprefix("bytes=").rstrip("-")) if Range else 0
+        fail = self.breaks.pop(0) if self.breaks else None
+        return {"ContentLength": len(DATA) - start, "ETag": '"v1"', "Body": _Body(DATA[start:], fail)}
+
+
+def test_url_parsing_and_registration():
+    assert parse_s3_url("s3://bucket/a/b/") == ("bucket", "a/b")
+    assert parse_s3_url("s3://bucket") == ("bucket", "")
+    storage = open_storage("s3://bucket/imagenet/")
+    assert isinstance(storage, S3Storage) and storage.describe("x.tar") == "s3://bucket/imagenet/x.tar"
+    with pytest.raises(ValueError, match="names no bucket"):
+        parse_s3_url("s3:///prefix")
+
+
+def test_a_stream_that_breaks_mid_object_resumes_at_the_byte_it_reached():
+    client = _Client(breaks=[300_000, 100_000])  # the first two connections drop
+    storage = S3Storage("s3://bkt/pre", client_factory=lambda: client, backoff=0.001)
+    assert storage.read_bytes("shard.tar") == DATA
+    assert [g["Range"] for g in client.gets] == [None, "bytes=300000-", "bytes=400000-"]
+    assert [g["IfMatch"] for g in client.gets] == [None, '"v1"', '"v1"']  # a replaced object fails, never splices
+
+
+def test_a_stream_that_keeps_breaking_gives_up_with_the_object_name():
+    client = _Client(breaks=[1000] * 10)
+    storage = S3Storage("s3://bkt/pre", client_factory=lambda: client, max_resumes=2, backoff=0.001)
+    with pytest.raises(OSError, match=r"s3://bkt/pre/shard.tar: the read broke 3 times"):
+        storage.read_bytes("shard.tar")
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (_error("403", 403, "HeadBucket"), r"refused the credentials .*AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"),
+        (_error("404", 404, "HeadBucket"), r"bucket 'bkt' does not exist .*create it"),
+        (NoCredentialsError(), r"no usable S3 credentials .*AWS_ACCESS_KEY_ID"),
+    ],
+)
+def test_refusals_say_what_to_fix(error, expected):
+    storage = S3Storage("s3://bkt/pre", client_factory=lambda: _Client(head_bucket_error=error))
+    with pytest.raises(S3AccessError, match=expected):
+        storage.exists("_info.json")
+
+
+_MADE: list[_Client] = []
+
+
+def _factory() -> _Client:
+    _MADE.append(_Client())
+    return _MADE[-1]
+
+
+def test_missing_objects_and_client_per_process():
+    _MADE.clear()
+    storage = S3Storage("s3://bkt/pre", client_factory=_factory)
+    assert storage.exists("shard.tar") and not storage.exists("_info.json")
+    assert storage.size("shard.tar") == len(DATA)
+    assert len(_MADE) == 1  # one client, reused
+    clone = pickle.loads(pickle.dumps(storage))  # what a Ray task or spawned worker receives
+    assert clone._client is None and clone.exists("shard.tar") and len(_MADE) == 2
+    storage._pid = -1  # as seen from a forked child: the parent's client must not be reused
+    storage.exists("shard.tar")
+    assert len(_MADE) == 3
