@@ -33,9 +33,11 @@ class JobResult:
 # -- driver-side checks ---------------------------------------------------------------------------
 
 
-def resolve_data_root(cfg: JobConfig) -> Path:
-    """The local folder holding the job's shards; the synthetic set is generated here on first use."""
+def resolve_data_root(cfg: JobConfig) -> str | Path:
+    """Where the job's shards are: a local folder (the synthetic set is generated there on first use), or
+    the URL itself for object storage (s3://...), which the loader and `load_manifest` read directly."""
     from metaformer_platform import data as mdata
+    from metaformer_platform.data.storage import split_url
 
     if cfg.data.source == "synthetic":
         s = cfg.data.synthetic
@@ -48,11 +50,14 @@ def resolve_data_root(cfg: JobConfig) -> Path:
             samples_per_shard=s.samples_per_shard,
             seed=s.seed,
         )
+    scheme, _ = split_url(cfg.data.source)
+    if scheme not in ("", "file"):
+        return cfg.data.source
     source = cfg.data.source.removeprefix("file://")
     return Path(source).expanduser().resolve()
 
 
-def check_data(cfg: JobConfig, data_root: Path) -> None:
+def check_data(cfg: JobConfig, data_root: str | Path) -> None:
     """The manifest is valid, has the splits the job uses, and each rank gets at least one batch."""
     from metaformer_platform import data as mdata
 
@@ -227,6 +232,13 @@ def run_job(cfg: JobConfig) -> JobResult:
     }
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+    worker_env = None
+    if isinstance(data_root, str):
+        from metaformer_platform.data.s3 import aws_env
+
+        # Workers of a cluster started before this job do not inherit the S3 endpoint and credentials
+        # the driver just checked the data with.
+        worker_env = {"env_vars": aws_env()} if aws_env() else None
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=payload,
@@ -238,6 +250,7 @@ def run_job(cfg: JobConfig) -> JobResult:
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
+            worker_runtime_env=worker_env,
         ),
     )
     succeeded = False
