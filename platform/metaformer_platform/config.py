@@ -107,8 +107,35 @@ class OptimConfig(_Section):
 
 
 class StrategyConfig(_Section):
+    """How the model is distributed. Keys prefixed by a strategy's name apply to that strategy only."""
+
     name: str = Field("ddp", description="how the model is distributed: one of metaformer_platform.strategies")
     find_unused_parameters: bool = Field(False, description="ddp: allow parameters without gradients")
+    fsdp_reshard_after_forward: bool = Field(
+        True, description="fsdp: free gathered parameters after forward (less memory, one more all-gather)"
+    )
+    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep sharded parameters and optimizer state on CPU")
+    fsdp_param_dtype: Literal["bf16", "fp32"] | None = Field(
+        None, description="fsdp: dtype of gathered parameters for compute (null: bf16 when trainer.precision=bf16)"
+    )
+    fsdp_reduce_dtype: Literal["bf16", "fp32"] = Field("fp32", description="fsdp: dtype of gradient reduction")
+    zero_stage: int = Field(2, description="deepspeed: ZeRO stage 1 (optimizer), 2 (+gradients), 3 (+parameters)")
+    offload_optimizer: bool = Field(False, description="deepspeed: keep optimizer state in CPU memory (ZeRO-Offload)")
+    extensions_dir: str | None = Field(
+        None,
+        description="deepspeed: cache of its JIT-compiled ops (null: TORCH_EXTENSIONS_DIR, else "
+        "~/.cache/metaformer-platform/torch_extensions); a warm cache saves minutes per start",
+    )
+
+    @field_validator("zero_stage", mode="before")
+    @classmethod
+    def _zero_stage_in_range(cls, stage: Any) -> Any:
+        if isinstance(stage, int) and not isinstance(stage, bool) and stage not in (1, 2, 3):
+            raise ValueError(
+                f"strategy.zero_stage must be 1, 2 or 3, got {stage} (stage 0 is plain data parallel: "
+                "use strategy.name=ddp)"
+            )
+        return stage
 
     @field_validator("name")
     @classmethod
@@ -150,6 +177,11 @@ class RunSettings(_Section):
     max_failures: int = Field(3, ge=-1, description="worker-group restarts before the job fails (-1: always)")
     num_to_keep: int | None = Field(2, ge=1, description="checkpoints kept (null: all)")
     ray_address: str | None = Field(None, description="Ray cluster address (null: RAY_ADDRESS or a local Ray)")
+    resume_from: str | None = Field(
+        None,
+        description="a complete checkpoint folder (same model and strategy) to continue from, with its whole "
+        "training state, when the run has no checkpoint of its own yet",
+    )
 
     @field_validator("name")
     @classmethod

@@ -85,13 +85,36 @@ def check_model(cfg: JobConfig, num_classes: int) -> None:
     """The model builds with the configured kwargs (on the meta device: no memory, no time)."""
     import torch
 
+    from metaformer_platform.strategies import get_strategy_class
     from metaformer_platform.training.trainer import build_model
 
     try:
         with torch.device("meta"):
-            build_model(cfg, num_classes)
+            model = build_model(cfg, num_classes)
     except TypeError as err:
         raise ValueError(f"model {cfg.model.name!r} does not build with model.kwargs={cfg.model.kwargs}: {err}") from None
+    get_strategy_class(cfg.strategy.name).check_model(model)
+
+
+def check_resume_from(cfg: JobConfig) -> Path | None:
+    """``run.resume_from`` as a local folder, refused unless it is a complete checkpoint of this model."""
+    if cfg.run.resume_from is None:
+        return None
+    from metaformer_platform.training import checkpoint as ckpt
+
+    folder = Path(cfg.run.resume_from.removeprefix("file://")).expanduser().resolve()
+    if not ckpt.is_complete(folder):
+        raise ValueError(
+            f"run.resume_from={cfg.run.resume_from!r} is not a complete checkpoint folder (no "
+            f"{ckpt.COMPLETE_MARKER} marker); point it at a run's checkpoint-NNNNNNNN folder"
+        )
+    state = ckpt.load_tensors(folder / ckpt.TRAINER_FILE)
+    if state["model_name"] != cfg.model.name:
+        raise ValueError(
+            f"run.resume_from={cfg.run.resume_from!r} holds {state['model_name']}, but this job trains "
+            f"{cfg.model.name}: set model.name={state['model_name']} or choose another checkpoint"
+        )
+    return folder
 
 
 def resolve_storage_path(storage_path: str) -> str:
@@ -183,6 +206,9 @@ def _train_worker(payload: dict[str, Any]) -> None:
 
     data_root = resolve_data_root(cfg)  # a cache hit on the driver's node; generated alike elsewhere
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and payload.get("resume_from"):
+        # A new run that continues another run's checkpoint; once it has its own, Ray hands those.
+        checkpoint = ray.train.Checkpoint.from_directory(payload["resume_from"])
     try:
         with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
             trainer = Trainer(
@@ -212,6 +238,7 @@ def run_job(cfg: JobConfig) -> JobResult:
     from metaformer_platform.data import load_manifest
 
     check_model(cfg, cfg.model.num_classes or load_manifest(data_root).num_classes)
+    resume_from = check_resume_from(cfg)
     storage_path = resolve_storage_path(cfg.run.storage_path)
     if cfg.trainer.torch_threads is None:
         cfg = cfg.model_copy(
@@ -229,6 +256,7 @@ def run_job(cfg: JobConfig) -> JobResult:
         "config": cfg.model_dump(mode="json"),
         "run_id": handle.run_id if handle else None,
         "tracking_uri": handle.tracking_uri if handle else None,
+        "resume_from": str(resume_from) if resume_from else None,
     }
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}

@@ -10,6 +10,8 @@ if TYPE_CHECKING:
 # name -> "module:Class"; resolved lazily so that reading the config never imports torch or DeepSpeed.
 STRATEGIES: dict[str, str] = {
     "ddp": "metaformer_platform.strategies.ddp:DDPStrategy",
+    "fsdp": "metaformer_platform.strategies.fsdp:FSDPStrategy",
+    "deepspeed": "metaformer_platform.strategies.deepspeed:DeepSpeedStrategy",
 }
 
 

@@ -11,10 +11,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from metaformer_platform.config import JobConfig
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,24 @@ class Strategy(ABC):
 
     name: str
 
-    def __init__(self, options: Any, dist: DistContext) -> None:
-        self.options = options
+    def __init__(self, job: JobConfig, dist: DistContext) -> None:
+        # The whole job config: DeepSpeed's own config is generated from batch, accumulation, clipping, precision.
+        self.job = job
+        self.options = job.strategy
         self.dist = dist
         self.model: nn.Module | None = None
+        # The torch optimizer the LR schedule drives (DeepSpeed wraps it, but its param_groups stay these).
         self.optimizer: torch.optim.Optimizer | None = None
+
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        """Raise ``ValueError`` when this strategy cannot distribute ``model`` (called on the driver, meta device)."""
+        return None
+
+    @staticmethod
+    @abstractmethod
+    def consolidate(directory: Path) -> dict[str, torch.Tensor]:
+        """The full fp32 model state dict of the checkpoint in ``directory``, in one process, no process group."""
 
     @abstractmethod
     def setup(self, model: nn.Module, build_optimizer: OptimizerFactory) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -52,3 +53,7 @@ class DDPStrategy(Strategy):
         state = load_tensors(directory / MODEL_FILE, map_location=self.dist.device)
         self.module.load_state_dict(state, strict=True)
         self.optimizer.load_state_dict(load_tensors(directory / OPTIMIZER_FILE, map_location=self.dist.device))
+
+    @staticmethod
+    def consolidate(directory: Path) -> dict[str, torch.Tensor]:
+        return load_tensors(directory / MODEL_FILE)

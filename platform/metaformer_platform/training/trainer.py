@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import shutil
 import tempfile
 import time
@@ -17,6 +18,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as tdist
 from torch import nn
@@ -84,6 +86,9 @@ class Trainer:
             torch.set_num_threads(t.torch_threads)
         # Every rank draws the same initial weights; data and augmentation seeds are derived per rank.
         torch.manual_seed(t.seed)
+        # Mixup/CutMix draw from NumPy's global RNG: seeded per rank, so that the same job repeats exactly.
+        random.seed(t.seed + dist.rank)
+        np.random.seed(t.seed + dist.rank)
 
         self.data_root = data_root
         self.manifest = mdata.load_manifest(data_root) if data_root is not None else None
@@ -95,7 +100,7 @@ class Trainer:
         model = model.to(memory_format=self.memory_format)
 
         self.lr = cfg.optim.resolved_lr(cfg.global_batch)
-        self.strategy = get_strategy_class(cfg.strategy.name)(cfg.strategy, dist)
+        self.strategy = get_strategy_class(cfg.strategy.name)(cfg, dist)
         self.strategy.setup(model, lambda m: build_optimizer(m, cfg.optim, self.lr))
         self.forward_model: nn.Module = torch.compile(self.strategy.model) if t.compile else self.strategy.model
 

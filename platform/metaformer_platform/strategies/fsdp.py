@@ -1,0 +1,118 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters, gradients and optimizer state sharded over ranks.
+
+Each MetaFormer block is one unit (its parameters are gathered just before it runs), then each stage (its
+downsampling layer), then the root (stem and head). Checkpoints go through ``torch.distributed.checkpoint``:
+every rank writes its own shard file into the checkpoint folder and rank 0 the metadata, so Ray Train's
+merge of the ranks' folders is a complete DCP checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from metaformer_platform.strategies.base import OptimizerFactory, Strategy
+
+DCP_DIR = "fsdp"
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def shard_units(model: nn.Module) -> list[list[nn.Module]]:
+    """The modules FSDP2 wraps, innermost first: each stage's blocks, then the stage (per stage).
+
+    Raises ``ValueError`` for a model that is not a MetaFormer-style ``stages[i].blocks`` network.
+    """
+    stages = getattr(model, "stages", None)
+    units: list[list[nn.Module]] = []
+    if isinstance(stages, nn.Module):
+        for stage in stages.children():
+            blocks = getattr(stage, "blocks", None)
+            if not isinstance(blocks, nn.Module) or not list(blocks.children()):
+                units = []
+                break
+            units.append([*blocks.children(), stage])
+    if not units:
+        raise ValueError(
+            f"strategy.name=fsdp shards a MetaFormer per block and per stage, but {type(model).__name__} has no "
+            "`stages[i].blocks` to wrap; use strategy.name=ddp or strategy.name=deepspeed for this model"
+        )
+    return units
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        shard_units(model)
+
+    def _mp_policy(self) -> object:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        param = self.options.fsdp_param_dtype or ("bf16" if self.job.trainer.precision == "bf16" else "fp32")
+        return MixedPrecisionPolicy(param_dtype=_DTYPES[param], reduce_dtype=_DTYPES[self.options.fsdp_reduce_dtype])
+
+    def setup(self, model: nn.Module, build_optimizer: OptimizerFactory) -> None:
+        import torch.distributed as tdist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+        if not tdist.is_initialized():
+            raise RuntimeError("strategy fsdp needs a process group (Ray Train's workers have one)")
+        units = shard_units(model)
+        # FSDP2 shards contiguous parameters only; inputs may still be channels_last.
+        model = model.to(self.dist.device, memory_format=torch.contiguous_format)
+        mesh = init_device_mesh(self.dist.device.type, (self.dist.world_size,))
+        kwargs = {
+            "mesh": mesh,
+            "reshard_after_forward": self.options.fsdp_reshard_after_forward,
+            "mp_policy": self._mp_policy(),
+            "offload_policy": CPUOffloadPolicy(pin_memory=False) if self.options.fsdp_cpu_offload else OffloadPolicy(),
+        }
+        for stage_units in units:
+            for module in stage_units:
+                fully_shard(module, **kwargs)
+        fully_shard(model, **kwargs)
+        self.model = model
+        self.optimizer = build_optimizer(model)
+
+    @property
+    def module(self) -> nn.Module:
+        assert self.model is not None, "setup() first"
+        return self.model
+
+    def _state(self) -> dict[str, dict]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        assert self.model is not None and self.optimizer is not None
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optim": optim_state}
+
+    def save(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        # Each rank saves into its own scratch folder; only rank 0 would create it otherwise.
+        (directory / DCP_DIR).mkdir(parents=True, exist_ok=True)
+        dcp.save(self._state(), checkpoint_id=directory / DCP_DIR)
+
+    def load(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        if not (directory / DCP_DIR / ".metadata").is_file():
+            raise ValueError(f"{str(directory)!r} holds no FSDP checkpoint ({DCP_DIR}/.metadata is missing)")
+        state = self._state()
+        dcp.load(state, checkpoint_id=directory / DCP_DIR)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    @staticmethod
+    def consolidate(directory: Path) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+        if not (directory / DCP_DIR / ".metadata").is_file():
+            raise ValueError(f"{str(directory)!r} holds no FSDP checkpoint ({DCP_DIR}/.metadata is missing)")
+        # Reads only the model entries (no optimizer state) and needs no process group.
+        state = _load_state_dict_from_keys({"model"}, checkpoint_id=str(directory / DCP_DIR))
+        return {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state["model"].items()}
