@@ -1,0 +1,128 @@
+"""Export: any strategy's checkpoint folder -> ``model.safetensors`` + ``model.json`` for plain timm.
+
+The export holds the full fp32 weights under timm's own parameter names, so
+``timm.create_model(name, num_classes=n).load_state_dict(load_file("model.safetensors"), strict=True)`` works in
+one process, with no process group and without the training strategy (DeepSpeed) installed. Reading an export
+never unpickles anything (safetensors + JSON). Writing one reads the checkpoint the strategy wrote, which is
+trusted: it came from our own training run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from metaformer_platform.training import checkpoint as ckpt
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+
+
+@dataclass(frozen=True)
+class Export:
+    """Where an export was written and what it holds."""
+
+    weights: Path
+    meta: Path
+    model_name: str
+    num_classes: int
+    num_tensors: int
+
+
+def _read_checkpoint_info(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainer state, job config as a dict) of a complete checkpoint, or a ValueError saying why not."""
+    if not directory.is_dir():
+        raise ValueError(f"{str(directory)!r} is not a folder: export needs a checkpoint folder")
+    missing = [n for n in (ckpt.COMPLETE_MARKER, ckpt.TRAINER_FILE, ckpt.CONFIG_FILE) if not (directory / n).is_file()]
+    if missing:
+        raise ValueError(
+            f"{str(directory)!r} is not a complete checkpoint (missing {', '.join(missing)}): point export at a "
+            "run's checkpoint-NNNNNNNN folder"
+        )
+    state = ckpt.load_tensors(directory / ckpt.TRAINER_FILE)
+    config = yaml.safe_load((directory / ckpt.CONFIG_FILE).read_text())
+    return state, config
+
+
+def _reference_model(name: str, num_classes: int, kwargs: dict[str, Any]) -> torch.nn.Module:
+    """The plain timm model the export must load into (built on the meta device: no memory, no time)."""
+    from metaformer_platform.models import create_model
+
+    with torch.device("meta"):
+        return create_model(name, num_classes=num_classes, **kwargs)
+
+
+def export_checkpoint(directory: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Export:
+    """Consolidate the checkpoint in ``directory`` (any strategy) into ``out_dir``; returns what was written.
+
+    Raises ``ValueError`` for a folder that is not a complete checkpoint, weights that do not match the model
+    named in it, or an existing export in ``out_dir`` (unless ``overwrite``).
+    """
+    from safetensors.torch import save_file
+
+    from metaformer_platform.strategies import get_strategy_class
+
+    src, out = Path(directory).expanduser().resolve(), Path(out_dir).expanduser().resolve()
+    state, config = _read_checkpoint_info(src)
+    weights, meta = out / WEIGHTS_FILE, out / META_FILE
+    if not overwrite and (weights.exists() or meta.exists()):
+        raise ValueError(f"{str(out)!r} already holds an export; choose another folder or pass overwrite=True")
+
+    name, num_classes = state["model_name"], int(state["num_classes"])
+    strategy = config.get("strategy", {}).get("name", "ddp")
+    model_kwargs = dict(config.get("model", {}).get("kwargs") or {})
+    tensors = get_strategy_class(strategy).consolidate(src)
+
+    reference = _reference_model(name, num_classes, model_kwargs)
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != got:
+        missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+        shapes = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+        raise ValueError(
+            f"the {strategy} checkpoint in {str(src)!r} does not match {name} with {num_classes} classes: "
+            f"missing {missing[:8]}, unexpected {extra[:8]}, wrong shape {shapes[:8]}"
+        )
+
+    out.mkdir(parents=True, exist_ok=True)
+    # safetensors wants contiguous, unshared tensors (channels_last convolution weights are neither).
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    info = {
+        "model_name": name,
+        "num_classes": num_classes,
+        "model_kwargs": model_kwargs,
+        "pretrained_cfg": {**(getattr(reference, "pretrained_cfg", None) or {}), "num_classes": num_classes},
+        "img_size": config.get("data", {}).get("img_size"),
+        "step": int(state["step"]),
+        "strategy": strategy,
+        "source": str(src),
+    }
+    tmp_weights = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
+    save_file(plain, str(tmp_weights), metadata={"model_name": name, "num_classes": str(num_classes)})
+    os.replace(tmp_weights, weights)
+    tmp_meta = meta.with_name(f".{meta.name}.tmp-{os.getpid()}")
+    tmp_meta.write_text(json.dumps(info, indent=2, default=str) + "\n")
+    os.replace(tmp_meta, meta)
+    return Export(weights, meta, name, num_classes, len(plain))
+
+
+def load_export(out_dir: str | os.PathLike[str]) -> torch.nn.Module:
+    """A plain timm model (fp32, CPU, eval mode) with the exported weights loaded strictly."""
+    import timm
+    from safetensors.torch import load_file
+
+    import metaformer_platform.models  # noqa: F401  (registers the platform's extra timm names)
+
+    folder = Path(out_dir).expanduser()
+    if not (folder / WEIGHTS_FILE).is_file() or not (folder / META_FILE).is_file():
+        raise ValueError(f"{str(folder)!r} is not an export (needs {WEIGHTS_FILE} and {META_FILE})")
+    info = json.loads((folder / META_FILE).read_text())
+    model = timm.create_model(info["model_name"], num_classes=info["num_classes"], **info.get("model_kwargs", {}))
+    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
+    return model.eval()
