@@ -34,10 +34,10 @@ def run_main(stage: str, description: str, argv: Sequence[str] | None = None, de
 
         result = run_job(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     except Exception as err:  # the job ran and failed: say so plainly, with the cause
-        print(f"error: the {stage} job failed: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"error: the {stage} job failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         return 1
     m = result.metrics
     print(f"\n{stage} finished: step {int(m.get('step', 0))}", end="")
@@ -49,4 +49,6 @@ def run_main(stage: str, description: str, argv: Sequence[str] | None = None, de
         print(f"latest checkpoint: {result.checkpoint_path}")
     if result.mlflow_hint:
         print(result.mlflow_hint)
+    # Ray's exit handlers can end the process before Python flushes a redirected stdout.
+    sys.stdout.flush()
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,8 @@ class RunHandle:
         if uri.startswith(("http://", "https://")):
             where = f"open {uri}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
         else:
-            where = f"run `mlflow ui --backend-store-uri {uri}` and open http://127.0.0.1:5000"
+            mlflow_cli = Path(sys.executable).parent / "mlflow"
+            where = f"run `{mlflow_cli} ui --backend-store-uri {uri}` and open http://127.0.0.1:5000"
         return f"MLflow run {self.run_id} (experiment {self.cfg.tracking.experiment!r}): {where}"
 
 
