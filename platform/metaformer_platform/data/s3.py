@@ -164,7 +164,8 @@ class _ResumableBody(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def _reopen(self, err: BaseException) -> None:
+    def _wait(self, err: BaseException) -> None:
+        """Count one broken read (or failed re-open), give up past `max_resumes`, else back off."""
         self.resumes += 1
         if self.resumes > self.max_resumes:
             raise OSError(
@@ -183,18 +184,29 @@ class _ResumableBody(io.RawIOBase):
             self.max_resumes,
         )
         time.sleep(delay)
+
+    def _reopen(self) -> Any:
+        from botocore.exceptions import ClientError
+
         with_etag = {"IfMatch": self.etag} if self.etag else {}
-        response = self.storage._call(
-            "get",
-            self.name,
-            lambda c: c.get_object(
+        try:
+            response = self.storage.client.get_object(
                 Bucket=self.storage.bucket,
                 Key=self.storage.key(self.name),
                 Range=f"bytes={self.pos}-",
                 **with_etag,
-            ),
-        )
-        self.body = response["Body"]
+            )
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") == "PreconditionFailed":
+                raise OSError(
+                    f"{self.storage.describe(self.name)} was replaced while it was being read (its ETag changed "
+                    f"from {self.etag}); the shard and its manifest may disagree: re-read the manifest"
+                ) from None
+            mapped = self.storage._refusal(err, self.storage.describe(self.name))
+            if mapped is err:
+                raise
+            raise mapped from None
+        return response["Body"]
 
     def readinto(self, buffer: Any) -> int:
         if self.pos >= self.length:
@@ -202,19 +214,30 @@ class _ResumableBody(io.RawIOBase):
         view = memoryview(buffer).cast("B")
         while True:
             try:
+                if self.body is None:  # the connection broke: ask again from the byte reached
+                    self.body = self._reopen()
                 data = self.body.read(len(view))
                 if not data:
                     raise ConnectionError(f"stream ended at byte {self.pos} of {self.length}")
             except _transient_stream_errors() as err:
-                self._reopen(err)
+                self._close_body()
+                self._wait(err)
                 continue
             view[: len(data)] = data
             self.pos += len(data)
             return len(data)
 
+    def _close_body(self) -> None:
+        if self.body is not None:
+            try:
+                self.body.close()
+            except Exception as err:  # a broken connection may fail to close; it is dropped either way
+                _log.debug("closing a broken S3 stream: %r", err)
+            self.body = None
+
     def close(self) -> None:
         if not self.closed:
-            self.body.close()
+            self._close_body()
         super().close()
 
 

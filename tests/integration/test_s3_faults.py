@@ -1,0 +1,134 @@
+"""Fault trial: the S3 server is killed mid-read and restarted; the reads go on and give the same bytes.
+
+A private SeaweedFS (not the session's, which other tests share) is killed with SIGKILL (a crash, not a
+clean shutdown) while a stream is in the middle of a large object and while a loader is mid-epoch, then
+started again on the same port and data folder a moment later. (The restart completes before the reads
+go on: SeaweedFS accepts requests a moment before it has loaded its credentials, and a request in that
+window is refused as if the key were wrong, which a reader rightly does not retry.)
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from metaformer_platform import localstack
+from metaformer_platform.data import Sample, build_loader, open_storage, write_dataset
+
+BUCKET = "faults"
+
+
+class _Server:
+    def __init__(self, root: Path):
+        self.root = root
+        self.access_key, self.secret_key = "fault" + secrets.token_hex(4), secrets.token_hex(16)
+        self.svc = localstack.start_s3(root / "data", self.access_key, self.secret_key, log_dir=root)
+        self.port = self.svc.ports["http"]
+        self.wait_until_signed_requests_work()
+
+    def crash(self) -> None:
+        os.killpg(self.svc.pid, signal.SIGKILL)  # the group this fixture started, by its id
+        localstack.stop_service(self.svc, timeout=10)  # reaps it and cleans its sockets
+
+    def start(self) -> None:
+        self.svc = localstack.start_s3(
+            self.root / "data", self.access_key, self.secret_key, port=self.port, log_dir=self.root
+        )
+        self.wait_until_signed_requests_work()
+
+    def wait_until_signed_requests_work(self, seconds: float = 20.0) -> None:
+        """SeaweedFS answers /healthz a moment before it has loaded its credentials (requests in that
+        window are refused with InvalidAccessKeyId): wait for a signed write to pass (it makes the bucket)."""
+        import boto3
+        from botocore.exceptions import ClientError
+
+        client = boto3.client(
+            "s3", endpoint_url=self.svc.url, region_name="us-east-1",
+            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+        )
+        deadline = time.monotonic() + seconds
+        while True:
+            try:  # a write: SeaweedFS answers some reads (HEAD bucket) before it checks signatures
+                client.create_bucket(Bucket=BUCKET)
+                return
+            except ClientError as err:
+                if err.response["Error"]["Code"] in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    return
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def restart(self, down_for: float = 1.0) -> None:
+        time.sleep(down_for)
+        self.start()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = _Server(tmp_path_factory.mktemp("s3-faults"))
+    patch = pytest.MonkeyPatch()
+    try:
+        for key, value in localstack.s3_env(srv.svc.url, srv.access_key, srv.secret_key).items():
+            patch.setenv(key, value)
+        patch.setenv("AWS_MAX_ATTEMPTS", "10")  # a restart takes about a second; allow for a slow one
+        yield srv
+    finally:
+        patch.undo()
+        localstack.stop_service(srv.svc)
+
+
+def test_a_stream_survives_a_server_crash_and_restart(server):
+    import boto3
+
+    data = os.urandom(48 << 20)
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="big/blob", Body=data)
+    storage = open_storage(f"s3://{BUCKET}/big")
+    with storage.open("blob") as stream:
+        head = stream.read(1 << 20)
+        server.crash()  # the rest of the object is still on the server side of the connection
+        server.restart()
+        rest = stream.read()
+    assert head + rest == data
+    assert stream.raw.resumes >= 1  # it really broke and was resumed, not buffered through
+
+
+def _jpeg(i: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (i % 256, (3 * i) % 256, 90)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def test_a_loader_epoch_goes_on_across_a_server_restart(server, tmp_path):
+    local = tmp_path / "shards"
+    samples = [Sample(f"s{i:04d}", _jpeg(i), i % 3) for i in range(120)]
+    write_dataset(local, {"train": samples}, name="f", samples_per_shard=10, num_classes=3)
+    import boto3
+
+    s3 = boto3.client("s3")
+    for path in local.iterdir():
+        s3.upload_file(str(path), BUCKET, f"ds/{path.name}")
+    url = f"s3://{BUCKET}/ds"
+
+    def epoch(loader, crash_after: int | None = None):
+        keys = []
+        for i, (_images, _, batch_keys) in enumerate(loader):
+            keys += batch_keys
+            if i == crash_after:  # mid-shard (10 per shard, batches of 5, a shuffle buffer of 4)
+                server.crash()
+                server.restart()
+        return keys
+
+    kw = dict(batch_size=5, rank=0, world_size=1, num_workers=0, transform=None, seed=0, shuffle=True,
+              shuffle_buffer=4, with_keys=True)
+    reference = epoch(build_loader(url, "train", **kw))
+    assert sorted(reference) == [s.key for s in samples]
+    assert epoch(build_loader(url, "train", **kw), crash_after=3) == reference
