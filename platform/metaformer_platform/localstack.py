@@ -376,7 +376,22 @@ def start_s3(
     env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
     env.pop("S3_BUCKET", None)  # weed mini would create that bucket too
     url = f"http://{HOST}:{p['http']}"
-    return _launch("s3", cmd, env, data_dir, log_dir, url, p, "/healthz", timeout)
+    log = log_dir / "s3.log"
+    offset = log.stat().st_size if log.exists() else 0
+    svc = _launch("s3", cmd, env, data_dir, log_dir, url, p, "/healthz", timeout)
+    # /healthz answers while `weed mini` is still starting its admin component, which reloads the S3
+    # identities: requests in that window are refused with InvalidAccessKeyId. Its banner marks the end.
+    _wait(lambda: _S3_READY_BANNER not in _read_from(log, offset), 15.0)
+    return svc
+
+
+_S3_READY_BANNER = b"All enabled components are running"
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read()
 
 
 # ----------------------------------------------------------------------------------------------- MLflow
