@@ -244,3 +244,18 @@ def test_tars_have_fixed_headers(imagenet_like, tmp_path):
         members = tar.getmembers()
     assert [m.name.rsplit(".", 1)[1] for m in members[:3]] == ["jpg", "cls", "json"]
     assert {(m.mtime, m.uid, m.mode) for m in members} == {(946684800, 0, 0o444)}
+
+
+def test_shard_bytes_budget_cuts_on_source_bytes(imagenet_like):
+    classes = builder.load_classes(imagenet_like / "train")
+    images = builder.scan_image_folder(imagenet_like / "train", classes)
+    budget = 3 * max(i.size for i in images)
+    plan = builder.plan_shards(
+        {"train": images}, builder.BuildOptions(samples_per_shard=None, shard_bytes=budget, shuffle=False)
+    )["train"]
+    assert [i for t in plan for i in t.images] == sorted(images, key=lambda i: i.rel)  # all, in order, once
+    assert all(sum(i.size for i in t.images) <= budget for t in plan)
+    # each cut was needed: the next image would not have fit
+    assert all(sum(i.size for i in a.images) + b.images[0].size > budget for a, b in zip(plan, plan[1:], strict=False))
+    both = builder.plan_shards({"train": images}, builder.BuildOptions(samples_per_shard=2, shard_bytes=budget))
+    assert max(len(t.images) for t in both["train"]) == 2
