@@ -1,0 +1,142 @@
+"""FSDP2 and DeepSpeed ZeRO-1/2/3 jobs: TorchTrainer, 2 CPU workers, gloo, poolformer_debug, synthetic data.
+
+For each strategy, one job pair: a full run (learns; its losses equal DDP's from the same initial weights),
+a second run continued from the first run's middle checkpoint (its losses equal the full run's within 1e-6
+relative), and an export of the final checkpoint (loads strictly into plain timm with no process group and
+without deepspeed; its validation loss equals the one the job measured). Per-step losses come from MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from metaformer_platform.config import load_config
+from metaformer_platform.launch import run_job
+
+STEPS, RESUME_AT = 30, 15
+
+
+def _overrides(tmp: Path, mlflow_uri: str, name: str, *extra: str) -> list[str]:
+    return [
+        "model.name=poolformer_debug",
+        "data.synthetic.num_classes=4", "data.synthetic.train_samples=1024", "data.synthetic.val_samples=200",
+        "data.synthetic.samples_per_shard=100", f"data.cache_dir={tmp / 'cache'}", "data.num_workers=0",
+        "data.img_size=32", "data.auto_augment=null", "data.re_prob=0", "data.mixup_alpha=0", "data.cutmix_alpha=0",
+        "data.label_smoothing=0",
+        f"trainer.max_steps={STEPS}", "trainer.batch_size=16", "trainer.log_every_steps=1",
+        f"trainer.val_every_steps={STEPS}", f"trainer.checkpoint_every_steps={RESUME_AT}", "trainer.precision=fp32",
+        "optim.lr=3e-3", "optim.warmup_epochs=0",
+        f"run.storage_path={tmp / 'runs'}", f"run.name={name}", "run.num_to_keep=null", "run.max_failures=0",
+        f"tracking.tracking_uri={mlflow_uri}", "tracking.experiment=it-strategies", "tracking.system_metrics=false",
+        *extra,
+    ]
+
+
+def _losses(mlflow_uri: str, run_id: str) -> dict[int, float]:
+    return {m.step: m.value for m in MlflowClient(mlflow_uri).get_metric_history(run_id, "train/loss")}
+
+
+def _run(tmp: Path, mlflow_uri: str, name: str, *extra: str):
+    start = time.perf_counter()
+    result = run_job(load_config(None, _overrides(tmp, mlflow_uri, name, *extra)))
+    print(f"job {name}: {time.perf_counter() - start:.1f} s")
+    return result
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("strategies")
+
+
+@pytest.fixture(scope="module")
+def ddp_losses(ray_cluster, mlflow_server, workdir) -> dict[int, float]:
+    result = _run(workdir, mlflow_server, "it-ddp", "strategy.name=ddp")
+    return _losses(mlflow_server, result.mlflow_run_id)
+
+
+def _val_loss_of_export(tmp: Path, mlflow_uri: str, export_dir: Path) -> float:
+    """Validation loss of the exported weights on the job's validation split, in this process, one rank."""
+    from metaformer_platform.launch import resolve_data_root
+    from metaformer_platform.strategies.base import DistContext
+    from metaformer_platform.training.export import load_export
+    from metaformer_platform.training.trainer import Trainer
+
+    cfg = load_config(None, _overrides(tmp, mlflow_uri, "it-eval", "scaling.num_workers=1", "trainer.torch_threads=1"))
+    trainer = Trainer(cfg, DistContext(), data_root=resolve_data_root(cfg))
+    trainer.strategy.module.load_state_dict(load_export(export_dir).state_dict(), strict=True)
+    return trainer.validate()["val/loss"]
+
+
+LOAD_PLAIN = """
+import json, sys, torch, timm
+from safetensors.torch import load_file
+import metaformer_platform.models  # registers poolformer_debug (a timm MetaFormer)
+info = json.load(open(sys.argv[1] + "/model.json"))
+model = timm.create_model(info["model_name"], num_classes=info["num_classes"])
+model.load_state_dict(load_file(sys.argv[1] + "/model.safetensors"), strict=True)
+torch.manual_seed(0)
+with torch.no_grad():
+    logits = model.eval()(torch.randn(4, 3, 32, 32))
+print(json.dumps({"logits": logits.tolist(), "deepspeed": "deepspeed" in sys.modules,
+                  "dist": torch.distributed.is_initialized()}))
+"""
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        pytest.param(["strategy.name=fsdp"], id="fsdp"),
+        pytest.param(["strategy.name=deepspeed", "strategy.zero_stage=1"], id="zero1"),
+        pytest.param(["strategy.name=deepspeed", "strategy.zero_stage=2"], id="zero2"),
+        pytest.param(["strategy.name=deepspeed", "strategy.zero_stage=3"], id="zero3"),
+    ],
+)
+def test_strategy_trains_matches_ddp_resumes_exactly_and_exports(strategy, request, ddp_losses, mlflow_server, workdir):
+    from metaformer_platform.training.export import export_checkpoint, load_export
+
+    tag = request.node.callspec.id
+    full = _run(workdir, mlflow_server, f"it-{tag}", *strategy)
+    losses = _losses(mlflow_server, full.mlflow_run_id)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+
+    # It learns: the last steps' loss is well below the first steps' (ln 4 = 1.386 is chance).
+    first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(STEPS - 4, STEPS + 1)) / 5
+    assert last < 0.85 * first, losses
+
+    # From the same initial weights and data, with clipping off, it computes what DDP computes.
+    rel = {s: abs(losses[s] - ddp_losses[s]) / ddp_losses[s] for s in losses}
+    print(f"{tag} vs ddp: step 1 {rel[1]:.2e}, step 2 {rel[2]:.2e}, max over {STEPS} steps {max(rel.values()):.2e}")
+    assert rel[1] < 1e-4 and rel[2] < 1e-4, (losses, ddp_losses)
+
+    # Continued from the middle checkpoint in a new run: the following losses are the full run's.
+    run_dir = workdir / "runs" / f"it-{tag}"
+    middle = run_dir / f"checkpoint-{RESUME_AT:08d}"
+    assert (middle / "COMPLETE").is_file() and (middle / "rng-rank00001.pt").is_file()
+    resumed = _run(workdir, mlflow_server, f"it-{tag}-resumed", *strategy, f"run.resume_from={middle}")
+    again = _losses(mlflow_server, resumed.mlflow_run_id)
+    assert sorted(again) == list(range(RESUME_AT + 1, STEPS + 1))  # it did not start over
+    for step, value in again.items():
+        assert value == pytest.approx(losses[step], rel=1e-6), (step, value, losses[step])
+
+    # Export: strict into plain timm, with no process group and no deepspeed, and the same predictions.
+    export_dir = workdir / "exports" / tag
+    export_checkpoint(run_dir / f"checkpoint-{STEPS:08d}", export_dir)
+    out = subprocess.run([sys.executable, "-c", LOAD_PLAIN, str(export_dir)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    plain = json.loads(out.stdout.strip().splitlines()[-1])
+    assert plain["deepspeed"] is False and plain["dist"] is False
+    model = load_export(export_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        here = model(torch.randn(4, 3, 32, 32))
+    torch.testing.assert_close(torch.tensor(plain["logits"]), here)
+    val_loss = _val_loss_of_export(workdir, mlflow_server, export_dir)
+    assert val_loss == pytest.approx(full.metrics["val/loss"], rel=1e-5), (val_loss, full.metrics["val/loss"])
