@@ -1,0 +1,116 @@
+"""Benchmark: S3 bytes/s through the platform's reader vs raw boto3 `get_object().read()` (goal >= 0.9x).
+
+A private SeaweedFS on 127.0.0.1 holds shards built by the shard builder from the real photos in
+../shared/data/imagenet-sample (original JPEGs, not re-encoded), repeated to fill them. Each round reads
+every shard once per path, the paths alternating, and the script prints the medians and their ratios:
+
+- raw:     boto3 `get_object(...)["Body"].read()` of each whole shard;
+- storage: `S3Storage.open()` read to the end (the resumable, large-buffer stream);
+- reader:  `iter_shard()` over the same stream (tar parsing into samples, what the loader runs);
+- wds:     webdataset's own tar iterator through our registered s3:// gopen handler.
+
+    python tests/benchmarks/bench_s3_reader.py [--shards 4] [--shard-mb 32] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from metaformer_platform import localstack
+from metaformer_platform.data import builder, open_storage, register_webdataset_s3
+from metaformer_platform.data.reader import iter_shard
+
+SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenet-sample"
+
+
+def _photos(tmp: Path, total_bytes: int) -> Path:
+    """An ImageFolder of the sample's photos, linked as many times as needed to reach `total_bytes`."""
+    if not SAMPLE.is_dir():
+        raise SystemExit(f"needs the real photos at {SAMPLE}")
+    photos = sorted(SAMPLE.glob("n*/*.JPEG"))
+    root, size, i = tmp / "train", 0, 0
+    while size < total_bytes:
+        src = photos[i % len(photos)]
+        dst = root / src.parent.name / f"{src.stem}_{i // len(photos)}.JPEG"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(src)
+        size += src.stat().st_size
+        i += 1
+    return root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--shard-mb", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    args, _ = parser.parse_known_args()  # `make benchmark` passes one ARGS to every benchmark
+
+    import boto3
+    import webdataset as wds
+
+    with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp_name:
+        tmp = Path(tmp_name)
+        key, secret = "bench" + secrets.token_hex(4), secrets.token_hex(16)
+        svc = localstack.start_s3(tmp / "s3", key, secret, log_dir=tmp)
+        try:
+            env = localstack.s3_env(svc.url, key, secret)
+            os.environ.update(env)
+            s3 = boto3.client("s3")
+            s3.create_bucket(Bucket="bench")
+            train = _photos(tmp, args.shards * args.shard_mb << 20)
+            classes, tasks = builder.prepare_build(
+                train=train,
+                classes_file=SAMPLE / "classes.tsv",
+                options=builder.BuildOptions(samples_per_shard=None, shard_bytes=args.shard_mb << 20),
+            )
+            url = "s3://bench/imagenet"
+            builder.build_dataset(url, tasks, classes=classes, log=lambda _: None)
+            storage = open_storage(url)
+            names = [t.filename for t in tasks["train"]]
+            total = sum(storage.size(n) for n in names)
+            register_webdataset_s3()
+
+            def raw() -> None:
+                for n in names:
+                    s3.get_object(Bucket="bench", Key=f"imagenet/{n}")["Body"].read()
+
+            def stream() -> None:
+                for n in names:
+                    with storage.open(n) as f:
+                        while f.read(1 << 20):
+                            pass
+
+            def reader() -> None:
+                for n in names:
+                    for _ in iter_shard(storage, n):
+                        pass
+
+            def webdataset() -> None:
+                for _ in wds.WebDataset([f"{url}/{n}" for n in names], shardshuffle=False):
+                    pass
+
+            paths = {"raw": raw, "storage": stream, "reader": reader, "wds": webdataset}
+            rates: dict[str, list[float]] = {p: [] for p in paths}
+            for _ in range(args.rounds):
+                for name, fn in paths.items():
+                    start = time.perf_counter()
+                    fn()
+                    rates[name].append(total / (time.perf_counter() - start) / 2**20)
+        finally:
+            localstack.stop_service(svc)
+
+    med = {p: statistics.median(r) for p, r in rates.items()}
+    print(f"{len(names)} shards, {total / 2**20:.0f} MiB (original JPEGs), {args.rounds} rounds, SeaweedFS on 127.0.0.1")
+    for name in paths:
+        print(f"  {name:8s} {med[name]:8.1f} MiB/s   ratio to raw boto3 {med[name] / med['raw']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
