@@ -25,6 +25,7 @@ What the Trainer does with it:
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import random
 from collections.abc import Callable, Iterable, Iterator
@@ -39,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .manifest import Manifest, load_manifest
 from .reader import RawSample, decode_image, decode_label, iter_shard
 from .shardset import RankPlan, ShardSet
-from .storage import Storage
+from .storage import LocalStorage, Storage
 
 __all__ = ["ShardLoader", "build_loader"]
 
@@ -103,6 +104,45 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+class _Prefetcher:
+    """A read-only view of a storage that fetches the next shards of a worker's plan in a background
+    thread while the current one is parsed and decoded, so the network and the CPU work at once.
+
+    Each fetched shard is held whole in memory: at most `depth` + 1 shards per loader worker.
+    """
+
+    def __init__(self, storage: Storage, names: list[str], depth: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.storage = storage
+        self.url = storage.url
+        self.pending = list(names)
+        self.depth = depth
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch")
+        self.futures: list[tuple[str, Any]] = []
+        self._top_up()
+
+    def _top_up(self) -> None:
+        while self.pending and len(self.futures) < self.depth:
+            name = self.pending.pop(0)
+            self.futures.append((name, self.pool.submit(self.storage.read_bytes, name)))
+
+    def open(self, name: str) -> io.BytesIO:
+        if not self.futures or self.futures[0][0] != name:  # off the plan: read it directly
+            return io.BytesIO(self.storage.read_bytes(name))
+        _, future = self.futures.pop(0)
+        self._top_up()  # start the next download before this shard is parsed
+        return io.BytesIO(future.result())
+
+    def describe(self, name: str) -> str:
+        return self.storage.describe(name)
+
+    def close(self) -> None:
+        for _, future in self.futures:
+            future.cancel()
+        self.pool.shutdown(wait=False)
+
+
 class _EpochStream(IterableDataset):
     """One rank's epoch as a torch IterableDataset; each DataLoader worker reads its own `WorkerPlan`."""
 
@@ -118,8 +158,10 @@ class _EpochStream(IterableDataset):
         transform: Transform | None,
         decode_size: int | None,
         with_keys: bool,
+        prefetch_shards: int = 0,
     ):
         super().__init__()
+        self.prefetch_shards = prefetch_shards
         self.storage = storage
         self.plan = plan
         self.skip_batches = skip_batches
@@ -138,10 +180,20 @@ class _EpochStream(IterableDataset):
         worker = (loader_worker + self.skip_batches) % num_workers
         assert num_workers == len(self.plan.workers), "the plan was made for another worker count"
         wplan = self.plan.workers[worker]
+        storage: Any = self.storage
+        if self.prefetch_shards > 0 and wplan.slices:
+            storage = _Prefetcher(self.storage, [p.filename for p in wplan.slices], self.prefetch_shards)
+        try:
+            yield from self._batches(storage, wplan, worker, num_workers, in_main=info is None)
+        finally:
+            if isinstance(storage, _Prefetcher):
+                storage.close()
+
+    def _batches(
+        self, storage: Any, wplan: Any, worker: int, num_workers: int, in_main: bool
+    ) -> Iterator[tuple]:
         samples: Iterator[RawSample] = (
-            s
-            for piece in wplan.slices
-            for s in iter_shard(self.storage, piece.filename, piece.start, piece.stop)
+            s for piece in wplan.slices for s in iter_shard(storage, piece.filename, piece.start, piece.stop)
         )
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(f"samples:{self.seed}:{self.plan.epoch}:{self.plan.rank}:{worker}")
@@ -151,7 +203,6 @@ class _EpochStream(IterableDataset):
         for _ in range(skip):
             next(samples)
         # Worker processes own their RNGs; in the main process the trainer's RNG streams must not move.
-        in_main = info is None
         for size in batch_sizes:
             images, labels, keys = [], [], []
             for _ in range(size):
@@ -202,7 +253,9 @@ class ShardLoader:
         prefetch_factor: int | None,
         multiprocessing_context: str | None,
         timeout: float,
+        prefetch_shards: int = 0,
     ):
+        self.prefetch_shards = prefetch_shards
         self.manifest = manifest
         self.split = split
         self.shards = ShardSet.from_manifest(manifest, split)
@@ -279,6 +332,7 @@ class ShardLoader:
             transform=self.transform,
             decode_size=self.decode_size,
             with_keys=self.with_keys,
+            prefetch_shards=self.prefetch_shards,
         )
         # Seeds each worker's `random`/numpy/torch from (seed, epoch, rank). Passed even without workers:
         # the DataLoader draws its base seed from this generator, not from the trainer's global RNG.
@@ -380,6 +434,7 @@ def build_loader(
     prefetch_factor: int | None = 2,
     multiprocessing_context: str | None = None,
     timeout: float = 0,
+    prefetch_shards: int | None = None,
 ) -> ShardLoader:
     """A loader over split `split` of the shards under `source` (a folder or file:// URL with `_info.json`).
 
@@ -388,6 +443,8 @@ def build_loader(
     `transform` maps a PIL RGB image to a tensor (None: uint8 CHW, all images the same size).
     `decode_size`: the smallest short side the transform needs; larger JPEGs decode at reduced scale.
     `shuffle_buffer`: undecoded samples each worker holds for shuffling (memory: about this many files).
+    `prefetch_shards`: shards each worker downloads ahead in a background thread (memory: that many whole
+    shards more per worker); None: 1 for object storage, 0 for local files (the OS reads ahead already).
     """
     _positive("batch_size", batch_size)
     _positive("world_size", world_size)
@@ -404,6 +461,9 @@ def build_loader(
     if transform is not None and not callable(transform):
         raise TypeError(f"transform must be callable (PIL image -> tensor), got {type(transform).__name__}")
     manifest = source if isinstance(source, Manifest) else load_manifest(source)
+    if prefetch_shards is None:
+        prefetch_shards = 0 if isinstance(manifest.storage, LocalStorage) else 1
+    _non_negative("prefetch_shards", prefetch_shards)
     return ShardLoader(
         manifest,
         split,
@@ -423,4 +483,5 @@ def build_loader(
         prefetch_factor=prefetch_factor,
         multiprocessing_context=multiprocessing_context,
         timeout=timeout,
+        prefetch_shards=prefetch_shards,
     )
