@@ -85,7 +85,9 @@ def _seed_sample(seed: int, epoch: int, key: str) -> None:
     value = random.Random(f"augment:{seed}:{epoch}:{key}").getrandbits(63)
     random.seed(value)
     np.random.seed(value % 2**32)
-    torch.manual_seed(value)
+    # The CPU generator only: transforms run on the CPU, and torch.manual_seed (which also seeds every
+    # accelerator, through a dynamo wrapper) cost about 0.7 ms per sample, 12% of a 224 px training sample.
+    torch.default_generator.manual_seed(value)
 
 
 @contextlib.contextmanager
