@@ -70,6 +70,11 @@ class ModelConfig(_Section):
     drop_path_rate: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate")
     drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the head")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model kwargs")
+    init_from: str | None = Field(
+        None,
+        description="initial weights: an export folder (model.safetensors) or a checkpoint folder of any strategy; "
+        "a head of another num_classes stays freshly initialised (null: random init)",
+    )
 
     @field_validator("name")
     @classmethod

@@ -96,6 +96,32 @@ def check_model(cfg: JobConfig, num_classes: int) -> None:
     get_strategy_class(cfg.strategy.name).check_model(model)
 
 
+def check_init_from(cfg: JobConfig) -> None:
+    """``model.init_from`` is an export or a complete checkpoint of the same model (read cheaply, on the driver)."""
+    if cfg.model.init_from is None:
+        return
+    import json
+
+    from metaformer_platform.training import checkpoint as ckpt
+    from metaformer_platform.training.export import META_FILE
+
+    folder = Path(cfg.model.init_from).expanduser()
+    if (folder / META_FILE).is_file():
+        name = json.loads((folder / META_FILE).read_text())["model_name"]
+    elif ckpt.is_complete(folder) and (folder / ckpt.TRAINER_FILE).is_file():
+        name = ckpt.load_tensors(folder / ckpt.TRAINER_FILE)["model_name"]
+    else:
+        raise ValueError(
+            f"model.init_from={cfg.model.init_from!r} is neither an export (model.json + model.safetensors) nor a "
+            "complete checkpoint folder; point it at one of those"
+        )
+    if name != cfg.model.name:
+        raise ValueError(
+            f"model.init_from={cfg.model.init_from!r} holds {name}, but this job trains {cfg.model.name}: "
+            f"set model.name={name} or choose weights of {cfg.model.name}"
+        )
+
+
 def check_resume_from(cfg: JobConfig) -> Path | None:
     """``run.resume_from`` as a local folder, refused unless it is a complete checkpoint of this model."""
     if cfg.run.resume_from is None:
@@ -238,6 +264,7 @@ def run_job(cfg: JobConfig) -> JobResult:
     from metaformer_platform.data import load_manifest
 
     check_model(cfg, cfg.model.num_classes or load_manifest(data_root).num_classes)
+    check_init_from(cfg)
     resume_from = check_resume_from(cfg)
     storage_path = resolve_storage_path(cfg.run.storage_path)
     if cfg.trainer.torch_threads is None:

@@ -140,3 +140,25 @@ def test_strategy_trains_matches_ddp_resumes_exactly_and_exports(strategy, reque
     torch.testing.assert_close(torch.tensor(plain["logits"]), here)
     val_loss = _val_loss_of_export(workdir, mlflow_server, export_dir)
     assert val_loss == pytest.approx(full.metrics["val/loss"], rel=1e-5), (val_loss, full.metrics["val/loss"])
+
+
+def test_zero3_checkpoint_fine_tunes_under_fsdp_with_a_new_head(mlflow_server, workdir):
+    """Portability: the ZeRO-3 run's checkpoint initialises an FSDP2 job with a 6-class head."""
+    from safetensors.torch import load_file
+
+    from metaformer_platform.training.export import export_checkpoint
+
+    source = workdir / "runs" / "it-zero3" / f"checkpoint-{STEPS:08d}"
+    if not source.is_dir():
+        pytest.skip("needs the zero3 run of test_strategy_trains_matches_ddp_resumes_exactly_and_exports")
+    # One step at a negligible lr: the fine-tuned trunk must still be the ZeRO-3 run's trunk.
+    result = _run(workdir, mlflow_server, "it-zero3-to-fsdp", "strategy.name=fsdp", f"model.init_from={source}",
+                  "model.num_classes=6", "trainer.max_steps=1", "optim.lr=1e-12", "optim.weight_decay=0")
+    assert result.metrics["step"] == 1
+    export_checkpoint(Path(result.checkpoint_path), workdir / "exports" / "zero3-to-fsdp")
+    tuned = load_file(str(workdir / "exports" / "zero3-to-fsdp" / "model.safetensors"))
+    original = load_file(str(workdir / "exports" / "zero3" / "model.safetensors"))
+    assert tuned["head.fc.weight"].shape == (6, 64) and original["head.fc.weight"].shape == (4, 64)
+    for key, value in original.items():
+        if not key.startswith("head.fc."):
+            torch.testing.assert_close(tuned[key], value, rtol=0, atol=1e-8, msg=key)

@@ -123,3 +123,38 @@ def test_ddp_export_loads_strictly_into_plain_timm_with_the_same_logits(tmp_path
     with pytest.raises(ValueError, match=r"does not match poolformer_debug with 7 classes: .*wrong shape \['head.fc"):
         export_checkpoint(tmp_path / "ckpt", tmp_path / "export2")
     assert not (tmp_path / "export2").exists()
+
+
+def test_init_from_an_export_or_checkpoint_keeps_the_trunk_and_makes_a_new_head(tmp_path):
+    import timm
+
+    import metaformer_platform.models  # noqa: F401
+    from metaformer_platform.launch import check_init_from
+    from metaformer_platform.training import checkpoint as ckpt
+    from metaformer_platform.training.export import export_checkpoint, init_from
+
+    # A checkpoint folder as the DDP strategy writes it, for a 4-class model.
+    source = timm.create_model("poolformer_debug", num_classes=4)
+    folder = tmp_path / "ckpt"
+    ckpt.save_tensors(source.state_dict(), folder / "model.pt")
+    ckpt.save_tensors({"step": 3, "model_name": "poolformer_debug", "num_classes": 4}, folder / ckpt.TRAINER_FILE)
+    (folder / ckpt.CONFIG_FILE).write_text(load_config(None, ["model.name=poolformer_debug"]).to_yaml())
+    ckpt.mark_complete(folder)
+    export_checkpoint(folder, tmp_path / "export")
+
+    for where in (folder, tmp_path / "export"):
+        target = timm.create_model("poolformer_debug", num_classes=7)
+        head_before = target.head.fc.weight.clone()
+        assert init_from(target, where) == ["head.fc.bias", "head.fc.weight"]
+        trunk = {k: v for k, v in source.state_dict().items() if not k.startswith("head.fc.")}
+        for key, value in trunk.items():
+            assert torch.equal(target.state_dict()[key], value), key
+        assert torch.equal(target.head.fc.weight, head_before)  # the new head is left as initialised
+
+    with pytest.raises(ValueError, match=r"does not fit MetaFormer: missing \['stages.0.blocks.1.*wrong shape \['head.norm.bias"):
+        init_from(timm.create_model("poolformer_s12", num_classes=4), folder)
+    check_init_from(load_config(None, ["model.name=poolformer_debug", f"model.init_from={folder}"]))
+    with pytest.raises(ValueError, match="holds poolformer_debug, but this job trains poolformer_s12"):
+        check_init_from(load_config(None, ["model.name=poolformer_s12", f"model.init_from={tmp_path / 'export'}"]))
+    with pytest.raises(ValueError, match="is neither an export .* nor a complete checkpoint"):
+        check_init_from(load_config(None, ["model.name=poolformer_debug", f"model.init_from={tmp_path}"]))

@@ -126,3 +126,43 @@ def load_export(out_dir: str | os.PathLike[str]) -> torch.nn.Module:
     model = timm.create_model(info["model_name"], num_classes=info["num_classes"], **info.get("model_kwargs", {}))
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
     return model.eval()
+
+
+def read_weights(source: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], str]:
+    """Full fp32 weights and the model name from an export folder or a checkpoint folder of any strategy."""
+    folder = Path(source).expanduser().resolve()
+    if (folder / WEIGHTS_FILE).is_file() and (folder / META_FILE).is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(folder / WEIGHTS_FILE)), json.loads((folder / META_FILE).read_text())["model_name"]
+    from metaformer_platform.strategies import get_strategy_class
+
+    state, config = _read_checkpoint_info(folder)  # ValueError: neither an export nor a complete checkpoint
+    strategy = config.get("strategy", {}).get("name", "ddp")
+    return get_strategy_class(strategy).consolidate(folder), state["model_name"]
+
+
+def init_from(model: torch.nn.Module, source: str | os.PathLike[str]) -> list[str]:
+    """Load the weights in ``source`` into ``model``; a classifier of another size is left as initialised.
+
+    Returns the keys left as they were (the new head). Any other missing, unexpected or misshapen key is a
+    ``ValueError`` that names the keys: the weights belong to another model.
+    """
+    weights, _ = read_weights(source)
+    own = model.state_dict()
+    classifier = str((getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "")
+    new_head = sorted(
+        k for k in own
+        if classifier and k.startswith(classifier + ".") and k in weights and weights[k].shape != own[k].shape
+    )
+    weights = {k: v for k, v in weights.items() if k not in new_head}
+    missing = sorted(own.keys() - weights.keys() - set(new_head))
+    unexpected = sorted(weights.keys() - own.keys())
+    misshapen = sorted(k for k in own.keys() & weights.keys() if own[k].shape != weights[k].shape)
+    if missing or unexpected or misshapen:
+        raise ValueError(
+            f"model.init_from={str(source)!r} does not fit {type(model).__name__}: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}, wrong shape {misshapen[:8]}; use weights of the same model.name"
+        )
+    model.load_state_dict(weights, strict=False)
+    return new_head

@@ -96,6 +96,11 @@ class Trainer:
             raise ValueError("model.num_classes must be set when the Trainer is given no data manifest")
         self.num_classes = cfg.model.num_classes or self.manifest.num_classes  # type: ignore[union-attr]
         model = build_model(cfg, self.num_classes)
+        if cfg.model.init_from:  # fine-tuning: another run's weights, of any strategy; a resume overrides them
+            from metaformer_platform.training.export import init_from
+
+            new_head = init_from(model, cfg.model.init_from)
+            log.info("initialised from %s (new: %s)", cfg.model.init_from, ", ".join(new_head) or "nothing")
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         model = model.to(memory_format=self.memory_format)
 
