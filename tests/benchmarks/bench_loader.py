@@ -1,0 +1,117 @@
+"""Benchmark: the platform's loader on S3 shards vs torchvision `ImageFolder` + `DataLoader` on local JPEGs.
+
+Both produce the paper's training tensors (random-resized crop to 224 px, flip, RandAugment
+rand-m9-mstd0.5-inc1, normalize, random erasing 0.25: `build_transforms`) with the same number of
+DataLoader workers and batch size, from the same photos: ../shared/data/imagenet-sample (1000 real
+ImageNet JPEGs) linked repeatedly into an ImageFolder of at least --samples images. The platform reads
+webdataset shards from a private SeaweedFS on 127.0.0.1, once as built from the original JPEGs and once
+re-encoded by the builder with a maximum side (--max-side). Each path runs after a warm-up batch, one
+after the other so they never share the CPU; the script prints samples/s and ratios (goal >= 1.5x).
+
+    python tests/benchmarks/bench_loader.py [--samples 5000] [--workers 2] [--batch 64] [--max-side 320]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from metaformer_platform import localstack
+from metaformer_platform.data import build_loader, build_transforms, builder
+
+SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenet-sample"
+
+
+def _image_folder(tmp: Path, samples: int) -> Path:
+    photos = sorted(SAMPLE.glob("n*/*.JPEG"))
+    root = tmp / "train"
+    for i in range(samples):
+        src = photos[i % len(photos)]
+        dst = root / src.parent.name / f"{src.stem}_{i // len(photos)}.JPEG"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(src)
+    return root
+
+
+def _in_processes(workers: int):
+    def run(tasks, dest):
+        with ProcessPoolExecutor(workers) as pool:
+            yield from pool.map(builder.build_shard, tasks, [dest] * len(tasks))
+
+    return run
+
+
+def _rate(batches, limit: int) -> float:
+    """Samples/s over `limit` samples after the first (warm-up) batch."""
+    it = iter(batches)
+    next(it)
+    seen, start = 0, time.perf_counter()
+    for batch in it:
+        seen += len(batch[1])
+        if seen >= limit:
+            break
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=5000)
+    parser.add_argument("--measure", type=int, default=2000, help="samples timed per path")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--max-side", type=int, default=320)
+    args, _ = parser.parse_known_args()  # `make benchmark` passes one ARGS to every benchmark
+    if not SAMPLE.is_dir():
+        raise SystemExit(f"needs the real photos at {SAMPLE}")
+
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    torch.set_num_threads(1)
+    transform = build_transforms(224, is_training=True)
+    rates: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp_name:
+        tmp = Path(tmp_name)
+        key, secret = "bench" + secrets.token_hex(4), secrets.token_hex(16)
+        svc = localstack.start_s3(tmp / "s3", key, secret, log_dir=tmp)
+        try:
+            os.environ.update(localstack.s3_env(svc.url, key, secret))
+            import boto3
+
+            boto3.client("s3").create_bucket(Bucket="bench")
+            train = _image_folder(tmp, args.samples)
+            for label, max_side in (("original", None), (f"max side {args.max_side}", args.max_side)):
+                classes, tasks = builder.prepare_build(
+                    train=train,
+                    classes_file=SAMPLE / "classes.tsv",
+                    options=builder.BuildOptions(samples_per_shard=500, max_side=max_side),
+                )
+                url = f"s3://bench/{'orig' if max_side is None else max_side}"
+                start = time.perf_counter()
+                builder.build_dataset(url, tasks, classes=classes, run=_in_processes(2), log=lambda _: None)
+                print(f"built {url} ({label}) in {time.perf_counter() - start:.0f} s")
+                loader = build_loader(
+                    url, "train", batch_size=args.batch, rank=0, world_size=1, num_workers=args.workers,
+                    transform=transform, seed=0, shuffle=True, decode_size=224,
+                )
+                rates[f"platform loader, S3 shards, {label}"] = _rate(loader, args.measure)
+            folder = ImageFolder(str(train), transform=transform)
+            baseline = DataLoader(folder, batch_size=args.batch, shuffle=True, num_workers=args.workers)
+            rates["torchvision ImageFolder, local JPEGs"] = _rate(baseline, args.measure)
+        finally:
+            localstack.stop_service(svc)
+
+    base = rates["torchvision ImageFolder, local JPEGs"]
+    print(f"{args.samples} samples, {args.workers} workers, batch {args.batch}, 224 px training transform")
+    for name, rate in rates.items():
+        print(f"  {name:42s} {rate:7.1f} samples/s   {rate / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
