@@ -1,0 +1,356 @@
+"""The MLflow model registry: exports as model versions, lineage in tags, a promotion gate, URI resolution.
+
+A registered version holds exactly the files ``training/export.py`` writes (``model.safetensors`` +
+``model.json``), logged as artifacts of the run that trained it; no MLflow flavour is involved
+(``mlflow.pytorch.log_model`` would default to the pt2 format, which fixes the batch size). Anything that reads
+a version (``resolve_model_uri``) gets a folder that ``training.export.load_export`` loads strictly.
+
+Alias ``champion`` names the version in service. ``promote`` moves it to a newly evaluated version only when
+that version's top-1 is at least the champion's on the same validation data (same eval data hash); any other
+version is kept with alias ``candidate`` and the reason in its description. Registering and promoting are
+idempotent, so a pipeline that is re-run registers nothing twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from metaformer_platform.training.export import META_FILE, WEIGHTS_FILE
+
+CHAMPION = "champion"
+CANDIDATE = "candidate"
+
+# Version tags. Lineage (set at registration):
+TAG_RUN_ID = "metaformer.run_id"
+TAG_CHECKPOINT = "metaformer.checkpoint_uri"
+TAG_DATA_HASH = "metaformer.data_manifest_hash"
+TAG_GIT_COMMIT = "metaformer.git_commit"
+TAG_ARCHITECTURE = "metaformer.architecture"
+TAG_WEIGHTS_SHA256 = "metaformer.weights_sha256"
+# sha256 of (run id, checkpoint URI): how a second registration of the same export finds the first.
+TAG_LINEAGE_KEY = "metaformer.lineage_key"
+# Evaluation (set by promote):
+TAG_EVAL_DATA_HASH = "metaformer.eval_data_hash"
+TAG_EVAL_TOP1 = "metaformer.eval_top1"
+TAG_PROMOTION = "metaformer.promotion"  # "champion" or "candidate"
+
+ARTIFACT_ROOT = "registered-export"
+_PROMOTION_MARK = "\n\nPromotion: "
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))/?$")
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What ``promote`` decided for a version."""
+
+    model_name: str
+    version: str
+    promoted: bool  # True: the version holds ``champion`` now
+    alias: str  # CHAMPION or CANDIDATE
+    previous_champion: str | None
+    reason: str
+
+
+def lineage_tags(
+    checkpoint_uri: str, data_manifest_hash: str, git_commit: str | None = None, **extra: str
+) -> dict[str, str]:
+    """The lineage tags ``register_export`` expects; ``git_commit`` defaults to the code being run."""
+    from metaformer_platform.tracking import git_commit as current_commit
+
+    tags = {
+        TAG_CHECKPOINT: str(checkpoint_uri),
+        TAG_DATA_HASH: str(data_manifest_hash),
+        TAG_GIT_COMMIT: git_commit or current_commit(),
+    }
+    tags.update({k: str(v) for k, v in extra.items()})
+    return tags
+
+
+def is_registry_uri(value: str) -> bool:
+    """Whether ``value`` names a registered model (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``)."""
+    return isinstance(value, str) and value.startswith("models:/")
+
+
+def _client(tracking_uri: str | None) -> Any:
+    import mlflow
+
+    from metaformer_platform.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    # The registry lives beside the runs: never a different default registry (e.g. a Databricks UC one).
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_export(export_dir: Path) -> dict[str, Any]:
+    missing = [n for n in (WEIGHTS_FILE, META_FILE) if not (export_dir / n).is_file()]
+    if missing:
+        raise ValueError(
+            f"{str(export_dir)!r} is not an export (missing {', '.join(missing)}): register the folder that "
+            "`python jobs/export.py CHECKPOINT OUT_DIR` wrote"
+        )
+    info = json.loads((export_dir / META_FILE).read_text())
+    if not isinstance(info, dict) or "model_name" not in info or "num_classes" not in info:
+        raise ValueError(f"{str(export_dir / META_FILE)!r} lacks model_name/num_classes: re-export the checkpoint")
+    return info
+
+
+def _lineage_key(run_id: str, checkpoint_uri: str) -> str:
+    return hashlib.sha256(f"{run_id}\n{checkpoint_uri}".encode()).hexdigest()
+
+
+def _find_registered(client: Any, model_name: str, key: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        return None
+    found = client.search_model_versions(f"name = '{model_name}' and tags.`{TAG_LINEAGE_KEY}` = '{key}'")
+    return min(found, key=lambda mv: int(mv.version)) if found else None
+
+
+def register_export(
+    export_dir: str | os.PathLike[str],
+    model_name: str,
+    *,
+    tracking_uri: str | None = None,
+    run_id: str,
+    lineage_tags: Mapping[str, str],
+    description: str = "",
+) -> str:
+    """Register the export in ``export_dir`` as a new version of ``model_name``; returns the version.
+
+    The two export files are logged as artifacts of ``run_id`` (under ``registered-export/<key>``) and the
+    version's source points at them. ``lineage_tags`` (see ``lineage_tags()``) must hold the checkpoint URI;
+    registering the same run and checkpoint again returns the existing version without logging anything.
+    Raises ``ValueError`` for a folder that is not an export or missing lineage.
+    """
+    folder = Path(export_dir).expanduser().resolve()
+    info = _read_export(folder)
+    if not model_name or "/" in model_name or "@" in model_name:
+        raise ValueError(f"registered model name {model_name!r} must be non-empty without '/' or '@'")
+    tags = {str(k): str(v) for k, v in lineage_tags.items()}
+    if not tags.get(TAG_CHECKPOINT):
+        raise ValueError(
+            f"lineage_tags needs {TAG_CHECKPOINT!r} (the checkpoint the export came from); build them with "
+            "registry.lineage_tags(checkpoint_uri, data_manifest_hash)"
+        )
+    client = _client(tracking_uri)
+    key = _lineage_key(run_id, tags[TAG_CHECKPOINT])
+    existing = _find_registered(client, model_name, key)
+    if existing is not None:
+        return str(existing.version)
+
+    from mlflow.exceptions import MlflowException
+
+    client.get_run(run_id)  # MlflowException (RESOURCE_DOES_NOT_EXIST) before anything is written
+    artifact_path = f"{ARTIFACT_ROOT}/{key[:16]}"
+    for name in (WEIGHTS_FILE, META_FILE):
+        client.log_artifact(run_id, str(folder / name), artifact_path)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    tags.update({
+        TAG_RUN_ID: run_id,
+        TAG_LINEAGE_KEY: key,
+        TAG_ARCHITECTURE: str(info["model_name"]),
+        TAG_WEIGHTS_SHA256: _sha256(folder / WEIGHTS_FILE),
+    })
+    mv = client.create_model_version(
+        model_name, source=source, run_id=run_id, tags=tags, description=description or None,
+    )
+    return str(mv.version)
+
+
+def _champion(client: Any, model_name: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    aliases = client.get_registered_model(model_name).aliases
+    if CHAMPION not in aliases:
+        return None
+    try:
+        return client.get_model_version(model_name, str(aliases[CHAMPION]))
+    except MlflowException:  # the alias points at a deleted version
+        return None
+
+
+def _with_reason(description: str | None, reason: str) -> str:
+    base = (description or "").split(_PROMOTION_MARK, 1)[0]
+    return f"{base}{_PROMOTION_MARK}{reason}" if base else f"Promotion: {reason}"
+
+
+def promote(
+    model_name: str,
+    version: str | int,
+    top1: float,
+    *,
+    eval_data_hash: str,
+    tracking_uri: str | None = None,
+) -> Promotion:
+    """Record the version's evaluation and move ``champion`` to it if it is at least as good as the champion.
+
+    The comparison holds only between evaluations on the same validation data (``eval_data_hash``): a champion
+    evaluated on other data, or with no recorded top-1, is kept, and this version becomes ``candidate``. A
+    version that does not take ``champion`` gets alias ``candidate`` and the reason in its description.
+    """
+    if isinstance(top1, bool) or not isinstance(top1, int | float) or not math.isfinite(top1) or not 0 <= top1 <= 100:
+        raise ValueError(f"top1 must be a percentage in [0, 100], got {top1!r}")
+    if not eval_data_hash:
+        raise ValueError("eval_data_hash must name the validation data the top-1 was measured on")
+    client = _client(tracking_uri)
+    version = str(version)
+    mv = client.get_model_version(model_name, version)
+    client.set_model_version_tag(model_name, version, TAG_EVAL_DATA_HASH, eval_data_hash)
+    client.set_model_version_tag(model_name, version, TAG_EVAL_TOP1, repr(float(top1)))
+
+    champion = _champion(client, model_name)
+    previous = str(champion.version) if champion is not None else None
+    if champion is None:
+        promoted, reason = True, f"first evaluated version: top-1 {top1:.4f} on data {eval_data_hash}"
+    elif previous == version:
+        promoted, reason = True, f"already champion: top-1 {top1:.4f} on data {eval_data_hash}"
+    else:
+        their_hash = champion.tags.get(TAG_EVAL_DATA_HASH)
+        their_top1 = champion.tags.get(TAG_EVAL_TOP1)
+        if their_hash is None or their_top1 is None:
+            promoted, reason = False, (
+                f"champion v{previous} has no recorded evaluation ({TAG_EVAL_DATA_HASH}/{TAG_EVAL_TOP1} tags): "
+                f"cannot compare, champion kept; top-1 {top1:.4f} on data {eval_data_hash}"
+            )
+        elif their_hash != eval_data_hash:
+            promoted, reason = False, (
+                f"champion v{previous} was evaluated on other validation data ({their_hash}, this version on "
+                f"{eval_data_hash}): top-1 not comparable, champion kept; evaluate both on the same data"
+            )
+        elif float(top1) >= float(their_top1):
+            promoted, reason = True, (
+                f"top-1 {top1:.4f} >= champion v{previous}'s {float(their_top1):.4f} on data {eval_data_hash}"
+            )
+        else:
+            promoted, reason = False, (
+                f"top-1 {top1:.4f} < champion v{previous}'s {float(their_top1):.4f} on data {eval_data_hash}: "
+                "champion kept"
+            )
+
+    alias = CHAMPION if promoted else CANDIDATE
+    client.set_registered_model_alias(model_name, alias, version)
+    if promoted:
+        aliases = client.get_registered_model(model_name).aliases
+        if str(aliases.get(CANDIDATE)) == version:
+            client.delete_registered_model_alias(model_name, CANDIDATE)
+    client.set_model_version_tag(model_name, version, TAG_PROMOTION, alias)
+    client.update_model_version(model_name, version, description=_with_reason(mv.description, reason))
+    return Promotion(model_name, version, promoted, alias, previous, reason)
+
+
+def _explain_missing(
+    client: Any, registry: str, uri: str, name: str, alias: str | None, version: str | None
+) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in client.search_registered_models(max_results=50))
+        return (
+            f"{uri}: no registered model {name!r} in the registry at {registry}; "
+            f"registered models: {', '.join(names) or 'none'}"
+        )
+    aliases = ", ".join(f"@{a} -> v{v}" for a, v in sorted(model.aliases.items())) or "none"
+    versions = sorted(int(mv.version) for mv in client.search_model_versions(f"name = '{name}'"))
+    what = f"alias @{alias}" if alias else f"version {version}"
+    return (
+        f"{uri}: registered model {name!r} has no {what}; its aliases: {aliases}; "
+        f"its versions: {', '.join(map(str, versions)) or 'none'}"
+    )
+
+
+def get_model_version(uri: str, *, tracking_uri: str | None = None) -> Any:
+    """The ``ModelVersion`` that ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names (ValueError if none)."""
+    from mlflow.exceptions import MlflowException
+
+    from metaformer_platform.tracking import resolve_tracking_uri
+
+    match = _URI.match(uri or "")
+    if not match:
+        raise ValueError(f"{uri!r} is not a registry URI: use models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, alias, version = match["name"], match["alias"], match["version"]
+    client = _client(tracking_uri)
+    try:
+        if alias:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise ValueError(
+            _explain_missing(client, resolve_tracking_uri(tracking_uri), uri, name, alias, version)
+        ) from None
+
+
+def default_cache_dir() -> Path:
+    """Where resolved versions are kept: ``$METAFORMER_MODEL_CACHE`` or ``~/.cache/metaformer-platform/models``."""
+    return Path(os.environ.get("METAFORMER_MODEL_CACHE") or Path.home() / ".cache/metaformer-platform/models")
+
+
+def resolve_model_uri(
+    uri: str, *, tracking_uri: str | None = None, cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """A local folder with the export that a registry URI names (downloaded once per version, then cached).
+
+    Raises ``ValueError`` naming the model and alias or version when the URI names nothing, listing what the
+    registry has instead, and when the downloaded weights do not match the checksum recorded at registration.
+    """
+    import mlflow.artifacts
+
+    mv = get_model_version(uri, tracking_uri=tracking_uri)
+    target = Path(cache_dir or default_cache_dir()).expanduser() / mv.name / f"v{mv.version}"
+    expected = mv.tags.get(TAG_WEIGHTS_SHA256)
+    if (target / META_FILE).is_file() and (target / WEIGHTS_FILE).is_file():
+        if expected is None or _sha256(target / WEIGHTS_FILE) == expected:
+            return target
+    import shutil
+    import tempfile
+
+    from metaformer_platform.tracking import resolve_tracking_uri
+
+    # Download beside the cache entry, check, then rename: a reader never sees a half-written version.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".v{mv.version}-", dir=target.parent))
+    try:
+        for name in (WEIGHTS_FILE, META_FILE):
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{mv.source.rstrip('/')}/{name}", dst_path=str(tmp),
+                tracking_uri=resolve_tracking_uri(tracking_uri),
+            )
+        if expected is not None and _sha256(tmp / WEIGHTS_FILE) != expected:
+            raise ValueError(
+                f"{uri} (v{mv.version}): the downloaded {WEIGHTS_FILE} does not match the sha256 recorded at "
+                f"registration ({expected}); the artifacts at {mv.source} were changed"
+            )
+        _read_export(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,193 @@
+"""The model registry against a real `mlflow server`: exports as versions, lineage, the promotion gate, URIs."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from metaformer_platform import registry
+from metaformer_platform.training.export import META_FILE, WEIGHTS_FILE
+
+NUM_CLASSES = 5
+
+
+def _export(folder: Path, seed: int) -> dict[str, torch.Tensor]:
+    """A poolformer_debug export as training/export.py writes it; returns the weights."""
+    from safetensors.torch import save_file
+
+    from metaformer_platform.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model("poolformer_debug", num_classes=NUM_CLASSES)
+    weights = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    folder.mkdir(parents=True)
+    save_file(weights, str(folder / WEIGHTS_FILE), metadata={"model_name": "poolformer_debug"})
+    (folder / META_FILE).write_text(json.dumps({
+        "model_name": "poolformer_debug", "num_classes": NUM_CLASSES, "model_kwargs": {},
+        "pretrained_cfg": {**model.pretrained_cfg, "num_classes": NUM_CLASSES}, "img_size": 32, "step": seed,
+        "strategy": "ddp", "source": f"/runs/r/checkpoint-{seed:08d}",
+    }))
+    return weights
+
+
+@pytest.fixture()
+def client(mlflow_server: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+
+
+@pytest.fixture()
+def run_id(client) -> str:
+    exp = client.create_experiment(f"registry-{uuid.uuid4().hex[:8]}")
+    return client.create_run(exp).info.run_id
+
+
+def _name() -> str:
+    return f"poolformer_debug_{uuid.uuid4().hex[:8]}"
+
+
+def _register(tmp_path: Path, mlflow_server: str, run_id: str, name: str, seed: int) -> str:
+    folder = tmp_path / f"export-{seed}"
+    if not folder.exists():
+        _export(folder, seed)
+    tags = registry.lineage_tags(f"s3://runs/r/checkpoint-{seed:08d}", "data-abc", git_commit="deadbeef")
+    return registry.register_export(
+        folder, name, tracking_uri=mlflow_server, run_id=run_id, lineage_tags=tags, description=f"seed {seed}"
+    )
+
+
+def test_promotion_gate(tmp_path: Path, mlflow_server: str, client, run_id: str) -> None:
+    name = _name()
+    v = [_register(tmp_path, mlflow_server, run_id, name, seed) for seed in range(1, 6)]
+    assert v == ["1", "2", "3", "4", "5"]
+
+    def gate(version: str, top1: float, data: str = "val-111") -> registry.Promotion:
+        return registry.promote(name, version, top1, eval_data_hash=data, tracking_uri=mlflow_server)
+
+    def aliases() -> dict[str, str]:
+        return {a: str(x) for a, x in client.get_registered_model(name).aliases.items()}
+
+    first = gate(v[0], 70.0)
+    assert (first.promoted, first.alias, first.previous_champion) == (True, "champion", None)
+    assert aliases() == {"champion": "1"}
+
+    worse = gate(v[1], 69.5)
+    assert (worse.promoted, worse.alias, worse.previous_champion) == (False, "candidate", "1")
+    assert aliases() == {"champion": "1", "candidate": "2"}
+    desc = client.get_model_version(name, "2").description
+    assert desc.startswith("seed 2") and "69.5000 < champion v1's 70.0000" in desc
+
+    equal = gate(v[2], 70.0)
+    assert (equal.promoted, equal.previous_champion) == (True, "1")
+    assert aliases() == {"champion": "3", "candidate": "2"}
+    assert "70.0000 >= champion v1's 70.0000" in client.get_model_version(name, "3").description
+
+    better = gate(v[3], 71.25)
+    assert better.promoted and aliases() == {"champion": "4", "candidate": "2"}
+
+    # A far higher top-1 on other validation data is not comparable: the champion stays.
+    other = gate(v[4], 99.0, data="val-222")
+    assert (other.promoted, other.alias) == (False, "candidate")
+    assert aliases() == {"champion": "4", "candidate": "5"}
+    desc = client.get_model_version(name, "5").description
+    assert "other validation data (val-111, this version on val-222)" in desc and "champion kept" in desc
+
+    # Promoting again is idempotent, and re-evaluating the candidate on the champion's data can promote it;
+    # it then loses the candidate alias.
+    assert gate(v[3], 71.25).promoted and aliases() == {"champion": "4", "candidate": "5"}
+    assert gate(v[4], 80.0).promoted and aliases() == {"champion": "5"}
+    mv = client.get_model_version(name, "5")
+    assert mv.tags[registry.TAG_EVAL_TOP1] == "80.0" and mv.tags[registry.TAG_EVAL_DATA_HASH] == "val-111"
+    assert mv.description.count("Promotion:") == 1
+
+    # A champion with no recorded evaluation (set by hand) cannot be compared either.
+    client.set_registered_model_alias(name, "champion", "1")
+    client.delete_model_version_tag(name, "1", registry.TAG_EVAL_TOP1)
+    blind = gate(v[3], 100.0)
+    assert (blind.promoted, blind.previous_champion) == (False, "1") and "no recorded evaluation" in blind.reason
+
+    with pytest.raises(ValueError, match="percentage"):
+        gate(v[0], 170.0)
+    with pytest.raises(ValueError, match="eval_data_hash"):
+        gate(v[0], 50.0, data="")
+
+
+def test_register_is_idempotent_and_keeps_lineage(tmp_path: Path, mlflow_server: str, client, run_id: str) -> None:
+    name = _name()
+    first = _register(tmp_path, mlflow_server, run_id, name, seed=7)
+    again = _register(tmp_path, mlflow_server, run_id, name, seed=7)
+    assert first == again == "1"
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    # Another checkpoint of the same run is another version.
+    assert _register(tmp_path, mlflow_server, run_id, name, seed=8) == "2"
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2
+
+    mv = client.get_model_version(name, first)
+    assert mv.run_id == run_id
+    assert mv.tags[registry.TAG_RUN_ID] == run_id
+    assert mv.tags[registry.TAG_CHECKPOINT] == "s3://runs/r/checkpoint-00000007"
+    assert mv.tags[registry.TAG_DATA_HASH] == "data-abc"
+    assert mv.tags[registry.TAG_GIT_COMMIT] == "deadbeef"
+    assert mv.tags[registry.TAG_ARCHITECTURE] == "poolformer_debug"
+    # The version holds exactly the export's two files, logged under the run.
+    logged = client.list_artifacts(run_id, mv.source.rsplit(f"{run_id}/artifacts/", 1)[-1])
+    assert sorted(Path(f.path).name for f in logged) == sorted([WEIGHTS_FILE, META_FILE])
+
+    with pytest.raises(ValueError, match="is not an export"):
+        registry.register_export(tmp_path, name, tracking_uri=mlflow_server, run_id=run_id,
+                                 lineage_tags=registry.lineage_tags("c", "d", git_commit="g"))
+    with pytest.raises(ValueError, match="checkpoint_uri"):
+        registry.register_export(tmp_path / "export-7", name, tracking_uri=mlflow_server, run_id=run_id,
+                                 lineage_tags={registry.TAG_DATA_HASH: "d"})
+
+
+def test_resolve_model_uri_gives_an_export_for_plain_timm(
+    tmp_path: Path, mlflow_server: str, run_id: str
+) -> None:
+    import timm
+    from safetensors.torch import load_file
+
+    name = _name()
+    weights = _export(tmp_path / "export-3", seed=3)
+    _register(tmp_path, mlflow_server, run_id, name, seed=3)
+    registry.promote(name, "1", 50.0, eval_data_hash="val", tracking_uri=mlflow_server)
+
+    cache = tmp_path / "cache"
+    folder = registry.resolve_model_uri(f"models:/{name}@champion", tracking_uri=mlflow_server, cache_dir=cache)
+    assert folder == cache / name / "v1"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([WEIGHTS_FILE, META_FILE])
+    info = json.loads((folder / META_FILE).read_text())
+    model = timm.create_model(info["model_name"], num_classes=info["num_classes"])
+    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    # By version, and from the cache; a tampered cache entry is fetched again.
+    assert registry.resolve_model_uri(f"models:/{name}/1", tracking_uri=mlflow_server, cache_dir=cache) == folder
+    (folder / WEIGHTS_FILE).write_bytes(b"not weights")
+    registry.resolve_model_uri(f"models:/{name}/1", tracking_uri=mlflow_server, cache_dir=cache)
+    assert load_file(str(folder / WEIGHTS_FILE)).keys() == weights.keys()
+
+
+def test_bad_registry_uris_say_what_exists(tmp_path: Path, mlflow_server: str, run_id: str) -> None:
+    name = _name()
+    _register(tmp_path, mlflow_server, run_id, name, seed=4)
+    registry.promote(name, "1", 50.0, eval_data_hash="val", tracking_uri=mlflow_server)
+
+    def resolve(uri: str) -> Path:
+        return registry.resolve_model_uri(uri, tracking_uri=mlflow_server, cache_dir=tmp_path / "cache")
+
+    with pytest.raises(ValueError, match=r"has no alias @staging; its aliases: @champion -> v1; its versions: 1"):
+        resolve(f"models:/{name}@staging")
+    with pytest.raises(ValueError, match=rf"'{name}' has no version 9; .* its versions: 1"):
+        resolve(f"models:/{name}/9")
+    with pytest.raises(ValueError, match=rf"no registered model 'no_such_model'.*registered models: .*{name}"):
+        resolve("models:/no_such_model@champion")
+    for bad in ("models:/" + name, "runs:/abc/model", "/tmp/export", f"models:/{name}@"):
+        with pytest.raises(ValueError, match="not a registry URI"):
+            resolve(bad)
+    assert registry.is_registry_uri(f"models:/{name}@champion") and not registry.is_registry_uri("/tmp/x")
