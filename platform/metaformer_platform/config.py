@@ -39,8 +39,8 @@ class SyntheticDataConfig(_Section):
 class DataConfig(_Section):
     source: str = Field(
         "synthetic",
-        description="'synthetic' (generated on first use into cache_dir) or a folder / file:// URL holding "
-        "webdataset shards and their _info.json",
+        description="'synthetic' (generated on first use into cache_dir), or a folder / file:// URL / "
+        "s3://bucket/prefix holding webdataset shards and their _info.json",
     )
     cache_dir: str = Field("~/.cache/metaformer-platform", description="where generated data is cached")
     synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
