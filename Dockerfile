@@ -39,13 +39,15 @@ RUN apt-get update \
 
 WORKDIR /app
 
-# Dependencies first (a layer that changes only with the pins), then the project's code.
+# Dependencies first (a layer that changes only with the pins), then the project's code. psycopg: the MLflow
+# server deployment (infra/k8s/mlflow.yaml) runs this image against PostgreSQL (postgresql+psycopg://...).
 COPY pyproject.toml constraints.txt ./
 RUN pip install -c constraints.txt --upgrade pip setuptools wheel \
  && pip install -c constraints.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch torchvision \
  && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
       > /tmp/requirements.txt \
  && pip install -c constraints.txt -r /tmp/requirements.txt \
+ && pip install -c constraints.txt "psycopg[binary]==3.3.9" \
  && DS_BUILD_OPS=0 pip install --no-build-isolation -c constraints.txt deepspeed
 
 COPY README.md ./
