@@ -143,8 +143,8 @@ def register_export(
     """
     folder = Path(export_dir).expanduser().resolve()
     info = _read_export(folder)
-    if not model_name or "/" in model_name or "@" in model_name:
-        raise ValueError(f"registered model name {model_name!r} must be non-empty without '/' or '@'")
+    if not model_name or any(c in model_name for c in "/@'`"):
+        raise ValueError(f"registered model name {model_name!r} must be non-empty, without / @ ' or `")
     tags = {str(k): str(v) for k, v in lineage_tags.items()}
     if not tags.get(TAG_CHECKPOINT):
         raise ValueError(
@@ -178,6 +178,12 @@ def register_export(
     mv = client.create_model_version(
         model_name, source=source, run_id=run_id, tags=tags, description=description or None,
     )
+    # Two processes registering the same export at once both get past the search above: the lowest version
+    # wins and the other is deleted, so either way one version remains.
+    first = _find_registered(client, model_name, key)
+    if first is not None and int(first.version) < int(mv.version):
+        client.delete_model_version(model_name, mv.version)
+        return str(first.version)
     return str(mv.version)
 
 

@@ -117,7 +117,9 @@ def test_promotion_gate(tmp_path: Path, mlflow_server: str, client, run_id: str)
         gate(v[0], 50.0, data="")
 
 
-def test_register_is_idempotent_and_keeps_lineage(tmp_path: Path, mlflow_server: str, client, run_id: str) -> None:
+def test_register_is_idempotent_and_keeps_lineage(
+    tmp_path: Path, mlflow_server: str, client, run_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     name = _name()
     first = _register(tmp_path, mlflow_server, run_id, name, seed=7)
     again = _register(tmp_path, mlflow_server, run_id, name, seed=7)
@@ -138,6 +140,22 @@ def test_register_is_idempotent_and_keeps_lineage(tmp_path: Path, mlflow_server:
     logged = client.list_artifacts(run_id, mv.source.rsplit(f"{run_id}/artifacts/", 1)[-1])
     assert sorted(Path(f.path).name for f in logged) == sorted([WEIGHTS_FILE, META_FILE])
 
+    # A second process that registers the same export at the same moment misses the first one's version in
+    # its search: it deletes its own duplicate afterwards.
+    real_find = registry._find_registered
+    calls = []
+
+    def racing_find(*args):
+        calls.append(args)
+        return None if len(calls) == 1 else real_find(*args)
+
+    monkeypatch.setattr(registry, "_find_registered", racing_find)
+    assert _register(tmp_path, mlflow_server, run_id, name, seed=7) == "1" and len(calls) == 2
+    assert sorted(int(mv.version) for mv in client.search_model_versions(f"name = '{name}'")) == [1, 2]
+    monkeypatch.undo()
+
+    with pytest.raises(ValueError, match="without / @"):
+        _register(tmp_path, mlflow_server, run_id, "it's", seed=7)
     with pytest.raises(ValueError, match="is not an export"):
         registry.register_export(tmp_path, name, tracking_uri=mlflow_server, run_id=run_id,
                                  lineage_tags=registry.lineage_tags("c", "d", git_commit="g"))
