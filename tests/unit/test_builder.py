@@ -184,6 +184,14 @@ def test_bad_input_names_the_file(imagenet_like, tmp_path):
     with pytest.raises(ValueError, match="samples_per_shard"):
         builder.BuildOptions(samples_per_shard=0)
 
+    broken = tmp_path / "broken"
+    _jpeg(broken / "n00000001" / "good.JPEG", 1, (8, 8))
+    (broken / "n00000001" / "bad.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
+    classes, tasks = builder.prepare_build(train=broken, options=builder.BuildOptions(max_side=4))
+    with pytest.raises(ValueError, match=r"bad\.JPEG: cannot decode this image to re-encode it"):
+        builder.build_dataset(tmp_path / "out", tasks, classes=classes, log=lambda _: None)
+    assert not (tmp_path / "out" / INFO_NAME).exists()
+
 
 def test_build_shards_job_exits_2_on_bad_input(tmp_path):
     (tmp_path / "train" / "n00000001").mkdir(parents=True)

@@ -387,9 +387,16 @@ def _encode(path: str, max_side: int | None, quality: int) -> bytes:
     data = Path(path).read_bytes()
     if max_side is None:
         return data
-    with Image.open(io.BytesIO(data)) as img:
-        img.draft("RGB", (max_side, max_side))  # DCT-domain downscale first: much faster, still >= max_side
-        rgb = img.convert("RGB")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft(
+                "RGB", (max_side, max_side)
+            )  # DCT-domain downscale first: much faster, still >= max_side
+            rgb = img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(
+            f"{path}: cannot decode this image to re-encode it ({err}); replace or remove it"
+        ) from None
     scale = max_side / max(rgb.size)
     if scale < 1:
         size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
