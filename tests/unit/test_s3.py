@@ -6,13 +6,14 @@ The real server (SeaweedFS with SigV4) is exercised in tests/integration/test_s3
 from __future__ import annotations
 
 import io
+import json
 import pickle
 
 import pytest
 from botocore.exceptions import ClientError, NoCredentialsError
 from urllib3.exceptions import ProtocolError
 
-from metaformer_platform.data import S3AccessError, S3Storage, open_storage
+from metaformer_platform.data import S3AccessError, S3Storage, load_manifest, open_storage
 from metaformer_platform.data.s3 import parse_s3_url
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
@@ -40,7 +41,9 @@ class _Body:
 
 
 def _error(code: str, status: int, op: str) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": "scripted"}, "ResponseMetadata": {"HTTPStatusCode": status}}, op)
+    return ClientError(
+        {"Error": {"Code": code, "Message": "scripted"}, "ResponseMetadata": {"HTTPStatusCode": status}}, op
+    )
 
 
 class _Client:
@@ -79,7 +82,11 @@ def test_a_stream_that_breaks_mid_object_resumes_at_the_byte_it_reached():
     storage = S3Storage("s3://bkt/pre", client_factory=lambda: client, backoff=0.001)
     assert storage.read_bytes("shard.tar") == DATA
     assert [g["Range"] for g in client.gets] == [None, "bytes=300000-", "bytes=400000-"]
-    assert [g["IfMatch"] for g in client.gets] == [None, '"v1"', '"v1"']  # a replaced object fails, never splices
+    assert [g["IfMatch"] for g in client.gets] == [
+        None,
+        '"v1"',
+        '"v1"',
+    ]  # a replaced object fails, never splices
 
 
 def test_a_stream_that_keeps_breaking_gives_up_with_the_object_name():
@@ -92,7 +99,10 @@ def test_a_stream_that_keeps_breaking_gives_up_with_the_object_name():
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
-        (_error("403", 403, "HeadBucket"), r"refused the credentials .*AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"),
+        (
+            _error("403", 403, "HeadBucket"),
+            r"refused the credentials .*AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+        ),
         (_error("404", 404, "HeadBucket"), r"bucket 'bkt' does not exist .*create it"),
         (NoCredentialsError(), r"no usable S3 credentials .*AWS_ACCESS_KEY_ID"),
     ],
@@ -122,3 +132,63 @@ def test_missing_objects_and_client_per_process():
     storage._pid = -1  # as seen from a forked child: the parent's client must not be reused
     storage.exists("shard.tar")
     assert len(_MADE) == 3
+
+
+class _ListingClient(_Client):
+    """Objects under pre/: a manifest and two shards, one of them shorter than the manifest says."""
+
+    OBJECTS = {"pre/_info.json": None, "pre/train-000000.tar": 100, "pre/train-000001.tar": 90}
+
+    def __init__(self):
+        super().__init__()
+        self.lists = 0
+
+    def get_paginator(self, op):
+        assert op == "list_objects_v2"
+        client = self
+
+        class _Pages:
+            def paginate(self, Bucket, Prefix):
+                client.lists += 1
+                items = [
+                    {"Key": k, "Size": n or 0} for k, n in client.OBJECTS.items() if k.startswith(Prefix)
+                ]
+                yield {"Contents": items[:2]}  # two pages, as S3 pages at 1000
+                yield {"Contents": items[2:]}
+
+        return _Pages()
+
+    def head_object(self, Bucket, Key):
+        raise AssertionError("the manifest check lists sizes instead of one HEAD per shard")
+
+    def get_object(self, Bucket, Key, Range=None, IfMatch=None):
+        if Key == "pre/_info.json":
+            body = {
+                "splits": {
+                    "train": {
+                        "num_samples": 4,
+                        "filenames": ["train-000000.tar", "train-000001.tar"],
+                        "shard_lengths": [2, 2],
+                        "shard_bytes": [100, 100],
+                    }
+                }
+            }
+            data = json.dumps(body).encode()
+            return {"ContentLength": len(data), "ETag": '"m"', "Body": _Body(data, None)}
+        raise _error("NoSuchKey", 404, "GetObject")
+
+
+def test_s3_sizes_come_from_a_listing_and_a_gone_object_is_file_not_found(monkeypatch):
+    client = _ListingClient()
+    storage = S3Storage("s3://bkt/pre", client_factory=lambda: client)
+    monkeypatch.setattr(storage, "exists", lambda name: name == "_info.json")
+    assert storage.list_sizes() == {"_info.json": 0, "train-000000.tar": 100, "train-000001.tar": 90}
+    with pytest.raises(
+        ValueError,
+        match=r"shard size differs from the manifest: s3://bkt/pre/train-000001.tar \(90 bytes, manifest says 100\)",
+    ):
+        load_manifest(storage)
+    assert client.lists == 2
+    # a shard deleted after the check: FileNotFoundError (a fault the loader skips), not a ClientError
+    with pytest.raises(FileNotFoundError, match="s3://bkt/pre/train-000000.tar does not exist"):
+        storage.read_bytes("train-000000.tar")

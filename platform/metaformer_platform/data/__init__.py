@@ -1,11 +1,12 @@
 """The data path: webdataset shards + `_info.json` manifest -> ShardSet plan -> batches.
 
 Layers, bottom up: `storage` (where bytes live; `s3` adds s3:// through boto3), `manifest` (what the shards are), `writer` (making
-shards), `shardset` (who reads what in an epoch), `reader` (tar -> samples -> images), `loader` (batches,
+shards), `shardset` (who reads what in an epoch), `reader` (tar -> samples -> images), `faults` (bad shards and samples: skipped, counted), `loader` (batches,
 resumable position), `transforms` (the paper's augmentation via timm), `synthetic` (a built-in dataset).
 No Ray, MLflow or config imports here: callers pass plain arguments.
 """
 
+from .faults import IGNORE_LABEL, DataFaultError
 from .loader import ShardLoader, build_loader
 from .manifest import (
     INFO_NAME,
@@ -24,7 +25,9 @@ from .transforms import build_mixup, build_transforms
 from .writer import Sample, ShardWriter, shard_name, write_dataset, write_shard
 
 __all__ = [
+    "IGNORE_LABEL",
     "INFO_NAME",
+    "DataFaultError",
     "LocalStorage",
     "Manifest",
     "RankPlan",

@@ -20,15 +20,26 @@ What the Trainer does with it:
   ranks yield `len(loader)` batches, and batches may be smaller than batch_size. Count samples as
   `labels.numel()`, sum (correct, total) per rank, all-reduce both with SUM, then divide; the reduced total
   equals `loader.total_samples`. No padding or de-duplication is needed.
+* Faults (`data.faults`): a missing shard, a tar that is truncated or random bytes, an image that does
+  not decode or a `.cls` that is not a label is skipped and counted (`fault_stats()`, a warning naming
+  each bad shard once). Its place in the batch is taken by a stand-in: the nearest earlier readable
+  sample of the same worker's epoch stream (among its last 16), else the nearest later one, augmented
+  afresh. Batch sizes and counts therefore never change (no DDP hang), and since the choice depends
+  only on the stream's order, a resumed job picks the same stand-ins. The cost: a few training samples
+  are seen twice in an epoch. In evaluation (drop_last=False) stand-ins carry `IGNORE_LABEL`: count
+  `labels != IGNORE_LABEL`, and then evaluated + skipped == the split's size. Past `max_bad_fraction`
+  of a rank's samples in one epoch, iterating raises `DataFaultError` naming the bad shards.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import logging
 import random
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +48,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .faults import (
+    IGNORE_LABEL,
+    SAMPLE_ERRORS,
+    SHARD_ERRORS,
+    DataFaultError,
+    FaultStats,
+    describe_shards,
+    shard_fault_kind,
+)
 from .manifest import Manifest, load_manifest
 from .reader import RawSample, decode_image, decode_label, iter_shard
 from .shardset import RankPlan, ShardSet
@@ -61,10 +81,61 @@ _LAYOUT_KEYS = (
     "shuffle_buffer",
 )
 STATE_VERSION = 1
+# Readable samples each worker remembers (undecoded) to stand in for a bad one; a window, not the epoch.
+_RECENT_STAND_INS = 16
 
 
-def _shuffled(samples: Iterable[RawSample], bufsize: int, rng: random.Random) -> Iterator[RawSample]:
-    buffer: list[RawSample] = []
+@dataclass(frozen=True)
+class _Lost:
+    """A planned sample that could not be read: sample `index` of `shard` (missing, not a tar, cut short)."""
+
+    shard: str  # as the storage describes it
+    index: int
+    kind: str
+    detail: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.shard}#{self.index}"
+
+
+Slot = RawSample | _Lost
+
+
+def _slots(storage: Any, wplan: Any) -> Iterator[Slot]:
+    """One item per planned sample of the worker, in plan order: the sample, or a `_Lost` placeholder
+    for each sample a bad shard did not deliver, so positions (and with them resume) never shift."""
+    for piece in wplan.slices:
+        got = 0
+        try:
+            for sample in iter_shard(storage, piece.filename, piece.start, piece.stop):
+                got += 1
+                yield sample
+        except SHARD_ERRORS as err:
+            where, kind = storage.describe(piece.filename), shard_fault_kind(err)
+            for index in range(piece.start + got, piece.stop):
+                yield _Lost(where, index, kind, str(err))
+
+
+class _Lookahead:
+    """An iterator that can be searched ahead without consuming (for a stand-in when nothing earlier is good)."""
+
+    def __init__(self, items: Iterator[Slot]):
+        self.items = items
+        self.peeked: collections.deque[Slot] = collections.deque()
+
+    def __next__(self) -> Slot:
+        return self.peeked.popleft() if self.peeked else next(self.items)
+
+    def ahead(self) -> Iterator[Slot]:
+        yield from list(self.peeked)
+        for item in self.items:
+            self.peeked.append(item)
+            yield item
+
+
+def _shuffled(samples: Iterable[Slot], bufsize: int, rng: random.Random) -> Iterator[Slot]:
+    buffer: list[Slot] = []
     for sample in samples:
         if len(buffer) < bufsize:
             buffer.append(sample)
@@ -161,9 +232,11 @@ class _EpochStream(IterableDataset):
         decode_size: int | None,
         with_keys: bool,
         prefetch_shards: int = 0,
+        stand_in_label: int | None = None,
     ):
         super().__init__()
         self.prefetch_shards = prefetch_shards
+        self.stand_in_label = stand_in_label
         self.storage = storage
         self.plan = plan
         self.skip_batches = skip_batches
@@ -191,40 +264,116 @@ class _EpochStream(IterableDataset):
             if isinstance(storage, _Prefetcher):
                 storage.close()
 
+    def _decode(self, sample: Slot, faults: FaultStats | None) -> tuple[Image.Image, int] | None:
+        """(image, label), or None for a bad sample (counted in `faults` when given)."""
+        if isinstance(sample, _Lost):
+            if faults is not None:
+                faults.add(sample.shard, sample.kind, 1, sample.detail)
+            return None
+        try:
+            label = decode_label(sample)
+            if label < 0:
+                raise ValueError(f"negative label {label}")
+        except SAMPLE_ERRORS as err:
+            if faults is not None:
+                faults.add(self.storage.describe(sample.shard), "bad_label", 1, f"{sample.key}: {err}")
+            return None
+        try:
+            return decode_image(sample, self.decode_size), label
+        except SAMPLE_ERRORS as err:
+            if faults is not None:
+                faults.add(self.storage.describe(sample.shard), "bad_image", 1, f"{sample.key}: {err!r}")
+            return None
+
+    def _stand_in(
+        self, bad: Slot, recent: collections.deque[RawSample], stream: _Lookahead, known_bad: set[str]
+    ) -> tuple[RawSample, Image.Image, int]:
+        """The sample that fills a bad sample's place: the nearest earlier good sample of this worker's
+        epoch stream (among its last `len(recent)` readable ones), else the nearest later one. Only the
+        stream's order decides, so a resumed worker picks the same one."""
+
+        def good(candidate: Slot) -> tuple[Image.Image, int] | None:
+            if not isinstance(candidate, RawSample) or candidate is bad or candidate.key in known_bad:
+                return None
+            decoded = self._decode(candidate, None)
+            if decoded is None:
+                known_bad.add(candidate.key)
+            return decoded
+
+        for candidate in (*reversed(recent), *stream.ahead()):
+            decoded = good(candidate)
+            if decoded is not None:
+                return candidate, *decoded  # type: ignore[return-value]
+        raise DataFaultError(
+            f"rank {self.plan.rank}: a loader worker found no readable sample in its share of epoch "
+            f"{self.plan.epoch} to stand in for {bad.key}; the shards under {self.storage.url} are unreadable",
+            [bad.shard if isinstance(bad, _Lost) else self.storage.describe(bad.shard)],
+        )
+
     def _batches(
         self, storage: Any, wplan: Any, worker: int, num_workers: int, in_main: bool
     ) -> Iterator[tuple]:
-        samples: Iterator[RawSample] = (
-            s for piece in wplan.slices for s in iter_shard(storage, piece.filename, piece.start, piece.stop)
-        )
+        """Batches of exactly the planned sizes. A bad sample (see data/faults.py) is counted and its
+        place filled by a stand-in (`_stand_in`), so every rank still yields the same batches and a
+        resume skips the same positions; stand-ins are augmented afresh (seeded by the bad slot), and in
+        evaluation (`stand_in_label`) carry IGNORE_LABEL so they are not scored. Each batch carries the
+        faults found since the previous one (a list of (shard, kind, samples, detail))."""
+        samples: Iterable[Slot] = _slots(storage, wplan)
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(f"samples:{self.seed}:{self.plan.epoch}:{self.plan.rank}:{worker}")
             samples = _shuffled(samples, self.shuffle_buffer, rng)
+        stream = _Lookahead(iter(samples))
+        recent: collections.deque[RawSample] = collections.deque(maxlen=_RECENT_STAND_INS)
+        known_bad: set[str] = set()
+
+        def take() -> Slot:
+            try:
+                item = next(stream)
+            except StopIteration:
+                raise RuntimeError(
+                    f"rank {self.plan.rank} worker {worker}: ran out of samples mid-epoch (a loader bug: "
+                    "bad shards are replaced by stand-ins)"
+                ) from None
+            if isinstance(item, RawSample):
+                recent.append(item)
+            return item
+
         skip = wplan.samples_before(self.skip_batches, num_workers)
         batch_sizes = wplan.batch_sizes[len(range(worker, self.skip_batches, num_workers)) :]
         for _ in range(skip):
-            next(samples)
+            take()
         # Worker processes own their RNGs; in the main process the trainer's RNG streams must not move.
         for size in batch_sizes:
+            faults = FaultStats()
             images, labels, keys = [], [], []
             for _ in range(size):
-                sample = next(samples, None)
-                if sample is None:
-                    raise RuntimeError(
-                        f"rank {self.plan.rank} worker {worker}: ran out of samples mid-epoch; the shards "
-                        f"under {self.storage.url} hold fewer samples than their manifest lists"
-                    )
-                img = decode_image(sample, self.decode_size)
+                sample = take()
+                decoded = self._decode(sample, faults)
+                seed_key = sample.key
+                if decoded is None:
+                    known_bad.add(sample.key)
+                    stand_in, img, label = self._stand_in(sample, recent, stream, known_bad)
+                    seed_key = f"{stand_in.key}@{sample.key}"  # fresh augmentation, still reproducible
+                    sample = stand_in
+                    if self.stand_in_label is not None:
+                        label = self.stand_in_label
+                else:
+                    img, label = decoded
                 if self.transform is None:
                     images.append(_to_tensor(img))
                 else:
                     with _rng_preserved() if in_main else contextlib.nullcontext():
-                        _seed_sample(self.seed, self.plan.epoch, sample.key)
+                        _seed_sample(self.seed, self.plan.epoch, seed_key)
                         images.append(self.transform(img))
-                labels.append(decode_label(sample))
+                labels.append(label)
                 keys.append(sample.key)
             batch = (torch.stack(images), torch.tensor(labels, dtype=torch.int64))
-            yield (*batch, keys) if self.with_keys else batch
+            found = [
+                (shard, kind, n, faults.details[shard])
+                for shard, kinds in faults.shards.items()
+                for kind, n in kinds.items()
+            ]
+            yield (*batch, keys, found) if self.with_keys else (*batch, found)
 
 
 class ShardLoader:
@@ -256,8 +405,12 @@ class ShardLoader:
         multiprocessing_context: str | None,
         timeout: float,
         prefetch_shards: int = 0,
+        max_bad_fraction: float | None = None,
     ):
         self.prefetch_shards = prefetch_shards
+        self.max_bad_fraction = max_bad_fraction
+        self._faults = FaultStats()  # since this loader was made
+        self._epoch_skipped = 0
         self.manifest = manifest
         self.split = split
         self.shards = ShardSet.from_manifest(manifest, split)
@@ -320,6 +473,36 @@ class ShardLoader:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = epoch
         self.batches_yielded = 0
+        self._epoch_skipped = 0
+
+    def fault_stats(self) -> dict[str, Any]:
+        """Samples this loader (this rank) skipped since it was made, and per bad shard how many and why:
+        {"skipped_samples": n, "bad_shards": {shard: {"skipped": n, "kinds": {kind: n}}}}. Counting starts
+        afresh in a resumed job (faults before the resume point are not re-read)."""
+        return self._faults.as_dict()
+
+    def _count_faults(self, found: list[tuple[str, str, int, str]]) -> None:
+        for shard, kind, count, detail in found:
+            if self._faults.add(shard, kind, count, detail):
+                _log.warning(
+                    "rank %d, %s split: skipping unreadable data in %s (%s: %s); bad samples are replaced "
+                    "by stand-ins and counted",
+                    self.rank,
+                    self.split,
+                    shard,
+                    kind,
+                    detail,
+                )
+            self._epoch_skipped += count
+        limit = self.max_bad_fraction
+        if limit is not None and self._epoch_skipped > limit * self.num_samples:
+            raise DataFaultError(
+                f"rank {self.rank}: {self._epoch_skipped} of its {self.num_samples} {self.split!r} samples in "
+                f"epoch {self.epoch} were unreadable, more than max_bad_fraction={limit}; bad shards: "
+                f"{describe_shards(self._faults.shards)}; rebuild or re-copy them (verify_checksums finds "
+                "corrupt ones), or raise data.max_bad_fraction",
+                self._faults.bad_shards,
+            )
 
     def __iter__(self) -> Iterator[tuple]:
         if self.batches_yielded >= self.steps_per_epoch:
@@ -335,6 +518,8 @@ class ShardLoader:
             decode_size=self.decode_size,
             with_keys=self.with_keys,
             prefetch_shards=self.prefetch_shards,
+            # evaluation promises each sample once: stand-ins are there for the shapes, not to be scored
+            stand_in_label=None if self.drop_last else IGNORE_LABEL,
         )
         # Seeds each worker's `random`/numpy/torch from (seed, epoch, rank). Passed even without workers:
         # the DataLoader draws its base seed from this generator, not from the trainer's global RNG.
@@ -349,9 +534,11 @@ class ShardLoader:
         loader = DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **extra
         )
-        for batch in loader:
+        for *batch, found in loader:
+            if found:
+                self._count_faults(found)
             self.batches_yielded += 1
-            yield batch
+            yield tuple(batch)
         if self.batches_yielded != self.steps_per_epoch:
             raise RuntimeError(
                 f"rank {self.rank}: epoch {self.epoch} ended after {self.batches_yielded} of "
@@ -437,6 +624,7 @@ def build_loader(
     multiprocessing_context: str | None = None,
     timeout: float = 0,
     prefetch_shards: int | None = None,
+    max_bad_fraction: float | None = None,
 ) -> ShardLoader:
     """A loader over split `split` of the shards under `source` (a folder or file:// URL with `_info.json`).
 
@@ -447,6 +635,9 @@ def build_loader(
     `shuffle_buffer`: undecoded samples each worker holds for shuffling (memory: about this many files).
     `prefetch_shards`: shards each worker downloads ahead in a background thread (memory: that many whole
     shards more per worker); None: 1 for object storage, 0 for local files (the OS reads ahead already).
+    `max_bad_fraction`: unreadable samples (see `data.faults`) are replaced and counted (`fault_stats()`);
+    when more than this fraction of the rank's samples in one epoch are bad, iterating raises
+    DataFaultError naming the bad shards (None: never).
     """
     _positive("batch_size", batch_size)
     _positive("world_size", world_size)
@@ -466,6 +657,8 @@ def build_loader(
     if prefetch_shards is None:
         prefetch_shards = 0 if isinstance(manifest.storage, LocalStorage) else 1
     _non_negative("prefetch_shards", prefetch_shards)
+    if max_bad_fraction is not None and not 0 <= max_bad_fraction <= 1:
+        raise ValueError(f"max_bad_fraction must be between 0 and 1 (or None), got {max_bad_fraction!r}")
     return ShardLoader(
         manifest,
         split,
@@ -486,4 +679,5 @@ def build_loader(
         multiprocessing_context=multiprocessing_context,
         timeout=timeout,
         prefetch_shards=prefetch_shards,
+        max_bad_fraction=max_bad_fraction,
     )

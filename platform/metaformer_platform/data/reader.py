@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 from PIL import Image
 
+from .faults import ShortShardError
 from .storage import Storage
 
 __all__ = ["IMAGE_EXTS", "RawSample", "decode_image", "decode_label", "iter_shard"]
@@ -120,7 +121,8 @@ def iter_shard(
 ) -> Iterator[RawSample]:
     """Yield samples [start, stop) of one shard; the data of members before `start` is read past, not kept.
 
-    Raises RuntimeError when the shard ends before `stop` (it disagrees with the manifest), and
+    Raises ShortShardError (a RuntimeError) when the shard ends before `stop` (it disagrees with the
+    manifest), and
     tarfile.ReadError (naming the shard) when it is not a complete tar.
     """
     count = 0  # samples whose first member has been seen
@@ -144,7 +146,7 @@ def iter_shard(
     if files is not None:
         yield RawSample(key, files, filename)  # type: ignore[arg-type]
     if stop is not None and count < stop:
-        raise RuntimeError(
+        raise ShortShardError(
             f"{storage.describe(filename)} holds {count} samples but the manifest needs at least {stop}: "
             "the shard was truncated or replaced; rebuild it (or its manifest)"
         )

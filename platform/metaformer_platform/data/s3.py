@@ -81,6 +81,11 @@ def aws_env() -> dict[str, str]:
     return {name: os.environ[name] for name in AWS_ENV_VARS if name in os.environ}
 
 
+def _error_code(err: BaseException) -> str:
+    response = getattr(err, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
 class S3AccessError(ValueError):
     """The S3 request was refused for a reason the user has to fix (bucket, credentials, endpoint)."""
 
@@ -204,6 +209,8 @@ class _ResumableBody(io.RawIOBase):
                 ) from None
             mapped = self.storage._refusal(err, self.storage.describe(self.name))
             if mapped is err:
+                if _error_code(err) in _MISSING_CODES:  # deleted while it was being read
+                    raise FileNotFoundError(f"{self.storage.describe(self.name)} does not exist") from None
                 raise
             raise mapped from None
         return response["Body"]
@@ -349,6 +356,9 @@ class S3Storage:
         except (ClientError, BotoCoreError) as err:
             mapped = self._refusal(err, self.describe(name))
             if mapped is err:
+                if op == "get" and _error_code(err) in _MISSING_CODES:
+                    # a shard that is gone is a fault the loader skips and counts (see data/faults.py)
+                    raise FileNotFoundError(f"{self.describe(name)} does not exist") from None
                 raise
             raise mapped from None
 
@@ -372,6 +382,27 @@ class S3Storage:
         if head is None:
             raise FileNotFoundError(f"{self.describe(name)} does not exist")
         return int(head["ContentLength"])
+
+    def list_sizes(self) -> dict[str, int]:
+        """{name: bytes} of every object under the prefix, from ListObjectsV2 (one request per 1000
+        objects, where `size()` costs a HEAD per object): how the manifest check compares sizes."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        self._check_bucket()
+        base = f"{self.prefix}/" if self.prefix else ""
+        sizes: dict[str, int] = {}
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=base
+            ):
+                for obj in page.get("Contents", ()):
+                    sizes[obj["Key"][len(base) :]] = int(obj["Size"])
+        except (ClientError, BotoCoreError) as err:
+            mapped = self._refusal(err, self.url)
+            if mapped is err:
+                raise
+            raise mapped from None
+        return sizes
 
     def open(self, name: str) -> BinaryIO:
         """A buffered stream of the whole object, read in large requests, resumed where a connection broke."""

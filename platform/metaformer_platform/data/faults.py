@@ -1,0 +1,107 @@
+"""Bad input met while reading shards: what counts as a fault, how it is counted, and when it is fatal.
+
+A fault is a sample the loader could not produce from the bytes it read: its shard is missing, is not a
+tar (random bytes), ends early (truncated, or fewer samples than the manifest lists), or the sample's
+image does not decode or its `.cls` is not a label. Faults are skipped and counted per shard
+(`FaultStats`); past `max_bad_fraction` of a rank's samples in one epoch the loader raises
+`DataFaultError`, naming the bad shards. Credentials, a missing bucket or an unreachable endpoint are not
+faults: they are `S3AccessError`s, raised at once, because they would fail every shard alike.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+__all__ = [
+    "IGNORE_LABEL",
+    "DataFaultError",
+    "FaultStats",
+    "ShortShardError",
+    "SHARD_ERRORS",
+    "SAMPLE_ERRORS",
+    "shard_fault_kind",
+]
+
+# The label of a sample that stands in for a bad one in evaluation batches (drop_last=False): torch's
+# CrossEntropyLoss ignores it by default, and counting `labels >= 0` counts only real samples.
+IGNORE_LABEL = -100
+
+
+class DataFaultError(ValueError):
+    """More of the data was unreadable than `max_bad_fraction` allows; `bad_shards` names the shards."""
+
+    def __init__(self, message: str, bad_shards: Iterable[str] = ()):
+        super().__init__(message)
+        self.bad_shards = tuple(bad_shards)
+
+
+class ShortShardError(RuntimeError):
+    """A shard holds fewer samples than its manifest lists."""
+
+
+# What reading one shard may raise for a shard that is bad (not for a refused or unreachable storage:
+# S3AccessError is a ValueError and is not listed). OSError covers a missing file (FileNotFoundError),
+# an S3 object that is gone, and a read that kept breaking.
+SHARD_ERRORS: tuple[type[BaseException], ...] = (OSError, tarfile.TarError, EOFError, ShortShardError)
+# What decoding one sample's bytes may raise: PIL raises OSError (truncated, unidentified), SyntaxError
+# and ValueError for broken images; int() a ValueError for a bad .cls; a missing member a RuntimeError.
+SAMPLE_ERRORS: tuple[type[BaseException], ...] = (OSError, SyntaxError, ValueError, RuntimeError, EOFError)
+
+
+def shard_fault_kind(err: BaseException) -> str:
+    """A short name for why a shard could not be read (the metric's and the log line's vocabulary)."""
+    if isinstance(err, FileNotFoundError):
+        return "missing"
+    if isinstance(err, ShortShardError):
+        return "short"
+    if isinstance(err, tarfile.TarError | EOFError):
+        return "not_a_tar"
+    return "read_error"
+
+
+@dataclass
+class FaultStats:
+    """Samples skipped, per shard and per kind ("missing", "not_a_tar", "short", "read_error",
+    "bad_image", "bad_label"), plus the first message seen for each shard."""
+
+    shards: dict[str, dict[str, int]] = field(default_factory=dict)
+    details: dict[str, str] = field(default_factory=dict)
+
+    def add(self, shard: str, kind: str, count: int = 1, detail: str = "") -> bool:
+        """Count `count` skipped samples of `shard`; True when the shard was not known to be bad before."""
+        new = shard not in self.shards
+        kinds = self.shards.setdefault(shard, {})
+        kinds[kind] = kinds.get(kind, 0) + count
+        if new:
+            self.details[shard] = detail
+        return new
+
+    @property
+    def skipped_samples(self) -> int:
+        return sum(sum(kinds.values()) for kinds in self.shards.values())
+
+    @property
+    def bad_shards(self) -> list[str]:
+        return sorted(self.shards)
+
+    def as_dict(self) -> dict[str, object]:
+        """{"skipped_samples": n, "bad_shards": {shard: {"skipped": n, "kinds": {kind: n}}}}."""
+        return {
+            "skipped_samples": self.skipped_samples,
+            "bad_shards": {
+                shard: {"skipped": sum(kinds.values()), "kinds": dict(kinds)}
+                for shard, kinds in sorted(self.shards.items())
+            },
+        }
+
+
+def describe_shards(shards: Mapping[str, Mapping[str, int]], limit: int = 10) -> str:
+    """'a.tar (3 bad_image), b.tar (10 missing)', at most `limit` shards named."""
+    parts = [
+        f"{name} ({', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items()))})"
+        for name, kinds in sorted(shards.items())[:limit]
+    ]
+    more = len(shards) - limit
+    return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
