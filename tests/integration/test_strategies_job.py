@@ -1,4 +1,5 @@
-"""FSDP2 and DeepSpeed ZeRO-1/2/3 jobs: TorchTrainer, 2 CPU workers, gloo, poolformer_debug, synthetic data.
+"""FSDP2 and DeepSpeed ZeRO-1/2/3 jobs: TorchTrainer, 2 CPU workers, gloo, poolformer_debug, synthetic data,
+fp32, 2 micro-batches of 8 per step.
 
 For each strategy, one job pair: a full run (learns; its losses equal DDP's from the same initial weights),
 a second run continued from the first run's middle checkpoint (its losses equal the full run's within 1e-6
@@ -31,7 +32,8 @@ def _overrides(tmp: Path, mlflow_uri: str, name: str, *extra: str) -> list[str]:
         "data.synthetic.samples_per_shard=100", f"data.cache_dir={tmp / 'cache'}", "data.num_workers=0",
         "data.img_size=32", "data.auto_augment=null", "data.re_prob=0", "data.mixup_alpha=0", "data.cutmix_alpha=0",
         "data.label_smoothing=0",
-        f"trainer.max_steps={STEPS}", "trainer.batch_size=16", "trainer.log_every_steps=1",
+        # Two micro-batches per step: accumulation (DDP/FSDP2 no_sync, the DeepSpeed boundary) is compared too.
+        f"trainer.max_steps={STEPS}", "trainer.batch_size=8", "trainer.grad_accum_steps=2", "trainer.log_every_steps=1",
         f"trainer.val_every_steps={STEPS}", f"trainer.checkpoint_every_steps={RESUME_AT}", "trainer.precision=fp32",
         "optim.lr=3e-3", "optim.warmup_epochs=0",
         f"run.storage_path={tmp / 'runs'}", f"run.name={name}", "run.num_to_keep=null", "run.max_failures=0",

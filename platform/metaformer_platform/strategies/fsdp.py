@@ -8,6 +8,7 @@ merge of the ranks' folders is a complete DCP checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -82,6 +83,12 @@ class FSDPStrategy(Strategy):
     def module(self) -> nn.Module:
         assert self.model is not None, "setup() first"
         return self.model
+
+    def no_sync(self, accumulating: bool) -> contextlib.AbstractContextManager[None]:
+        # Accumulate unsharded gradients locally; reduce-scatter once, on the last micro-step.
+        assert self.model is not None, "setup() first"
+        self.model.set_requires_gradient_sync(not accumulating)  # type: ignore[operator]
+        return contextlib.nullcontext()
 
     def _state(self) -> dict[str, dict]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
