@@ -51,6 +51,13 @@ class DataConfig(_Section):
     interpolation: str = Field("bicubic", description="resize interpolation")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
     shuffle_buffer: int = Field(1000, ge=0, description="samples in each worker's shuffle buffer")
+    max_bad_fraction: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="unreadable samples (missing or corrupt shards, undecodable images) are skipped, counted "
+        "and replaced; above this fraction of a rank's samples in one epoch the job fails naming the bad shards",
+    )
     auto_augment: str | None = Field("rand-m9-mstd0.5-inc1", description="timm auto-augment policy or null")
     re_prob: float = Field(0.25, ge=0, le=1, description="random erasing probability")
     hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")

@@ -105,3 +105,27 @@ def test_rng_state_round_trip():
     ckpt.set_rng_state(state)
     b = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_bad_shards_are_counted_in_metrics_and_fatal_above_the_threshold(tmp_path):
+    import os
+
+    from metaformer_platform.data import DataFaultError
+
+    root = ensure_synthetic_shards(
+        tmp_path, num_classes=4, train_samples=128, val_samples=64, image_size=32, samples_per_shard=32, seed=0,
+    )
+    for name in ("train-000001.tar", "val-000000.tar"):  # bit rot: same size, so the manifest check passes
+        path = root / name
+        path.write_bytes(os.urandom(path.stat().st_size))
+    rec = Recorder()
+    cfg = _cfg("trainer.max_steps=4", "data.max_bad_fraction=0.5", "trainer.log_every_steps=2")
+    trainer = _trainer(cfg, root, rec)
+    final = trainer.train()
+    halfway = rec.series("data/skipped_samples")[2]
+    assert 0 < halfway < 32  # counted as the shuffled epoch reaches the bad shard's samples
+    assert rec.series("data/skipped_samples")[4] == 32.0 and rec.series("data/bad_shards") == {2: 1.0, 4: 1.0}
+    assert final["val/samples"] == 32 and final["val/skipped_samples"] == 32  # 32 + 32 == the split's 64
+    assert trainer._data_faults() == {"data/skipped_samples": 64.0, "data/bad_shards": 2.0}  # with val's
+    with pytest.raises(DataFaultError, match=r"more than max_bad_fraction=0.1; bad shards: .*train-000001.tar"):
+        _trainer(_cfg("trainer.max_steps=4", "data.max_bad_fraction=0.1"), root, Recorder()).train()

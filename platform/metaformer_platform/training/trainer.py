@@ -170,6 +170,7 @@ class Trainer:
             shuffle_buffer=d.shuffle_buffer if training else 0,
             drop_last=training,
             decode_size=decode_size,
+            max_bad_fraction=d.max_bad_fraction,
         )
 
     def _autocast(self) -> Any:
@@ -222,6 +223,7 @@ class Trainer:
                     "train/lr": self.strategy.optimizer.param_groups[0]["lr"],  # type: ignore[union-attr]
                     "train/images_per_s": window_steps * self.cfg.global_batch / elapsed,
                     "train/epoch": self.step / self.steps_per_epoch,
+                    **self._data_faults(),
                 }
                 self.tracker.log_metrics(metrics, step=self.step)
                 window_loss.zero_()
@@ -261,13 +263,36 @@ class Trainer:
                 value /= self.dist.world_size  # gloo has no AVG
         return float(value)
 
+    def _data_faults(self) -> dict[str, float]:
+        """Samples skipped as unreadable and distinct bad shards, over all ranks and both loaders, since
+        this process started (each loader warns once per bad shard, naming it)."""
+        stats = [
+            loader.fault_stats()
+            for loader in (self.train_loader, self.val_loader)
+            if hasattr(loader, "fault_stats")  # injected benchmark loaders have none
+        ]
+        skipped = sum(s["skipped_samples"] for s in stats)
+        shards = {name for s in stats for name in s["bad_shards"]}
+        if self.dist.distributed:
+            total = torch.tensor(float(skipped), dtype=torch.float64, device=self.dist.device)
+            tdist.all_reduce(total)
+            skipped = int(total)
+            if skipped:  # the same on every rank, so all or none of them gather
+                gathered: list[Any] = [None] * self.dist.world_size
+                tdist.all_gather_object(gathered, sorted(shards))
+                shards = {name for names in gathered for name in names}
+        return {"data/skipped_samples": float(skipped), "data/bad_shards": float(len(shards))}
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Top-1/top-5 and loss over the whole validation split: each sample counted once across ranks."""
         assert self.val_loader is not None
         model = self.strategy.module
         model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.dist.device)  # loss, top1, top5, count
+        # loss, top1, top5, count, skipped: unreadable samples come as stand-ins labelled IGNORE_LABEL,
+        # which the loss ignores and the count leaves out (count + skipped == the split's size)
+        sums = torch.zeros(5, dtype=torch.float64, device=self.dist.device)
+        skipped_before = self._skipped(self.val_loader)
         start = time.perf_counter()
         for images, targets in self.val_loader:
             images = images.to(self.dist.device).to(memory_format=self.memory_format)
@@ -282,12 +307,14 @@ class Trainer:
                     self.eval_loss(logits, targets).double(),
                     hits[:, 0].sum().double(),
                     hits.any(dim=1).sum().double(),
-                    torch.tensor(float(len(targets)), dtype=torch.float64, device=self.dist.device),
+                    targets.ne(mdata.IGNORE_LABEL).sum().double(),
+                    torch.zeros((), dtype=torch.float64, device=self.dist.device),
                 ]
             )
+        sums[4] = self._skipped(self.val_loader) - skipped_before
         if self.dist.distributed:
             tdist.all_reduce(sums)
-        loss, top1, top5, count = sums.tolist()
+        loss, top1, top5, count, skipped = sums.tolist()
         if count == 0:
             raise RuntimeError(f"validation split {self.cfg.data.val_split!r} yielded no samples")
         return {
@@ -295,8 +322,13 @@ class Trainer:
             "val/top1": 100.0 * top1 / count,
             "val/top5": 100.0 * top5 / count,
             "val/samples": count,
+            "val/skipped_samples": skipped,
             "val/images_per_s": count / (time.perf_counter() - start),
         }
+
+    @staticmethod
+    def _skipped(loader: Any) -> int:
+        return loader.fault_stats()["skipped_samples"] if hasattr(loader, "fault_stats") else 0
 
     # -- state and checkpoints -------------------------------------------------------------------
 
