@@ -132,3 +132,53 @@ def test_a_loader_epoch_goes_on_across_a_server_restart(server, tmp_path):
     reference = epoch(build_loader(url, "train", **kw))
     assert sorted(reference) == [s.key for s in samples]
     assert epoch(build_loader(url, "train", **kw), crash_after=3) == reference
+
+
+def test_bad_s3_shards_are_skipped_counted_and_refused(s3_server, tmp_path, monkeypatch):
+    """On the session's S3 server: a shard deleted after the manifest check and a shard overwritten with
+    random bytes of the same size are skipped and counted by name, batches stay full, the threshold fails
+    naming them; a shard whose size disagrees with the manifest is refused before any reading."""
+    import boto3
+
+    from metaformer_platform.data import DataFaultError, load_manifest
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    local = tmp_path / "shards"
+    samples = [Sample(f"b{i:03d}", _jpeg(i), i % 3) for i in range(60)]
+    write_dataset(local, {"train": samples}, name="bad", samples_per_shard=10, num_classes=3)
+    s3 = boto3.client("s3")
+    prefix = "bad-shards"
+    for path in local.iterdir():
+        s3.upload_file(str(path), s3_server.bucket, f"{prefix}/{path.name}")
+    url = f"s3://{s3_server.bucket}/{prefix}"
+    manifest = load_manifest(url)  # sizes from one listing: all agree
+
+    gone, rotten = "train-000002.tar", "train-000004.tar"
+    s3.delete_object(Bucket=s3_server.bucket, Key=f"{prefix}/{gone}")
+    size = (local / rotten).stat().st_size
+    s3.put_object(Bucket=s3_server.bucket, Key=f"{prefix}/{rotten}", Body=os.urandom(size))
+    kw = dict(batch_size=5, rank=0, world_size=1, num_workers=2, transform=None, seed=0, shuffle=True,
+              shuffle_buffer=4, with_keys=True, prefetch_shards=1)
+    loader = build_loader(manifest, "train", **kw, max_bad_fraction=0.5)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 12 and all(len(keys) == 5 for _, _, keys in batches)
+    stats = loader.fault_stats()
+    assert stats["skipped_samples"] == 20
+    assert {k: v["kinds"] for k, v in stats["bad_shards"].items()} == {
+        f"{url}/{gone}": {"missing": 10},
+        f"{url}/{rotten}": {"not_a_tar": 10},
+    }
+    readable = {s.key for i, s in enumerate(samples) if i // 10 not in (2, 4)}
+    assert {k for _, _, keys in batches for k in keys} == readable
+    # raised as soon as the count passes 20% of the epoch's 60 samples, naming the shards seen bad so far
+    with pytest.raises(DataFaultError, match=rf"more than max_bad_fraction=0.2; bad shards: {url}/{gone} \(\d+ miss"):
+        list(build_loader(manifest, "train", **kw, max_bad_fraction=0.2))
+
+    # a shard that disagrees with the manifest (here: missing, and one a byte short) is refused up front
+    with pytest.raises(ValueError, match=rf"shard file\(s\) are missing from {url}: {gone}"):
+        load_manifest(url)
+    s3.upload_file(str(local / gone), s3_server.bucket, f"{prefix}/{gone}")
+    s3.put_object(Bucket=s3_server.bucket, Key=f"{prefix}/{rotten}", Body=os.urandom(size - 1))
+    with pytest.raises(ValueError, match=rf"size differs from the manifest: {url}/{rotten} \({size - 1} bytes"):
+        load_manifest(url)

@@ -129,3 +129,50 @@ def test_bad_shards_are_counted_in_metrics_and_fatal_above_the_threshold(tmp_pat
     assert trainer._data_faults() == {"data/skipped_samples": 64.0, "data/bad_shards": 2.0}  # with val's
     with pytest.raises(DataFaultError, match=r"more than max_bad_fraction=0.1; bad shards: .*train-000001.tar"):
         _trainer(_cfg("trainer.max_steps=4", "data.max_bad_fraction=0.1"), root, Recorder()).train()
+
+
+class _FaultyLoader:
+    def __init__(self, skipped: int, shards: list[str]) -> None:
+        self.stats = {"skipped_samples": skipped, "bad_shards": {name: {} for name in shards}}
+
+    def fault_stats(self) -> dict:
+        return self.stats
+
+
+def _data_faults_on_rank(rank: int, world: int, port: int, results) -> None:
+    from types import SimpleNamespace
+
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        dist = SimpleNamespace(distributed=True, device=torch.device("cpu"), world_size=world)
+        # rank 0: 3 bad samples in a.tar; rank 1: 4, in a.tar (a shard split over both ranks) and b.tar
+        shards = ["a.tar"] if rank == 0 else ["a.tar", "b.tar"]
+        me = SimpleNamespace(train_loader=_FaultyLoader(3 + rank, shards), val_loader=None, dist=dist)
+        clean = SimpleNamespace(train_loader=_FaultyLoader(0, []), val_loader=None, dist=dist)
+        results.put((rank, Trainer._data_faults(me), Trainer._data_faults(clean)))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_fault_metrics_are_reduced_over_ranks():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_data_faults_on_rank, args=(r, 2, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    got = sorted(results.get() for _ in range(2))
+    for _, faults, clean in got:  # the same on both ranks: 3 + 4 samples, 2 distinct shards
+        assert faults == {"data/skipped_samples": 7.0, "data/bad_shards": 2.0}
+        assert clean == {"data/skipped_samples": 0.0, "data/bad_shards": 0.0}
