@@ -192,3 +192,25 @@ def test_s3_sizes_come_from_a_listing_and_a_gone_object_is_file_not_found(monkey
     # a shard deleted after the check: FileNotFoundError (a fault the loader skips), not a ClientError
     with pytest.raises(FileNotFoundError, match="s3://bkt/pre/train-000000.tar does not exist"):
         storage.read_bytes("train-000000.tar")
+
+
+def test_without_list_permission_the_sizes_come_from_heads(monkeypatch):
+    client = _ListingClient()
+    sizes = {"pre/train-000000.tar": 100, "pre/train-000001.tar": 90}
+
+    def refuse(op):
+        raise _error("AccessDenied", 403, "ListObjectsV2")
+
+    monkeypatch.setattr(client, "get_paginator", refuse)
+
+    def head(Bucket, Key):
+        if Key not in sizes:
+            raise _error("404", 404, "HeadObject")
+        return {"ContentLength": sizes[Key], "Metadata": {}}
+
+    monkeypatch.setattr(client, "head_object", head)
+    storage = S3Storage("s3://bkt/pre", client_factory=lambda: client)
+    assert storage.list_sizes() is None
+    monkeypatch.setattr(storage, "exists", lambda name: name == "_info.json" or f"pre/{name}" in sizes)
+    with pytest.raises(ValueError, match=r"s3://bkt/pre/train-000001.tar \(90 bytes, manifest says 100\)"):
+        load_manifest(storage)

@@ -217,6 +217,7 @@ def _check_files(manifest: Manifest) -> None:
     """Every listed shard exists with its listed size: a cheap check (a stat per file, or one S3 list
     request per 1000 objects), so a manifest that disagrees with its shards is refused before training."""
     storage = manifest.storage
+    # one listing where the storage has it (S3); None also when listing is not allowed
     listed: dict[str, int] | None = storage.list_sizes() if hasattr(storage, "list_sizes") else None
 
     def size_of(name: str) -> int | None:

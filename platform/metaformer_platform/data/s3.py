@@ -383,9 +383,10 @@ class S3Storage:
             raise FileNotFoundError(f"{self.describe(name)} does not exist")
         return int(head["ContentLength"])
 
-    def list_sizes(self) -> dict[str, int]:
+    def list_sizes(self) -> dict[str, int] | None:
         """{name: bytes} of every object under the prefix, from ListObjectsV2 (one request per 1000
-        objects, where `size()` costs a HEAD per object): how the manifest check compares sizes."""
+        objects, where `size()` costs a HEAD per object): how the manifest check compares sizes.
+        None when the key may read objects but not list them (the check then HEADs each shard)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         self._check_bucket()
@@ -398,6 +399,9 @@ class S3Storage:
                 for obj in page.get("Contents", ()):
                     sizes[obj["Key"][len(base) :]] = int(obj["Size"])
         except (ClientError, BotoCoreError) as err:
+            if _error_code(err) == "AccessDenied":  # s3:ListBucket not granted; reads may still be
+                _log.info("%s: listing refused (AccessDenied); checking shard sizes one HEAD each", self.url)
+                return None
             mapped = self._refusal(err, self.url)
             if mapped is err:
                 raise
