@@ -89,7 +89,6 @@ def test_each_corrupt_input_kind_is_skipped_counted_and_named(tmp_path, caplog):
     good_jpeg = _jpeg(0)
     keys = _write(tmp_path, "train", 6, corrupt={"train4_2": good_jpeg[: len(good_jpeg) // 2]})
     _set_cls(tmp_path / "train-000004.tar", "train4_5", b"not-a-label")
-    _set_cls(tmp_path / "train-000005.tar", "train5_0", b"3")  # same size: the manifest stays true
     body = json.loads((tmp_path / INFO_NAME).read_text())
     del body["splits"]["train"]["shard_bytes"]  # the .cls rewrite above may change a shard's size
     write_manifest(tmp_path, body)
@@ -99,6 +98,11 @@ def test_each_corrupt_input_kind_is_skipped_counted_and_named(tmp_path, caplog):
     shard[1].write_bytes(data[: len(data) // 2])  # truncated mid-way
     shard[2].write_bytes(os.urandom(len(shard[2].read_bytes())))  # random bytes of the right size
     shard[3].unlink()  # gone
+    with tarfile.open(shard[5]) as tar:
+        cut_member = tar.getmembers()[7]  # train5_3.cls (each sample is a .jpg and a .cls)
+    shard[5].write_bytes(shard[5].read_bytes()[: cut_member.offset_data + 5])  # cut inside its data block
+    cut_sample = 3  # train5_0..2 were read whole
+    assert cut_member.name == "train5_3.cls"
 
     loader = _loader(manifest, max_bad_fraction=None)
     with caplog.at_level(logging.WARNING, logger="metaformer_platform.data.loader"):
@@ -114,19 +118,21 @@ def test_each_corrupt_input_kind_is_skipped_counted_and_named(tmp_path, caplog):
         "train-000002.tar": {"not_a_tar": PER_SHARD},
         "train-000003.tar": {"missing": PER_SHARD},
         "train-000004.tar": {"bad_image": 1, "bad_label": 1},
+        "train-000005.tar": {"not_a_tar": PER_SHARD - cut_sample},  # "unexpected end of data"
     }
     stats = loader.fault_stats()
-    assert stats["skipped_samples"] == truncated_skipped + 2 * PER_SHARD + 2
+    assert stats["skipped_samples"] == truncated_skipped + 2 * PER_SHARD + 2 + PER_SHARD - cut_sample
     assert str(shard[3]) in stats["bad_shards"]  # named by their full location
     # every readable sample was yielded; stand-ins (repeats of readable samples) fill the rest
     seen = [k for _, _, batch_keys in batches for k in batch_keys]
     bad = {"train4_2", "train4_5"} | {f"train{s}_{i}" for s in (2, 3) for i in range(PER_SHARD)}
     readable = set(keys) - bad - {f"train1_{i}" for i in range(PER_SHARD - truncated_skipped, PER_SHARD)}
+    readable -= {f"train5_{i}" for i in range(cut_sample, PER_SHARD)}
     assert set(seen) == readable and len(seen) == 48
     # one log line per bad shard, naming it
     lines = [r.getMessage() for r in caplog.records if "skipping unreadable data" in r.getMessage()]
-    assert len(lines) == 4
-    for i in (1, 2, 3, 4):
+    assert len(lines) == 5
+    for i in (1, 2, 3, 4, 5):
         assert sum(str(shard[i]) in line for line in lines) == 1
 
 
