@@ -119,14 +119,23 @@ def test_bad_shards_are_counted_in_metrics_and_fatal_above_the_threshold(tmp_pat
         path = root / name
         path.write_bytes(os.urandom(path.stat().st_size))
     rec = Recorder()
-    cfg = _cfg("trainer.max_steps=4", "data.max_bad_fraction=0.5", "trainer.log_every_steps=2")
-    trainer = _trainer(cfg, root, rec)
+    cfg = _cfg(
+        "trainer.max_steps=4", "data.max_bad_fraction=0.5", "trainer.log_every_steps=2",
+        "trainer.checkpoint_every_steps=2",
+    )
+    saved = tmp_path / "checkpoints"
+    saved.mkdir()
+    trainer = _trainer(cfg, root, rec, reported=saved)
     final = trainer.train()
     halfway = rec.series("data/skipped_samples")[2]
     assert 0 < halfway < 32  # counted as the shuffled epoch reaches the bad shard's samples
     assert rec.series("data/skipped_samples")[4] == 32.0 and rec.series("data/bad_shards") == {2: 1.0, 4: 1.0}
     assert final["val/samples"] == 32 and final["val/skipped_samples"] == 32  # 32 + 32 == the split's 64
     assert trainer._data_faults() == {"data/skipped_samples": 64.0, "data/bad_shards": 2.0}  # with val's
+    # a job resumed mid-epoch keeps the counts of its checkpoint (and so the threshold cannot be dodged)
+    resumed = Recorder()
+    _trainer(cfg, root, resumed, resume_from=saved / "step-2").train()
+    assert resumed.series("data/skipped_samples") == {4: 32.0}
     with pytest.raises(DataFaultError, match=r"more than max_bad_fraction=0.1; bad shards: .*train-000001.tar"):
         _trainer(_cfg("trainer.max_steps=4", "data.max_bad_fraction=0.1"), root, Recorder()).train()
 

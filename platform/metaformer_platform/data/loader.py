@@ -476,10 +476,29 @@ class ShardLoader:
         self._epoch_skipped = 0
 
     def fault_stats(self) -> dict[str, Any]:
-        """Samples this loader (this rank) skipped since it was made, and per bad shard how many and why:
-        {"skipped_samples": n, "bad_shards": {shard: {"skipped": n, "kinds": {kind: n}}}}. Counting starts
-        afresh in a resumed job (faults before the resume point are not re-read)."""
+        """Samples this loader (this rank) skipped, and per bad shard how many and why:
+        {"skipped_samples": n, "bad_shards": {shard: {"skipped": n, "kinds": {kind: n}}}}. Since it was
+        made, or since the run began when `load_fault_state` restored the counts of a checkpoint."""
         return self._faults.as_dict()
+
+    def fault_state(self) -> dict[str, Any]:
+        """This rank's fault counts, to store per rank with a checkpoint (unlike `state_dict`, they differ
+        by rank): a resumed job then keeps counting, and cannot slip under `max_bad_fraction` by restarting."""
+        return {
+            "epoch": self.epoch,
+            "epoch_skipped": self._epoch_skipped,
+            "shards": {shard: dict(kinds) for shard, kinds in self._faults.shards.items()},
+            "details": dict(self._faults.details),
+        }
+
+    def load_fault_state(self, state: dict[str, Any]) -> None:
+        """Restore `fault_state()` (after `load_state_dict`, which sets the epoch); shards already known
+        to be bad are not warned about again."""
+        self._faults = FaultStats(
+            shards={shard: dict(kinds) for shard, kinds in state["shards"].items()},
+            details=dict(state["details"]),
+        )
+        self._epoch_skipped = int(state["epoch_skipped"]) if state["epoch"] == self.epoch else 0
 
     def _count_faults(self, found: list[tuple[str, str, int, str]]) -> None:
         for shard, kind, count, detail in found:

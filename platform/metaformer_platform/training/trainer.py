@@ -7,6 +7,7 @@ The Trainer knows nothing of Ray or MLflow: it is given where it sits (``DistCon
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -326,6 +327,10 @@ class Trainer:
             "val/images_per_s": count / (time.perf_counter() - start),
         }
 
+    def _fault_counting_loaders(self) -> dict[str, Any]:
+        named = {"train": self.train_loader, "val": self.val_loader}
+        return {split: loader for split, loader in named.items() if hasattr(loader, "fault_state")}
+
     @staticmethod
     def _skipped(loader: Any) -> int:
         return loader.fault_stats()["skipped_samples"] if hasattr(loader, "fault_stats") else 0
@@ -353,6 +358,8 @@ class Trainer:
         directory.mkdir(parents=True, exist_ok=True)
         self.strategy.save(directory)
         ckpt.save_tensors(ckpt.rng_state(), directory / f"rng-rank{self.dist.rank:05d}.pt")
+        faults = {split: loader.fault_state() for split, loader in self._fault_counting_loaders().items()}
+        (directory / f"data-faults-rank{self.dist.rank:05d}.json").write_text(json.dumps(faults))
         if self.dist.is_main:
             ckpt.save_tensors(self.state_dict(), directory / ckpt.TRAINER_FILE)
             (directory / ckpt.CONFIG_FILE).write_text(self.cfg.to_yaml())
@@ -377,6 +384,13 @@ class Trainer:
         rng_file = directory / f"rng-rank{self.dist.rank:05d}.pt"
         if rng_file.is_file():
             ckpt.set_rng_state(ckpt.load_tensors(rng_file))
+        # this rank's skipped-sample counts go on, so a restarted job cannot slip under max_bad_fraction
+        faults_file = directory / f"data-faults-rank{self.dist.rank:05d}.json"
+        if faults_file.is_file():
+            loaders = self._fault_counting_loaders()
+            for split, saved in json.loads(faults_file.read_text()).items():
+                if split in loaders:
+                    loaders[split].load_fault_state(saved)
         log.info("resumed from %s at step %d", directory, self.step)
 
     def save_and_report(self, metrics: dict[str, float]) -> None:
