@@ -138,8 +138,6 @@ def test_bad_s3_shards_are_skipped_counted_and_refused(s3_server, tmp_path, monk
     """On the session's S3 server: a shard deleted after the manifest check and a shard overwritten with
     random bytes of the same size are skipped and counted by name, batches stay full, the threshold fails
     naming them; a shard whose size disagrees with the manifest is refused before any reading."""
-    import boto3
-
     from metaformer_platform.data import DataFaultError, load_manifest
 
     for key, value in s3_server.env.items():
@@ -147,7 +145,7 @@ def test_bad_s3_shards_are_skipped_counted_and_refused(s3_server, tmp_path, monk
     local = tmp_path / "shards"
     samples = [Sample(f"b{i:03d}", _jpeg(i), i % 3) for i in range(60)]
     write_dataset(local, {"train": samples}, name="bad", samples_per_shard=10, num_classes=3)
-    s3 = boto3.client("s3")
+    s3 = s3_server.client()  # not boto3.client(): its default session keeps the credentials it saw first
     prefix = "bad-shards"
     for path in local.iterdir():
         s3.upload_file(str(path), s3_server.bucket, f"{prefix}/{path.name}")
