@@ -54,7 +54,7 @@ def test_job_learns_checkpoints_and_tracks(first_run, mlflow_server):
     assert result.checkpoint_path == str(latest)
     # Both ranks' parts were merged into one folder by Ray; rank 0 marked it complete.
     for name in ("COMPLETE", "model.pt", "optimizer.pt", "trainer.pt", "config.yaml",
-                 "rng-rank00000.pt", "rng-rank00001.pt"):
+                 "rng-rank00000.pt", "rng-rank00001.pt", "data-faults-rank00000.json", "data-faults-rank00001.json"):
         assert (latest / name).is_file(), name
 
     client = MlflowClient(mlflow_server)
@@ -71,6 +71,10 @@ def test_job_learns_checkpoints_and_tracks(first_run, mlflow_server):
     # It falls, and ends well below the loss of guessing (ln 4 = 1.386), under random-resized crops.
     assert last < 0.9 * first and last < 0.75 * math.log(4), values
     assert {m.step for m in client.get_metric_history(run.info.run_id, "val/top1")} == {50, 100}
+    # the data-fault counters reach MLflow at the log cadence (clean data: nothing skipped)
+    skipped = client.get_metric_history(run.info.run_id, "data/skipped_samples")
+    assert sorted(m.step for m in skipped) == list(range(5, 101, 5)) and {m.value for m in skipped} == {0.0}
+    assert result.metrics["val/skipped_samples"] == 0
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
