@@ -124,3 +124,34 @@ def test_a_job_that_fails_in_its_workers_ends_its_run_failed(first_run, mlflow_s
         run_job(cfg)
     assert MlflowClient(mlflow_server).get_run(first.mlflow_run_id).info.status == "FAILED"
     assert {p.name: (p / "model.pt").read_bytes() for p in run_dir.glob("checkpoint-*")} == before
+
+
+def test_a_job_on_shards_gone_bad_counts_them_in_mlflow(ray_cluster, mlflow_server, tmp_path):
+    """One train and one val shard overwritten with random bytes (same size, so the manifest check passes):
+    the 2-rank job trains its whole epoch with full batches, MLflow gets the summed counts, and validation
+    scores the 150 readable samples and reports the 50 skipped."""
+    import os
+
+    from metaformer_platform.data import ensure_synthetic_shards
+
+    root = ensure_synthetic_shards(
+        tmp_path / "data", num_classes=4, train_samples=1024, val_samples=200, image_size=32, samples_per_shard=50
+    )
+    for name in ("train-000003.tar", "val-000001.tar"):
+        path = root / name
+        path.write_bytes(os.urandom(path.stat().st_size))
+    cfg = load_config(
+        CONFIGS / "default.yaml",
+        _overrides(
+            tmp_path, mlflow_server, f"data.source={root}", "data.max_bad_fraction=0.6", "trainer.max_steps=32",
+            "trainer.val_every_steps=32", "trainer.checkpoint_every_steps=32", "run.name=it-bad-shards",
+            "tracking.experiment=it-bad-shards", "run.max_failures=0",
+        ),
+    )
+    result = run_job(cfg)
+    assert result.metrics["step"] == 32  # 1024 = 2 ranks x 32 batches x 16: the whole epoch
+    client = MlflowClient(mlflow_server)
+    skipped = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "data/skipped_samples")}
+    assert skipped[32] == 50.0 and sorted(skipped) == list(range(5, 31, 5)) + [32]
+    assert {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "data/bad_shards")}[32] == 1.0
+    assert result.metrics["val/samples"] == 150 and result.metrics["val/skipped_samples"] == 50
