@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from loader_helpers import make_loader
 from PIL import Image
 
 from metaformer_platform.data import (
@@ -85,19 +86,7 @@ def _epoch_keys(loader) -> list[list[str]]:
 
 
 def _loader(root, split="train", **kw):
-    args = dict(
-        batch_size=5,
-        rank=0,
-        world_size=1,
-        num_workers=0,
-        transform=None,
-        seed=0,
-        shuffle=True,
-        shuffle_buffer=8,
-        with_keys=True,
-    )
-    args.update(kw)
-    return build_loader(root, split, **args)
+    return make_loader(root, split, **kw)
 
 
 # ---------------------------------------------------------------- writer and manifest

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from loader_helpers import make_loader
 from PIL import Image
 
 from metaformer_platform.data import (
@@ -19,7 +20,6 @@ from metaformer_platform.data import (
     INFO_NAME,
     DataFaultError,
     Sample,
-    build_loader,
     build_transforms,
     load_manifest,
     write_manifest,
@@ -66,19 +66,7 @@ def _set_cls(path: Path, key: str, data: bytes) -> None:
 
 
 def _loader(source, split="train", **kw):
-    args = dict(
-        batch_size=4,
-        rank=0,
-        world_size=1,
-        num_workers=0,
-        transform=None,
-        seed=0,
-        shuffle=True,
-        shuffle_buffer=6,
-        with_keys=True,
-    )
-    args.update(kw)
-    return build_loader(source, split, **args)
+    return make_loader(source, split, **{**dict(batch_size=4, shuffle_buffer=6), **kw})
 
 
 def _kinds(loader) -> dict[str, dict[str, int]]:
