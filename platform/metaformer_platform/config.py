@@ -40,7 +40,8 @@ class DataConfig(_Section):
     source: str = Field(
         "synthetic",
         description="'synthetic' (generated on first use into cache_dir), or a folder / file:// URL / "
-        "s3://bucket/prefix holding webdataset shards and their _info.json",
+        "s3://bucket/prefix holding webdataset shards and their _info.json, the manifest file itself "
+        "(.../_info.json), or a brace pattern of shards (s3://bucket/imagenet/{train-{000000..000099},val-000000}.tar)",
     )
     cache_dir: str = Field("~/.cache/metaformer-platform", description="where generated data is cached")
     synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)

@@ -119,6 +119,25 @@ def test_timm_wds_reader_reads_the_s3_shards(s3_shards, s3_server, monkeypatch):
     assert all(img.size == (32, 32) for img, _ in items)
 
 
+def test_brace_patterns_and_manifest_urls_on_s3(s3_shards, s3_server, monkeypatch):
+    url, _ = s3_shards
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    assert load_manifest(f"{url}/_info.json").split("train").num_samples == 96
+    picked = load_manifest(f"{url}/{{train-{{000008..000009}},val-000002}}.tar")
+    assert picked.split("train").shard_lengths == (10, 6) and picked.split("val").num_samples == 10
+    assert picked.num_classes == 4
+    # Without a manifest beside them (a copy of two shards), the lengths are counted from the tars.
+    s3 = s3_server.client()
+    for name in ("train-000009.tar", "val-000000.tar"):
+        s3.copy_object(Bucket=s3_server.bucket, Key=f"bare-tiny/{name}",
+                       CopySource={"Bucket": s3_server.bucket, "Key": f"imagenet-tiny/{name}"})
+    bare = load_manifest(f"s3://{s3_server.bucket}/bare-tiny/{{train-000009,val-000000}}.tar")
+    assert (bare.split("train").shard_lengths, bare.split("val").shard_lengths) == ((6,), (10,))
+    keys = [s.key for s in iter_shard(bare.storage, "val-000000.tar")]
+    assert keys == [s.key for s in iter_shard(picked.storage, "val-000000.tar")]
+
+
 def test_loader_under_torchtrainer_reads_each_val_sample_once_from_s3(s3_shards, s3_server, tmp_path):
     import ray.train
     from ray.train.torch import TorchTrainer

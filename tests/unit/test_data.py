@@ -204,6 +204,53 @@ def test_synthetic_set_is_cached_and_keyed_by_parameters(tmp_path):
     assert labels.tolist() == [0, 1, 2, 0, 1, 2]
 
 
+# ---------------------------------------------------------------- data sources: folder, manifest file, brace pattern
+
+
+def test_a_manifest_file_is_a_source_too(uneven, tmp_path):
+    assert load_manifest(uneven / INFO_NAME).split("val").num_samples == 25
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for f in uneven.glob("*.tar"):
+        (renamed / f.name).symlink_to(f)
+    (renamed / "imagenet-subset.json").write_bytes((uneven / INFO_NAME).read_bytes())
+    manifest = load_manifest(f"file://{renamed}/imagenet-subset.json")
+    assert manifest.info_name == "imagenet-subset.json" and manifest.split("train").num_samples == 24
+    with pytest.raises(ValueError, match="no shards found"):
+        load_manifest(renamed / "other.json")
+
+
+def test_a_brace_pattern_selects_shards_of_the_manifest(uneven):
+    manifest = load_manifest(f"{uneven}/{{train-{{000001..000002}},val-000003}}.tar")
+    assert manifest.split("train").filenames == ("train-000001.tar", "train-000002.tar")
+    assert manifest.split("train").shard_lengths == (5, 9)
+    assert manifest.split("val").num_samples == 4 and manifest.num_classes == NUM_CLASSES
+    # the loader reads exactly the selected shards, each sample once
+    loader = _loader(f"{uneven}/val-{{000000..000001}}.tar", "val", batch_size=4, shuffle=False, drop_last=False)
+    keys = [k for _, _, batch_keys in loader for k in batch_keys]
+    assert sorted(keys) == sorted(_all_keys(uneven, "val")[:12])
+    with pytest.raises(ValueError, match=r"6 shard\(s\) are not listed in .*train-000004\.tar, .* and 1 more"):
+        load_manifest(f"{uneven}/train-{{000003..000009}}.tar")
+
+
+def test_a_brace_pattern_without_a_manifest_counts_the_shards(uneven, tmp_path, caplog):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in uneven.glob("*.tar"):
+        (bare / f.name).write_bytes(f.read_bytes())
+    manifest = load_manifest(f"file://{bare}/{{train-{{000000..000003}},val-{{000000..000003}}}}.tar")
+    assert manifest.split("train").shard_lengths == (7, 5, 9, 3)
+    assert manifest.split("val").shard_lengths == (7, 5, 9, 4)
+    assert manifest.num_classes is None and "counting the samples of 8 shards" in caplog.text
+    with pytest.raises(ValueError, match=r"do not exist .*train-000004\.tar"):
+        load_manifest(f"{bare}/train-{{000000..000004}}.tar")
+    (bare / "extra.tar").write_bytes((bare / "val-000000.tar").read_bytes())
+    with pytest.raises(ValueError, match=r"not named \{split\}-NNNNNN\.tar"):
+        load_manifest(f"{bare}/{{extra,val-000000}}.tar")
+    with pytest.raises(ValueError, match="after a folder or bucket prefix"):
+        load_manifest("{a,b}.tar")
+
+
 # ---------------------------------------------------------------- splitting over ranks and workers
 
 

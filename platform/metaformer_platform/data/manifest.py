@@ -21,19 +21,29 @@ Schema (keys timm's `ReaderWds` reads are marked *)::
     }
 
 Each sample in a shard is `{key}.jpg` + `{key}.cls` (the label as ASCII digits) + an optional `{key}.json`.
+
+A data source names a folder (or URL prefix) holding `_info.json`, the manifest file itself
+(`.../_info.json` or another `*.json` name), or a brace pattern of shards
+(`s3://bucket/imagenet/{train-{000000..000099},val-{000000..000009}}.tar`, webdataset's syntax). A pattern
+selects shards: with a manifest beside them their splits and lengths come from it; without one, each shard's
+split is its name's `{split}-NNNNNN.tar` prefix and its length is counted by reading it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .storage import Storage, open_storage
+from .storage import Storage, open_storage, split_url
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FORMAT",
@@ -96,6 +106,7 @@ class Manifest:
     class_names: tuple[str, ...] = ()
     num_classes: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    info_name: str = INFO_NAME  # the manifest's file name in `storage` (another name when given as a file)
 
     @property
     def url(self) -> str:
@@ -105,10 +116,16 @@ class Manifest:
         """The named split, or a ValueError that lists the ones there are."""
         if name not in self.splits:
             raise ValueError(
-                f"{self.storage.describe(INFO_NAME)}: unknown split {name!r}; this manifest has "
+                f"{self.storage.describe(self.info_name)}: unknown split {name!r}; this manifest has "
                 f"{sorted(self.splits)}; pass one of those as the split"
             )
         return self.splits[name]
+
+
+def _listing(names: Sequence[str], shown: int = 5) -> str:
+    """The first few names, and how many more there are."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _fail(where: str, problem: str, fix: str) -> ValueError:
@@ -166,17 +183,30 @@ def _parse_split(where: str, key: str, raw: Any) -> SplitInfo:
 
 
 def load_manifest(source: str | Path | Storage, *, check_files: bool = True) -> Manifest:
-    """Read and validate `_info.json` under `source` (a folder, a file:// URL or a `Storage`).
+    """Read and validate the manifest of `source`: a folder, URL or `Storage` holding `_info.json`, the
+    manifest file itself (`*.json`), or a brace pattern of shards (see the module docstring).
 
     With `check_files` (the default) every listed shard must exist (and have the listed size, when the
     manifest records sizes); checksums are only compared by `verify_checksums`, which reads every byte.
     """
-    storage = open_storage(source) if isinstance(source, (str, Path)) else source
-    where = storage.describe(INFO_NAME)
-    if not storage.exists(INFO_NAME):
+    info_name = INFO_NAME
+    if isinstance(source, (str, Path)):
+        text = os.fspath(source)
+        if "{" in text:
+            return _manifest_of_pattern(text, check_files=check_files)
+        if text.endswith(".json"):
+            parent, _, info_name = text.rstrip("/").rpartition("/")
+            source = parent if isinstance(source, str) else Path(parent or ".")
+            if isinstance(source, str) and not split_url(source)[1]:
+                raise ValueError(f"data source {text!r}: a manifest URL needs a bucket or folder before the file name")
+        storage = open_storage(source or ".")
+    else:
+        storage = source
+    where = storage.describe(info_name)
+    if not storage.exists(info_name):
         raise ValueError(f"no shards found in {storage.url}: expected {where}; {BUILD_HINT}")
     try:
-        raw = json.loads(storage.read_bytes(INFO_NAME))
+        raw = json.loads(storage.read_bytes(info_name))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise _fail(where, f"not valid JSON ({err})", "rebuild the shards or fix the file") from None
     if not isinstance(raw, Mapping):
@@ -207,10 +237,91 @@ def load_manifest(source: str | Path | Storage, *, check_files: bool = True) -> 
         class_names=tuple(class_names),
         num_classes=num_classes,
         extra=dict(raw.get("extra", {})),
+        info_name=info_name,
     )
     if check_files:
         _check_files(manifest)
     return manifest
+
+
+_SHARD_NAME = re.compile(r"^(?P<split>.+)-\d+\.tar$")
+
+
+def _manifest_of_pattern(pattern: str, *, check_files: bool) -> Manifest:
+    """The shards a brace pattern names, as a manifest: a subset of the manifest beside them when there is
+    one, else one split per `{split}-NNNNNN.tar` prefix with lengths counted by reading each shard."""
+    from braceexpand import braceexpand
+
+    root, _, _ = pattern[: pattern.index("{")].rpartition("/")
+    if not root or not split_url(root)[1]:
+        raise ValueError(
+            f"data source {pattern!r}: put the brace pattern after a folder or bucket prefix, e.g. "
+            "s3://bucket/imagenet/train-{000000..000099}.tar"
+        )
+    names = [url[len(root) + 1 :] for url in braceexpand(pattern)]
+    if len(set(names)) != len(names):
+        raise ValueError(f"data source {pattern!r} names a shard more than once; fix the pattern")
+    storage = open_storage(root)
+    if storage.exists(INFO_NAME):
+        full = load_manifest(storage, check_files=False)
+        listed = {name for split in full.splits.values() for name in split.filenames}
+        unknown = [name for name in names if name not in listed]
+        if unknown:
+            raise ValueError(
+                f"data source {pattern!r}: {len(unknown)} shard(s) are not listed in "
+                f"{storage.describe(INFO_NAME)}: {_listing(unknown)}; fix the pattern or rebuild the manifest"
+            )
+        wanted = set(names)
+        splits: dict[str, SplitInfo] = {}
+        for split in full.splits.values():
+            picked = [i for i, name in enumerate(split.filenames) if name in wanted]
+            if picked:
+                splits[split.name] = SplitInfo(
+                    name=split.name,
+                    filenames=tuple(split.filenames[i] for i in picked),
+                    shard_lengths=tuple(split.shard_lengths[i] for i in picked),
+                    shard_sha256=tuple(split.shard_sha256[i] for i in picked) if split.shard_sha256 else (),
+                    shard_bytes=tuple(split.shard_bytes[i] for i in picked) if split.shard_bytes else (),
+                )
+        manifest = Manifest(
+            name=full.name, splits=splits, storage=storage, class_names=full.class_names,
+            num_classes=full.num_classes, extra={**full.extra, "pattern": pattern},
+        )
+        if check_files:
+            _check_files(manifest)
+        return manifest
+
+    from .reader import count_samples
+
+    grouped: dict[str, list[str]] = {}
+    for name in names:
+        match = _SHARD_NAME.match(name.rpartition("/")[2])
+        if match is None:
+            raise ValueError(
+                f"data source {pattern!r}: shard {name!r} is not named {{split}}-NNNNNN.tar and there is no "
+                f"{storage.describe(INFO_NAME)} to say its split; rename the shards or build a manifest"
+            )
+        grouped.setdefault(match["split"], []).append(name)
+    missing = [name for name in names if not storage.exists(name)]
+    if missing:
+        raise ValueError(
+            f"data source {pattern!r}: {len(missing)} shard(s) do not exist in {storage.url}: "
+            f"{_listing(missing)}; fix the pattern or copy the shards there"
+        )
+    log.warning(
+        "%s has no %s: counting the samples of %d shards by reading them (build a manifest with "
+        "jobs/build_shards.py to skip this)", storage.url, INFO_NAME, len(names),
+    )
+    splits = {
+        split: SplitInfo(
+            name=split,
+            filenames=tuple(files),
+            shard_lengths=tuple(count_samples(storage, name) for name in files),
+            shard_bytes=tuple(storage.size(name) for name in files),
+        )
+        for split, files in grouped.items()
+    }
+    return Manifest(name=root.rpartition("/")[2], splits=splits, storage=storage, extra={"pattern": pattern})
 
 
 def _check_files(manifest: Manifest) -> None:
@@ -235,12 +346,11 @@ def _check_files(manifest: Manifest) -> None:
                 wrong_size.append(
                     f"{storage.describe(name)} ({size} bytes, manifest says {split.shard_bytes[i]})"
                 )
-    where = storage.describe(INFO_NAME)
+    where = storage.describe(manifest.info_name)
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise _fail(
             where,
-            f"{len(missing)} listed shard file(s) are missing from {storage.url}: {shown}",
+            f"{len(missing)} listed shard file(s) are missing from {storage.url}: {_listing(missing)}",
             "copy the missing shards there or rebuild the shards",
         )
     if wrong_size:
@@ -264,7 +374,7 @@ def verify_checksums(manifest: Manifest, split: str | None = None) -> int:
     for info in splits:
         if not info.shard_sha256:
             raise _fail(
-                manifest.storage.describe(INFO_NAME),
+                manifest.storage.describe(manifest.info_name),
                 f"split {info.name!r} records no shard_sha256",
                 "rebuild the shards with this platform's writer to get checksums",
             )

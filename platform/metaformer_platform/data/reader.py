@@ -22,7 +22,7 @@ from PIL import Image
 from .faults import ShortShardError
 from .storage import Storage
 
-__all__ = ["IMAGE_EXTS", "RawSample", "decode_image", "decode_label", "iter_shard"]
+__all__ = ["IMAGE_EXTS", "RawSample", "count_samples", "decode_image", "decode_label", "iter_shard"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -150,6 +150,20 @@ def iter_shard(
             f"{storage.describe(filename)} holds {count} samples but the manifest needs at least {stop}: "
             "the shard was truncated or replaced; rebuild it (or its manifest)"
         )
+
+
+def count_samples(storage: Storage, filename: str) -> int:
+    """How many samples one shard holds, by walking its tar headers (member data is read past, not kept).
+
+    For shards that no manifest lists (a brace pattern over bare tars): it reads the whole shard.
+    """
+    count, key = 0, None
+    with storage.open(filename) as stream:
+        for name in _TarMembers(stream, storage.describe(filename)):
+            member_key, _ = _split_member(name)
+            if member_key != key:
+                key, count = member_key, count + 1
+    return count
 
 
 def decode_label(sample: RawSample) -> int:
