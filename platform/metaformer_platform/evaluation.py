@@ -121,7 +121,7 @@ class MetricSums:
         ]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain numbers and lists (for ``ray.train.report``, which refuses tensors)."""
+        """Plain numbers and lists: what a Ray Train worker hands back to the driver."""
         return {
             "scalars": self.scalars.tolist(),
             "class_samples": self.class_samples.tolist(),

@@ -362,8 +362,9 @@ def _registry_uri(cfg: JobConfig) -> str:
     return resolve_tracking_uri(cfg.tracking.tracking_uri)
 
 
-def _eval_worker(payload: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker: scores its share of the validation split; rank 0's sums are the result."""
+def _eval_worker(payload: dict[str, Any]) -> dict[str, Any]:
+    """Runs in every Ray Train worker: scores its share of the validation split and returns the sums over all
+    ranks (Ray hands rank 0's return value to the driver as ``Result.return_value``)."""
     import ray.train
     import ray.train.torch
 
@@ -384,8 +385,7 @@ def _eval_worker(payload: dict[str, Any]) -> None:
     if not weights.exists():  # another node than the driver's: fetch its own copy of the registered version
         weights = Path(_with_local_init_from(cfg, payload["registry_uri"]).model.init_from or weights)
     data_root = resolve_data_root(cfg)
-    sums = evaluate_worker(cfg, dist, data_root, weights)
-    ray.train.report({"eval_sums": sums.to_dict()})
+    return evaluate_worker(cfg, dist, data_root, weights).to_dict()
 
 
 def _write_report(report: dict[str, Any], run_dir: str) -> str:
@@ -468,7 +468,7 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
         result = trainer.fit()
         if result.error is not None:
             raise result.error
-        sums = MetricSums.from_dict(result.metrics["eval_sums"])
+        sums = MetricSums.from_dict(result.return_value)
         report = build_report(
             sums, cfg=cfg, weights=weights, weights_uri=str(cfg.model.init_from), manifest=manifest,
             expected_samples=manifest.split(cfg.data.val_split).num_samples,
