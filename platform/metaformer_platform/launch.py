@@ -97,28 +97,35 @@ def check_model(cfg: JobConfig, num_classes: int) -> None:
     get_strategy_class(cfg.strategy.name).check_model(model)
 
 
-def resolve_init_from(cfg: JobConfig) -> Path | None:
-    """``model.init_from`` as a local folder: a ``models:/NAME@ALIAS`` URI is downloaded from the registry
-    (into its cache, once per version); raises ValueError naming what the registry has when it names nothing."""
-    source = cfg.model.init_from
-    if source is None:
-        return None
+def _local_weights(source: str, registry_uri: str | None) -> Path:
+    """A local folder for ``model.init_from``: a ``models:/NAME@ALIAS`` URI is downloaded from the registry
+    (once per version), an object-storage URL (``s3://.../checkpoint-N``) into the weights cache."""
     from metaformer_platform import registry
+    from metaformer_platform.data.storage import split_url
 
     if registry.is_registry_uri(source):
-        from metaformer_platform.tracking import resolve_tracking_uri
+        return registry.resolve_model_uri(source, tracking_uri=registry_uri)
+    if split_url(source)[0] not in ("", "file"):
+        from metaformer_platform.evaluation import fetch_weights
 
-        return registry.resolve_model_uri(source, tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri))
+        return fetch_weights(source)
     return Path(source.removeprefix("file://")).expanduser().resolve()
 
 
-def _with_local_init_from(cfg: JobConfig, registry_uri: str | None) -> JobConfig:
-    """In a worker: a registry URI in ``model.init_from`` becomes this node's cached copy of the export."""
-    from metaformer_platform import registry
+def resolve_init_from(cfg: JobConfig) -> Path | None:
+    """``model.init_from`` as a local folder on the driver (None when unset); a registry URI that names nothing
+    is a ValueError listing what the registry has."""
+    return _local_weights(cfg.model.init_from, _registry_uri(cfg)) if cfg.model.init_from is not None else None
 
-    if cfg.model.init_from is None or not registry.is_registry_uri(cfg.model.init_from):
+
+def _with_local_init_from(cfg: JobConfig, payload: dict[str, Any]) -> JobConfig:
+    """In a worker: ``model.init_from`` becomes the driver's local copy when this node sees it, else this node's
+    own download of the URI (the driver may run on another machine)."""
+    source = cfg.model.init_from
+    if source is None:
         return cfg
-    local = registry.resolve_model_uri(cfg.model.init_from, tracking_uri=registry_uri)
+    driver_copy = payload.get("init_from_local")
+    local = Path(driver_copy) if driver_copy and Path(driver_copy).exists() else _local_weights(source, payload["registry_uri"])
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": str(local)})})
 
 
@@ -229,7 +236,7 @@ def _train_worker(payload: dict[str, Any]) -> None:
     from metaformer_platform.training.trainer import NullTracker, Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = _with_local_init_from(JobConfig.model_validate(payload["config"]), payload.get("registry_uri"))
+    cfg = _with_local_init_from(JobConfig.model_validate(payload["config"]), payload)
     ctx = ray.train.get_context()
     dist = DistContext(
         rank=ctx.get_world_rank(),
@@ -286,7 +293,8 @@ def run_job(cfg: JobConfig) -> JobResult:
     from metaformer_platform.data import load_manifest
 
     check_model(cfg, cfg.model.num_classes or load_manifest(data_root).num_classes)
-    check_init_from(cfg, resolve_init_from(cfg))
+    init_from_local = resolve_init_from(cfg)
+    check_init_from(cfg, init_from_local)
     resume_from = check_resume_from(cfg)
     storage_path = resolve_storage_path(cfg.run.storage_path)
     if cfg.trainer.torch_threads is None:
@@ -307,6 +315,7 @@ def run_job(cfg: JobConfig) -> JobResult:
         "tracking_uri": handle.tracking_uri if handle else None,
         "resume_from": str(resume_from) if resume_from else None,
         "registry_uri": _registry_uri(cfg),
+        "init_from_local": str(init_from_local) if init_from_local else None,
     }
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
@@ -381,9 +390,7 @@ def _eval_worker(payload: dict[str, Any]) -> dict[str, Any]:
         node_rank=ctx.get_node_rank(),
         device=ray.train.torch.get_device(),
     )
-    weights = Path(payload["weights"])
-    if not weights.exists():  # another node than the driver's: fetch its own copy of the registered version
-        weights = Path(_with_local_init_from(cfg, payload["registry_uri"]).model.init_from or weights)
+    weights = Path(_with_local_init_from(cfg, payload).model.init_from)  # type: ignore[arg-type]
     data_root = resolve_data_root(cfg)
     return evaluate_worker(cfg, dist, data_root, weights).to_dict()
 
@@ -439,7 +446,7 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
         handle = RunHandle(cfg)
     payload = {
         "config": cfg.model_dump(mode="json"),
-        "weights": str(weights.path),
+        "init_from_local": str(weights.path),
         "registry_uri": _registry_uri(cfg),
     }
     s = cfg.scaling

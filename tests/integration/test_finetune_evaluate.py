@@ -134,3 +134,35 @@ def test_finetune_checkpoint_on_a_new_label_set_and_resolution_learns(pretrained
     # a new 3-class head on the 4-class trunk: loss falls, and ends below guessing (ln 3 = 1.10)
     assert sum(values[-2:]) / 2 < 0.85 * sum(values[:2]) / 2 and values[-1] < math.log(3), values
     assert result.metrics["val/samples"] == VAL_SAMPLES and result.metrics["val/top1"] > 100 / 3
+
+
+def test_weights_on_s3_are_fetched_once_and_checked(pretrained, s3_server, monkeypatch, tmp_path):
+    """model.init_from=s3://.../checkpoint-N (a run stored on S3) becomes a local copy before any worker starts."""
+    from metaformer_platform.evaluation import fetch_weights, read_weights_info
+    from metaformer_platform.launch import resolve_init_from
+
+    _, _, trained = pretrained
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("METAFORMER_WEIGHTS_CACHE", str(tmp_path / "weights"))
+    client = s3_server.client()
+    checkpoint = Path(trained.checkpoint_path)
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
+    for path in files:
+        client.upload_file(str(path), s3_server.bucket, f"runs/ft/checkpoint-00000040/{path.relative_to(checkpoint)}")
+    url = f"s3://{s3_server.bucket}/runs/ft/checkpoint-00000040"
+    cfg = load_config(None, ["stage=finetune", "model.name=poolformer_debug", f"model.init_from={url}"])
+    local = resolve_init_from(cfg)
+    assert local.parent == tmp_path / "weights"
+    assert sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file()) == [
+        p.relative_to(checkpoint) for p in files
+    ]
+    assert all((local / p.relative_to(checkpoint)).read_bytes() == p.read_bytes() for p in files)
+    assert read_weights_info(local).step == 40
+    (local / "COMPLETE").unlink()  # a damaged cache entry is fetched again
+    assert fetch_weights(url) == local and (local / "COMPLETE").is_file()
+    # a prefix without a complete checkpoint or an export is refused before downloading anything
+    client.delete_object(Bucket=s3_server.bucket, Key="runs/ft/checkpoint-00000040/COMPLETE")
+    with pytest.raises(ValueError, match="neither an export .* nor a complete checkpoint"):
+        fetch_weights(url, tmp_path / "other")
+    assert not (tmp_path / "other").exists()

@@ -214,7 +214,10 @@ def test_registry_uri_resolves_on_the_driver_and_in_workers(trained, sqlite_regi
     local = resolve_init_from(cfg)
     assert local == tmp_path / "cache" / "unit_debug" / "v1" and (local / "model.safetensors").is_file()
     check_init_from(cfg, local)  # same architecture: accepted
-    assert _with_local_init_from(cfg, uri).model.init_from == str(local)
+    # a worker that cannot see the driver's copy (another node) fetches its own
+    elsewhere = {"registry_uri": uri, "init_from_local": str(tmp_path / "on-the-driver-node")}
+    assert _with_local_init_from(cfg, elsewhere).model.init_from == str(local)
+    assert _with_local_init_from(cfg, {**elsewhere, "init_from_local": str(export)}).model.init_from == str(export)
     with pytest.raises(ValueError, match="holds poolformer_debug, but this job trains poolformer_s12"):
         check_init_from(_cfg("stage=finetune", "model.name=poolformer_s12", "model.init_from=models:/x@y"), local)
 
