@@ -56,11 +56,13 @@ class MetricSums:
             raise ValueError(f"the model has {logits.shape[1]} outputs but the metrics expect {self.num_classes}")
         valid = targets.ne(IGNORE_LABEL)
         labels = targets[valid]
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(
-                f"label {int(labels.max())} is outside the model's {self.num_classes} classes: the data has "
-                "another label set than the weights"
-            )
+        if labels.numel():
+            lo, hi = (int(v) for v in torch.stack(labels.aminmax()).tolist())  # one device sync per batch
+            if lo < 0 or hi >= self.num_classes:
+                raise ValueError(
+                    f"label {hi if hi >= self.num_classes else lo} is outside the model's {self.num_classes} "
+                    "classes: the data has another label set than the weights"
+                )
         top = logits.topk(min(5, self.num_classes), dim=1).indices
         hits = top.eq(targets[:, None]) & valid[:, None]
         top1 = hits[:, 0]

@@ -491,6 +491,8 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
             handle.client.log_batch(handle.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
             handle.client.set_tag(handle.run_id, "metaformer.eval_data_hash", report["data_hash"])
             handle.client.set_tag(handle.run_id, "metaformer.weights", str(cfg.model.init_from))
+            if report["paper_top1"] is not None:
+                handle.client.set_tag(handle.run_id, "metaformer.paper_top1", str(report["paper_top1"]))
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
                 handle.client.log_artifact(handle.run_id, str(Path(tmp) / "eval.json"))
