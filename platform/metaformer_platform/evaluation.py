@@ -463,6 +463,26 @@ def build_report(
     }
 
 
+def write_report(report: dict[str, Any], run_dir: str | Path) -> str:
+    """Write ``<run_dir>/eval.json`` (a local folder, or object storage such as ``s3://...``) atomically;
+    returns where it went."""
+    import os
+
+    body = json.dumps(report, indent=1) + "\n"
+    run_dir = str(run_dir)
+    if "://" not in run_dir or run_dir.startswith("file://"):
+        path = Path(run_dir.removeprefix("file://")) / REPORT_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{REPORT_FILE}.tmp-{os.getpid()}")
+        tmp.write_text(body)
+        os.replace(tmp, path)
+        return str(path)
+    from metaformer_platform.data import open_storage
+
+    open_storage(run_dir).write_bytes(REPORT_FILE, body.encode())  # type: ignore[attr-defined]
+    return f"{run_dir.rstrip('/')}/{REPORT_FILE}"
+
+
 def summary_line(report: dict[str, Any]) -> str:
     """One line for the terminal: measured numbers, and the paper's top-1 beside them where it applies."""
     line = (

@@ -395,32 +395,19 @@ def _eval_worker(payload: dict[str, Any]) -> dict[str, Any]:
     return evaluate_worker(cfg, dist, data_root, weights).to_dict()
 
 
-def _write_report(report: dict[str, Any], run_dir: str) -> str:
-    """``<run dir>/eval.json`` on local storage or object storage; returns where it went."""
-    import json
-
-    body = json.dumps(report, indent=1) + "\n"
-    if "://" not in run_dir:
-        path = Path(run_dir) / "eval.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".eval.json.tmp-{os.getpid()}")
-        tmp.write_text(body)
-        os.replace(tmp, path)
-        return str(path)
-    from metaformer_platform.data import open_storage
-
-    open_storage(run_dir).write_bytes("eval.json", body.encode())  # type: ignore[attr-defined]
-    return f"{run_dir}/eval.json"
-
-
 def run_evaluate(cfg: JobConfig) -> JobResult:
     """Score ``model.init_from`` (checkpoint, export or ``models:/`` URI) on ``data.val_split`` over the Ray
     Train workers; the report goes to ``<run dir>/eval.json``, its numbers and the file to the MLflow run."""
-    import json
     import tempfile
     import time
 
-    from metaformer_platform.evaluation import NO_WEIGHTS, MetricSums, build_report, prepare_evaluation
+    from metaformer_platform.evaluation import (
+        NO_WEIGHTS,
+        MetricSums,
+        build_report,
+        prepare_evaluation,
+        write_report,
+    )
 
     weights_folder = resolve_init_from(cfg)
     if weights_folder is None:
@@ -481,7 +468,7 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
             expected_samples=manifest.split(cfg.data.val_split).num_samples,
         )
         report["mlflow_run_id"] = handle.run_id if handle else None
-        report_path = _write_report(report, run_dir)
+        report_path = write_report(report, run_dir)
         metrics = {k: float(v) for k, v in report.items() if k.startswith("eval/")}
         if handle is not None:
             from mlflow.entities import Metric
@@ -494,8 +481,7 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
             if report["paper_top1"] is not None:
                 handle.client.set_tag(handle.run_id, "metaformer.paper_top1", str(report["paper_top1"]))
             with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
-                handle.client.log_artifact(handle.run_id, str(Path(tmp) / "eval.json"))
+                handle.client.log_artifact(handle.run_id, write_report(report, tmp))
         log.info("evaluation report written to %s", report_path)
         succeeded = True
     finally:
