@@ -252,10 +252,11 @@ def _recover_checkpoint(dist: Any) -> tuple[Any, bool]:
     plan = plans[0]
     if not plan.adopt:
         return latest, False
-    log.warning(
-        "resuming from %s, newer than the %s Ray handed over: its report was lost with the worker that made it",
-        plan.resume, Path(latest.path).name if latest else "nothing",
-    )
+    if dist.is_main:
+        log.warning(
+            "resuming from %s, newer than the %s Ray handed over: its report was lost with the worker that made it",
+            plan.resume, Path(latest.path).name if latest else "nothing",
+        )
     path = f"{storage.experiment_fs_path}/{plan.resume}"
     return ray.train.Checkpoint(path=path, filesystem=storage.storage_filesystem), True
 
