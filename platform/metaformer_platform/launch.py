@@ -181,6 +181,21 @@ def check_cluster(cfg: JobConfig) -> None:
                 f"{amount / s.num_workers:g} per worker) but the Ray cluster has {have:g}: lower "
                 "scaling.num_workers or scaling.cpus_per_worker, or add nodes"
             )
+    # A worker runs on one node: the total may suffice while no node (or too few) can hold a worker.
+    per_worker = {name: amount / s.num_workers for name, amount in need.items() if amount > 0}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fits = sum(
+        min((int(node.get(name, 0.0) // amount) for name, amount in per_worker.items()), default=s.num_workers)
+        for node in nodes
+    )
+    if fits < s.num_workers:
+        largest = max((node.get("CPU", 0.0) for node in nodes), default=0.0)
+        wants = ", ".join(f"{amount:g} {name}" for name, amount in per_worker.items())
+        raise ValueError(
+            f"a worker needs {wants} on one node, and the cluster's {len(nodes)} nodes (the largest has "
+            f"{largest:g} CPU) hold {fits} such workers, not scaling.num_workers={s.num_workers}: lower "
+            "scaling.cpus_per_worker or add larger nodes"
+        )
 
 
 def connect_ray(cfg: JobConfig) -> None:

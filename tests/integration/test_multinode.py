@@ -78,3 +78,20 @@ def test_a_two_worker_job_runs_one_worker_per_node_and_splits_the_data_by_global
     val = ranks[0]["val"] + ranks[1]["val"]
     assert load_manifest(root).split("val").num_samples == 203
     assert len(val) == 203 and len(set(val)) == 203 and len(ranks[0]["val"]) != len(ranks[1]["val"])
+
+
+def test_a_worker_larger_than_any_node_is_refused_before_it_starts(ray_cluster, tmp_path):
+    """2 CPUs in the cluster, but 1 per node: a 2-CPU worker would wait for a node forever."""
+    import pytest
+
+    from metaformer_platform.launch import run_job
+
+    cfg = load_config(CONFIGS / "default.yaml", [
+        "model.name=poolformer_debug", "data.img_size=32", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.synthetic.train_samples=64", "data.synthetic.val_samples=16", "trainer.batch_size=16",
+        "scaling.num_workers=1", "scaling.cpus_per_worker=2", f"run.storage_path={tmp_path / 'runs'}",
+        "tracking.enabled=false",
+    ])
+    with pytest.raises(ValueError, match=r"a worker needs 2 CPU on one node, and the cluster's 2 nodes \(the largest "
+                       r"has 1 CPU\) hold 0 such workers, not scaling.num_workers=1"):
+        run_job(cfg)
