@@ -156,10 +156,10 @@ def check_resume_from(cfg: JobConfig) -> Path | None:
     from metaformer_platform.training import checkpoint as ckpt
 
     folder = Path(cfg.run.resume_from.removeprefix("file://")).expanduser().resolve()
-    if not ckpt.is_complete(folder):
+    if (why := ckpt.incomplete_reason(folder)) is not None:
         raise ValueError(
-            f"run.resume_from={cfg.run.resume_from!r} is not a complete checkpoint folder (no "
-            f"{ckpt.COMPLETE_MARKER} marker); point it at a run's checkpoint-NNNNNNNN folder"
+            f"run.resume_from={cfg.run.resume_from!r} is not a complete checkpoint folder ({why}); point it "
+            "at a run's checkpoint-NNNNNNNN folder"
         )
     state = ckpt.load_tensors(folder / ckpt.TRAINER_FILE)
     if state["model_name"] != cfg.model.name:
@@ -208,6 +208,21 @@ def check_cluster(cfg: JobConfig) -> None:
                 f"{amount / s.num_workers:g} per worker) but the Ray cluster has {have:g}: lower "
                 "scaling.num_workers or scaling.cpus_per_worker, or add nodes"
             )
+    # A worker runs on one node: the total may suffice while no node (or too few) can hold a worker.
+    per_worker = {name: amount / s.num_workers for name, amount in need.items() if amount > 0}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fits = sum(
+        min((int(node.get(name, 0.0) // amount) for name, amount in per_worker.items()), default=s.num_workers)
+        for node in nodes
+    )
+    if fits < s.num_workers:
+        largest = max((node.get("CPU", 0.0) for node in nodes), default=0.0)
+        wants = ", ".join(f"{amount:g} {name}" for name, amount in per_worker.items())
+        raise ValueError(
+            f"a worker needs {wants} on one node, and the cluster's {len(nodes)} nodes (the largest has "
+            f"{largest:g} CPU) hold {fits} such workers, not scaling.num_workers={s.num_workers}: lower "
+            "scaling.cpus_per_worker or add larger nodes"
+        )
 
 
 def connect_ray(cfg: JobConfig) -> None:
@@ -227,24 +242,78 @@ def connect_ray(cfg: JobConfig) -> None:
 # -- the worker ------------------------------------------------------------------------------------
 
 
-def _train_worker(payload: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker: builds the Trainer (resuming when Ray hands a checkpoint) and trains."""
+def _dist_context() -> Any:
+    """Where this Ray Train worker sits. The data split is by global rank; node and local rank say where it runs."""
     import ray.train
     import ray.train.torch
 
     from metaformer_platform.strategies.base import DistContext
-    from metaformer_platform.training.trainer import NullTracker, Trainer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = _with_local_init_from(JobConfig.model_validate(payload["config"]), payload)
     ctx = ray.train.get_context()
-    dist = DistContext(
+    return DistContext(
         rank=ctx.get_world_rank(),
         world_size=ctx.get_world_size(),
         local_rank=ctx.get_local_rank(),
         node_rank=ctx.get_node_rank(),
         device=ray.train.torch.get_device(),
     )
+
+
+def _recover_checkpoint(dist: Any) -> tuple[Any, bool]:
+    """The checkpoint to resume from, and whether Ray has yet to register it.
+
+    ``ray.train.report`` uploads a checkpoint into the run folder and then only queues the report in the
+    worker's memory; the controller collects it at its next poll (every 2 s) and registers the checkpoint
+    once every rank's report of that round has arrived. A worker killed in between (SIGKILL, OOM, a lost
+    node) takes the report with it: Ray hands the restarted group its previous checkpoint and never
+    prunes the newer folder. (A worker that raises stays alive long enough to be polled, so its last
+    report is registered.) Rank 0 therefore resumes from the newest complete folder in the run folder
+    when it is newer than Ray's, registers it, and deletes the unregistered rest (partial uploads, older
+    leftovers), so that every rank resumes from the same checkpoint.
+    """
+    import ray.train
+    import torch.distributed as tdist
+
+    from metaformer_platform.training import checkpoint as ckpt
+
+    latest = ray.train.get_checkpoint()
+    storage = ray.train.get_context().get_storage()  # the filesystem and run folder Ray itself writes to
+    plans: list[Any] = [None]
+    if dist.is_main:
+        reported = ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        plans[0] = ckpt.recover_run_folder(
+            storage.storage_filesystem,
+            storage.experiment_fs_path,
+            registered=[Path(c.checkpoint.path).name for c in reported],
+            latest=Path(latest.path).name if latest else None,
+        )
+        if plans[0].remove:
+            log.warning("removed checkpoint folders Ray never registered: %s", ", ".join(plans[0].remove))
+    if dist.distributed:
+        tdist.broadcast_object_list(plans, src=0)
+    plan = plans[0]
+    if not plan.adopt:
+        return latest, False
+    if dist.is_main:
+        log.warning(
+            "resuming from %s, newer than the %s Ray handed over: its report was lost with the worker that made it",
+            plan.resume, Path(latest.path).name if latest else "nothing",
+        )
+    path = f"{storage.experiment_fs_path}/{plan.resume}"
+    return ray.train.Checkpoint(path=path, filesystem=storage.storage_filesystem), True
+
+
+def _train_worker(payload: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker: builds the Trainer (resuming from the newest complete checkpoint) and trains."""
+    import ray.train
+
+    from metaformer_platform.training.trainer import NullTracker, Trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = _with_local_init_from(JobConfig.model_validate(payload["config"]), payload)
+    dist = _dist_context()
+    log.info("rank %d of %d on node %d (local rank %d), pid %d", dist.rank, dist.world_size, dist.node_rank,
+             dist.local_rank, os.getpid())
     tracker: Any = NullTracker()
     if dist.is_main and payload.get("run_id"):
         from metaformer_platform.tracking import MlflowTracker
@@ -252,13 +321,15 @@ def _train_worker(payload: dict[str, Any]) -> None:
         tracker = MlflowTracker(payload["tracking_uri"], payload["run_id"], system_metrics=cfg.tracking.system_metrics)
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        if checkpoint_dir is not None and hasattr(tracker, "flush"):
+            tracker.flush()  # the metrics up to a checkpoint are stored before anything can resume from it
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(
             metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{int(metrics['step']):08d}"
         )
 
     data_root = resolve_data_root(cfg)  # a cache hit on the driver's node; generated alike elsewhere
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint, adopted = _recover_checkpoint(dist)
     if checkpoint is None and payload.get("resume_from"):
         # A new run that continues another run's checkpoint; once it has its own, Ray hands those.
         checkpoint = ray.train.Checkpoint.from_directory(payload["resume_from"])
@@ -271,6 +342,16 @@ def _train_worker(payload: dict[str, Any]) -> None:
                 tracker=tracker,
                 report=report,
                 resume_from=Path(resume_dir) if resume_dir else None,
+            )
+        if checkpoint is not None:
+            tracker.log_metrics({"run/resumed_from_step": float(trainer.step)}, step=trainer.step)
+        if adopted:
+            # Registered without copying: Ray then hands it on the next restart and prunes it in turn.
+            ray.train.report(
+                {"step": float(trainer.step)},
+                checkpoint=checkpoint if dist.is_main else None,
+                checkpoint_dir_name=Path(checkpoint.path).name,
+                checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
             )
         trainer.train()
     finally:
@@ -374,22 +455,11 @@ def _registry_uri(cfg: JobConfig) -> str:
 def _eval_worker(payload: dict[str, Any]) -> dict[str, Any]:
     """Runs in every Ray Train worker: scores its share of the validation split and returns the sums over all
     ranks (Ray hands rank 0's return value to the driver as ``Result.return_value``)."""
-    import ray.train
-    import ray.train.torch
-
     from metaformer_platform.evaluation import evaluate_worker
-    from metaformer_platform.strategies.base import DistContext
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = JobConfig.model_validate(payload["config"])
-    ctx = ray.train.get_context()
-    dist = DistContext(
-        rank=ctx.get_world_rank(),
-        world_size=ctx.get_world_size(),
-        local_rank=ctx.get_local_rank(),
-        node_rank=ctx.get_node_rank(),
-        device=ray.train.torch.get_device(),
-    )
+    dist = _dist_context()
     weights = Path(_with_local_init_from(cfg, payload).model.init_from)  # type: ignore[arg-type]
     data_root = resolve_data_root(cfg)
     return evaluate_worker(cfg, dist, data_root, weights).to_dict()

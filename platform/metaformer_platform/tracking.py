@@ -136,7 +136,12 @@ def _param_value(value: Any) -> str:
 
 
 class MlflowTracker:
-    """Rank 0's logger: metrics go to an existing run, asynchronously; system metrics when asked."""
+    """Rank 0's logger: metrics go to an existing run, asynchronously; system metrics when asked.
+
+    A restarted job resumes from its last checkpoint and replays the steps after it, which the attempt
+    before the restart may already have logged: each metric keeps the steps it had (``logged_up_to``), so
+    no step appears twice. (A resumed job computes the same values: resumes are exact.)
+    """
 
     def __init__(self, tracking_uri: str, run_id: str, *, system_metrics: bool = True) -> None:
         import mlflow
@@ -144,6 +149,12 @@ class MlflowTracker:
         mlflow.set_tracking_uri(tracking_uri)
         self._mlflow = mlflow
         self.run_id = run_id
+        client = mlflow.MlflowClient(tracking_uri)
+        self.logged_up_to: dict[str, int] = {
+            key: max(m.step for m in client.get_metric_history(run_id, key))
+            for key in client.get_run(run_id).data.metrics
+            if not key.startswith("system/")  # the system metrics monitor keeps its own step
+        }
         self._monitor = None
         if system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -152,9 +163,13 @@ class MlflowTracker:
             self._monitor.start()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._mlflow.log_metrics(
-            {k: float(v) for k, v in metrics.items()}, step=step, run_id=self.run_id, synchronous=False
-        )
+        new = {k: float(v) for k, v in metrics.items() if step > self.logged_up_to.get(k, -1)}
+        if new:
+            self._mlflow.log_metrics(new, step=step, run_id=self.run_id, synchronous=False)
+
+    def flush(self) -> None:
+        """Wait until every metric logged so far is stored."""
+        self._mlflow.flush_async_logging()
 
     def close(self) -> None:
         """Flush pending metrics (must run before the driver closes the run)."""

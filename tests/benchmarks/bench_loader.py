@@ -5,8 +5,9 @@ rand-m9-mstd0.5-inc1, normalize, random erasing 0.25: `build_transforms`) with t
 DataLoader workers and batch size, from the same photos: ../shared/data/imagenet-sample (1000 real
 ImageNet JPEGs) linked repeatedly into an ImageFolder of at least --samples images. The platform reads
 webdataset shards from a private SeaweedFS on 127.0.0.1, once as built from the original JPEGs and once
-re-encoded by the builder with a maximum side (--max-side). Each path runs after a warm-up batch, one
-after the other so they never share the CPU; the script prints samples/s and ratios (goal >= 1.5x).
+re-encoded by the builder with a maximum side (--max-side). Each path is timed after a warm-up batch, one
+after the other so they never share the CPU, in alternating rounds; the script prints the median samples/s
+and ratios (goal >= 1.5x).
 
     python tests/benchmarks/bench_loader.py [--samples 5000] [--workers 2] [--batch 64] [--max-side 320]
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +27,7 @@ from metaformer_platform import localstack
 from metaformer_platform.data import build_loader, build_transforms, builder
 
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenet-sample"
+BASELINE = "torchvision ImageFolder, local JPEGs"
 
 
 def _image_folder(tmp: Path, samples: int) -> Path:
@@ -61,7 +64,8 @@ def _rate(batches, limit: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=5000)
-    parser.add_argument("--measure", type=int, default=2000, help="samples timed per path")
+    parser.add_argument("--measure", type=int, default=1000, help="samples timed per path and round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--max-side", type=int, default=320)
@@ -75,7 +79,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     transform = build_transforms(224, is_training=True)
-    rates: dict[str, float] = {}
+    paths: dict[str, object] = {}  # name -> a fresh iterable of batches
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp_name:
         tmp = Path(tmp_name)
         key, secret = "bench" + secrets.token_hex(4), secrets.token_hex(16)
@@ -96,20 +100,26 @@ def main() -> None:
                 start = time.perf_counter()
                 builder.build_dataset(url, tasks, classes=classes, run=_in_processes(2), log=lambda _: None)
                 print(f"built {url} ({label}) in {time.perf_counter() - start:.0f} s")
-                loader = build_loader(
+                paths[f"platform loader, S3 shards, {label}"] = build_loader(
                     url, "train", batch_size=args.batch, rank=0, world_size=1, num_workers=args.workers,
                     transform=transform, seed=0, shuffle=True, decode_size=224,
                 )
-                rates[f"platform loader, S3 shards, {label}"] = _rate(loader, args.measure)
             folder = ImageFolder(str(train), transform=transform)
-            baseline = DataLoader(folder, batch_size=args.batch, shuffle=True, num_workers=args.workers)
-            rates["torchvision ImageFolder, local JPEGs"] = _rate(baseline, args.measure)
+            paths[BASELINE] = DataLoader(folder, batch_size=args.batch, shuffle=True, num_workers=args.workers)
+            # Rounds alternate the paths, so a change in the machine's load hits them alike; medians reported.
+            rates: dict[str, list[float]] = {name: [] for name in paths}
+            for r in range(args.rounds):
+                for name, batches in paths.items():
+                    rates[name].append(_rate(batches, args.measure))
+                    print(f"  round {r + 1}: {name:42s} {rates[name][-1]:7.1f} samples/s", flush=True)
         finally:
             localstack.stop_service(svc)
 
-    base = rates["torchvision ImageFolder, local JPEGs"]
-    print(f"{args.samples} samples, {args.workers} workers, batch {args.batch}, 224 px training transform")
-    for name, rate in rates.items():
+    base = statistics.median(rates[BASELINE])
+    print(f"{args.samples} samples, {args.workers} workers, batch {args.batch}, 224 px training transform, "
+          f"median of {args.rounds} alternating rounds of {args.measure} samples")
+    for name, values in rates.items():
+        rate = statistics.median(values)
         print(f"  {name:42s} {rate:7.1f} samples/s   {rate / base:.2f}x")
 
 

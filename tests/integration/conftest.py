@@ -2,7 +2,7 @@
 
 - ``s3_server``: SeaweedFS on 127.0.0.1 that checks SigV4 signatures, with an empty bucket made through boto3;
 - ``mlflow_server``: the tracking URI of an ``mlflow server`` (sqlite + served artifacts);
-- ``ray_cluster``: a local Ray (``ray.init(num_cpus=2)``) whose workers import the installed package.
+- ``ray_cluster``: a local Ray cluster of two 1-CPU nodes whose workers import the installed package.
 
 On a shared host the session runs in a loopback-only network namespace (``make test`` does that), since Ray
 binds the machine's own address too.
@@ -71,15 +71,25 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[Any]:
-    """A local Ray with 2 CPUs for the whole session, shut down at its end.
+    """A Ray cluster of two nodes with 1 CPU each, on this machine, for the whole session.
 
-    ``address="local"`` starts a new cluster even when RAY_ADDRESS points elsewhere. Workers run this
-    interpreter, where the package is installed (editable), so they import it without a runtime_env.
+    Every 2-worker job of the suite thus runs one worker per node (node ranks 0 and 1, local rank 0 on
+    both), as on a real multi-node cluster: a split of the data by local instead of global rank would
+    show. Each node is its own raylet with its own object store. Workers run this interpreter, where the
+    package is installed (editable), so they import it without a runtime_env.
     """
     import ray
+    from ray.cluster_utils import Cluster
 
-    context = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
-        yield context
+        # Ray Train tells nodes apart by IP (node_rank, local_rank): the second one gets its own loopback address.
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.2")
+        cluster.wait_for_nodes()
+        context = ray.init(address=cluster.address, log_to_driver=True)
+        try:
+            yield context
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
+        cluster.shutdown()

@@ -1,16 +1,25 @@
-"""Checkpoint files: atomic writes, safe loads (no arbitrary unpickling), and RNG state.
+"""Checkpoint files: atomic writes, safe loads (no arbitrary unpickling), RNG state, and completeness.
 
 A checkpoint is a folder. Each file is written to a temporary name and renamed, so a process that dies
-mid-write never leaves a file that looks complete. ``COMPLETE_MARKER`` is written last by rank 0: a folder
-without it is not a checkpoint and is never resumed from.
+mid-write never leaves a file that looks complete. ``COMPLETE_MARKER`` is written last by rank 0 and lists
+every file of every rank with its size: under Ray each rank uploads its own part into the run folder, in no
+set order, so the marker alone may arrive before another rank's files. A folder is complete only when the
+marker is there and every file it lists has the listed size; anything else is never resumed from.
+
+``plan_recovery``/``recover_run_folder`` reconcile a run folder with the checkpoints Ray has registered
+(see ``launch.py``: a worker killed right after uploading leaves a folder Ray never registered).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +27,10 @@ import torch
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_FILE = "trainer.pt"
 CONFIG_FILE = "config.yaml"
+CHECKPOINT_DIR = re.compile(r"checkpoint-(\d{8})")  # the names the Trainer reports: checkpoint-NNNNNNNN
+
+if TYPE_CHECKING:
+    import pyarrow.fs
 
 
 def save_tensors(obj: Any, path: Path) -> None:
@@ -35,12 +48,131 @@ def load_tensors(path: Path, map_location: torch.device | str = "cpu") -> Any:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def mark_complete(directory: Path) -> None:
-    (directory / COMPLETE_MARKER).write_text("ok\n")
+def list_files(directory: Path) -> dict[str, int]:
+    """Every file under ``directory`` (relative POSIX path -> size in bytes), the marker excepted."""
+    return {
+        p.relative_to(directory).as_posix(): p.stat().st_size
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != COMPLETE_MARKER
+    }
+
+
+def mark_complete(directory: Path, parts: Iterable[Mapping[str, int]] | None = None) -> None:
+    """Write the marker listing ``parts`` (each rank's ``list_files``; default: this folder's own files)."""
+    files: dict[str, int | None] = {}
+    for part in parts if parts is not None else [list_files(directory)]:
+        for name, size in part.items():
+            # two ranks writing one name: whichever upload lands last wins, so only its presence is certain
+            files[name] = size if files.get(name, size) == size else None
+    text = json.dumps({"files": dict(sorted(files.items()))}, indent=0)
+    tmp = directory / f".{COMPLETE_MARKER}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, directory / COMPLETE_MARKER)
+
+
+def missing_files(marker_text: str, present: Mapping[str, int]) -> list[str]:
+    """Files the marker lists that are absent from ``present`` or of another size (``name (size)``)."""
+    try:
+        listed = json.loads(marker_text)["files"]
+    except (ValueError, KeyError, TypeError):
+        return [f"{COMPLETE_MARKER} (unreadable)"]
+    return [
+        name if name not in present else f"{name} ({present[name]} of {size} bytes)"
+        for name, size in sorted(listed.items())
+        if name not in present or (size is not None and present[name] != size)
+    ]
+
+
+def incomplete_reason(directory: Path) -> str | None:
+    """Why ``directory`` is not a complete checkpoint (None when it is)."""
+    marker = directory / COMPLETE_MARKER
+    if not marker.is_file():
+        return f"no {COMPLETE_MARKER} marker"
+    missing = missing_files(marker.read_text(), list_files(directory))
+    return f"{COMPLETE_MARKER} lists files that are missing or short: {', '.join(missing[:5])}" if missing else None
 
 
 def is_complete(directory: Path) -> bool:
-    return (directory / COMPLETE_MARKER).is_file()
+    """The marker is there and every file it lists is there with its size."""
+    return incomplete_reason(directory) is None
+
+
+# -- run folders: what Ray registered vs. what is on storage -------------------------------------------
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a ``checkpoint-NNNNNNNN`` folder name, else None."""
+    match = CHECKPOINT_DIR.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What to do with a run folder before (re)starting: resume from ``resume`` (a folder name, or None for
+    whatever Ray hands over), register it with Ray when ``adopt``, and delete ``remove``."""
+
+    resume: str | None
+    adopt: bool = False
+    remove: tuple[str, ...] = field(default_factory=tuple)
+
+
+def plan_recovery(complete: Mapping[str, bool], registered: Iterable[str], latest: str | None) -> Recovery:
+    """Decide from the run folder's checkpoints (name -> complete) and the names Ray registered.
+
+    A folder Ray never registered was uploaded by a worker that died before the controller collected its
+    report (or was left by a prune that was cut short). The newest complete one newer than Ray's ``latest``
+    holds the most training: resume from it and register it. Every other unregistered folder (partial
+    uploads, older leftovers) can never be resumed from or pruned by Ray: remove it.
+    """
+    known = set(registered)
+    latest_step = checkpoint_step(latest) if latest else None
+    floor = -1 if latest_step is None else latest_step
+    orphans = {name: step for name in complete if name not in known and (step := checkpoint_step(name)) is not None}
+    newer = [name for name, step in orphans.items() if step > floor and complete[name]]
+    adopt = max(newer, key=orphans.__getitem__) if newer else None
+    remove = tuple(sorted(name for name in orphans if name != adopt))
+    return Recovery(resume=adopt or latest, adopt=adopt is not None, remove=remove)
+
+
+def _fs_listing(fs: pyarrow.fs.FileSystem, path: str) -> dict[str, int]:
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    prefix = path.rstrip("/") + "/"
+    return {
+        info.path.removeprefix(prefix): info.size
+        for info in infos
+        if info.type == pafs.FileType.File and info.base_name != COMPLETE_MARKER
+    }
+
+
+def is_complete_on(fs: pyarrow.fs.FileSystem, path: str) -> bool:
+    """``is_complete`` for a folder on any pyarrow filesystem (the one Ray stores checkpoints on)."""
+    import pyarrow.fs as pafs
+
+    marker = f"{path}/{COMPLETE_MARKER}"
+    if fs.get_file_info(marker).type != pafs.FileType.File:
+        return False
+    with fs.open_input_stream(marker) as stream:
+        text = stream.read().decode()
+    return not missing_files(text, _fs_listing(fs, path))
+
+
+def recover_run_folder(
+    fs: pyarrow.fs.FileSystem, run_path: str, registered: Iterable[str], latest: str | None
+) -> Recovery:
+    """``plan_recovery`` over the checkpoint folders in ``run_path``, then delete what it removes."""
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+    folders = [i.base_name for i in infos if i.type == pafs.FileType.Directory and checkpoint_step(i.base_name) is not None]
+    registered = set(registered)
+    # Registered folders are complete by construction (every rank had uploaded); only orphans are read.
+    complete = {name: name in registered or is_complete_on(fs, f"{run_path}/{name}") for name in folders}
+    plan = plan_recovery(complete, registered, latest)
+    for name in plan.remove:
+        fs.delete_dir(f"{run_path}/{name}")
+    return plan
 
 
 def rng_state() -> dict[str, Any]:

@@ -336,16 +336,22 @@ class Trainer:
         ckpt.save_tensors(ckpt.rng_state(), directory / f"rng-rank{self.dist.rank:05d}.pt")
         faults = {split: loader.fault_state() for split, loader in self._fault_counting_loaders().items()}
         (directory / f"data-faults-rank{self.dist.rank:05d}.json").write_text(json.dumps(faults))
+        # The marker lists every rank's files: under Ray each rank uploads its own part, so the marker
+        # alone does not prove the other parts arrived.
+        parts: list[Any] = [ckpt.list_files(directory)]
+        if self.dist.distributed:
+            parts = [None] * self.dist.world_size
+            tdist.all_gather_object(parts, ckpt.list_files(directory))
         if self.dist.is_main:
             ckpt.save_tensors(self.state_dict(), directory / ckpt.TRAINER_FILE)
             (directory / ckpt.CONFIG_FILE).write_text(self.cfg.to_yaml())
-            ckpt.mark_complete(directory)
+            ckpt.mark_complete(directory, [*parts, ckpt.list_files(directory)])
 
     def load_checkpoint(self, directory: Path) -> None:
         """Restore model, optimizer, schedule, data position and this rank's RNG from ``directory``."""
-        if not ckpt.is_complete(directory):
+        if (why := ckpt.incomplete_reason(directory)) is not None:
             raise ValueError(
-                f"{str(directory)!r} is not a complete checkpoint (no {ckpt.COMPLETE_MARKER} marker): "
+                f"{str(directory)!r} is not a complete checkpoint ({why}): "
                 "it was written by a process that died mid-save, or is not a checkpoint folder"
             )
         state = ckpt.load_tensors(directory / ckpt.TRAINER_FILE)

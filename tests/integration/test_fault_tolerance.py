@@ -1,0 +1,134 @@
+"""A worker SIGKILLed from outside mid-run: Ray Train restarts the worker group, which resumes from the newest
+complete checkpoint, and the job finishes as if nothing had happened.
+
+The kill comes right after checkpoint 20 is on storage, before Ray's controller usually has collected its
+report (it polls every 2 s): Ray alone would hand the restarted group checkpoint 10. Straight after the kill
+the test also leaves what a death in the middle of the next upload leaves: rank 0's part of checkpoint 30,
+its marker included, without rank 1's part. The job must resume from 20 (not 10, not the partial 30),
+register it, delete the partial folder, keep one MLflow run with every step once, and compute the losses
+of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+from mlflow import MlflowClient
+
+from metaformer_platform.config import load_config
+from metaformer_platform.launch import run_job
+from metaformer_platform.training import checkpoint as ckpt
+
+CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+KILL_AFTER = 20
+
+
+def _config(tmp: Path, mlflow_uri: str, name: str):
+    return load_config(CONFIGS / "default.yaml", [
+        "model.name=poolformer_debug",
+        "data.synthetic.num_classes=4", "data.synthetic.train_samples=1024", "data.synthetic.val_samples=200",
+        "data.synthetic.samples_per_shard=100", f"data.cache_dir={tmp / 'cache'}", "data.num_workers=0",
+        "trainer.batch_size=16", "trainer.max_steps=40", "trainer.log_every_steps=5",  # 32 steps per epoch
+        "trainer.val_every_steps=20", "trainer.checkpoint_every_steps=10", "trainer.precision=fp32",
+        "optim.lr=3e-3", "optim.warmup_epochs=0",
+        f"run.storage_path={tmp / 'runs'}", f"run.name={name}", "run.num_to_keep=2", "run.max_failures=1",
+        f"tracking.tracking_uri={mlflow_uri}", f"tracking.experiment={name}", "tracking.system_metrics=false",
+    ])
+
+
+def _rank0_pid(logs: Path, since: float) -> int | None:
+    """The live rank-0 worker of the current job, from the line each worker logs at start (in Ray's logs)."""
+    for path in logs.glob("worker-*.err"):
+        if path.stat().st_mtime < since:
+            continue
+        for match in re.finditer(r"rank 0 of 2 on node \d+ \(local rank \d+\), pid (\d+)", path.read_text(errors="replace")):
+            pid = int(match.group(1))
+            if psutil.pid_exists(pid) and "RayTrainWorker" in " ".join(psutil.Process(pid).cmdline()):
+                return pid
+    return None
+
+
+class Killer(threading.Thread):
+    """Waits for checkpoint KILL_AFTER to be complete on storage, SIGKILLs rank 0, and leaves a partial upload."""
+
+    def __init__(self, run_dir: Path, logs: Path) -> None:
+        super().__init__(daemon=True)
+        self.run_dir, self.logs, self.since = run_dir, logs, time.time()
+        self.killed_pid: int | None = None
+        self.complete_at_kill: list[str] = []
+        self.error: str | None = None
+
+    def run(self) -> None:
+        target = self.run_dir / f"checkpoint-{KILL_AFTER:08d}"
+        deadline = time.monotonic() + 240
+        while not (target.is_dir() and ckpt.is_complete(target)):
+            if time.monotonic() > deadline:
+                self.error = f"{target} never became complete"
+                return
+            time.sleep(0.01)
+        pid = _rank0_pid(self.logs, self.since)
+        if pid is None:
+            self.error = "no live rank-0 worker found in Ray's logs"
+            return
+        os.kill(pid, signal.SIGKILL)
+        self.killed_pid = pid
+        self.complete_at_kill = sorted(p.name for p in self.run_dir.glob("checkpoint-*") if ckpt.is_complete(p))
+        # What a death halfway through the next upload leaves: rank 0's part (marker and all), not rank 1's.
+        partial = self.run_dir / f"checkpoint-{KILL_AFTER + 10:08d}"
+        shutil.copytree(target, partial, ignore=shutil.ignore_patterns("*rank00001*"))
+        state = ckpt.load_tensors(partial / ckpt.TRAINER_FILE)
+        ckpt.save_tensors({**state, "step": KILL_AFTER + 10}, partial / ckpt.TRAINER_FILE)
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_a_worker_killed_mid_run_resumes_from_the_newest_complete_checkpoint(ray_cluster, mlflow_server, tmp_path):
+    client = MlflowClient(mlflow_server)
+    reference = run_job(_config(tmp_path, mlflow_server, "it-faults-reference"))  # the same job, never killed
+
+    logs = Path(ray_cluster.address_info["session_dir"]) / "logs"
+    run_dir = tmp_path / "runs" / "it-faults"
+    killer = Killer(run_dir, logs)
+    killer.start()
+    result = run_job(_config(tmp_path, mlflow_server, "it-faults"))
+    killer.join(5)
+    assert killer.error is None, killer.error
+    assert killer.killed_pid is not None and not psutil.pid_exists(killer.killed_pid)
+    assert killer.complete_at_kill[-1] == f"checkpoint-{KILL_AFTER:08d}"
+
+    # The job succeeded, at its final step, in one MLflow run.
+    assert result.metrics["step"] == 40
+    experiment = client.get_experiment_by_name("it-faults")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [result.mlflow_run_id]
+    assert runs[0].info.status == "FINISHED"
+
+    # It resumed once, from 20: the newest complete checkpoint (not Ray's 10, not the partial 30).
+    assert _history(client, result.mlflow_run_id, "run/resumed_from_step") == [(KILL_AFTER, float(KILL_AFTER))]
+    worker_logs = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*.err") if p.stat().st_mtime >= killer.since)
+    assert f"removed checkpoint folders Ray never registered: checkpoint-{KILL_AFTER + 10:08d}" in worker_logs
+    lost = f"resuming from checkpoint-{KILL_AFTER:08d}, newer than the checkpoint-{KILL_AFTER - 10:08d} Ray handed over"
+    print("Ray had lost the report of checkpoint 20:", lost in worker_logs)
+
+    # Every step once, on a continuous axis, with the uninterrupted run's losses (DDP on CPU resumes exactly).
+    losses = _history(client, result.mlflow_run_id, "train/loss")
+    assert [s for s, _ in losses] == list(range(5, 41, 5))
+    assert losses == _history(client, reference.mlflow_run_id, "train/loss")
+    assert [s for s, _ in _history(client, result.mlflow_run_id, "val/top1")] == [20, 40]
+    assert _history(client, result.mlflow_run_id, "val/loss") == _history(client, reference.mlflow_run_id, "val/loss")
+
+    # No orphans: exactly the 2 checkpoints Ray keeps, both complete, with both ranks' parts.
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint-")) == [
+        "checkpoint-00000030", "checkpoint-00000040"]
+    assert all(ckpt.is_complete(run_dir / name) for name in ("checkpoint-00000030", "checkpoint-00000040"))
+    assert (run_dir / "checkpoint-00000040" / "rng-rank00001.pt").is_file()
+    assert result.checkpoint_path == str(run_dir / "checkpoint-00000040")

@@ -1,0 +1,122 @@
+"""Checkpoint completeness across ranks' uploads, and reconciling a run folder with what Ray registered."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.fs
+import pytest
+
+from metaformer_platform.training import checkpoint as ckpt
+
+
+def _rank_part(folder: Path, rank: int, payload: bytes = b"x" * 100) -> dict[str, int]:
+    """One rank's scratch folder, as the Trainer writes it before Ray uploads it."""
+    folder.mkdir(parents=True)
+    (folder / f"rng-rank{rank:05d}.pt").write_bytes(payload)
+    if rank == 0:
+        (folder / "model.pt").write_bytes(payload * 3)
+        (folder / "dcp").mkdir()
+        (folder / "dcp" / "__0_0.distcp").write_bytes(payload)
+    return ckpt.list_files(folder)
+
+
+def _merged(tmp_path: Path, name: str = "merged", *, upload_rank1: bool = True) -> Path:
+    """Both ranks' parts copied into one folder, as Ray's per-rank uploads do; rank 0 holds the marker."""
+    parts = [_rank_part(tmp_path / f"{name}-scratch0", 0), _rank_part(tmp_path / f"{name}-scratch1", 1)]
+    ckpt.mark_complete(tmp_path / f"{name}-scratch0", parts)
+    dest = tmp_path / name
+    shutil.copytree(tmp_path / f"{name}-scratch0", dest)
+    if upload_rank1:
+        shutil.copytree(tmp_path / f"{name}-scratch1", dest, dirs_exist_ok=True)
+    return dest
+
+
+def test_the_marker_lists_every_ranks_files_and_a_partial_upload_is_incomplete(tmp_path):
+    folder = _merged(tmp_path)
+    listed = json.loads((folder / ckpt.COMPLETE_MARKER).read_text())["files"]
+    assert listed == {"dcp/__0_0.distcp": 100, "model.pt": 300, "rng-rank00000.pt": 100, "rng-rank00001.pt": 100}
+    assert ckpt.is_complete(folder) and ckpt.incomplete_reason(folder) is None
+
+    # rank 1 died before its upload: rank 0's marker is there, but its part is not
+    partial = _merged(tmp_path, "partial", upload_rank1=False)
+    assert (partial / ckpt.COMPLETE_MARKER).is_file() and not ckpt.is_complete(partial)
+    assert ckpt.incomplete_reason(partial) == "COMPLETE lists files that are missing or short: rng-rank00001.pt"
+
+    # a file cut short by a dying upload, and a marker that is not one
+    (folder / "model.pt").write_bytes(b"x" * 10)
+    assert ckpt.incomplete_reason(folder) == "COMPLETE lists files that are missing or short: model.pt (10 of 300 bytes)"
+    (folder / ckpt.COMPLETE_MARKER).write_text("ok\n")
+    assert not ckpt.is_complete(folder)
+    shutil.rmtree(partial / "dcp")
+    (partial / ckpt.COMPLETE_MARKER).unlink()
+    assert ckpt.incomplete_reason(partial) == "no COMPLETE marker"
+
+
+def test_a_single_writer_marks_its_own_files(tmp_path):
+    _rank_part(tmp_path / "one", 0)
+    ckpt.mark_complete(tmp_path / "one")
+    assert ckpt.is_complete(tmp_path / "one")
+    (tmp_path / "one" / "rng-rank00000.pt").unlink()
+    assert not ckpt.is_complete(tmp_path / "one")
+
+
+def test_an_incomplete_checkpoint_is_never_resumed_from(tmp_path):
+    """The Trainer refuses a folder whose marker lists a missing rank part, naming it."""
+    from metaformer_platform.config import load_config
+    from metaformer_platform.data import ensure_synthetic_shards
+    from metaformer_platform.strategies.base import DistContext
+    from metaformer_platform.training.trainer import Trainer
+
+    shards = ensure_synthetic_shards(tmp_path / "data", num_classes=4, train_samples=64, val_samples=16,
+                                     image_size=32, samples_per_shard=64)
+    cfg = load_config(None, ["model.name=poolformer_debug", "data.img_size=32", "data.num_workers=0",
+                             "data.val_split=null", "trainer.batch_size=16", "trainer.max_steps=1",
+                             "trainer.precision=fp32", "trainer.torch_threads=1", "scaling.num_workers=1"])
+    trainer = Trainer(cfg, DistContext(), data_root=shards)
+    trainer.train()
+    folder = tmp_path / "ckpt"
+    trainer.save_checkpoint(folder)
+    assert ckpt.is_complete(folder)
+    Trainer(cfg, DistContext(), data_root=shards, resume_from=folder)  # loads
+    (folder / "optimizer.pt").unlink()
+    with pytest.raises(ValueError, match=r"not a complete checkpoint \(COMPLETE lists files that are missing .*optimizer.pt"):
+        Trainer(cfg, DistContext(), data_root=shards, resume_from=folder)
+
+
+def _names(*steps: int) -> list[str]:
+    return [f"checkpoint-{s:08d}" for s in steps]
+
+
+def test_plan_recovery_adopts_the_newest_complete_orphan_and_removes_the_rest():
+    c10, c20, c30, c40 = _names(10, 20, 30, 40)
+    # Ray registered 10 and 20; 30 was uploaded by a worker killed before its report was collected,
+    # 40 was being uploaded when it died.
+    plan = ckpt.plan_recovery({c10: True, c20: True, c30: True, c40: False}, [c10, c20], c20)
+    assert plan == ckpt.Recovery(resume=c30, adopt=True, remove=(c40,))
+    # nothing newer is complete: Ray's own latest, and the partial folder goes
+    assert ckpt.plan_recovery({c10: True, c20: True, c30: False}, [c10, c20], c20) == ckpt.Recovery(c20, False, (c30,))
+    # two complete orphans (the controller was slow): the newer wins, the older can never be pruned by Ray
+    assert ckpt.plan_recovery({c10: True, c20: True, c30: True}, [c10], c10) == ckpt.Recovery(c30, True, (c20,))
+    # an unregistered folder older than Ray's latest (a prune cut short, or an old leftover)
+    assert ckpt.plan_recovery({c10: True, c20: True, c30: True}, [c20, c30], c30) == ckpt.Recovery(c30, False, (c10,))
+    # Ray registered nothing yet: the first checkpoint's report was the one lost
+    assert ckpt.plan_recovery({c10: True}, [], None) == ckpt.Recovery(c10, True, ())
+    assert ckpt.plan_recovery({}, [], None) == ckpt.Recovery(None, False, ())
+    # other folders in the run folder are not ours to judge
+    assert ckpt.plan_recovery({"checkpoint_2026-01-01": False, c10: True}, [c10], c10) == ckpt.Recovery(c10, False, ())
+
+
+def test_recover_run_folder_reads_completeness_on_the_storage_filesystem_and_deletes_orphans(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (10, 20):
+        shutil.copytree(_merged(tmp_path, f"c{step}"), run / f"checkpoint-{step:08d}")
+    shutil.copytree(_merged(tmp_path, "c30", upload_rank1=False), run / "checkpoint-00000030")
+    fs = pyarrow.fs.LocalFileSystem()
+    plan = ckpt.recover_run_folder(fs, str(run), registered=_names(10), latest="checkpoint-00000010")
+    assert plan == ckpt.Recovery("checkpoint-00000020", True, ("checkpoint-00000030",))
+    assert sorted(p.name for p in run.iterdir()) == _names(10, 20)
+    assert ckpt.is_complete_on(fs, str(run / "checkpoint-00000020"))
