@@ -198,13 +198,9 @@ def resolve(spec: PipelineSpec, plans: list[MemberPlan], tracking_uri: str | Non
         if plan.error:
             continue
         keys: dict[str, str] = {}
-        hashes: dict[str, tuple[str, int | None]] = {}  # data source -> hash: a data set shared by stages is read once
         for stage in plan.stages:
             try:
-                source = f"{stage.cfg.data.source}|{stage.cfg.data.train_split}|{stage.cfg.data.val_split}"
-                if source not in hashes:
-                    hashes[source] = data_hash(stage.cfg)
-                stage.data_hash, classes = hashes[source]
+                stage.data_hash, classes = data_hash(stage.cfg)  # each stage's own checks (its batch size...)
                 stage.num_classes = stage.cfg.model.num_classes or classes
                 if stage.upstream is not None:
                     stage.input_id = f"stage:{keys[stage.upstream]}"
