@@ -40,6 +40,16 @@ def run_main(stage: str, description: str, argv: Sequence[str] | None = None, de
         print(f"error: the {stage} job failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         return 1
     m = result.metrics
+    if result.report is not None:  # evaluate
+        from metaformer_platform.evaluation import summary_line
+
+        print(f"\n{stage} finished: {result.report['model_name']} from {result.report['weights']}")
+        print(summary_line(result.report))
+        print(f"report: {result.run_dir}/eval.json")
+        if result.mlflow_hint:
+            print(result.mlflow_hint)
+        sys.stdout.flush()
+        return 0
     print(f"\n{stage} finished: step {int(m.get('step', 0))}", end="")
     if "val/top1" in m:
         print(f", validation top-1 {m['val/top1']:.2f}% top-5 {m.get('val/top5', 0):.2f}% "

@@ -28,6 +28,7 @@ class JobResult:
     run_dir: str
     mlflow_run_id: str | None
     mlflow_hint: str | None
+    report: dict[str, Any] | None = None  # evaluate: the JSON written to <run dir>/eval.json
 
 
 # -- driver-side checks ---------------------------------------------------------------------------
@@ -96,25 +97,44 @@ def check_model(cfg: JobConfig, num_classes: int) -> None:
     get_strategy_class(cfg.strategy.name).check_model(model)
 
 
-def check_init_from(cfg: JobConfig) -> None:
-    """``model.init_from`` is an export or a complete checkpoint of the same model (read cheaply, on the driver)."""
+def resolve_init_from(cfg: JobConfig) -> Path | None:
+    """``model.init_from`` as a local folder: a ``models:/NAME@ALIAS`` URI is downloaded from the registry
+    (into its cache, once per version); raises ValueError naming what the registry has when it names nothing."""
+    source = cfg.model.init_from
+    if source is None:
+        return None
+    from metaformer_platform import registry
+
+    if registry.is_registry_uri(source):
+        from metaformer_platform.tracking import resolve_tracking_uri
+
+        return registry.resolve_model_uri(source, tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri))
+    return Path(source.removeprefix("file://")).expanduser().resolve()
+
+
+def _with_local_init_from(cfg: JobConfig, registry_uri: str | None) -> JobConfig:
+    """In a worker: a registry URI in ``model.init_from`` becomes this node's cached copy of the export."""
+    from metaformer_platform import registry
+
+    if cfg.model.init_from is None or not registry.is_registry_uri(cfg.model.init_from):
+        return cfg
+    local = registry.resolve_model_uri(cfg.model.init_from, tracking_uri=registry_uri)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": str(local)})})
+
+
+def check_init_from(cfg: JobConfig, folder: Path | None = None) -> None:
+    """``model.init_from`` (resolved to ``folder``) is an export or a complete checkpoint of the same model
+    (read cheaply, on the driver); a fine-tune needs one."""
     if cfg.model.init_from is None:
+        if cfg.stage == "finetune":
+            raise ValueError(
+                "a finetune job starts from trained weights: set model.init_from to a checkpoint folder, an "
+                "export folder or a registered model (models:/NAME@ALIAS)"
+            )
         return
-    import json
+    from metaformer_platform.evaluation import read_weights_info
 
-    from metaformer_platform.training import checkpoint as ckpt
-    from metaformer_platform.training.export import META_FILE
-
-    folder = Path(cfg.model.init_from).expanduser()
-    if (folder / META_FILE).is_file():
-        name = json.loads((folder / META_FILE).read_text())["model_name"]
-    elif ckpt.is_complete(folder) and (folder / ckpt.TRAINER_FILE).is_file():
-        name = ckpt.load_tensors(folder / ckpt.TRAINER_FILE)["model_name"]
-    else:
-        raise ValueError(
-            f"model.init_from={cfg.model.init_from!r} is neither an export (model.json + model.safetensors) nor a "
-            "complete checkpoint folder; point it at one of those"
-        )
+    name = read_weights_info(folder or cfg.model.init_from).model_name
     if name != cfg.model.name:
         raise ValueError(
             f"model.init_from={cfg.model.init_from!r} holds {name}, but this job trains {cfg.model.name}: "
@@ -209,7 +229,7 @@ def _train_worker(payload: dict[str, Any]) -> None:
     from metaformer_platform.training.trainer import NullTracker, Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = JobConfig.model_validate(payload["config"])
+    cfg = _with_local_init_from(JobConfig.model_validate(payload["config"]), payload.get("registry_uri"))
     ctx = ray.train.get_context()
     dist = DistContext(
         rank=ctx.get_world_rank(),
@@ -255,16 +275,18 @@ def _train_worker(payload: dict[str, Any]) -> None:
 
 
 def run_job(cfg: JobConfig) -> JobResult:
-    """Check, open the MLflow run, fit on Ray Train, and close the run with the job's outcome."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    """Check, open the MLflow run, fit on Ray Train, and close the run with the job's outcome.
+
+    ``stage="evaluate"`` scores the weights in ``model.init_from`` instead (see ``run_evaluate``)."""
+    if cfg.stage == "evaluate":
+        return run_evaluate(cfg)
 
     data_root = resolve_data_root(cfg)
     check_data(cfg, data_root)
     from metaformer_platform.data import load_manifest
 
     check_model(cfg, cfg.model.num_classes or load_manifest(data_root).num_classes)
-    check_init_from(cfg)
+    check_init_from(cfg, resolve_init_from(cfg))
     resume_from = check_resume_from(cfg)
     storage_path = resolve_storage_path(cfg.run.storage_path)
     if cfg.trainer.torch_threads is None:
@@ -284,6 +306,7 @@ def run_job(cfg: JobConfig) -> JobResult:
         "run_id": handle.run_id if handle else None,
         "tracking_uri": handle.tracking_uri if handle else None,
         "resume_from": str(resume_from) if resume_from else None,
+        "registry_uri": _registry_uri(cfg),
     }
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
@@ -294,6 +317,9 @@ def run_job(cfg: JobConfig) -> JobResult:
         # Workers of a cluster started before this job do not inherit the S3 endpoint and credentials
         # the driver just checked the data with.
         worker_env = {"env_vars": aws_env()} if aws_env() else None
+    import ray.train  # after the checks: bad input is refused without paying for Ray's import
+    from ray.train.torch import TorchTrainer
+
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=payload,
@@ -323,4 +349,154 @@ def run_job(cfg: JobConfig) -> JobResult:
         run_dir=str(Path(storage_path) / cfg.run_name) if "://" not in storage_path else f"{storage_path}/{cfg.run_name}",
         mlflow_run_id=handle.run_id if handle else None,
         mlflow_hint=handle.ui_hint() if handle else None,
+    )
+
+
+# -- the evaluate job ------------------------------------------------------------------------------
+
+
+def _registry_uri(cfg: JobConfig) -> str:
+    """Where workers look up ``models:/`` URIs: the driver's tracking URI (an absolute default)."""
+    from metaformer_platform.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(cfg.tracking.tracking_uri)
+
+
+def _eval_worker(payload: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker: scores its share of the validation split; rank 0's sums are the result."""
+    import ray.train
+    import ray.train.torch
+
+    from metaformer_platform.evaluation import evaluate_worker
+    from metaformer_platform.strategies.base import DistContext
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = JobConfig.model_validate(payload["config"])
+    ctx = ray.train.get_context()
+    dist = DistContext(
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        local_rank=ctx.get_local_rank(),
+        node_rank=ctx.get_node_rank(),
+        device=ray.train.torch.get_device(),
+    )
+    weights = Path(payload["weights"])
+    if not weights.exists():  # another node than the driver's: fetch its own copy of the registered version
+        weights = Path(_with_local_init_from(cfg, payload["registry_uri"]).model.init_from or weights)
+    data_root = resolve_data_root(cfg)
+    sums = evaluate_worker(cfg, dist, data_root, weights)
+    ray.train.report({"eval_sums": sums.to_dict()})
+
+
+def _write_report(report: dict[str, Any], run_dir: str) -> str:
+    """``<run dir>/eval.json`` on local storage or object storage; returns where it went."""
+    import json
+
+    body = json.dumps(report, indent=1) + "\n"
+    if "://" not in run_dir:
+        path = Path(run_dir) / "eval.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".eval.json.tmp-{os.getpid()}")
+        tmp.write_text(body)
+        os.replace(tmp, path)
+        return str(path)
+    from metaformer_platform.data import open_storage
+
+    open_storage(run_dir).write_bytes("eval.json", body.encode())  # type: ignore[attr-defined]
+    return f"{run_dir}/eval.json"
+
+
+def run_evaluate(cfg: JobConfig) -> JobResult:
+    """Score ``model.init_from`` (checkpoint, export or ``models:/`` URI) on ``data.val_split`` over the Ray
+    Train workers; the report goes to ``<run dir>/eval.json``, its numbers and the file to the MLflow run."""
+    import json
+    import tempfile
+    import time
+
+    from metaformer_platform.evaluation import NO_WEIGHTS, MetricSums, build_report, prepare_evaluation
+
+    weights_folder = resolve_init_from(cfg)
+    if weights_folder is None:
+        raise ValueError(NO_WEIGHTS)
+    data_root = resolve_data_root(cfg)
+    cfg, weights, manifest = prepare_evaluation(cfg, weights_folder, data_root)
+    check_model(cfg, cfg.model.num_classes)
+    storage_path = resolve_storage_path(cfg.run.storage_path)
+    if cfg.trainer.torch_threads is None:
+        cfg = cfg.model_copy(
+            update={"trainer": cfg.trainer.model_copy(update={"torch_threads": max(1, int(cfg.scaling.cpus_per_worker))})}
+        )
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    connect_ray(cfg)
+    check_cluster(cfg)
+
+    handle = None
+    if cfg.tracking.enabled:
+        from metaformer_platform.tracking import RunHandle
+
+        handle = RunHandle(cfg)
+    payload = {
+        "config": cfg.model_dump(mode="json"),
+        "weights": str(weights.path),
+        "registry_uri": _registry_uri(cfg),
+    }
+    s = cfg.scaling
+    worker_env = None
+    if isinstance(data_root, str):
+        from metaformer_platform.data.s3 import aws_env
+
+        worker_env = {"env_vars": aws_env()} if aws_env() else None
+    trainer = TorchTrainer(
+        _eval_worker,
+        train_loop_config=payload,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu,
+            resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            worker_runtime_env=worker_env,
+        ),
+    )
+    run_dir = str(Path(storage_path) / cfg.run_name) if "://" not in storage_path else f"{storage_path}/{cfg.run_name}"
+    succeeded = False
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        sums = MetricSums.from_dict(result.metrics["eval_sums"])
+        report = build_report(
+            sums, cfg=cfg, weights=weights, weights_uri=str(cfg.model.init_from), manifest=manifest,
+            expected_samples=manifest.split(cfg.data.val_split).num_samples,
+        )
+        report["mlflow_run_id"] = handle.run_id if handle else None
+        report_path = _write_report(report, run_dir)
+        metrics = {k: float(v) for k, v in report.items() if k.startswith("eval/")}
+        if handle is not None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            step = int(weights.step or 0)
+            handle.client.log_batch(handle.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+            handle.client.set_tag(handle.run_id, "metaformer.eval_data_hash", report["data_hash"])
+            handle.client.set_tag(handle.run_id, "metaformer.weights", str(cfg.model.init_from))
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+                handle.client.log_artifact(handle.run_id, str(Path(tmp) / "eval.json"))
+        log.info("evaluation report written to %s", report_path)
+        succeeded = True
+    finally:
+        if handle is not None:
+            handle.close(succeeded)
+    return JobResult(
+        metrics=metrics,
+        checkpoint_path=None,
+        run_dir=run_dir,
+        mlflow_run_id=handle.run_id if handle else None,
+        mlflow_hint=handle.ui_hint() if handle else None,
+        report=report,
     )

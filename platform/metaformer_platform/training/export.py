@@ -99,6 +99,8 @@ def export_checkpoint(directory: str | os.PathLike[str], out_dir: str | os.PathL
         "model_kwargs": model_kwargs,
         "pretrained_cfg": {**(getattr(reference, "pretrained_cfg", None) or {}), "num_classes": num_classes},
         "img_size": config.get("data", {}).get("img_size"),
+        "crop_pct": config.get("data", {}).get("crop_pct"),
+        "class_names": list(state.get("class_names") or []),  # label i is class_names[i] (empty: unrecorded)
         "step": int(state["step"]),
         "strategy": strategy,
         "source": str(src),

@@ -26,6 +26,7 @@ from torch import nn
 
 from metaformer_platform import data as mdata
 from metaformer_platform.config import JobConfig
+from metaformer_platform.evaluation import evaluate_loader
 from metaformer_platform.models import create_model
 from metaformer_platform.strategies import get_strategy_class
 from metaformer_platform.strategies.base import DistContext
@@ -58,6 +59,39 @@ def build_model(cfg: JobConfig, num_classes: int) -> nn.Module:
     return create_model(
         m.name, num_classes=num_classes, drop_path_rate=m.drop_path_rate, drop_rate=m.drop_rate,
         img_size=cfg.data.img_size, **m.kwargs,
+    )
+
+
+def build_split_loader(
+    cfg: JobConfig, data_root: Path | str | None, dist: DistContext, split: str, *, training: bool
+) -> mdata.ShardLoader:
+    """This rank's loader of ``split`` with the configured transforms (shared with the evaluate job)."""
+    d, t = cfg.data, cfg.trainer
+    # Decode JPEGs no larger than the transform needs (eval resizes to img_size / crop_pct first).
+    decode_size = d.img_size if training else math.ceil(d.img_size / d.crop_pct)
+    transform = mdata.build_transforms(
+        d.img_size,
+        is_training=training,
+        crop_pct=d.crop_pct,
+        auto_augment=d.auto_augment,
+        re_prob=d.re_prob,
+        interpolation=d.interpolation,
+        hflip=d.hflip,
+    )
+    return mdata.build_loader(
+        data_root,
+        split,
+        batch_size=t.batch_size,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        num_workers=d.num_workers,
+        transform=transform,
+        seed=t.seed,
+        shuffle=training,
+        shuffle_buffer=d.shuffle_buffer if training else 0,
+        drop_last=training,
+        decode_size=decode_size,
+        max_bad_fraction=d.max_bad_fraction,
     )
 
 
@@ -135,7 +169,6 @@ class Trainer:
             self.train_loss: nn.Module = SoftTargetCrossEntropy()
         else:
             self.train_loss = nn.CrossEntropyLoss(label_smoothing=d.label_smoothing)
-        self.eval_loss = nn.CrossEntropyLoss(reduction="sum")
 
         self.step = 0
         self._batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -146,33 +179,7 @@ class Trainer:
     # -- building blocks -------------------------------------------------------------------------
 
     def _loader(self, split: str, *, training: bool) -> mdata.ShardLoader:
-        d, t = self.cfg.data, self.cfg.trainer
-        # Decode JPEGs no larger than the transform needs (eval resizes to img_size / crop_pct first).
-        decode_size = d.img_size if training else math.ceil(d.img_size / d.crop_pct)
-        transform = mdata.build_transforms(
-            d.img_size,
-            is_training=training,
-            crop_pct=d.crop_pct,
-            auto_augment=d.auto_augment,
-            re_prob=d.re_prob,
-            interpolation=d.interpolation,
-            hflip=d.hflip,
-        )
-        return mdata.build_loader(
-            self.data_root,
-            split,
-            batch_size=t.batch_size,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            num_workers=d.num_workers,
-            transform=transform,
-            seed=t.seed,
-            shuffle=training,
-            shuffle_buffer=d.shuffle_buffer if training else 0,
-            drop_last=training,
-            decode_size=decode_size,
-            max_bad_fraction=d.max_bad_fraction,
-        )
+        return build_split_loader(self.cfg, self.data_root, self.dist, split, training=training)
 
     def _autocast(self) -> Any:
         if self.cfg.trainer.precision == "bf16":
@@ -284,56 +291,23 @@ class Trainer:
                 shards = {name for names in gathered for name in names}
         return {"data/skipped_samples": float(skipped), "data/bad_shards": float(len(shards))}
 
-    @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Top-1/top-5 and loss over the whole validation split: each sample counted once across ranks."""
+        """Top-1/top-5 and loss over the whole validation split: each sample counted once across ranks.
+
+        Unreadable samples come as stand-ins labelled IGNORE_LABEL, which are not scored and are reported
+        as val/skipped_samples (val/samples + val/skipped_samples == the split's size)."""
         assert self.val_loader is not None
-        model = self.strategy.module
-        model.eval()
-        # loss, top1, top5, count, skipped: unreadable samples come as stand-ins labelled IGNORE_LABEL,
-        # which the loss ignores and the count leaves out (count + skipped == the split's size)
-        sums = torch.zeros(5, dtype=torch.float64, device=self.dist.device)
-        skipped_before = self._skipped(self.val_loader)
-        start = time.perf_counter()
-        for images, targets in self.val_loader:
-            images = images.to(self.dist.device).to(memory_format=self.memory_format)
-            targets = targets.to(self.dist.device)
-            with self._autocast():
-                logits = model(images)
-            logits = logits.float()
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hits = top.eq(targets[:, None])
-            sums += torch.stack(
-                [
-                    self.eval_loss(logits, targets).double(),
-                    hits[:, 0].sum().double(),
-                    hits.any(dim=1).sum().double(),
-                    targets.ne(mdata.IGNORE_LABEL).sum().double(),
-                    torch.zeros((), dtype=torch.float64, device=self.dist.device),
-                ]
-            )
-        sums[4] = self._skipped(self.val_loader) - skipped_before
-        if self.dist.distributed:
-            tdist.all_reduce(sums)
-        loss, top1, top5, count, skipped = sums.tolist()
-        if count == 0:
+        sums = evaluate_loader(
+            self.strategy.module, self.val_loader, num_classes=self.num_classes, device=self.dist.device,
+            memory_format=self.memory_format, autocast=self._autocast,
+        )
+        if sums.samples == 0:
             raise RuntimeError(f"validation split {self.cfg.data.val_split!r} yielded no samples")
-        return {
-            "val/loss": loss / count,
-            "val/top1": 100.0 * top1 / count,
-            "val/top5": 100.0 * top5 / count,
-            "val/samples": count,
-            "val/skipped_samples": skipped,
-            "val/images_per_s": count / (time.perf_counter() - start),
-        }
+        return sums.metrics("val")
 
     def _fault_counting_loaders(self) -> dict[str, Any]:
         named = {"train": self.train_loader, "val": self.val_loader}
         return {split: loader for split, loader in named.items() if hasattr(loader, "fault_state")}
-
-    @staticmethod
-    def _skipped(loader: Any) -> int:
-        return loader.fault_stats()["skipped_samples"] if hasattr(loader, "fault_stats") else 0
 
     # -- state and checkpoints -------------------------------------------------------------------
 
@@ -345,6 +319,8 @@ class Trainer:
             "loader": self.train_loader.state_dict(),
             "model_name": self.cfg.model.name,
             "num_classes": self.num_classes,
+            # the label set goes with the weights, so an evaluation on other shards can be refused
+            "class_names": list(self.manifest.class_names) if self.manifest is not None else [],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -1,0 +1,212 @@
+"""Evaluation without Ray: the metric sums (per class, stand-ins left out), the same numbers from a checkpoint,
+an export and Trainer.validate(), the data hash, and bad input to the finetune/evaluate entry points (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metaformer_platform.config import load_config
+from metaformer_platform.data import IGNORE_LABEL, ensure_synthetic_shards, load_manifest
+from metaformer_platform.evaluation import (
+    MetricSums,
+    check_label_set,
+    data_hash,
+    evaluate_worker,
+    prepare_evaluation,
+    read_weights_info,
+)
+from metaformer_platform.strategies.base import DistContext
+from metaformer_platform.training.export import export_checkpoint
+from metaformer_platform.training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_metric_sums_per_class_and_ignored_stand_ins():
+    # 3 classes; rows are logits. Sample 4 is a stand-in (IGNORE_LABEL): it must change no sum.
+    logits = torch.tensor(
+        [
+            [3.0, 1.0, 0.0],  # label 0, top-1 hit
+            [0.0, 2.0, 1.0],  # label 2, top-1 miss (predicts 1)
+            [0.0, 1.0, 5.0],  # label 2, hit
+            [1.0, 0.0, 4.0],  # label 1, miss
+            [9.0, 0.0, 0.0],  # stand-in
+        ]
+    )
+    targets = torch.tensor([0, 2, 2, 1, IGNORE_LABEL])
+    sums = MetricSums(3)
+    sums.update(logits[:2], targets[:2])  # two batches: sums add up
+    sums.update(logits[2:], targets[2:])
+    sums.add_skipped(1)
+    sums.seconds = 2.0
+    m = sums.metrics("eval")
+    assert m["eval/samples"] == 4 and m["eval/skipped_samples"] == 1
+    assert m["eval/top1"] == 50.0
+    assert m["eval/top5"] == 100.0  # min(5, classes) = 3: every label is in the top 3
+    expected_loss = F.cross_entropy(logits[:4], targets[:4]).item()
+    assert math.isclose(m["eval/loss"], expected_loss, rel_tol=1e-6)
+    assert m["eval/images_per_s"] == 2.0
+    assert sums.per_class_top1() == [100.0, 0.0, 50.0]
+    assert sums.class_samples.tolist() == [1.0, 1.0, 2.0]
+    # the per-class numbers are consistent with top-1: hits summed over classes / samples
+    assert 100.0 * sums.class_top1.sum().item() / sums.class_samples.sum().item() == m["eval/top1"]
+
+    # a class without samples is None, and the sums survive the trip through ray.train.report (plain lists)
+    sums2 = MetricSums(4)
+    sums2.update(torch.eye(4)[:2] * 5, torch.tensor([0, 1]))
+    again = MetricSums.from_dict(json.loads(json.dumps(sums2.to_dict())))
+    assert again.per_class_top1() == [100.0, 100.0, None, None]
+    assert again.metrics("x") == {**sums2.metrics("x")}
+
+    with pytest.raises(ValueError, match="outside the model's 3 classes"):
+        MetricSums(3).update(logits[:1], torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="no samples"):
+        MetricSums(3).metrics("eval")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    # 90 validation samples in shards of 40, 40, 10
+    return ensure_synthetic_shards(
+        tmp_path_factory.mktemp("synthetic"), num_classes=4, train_samples=256, val_samples=90,
+        image_size=32, samples_per_shard=40, seed=0,
+    )
+
+
+def _cfg(*overrides: str):
+    return load_config(
+        None,
+        [
+            "model.name=poolformer_debug", "model.drop_path_rate=0.0", "data.img_size=32", "data.crop_pct=1.0",
+            "data.num_workers=0", "data.auto_augment=null", "data.re_prob=0", "data.mixup_alpha=0",
+            "data.cutmix_alpha=0", "trainer.batch_size=16", "trainer.precision=fp32",
+            "trainer.torch_threads=1", "optim.lr=3e-3", "optim.warmup_epochs=0", "scaling.num_workers=1",
+            *overrides,
+        ],
+    )
+
+
+def test_checkpoint_export_and_trainer_validation_agree(shards, tmp_path):
+    saved = tmp_path / "ckpt"
+
+    def report(metrics, checkpoint_dir):
+        if checkpoint_dir is not None:
+            import shutil
+
+            shutil.copytree(checkpoint_dir, saved)
+
+    cfg = _cfg("trainer.max_steps=16", "trainer.checkpoint_every_steps=16", "trainer.val_every_steps=16")
+    trainer = Trainer(cfg, DistContext(), data_root=shards, report=report)
+    validated = trainer.train()
+    assert validated["val/samples"] == 90 and 25.0 < validated["val/top1"] <= 100.0
+    export = export_checkpoint(saved, tmp_path / "export")
+    names = load_manifest(shards).class_names
+    assert json.loads(export.meta.read_text())["class_names"] == list(names)  # the label set travels along
+
+    for source in (saved, tmp_path / "export"):
+        info = read_weights_info(source)
+        assert (info.model_name, info.num_classes, info.class_names, info.img_size) == (
+            "poolformer_debug", 4, names, 32,
+        )
+        # a config that names no model: the weights decide it
+        ecfg, weights, manifest = prepare_evaluation(
+            _cfg("stage=evaluate", "trainer.batch_size=7"), source, shards
+        )
+        sums = evaluate_worker(ecfg, DistContext(), shards, source)
+        m = sums.metrics("val")
+        assert m["val/samples"] == 90 and m["val/skipped_samples"] == 0  # batch 7 leaves a partial batch
+        assert m["val/top1"] == validated["val/top1"] and m["val/top5"] == validated["val/top5"]
+        assert math.isclose(m["val/loss"], validated["val/loss"], rel_tol=1e-5)
+        per_class = sums.per_class_top1()
+        hits = sum(p / 100 * n for p, n in zip(per_class, sums.class_samples.tolist(), strict=True))
+        assert math.isclose(100 * hits / 90, m["val/top1"], rel_tol=1e-9)
+
+
+def test_label_set_and_model_checks(shards, tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.safetensors").write_bytes(b"")
+    names = list(load_manifest(shards).class_names)
+    (export / "model.json").write_text(json.dumps({"model_name": "poolformer_debug", "num_classes": 4,
+                                                   "class_names": names[::-1]}))
+    info = read_weights_info(export)
+    with pytest.raises(ValueError, match=r"class 0 is 'circle' in the data but 'triangle'|names its classes"):
+        check_label_set(info, 4, tuple(names), "the data")
+    with pytest.raises(ValueError, match="has 5 classes but poolformer_debug"):
+        check_label_set(info, 5, (), "the data")
+    with pytest.raises(ValueError, match="holds poolformer_debug, but model.name=poolformer_s12"):
+        prepare_evaluation(load_config(None, ["stage=evaluate", "model.name=poolformer_s12",
+                                              f"model.init_from={export}"]), export, shards)
+    with pytest.raises(ValueError, match="an evaluate job scores trained weights"):
+        prepare_evaluation(load_config(None, ["stage=evaluate"]), None, shards)
+    with pytest.raises(ValueError, match="neither an export"):
+        read_weights_info(tmp_path)
+
+
+def test_data_hash_follows_the_split_and_labels(shards, tmp_path):
+    manifest = load_manifest(shards)
+    digest, of = data_hash(manifest, "val")
+    assert len(digest) == 64 and "val" in of
+    assert data_hash(load_manifest(shards), "val") == (digest, of)  # stable
+    assert data_hash(manifest, "train")[0] != digest
+    import shutil
+
+    other = tmp_path / "renamed"
+    shutil.copytree(shards, other)
+    body = json.loads((other / "_info.json").read_text())
+    body["class_names"] = body["class_names"][::-1]
+    (other / "_info.json").write_text(json.dumps(body))
+    assert data_hash(load_manifest(other), "val")[0] != digest  # same images, other labels: not comparable
+
+
+# -- the entry points: bad input exits 2 before Ray or MLflow ----------------------------------------------
+
+
+def test_bad_input_to_finetune_and_evaluate_exits_2(shards, tmp_path, monkeypatch, capsys):
+    from metaformer_platform.cli import run_main
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # were Ray reached, the job would hang, then fail
+    monkeypatch.chdir(tmp_path)
+    names = list(load_manifest(shards).class_names)
+
+    def weights(num_classes: int, class_names: list[str]) -> str:
+        export = tmp_path / f"export-{num_classes}-{'-'.join(class_names)}"
+        export.mkdir(exist_ok=True)
+        (export / "model.safetensors").write_bytes(b"")
+        (export / "model.json").write_text(json.dumps(
+            {"model_name": "poolformer_debug", "num_classes": num_classes, "class_names": class_names}))
+        return f"model.init_from={export}"
+
+    common = [f"data.source={shards}", f"run.storage_path={tmp_path / 'runs'}", "trainer.batch_size=8",
+              "data.img_size=32"]
+    finetune_preset = ROOT / "jobs" / "configs" / "finetune_384.yaml"  # jobs/finetune.py's default
+    cases = [
+        ("evaluate", [weights(5, [])], "has 4 classes but poolformer_debug"),
+        ("evaluate", [weights(4, names[::-1])], "names its classes differently"),
+        ("evaluate", ["model.name=poolformer_s12", weights(4, names)], "but model.name=poolformer_s12"),
+        ("finetune", ["model.name=poolformer_debug"], "a finetune job starts from trained weights"),
+        ("finetune", ["model.name=poolformer_s12", weights(4, names)],
+         "holds poolformer_debug, but this job trains poolformer_s12"),
+        ("evaluate", ["model.init_from=models:/no_such_model@champion",
+                      f"tracking.tracking_uri=sqlite:///{tmp_path / 'registry.db'}"],
+         "no registered model 'no_such_model'"),
+    ]
+    for stage, args, message in cases:
+        code = run_main(stage, "", [*common, *args], finetune_preset if stage == "finetune" else None)
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (stage, args, err[-2000:])
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+    # and as a user runs it: the entry point itself
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "evaluate.py"), *common], capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})
+    assert out.returncode == 2 and "an evaluate job scores trained weights: set model.init_from" in out.stderr
