@@ -362,7 +362,7 @@ def _registry_uri(cfg: JobConfig) -> str:
     return resolve_tracking_uri(cfg.tracking.tracking_uri)
 
 
-def _eval_worker(payload: dict[str, Any]) -> None:
+def _eval_worker(payload: dict[str, Any]) -> dict[str, Any]:
     """Runs in every Ray Train worker: scores its share of the validation split; rank 0's sums are the result."""
     import ray.train
     import ray.train.torch
@@ -386,6 +386,9 @@ def _eval_worker(payload: dict[str, Any]) -> None:
     data_root = resolve_data_root(cfg)
     sums = evaluate_worker(cfg, dist, data_root, weights)
     ray.train.report({"eval_sums": sums.to_dict()})
+    # Train v2's Result.metrics holds only reports that carried a checkpoint: rank 0's return value is what
+    # reaches the driver (Result.return_value).
+    return {"eval_sums": sums.to_dict()}
 
 
 def _write_report(report: dict[str, Any], run_dir: str) -> str:
@@ -468,7 +471,7 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
         result = trainer.fit()
         if result.error is not None:
             raise result.error
-        sums = MetricSums.from_dict(result.metrics["eval_sums"])
+        sums = MetricSums.from_dict((result.return_value or result.metrics)["eval_sums"])
         report = build_report(
             sums, cfg=cfg, weights=weights, weights_uri=str(cfg.model.init_from), manifest=manifest,
             expected_samples=manifest.split(cfg.data.val_split).num_samples,

@@ -158,8 +158,13 @@ def data_hash(cfg: JobConfig) -> tuple[str, int | None]:
     from metaformer_platform.launch import check_data, resolve_data_root
 
     root = resolve_data_root(cfg)
-    check_data(cfg, root)  # splits, batch per rank, num_classes: refused now rather than on the cluster
     manifest = load_manifest(root)
+    if cfg.stage == "evaluate":
+        if cfg.data.val_split is None:
+            raise ValueError("an evaluate stage scores data.val_split: set it (e.g. data.val_split=val)")
+        manifest.split(cfg.data.val_split)  # evaluate reads only this split
+    else:
+        check_data(cfg, root)  # splits, batch per rank, num_classes: refused now rather than on the cluster
     return hashlib.sha256(manifest.storage.read_bytes(INFO_NAME)).hexdigest(), manifest.num_classes
 
 

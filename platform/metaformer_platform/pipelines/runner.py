@@ -296,15 +296,10 @@ class PipelineRunner:
     def _run_stage(
         self, plan: MemberPlan, stage: StagePlan, outputs: dict[str, StageOutcome], experiment_id: str, parent: str
     ) -> StageOutcome:
-        from metaformer_platform import registry
         from metaformer_platform.launch import run_job
 
-        if stage.upstream is not None:
-            stage.cfg.model.init_from = outputs[stage.upstream].checkpoint
-        elif stage.init_from is not None and registry.is_registry_uri(stage.init_from):
-            stage.cfg.model.init_from = str(registry.resolve_model_uri(stage.init_from, tracking_uri=self.tracking_uri))
-        elif stage.init_from is not None:
-            stage.cfg.model.init_from = stage.init_from
+        # A models:/ URI is passed on as it is: the job resolves it (on every node) and records it as the input.
+        stage.cfg.model.init_from = outputs[stage.upstream].checkpoint if stage.upstream is not None else stage.init_from
 
         done = find_completed(self.client, experiment_id, stage)
         if done is not None:
