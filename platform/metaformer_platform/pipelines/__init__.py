@@ -27,6 +27,7 @@ __all__ = [
     "expand",
     "load_pipeline",
     "main",
+    "parse_command",
     "parse_pipeline",
     "plan_pipeline",
     "resolve",
@@ -69,15 +70,20 @@ def run_pipeline(
     return result
 
 
-def main(argv: Sequence[str] | None = None, default_pipeline: Path | None = None) -> int:
-    """The pipelines' command line; exit status 0 (all members ok), 1 (a member failed), 2 (bad pipeline)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def parse_command(argv: Sequence[str] | None, default_pipeline: Path | None = None) -> argparse.Namespace:
+    """``[--pipeline FILE] [--dry-run] [key.path=value ...]``: the pipeline entry points' arguments."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", type=Path, default=default_pipeline, required=default_pipeline is None,
                         help=f"pipeline YAML (default: {default_pipeline})")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (what would run or be skipped) and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="job config overrides for every stage")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None, default_pipeline: Path | None = None) -> int:
+    """The pipelines' command line; exit status 0 (all members ok), 1 (a member failed), 2 (bad pipeline)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_command(argv, default_pipeline)
     try:
         result = run_pipeline(args.pipeline, args.overrides, dry_run=args.dry_run,
                               out=lambda text: print(text, flush=True))
