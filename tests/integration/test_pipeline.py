@@ -22,7 +22,6 @@ import yaml
 from metaformer_platform import registry
 from metaformer_platform.data import ensure_synthetic_shards
 from metaformer_platform.pipelines import run_pipeline, runner
-from metaformer_platform.training import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
 MEMBERS = ["poolformer_debug", "poolformer_debug_m"]
@@ -71,8 +70,14 @@ def family_pipeline(s3_server, mlflow_server, ray_cluster, tmp_path_factory) -> 
     return {"path": path, "root": root, "tracking_uri": mlflow_server, "ray": ray_cluster}
 
 
-def _pretrain_checkpoints(root: Path) -> list[Path]:
-    return sorted(p for p in (root / "runs").glob("tiny-family-*-pretrain-*/checkpoint-*") if ckpt.is_complete(p))
+def _resumable_pretrains(root: Path) -> dict[str, int]:
+    """Pretrain run name -> step of the checkpoint Ray would resume it from (registered by its controller)."""
+    found = {}
+    for run_dir in (root / "runs").glob("tiny-family-*-pretrain-*"):
+        checkpoint = runner.resumable_checkpoint(str(run_dir))
+        if checkpoint is not None:
+            found[run_dir.name] = int(checkpoint.rsplit("-", 1)[1])
+    return found
 
 
 def _wait_for_free_cpus(want: float, timeout: float = 60.0) -> None:
@@ -100,7 +105,7 @@ def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, mo
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
-        while not _pretrain_checkpoints(root):
+        while not _resumable_pretrains(root):
             assert proc.poll() is None, (root / "killed.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no pretrain checkpoint within 240 s"
             time.sleep(0.2)
@@ -108,9 +113,7 @@ def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, mo
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         log.close()
-    interrupted: dict[str, int] = {}  # run name -> its newest checkpoint's step when the driver was killed
-    for p in _pretrain_checkpoints(root):
-        interrupted[p.parent.name] = max(interrupted.get(p.parent.name, 0), int(p.name.rsplit("-", 1)[1]))
+    interrupted = _resumable_pretrains(root)  # run name -> the step it continues from
     assert not any((root / "runs").glob("tiny-family-*-finetune-*/checkpoint-*")), "killed too late"
     _wait_for_free_cpus(2)
 
@@ -123,6 +126,8 @@ def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, mo
     for member in MEMBERS:
         pre, ft, ev = (actions[(member, s)] for s in ("pretrain", "finetune", "evaluate"))
         assert pre.action == ("resume" if pre.run_name in interrupted else "run"), (pre, interrupted)
+        if pre.run_name in interrupted:
+            assert pre.detail == f"(continued from checkpoint-{interrupted[pre.run_name]:08d})"
         assert (ft.action, ev.action) == ("run", "run")
         assert pre.metrics["step"] == PRETRAIN_STEPS and Path(pre.checkpoint).name == f"checkpoint-{PRETRAIN_STEPS:08d}"
         assert 0 <= ev.metrics["eval/top1"] <= 100 and ev.metrics["eval/samples"] == 24

@@ -207,7 +207,12 @@ def test_dry_run_prints_the_plan_with_skips_and_resumes(tmp_path: Path) -> None:
     debug = planned.plans[0]
     out = _complete_checkpoint(tmp_path / "out" / "checkpoint-00000004")
     _finished_run(planned, debug.stage("pretrain"), **{runner.TAG_OUTPUT: str(out)})
-    _complete_checkpoint(Path(debug.stage("finetune").run_dir) / "checkpoint-00000002")
+    run_dir = Path(debug.stage("finetune").run_dir)
+    _complete_checkpoint(run_dir / "checkpoint-00000002")
+    _complete_checkpoint(run_dir / "checkpoint-00000004")  # complete, but Ray had not registered it: not resumed
+    (run_dir / runner.RAY_SNAPSHOT).write_text(json.dumps({"latest": {"checkpoint_dir_name": "checkpoint-00000002"}}))
+    assert runner.resumable_checkpoint(str(run_dir)) == str(run_dir / "checkpoint-00000002")
+    assert runner.resumable_checkpoint(str(tmp_path / "runs" / "nothing")) is None
 
     result = P.run_pipeline(path, dry_run=True, out=lines.append)
     text = "\n".join(lines)

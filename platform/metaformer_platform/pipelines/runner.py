@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import threading
 from collections.abc import Callable
@@ -120,14 +121,25 @@ def find_completed(client: Any, experiment_id: str | None, stage: StagePlan) -> 
     return None
 
 
-def local_checkpoints(run_dir: str) -> list[str]:
-    """Complete checkpoint folders already in a stage's Ray run folder (what a re-run resumes from)."""
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # ray.train.v2 constants: CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+_CHECKPOINT_NAME = re.compile(r"checkpoint-\d{8}")
+
+
+def resumable_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint Ray Train resumes a stage's run from when started again under its name, or None.
+
+    Ray resumes from the checkpoints its controller registered (listed in the run's snapshot file): a complete
+    folder it had not registered yet when the driver died is not resumed from.
+    """
     from metaformer_platform.training import checkpoint as ckpt
 
     folder = Path(run_dir)
-    if "://" in run_dir or not folder.is_dir():
-        return []
-    return sorted(str(p) for p in folder.glob("checkpoint-*") if ckpt.is_complete(p))
+    snapshot = folder / RAY_SNAPSHOT
+    if "://" in run_dir or not snapshot.is_file():
+        return None
+    names = set(_CHECKPOINT_NAME.findall(snapshot.read_text(errors="replace")))
+    complete = sorted(n for n in names if ckpt.is_complete(folder / n))
+    return str(folder / complete[-1]) if complete else None
 
 
 def _experiment_id(client: Any, name: str, create: bool) -> str | None:
@@ -170,8 +182,8 @@ class PipelineRunner:
                 done = find_completed(self.client, experiment_id, stage)
                 if done is not None:
                     action, detail = "skip", f"done: MLflow run {done.info.run_id}"
-                elif local_checkpoints(stage.run_dir):
-                    action, detail = "resume", f"from {Path(local_checkpoints(stage.run_dir)[-1]).name}"
+                elif resumable_checkpoint(stage.run_dir):
+                    action, detail = "resume", f"from {Path(str(resumable_checkpoint(stage.run_dir))).name}"
                 else:
                     action, detail = "run", ""
                 member.stages.append(StageOutcome(plan.model, stage.name, action, stage.run_name, detail=detail))
@@ -308,11 +320,11 @@ class PipelineRunner:
                 plan.model, stage.name, "skip", stage.run_name, done.info.run_id, tags.get(TAG_OUTPUT),
                 dict(done.data.metrics), detail="(done before: same config, data and input)",
             )
-        previous = local_checkpoints(stage.run_dir)
+        previous = resumable_checkpoint(stage.run_dir)
         action = "resume" if previous else "run"
         stage.cfg.tracking.tags = {**stage.cfg.tracking.tags, **self._stage_tags(stage, parent)}
         self.say(f"[{plan.model}] {stage.name}: starting {stage.run_name}"
-                 + (f" (continues {Path(previous[-1]).name})" if previous else ""))
+                 + (f" (continues {Path(previous).name})" if previous else ""))
         result = run_job(stage.cfg)
         run_id = result.mlflow_run_id
         metrics = dict(result.metrics)
@@ -323,7 +335,7 @@ class PipelineRunner:
         else:
             self._record_evaluation(run_id, stage, result)
             metrics = {**metrics, **{k: v for k, v in self.client.get_run(run_id).data.metrics.items() if k not in metrics}}
-        detail = f"(continued from {Path(previous[-1]).name})" if previous else ""
+        detail = f"(continued from {Path(previous).name})" if previous else ""
         return StageOutcome(plan.model, stage.name, action, stage.run_name, run_id, result.checkpoint_path, metrics, detail)
 
     def _record_evaluation(self, run_id: str, stage: StagePlan, result: Any) -> None:
