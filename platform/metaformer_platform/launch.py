@@ -97,28 +97,35 @@ def check_model(cfg: JobConfig, num_classes: int) -> None:
     get_strategy_class(cfg.strategy.name).check_model(model)
 
 
-def resolve_init_from(cfg: JobConfig) -> Path | None:
-    """``model.init_from`` as a local folder: a ``models:/NAME@ALIAS`` URI is downloaded from the registry
-    (into its cache, once per version); raises ValueError naming what the registry has when it names nothing."""
-    source = cfg.model.init_from
-    if source is None:
-        return None
+def _local_weights(source: str, registry_uri: str | None) -> Path:
+    """A local folder for ``model.init_from``: a ``models:/NAME@ALIAS`` URI is downloaded from the registry
+    (once per version), an object-storage URL (``s3://.../checkpoint-N``) into the weights cache."""
     from metaformer_platform import registry
+    from metaformer_platform.data.storage import split_url
 
     if registry.is_registry_uri(source):
-        from metaformer_platform.tracking import resolve_tracking_uri
+        return registry.resolve_model_uri(source, tracking_uri=registry_uri)
+    if split_url(source)[0] not in ("", "file"):
+        from metaformer_platform.evaluation import fetch_weights
 
-        return registry.resolve_model_uri(source, tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri))
+        return fetch_weights(source)
     return Path(source.removeprefix("file://")).expanduser().resolve()
 
 
-def _with_local_init_from(cfg: JobConfig, registry_uri: str | None) -> JobConfig:
-    """In a worker: a registry URI in ``model.init_from`` becomes this node's cached copy of the export."""
-    from metaformer_platform import registry
+def resolve_init_from(cfg: JobConfig) -> Path | None:
+    """``model.init_from`` as a local folder on the driver (None when unset); a registry URI that names nothing
+    is a ValueError listing what the registry has."""
+    return _local_weights(cfg.model.init_from, _registry_uri(cfg)) if cfg.model.init_from is not None else None
 
-    if cfg.model.init_from is None or not registry.is_registry_uri(cfg.model.init_from):
+
+def _with_local_init_from(cfg: JobConfig, payload: dict[str, Any]) -> JobConfig:
+    """In a worker: ``model.init_from`` becomes the driver's local copy when this node sees it, else this node's
+    own download of the URI (the driver may run on another machine)."""
+    source = cfg.model.init_from
+    if source is None:
         return cfg
-    local = registry.resolve_model_uri(cfg.model.init_from, tracking_uri=registry_uri)
+    driver_copy = payload.get("init_from_local")
+    local = Path(driver_copy) if driver_copy and Path(driver_copy).exists() else _local_weights(source, payload["registry_uri"])
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": str(local)})})
 
 
@@ -229,7 +236,7 @@ def _train_worker(payload: dict[str, Any]) -> None:
     from metaformer_platform.training.trainer import NullTracker, Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = _with_local_init_from(JobConfig.model_validate(payload["config"]), payload.get("registry_uri"))
+    cfg = _with_local_init_from(JobConfig.model_validate(payload["config"]), payload)
     ctx = ray.train.get_context()
     dist = DistContext(
         rank=ctx.get_world_rank(),
@@ -286,7 +293,8 @@ def run_job(cfg: JobConfig) -> JobResult:
     from metaformer_platform.data import load_manifest
 
     check_model(cfg, cfg.model.num_classes or load_manifest(data_root).num_classes)
-    check_init_from(cfg, resolve_init_from(cfg))
+    init_from_local = resolve_init_from(cfg)
+    check_init_from(cfg, init_from_local)
     resume_from = check_resume_from(cfg)
     storage_path = resolve_storage_path(cfg.run.storage_path)
     if cfg.trainer.torch_threads is None:
@@ -307,6 +315,7 @@ def run_job(cfg: JobConfig) -> JobResult:
         "tracking_uri": handle.tracking_uri if handle else None,
         "resume_from": str(resume_from) if resume_from else None,
         "registry_uri": _registry_uri(cfg),
+        "init_from_local": str(init_from_local) if init_from_local else None,
     }
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
@@ -363,7 +372,8 @@ def _registry_uri(cfg: JobConfig) -> str:
 
 
 def _eval_worker(payload: dict[str, Any]) -> dict[str, Any]:
-    """Runs in every Ray Train worker: scores its share of the validation split; rank 0's sums are the result."""
+    """Runs in every Ray Train worker: scores its share of the validation split and returns the sums over all
+    ranks (Ray hands rank 0's return value to the driver as ``Result.return_value``)."""
     import ray.train
     import ray.train.torch
 
@@ -380,43 +390,24 @@ def _eval_worker(payload: dict[str, Any]) -> dict[str, Any]:
         node_rank=ctx.get_node_rank(),
         device=ray.train.torch.get_device(),
     )
-    weights = Path(payload["weights"])
-    if not weights.exists():  # another node than the driver's: fetch its own copy of the registered version
-        weights = Path(_with_local_init_from(cfg, payload["registry_uri"]).model.init_from or weights)
+    weights = Path(_with_local_init_from(cfg, payload).model.init_from)  # type: ignore[arg-type]
     data_root = resolve_data_root(cfg)
-    sums = evaluate_worker(cfg, dist, data_root, weights)
-    ray.train.report({"eval_sums": sums.to_dict()})
-    # Train v2's Result.metrics holds only reports that carried a checkpoint: rank 0's return value is what
-    # reaches the driver (Result.return_value).
-    return {"eval_sums": sums.to_dict()}
-
-
-def _write_report(report: dict[str, Any], run_dir: str) -> str:
-    """``<run dir>/eval.json`` on local storage or object storage; returns where it went."""
-    import json
-
-    body = json.dumps(report, indent=1) + "\n"
-    if "://" not in run_dir:
-        path = Path(run_dir) / "eval.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".eval.json.tmp-{os.getpid()}")
-        tmp.write_text(body)
-        os.replace(tmp, path)
-        return str(path)
-    from metaformer_platform.data import open_storage
-
-    open_storage(run_dir).write_bytes("eval.json", body.encode())  # type: ignore[attr-defined]
-    return f"{run_dir}/eval.json"
+    return evaluate_worker(cfg, dist, data_root, weights).to_dict()
 
 
 def run_evaluate(cfg: JobConfig) -> JobResult:
     """Score ``model.init_from`` (checkpoint, export or ``models:/`` URI) on ``data.val_split`` over the Ray
     Train workers; the report goes to ``<run dir>/eval.json``, its numbers and the file to the MLflow run."""
-    import json
     import tempfile
     import time
 
-    from metaformer_platform.evaluation import NO_WEIGHTS, MetricSums, build_report, prepare_evaluation
+    from metaformer_platform.evaluation import (
+        NO_WEIGHTS,
+        MetricSums,
+        build_report,
+        prepare_evaluation,
+        write_report,
+    )
 
     weights_folder = resolve_init_from(cfg)
     if weights_folder is None:
@@ -442,7 +433,7 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
         handle = RunHandle(cfg)
     payload = {
         "config": cfg.model_dump(mode="json"),
-        "weights": str(weights.path),
+        "init_from_local": str(weights.path),
         "registry_uri": _registry_uri(cfg),
     }
     s = cfg.scaling
@@ -471,13 +462,13 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
         result = trainer.fit()
         if result.error is not None:
             raise result.error
-        sums = MetricSums.from_dict((result.return_value or result.metrics)["eval_sums"])
+        sums = MetricSums.from_dict(result.return_value)
         report = build_report(
             sums, cfg=cfg, weights=weights, weights_uri=str(cfg.model.init_from), manifest=manifest,
             expected_samples=manifest.split(cfg.data.val_split).num_samples,
         )
         report["mlflow_run_id"] = handle.run_id if handle else None
-        report_path = _write_report(report, run_dir)
+        report_path = write_report(report, run_dir)
         metrics = {k: float(v) for k, v in report.items() if k.startswith("eval/")}
         if handle is not None:
             from mlflow.entities import Metric
@@ -487,9 +478,10 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
             handle.client.log_batch(handle.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
             handle.client.set_tag(handle.run_id, "metaformer.eval_data_hash", report["data_hash"])
             handle.client.set_tag(handle.run_id, "metaformer.weights", str(cfg.model.init_from))
+            if report["paper_top1"] is not None:
+                handle.client.set_tag(handle.run_id, "metaformer.paper_top1", str(report["paper_top1"]))
             with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
-                handle.client.log_artifact(handle.run_id, str(Path(tmp) / "eval.json"))
+                handle.client.log_artifact(handle.run_id, write_report(report, tmp))
         log.info("evaluation report written to %s", report_path)
         succeeded = True
     finally:

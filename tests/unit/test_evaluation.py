@@ -18,11 +18,13 @@ from metaformer_platform.config import load_config
 from metaformer_platform.data import IGNORE_LABEL, ensure_synthetic_shards, load_manifest
 from metaformer_platform.evaluation import (
     MetricSums,
+    build_report,
     check_label_set,
     data_hash,
     evaluate_worker,
     prepare_evaluation,
     read_weights_info,
+    summary_line,
 )
 from metaformer_platform.strategies.base import DistContext
 from metaformer_platform.training.export import export_checkpoint
@@ -95,8 +97,11 @@ def _cfg(*overrides: str):
     )
 
 
-def test_checkpoint_export_and_trainer_validation_agree(shards, tmp_path):
-    saved = tmp_path / "ckpt"
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory) -> tuple[Path, Path, dict[str, float]]:
+    """(checkpoint, export, the Trainer's validation at that checkpoint) of a short run."""
+    tmp = tmp_path_factory.mktemp("trained")
+    saved = tmp / "ckpt"
 
     def report(metrics, checkpoint_dir):
         if checkpoint_dir is not None:
@@ -105,14 +110,18 @@ def test_checkpoint_export_and_trainer_validation_agree(shards, tmp_path):
             shutil.copytree(checkpoint_dir, saved)
 
     cfg = _cfg("trainer.max_steps=16", "trainer.checkpoint_every_steps=16", "trainer.val_every_steps=16")
-    trainer = Trainer(cfg, DistContext(), data_root=shards, report=report)
-    validated = trainer.train()
-    assert validated["val/samples"] == 90 and 25.0 < validated["val/top1"] <= 100.0
-    export = export_checkpoint(saved, tmp_path / "export")
-    names = load_manifest(shards).class_names
-    assert json.loads(export.meta.read_text())["class_names"] == list(names)  # the label set travels along
+    validated = Trainer(cfg, DistContext(), data_root=shards, report=report).train()
+    export_checkpoint(saved, tmp / "export")
+    return saved, tmp / "export", validated
 
-    for source in (saved, tmp_path / "export"):
+
+def test_checkpoint_export_and_trainer_validation_agree(shards, trained):
+    saved, export, validated = trained
+    assert validated["val/samples"] == 90 and 25.0 < validated["val/top1"] <= 100.0
+    names = load_manifest(shards).class_names
+    assert json.loads((export / "model.json").read_text())["class_names"] == list(names)  # the label set travels
+
+    for source in (saved, export):
         info = read_weights_info(source)
         assert (info.model_name, info.num_classes, info.class_names, info.img_size) == (
             "poolformer_debug", 4, names, 32,
@@ -152,6 +161,67 @@ def test_label_set_and_model_checks(shards, tmp_path):
         read_weights_info(tmp_path)
 
 
+def test_report_checks_the_total_and_shows_the_paper_beside_imagenet_results(shards):
+    manifest = load_manifest(shards)
+    sums = MetricSums(1000)
+    sums.update(torch.eye(1000)[torch.zeros(90, dtype=torch.long)], torch.arange(90) % 2)  # class 0: 45 of 90
+    sums.add_skipped(0)
+    sums.seconds = 1.0
+    cfg = load_config(None, ["stage=evaluate", "model.name=poolformer_s12", "model.num_classes=1000"])
+    weights = read_weights_info_stub()
+    report = build_report(sums, cfg=cfg, weights=weights, weights_uri="models:/poolformer_s12@champion",
+                          manifest=manifest, expected_samples=90)
+    assert report["eval/top1"] == 50.0 and report["paper_top1"] == 77.2
+    line = summary_line(report)
+    assert "measured top-1 50.00% at 224 px, paper (ImageNet-1k, 224 px) 77.2%" in line
+    with pytest.raises(RuntimeError, match="dropped or counted twice"):
+        build_report(sums, cfg=cfg, weights=weights, weights_uri="x", manifest=manifest, expected_samples=91)
+    small = load_config(None, ["stage=evaluate", "model.name=poolformer_s12", "model.num_classes=4"])
+    sums4 = MetricSums(4)
+    sums4.update(torch.eye(4)[torch.arange(90) % 4], torch.arange(90) % 4)
+    sums4.seconds = 1.0
+    report = build_report(sums4, cfg=small, weights=weights, weights_uri="x", manifest=manifest, expected_samples=90)
+    assert report["paper_top1"] is None and "paper" not in summary_line(report)  # not ImageNet-1k
+
+
+def read_weights_info_stub():
+    from metaformer_platform.evaluation import WeightsInfo
+
+    return WeightsInfo("export", Path("/nowhere"), "poolformer_s12", 1000, {}, (), 224, 0.9, 10)
+
+
+@pytest.fixture(scope="module")
+def sqlite_registry(tmp_path_factory) -> str:
+    """One sqlite MLflow store for the module (creating its schema takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def test_registry_uri_resolves_on_the_driver_and_in_workers(trained, sqlite_registry, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from metaformer_platform import registry
+    from metaformer_platform.launch import _with_local_init_from, check_init_from, resolve_init_from
+
+    _, export, _ = trained
+    monkeypatch.setenv("METAFORMER_MODEL_CACHE", str(tmp_path / "cache"))
+    uri = sqlite_registry
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("unit-eval")).info.run_id
+    registry.register_export(export, "unit_debug", tracking_uri=uri, run_id=run_id,
+                             lineage_tags=registry.lineage_tags("ckpt", "hash", git_commit="x"))
+    client.set_registered_model_alias("unit_debug", "champion", "1")
+    cfg = _cfg("stage=finetune", "model.init_from=models:/unit_debug@champion", f"tracking.tracking_uri={uri}")
+    local = resolve_init_from(cfg)
+    assert local == tmp_path / "cache" / "unit_debug" / "v1" and (local / "model.safetensors").is_file()
+    check_init_from(cfg, local)  # same architecture: accepted
+    # a worker that cannot see the driver's copy (another node) fetches its own
+    elsewhere = {"registry_uri": uri, "init_from_local": str(tmp_path / "on-the-driver-node")}
+    assert _with_local_init_from(cfg, elsewhere).model.init_from == str(local)
+    assert _with_local_init_from(cfg, {**elsewhere, "init_from_local": str(export)}).model.init_from == str(export)
+    with pytest.raises(ValueError, match="holds poolformer_debug, but this job trains poolformer_s12"):
+        check_init_from(_cfg("stage=finetune", "model.name=poolformer_s12", "model.init_from=models:/x@y"), local)
+
+
 def test_data_hash_follows_the_split_and_labels(shards, tmp_path):
     manifest = load_manifest(shards)
     digest, of = data_hash(manifest, "val")
@@ -171,7 +241,7 @@ def test_data_hash_follows_the_split_and_labels(shards, tmp_path):
 # -- the entry points: bad input exits 2 before Ray or MLflow ----------------------------------------------
 
 
-def test_bad_input_to_finetune_and_evaluate_exits_2(shards, tmp_path, monkeypatch, capsys):
+def test_bad_input_to_finetune_and_evaluate_exits_2(shards, sqlite_registry, tmp_path, monkeypatch, capsys):
     from metaformer_platform.cli import run_main
 
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # were Ray reached, the job would hang, then fail
@@ -197,7 +267,7 @@ def test_bad_input_to_finetune_and_evaluate_exits_2(shards, tmp_path, monkeypatc
         ("finetune", ["model.name=poolformer_s12", weights(4, names)],
          "holds poolformer_debug, but this job trains poolformer_s12"),
         ("evaluate", ["model.init_from=models:/no_such_model@champion",
-                      f"tracking.tracking_uri=sqlite:///{tmp_path / 'registry.db'}"],
+                      f"tracking.tracking_uri={sqlite_registry}"],
          "no registered model 'no_such_model'"),
     ]
     for stage, args, message in cases:

@@ -1,0 +1,168 @@
+"""Fine-tune and evaluate jobs on Ray Train (2 CPU workers) against the session's MLflow server.
+
+A short pretrain run gives a checkpoint and its validation top-1. Evaluating that checkpoint, and its export
+through the model registry (``models:/NAME@champion``), must give the same top-1 with every one of the 150
+validation samples (uneven shards of 40/40/40/30, split mid-shard between the ranks) counted exactly once;
+fine-tuning the checkpoint on another label set at another resolution (a new head) must learn.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from metaformer_platform import registry
+from metaformer_platform.config import load_config
+from metaformer_platform.data import load_manifest
+from metaformer_platform.evaluation import data_hash
+from metaformer_platform.launch import resolve_data_root, run_job
+from metaformer_platform.training.export import export_checkpoint
+
+CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+VAL_SAMPLES = 150
+
+
+def _data(tmp: Path, num_classes: int = 4, seed: int = 0) -> list[str]:
+    return [
+        f"data.synthetic.num_classes={num_classes}", "data.synthetic.train_samples=512",
+        f"data.synthetic.val_samples={VAL_SAMPLES}", "data.synthetic.samples_per_shard=40",
+        f"data.synthetic.seed={seed}", f"data.cache_dir={tmp / 'cache'}", "data.num_workers=1",
+    ]
+
+
+def _run(tmp: Path, mlflow_uri: str, name: str) -> list[str]:
+    return [
+        "model.name=poolformer_debug", "trainer.precision=fp32", f"run.storage_path={tmp / 'runs'}",
+        f"run.name={name}", f"tracking.tracking_uri={mlflow_uri}", "tracking.experiment=it-finetune-evaluate",
+        "tracking.system_metrics=false",
+    ]
+
+
+@pytest.fixture(scope="module")
+def pretrained(ray_cluster, mlflow_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ft-eval")
+    cfg = load_config(CONFIGS / "default.yaml", [
+        *_data(tmp), *_run(tmp, mlflow_server, "it-fe-pretrain"), "trainer.batch_size=16", "trainer.max_steps=40",
+        "trainer.val_every_steps=40", "trainer.checkpoint_every_steps=40", "trainer.log_every_steps=10",
+        "optim.lr=3e-3", "optim.warmup_epochs=0",
+    ])
+    result = run_job(cfg)
+    assert result.metrics["val/samples"] == VAL_SAMPLES and result.metrics["val/top1"] > 40.0  # chance: 25%
+    return tmp, cfg, result
+
+
+def _evaluate(tmp: Path, mlflow_uri: str, name: str, weights: str, *extra: str):
+    # No model.name, img_size or crop_pct: the weights decide them.
+    return run_job(load_config(None, [
+        "stage=evaluate", f"model.init_from={weights}", *_data(tmp), *_run(tmp, mlflow_uri, name)[1:],
+        "scaling.num_workers=2", *extra,
+    ]))
+
+
+def _check_report(result, tmp: Path, cfg, mlflow_uri: str) -> dict:
+    report = result.report
+    m = result.metrics
+    assert set(m) >= {"eval/top1", "eval/top5", "eval/loss", "eval/samples", "eval/images_per_s"}
+    assert all(isinstance(v, float) for v in m.values())
+    # every sample exactly once across the 2 workers: the manifest's count
+    manifest = load_manifest(resolve_data_root(cfg))
+    assert m["eval/samples"] == manifest.split("val").num_samples == VAL_SAMPLES
+    assert m["eval/skipped_samples"] == 0 and m["eval/images_per_s"] > 0
+    assert sum(report["per_class_samples"]) == VAL_SAMPLES and len(report["per_class_top1"]) == 4
+    hits = sum(p / 100 * n for p, n in zip(report["per_class_top1"], report["per_class_samples"], strict=True))
+    assert math.isclose(100 * hits / VAL_SAMPLES, m["eval/top1"], rel_tol=1e-9)
+    assert report["data_hash"] == data_hash(manifest, "val")[0]
+    assert report["class_names"] == list(manifest.class_names) and report["paper_top1"] is None  # not ImageNet
+    assert (report["img_size"], report["crop_pct"]) == (32, 1.0)  # the pretrain run's, from the weights
+    # the JSON on disk and in MLflow is the report
+    assert json.loads((Path(result.run_dir) / "eval.json").read_text()) == report
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["eval/top1"] == m["eval/top1"]
+    assert run.data.tags["metaformer.eval_data_hash"] == report["data_hash"]
+    logged = Path(client.download_artifacts(result.mlflow_run_id, "eval.json", str(tmp)))
+    assert json.loads(logged.read_text()) == report
+    return report
+
+
+def test_evaluate_checkpoint_and_registered_export_match_trainer_validation(pretrained, mlflow_server, monkeypatch):
+    tmp, cfg, trained = pretrained
+    checkpoint = trained.checkpoint_path
+    result = _evaluate(tmp, mlflow_server, "it-fe-eval-ckpt", checkpoint, "trainer.batch_size=16")
+    report = _check_report(result, tmp, cfg, mlflow_server)
+    assert result.metrics["eval/top1"] == trained.metrics["val/top1"]
+    assert result.metrics["eval/top5"] == trained.metrics["val/top5"]
+    assert math.isclose(result.metrics["eval/loss"], trained.metrics["val/loss"], rel_tol=1e-5)
+    assert report["weights_kind"] == "checkpoint" and report["weights_step"] == 40
+
+    # the export, registered and promoted, evaluated through its models:/ URI (another batch size)
+    monkeypatch.setenv("METAFORMER_MODEL_CACHE", str(tmp / "model-cache"))
+    export_checkpoint(checkpoint, tmp / "export")
+    version = registry.register_export(
+        tmp / "export", "it_fe_debug", tracking_uri=mlflow_server, run_id=trained.mlflow_run_id,
+        lineage_tags=registry.lineage_tags(checkpoint, report["data_hash"]),
+    )
+    registry.promote("it_fe_debug", version, trained.metrics["val/top1"], eval_data_hash=report["data_hash"],
+                     tracking_uri=mlflow_server)
+    uri = "models:/it_fe_debug@champion"
+    result = _evaluate(tmp, mlflow_server, "it-fe-eval-export", uri, "trainer.batch_size=12")
+    report = _check_report(result, tmp, cfg, mlflow_server)
+    assert report["weights"] == uri and report["weights_kind"] == "export"
+    assert Path(report["weights_path"]).is_relative_to(tmp / "model-cache")
+    assert result.metrics["eval/top1"] == trained.metrics["val/top1"]
+
+
+def test_finetune_checkpoint_on_a_new_label_set_and_resolution_learns(pretrained, mlflow_server):
+    tmp, _, trained = pretrained
+    cfg = load_config(CONFIGS / "default.yaml", [
+        "stage=finetune", f"model.init_from={trained.checkpoint_path}", *_data(tmp, num_classes=3, seed=1),
+        *_run(tmp, mlflow_server, "it-fe-finetune"), "run.name=null", "data.img_size=48",
+        "trainer.batch_size=16", "trainer.max_steps=32", "trainer.log_every_steps=4",
+        "trainer.checkpoint_every_steps=32", "optim.lr=2e-3", "optim.warmup_epochs=0",
+    ])
+    assert cfg.run_name == "poolformer_debug-finetune"  # the default name of a fine-tune
+    result = run_job(cfg)
+    assert result.run_dir.endswith("poolformer_debug-finetune")
+    losses = sorted(MlflowClient(mlflow_server).get_metric_history(result.mlflow_run_id, "train/loss"),
+                    key=lambda m: m.step)
+    values = [m.value for m in losses]
+    assert [m.step for m in losses] == list(range(4, 33, 4))
+    # a new 3-class head on the 4-class trunk: loss falls, and ends below guessing (ln 3 = 1.10)
+    assert sum(values[-2:]) / 2 < 0.85 * sum(values[:2]) / 2 and values[-1] < math.log(3), values
+    assert result.metrics["val/samples"] == VAL_SAMPLES and result.metrics["val/top1"] > 100 / 3
+
+
+def test_weights_on_s3_are_fetched_once_and_checked(pretrained, s3_server, monkeypatch, tmp_path):
+    """model.init_from=s3://.../checkpoint-N (a run stored on S3) becomes a local copy before any worker starts."""
+    from metaformer_platform.evaluation import fetch_weights, read_weights_info
+    from metaformer_platform.launch import resolve_init_from
+
+    _, _, trained = pretrained
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("METAFORMER_WEIGHTS_CACHE", str(tmp_path / "weights"))
+    client = s3_server.client()
+    checkpoint = Path(trained.checkpoint_path)
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
+    for path in files:
+        client.upload_file(str(path), s3_server.bucket, f"runs/ft/checkpoint-00000040/{path.relative_to(checkpoint)}")
+    url = f"s3://{s3_server.bucket}/runs/ft/checkpoint-00000040"
+    cfg = load_config(None, ["stage=finetune", "model.name=poolformer_debug", f"model.init_from={url}"])
+    local = resolve_init_from(cfg)
+    assert local.parent == tmp_path / "weights"
+    assert sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file()) == [
+        p.relative_to(checkpoint) for p in files
+    ]
+    assert all((local / p.relative_to(checkpoint)).read_bytes() == p.read_bytes() for p in files)
+    assert read_weights_info(local).step == 40
+    (local / "COMPLETE").unlink()  # a damaged cache entry is fetched again
+    assert fetch_weights(url) == local and (local / "COMPLETE").is_file()
+    # a prefix without a complete checkpoint or an export is refused before downloading anything
+    client.delete_object(Bucket=s3_server.bucket, Key="runs/ft/checkpoint-00000040/COMPLETE")
+    with pytest.raises(ValueError, match="neither an export .* nor a complete checkpoint"):
+        fetch_weights(url, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
