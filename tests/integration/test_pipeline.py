@@ -145,6 +145,9 @@ def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, mo
         assert tags[runner.PARENT_TAG] == result.parent_run_id and run.info.status == "FINISHED"
         assert len(tags[runner.TAG_DATA_HASH]) == 64 and tags["mlflow.source.git.commit"]
         assert tags["metaformer.run_name"] == actions[(member, stage)].run_name
+    # The members ran side by side (1 CPU each on the 2-CPU cluster): their fine-tunes overlap in time.
+    fts = [by_stage[(m, "finetune")].info for m in MEMBERS]
+    assert max(i.start_time for i in fts) < min(i.end_time for i in fts), fts
     for member in MEMBERS:
         pre, ft, ev = (by_stage[(member, s)] for s in ("pretrain", "finetune", "evaluate"))
         assert ft.data.tags[runner.TAG_INPUT] == pre.data.tags[runner.TAG_OUTPUT]  # lineage: fine-tuned from that

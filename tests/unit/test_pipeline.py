@@ -259,3 +259,35 @@ def test_family_report_table_and_plot(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     status = "\n".join(report.status_lines(result))
     assert "poolformer_debug_m           FAILED" in status and "boom" in status
+
+
+def test_a_member_that_fails_stops_only_its_own_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner's bookkeeping around jobs (Ray jobs stubbed here; the integration test runs real ones)."""
+    from metaformer_platform import launch
+
+    started: list[str] = []
+
+    def fake_job(cfg: Any) -> launch.JobResult:
+        started.append(cfg.run.name)
+        if cfg.model.name == "poolformer_debug_m":
+            raise RuntimeError("worker group died")
+        out = _complete_checkpoint(tmp_path / cfg.run.name / "checkpoint-00000003")
+        run_id = planned.client.create_run(exp).info.run_id  # a stand-in for the run RunHandle would open
+        return launch.JobResult({"step": 3.0}, str(out), str(out.parent), run_id, None)
+
+    monkeypatch.setattr(launch, "run_job", fake_job)
+    monkeypatch.setattr(launch, "connect_ray", lambda cfg: None)
+    tree = _spec(tmp_path, stages=[{"name": "pretrain", "kind": "pretrain", "config": DEFAULT},
+                                   {"name": "finetune", "kind": "finetune", "config": DEFAULT}])
+    planned = _planned(tmp_path, tree)
+    exp = runner._experiment_id(planned.client, "pipe-unit", create=True)
+    result = planned.run()
+    by_model = {m.model: m for m in result.members}
+    assert by_model["poolformer_debug"].ok and [s.action for s in by_model["poolformer_debug"].stages] == ["run", "run"]
+    failed = by_model["poolformer_debug_m"]
+    assert failed.error == "stage 'pretrain' failed: RuntimeError: worker group died"
+    assert [s.action for s in failed.stages] == ["failed", "blocked"]
+    assert sorted(started) == sorted([*(s.run_name for s in planned.plans[0].stages), planned.plans[1].stages[0].run_name])
+    parent = planned.client.get_run(result.parent_run_id)
+    assert parent.info.status == "FAILED" and parent.data.tags[runner.TAG_FAILED] == "poolformer_debug_m"
+    assert "poolformer_debug_m           FAILED pretrain: failed, finetune: blocked" in result.report
