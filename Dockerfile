@@ -53,6 +53,7 @@ RUN pip install -c constraints.txt --upgrade pip setuptools wheel \
 COPY README.md ./
 COPY platform ./platform
 COPY jobs ./jobs
+COPY pipelines ./pipelines
 RUN pip install --no-deps -c constraints.txt . \
  && python -c "import metaformer_platform, torch, ray, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
  && chown ray /app

@@ -79,6 +79,9 @@ class RunHandle:
         if previous:
             self.run_id = previous[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
+            # The configured tags hold for the run as it continues now (a pipeline's parent run, say).
+            for key, value in cfg.tracking.tags.items():
+                self.client.set_tag(self.run_id, key, value)
             log.info("continuing MLflow run %s (%s)", self.run_id, cfg.run_name)
         else:
             tags = {

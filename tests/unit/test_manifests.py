@@ -24,9 +24,7 @@ IMAGE = re.compile(r"^(?:[\w.-]+(?::\d+)?/)*metaformer-platform:latest$")  # opt
 TOOL_IMAGES = {"bitnami/kubectl:1.31"}
 # Entry points the manifests (and infra/README.md) name before they exist. Each must NOT exist yet: when it
 # lands, delete it here, so it is checked like the others (in the repo, copied into the image).
-PENDING_ENTRY_POINTS = {
-    "pipelines/poolformer_family.py": "issue 5: the family pipeline runner (not written yet)",
-}
+PENDING_ENTRY_POINTS: dict[str, str] = {}
 SECRET_NAME = re.compile(r"KEY|SECRET|PASSWORD|TOKEN|CREDENTIAL", re.I)
 PLACEHOLDER = "REPLACE-ME"
 SHELL_OPERATORS = {"&&", "||", ";", "|", ">", ">>", "<", "&"}
@@ -289,6 +287,32 @@ def test_job_commands_are_accepted_by_the_jobs_command_line(monkeypatch: pytest.
             pod_cpus.append(float(limits["cpu"]))
     assert cfg.scaling.num_workers <= gpu_slots
     assert cfg.scaling.cpus_per_worker <= max(pod_cpus)
+
+
+def validate_pipeline_command(script: str, argv: list[str]) -> list:
+    """The members `python SCRIPT ARGV...` would plan (the static part of its --dry-run: no data, Ray or MLflow).
+
+    Raises ``SystemExit`` for arguments its command line refuses and ``ValueError`` for a wrong pipeline file.
+    """
+    from metaformer_platform.pipelines import expand, load_pipeline, parse_command
+
+    args = parse_command(argv, REPO / Path(script).with_suffix(".yaml"))
+    spec, base = load_pipeline(args.pipeline)
+    return expand(spec, base, args.overrides)
+
+
+def test_pipeline_commands_plan_every_member(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    checked = 0
+    for where, script, argv in _all_entry_points():
+        if script.startswith("pipelines/"):
+            plans = validate_pipeline_command(script, argv)
+            assert [p.error for p in plans] == [None] * len(plans), (where, [p.error for p in plans])
+            checked += 1
+            if where == "cronjob-family.yaml":
+                assert [p.model for p in plans] == [f"poolformer_{s}" for s in ("s12", "s24", "s36", "m36", "m48")]
+                assert [s.kind for s in plans[0].stages] == ["pretrain", "finetune", "evaluate"]
+    assert checked >= 2  # the CronJob's RayJob and infra/README.md's cron line
 
 
 @pytest.mark.parametrize("argv, match", [

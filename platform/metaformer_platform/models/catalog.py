@@ -19,6 +19,8 @@ SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "m48": ((8, 8, 24, 8), (96, 192, 384, 768)),
 }
 DEBUG_SIZE: tuple[tuple[int, ...], tuple[int, ...]] = ((1, 1, 1, 1), (8, 16, 32, 64))
+# A second tiny size, so tests can run a family of two (pipelines: params, MACs and top-1 per member).
+DEBUG_SIZE_M: tuple[tuple[int, ...], tuple[int, ...]] = ((1, 1, 2, 1), (16, 32, 64, 128))
 
 _S12 = {"depths": SIZES["s12"][0], "dims": SIZES["s12"][1]}
 
@@ -134,7 +136,7 @@ FAMILIES: dict[str, list[str]] = {
     "convformer": [f"convformer_{s}" for s in _BIG],
     "caformer": [f"caformer_{s}" for s in _BIG],
     "poolformer_s12_ablations": list(ABLATIONS),
-    "debug": ["poolformer_debug"],
+    "debug": ["poolformer_debug", "poolformer_debug_m"],
 }
 
 
@@ -195,6 +197,7 @@ _RECIPES: dict[str, tuple[float, float]] = {
     **{name: (0.1, 0.9) for name in ABLATIONS},
     # The debug model has one block per stage: nothing to drop.
     "poolformer_debug": (0.0, 0.9),
+    "poolformer_debug_m": (0.0, 0.9),
 }
 
 

@@ -6,7 +6,8 @@ Importing this module (done by `metaformer_platform.models`) makes these names w
 - ``randformer_{s12,...,m48}``: identity in stages 1-2, frozen random mixing in stages 3-4. The random matrices
   are sized for ``img_size`` (default 224): pass ``img_size=`` to use another input resolution.
 - ``poolformer_s12_ablation_*``: the rows of PoolFormer's Table 5 (see `catalog.ABLATIONS`).
-- ``poolformer_debug``: PoolFormer with widths 8-16-32-64 and one block per stage, for tests (32 px input).
+- ``poolformer_debug``: PoolFormer with widths 8-16-32-64 and one block per stage, for tests (32 px input);
+  ``poolformer_debug_m``: widths 16-32-64-128, blocks 1-1-2-1 (the debug family's second size).
 
 timm's own poolformer/poolformerv2/convformer/caformer are used as they are.
 """
@@ -19,7 +20,7 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from .builder import POOLFORMER_V2_STYLE, build_metaformer, default_pretrained_cfg, needs_fixed_input
-from .catalog import ABLATIONS, DEBUG_SIZE, SIZES, paper_recipe
+from .catalog import ABLATIONS, DEBUG_SIZE, DEBUG_SIZE_M, SIZES, paper_recipe
 
 _RAND_MIXERS = ("identity", "identity", "random", "random")
 
@@ -35,11 +36,12 @@ MODEL_SPECS: dict[str, dict[str, Any]] = {
     },
     **{name: dict(row["kwargs"]) for name, row in ABLATIONS.items()},
     "poolformer_debug": {"depths": DEBUG_SIZE[0], "dims": DEBUG_SIZE[1], "token_mixers": "pooling"},
+    "poolformer_debug_m": {"depths": DEBUG_SIZE_M[0], "dims": DEBUG_SIZE_M[1], "token_mixers": "pooling"},
 }
 
 
 def _cfg_for(name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    size = 32 if name == "poolformer_debug" else 224
+    size = 32 if name.startswith("poolformer_debug") else 224
     return default_pretrained_cfg(
         input_size=(3, size, size),
         crop_pct=paper_recipe(name)["crop_pct"],

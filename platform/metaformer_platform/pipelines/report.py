@@ -1,0 +1,131 @@
+"""The family report: a table (model, params, MACs, top-1, top-5, images/s, vs paper) and top-1 against MACs.
+
+Params and MACs are measured on the model as evaluated (its head, its resolution) with ``model_complexity``;
+the paper's columns are its ImageNet-1k numbers at 224 px (``models.catalog``), so "vs paper" is only a like for
+like comparison for a full ImageNet run at 224 px. The plot follows the paper's Figure 1: top-1 against MACs, one
+line per family, the paper's points beside ours.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("model", "params (M)", "MACs (G)", "top-1", "top-5", "images/s", "paper top-1", "vs paper", "registry")
+
+
+def complexity(model: str, num_classes: int | None, img_size: int, kwargs: dict[str, Any] | None = None) -> dict[str, int]:
+    """Params and MACs of ``model`` with this head and input size (built on the meta device)."""
+    import torch
+
+    from metaformer_platform.models import create_model, model_complexity
+
+    with torch.device("meta"):
+        net = create_model(model, num_classes=num_classes, img_size=img_size, **(kwargs or {}))
+    return model_complexity(net, img_size)
+
+
+def rows(result: Any) -> list[dict[str, Any]]:
+    """One row per member that was evaluated (in the pipeline's order)."""
+    from metaformer_platform.models import PAPER_MACS_G, PAPER_PARAMS_M, PAPER_TOP1
+
+    out = []
+    for member in result.members:
+        metrics = member.eval_metrics
+        if not metrics or member.eval_cfg is None:
+            continue
+        cfg = member.eval_cfg
+        size = complexity(member.model, member.num_classes, cfg.data.img_size, cfg.model.kwargs)
+        top1 = float(metrics["eval/top1"])
+        paper = PAPER_TOP1.get(member.model)
+        out.append({
+            "model": member.model,
+            "params_m": size["params"] / 1e6,
+            "macs_g": size["macs"] / 1e9,
+            "img_size": cfg.data.img_size,
+            "top1": top1,
+            "top5": float(metrics.get("eval/top5", float("nan"))),
+            "images_per_s": float(metrics.get("eval/images_per_s", float("nan"))),
+            "samples": int(metrics.get("eval/samples", 0)),
+            "paper_top1": paper,
+            "paper_params_m": PAPER_PARAMS_M.get(member.model),
+            "paper_macs_g": PAPER_MACS_G.get(member.model),
+            "vs_paper": None if paper is None else top1 - paper,
+            "registry": member.registered or "",
+            "alias": member.promotion.alias if member.promotion is not None else "",
+        })
+    return out
+
+
+def table(data: list[dict[str, Any]]) -> str:
+    """A Markdown table (it also reads as plain text in a job's log)."""
+    def fmt(row: dict[str, Any]) -> list[str]:
+        paper = "n/a" if row["paper_top1"] is None else f"{row['paper_top1']:.1f}"
+        delta = "n/a" if row["vs_paper"] is None else f"{row['vs_paper']:+.1f}"
+        reg = f"{row['registry']} @{row['alias']}" if row["registry"] else ""
+        return [
+            row["model"], f"{row['params_m']:.3f}", f"{row['macs_g']:.4f}", f"{row['top1']:.2f}", f"{row['top5']:.2f}",
+            f"{row['images_per_s']:.0f}", paper, delta, reg,
+        ]
+
+    cells = [list(COLUMNS)] + [fmt(r) for r in data]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths, strict=True)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells[1:]]
+    return "\n".join(lines)
+
+
+def plot(data: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Top-1 against MACs (log scale), ours and the paper's, as the paper's Figure 1 draws it."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    ours = sorted(data, key=lambda r: r["macs_g"])
+    ax.plot([r["macs_g"] for r in ours], [r["top1"] for r in ours], "o-", label=f"this run ({ours[0]['img_size']} px)")
+    for r in ours:
+        ax.annotate(r["model"], (r["macs_g"], r["top1"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    paper = sorted((r for r in data if r["paper_top1"] is not None and r["paper_macs_g"]), key=lambda r: r["paper_macs_g"])
+    if paper:
+        ax.plot([r["paper_macs_g"] for r in paper], [r["paper_top1"] for r in paper], "s--", label="paper (224 px)")
+    ax.set_xscale("log")
+    ax.set_xlabel("MACs (G)")
+    ax.set_ylabel("ImageNet top-1 (%)" if paper else "top-1 (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def status_lines(result: Any) -> list[str]:
+    lines = []
+    for m in result.members:
+        stages = ", ".join(f"{s.stage}: {s.action}" for s in m.stages)
+        lines.append(f"  {m.model:<28} {'ok    ' if m.ok else 'FAILED'} {stages}" + (f"\n      {m.error}" if m.error else ""))
+    return lines
+
+
+def family_report(runner: Any, result: Any) -> str:
+    """Build the report, log it (table, JSON, plot) to the pipeline's parent run, and return its text."""
+    data = rows(result)
+    text = [f"Family report: pipeline {result.name}"]
+    text += ["", table(data)] if data else ["", "(no member was evaluated)"]
+    text += ["", "Status:", *status_lines(result)]
+    report = "\n".join(text)
+    if result.parent_run_id is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            (folder / "family_report.md").write_text(report + "\n")
+            (folder / "family_report.json").write_text(json.dumps(data, indent=2))
+            if data:
+                plot(data, folder / "family_top1_vs_macs.png", f"{result.name}: top-1 vs MACs")
+            runner.client.log_artifacts(result.parent_run_id, str(folder), "report")
+    return report

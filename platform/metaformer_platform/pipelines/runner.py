@@ -1,0 +1,379 @@
+"""Run a planned pipeline: one thread per member drives its chain of Ray Train jobs; MLflow records everything.
+
+- One MLflow parent run per pipeline run (found again by the pipeline's key: the same members, configs and data
+  continue the same parent run); each stage's run is nested in it (``mlflow.parentRunId``) and tagged with the
+  stage key, config hash, data manifest hash, its input checkpoint and, once done, its output checkpoint.
+- A stage whose key has a FINISHED run with its output recorded is skipped (its checkpoint and metrics are
+  reused). Any other stage runs under its key-derived ``run.name``: Ray Train resumes that run's latest
+  checkpoint and RunHandle continues its MLflow run, so an interrupted stage continues, and nothing is duplicated.
+- After an evaluate stage, the weights it evaluated are exported, registered (idempotent per run+checkpoint) and
+  promoted by the registry's gate with the evaluated top-1 and the evaluation data's hash.
+- Members run at once (``max_parallel``); Ray queues worker groups the cluster cannot hold yet. A member that
+  fails stops only its own chain.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from metaformer_platform.pipelines.plan import MemberPlan, StagePlan, digest, pipeline_key, stable_config
+from metaformer_platform.pipelines.spec import PipelineSpec
+
+log = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"
+TAG_PIPELINE = "metaformer.pipeline"
+TAG_PIPELINE_KEY = "metaformer.pipeline_key"
+TAG_MEMBER = "metaformer.member"
+TAG_PIPELINE_STAGE = "metaformer.pipeline_stage"
+TAG_STAGE_KEY = "metaformer.stage_key"
+TAG_CONFIG_HASH = "metaformer.config_hash"
+TAG_DATA_HASH = "metaformer.data_manifest_hash"
+TAG_INPUT = "metaformer.input_checkpoint"
+TAG_OUTPUT = "metaformer.output_checkpoint"
+TAG_EVAL_DATA_HASH = "metaformer.eval_data_hash"
+TAG_FAILED = "metaformer.failed_members"
+EVAL_METRICS = ("eval/top1", "eval/top5", "eval/loss", "eval/samples", "eval/images_per_s")
+
+
+@dataclass
+class StageOutcome:
+    """What happened to one stage: ``skip`` (done before), ``run``, ``resume`` (continued a checkpoint),
+    ``failed`` or ``blocked`` (an earlier stage failed); in a dry run, what would happen."""
+
+    member: str
+    stage: str
+    action: str
+    run_name: str | None = None
+    run_id: str | None = None
+    checkpoint: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    detail: str = ""
+
+
+@dataclass
+class MemberOutcome:
+    model: str
+    stages: list[StageOutcome] = field(default_factory=list)
+    error: str | None = None
+    registered: str | None = None  # "NAME vN"
+    promotion: Any = None  # registry.Promotion
+    eval_cfg: Any = None  # the evaluate stage's JobConfig (resolution, classes) for the report
+    num_classes: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def eval_metrics(self) -> dict[str, float]:
+        for stage in reversed(self.stages):
+            if "eval/top1" in stage.metrics:
+                return stage.metrics
+        return {}
+
+
+@dataclass
+class PipelineResult:
+    name: str
+    members: list[MemberOutcome]
+    parent_run_id: str | None = None
+    report: str = ""
+    dry_run: bool = False
+
+    @property
+    def failed(self) -> list[MemberOutcome]:
+        return [m for m in self.members if not m.ok]
+
+
+# -- MLflow lookups --------------------------------------------------------------------------------
+
+
+def _complete_checkpoint(path: str | None) -> bool:
+    from metaformer_platform.training import checkpoint as ckpt
+
+    return bool(path) and ckpt.is_complete(Path(str(path)))
+
+
+def find_completed(client: Any, experiment_id: str | None, stage: StagePlan) -> Any | None:
+    """The FINISHED run of this stage key whose output is still there (checkpoint, or eval metrics), or None."""
+    if experiment_id is None or stage.key is None:
+        return None
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_STAGE_KEY}` = '{stage.key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=10,
+    )
+    for run in runs:
+        if stage.trains and _complete_checkpoint(run.data.tags.get(TAG_OUTPUT)):
+            return run
+        if not stage.trains and "eval/top1" in run.data.metrics:
+            return run
+    return None
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # ray.train.v2 constants: CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+_CHECKPOINT_NAME = re.compile(r"checkpoint-\d{8}")
+
+
+def resumable_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint Ray Train resumes a stage's run from when started again under its name, or None.
+
+    Ray resumes from the checkpoints its controller registered (listed in the run's snapshot file): a complete
+    folder it had not registered yet when the driver died is not resumed from.
+    """
+    from metaformer_platform.training import checkpoint as ckpt
+
+    folder = Path(run_dir)
+    snapshot = folder / RAY_SNAPSHOT
+    if "://" in run_dir or not snapshot.is_file():
+        return None
+    names = set(_CHECKPOINT_NAME.findall(snapshot.read_text(errors="replace")))
+    complete = sorted(n for n in names if ckpt.is_complete(folder / n))
+    return str(folder / complete[-1]) if complete else None
+
+
+def _experiment_id(client: Any, name: str, create: bool) -> str | None:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name) if create else None
+
+
+# -- the runner ------------------------------------------------------------------------------------
+
+
+class PipelineRunner:
+    """Drives the members of a resolved plan (see ``plan.resolve``) and records the outcome in MLflow."""
+
+    def __init__(self, spec: PipelineSpec, plans: list[MemberPlan], tracking_uri: str, out: Callable[[str], None] = print):
+        import mlflow
+
+        self.spec, self.plans, self.tracking_uri = spec, plans, tracking_uri
+        self.out = out
+        self.client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.key = pipeline_key(spec, plans)
+        self._print_lock = threading.Lock()
+
+    def say(self, text: str) -> None:
+        with self._print_lock:
+            self.out(text)
+
+    # -- planning view ---------------------------------------------------------------------------------
+
+    def preview(self, experiment_id: str | None) -> list[MemberOutcome]:
+        """What a run would do for each stage, from MLflow and the run folders (nothing is written)."""
+        outcomes = []
+        for plan in self.plans:
+            member = MemberOutcome(plan.model, error=plan.error)
+            outcomes.append(member)
+            if plan.error:
+                continue
+            for stage in plan.stages:
+                done = find_completed(self.client, experiment_id, stage)
+                if done is not None:
+                    action, detail = "skip", f"done: MLflow run {done.info.run_id}"
+                elif resumable_checkpoint(stage.run_dir):
+                    action, detail = "resume", f"from {Path(str(resumable_checkpoint(stage.run_dir))).name}"
+                else:
+                    action, detail = "run", ""
+                member.stages.append(StageOutcome(plan.model, stage.name, action, stage.run_name, detail=detail))
+        return outcomes
+
+    def describe(self, outcomes: list[MemberOutcome]) -> str:
+        chain = " -> ".join(f"{s.name} ({s.kind})" for s in self.spec.stages)
+        lines = [
+            f"pipeline {self.spec.name}: {len(self.plans)} members, stages {chain}",
+            f"MLflow: experiment {self.spec.experiment!r} at {self.tracking_uri}; pipeline key {self.key[:12]}",
+        ]
+        for plan, member in zip(self.plans, outcomes, strict=True):
+            lines.append(f"  {plan.model}")
+            if member.error:
+                lines.append(f"    ERROR  {member.error}")
+                continue
+            for stage, outcome in zip(plan.stages, member.stages, strict=True):
+                source = stage.upstream and f"<- {stage.upstream}" or (stage.init_from and f"<- {stage.init_from}") or ""
+                lines.append(
+                    f"    {stage.name:<10} {outcome.action:<7} {stage.run_name}  {source}"
+                    + (f"  ({outcome.detail})" if outcome.detail else "")
+                )
+            if self.spec.registry.enabled and any(s.kind == "evaluate" and s.upstream for s in plan.stages):
+                lines.append(f"    {'register':<10} {self._registered_name(plan.model)} (champion if top-1 >= champion's)")
+        return "\n".join(lines)
+
+    def _registered_name(self, member: str) -> str:
+        return self.spec.registry.name.replace("{model}", member)
+
+    # -- running ---------------------------------------------------------------------------------------
+
+    def run(self) -> PipelineResult:
+        from metaformer_platform.launch import connect_ray
+        from metaformer_platform.pipelines import report
+
+        experiment_id = _experiment_id(self.client, self.spec.experiment, create=True)
+        parent = self._open_parent(experiment_id)
+        result = PipelineResult(self.spec.name, [], parent)
+        runnable = [p for p in self.plans if not p.error]
+        if runnable:
+            connect_ray(runnable[0].stages[0].cfg)  # once, here: ray.init from several threads would race
+        outcomes = {p.model: MemberOutcome(p.model, error=p.error) for p in self.plans}
+        for plan in self.plans:
+            if plan.error:
+                self.say(f"[{plan.model}] not run: {plan.error}")
+        workers = min(len(runnable), self.spec.max_parallel or len(runnable)) or 1
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="member") as pool:
+            futures = {p.model: pool.submit(self._run_member, p, outcomes[p.model], experiment_id, parent) for p in runnable}
+            for future in futures.values():
+                future.result()  # _run_member records its own failures
+        result.members = [outcomes[p.model] for p in self.plans]
+        result.report = report.family_report(self, result)
+        failed = result.failed
+        if failed:
+            self.client.set_tag(parent, TAG_FAILED, ", ".join(m.model for m in failed))
+        self.client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
+        return result
+
+    def _open_parent(self, experiment_id: str) -> str:
+        from metaformer_platform.tracking import git_commit
+
+        found = self.client.search_runs(
+            [experiment_id], filter_string=f"tags.`{TAG_PIPELINE_KEY}` = '{self.key}'", max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            self.say(f"continuing pipeline run {run_id} (same members, configs and data)")
+            return run_id
+        run = self.client.create_run(experiment_id, run_name=self.spec.name, tags={
+            TAG_PIPELINE: self.spec.name,
+            TAG_PIPELINE_KEY: self.key,
+            "mlflow.source.git.commit": git_commit(),
+            "metaformer.members": ", ".join(p.model for p in self.plans),
+            "metaformer.stages": " -> ".join(s.name for s in self.spec.stages),
+        })
+        self.client.log_text(run.info.run_id, self.spec.model_dump_json(indent=2), "pipeline.json")
+        return run.info.run_id
+
+    def _run_member(self, plan: MemberPlan, member: MemberOutcome, experiment_id: str, parent: str) -> None:
+        outputs: dict[str, StageOutcome] = {}
+        for i, stage in enumerate(plan.stages):
+            try:
+                outcome = self._run_stage(plan, stage, outputs, experiment_id, parent)
+            except Exception as err:  # recorded, reported, and the exit status says so: the other members go on
+                log.exception("%s: stage %s failed", plan.model, stage.name)
+                member.error = f"stage {stage.name!r} failed: {type(err).__name__}: {err}"
+                member.stages.append(StageOutcome(plan.model, stage.name, "failed", stage.run_name, detail=member.error))
+                member.stages += [
+                    StageOutcome(plan.model, s.name, "blocked", s.run_name, detail=f"after {stage.name} failed")
+                    for s in plan.stages[i + 1 :]
+                ]
+                self.say(f"[{plan.model}] {member.error}")
+                return
+            outputs[stage.name] = outcome
+            member.stages.append(outcome)
+            self.say(f"[{plan.model}] {stage.name}: {outcome.action} {outcome.run_name} {outcome.detail}".rstrip())
+            if stage.kind == "evaluate":
+                member.eval_cfg, member.num_classes = stage.cfg, stage.num_classes
+                if self.spec.registry.enabled and stage.upstream is not None:
+                    try:
+                        self._register(plan, stage, outputs, member)
+                    except Exception as err:  # as above: this member fails, the others go on
+                        log.exception("%s: registering failed", plan.model)
+                        member.error = f"registering {self._registered_name(plan.model)} failed: {type(err).__name__}: {err}"
+                        self.say(f"[{plan.model}] {member.error}")
+                        return
+
+    def _stage_tags(self, stage: StagePlan, parent: str) -> dict[str, str]:
+        return {
+            PARENT_TAG: parent,
+            TAG_PIPELINE: self.spec.name,
+            TAG_MEMBER: stage.member,
+            TAG_PIPELINE_STAGE: stage.name,
+            TAG_STAGE_KEY: str(stage.key),
+            TAG_CONFIG_HASH: digest(stable_config(stage.cfg)),
+            TAG_DATA_HASH: str(stage.data_hash),
+            TAG_INPUT: str(stage.cfg.model.init_from or "random-init"),
+        }
+
+    def _run_stage(
+        self, plan: MemberPlan, stage: StagePlan, outputs: dict[str, StageOutcome], experiment_id: str, parent: str
+    ) -> StageOutcome:
+        from metaformer_platform.launch import run_job
+
+        # A models:/ URI is passed on as it is: the job resolves it (on every node) and records it as the input.
+        stage.cfg.model.init_from = outputs[stage.upstream].checkpoint if stage.upstream is not None else stage.init_from
+
+        done = find_completed(self.client, experiment_id, stage)
+        if done is not None:
+            tags = done.data.tags
+            return StageOutcome(
+                plan.model, stage.name, "skip", stage.run_name, done.info.run_id, tags.get(TAG_OUTPUT),
+                dict(done.data.metrics), detail="(done before: same config, data and input)",
+            )
+        previous = resumable_checkpoint(stage.run_dir)
+        action = "resume" if previous else "run"
+        stage.cfg.tracking.tags = {**stage.cfg.tracking.tags, **self._stage_tags(stage, parent)}
+        self.say(f"[{plan.model}] {stage.name}: starting {stage.run_name}"
+                 + (f" (continues {Path(previous).name})" if previous else ""))
+        result = run_job(stage.cfg)
+        run_id = result.mlflow_run_id
+        metrics = dict(result.metrics)
+        if stage.trains:
+            if not result.checkpoint_path:
+                raise RuntimeError(f"{stage.run_name} finished without a checkpoint; set trainer.checkpoint_every_steps")
+            self.client.set_tag(run_id, TAG_OUTPUT, result.checkpoint_path)
+        else:
+            self._record_evaluation(run_id, stage, result)
+            metrics = {**metrics, **{k: v for k, v in self.client.get_run(run_id).data.metrics.items() if k not in metrics}}
+        detail = f"(continued from {Path(previous).name})" if previous else ""
+        return StageOutcome(plan.model, stage.name, action, stage.run_name, run_id, result.checkpoint_path, metrics, detail)
+
+    def _record_evaluation(self, run_id: str, stage: StagePlan, result: Any) -> None:
+        """The evaluation's metrics, data hash and report on its run, so a later skip finds them there."""
+        from mlflow.entities import Metric
+
+        logged = self.client.get_run(run_id).data.metrics
+        missing = [
+            Metric(k, float(result.metrics[k]), 0, 0) for k in EVAL_METRICS if k in result.metrics and k not in logged
+        ]
+        if missing:
+            self.client.log_batch(run_id, metrics=missing)
+        if "eval/top1" not in result.metrics and "eval/top1" not in logged:
+            raise RuntimeError(f"the evaluate stage {stage.run_name} reported no eval/top1")
+        report_ = getattr(result, "report", None) or {}
+        self.client.set_tag(run_id, TAG_EVAL_DATA_HASH, str(report_.get("data_hash") or stage.data_hash))
+        if report_:
+            self.client.log_dict(run_id, report_, "pipeline/eval_report.json")
+
+    def _register(self, plan: MemberPlan, stage: StagePlan, outputs: dict[str, StageOutcome], member: MemberOutcome) -> None:
+        from metaformer_platform import registry
+        from metaformer_platform.training.export import export_checkpoint
+
+        trained = plan.stage(str(stage.upstream))
+        source = outputs[trained.name]
+        evaluated = outputs[stage.name]
+        eval_hash = self.client.get_run(str(evaluated.run_id)).data.tags.get(TAG_EVAL_DATA_HASH) or str(stage.data_hash)
+        name = self._registered_name(plan.model)
+        tags = registry.lineage_tags(
+            str(source.checkpoint), str(trained.data_hash),
+            **{TAG_PIPELINE: self.spec.name, TAG_STAGE_KEY: str(trained.key), TAG_INPUT: str(trained.cfg.model.init_from or "random-init"),
+               "metaformer.eval_run_id": str(evaluated.run_id)},
+        )
+        with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+            export_checkpoint(str(source.checkpoint), tmp, overwrite=True)
+            version = registry.register_export(tmp, name, tracking_uri=self.tracking_uri, run_id=str(source.run_id), lineage_tags=tags)
+        member.registered = f"{name} v{version}"
+        member.promotion = registry.promote(
+            name, version, float(evaluated.metrics["eval/top1"]), eval_data_hash=eval_hash, tracking_uri=self.tracking_uri
+        )
+        self.say(f"[{plan.model}] registered {name} v{version}: {member.promotion.alias} ({member.promotion.reason})")

@@ -1,0 +1,189 @@
+"""A tiny family (poolformer_debug, poolformer_debug_m) through pretrain -> finetune (new head) -> evaluate ->
+register/promote, on S3 shards from the session's SeaweedFS, the session's Ray and the real MLflow server.
+
+One story, three pipeline runs: (1) a pipeline driver killed while pretrain is checkpointing; (2) the re-run
+continues that stage from its checkpoint and finishes everything (nested runs, lineage, versions, champion,
+report); (3) a third run re-trains nothing and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from metaformer_platform import registry
+from metaformer_platform.data import ensure_synthetic_shards
+from metaformer_platform.pipelines import run_pipeline, runner
+
+REPO = Path(__file__).resolve().parents[2]
+MEMBERS = ["poolformer_debug", "poolformer_debug_m"]
+PRETRAIN_STEPS = 12
+
+
+def _upload(s3_server: Any, folder: Path, prefix: str) -> str:
+    client = s3_server.client()
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            client.upload_file(str(path), s3_server.bucket, f"{prefix}/{path.name}")
+    return f"s3://{s3_server.bucket}/{prefix}"
+
+
+@pytest.fixture(scope="module")
+def family_pipeline(s3_server, mlflow_server, ray_cluster, tmp_path_factory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("pipeline")
+    # Pretrain on 6 classes, fine-tune and evaluate on another set of 3 classes: the fine-tune gets a new head.
+    pre = ensure_synthetic_shards(root / "pre", num_classes=6, train_samples=64, val_samples=16, image_size=32,
+                                  samples_per_shard=32, seed=0)
+    ft = ensure_synthetic_shards(root / "ft", num_classes=3, train_samples=32, val_samples=24, image_size=32,
+                                 samples_per_shard=16, seed=1)
+    pre_url, ft_url = _upload(s3_server, pre, "pipe/pre"), _upload(s3_server, ft, "pipe/ft")
+    default = str(REPO / "jobs" / "configs" / "default.yaml")
+    spec = {
+        "name": "tiny-family",
+        "family": "debug",
+        "experiment": "pipeline-it",
+        "tracking_uri": mlflow_server,
+        "overrides": [
+            "data.num_workers=0", "trainer.batch_size=8", "trainer.precision=fp32", "trainer.channels_last=false",
+            "trainer.log_every_steps=2", "scaling.num_workers=1", "tracking.system_metrics=false",
+            f"run.storage_path={root / 'runs'}", "run.max_failures=0",
+        ],
+        "stages": [
+            {"name": "pretrain", "kind": "pretrain", "config": default, "overrides": [
+                f"data.source={pre_url}", f"trainer.max_steps={PRETRAIN_STEPS}", "trainer.checkpoint_every_steps=2"]},
+            {"name": "finetune", "kind": "finetune", "config": default, "overrides": [
+                f"data.source={ft_url}", "trainer.max_steps=4", "trainer.checkpoint_every_steps=4"]},
+            {"name": "evaluate", "kind": "evaluate", "config": default, "overrides": [f"data.source={ft_url}"]},
+        ],
+        "registry": {"name": "pipe-{model}"},
+    }
+    path = root / "tiny_family.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return {"path": path, "root": root, "tracking_uri": mlflow_server, "ray": ray_cluster}
+
+
+def _resumable_pretrains(root: Path) -> dict[str, int]:
+    """Pretrain run name -> step of the checkpoint Ray would resume it from (registered by its controller)."""
+    found = {}
+    for run_dir in (root / "runs").glob("tiny-family-*-pretrain-*"):
+        checkpoint = runner.resumable_checkpoint(str(run_dir))
+        if checkpoint is not None:
+            found[run_dir.name] = int(checkpoint.rsplit("-", 1)[1])
+    return found
+
+
+def _wait_for_free_cpus(want: float, timeout: float = 60.0) -> None:
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0.0) < want:
+        assert time.monotonic() < deadline, f"the killed pipeline's workers still hold CPUs: {ray.available_resources()}"
+        time.sleep(0.5)
+
+
+def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, monkeypatch) -> None:
+    import mlflow
+
+    path, root, uri = family_pipeline["path"], family_pipeline["root"], family_pipeline["tracking_uri"]
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+
+    # (1) The pipeline as its own Ray driver, killed once a pretrain checkpoint exists.
+    env = {**os.environ, "RAY_ADDRESS": family_pipeline["ray"].address_info["address"],
+           "PYTHONPATH": os.pathsep.join(p for p in [str(REPO / "platform"), os.environ.get("PYTHONPATH", "")] if p)}
+    log = (root / "killed.log").open("w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "poolformer_family.py"), "--pipeline", str(path)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not _resumable_pretrains(root):
+            assert proc.poll() is None, (root / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no pretrain checkpoint within 240 s"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        log.close()
+    interrupted = _resumable_pretrains(root)  # run name -> the step it continues from
+    assert not any((root / "runs").glob("tiny-family-*-finetune-*/checkpoint-*")), "killed too late"
+    _wait_for_free_cpus(2)
+
+    # (2) Re-run: the interrupted pretrain stages continue from their checkpoints, the rest runs.
+    lines: list[str] = []
+    result = run_pipeline(path, out=lines.append)
+    output = "\n".join(lines)
+    assert not result.failed, output
+    actions = {(m.model, s.stage): s for m in result.members for s in m.stages}
+    for member in MEMBERS:
+        pre, ft, ev = (actions[(member, s)] for s in ("pretrain", "finetune", "evaluate"))
+        assert pre.action == ("resume" if pre.run_name in interrupted else "run"), (pre, interrupted)
+        if pre.run_name in interrupted:
+            assert pre.detail == f"(continued from checkpoint-{interrupted[pre.run_name]:08d})"
+        assert (ft.action, ev.action) == ("run", "run")
+        assert pre.metrics["step"] == PRETRAIN_STEPS and Path(pre.checkpoint).name == f"checkpoint-{PRETRAIN_STEPS:08d}"
+        assert 0 <= ev.metrics["eval/top1"] <= 100 and ev.metrics["eval/samples"] == 24
+    assert any(a.action == "resume" for a in actions.values())
+
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags[runner.TAG_PIPELINE] == "tiny-family"
+    experiment = parent.info.experiment_id
+    stage_runs = client.search_runs([experiment], filter_string=f"tags.`{runner.TAG_PIPELINE}` = 'tiny-family' "
+                                    f"and tags.`{runner.TAG_STAGE_KEY}` != ''")
+    assert len(stage_runs) == 6  # one per member and stage: the resumed stage continued its own MLflow run
+    by_stage = {(r.data.tags[runner.TAG_MEMBER], r.data.tags[runner.TAG_PIPELINE_STAGE]): r for r in stage_runs}
+    for (member, stage), run in by_stage.items():
+        tags = run.data.tags
+        assert tags[runner.PARENT_TAG] == result.parent_run_id and run.info.status == "FINISHED"
+        assert len(tags[runner.TAG_DATA_HASH]) == 64 and tags["mlflow.source.git.commit"]
+        assert tags["metaformer.run_name"] == actions[(member, stage)].run_name
+    # The members ran side by side (1 CPU each on the 2-CPU cluster): their fine-tunes overlap in time.
+    fts = [by_stage[(m, "finetune")].info for m in MEMBERS]
+    assert max(i.start_time for i in fts) < min(i.end_time for i in fts), fts
+    for member in MEMBERS:
+        pre, ft, ev = (by_stage[(member, s)] for s in ("pretrain", "finetune", "evaluate"))
+        assert ft.data.tags[runner.TAG_INPUT] == pre.data.tags[runner.TAG_OUTPUT]  # lineage: fine-tuned from that
+        assert ev.data.tags[runner.TAG_INPUT] == ft.data.tags[runner.TAG_OUTPUT]
+        assert pre.data.tags[runner.TAG_DATA_HASH] != ft.data.tags[runner.TAG_DATA_HASH]
+        steps = [m.step for m in client.get_metric_history(pre.info.run_id, "train/loss")]
+        assert max(steps) == PRETRAIN_STEPS, steps
+        if pre.data.tags["metaformer.run_name"] in interrupted:
+            # Continued, not started over: no step up to the checkpoint it continued from was logged twice.
+            done = interrupted[pre.data.tags["metaformer.run_name"]]
+            assert all(steps.count(s) <= 1 for s in range(1, done + 1)), (done, steps)
+
+        name = f"pipe-{member}"
+        (version,) = client.search_model_versions(f"name = '{name}'")
+        assert version.run_id == ft.info.run_id
+        assert version.tags[registry.TAG_CHECKPOINT] == ft.data.tags[runner.TAG_OUTPUT]
+        assert version.tags[registry.TAG_DATA_HASH] == ft.data.tags[runner.TAG_DATA_HASH]
+        assert version.tags[registry.TAG_ARCHITECTURE] == member and version.tags[registry.TAG_GIT_COMMIT]
+        assert version.tags[runner.TAG_INPUT] == pre.data.tags[runner.TAG_OUTPUT]
+        assert float(version.tags[registry.TAG_EVAL_TOP1]) == pytest.approx(ev.data.metrics["eval/top1"])
+        assert client.get_registered_model(name).aliases == {"champion": version.version}
+        folder = registry.resolve_model_uri(f"models:/{name}@champion", tracking_uri=uri, cache_dir=root / "cache")
+        assert (folder / "model.json").is_file()
+
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
+    assert {"report/family_report.md", "report/family_report.json", "report/family_top1_vs_macs.png"} <= artifacts
+    for member in MEMBERS:
+        assert f"| {member} " in result.report and f"pipe-{member} v1 @champion" in result.report
+    assert "Family report: pipeline tiny-family" in output and "all 2 members succeeded" in output
+
+    # (3) Again: nothing re-trained, no new run, no new version, the same parent run.
+    before = len(client.search_runs([experiment]))
+    again = run_pipeline(path, out=lambda _: None)
+    assert not again.failed and again.parent_run_id == result.parent_run_id
+    assert {s.action for m in again.members for s in m.stages} == {"skip"}
+    assert len(client.search_runs([experiment])) == before
+    for member in MEMBERS:
+        assert len(client.search_model_versions(f"name = 'pipe-{member}'")) == 1
+        assert client.get_registered_model(f"pipe-{member}").aliases == {"champion": "1"}

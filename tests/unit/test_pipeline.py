@@ -1,0 +1,293 @@
+"""The pipeline runner without a cluster: spec validation, plan expansion and keys, skip/resume decisions from
+MLflow (an embedded sqlite store), the dry run's output, bad input, and the family report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from metaformer_platform import pipelines as P
+from metaformer_platform.pipelines import report, runner
+from metaformer_platform.training import checkpoint as ckpt
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT = str(REPO / "jobs" / "configs" / "default.yaml")
+
+
+def _spec(tmp_path: Path, **changes: Any) -> dict[str, Any]:
+    tree: dict[str, Any] = {
+        "name": "t",
+        "family": "debug",
+        "experiment": "pipe-unit",
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "overrides": [
+            f"data.cache_dir={tmp_path / 'cache'}", "data.synthetic.num_classes=4", "data.synthetic.train_samples=32",
+            "data.synthetic.val_samples=16", "data.synthetic.samples_per_shard=16", "trainer.batch_size=8",
+            "scaling.num_workers=1", f"run.storage_path={tmp_path / 'runs'}",
+        ],
+        "stages": [
+            {"name": "pretrain", "kind": "pretrain", "config": DEFAULT},
+            {"name": "finetune", "kind": "finetune", "config": DEFAULT, "overrides": ["trainer.max_steps=3"]},
+            {"name": "evaluate", "kind": "evaluate", "config": DEFAULT},
+        ],
+    }
+    tree.update(changes)
+    return tree
+
+
+def _write(tmp_path: Path, tree: dict[str, Any]) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def _planned(tmp_path: Path, tree: dict[str, Any], overrides: list[str] | None = None) -> P.PipelineRunner:
+    return P.plan_pipeline(_write(tmp_path, tree), overrides or [], out=lambda _: None)
+
+
+# -- spec and expansion ----------------------------------------------------------------------------
+
+
+def test_expansion_chains_stages_and_applies_overrides_in_order(tmp_path: Path) -> None:
+    tree = _spec(tmp_path)
+    tree["stages"][1]["member_overrides"] = {"poolformer_debug_m": ["trainer.max_steps=5"]}
+    spec = P.parse_pipeline(tree)
+    plans = P.expand(spec, tmp_path, ["trainer.seed=7"])
+    assert [p.model for p in plans] == ["poolformer_debug", "poolformer_debug_m"]
+    assert all(p.error is None for p in plans)
+    a, b = plans
+    assert [(s.name, s.kind, s.upstream) for s in a.stages] == [
+        ("pretrain", "pretrain", None), ("finetune", "finetune", "pretrain"), ("evaluate", "evaluate", "finetune"),
+    ]
+    assert a.stage("finetune").cfg.trainer.max_steps == 3 and b.stage("finetune").cfg.trainer.max_steps == 5
+    assert {s.cfg.trainer.seed for p in plans for s in p.stages} == {7}  # the command line's overrides win
+    assert [s.cfg.stage for s in a.stages] == ["pretrain", "finetune", "evaluate"]
+    assert {s.cfg.model.name for s in b.stages} == {"poolformer_debug_m"}
+    assert {s.cfg.tracking.experiment for p in plans for s in p.stages} == {"pipe-unit"}
+
+
+def test_keys_follow_config_data_and_input(tmp_path: Path) -> None:
+    first = _planned(tmp_path, _spec(tmp_path)).plans
+    again = _planned(tmp_path, _spec(tmp_path), ["tracking.run_name=x", "run.ray_address=auto"]).plans
+    assert [s.key for p in first for s in p.stages] == [s.key for p in again for s in p.stages]
+    keys = [s.key for p in first for s in p.stages]
+    assert len(set(keys)) == 6 and all(len(k) == 64 for k in keys)
+    stage = first[0].stage("finetune")
+    assert stage.run_name == f"t-poolformer_debug-finetune-{stage.key[:8]}" == stage.cfg.run.name
+    assert stage.input_id == f"stage:{first[0].stage('pretrain').key}"
+    assert len(stage.data_hash) == 64 and stage.num_classes == 4
+
+    # A change to the pretrain config changes pretrain's key and, through the chain, every later key.
+    tree = _spec(tmp_path)
+    tree["stages"][0]["overrides"] = ["trainer.max_steps=9"]
+    changed = _planned(tmp_path, tree).plans[0]
+    assert all(s.key != o.key for s, o in zip(changed.stages, first[0].stages, strict=True))
+    # Other data (another synthetic seed) for the finetune stage only: pretrain keeps its key.
+    tree = _spec(tmp_path)
+    tree["stages"][1]["overrides"] = ["trainer.max_steps=3", "data.synthetic.seed=5"]
+    other = _planned(tmp_path, tree).plans[0]
+    assert other.stage("pretrain").key == first[0].stage("pretrain").key
+    assert other.stage("finetune").data_hash != first[0].stage("finetune").data_hash
+    assert other.stage("finetune").key != first[0].stage("finetune").key
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"stages": [{"name": "pretrain", "kind": "pretrian"}]}, "unknown stage kind 'pretrian'"),
+    ({"stages": [{"name": "ft", "kind": "finetune"}]}, "stage 'ft' .finetune. has no input"),
+    ({"family": "poolformers"}, "unknown family 'poolformers'"),
+    ({"members": ["poolformer_debug"]}, "exactly one of `family`"),
+    ({"stages": [{"name": "pretrain", "kind": "pretrain", "epochs": 3}]}, "stages.0.epochs: Extra inputs"),
+])
+def test_bad_pipeline_files_are_refused_naming_the_key(tmp_path: Path, change: dict, match: str) -> None:
+    with pytest.raises(P.PipelineError, match=match):
+        P.parse_pipeline(_spec(tmp_path, **change))
+
+
+def test_main_exits_2_on_a_bad_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, _spec(tmp_path, stages=[{"name": "x", "kind": "train"}]))
+    assert P.main(["--pipeline", str(path), "--dry-run"]) == 2
+    assert "unknown stage kind 'train'" in capsys.readouterr().err
+    assert P.main(["--pipeline", str(tmp_path / "nope.yaml")]) == 2
+
+
+def _export(folder: Path, model_name: str) -> Path:
+    """A real export of an untrained ``model_name`` (what jobs/export.py writes)."""
+    from safetensors.torch import save_file
+
+    from metaformer_platform.models import create_model
+
+    model = create_model(model_name, num_classes=4)
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    (folder / "model.json").write_text(json.dumps({"model_name": model_name, "num_classes": 4}))
+    return folder
+
+
+def test_bad_members_fail_alone_before_anything_runs(tmp_path: Path) -> None:
+    ok_export = _export(tmp_path / "exp-debug", "poolformer_debug")
+    tree = _spec(tmp_path, family=None, members=["poolformer_debug", "poolformer_s13", "poolformer_debug_m"])
+    tree["stages"] = [{"name": "finetune", "kind": "finetune", "config": DEFAULT, "init_from": str(ok_export)},
+                      {"name": "evaluate", "kind": "evaluate", "config": DEFAULT}]
+    plans = {p.model: p for p in _planned(tmp_path, tree).plans}
+    assert plans["poolformer_debug"].error is None
+    assert plans["poolformer_debug"].stage("finetune").input_id == str(ok_export.resolve())
+    assert "unknown model name 'poolformer_s13'" in plans["poolformer_s13"].error
+    # poolformer_debug_m may not fine-tune from poolformer_debug's weights: the error names both.
+    err = plans["poolformer_debug_m"].error
+    assert "stage 'finetune'" in err and "holds poolformer_debug" in err and "poolformer_debug_m" in err
+
+    tree["stages"][0]["init_from"] = str(tmp_path / "runs" / "{model}-gone" / "checkpoint-00000010")
+    plans = {p.model: p for p in _planned(tmp_path, tree).plans}
+    err = plans["poolformer_debug"].error
+    assert "poolformer_debug-gone/checkpoint-00000010" in err and "does not exist" in err
+
+    tree["stages"][0]["init_from"] = "models:/{model}@champion"
+    plans = {p.model: p for p in _planned(tmp_path, tree).plans}
+    assert "models:/poolformer_debug@champion: no registered model 'poolformer_debug'" in plans["poolformer_debug"].error
+
+    tree["stages"] = [{"name": "pretrain", "kind": "pretrain", "config": DEFAULT, "overrides": ["model.name=poolformer_s12"]}]
+    plans = {p.model: p for p in _planned(tmp_path, tree).plans}
+    assert "sets model.name=poolformer_s12, but the member is poolformer_debug" in plans["poolformer_debug"].error
+
+
+def test_a_stage_whose_data_is_missing_blocks_its_member(tmp_path: Path) -> None:
+    tree = _spec(tmp_path)
+    tree["stages"][1]["member_overrides"] = {"poolformer_debug_m": [f"data.source={tmp_path / 'no-shards'}"]}
+    plans = {p.model: p for p in _planned(tmp_path, tree).plans}
+    assert plans["poolformer_debug"].error is None
+    assert plans["poolformer_debug_m"].error.startswith("stage 'finetune': no shards found in")
+
+
+# -- skip / resume decisions -----------------------------------------------------------------------
+
+
+def _complete_checkpoint(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    ckpt.mark_complete(folder)
+    return folder
+
+
+def _finished_run(planned: P.PipelineRunner, stage: P.StagePlan, status: str = "FINISHED", **tags: str) -> str:
+    client = planned.client
+    exp = runner._experiment_id(client, planned.spec.experiment, create=True)
+    run = client.create_run(exp, tags={runner.TAG_STAGE_KEY: str(stage.key), **tags})
+    if not stage.trains:
+        client.log_metric(run.info.run_id, "eval/top1", 50.0)
+    client.set_terminated(run.info.run_id, status=status)
+    return exp
+
+
+def test_skip_needs_a_finished_run_of_the_same_key_with_its_output(tmp_path: Path) -> None:
+    planned = _planned(tmp_path, _spec(tmp_path))
+    pre = planned.plans[0].stage("pretrain")
+    out = _complete_checkpoint(tmp_path / "out" / "checkpoint-00000004")
+    exp = _finished_run(planned, pre, status="FAILED", **{runner.TAG_OUTPUT: str(out)})
+    assert runner.find_completed(planned.client, exp, pre) is None  # failed: run it again (it resumes)
+    _finished_run(planned, pre, **{runner.TAG_OUTPUT: str(tmp_path / "gone")})
+    assert runner.find_completed(planned.client, exp, pre) is None  # its checkpoint is gone
+    _finished_run(planned, planned.plans[1].stage("pretrain"), **{runner.TAG_OUTPUT: str(out)})
+    assert runner.find_completed(planned.client, exp, pre) is None  # another key
+    _finished_run(planned, pre, **{runner.TAG_OUTPUT: str(out)})
+    found = runner.find_completed(planned.client, exp, pre)
+    assert found is not None and found.data.tags[runner.TAG_OUTPUT] == str(out)
+    evaluate = planned.plans[0].stage("evaluate")
+    _finished_run(planned, evaluate)
+    assert runner.find_completed(planned.client, exp, evaluate).data.metrics["eval/top1"] == 50.0
+
+
+def test_dry_run_prints_the_plan_with_skips_and_resumes(tmp_path: Path) -> None:
+    lines: list[str] = []
+    tree = _spec(tmp_path, family=None, members=["poolformer_debug", "poolformer_s13", "poolformer_debug_m"])
+    path = _write(tmp_path, tree)
+    planned = P.plan_pipeline(path, out=lambda _: None)
+    debug = planned.plans[0]
+    out = _complete_checkpoint(tmp_path / "out" / "checkpoint-00000004")
+    _finished_run(planned, debug.stage("pretrain"), **{runner.TAG_OUTPUT: str(out)})
+    run_dir = Path(debug.stage("finetune").run_dir)
+    _complete_checkpoint(run_dir / "checkpoint-00000002")
+    _complete_checkpoint(run_dir / "checkpoint-00000004")  # complete, but Ray had not registered it: not resumed
+    (run_dir / runner.RAY_SNAPSHOT).write_text(json.dumps({"latest": {"checkpoint_dir_name": "checkpoint-00000002"}}))
+    assert runner.resumable_checkpoint(str(run_dir)) == str(run_dir / "checkpoint-00000002")
+    assert runner.resumable_checkpoint(str(tmp_path / "runs" / "nothing")) is None
+
+    result = P.run_pipeline(path, dry_run=True, out=lines.append)
+    text = "\n".join(lines)
+    assert result.dry_run and [m.model for m in result.members] == ["poolformer_debug", "poolformer_s13", "poolformer_debug_m"]
+    actions = {(m.model, s.stage): s.action for m in result.members for s in m.stages}
+    assert actions == {
+        ("poolformer_debug", "pretrain"): "skip", ("poolformer_debug", "finetune"): "resume",
+        ("poolformer_debug", "evaluate"): "run", ("poolformer_debug_m", "pretrain"): "run",
+        ("poolformer_debug_m", "finetune"): "run", ("poolformer_debug_m", "evaluate"): "run",
+    }
+    assert "pipeline t: 3 members, stages pretrain (pretrain) -> finetune (finetune) -> evaluate (evaluate)" in text
+    assert f"finetune   resume  {debug.stage('finetune').run_name}  <- pretrain  (from checkpoint-00000002)" in text
+    assert "ERROR  member 'poolformer_s13': unknown model name 'poolformer_s13'" in text
+    assert "register   poolformer_debug_m (champion if top-1 >= champion's)" in text
+    # Nothing was written: no parent run, no run folder for what would run.
+    runs = planned.client.search_runs([runner._experiment_id(planned.client, "pipe-unit", create=False)])
+    assert len(runs) == 1 and not Path(planned.plans[2].stage("pretrain").run_dir).exists()
+    assert P.main(["--pipeline", str(path), "--dry-run"]) == 1  # a member is invalid
+
+
+# -- the family report -----------------------------------------------------------------------------
+
+
+def test_family_report_table_and_plot(tmp_path: Path) -> None:
+    from metaformer_platform.config import load_config
+
+    members = []
+    for name, top1 in (("poolformer_debug", 40.0), ("poolformer_s12", 70.0)):
+        m = runner.MemberOutcome(name, eval_cfg=load_config(DEFAULT, ["data.img_size=32"]), num_classes=10)
+        m.stages.append(runner.StageOutcome(name, "evaluate", "run", metrics={
+            "eval/top1": top1, "eval/top5": 90.0, "eval/images_per_s": 1234.0, "eval/samples": 64}))
+        m.registered = f"{name} v1"
+        members.append(m)
+    members.append(runner.MemberOutcome("poolformer_debug_m", error="stage 'pretrain' failed: boom"))
+    result = runner.PipelineResult("fam", members)
+    data = report.rows(result)
+    assert [r["model"] for r in data] == ["poolformer_debug", "poolformer_s12"]
+    s12 = data[1]
+    assert s12["params_m"] == pytest.approx((11_915_176 - 1000 * 512 - 1000 + 10 * 512 + 10) / 1e6)
+    assert s12["paper_top1"] == 77.2 and s12["vs_paper"] == pytest.approx(-7.2)
+    text = report.table(data)
+    assert "| poolformer_s12 " in text and "-7.2" in text and "| poolformer_debug " in text and "n/a" in text
+    png = report.plot(data, tmp_path / "fig.png", "fam")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    status = "\n".join(report.status_lines(result))
+    assert "poolformer_debug_m           FAILED" in status and "boom" in status
+
+
+def test_a_member_that_fails_stops_only_its_own_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner's bookkeeping around jobs (Ray jobs stubbed here; the integration test runs real ones)."""
+    from metaformer_platform import launch
+
+    started: list[str] = []
+
+    def fake_job(cfg: Any) -> launch.JobResult:
+        started.append(cfg.run.name)
+        if cfg.model.name == "poolformer_debug_m":
+            raise RuntimeError("worker group died")
+        out = _complete_checkpoint(tmp_path / cfg.run.name / "checkpoint-00000003")
+        run_id = planned.client.create_run(exp).info.run_id  # a stand-in for the run RunHandle would open
+        return launch.JobResult({"step": 3.0}, str(out), str(out.parent), run_id, None)
+
+    monkeypatch.setattr(launch, "run_job", fake_job)
+    monkeypatch.setattr(launch, "connect_ray", lambda cfg: None)
+    tree = _spec(tmp_path, stages=[{"name": "pretrain", "kind": "pretrain", "config": DEFAULT},
+                                   {"name": "finetune", "kind": "finetune", "config": DEFAULT}])
+    planned = _planned(tmp_path, tree)
+    exp = runner._experiment_id(planned.client, "pipe-unit", create=True)
+    result = planned.run()
+    by_model = {m.model: m for m in result.members}
+    assert by_model["poolformer_debug"].ok and [s.action for s in by_model["poolformer_debug"].stages] == ["run", "run"]
+    failed = by_model["poolformer_debug_m"]
+    assert failed.error == "stage 'pretrain' failed: RuntimeError: worker group died"
+    assert [s.action for s in failed.stages] == ["failed", "blocked"]
+    assert sorted(started) == sorted([*(s.run_name for s in planned.plans[0].stages), planned.plans[1].stages[0].run_name])
+    parent = planned.client.get_run(result.parent_run_id)
+    assert parent.info.status == "FAILED" and parent.data.tags[runner.TAG_FAILED] == "poolformer_debug_m"
+    assert "poolformer_debug_m           FAILED pretrain: failed, finetune: blocked" in result.report
