@@ -18,6 +18,7 @@ import torch
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_FILE = "trainer.pt"
 CONFIG_FILE = "config.yaml"
+EMA_FILE = "ema.pt"  # the EMA's full fp32 weights (timm names), written by rank 0 for every strategy
 
 
 def save_tensors(obj: Any, path: Path) -> None:
