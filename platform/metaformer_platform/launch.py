@@ -104,13 +104,16 @@ def check_init_from(cfg: JobConfig) -> None:
 
     from metaformer_platform.training import checkpoint as ckpt
     from metaformer_platform.training.export import META_FILE
+    from metaformer_platform.training.storage import local_copy
 
-    folder = Path(cfg.model.init_from).expanduser()
-    if (folder / META_FILE).is_file():
-        name = json.loads((folder / META_FILE).read_text())["model_name"]
-    elif ckpt.is_complete(folder) and (folder / ckpt.TRAINER_FILE).is_file():
-        name = ckpt.load_tensors(folder / ckpt.TRAINER_FILE)["model_name"]
-    else:
+    # s3://: only the small files that say what the folder is are fetched here
+    with local_copy(cfg.model.init_from, [META_FILE, ckpt.COMPLETE_MARKER, ckpt.TRAINER_FILE]) as folder:
+        name = None
+        if (folder / META_FILE).is_file():
+            name = json.loads((folder / META_FILE).read_text())["model_name"]
+        elif ckpt.is_complete(folder) and (folder / ckpt.TRAINER_FILE).is_file():
+            name = ckpt.load_tensors(folder / ckpt.TRAINER_FILE)["model_name"]
+    if name is None:
         raise ValueError(
             f"model.init_from={cfg.model.init_from!r} is neither an export (model.json + model.safetensors) nor a "
             "complete checkpoint folder; point it at one of those"
@@ -122,19 +125,23 @@ def check_init_from(cfg: JobConfig) -> None:
         )
 
 
-def check_resume_from(cfg: JobConfig) -> Path | None:
-    """``run.resume_from`` as a local folder, refused unless it is a complete checkpoint of this model."""
+def check_resume_from(cfg: JobConfig) -> Path | str | None:
+    """``run.resume_from`` as a local folder (or its s3:// URI), refused unless it is a complete checkpoint
+    of this model."""
     if cfg.run.resume_from is None:
         return None
     from metaformer_platform.training import checkpoint as ckpt
+    from metaformer_platform.training.storage import is_remote, local_copy
 
-    folder = Path(cfg.run.resume_from.removeprefix("file://")).expanduser().resolve()
-    if not ckpt.is_complete(folder):
-        raise ValueError(
-            f"run.resume_from={cfg.run.resume_from!r} is not a complete checkpoint folder (no "
-            f"{ckpt.COMPLETE_MARKER} marker); point it at a run's checkpoint-NNNNNNNN folder"
-        )
-    state = ckpt.load_tensors(folder / ckpt.TRAINER_FILE)
+    with local_copy(cfg.run.resume_from, [ckpt.COMPLETE_MARKER, ckpt.TRAINER_FILE]) as folder:
+        if not ckpt.is_complete(folder):
+            raise ValueError(
+                f"run.resume_from={cfg.run.resume_from!r} is not a complete checkpoint folder (no "
+                f"{ckpt.COMPLETE_MARKER} marker); point it at a run's checkpoint-NNNNNNNN folder"
+            )
+        state = ckpt.load_tensors(folder / ckpt.TRAINER_FILE)
+    if is_remote(cfg.run.resume_from):
+        folder = cfg.run.resume_from  # type: ignore[assignment]  (each worker downloads it)
     if state["model_name"] != cfg.model.name:
         raise ValueError(
             f"run.resume_from={cfg.run.resume_from!r} holds {state['model_name']}, but this job trains "
@@ -144,9 +151,12 @@ def check_resume_from(cfg: JobConfig) -> Path | None:
 
 
 def resolve_storage_path(storage_path: str) -> str:
-    """An absolute local path (created and checked writable) or a URI passed through unchanged."""
-    if "://" in storage_path and not storage_path.startswith("file://"):
-        return storage_path
+    """An absolute local path (created and checked writable) or an s3:// URI (checked writable)."""
+    from metaformer_platform.training.storage import check_writable, is_remote
+
+    if is_remote(storage_path):
+        check_writable(storage_path.rstrip("/"))  # a missing bucket or refused key stops the job here
+        return storage_path.rstrip("/")
     path = Path(storage_path.removeprefix("file://")).expanduser().resolve()
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -224,17 +234,45 @@ def _train_worker(payload: dict[str, Any]) -> None:
 
         tracker = MlflowTracker(payload["tracking_uri"], payload["run_id"], system_metrics=cfg.tracking.system_metrics)
 
-    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+    def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        from metaformer_platform.training.storage import upload_checkpoint_part
+
+        storage = ray.train.get_context().get_storage()
+        dest = storage.build_checkpoint_path_from_name(dir_name)
+        upload_checkpoint_part(Path(checkpoint.path), storage.storage_filesystem, dest,
+                               rank=dist.rank, world_size=dist.world_size)
+        return ray.train.Checkpoint(path=dest, filesystem=storage.storage_filesystem)
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> bool:
+        name = f"checkpoint-{int(metrics['step']):08d}"
+        if checkpoint_dir is None:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            return False
+        async_upload = cfg.run.checkpoint_upload == "async"
         ray.train.report(
-            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{int(metrics['step']):08d}"
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
+            checkpoint_dir_name=name,
+            # async: training goes on while a Ray thread uploads; Ray deletes the scratch folder only once
+            # its upload has finished (and it registers the checkpoint only once every rank's has)
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC if async_upload
+            else ray.train.CheckpointUploadMode.SYNC,
+            delete_local_checkpoint_after_upload=True,
+            checkpoint_upload_fn=upload,
         )
+        return True  # Ray owns the scratch folder now
 
     data_root = resolve_data_root(cfg)  # a cache hit on the driver's node; generated alike elsewhere
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and payload.get("resume_from"):
         # A new run that continues another run's checkpoint; once it has its own, Ray hands those.
-        checkpoint = ray.train.Checkpoint.from_directory(payload["resume_from"])
+        from metaformer_platform.training.storage import filesystem_and_path, is_remote
+
+        if is_remote(payload["resume_from"]):
+            fs, path = filesystem_and_path(payload["resume_from"])
+            checkpoint = ray.train.Checkpoint(path=path, filesystem=fs)
+        else:
+            checkpoint = ray.train.Checkpoint.from_directory(payload["resume_from"])
     try:
         with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
             trainer = Trainer(
@@ -288,12 +326,17 @@ def run_job(cfg: JobConfig) -> JobResult:
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
     worker_env = None
-    if isinstance(data_root, str):
+    from metaformer_platform.training.storage import filesystem_and_path, is_remote
+
+    remote_storage = is_remote(storage_path)
+    if isinstance(data_root, str) or remote_storage or (resume_from and is_remote(str(resume_from))):
         from metaformer_platform.data.s3 import aws_env
 
         # Workers of a cluster started before this job do not inherit the S3 endpoint and credentials
-        # the driver just checked the data with.
+        # the driver just checked the data and storage with.
         worker_env = {"env_vars": aws_env()} if aws_env() else None
+    # s3://: Ray's own URI resolution ignores AWS_ENDPOINT_URL, so it gets a filesystem built from it
+    storage_fs, ray_storage_path = filesystem_and_path(storage_path) if remote_storage else (None, storage_path)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=payload,
@@ -302,7 +345,8 @@ def run_job(cfg: JobConfig) -> JobResult:
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
-            storage_path=storage_path,
+            storage_path=ray_storage_path,
+            storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
             worker_runtime_env=worker_env,
@@ -319,8 +363,11 @@ def run_job(cfg: JobConfig) -> JobResult:
             handle.close(succeeded)
     return JobResult(
         metrics={k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)},
-        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
-        run_dir=str(Path(storage_path) / cfg.run_name) if "://" not in storage_path else f"{storage_path}/{cfg.run_name}",
+        checkpoint_path=(
+            None if not result.checkpoint
+            else f"s3://{result.checkpoint.path}" if remote_storage else result.checkpoint.path
+        ),
+        run_dir=f"{storage_path}/{cfg.run_name}" if remote_storage else str(Path(storage_path) / cfg.run_name),
         mlflow_run_id=handle.run_id if handle else None,
         mlflow_hint=handle.ui_hint() if handle else None,
     )
