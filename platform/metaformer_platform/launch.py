@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,29 +211,10 @@ def connect_ray(cfg: JobConfig) -> None:
 # -- the worker ------------------------------------------------------------------------------------
 
 
-def _train_worker(payload: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker: builds the Trainer (resuming when Ray hands a checkpoint) and trains."""
+def checkpoint_reporter(cfg: JobConfig, dist: Any) -> Callable[[dict[str, float], Path | None], bool]:
+    """The Trainer's ``report`` inside a Ray Train worker: ``ray.train.report`` with this rank's checkpoint
+    part, uploaded (asynchronously unless ``run.checkpoint_upload=sync``) so that COMPLETE lands last."""
     import ray.train
-    import ray.train.torch
-
-    from metaformer_platform.strategies.base import DistContext
-    from metaformer_platform.training.trainer import NullTracker, Trainer
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = JobConfig.model_validate(payload["config"])
-    ctx = ray.train.get_context()
-    dist = DistContext(
-        rank=ctx.get_world_rank(),
-        world_size=ctx.get_world_size(),
-        local_rank=ctx.get_local_rank(),
-        node_rank=ctx.get_node_rank(),
-        device=ray.train.torch.get_device(),
-    )
-    tracker: Any = NullTracker()
-    if dist.is_main and payload.get("run_id"):
-        from metaformer_platform.tracking import MlflowTracker
-
-        tracker = MlflowTracker(payload["tracking_uri"], payload["run_id"], system_metrics=cfg.tracking.system_metrics)
 
     def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
         from metaformer_platform.training.storage import upload_checkpoint_part
@@ -261,6 +243,35 @@ def _train_worker(payload: dict[str, Any]) -> None:
             checkpoint_upload_fn=upload,
         )
         return True  # Ray owns the scratch folder now
+
+    return report
+
+
+def _train_worker(payload: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker: builds the Trainer (resuming when Ray hands a checkpoint) and trains."""
+    import ray.train
+    import ray.train.torch
+
+    from metaformer_platform.strategies.base import DistContext
+    from metaformer_platform.training.trainer import NullTracker, Trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = JobConfig.model_validate(payload["config"])
+    ctx = ray.train.get_context()
+    dist = DistContext(
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        local_rank=ctx.get_local_rank(),
+        node_rank=ctx.get_node_rank(),
+        device=ray.train.torch.get_device(),
+    )
+    tracker: Any = NullTracker()
+    if dist.is_main and payload.get("run_id"):
+        from metaformer_platform.tracking import MlflowTracker
+
+        tracker = MlflowTracker(payload["tracking_uri"], payload["run_id"], system_metrics=cfg.tracking.system_metrics)
+
+    report = checkpoint_reporter(cfg, dist)
 
     data_root = resolve_data_root(cfg)  # a cache hit on the driver's node; generated alike elsewhere
     checkpoint = ray.train.get_checkpoint()
