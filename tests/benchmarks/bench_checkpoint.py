@@ -157,6 +157,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--every", type=int, default=4)
     parser.add_argument("--skip-stall", action="store_true", help="part 1 only (no Ray)")
+    parser.add_argument("--where", choices=["both", "local", "s3"], default="both", help="part 2's storage")
     args, _ = parser.parse_known_args()  # `make benchmark` passes one ARGS to every benchmark
     torch.set_num_threads(2)
 
@@ -176,6 +177,8 @@ def main() -> None:
                 ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
                 try:
                     for where, storage in (("local", str(tmp / "runs")), ("s3", "s3://bench/runs")):
+                        if args.where not in ("both", where):
+                            continue
                         for mode in ("sync", "async"):
                             stalls[where, mode] = stall(args, storage, mode)
                 finally:
