@@ -1,6 +1,7 @@
 """Export a checkpoint of any strategy (ddp, fsdp, deepspeed) to model.safetensors + model.json for plain timm.
 
     python jobs/export.py ~/metaformer-runs/poolformer_s12-pretrain/checkpoint-00001000 exports/s12
+    python jobs/export.py s3://bucket/runs/poolformer_s12-pretrain/checkpoint-00001000 exports/s12-ema --ema
 """
 
 import argparse
@@ -12,13 +13,14 @@ from metaformer_platform.training.export import export_checkpoint
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a complete checkpoint folder (checkpoint-NNNNNNNN)")
+    parser.add_argument("checkpoint", help="a complete checkpoint folder (checkpoint-NNNNNNNN), local or s3://")
     parser.add_argument("out_dir", help="folder to write model.safetensors and model.json into")
     parser.add_argument("--overwrite", action="store_true", help="replace an export already in out_dir")
+    parser.add_argument("--ema", action="store_true", help="export the EMA weights (trainer.ema_decay) instead")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        result = export_checkpoint(args.checkpoint, args.out_dir, overwrite=args.overwrite)
+        result = export_checkpoint(args.checkpoint, args.out_dir, overwrite=args.overwrite, ema=args.ema)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

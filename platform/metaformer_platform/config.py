@@ -106,6 +106,10 @@ class OptimConfig(_Section):
     warmup_epochs: float = Field(5.0, ge=0, description="linear warmup length in epochs")
     warmup_lr: float = Field(1e-6, ge=0, description="lr at the start of warmup")
     min_lr: float = Field(1e-5, ge=0, description="lr at the end of the cosine")
+    fused: bool | None = Field(
+        None,
+        description="torch's fused (single-kernel) AdamW/Adam/SGD step (null: on when the parameters are on CUDA)",
+    )
 
     @field_validator("betas")
     @classmethod
@@ -173,6 +177,16 @@ class TrainerConfig(_Section):
     val_every_steps: int | None = Field(None, ge=1, description="validation cadence (null: once per epoch)")
     checkpoint_every_steps: int = Field(500, ge=1, description="checkpoint cadence (and at the end)")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker (null: its CPUs)")
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="keep an fp32 exponential moving average of the weights (timm ModelEmaV3) with this decay, "
+        "updated after every optimizer step, validated as val/ema_* and saved with each checkpoint (null: off)",
+    )
+    ema_warmup: bool = Field(
+        False, description="ModelEmaV3 warmup: decay = 1 - (1 + step)^(-2/3), capped at ema_decay (short runs)"
+    )
 
 
 class ScalingSettings(_Section):
@@ -189,6 +203,11 @@ class RunSettings(_Section):
     storage_path: str = Field("~/metaformer-runs", description="where Ray Train keeps checkpoints (dir or s3://)")
     max_failures: int = Field(3, ge=-1, description="worker-group restarts before the job fails (-1: always)")
     num_to_keep: int | None = Field(2, ge=1, description="checkpoints kept (null: all)")
+    checkpoint_upload: Literal["sync", "async"] = Field(
+        "async",
+        description="async: training goes on while Ray uploads a checkpoint to storage_path (stall = the local "
+        "save only); sync: each rank waits for its upload",
+    )
     ray_address: str | None = Field(None, description="Ray cluster address (null: RAY_ADDRESS or a local Ray)")
     resume_from: str | None = Field(
         None,
@@ -232,6 +251,12 @@ class JobConfig(_Section):
             raise ValueError(
                 f"trainer.batch_size={self.trainer.batch_size} must be even when mixup/cutmix is on "
                 "(timm's Mixup flips the batch); use an even batch or set data.mixup_alpha=0 data.cutmix_alpha=0"
+            )
+        if self.trainer.ema_decay is not None and self.strategy.name == "deepspeed" and self.strategy.zero_stage == 3:
+            raise ValueError(
+                "trainer.ema_decay needs whole parameters on every rank, but DeepSpeed ZeRO-3 partitions them; "
+                "use strategy.zero_stage=2 or strategy.name=fsdp (its EMA is sharded like the model), "
+                "or set trainer.ema_decay=null"
             )
         return self
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,19 +150,29 @@ def check_init_from(cfg: JobConfig, folder: Path | None = None) -> None:
         )
 
 
-def check_resume_from(cfg: JobConfig) -> Path | None:
-    """``run.resume_from`` as a local folder, refused unless it is a complete checkpoint of this model."""
+def check_resume_from(cfg: JobConfig) -> Path | str | None:
+    """``run.resume_from`` as a local folder (or its s3:// URI), refused unless it is a complete checkpoint
+    of this model."""
     if cfg.run.resume_from is None:
         return None
     from metaformer_platform.training import checkpoint as ckpt
+    from metaformer_platform.training.storage import filesystem_and_path, is_remote, local_copy
 
-    folder = Path(cfg.run.resume_from.removeprefix("file://")).expanduser().resolve()
-    if (why := ckpt.incomplete_reason(folder)) is not None:
-        raise ValueError(
-            f"run.resume_from={cfg.run.resume_from!r} is not a complete checkpoint folder ({why}); point it "
-            "at a run's checkpoint-NNNNNNNN folder"
-        )
-    state = ckpt.load_tensors(folder / ckpt.TRAINER_FILE)
+    remote = is_remote(cfg.run.resume_from)
+    with local_copy(cfg.run.resume_from, [ckpt.COMPLETE_MARKER, ckpt.TRAINER_FILE]) as folder:
+        if remote:  # completeness is judged where the files are, not on the two fetched here
+            fs, path = filesystem_and_path(cfg.run.resume_from)
+            why = None if ckpt.is_complete_on(fs, path) else f"{ckpt.COMPLETE_MARKER} is missing or lists files that are not there"
+        else:
+            why = ckpt.incomplete_reason(folder)
+        if why is not None:
+            raise ValueError(
+                f"run.resume_from={cfg.run.resume_from!r} is not a complete checkpoint folder ({why}); point it "
+                "at a run's checkpoint-NNNNNNNN folder"
+            )
+        state = ckpt.load_tensors(folder / ckpt.TRAINER_FILE)
+    if remote:
+        folder = cfg.run.resume_from  # type: ignore[assignment]  (each worker downloads it)
     if state["model_name"] != cfg.model.name:
         raise ValueError(
             f"run.resume_from={cfg.run.resume_from!r} holds {state['model_name']}, but this job trains "
@@ -171,9 +182,12 @@ def check_resume_from(cfg: JobConfig) -> Path | None:
 
 
 def resolve_storage_path(storage_path: str) -> str:
-    """An absolute local path (created and checked writable) or a URI passed through unchanged."""
-    if "://" in storage_path and not storage_path.startswith("file://"):
-        return storage_path
+    """An absolute local path (created and checked writable) or an s3:// URI (checked writable)."""
+    from metaformer_platform.training.storage import check_writable, is_remote
+
+    if is_remote(storage_path):
+        check_writable(storage_path.rstrip("/"))  # a missing bucket or refused key stops the job here
+        return storage_path.rstrip("/")
     path = Path(storage_path.removeprefix("file://")).expanduser().resolve()
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -240,6 +254,48 @@ def connect_ray(cfg: JobConfig) -> None:
 
 
 # -- the worker ------------------------------------------------------------------------------------
+
+
+def checkpoint_reporter(
+    cfg: JobConfig, dist: Any, flush: Callable[[], None] | None = None
+) -> Callable[[dict[str, float], Path | None], bool]:
+    """The Trainer's ``report`` inside a Ray Train worker: ``ray.train.report`` with this rank's checkpoint
+    part, uploaded (asynchronously unless ``run.checkpoint_upload=sync``) so that COMPLETE lands last.
+    ``flush`` runs before a checkpoint is reported: the metrics up to it are stored before anything can
+    resume from it."""
+    import ray.train
+
+    def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        from metaformer_platform.training.storage import upload_checkpoint_part
+
+        storage = ray.train.get_context().get_storage()
+        dest = storage.build_checkpoint_path_from_name(dir_name)
+        upload_checkpoint_part(Path(checkpoint.path), storage.storage_filesystem, dest,
+                               rank=dist.rank, world_size=dist.world_size)
+        return ray.train.Checkpoint(path=dest, filesystem=storage.storage_filesystem)
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> bool:
+        name = f"checkpoint-{int(metrics['step']):08d}"
+        if checkpoint_dir is None:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            return False
+        if flush is not None:
+            flush()
+        async_upload = cfg.run.checkpoint_upload == "async"
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
+            checkpoint_dir_name=name,
+            # async: training goes on while a Ray thread uploads; Ray deletes the scratch folder only once
+            # its upload has finished (and it registers the checkpoint only once every rank's has)
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC if async_upload
+            else ray.train.CheckpointUploadMode.SYNC,
+            delete_local_checkpoint_after_upload=True,
+            checkpoint_upload_fn=upload,
+        )
+        return True  # Ray owns the scratch folder now
+
+    return report
 
 
 def _dist_context() -> Any:
@@ -320,19 +376,19 @@ def _train_worker(payload: dict[str, Any]) -> None:
 
         tracker = MlflowTracker(payload["tracking_uri"], payload["run_id"], system_metrics=cfg.tracking.system_metrics)
 
-    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        if checkpoint_dir is not None and hasattr(tracker, "flush"):
-            tracker.flush()  # the metrics up to a checkpoint are stored before anything can resume from it
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(
-            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{int(metrics['step']):08d}"
-        )
+    report = checkpoint_reporter(cfg, dist, flush=getattr(tracker, "flush", None))
 
     data_root = resolve_data_root(cfg)  # a cache hit on the driver's node; generated alike elsewhere
     checkpoint, adopted = _recover_checkpoint(dist)
     if checkpoint is None and payload.get("resume_from"):
         # A new run that continues another run's checkpoint; once it has its own, Ray hands those.
-        checkpoint = ray.train.Checkpoint.from_directory(payload["resume_from"])
+        from metaformer_platform.training.storage import filesystem_and_path, is_remote
+
+        if is_remote(payload["resume_from"]):
+            fs, path = filesystem_and_path(payload["resume_from"])
+            checkpoint = ray.train.Checkpoint(path=path, filesystem=fs)
+        else:
+            checkpoint = ray.train.Checkpoint.from_directory(payload["resume_from"])
     try:
         with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
             trainer = Trainer(
@@ -401,15 +457,20 @@ def run_job(cfg: JobConfig) -> JobResult:
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
     worker_env = None
-    if isinstance(data_root, str):
+    from metaformer_platform.training.storage import filesystem_and_path, is_remote
+
+    remote_storage = is_remote(storage_path)
+    if isinstance(data_root, str) or remote_storage or (resume_from and is_remote(str(resume_from))):
         from metaformer_platform.data.s3 import aws_env
 
         # Workers of a cluster started before this job do not inherit the S3 endpoint and credentials
-        # the driver just checked the data with.
+        # the driver just checked the data and storage with.
         worker_env = {"env_vars": aws_env()} if aws_env() else None
     import ray.train  # after the checks: bad input is refused without paying for Ray's import
     from ray.train.torch import TorchTrainer
 
+    # s3://: Ray's own URI resolution ignores AWS_ENDPOINT_URL, so it gets a filesystem built from it
+    storage_fs, ray_storage_path = filesystem_and_path(storage_path) if remote_storage else (None, storage_path)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=payload,
@@ -418,7 +479,8 @@ def run_job(cfg: JobConfig) -> JobResult:
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
-            storage_path=storage_path,
+            storage_path=ray_storage_path,
+            storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
             worker_runtime_env=worker_env,
@@ -435,8 +497,11 @@ def run_job(cfg: JobConfig) -> JobResult:
             handle.close(succeeded)
     return JobResult(
         metrics={k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)},
-        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
-        run_dir=str(Path(storage_path) / cfg.run_name) if "://" not in storage_path else f"{storage_path}/{cfg.run_name}",
+        checkpoint_path=(
+            None if not result.checkpoint
+            else f"s3://{result.checkpoint.path}" if remote_storage else result.checkpoint.path
+        ),
+        run_dir=f"{storage_path}/{cfg.run_name}" if remote_storage else str(Path(storage_path) / cfg.run_name),
         mlflow_run_id=handle.run_id if handle else None,
         mlflow_hint=handle.ui_hint() if handle else None,
     )

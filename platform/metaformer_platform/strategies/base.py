@@ -100,5 +100,22 @@ class Strategy(ABC):
     def load(self, directory: Path) -> None:
         """Restore what ``save`` wrote (every rank calls it)."""
 
+    # -- the EMA of the weights: it lives where the parameters live ----------------------------------
+
+    def prepare_ema(self, ema_model: nn.Module) -> nn.Module:
+        """Place the EMA copy (made from the plain model before ``setup``) like the parameters it follows.
+
+        Replicating strategies keep a whole fp32 copy on the device; FSDP shards it like the model.
+        """
+        return ema_model.to(self.dist.device)
+
+    def ema_state_dict(self, ema_model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The EMA's full weights on CPU, for rank 0 to save (every rank calls it; None on the others)."""
+        return {k: v.detach().cpu() for k, v in ema_model.state_dict().items()} if self.dist.is_main else None
+
+    def load_ema_state_dict(self, ema_model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Restore full EMA weights (as ``ema_state_dict`` returned them) on every rank."""
+        ema_model.load_state_dict(state, strict=True)
+
     def parameters(self) -> Iterator[nn.Parameter]:
         return self.module.parameters()

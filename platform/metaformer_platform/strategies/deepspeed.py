@@ -80,6 +80,12 @@ class DeepSpeedStrategy(Strategy):
         assert self.engine is not None, "setup() first"
         return self.engine.module
 
+    def prepare_ema(self, ema_model: nn.Module) -> nn.Module:
+        if self.job.strategy.zero_stage == 3:  # JobConfig refuses this before launch; kept for direct callers
+            raise ValueError("an EMA needs whole parameters on every rank; DeepSpeed ZeRO-3 partitions them")
+        # ZeRO-1/2 keep whole parameters in engine.module (bf16 ones when bf16 is on): the EMA stays fp32.
+        return ema_model.to(self.dist.device)
+
     def no_sync(self, accumulating: bool) -> contextlib.AbstractContextManager[None]:
         # The Trainer calls step() once per optimizer step, so tell the engine where the boundary is
         # (it would otherwise count micro-steps itself); ZeRO-2/3 reduce only on the boundary.

@@ -58,16 +58,21 @@ class FSDPStrategy(Strategy):
     def setup(self, model: nn.Module, build_optimizer: OptimizerFactory) -> None:
         import torch.distributed as tdist
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
         if not tdist.is_initialized():
             raise RuntimeError("strategy fsdp needs a process group (Ray Train's workers have one)")
+        self._mesh = init_device_mesh(self.dist.device.type, (self.dist.world_size,))
+        self.model = self._shard(model)
+        self.optimizer = build_optimizer(self.model)
+
+    def _shard(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
         units = shard_units(model)
         # FSDP2 shards contiguous parameters only; inputs may still be channels_last.
         model = model.to(self.dist.device, memory_format=torch.contiguous_format)
-        mesh = init_device_mesh(self.dist.device.type, (self.dist.world_size,))
         kwargs = {
-            "mesh": mesh,
+            "mesh": self._mesh,
             "reshard_after_forward": self.options.fsdp_reshard_after_forward,
             "mp_policy": self._mp_policy(),
             "offload_policy": CPUOffloadPolicy(pin_memory=False) if self.options.fsdp_cpu_offload else OffloadPolicy(),
@@ -76,8 +81,25 @@ class FSDPStrategy(Strategy):
             for module in stage_units:
                 fully_shard(module, **kwargs)
         fully_shard(model, **kwargs)
-        self.model = model
-        self.optimizer = build_optimizer(model)
+        return model
+
+    def prepare_ema(self, ema_model: nn.Module) -> nn.Module:
+        # Sharded exactly like the model, each rank's EMA shard follows its own parameter shard: the update
+        # is local (no communication), and validating the EMA gathers it block by block like the model.
+        return self._shard(ema_model)
+
+    def ema_state_dict(self, ema_model: nn.Module) -> dict[str, torch.Tensor] | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # One all-gather per checkpoint; rank 0 gets the whole EMA, in the file format every strategy writes.
+        state = get_model_state_dict(ema_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.dist.is_main else None
+
+    def load_ema_state_dict(self, ema_model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # Every rank read the whole file: each keeps its own shard of it.
+        set_model_state_dict(ema_model, state, options=StateDictOptions(full_state_dict=True, strict=True))
 
     @property
     def module(self) -> nn.Module:

@@ -27,6 +27,7 @@ import torch
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_FILE = "trainer.pt"
 CONFIG_FILE = "config.yaml"
+EMA_FILE = "ema.pt"  # the EMA's full fp32 weights (timm names), written by rank 0 for every strategy
 CHECKPOINT_DIR = re.compile(r"checkpoint-(\d{8})")  # the names the Trainer reports: checkpoint-NNNNNNNN
 
 if TYPE_CHECKING:

@@ -58,26 +58,44 @@ def _reference_model(name: str, num_classes: int, kwargs: dict[str, Any]) -> tor
         return create_model(name, num_classes=num_classes, **kwargs)
 
 
-def export_checkpoint(directory: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Export:
-    """Consolidate the checkpoint in ``directory`` (any strategy) into ``out_dir``; returns what was written.
+def export_checkpoint(
+    directory: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, overwrite: bool = False, ema: bool = False
+) -> Export:
+    """Consolidate the checkpoint in ``directory`` (any strategy; a local folder or s3://) into ``out_dir``.
 
-    Raises ``ValueError`` for a folder that is not a complete checkpoint, weights that do not match the model
-    named in it, or an existing export in ``out_dir`` (unless ``overwrite``).
+    ``ema=True`` exports the checkpoint's EMA weights instead of the trained ones. Raises ``ValueError`` for
+    a folder that is not a complete checkpoint, weights that do not match the model named in it, an EMA
+    asked of a checkpoint without one, or an existing export in ``out_dir`` (unless ``overwrite``).
     """
+    from metaformer_platform.training.storage import is_remote, local_copy
+
+    out = Path(out_dir).expanduser().resolve()
+    if not overwrite and ((out / WEIGHTS_FILE).exists() or (out / META_FILE).exists()):
+        raise ValueError(f"{str(out)!r} already holds an export; choose another folder or pass overwrite=True")
+    with local_copy(directory) as src:
+        source = str(directory) if is_remote(directory) else str(src)
+        return _export(src, out, ema=ema, source=source)
+
+
+def _export(src: Path, out: Path, *, ema: bool, source: str) -> Export:
     from safetensors.torch import save_file
 
     from metaformer_platform.strategies import get_strategy_class
 
-    src, out = Path(directory).expanduser().resolve(), Path(out_dir).expanduser().resolve()
     state, config = _read_checkpoint_info(src)
     weights, meta = out / WEIGHTS_FILE, out / META_FILE
-    if not overwrite and (weights.exists() or meta.exists()):
-        raise ValueError(f"{str(out)!r} already holds an export; choose another folder or pass overwrite=True")
-
     name, num_classes = state["model_name"], int(state["num_classes"])
     strategy = config.get("strategy", {}).get("name", "ddp")
     model_kwargs = dict(config.get("model", {}).get("kwargs") or {})
-    tensors = get_strategy_class(strategy).consolidate(src)
+    if ema:
+        if not (src / ckpt.EMA_FILE).is_file():
+            raise ValueError(
+                f"{source!r} holds no EMA ({ckpt.EMA_FILE}): it was trained with trainer.ema_decay=null; "
+                "export it without --ema"
+            )
+        tensors = ckpt.load_tensors(src / ckpt.EMA_FILE)  # full fp32 weights for every strategy
+    else:
+        tensors = get_strategy_class(strategy).consolidate(src)
 
     reference = _reference_model(name, num_classes, model_kwargs)
     expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
@@ -103,7 +121,8 @@ def export_checkpoint(directory: str | os.PathLike[str], out_dir: str | os.PathL
         "class_names": list(state.get("class_names") or []),  # label i is class_names[i] (empty: unrecorded)
         "step": int(state["step"]),
         "strategy": strategy,
-        "source": str(src),
+        "weights": "ema" if ema else "trained",
+        "source": source,
     }
     tmp_weights = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
     save_file(plain, str(tmp_weights), metadata={"model_name": name, "num_classes": str(num_classes)})
@@ -131,8 +150,17 @@ def load_export(out_dir: str | os.PathLike[str]) -> torch.nn.Module:
 
 
 def read_weights(source: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], str]:
-    """Full fp32 weights and the model name from an export folder or a checkpoint folder of any strategy."""
-    folder = Path(source).expanduser().resolve()
+    """Full fp32 weights and the model name from an export folder or a checkpoint folder of any strategy
+    (local, or s3:// downloaded to a temporary folder)."""
+    from metaformer_platform.training.storage import is_remote, local_copy
+
+    if is_remote(source):
+        with local_copy(source) as folder:
+            return _read_weights(folder)
+    return _read_weights(Path(source).expanduser().resolve())
+
+
+def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
     if (folder / WEIGHTS_FILE).is_file() and (folder / META_FILE).is_file():
         from safetensors.torch import load_file
 

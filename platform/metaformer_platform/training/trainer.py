@@ -35,7 +35,9 @@ from metaformer_platform.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
-ReportFn = Callable[[dict[str, float], "Path | None"], None]
+# Publishes a finished checkpoint folder. It returns True when it took the folder over (an asynchronous
+# upload deletes it once uploaded); otherwise the Trainer deletes it as soon as ``report`` returns.
+ReportFn = Callable[[dict[str, float], "Path | None"], "bool | None"]
 
 
 class Tracker(Protocol):
@@ -49,8 +51,8 @@ class NullTracker:
         pass
 
 
-def _no_report(metrics: dict[str, float], checkpoint: Path | None) -> None:
-    pass
+def _no_report(metrics: dict[str, float], checkpoint: Path | None) -> bool | None:
+    return None
 
 
 def build_model(cfg: JobConfig, num_classes: int) -> nn.Module:
@@ -138,10 +140,15 @@ class Trainer:
             log.info("initialised from %s (new: %s)", cfg.model.init_from, ", ".join(new_head) or "nothing")
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         model = model.to(memory_format=self.memory_format)
+        # The EMA copies the plain model before the strategy wraps (FSDP2: shards) it, and is then placed
+        # like it. fp32 whatever the training precision: a bf16 EMA could not hold (1 - decay) x update.
+        self.ema = self._build_ema(model) if t.ema_decay is not None else None
 
         self.lr = cfg.optim.resolved_lr(cfg.global_batch)
         self.strategy = get_strategy_class(cfg.strategy.name)(cfg, dist)
         self.strategy.setup(model, lambda m: build_optimizer(m, cfg.optim, self.lr))
+        if self.ema is not None:
+            self.ema.module = self.strategy.prepare_ema(self.ema.module)
         self.forward_model: nn.Module = torch.compile(self.strategy.model) if t.compile else self.strategy.model
 
         if loaders is not None:  # injected (benchmarks feed in-memory batches)
@@ -173,10 +180,17 @@ class Trainer:
         self.step = 0
         self._batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.last_val: dict[str, float] = {}
+        self.checkpoint_stalls: list[float] = []  # seconds training was blocked by each save_and_report
         if resume_from is not None:
             self.load_checkpoint(resume_from)
 
     # -- building blocks -------------------------------------------------------------------------
+
+    def _build_ema(self, model: nn.Module) -> Any:
+        from timm.utils import ModelEmaV3
+
+        t = self.cfg.trainer
+        return ModelEmaV3(model, decay=t.ema_decay, use_warmup=t.ema_warmup, dtype=torch.float32)
 
     def _loader(self, split: str, *, training: bool) -> mdata.ShardLoader:
         return build_split_loader(self.cfg, self.data_root, self.dist, split, training=training)
@@ -222,6 +236,9 @@ class Trainer:
             window_loss += self._train_step()
             window_steps += 1
             self.step += 1
+            if self.ema is not None:
+                # the step number drives ModelEmaV3's decay: step 1 copies the weights, warmup ramps after
+                self.ema.update(self.strategy.module, step=self.step)
             self.scheduler.step_update(num_updates=self.step)
 
             if self.step % t.log_every_steps == 0 or self.step == self.total_steps:
@@ -295,10 +312,19 @@ class Trainer:
         """Top-1/top-5 and loss over the whole validation split: each sample counted once across ranks.
 
         Unreadable samples come as stand-ins labelled IGNORE_LABEL, which are not scored and are reported
-        as val/skipped_samples (val/samples + val/skipped_samples == the split's size)."""
+        as val/skipped_samples (val/samples + val/skipped_samples == the split's size). With an EMA, its
+        weights are scored on the same split too, as ``val/ema_top1`` etc.
+        """
+        metrics = self._evaluate(self.strategy.module)
+        if self.ema is not None:
+            ema = self._evaluate(self.ema.module)
+            metrics.update({f"val/ema_{k}": ema[f"val/{k}"] for k in ("loss", "top1", "top5")})
+        return metrics
+
+    def _evaluate(self, model: nn.Module) -> dict[str, float]:
         assert self.val_loader is not None
         sums = evaluate_loader(
-            self.strategy.module, self.val_loader, num_classes=self.num_classes, device=self.dist.device,
+            model, self.val_loader, num_classes=self.num_classes, device=self.dist.device,
             memory_format=self.memory_format, autocast=self._autocast,
         )
         if sums.samples == 0:
@@ -333,6 +359,10 @@ class Trainer:
         """Write this rank's part of a checkpoint into ``directory``."""
         directory.mkdir(parents=True, exist_ok=True)
         self.strategy.save(directory)
+        if self.ema is not None:
+            ema_state = self.strategy.ema_state_dict(self.ema.module)  # every rank (FSDP gathers)
+            if ema_state is not None:
+                ckpt.save_tensors(ema_state, directory / ckpt.EMA_FILE)
         ckpt.save_tensors(ckpt.rng_state(), directory / f"rng-rank{self.dist.rank:05d}.pt")
         faults = {split: loader.fault_state() for split, loader in self._fault_counting_loaders().items()}
         (directory / f"data-faults-rank{self.dist.rank:05d}.json").write_text(json.dumps(faults))
@@ -362,6 +392,12 @@ class Trainer:
                 "to start fresh, or the matching model config to resume"
             )
         self.strategy.load(directory)
+        if self.ema is not None:
+            if (directory / ckpt.EMA_FILE).is_file():
+                self.strategy.load_ema_state_dict(self.ema.module, ckpt.load_tensors(directory / ckpt.EMA_FILE))
+            else:  # EMA switched on for a run whose checkpoints have none: it starts at the resumed weights
+                log.warning("%s holds no EMA: the EMA starts from the resumed weights", directory)
+                self.ema.set(self.strategy.module)
         self.load_state_dict(state)
         rng_file = directory / f"rng-rank{self.dist.rank:05d}.pt"
         if rng_file.is_file():
@@ -376,10 +412,21 @@ class Trainer:
         log.info("resumed from %s at step %d", directory, self.step)
 
     def save_and_report(self, metrics: dict[str, float]) -> None:
-        """Save a checkpoint to local scratch and hand it to ``report`` (which persists it), then clean up."""
+        """Save a checkpoint to local scratch and hand it to ``report`` (which persists it).
+
+        The scratch folder is deleted here unless ``report`` took it over (an asynchronous upload deletes it
+        once uploaded). The time training was blocked is logged as ``checkpoint/stall_s``.
+        """
+        start = time.perf_counter()
         scratch = Path(tempfile.mkdtemp(prefix=f"ckpt-{self.step:08d}-", dir=self.scratch))
+        owned = False
         try:
             self.save_checkpoint(scratch)
-            self.report({**metrics, "step": float(self.step)}, scratch)
+            saved = time.perf_counter()
+            owned = bool(self.report({**metrics, "step": float(self.step)}, scratch))
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+            if not owned:
+                shutil.rmtree(scratch, ignore_errors=True)
+        stall = time.perf_counter() - start
+        self.checkpoint_stalls.append(stall)
+        self.tracker.log_metrics({"checkpoint/stall_s": stall, "checkpoint/save_s": saved - start}, step=self.step)

@@ -1,0 +1,130 @@
+"""Checkpoints on a real S3 server (the session's SeaweedFS, checking SigV4) through Ray Train.
+
+A 2-worker DDP job with an EMA writes its checkpoints to s3:// with asynchronous uploads: each one complete
+(every rank's part, COMPLETE last), the scratch folders gone; started again under its name it resumes from
+S3 (the same MLflow run, no step twice); export, ``model.init_from`` and ``run.resume_from`` take the s3://
+checkpoint; a missing bucket or refused credentials stop the job before any worker starts.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from metaformer_platform.config import load_config
+from metaformer_platform.launch import check_resume_from, resolve_data_root, run_job
+
+CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+PREFIX = "ckpt-runs"
+RUN = "it-s3-ckpt"
+
+
+def _cfg(tmp: Path, mlflow_uri: str, bucket: str, *extra: str):
+    return load_config(CONFIGS / "default.yaml", [
+        "model.name=poolformer_debug",
+        "data.synthetic.num_classes=4", "data.synthetic.train_samples=512", "data.synthetic.val_samples=64",
+        "data.synthetic.samples_per_shard=64", f"data.cache_dir={tmp / 'cache'}", "data.num_workers=0",
+        "trainer.batch_size=16", "trainer.max_steps=14", "trainer.log_every_steps=7", "trainer.val_every_steps=14",
+        "trainer.checkpoint_every_steps=7", "trainer.precision=fp32", "trainer.ema_decay=0.9",
+        "optim.lr=3e-3", "optim.warmup_epochs=0", "run.checkpoint_upload=async",
+        f"run.storage_path=s3://{bucket}/{PREFIX}", f"run.name={RUN}", "run.num_to_keep=null",
+        f"tracking.tracking_uri={mlflow_uri}", "tracking.experiment=it-s3-ckpt", "tracking.system_metrics=false",
+        *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def s3_env(s3_server):
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in s3_server.env.items():
+            mp.setenv(key, value)
+        yield s3_server
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_cluster, mlflow_server, s3_env, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("s3ckpt")
+    def scratch() -> set[str]:
+        return {p for step in (7, 14) for p in glob.glob(os.path.join(tempfile.gettempdir(), f"ckpt-{step:08d}-*"))}
+
+    before = scratch()
+    result = run_job(_cfg(tmp, mlflow_server, s3_env.bucket))
+    return tmp, result, scratch() - before
+
+
+def _keys(s3_server, prefix: str) -> dict[str, int]:
+    pages = s3_server.client().get_paginator("list_objects_v2").paginate(Bucket=s3_server.bucket, Prefix=prefix)
+    return {o["Key"][len(prefix):]: o["Size"] for page in pages for o in page.get("Contents", [])}
+
+
+def test_checkpoints_are_uploaded_complete_to_s3(first_run, s3_env, mlflow_server):
+    tmp, result, scratch_left = first_run
+    assert result.metrics["step"] == 14
+    assert result.checkpoint_path == f"s3://{s3_env.bucket}/{PREFIX}/{RUN}/checkpoint-00000014"
+    assert result.run_dir == f"s3://{s3_env.bucket}/{PREFIX}/{RUN}"
+    for step in (7, 14):
+        files = {k for k, size in _keys(s3_env, f"{PREFIX}/{RUN}/checkpoint-{step:08d}/").items() if k}
+        expected = {"COMPLETE", "PART-rank00000", "PART-rank00001", "model.pt", "optimizer.pt", "ema.pt",
+                    "trainer.pt", "config.yaml", "rng-rank00000.pt", "rng-rank00001.pt",
+                    "data-faults-rank00000.json", "data-faults-rank00001.json"}
+        assert expected <= files, sorted(files)
+    assert not scratch_left  # Ray deleted each rank's scratch folder once its upload was done
+    client = MlflowClient(mlflow_server)
+    stalls = client.get_metric_history(result.mlflow_run_id, "checkpoint/stall_s")
+    assert sorted(m.step for m in stalls) == [7, 14] and all(0 < m.value < 60 for m in stalls)
+    assert {m.step for m in client.get_metric_history(result.mlflow_run_id, "val/ema_top1")} == {14}
+
+
+def test_restart_by_name_resumes_from_s3(first_run, s3_env, mlflow_server):
+    tmp, first, _ = first_run
+    result = run_job(_cfg(tmp, mlflow_server, s3_env.bucket, "trainer.max_steps=21"))
+    assert result.mlflow_run_id == first.mlflow_run_id and result.metrics["step"] == 21
+    steps = sorted(m.step for m in MlflowClient(mlflow_server).get_metric_history(result.mlflow_run_id, "train/loss"))
+    assert steps == [7, 14, 21]  # resumed at 14; started over, 7 and 14 would be there twice
+    assert "COMPLETE" in _keys(s3_env, f"{PREFIX}/{RUN}/checkpoint-00000021/")
+
+
+def test_export_init_from_and_resume_from_take_an_s3_checkpoint(first_run, s3_env, mlflow_server, tmp_path):
+    from metaformer_platform.strategies.base import DistContext
+    from metaformer_platform.training.export import export_checkpoint
+    from metaformer_platform.training.trainer import Trainer
+
+    tmp, _, _ = first_run
+    uri = f"s3://{s3_env.bucket}/{PREFIX}/{RUN}/checkpoint-00000014"
+    exported = export_checkpoint(uri, tmp_path / "ema", ema=True)
+    from safetensors.torch import load_file
+
+    body = s3_env.client().get_object(Bucket=s3_env.bucket, Key=f"{PREFIX}/{RUN}/checkpoint-00000014/ema.pt")["Body"]
+    (tmp_path / "ema.pt").write_bytes(body.read())
+    stored = torch.load(tmp_path / "ema.pt", weights_only=True)
+    weights = load_file(str(exported.weights))
+    assert weights.keys() == stored.keys() and all(torch.equal(weights[k], stored[k]) for k in stored)
+
+    cfg = _cfg(tmp, mlflow_server, s3_env.bucket, f"model.init_from={uri}", "scaling.num_workers=1",
+               "trainer.ema_decay=null", "data.val_split=null")
+    trainer = Trainer(cfg, DistContext(), data_root=resolve_data_root(cfg))
+    plain = load_file(str(export_checkpoint(uri, tmp_path / "plain").weights))
+    got = trainer.strategy.module.state_dict()
+    assert all(torch.equal(got[k], plain[k]) for k in plain)
+
+    assert check_resume_from(_cfg(tmp, mlflow_server, s3_env.bucket, f"run.resume_from={uri}")) == uri
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        check_resume_from(_cfg(tmp, mlflow_server, s3_env.bucket, f"run.resume_from={uri}-nothing-here"))
+
+
+def test_unwritable_storage_is_refused_before_any_worker_starts(s3_env, mlflow_server, tmp_path, monkeypatch):
+    client = MlflowClient(mlflow_server)
+    with pytest.raises(ValueError, match=r"run.storage_path='s3://no-such-bucket/runs' cannot be written: .*does not "
+                                         r"exist.*create it"):
+        run_job(_cfg(tmp_path, mlflow_server, "no-such-bucket", "run.storage_path=s3://no-such-bucket/runs",
+                     "tracking.experiment=it-s3-refused"))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(ValueError, match="refused the credentials"):
+        run_job(_cfg(tmp_path, mlflow_server, s3_env.bucket, "tracking.experiment=it-s3-refused"))
+    assert client.get_experiment_by_name("it-s3-refused") is None  # no MLflow run was opened
