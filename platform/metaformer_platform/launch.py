@@ -239,6 +239,14 @@ def check_cluster(cfg: JobConfig) -> None:
         )
 
 
+def _with_default_threads(cfg: JobConfig) -> JobConfig:
+    """``trainer.torch_threads`` unset means one torch thread per CPU the worker is given (not all of the node's)."""
+    if cfg.trainer.torch_threads is not None:
+        return cfg
+    threads = max(1, int(cfg.scaling.cpus_per_worker))
+    return cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"torch_threads": threads})})
+
+
 def connect_ray(cfg: JobConfig) -> None:
     """Join the configured cluster (``run.ray_address`` or RAY_ADDRESS), or start a local one."""
     import ray
@@ -434,10 +442,7 @@ def run_job(cfg: JobConfig) -> JobResult:
     check_init_from(cfg, init_from_local)
     resume_from = check_resume_from(cfg)
     storage_path = resolve_storage_path(cfg.run.storage_path)
-    if cfg.trainer.torch_threads is None:
-        cfg = cfg.model_copy(
-            update={"trainer": cfg.trainer.model_copy(update={"torch_threads": max(1, int(cfg.scaling.cpus_per_worker))})}
-        )
+    cfg = _with_default_threads(cfg)
     connect_ray(cfg)
     check_cluster(cfg)
 
@@ -551,10 +556,7 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
     cfg, weights, manifest = prepare_evaluation(cfg, weights_folder, data_root)
     check_model(cfg, cfg.model.num_classes)
     storage_path = resolve_storage_path(cfg.run.storage_path)
-    if cfg.trainer.torch_threads is None:
-        cfg = cfg.model_copy(
-            update={"trainer": cfg.trainer.model_copy(update={"torch_threads": max(1, int(cfg.scaling.cpus_per_worker))})}
-        )
+    cfg = _with_default_threads(cfg)
     import ray.train
     from ray.train.torch import TorchTrainer
 

@@ -49,13 +49,25 @@ def load_tensors(path: Path, map_location: torch.device | str = "cpu") -> Any:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def _is_temporary(name: str) -> bool:
+    """A file ``save_tensors`` (or the marker) is still writing: ``.NAME.tmp-PID``, renamed when done."""
+    return name.startswith(".") and ".tmp-" in name
+
+
 def list_files(directory: Path) -> dict[str, int]:
-    """Every file under ``directory`` (relative POSIX path -> size in bytes), the marker excepted."""
-    return {
-        p.relative_to(directory).as_posix(): p.stat().st_size
-        for p in directory.rglob("*")
-        if p.is_file() and p.name != COMPLETE_MARKER
-    }
+    """Every finished file under ``directory`` (relative POSIX path -> size in bytes), the marker excepted.
+
+    Files another rank is still writing into a shared folder (temporary names) are not part of it."""
+    listing: dict[str, int] = {}
+    for p in directory.rglob("*"):
+        if p.name == COMPLETE_MARKER or _is_temporary(p.name):
+            continue
+        try:
+            if p.is_file():
+                listing[p.relative_to(directory).as_posix()] = p.stat().st_size
+        except FileNotFoundError:  # renamed away by the rank writing it, between the listing and the stat
+            continue
+    return listing
 
 
 def mark_complete(directory: Path, parts: Iterable[Mapping[str, int]] | None = None) -> None:
