@@ -239,6 +239,18 @@ def check_cluster(cfg: JobConfig) -> None:
         )
 
 
+def _connect_and_open_run(cfg: JobConfig) -> Any:
+    """Join Ray, check the worker group fits, then open the job's MLflow run (a ``RunHandle``, or None when
+    tracking is off): the last driver step before workers start, so a refused job leaves no run behind."""
+    connect_ray(cfg)
+    check_cluster(cfg)
+    if not cfg.tracking.enabled:
+        return None
+    from metaformer_platform.tracking import RunHandle
+
+    return RunHandle(cfg)
+
+
 def _with_default_threads(cfg: JobConfig) -> JobConfig:
     """``trainer.torch_threads`` unset means one torch thread per CPU the worker is given (not all of the node's)."""
     if cfg.trainer.torch_threads is not None:
@@ -443,14 +455,7 @@ def run_job(cfg: JobConfig) -> JobResult:
     resume_from = check_resume_from(cfg)
     storage_path = resolve_storage_path(cfg.run.storage_path)
     cfg = _with_default_threads(cfg)
-    connect_ray(cfg)
-    check_cluster(cfg)
-
-    handle = None
-    if cfg.tracking.enabled:
-        from metaformer_platform.tracking import RunHandle
-
-        handle = RunHandle(cfg)
+    handle = _connect_and_open_run(cfg)
     payload = {
         "config": cfg.model_dump(mode="json"),
         "run_id": handle.run_id if handle else None,
@@ -560,14 +565,7 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    connect_ray(cfg)
-    check_cluster(cfg)
-
-    handle = None
-    if cfg.tracking.enabled:
-        from metaformer_platform.tracking import RunHandle
-
-        handle = RunHandle(cfg)
+    handle = _connect_and_open_run(cfg)
     payload = {
         "config": cfg.model_dump(mode="json"),
         "init_from_local": str(weights.path),
