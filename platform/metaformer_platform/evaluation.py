@@ -223,68 +223,6 @@ def read_weights_info(source: str | Path) -> WeightsInfo:
     )
 
 
-def default_weights_cache() -> Path:
-    """Where weights named by an object-storage URL are downloaded (``$METAFORMER_WEIGHTS_CACHE`` wins)."""
-    import os
-
-    return Path(os.environ.get("METAFORMER_WEIGHTS_CACHE") or Path.home() / ".cache/metaformer-platform/weights")
-
-
-def fetch_weights(url: str, cache_dir: str | Path | None = None) -> Path:
-    """A local copy of the checkpoint or export folder at ``url`` (``s3://bucket/runs/NAME/checkpoint-N``),
-    downloaded once into the cache (checked against the listed sizes, renamed into place when complete).
-
-    Raises ``ValueError`` when the folder holds neither a complete checkpoint nor an export: nothing is
-    downloaded then."""
-    import os
-    import shutil
-    import tempfile
-
-    from metaformer_platform.data import open_storage
-    from metaformer_platform.training import checkpoint as ckpt
-    from metaformer_platform.training.export import META_FILE, WEIGHTS_FILE
-
-    storage = open_storage(url.rstrip("/"))
-    sizes = storage.list_sizes() if hasattr(storage, "list_sizes") else None
-    if sizes is None:
-        raise ValueError(f"model.init_from={url!r}: cannot list the objects there; use a local folder or allow listing")
-    names = set(sizes)
-    if not ({ckpt.COMPLETE_MARKER, ckpt.TRAINER_FILE} <= names or {META_FILE, WEIGHTS_FILE} <= names):
-        raise ValueError(
-            f"model.init_from={url!r} is neither an export (model.json + model.safetensors) nor a complete "
-            f"checkpoint (no {ckpt.COMPLETE_MARKER} marker among {len(names)} objects); point it at one of those"
-        )
-    target = Path(cache_dir or default_weights_cache()).expanduser() / hashlib.sha256(url.encode()).hexdigest()[:24]
-
-    def cached() -> bool:
-        return target.is_dir() and all(
-            (target / n).is_file() and (target / n).stat().st_size == size for n, size in sizes.items()
-        )
-
-    if cached():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        for name, size in sizes.items():
-            dest = tmp / name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with storage.open(name) as src, dest.open("wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
-            if dest.stat().st_size != size:
-                raise ValueError(f"{storage.describe(name)}: read {dest.stat().st_size} bytes, listed {size}")
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not cached():  # not another process finishing the same download first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def check_label_set(weights: WeightsInfo, num_classes: int | None, class_names: tuple[str, ...], where: str) -> None:
     """The data's classes are the weights' classes (count, and names where both record them)."""
     if num_classes is not None and num_classes != weights.num_classes:
@@ -466,21 +404,11 @@ def build_report(
 def write_report(report: dict[str, Any], run_dir: str | Path) -> str:
     """Write ``<run_dir>/eval.json`` (a local folder, or object storage such as ``s3://...``) atomically;
     returns where it went."""
-    import os
+    from metaformer_platform import storage
 
-    body = json.dumps(report, indent=1) + "\n"
-    run_dir = str(run_dir)
-    if "://" not in run_dir or run_dir.startswith("file://"):
-        path = Path(run_dir.removeprefix("file://")) / REPORT_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{REPORT_FILE}.tmp-{os.getpid()}")
-        tmp.write_text(body)
-        os.replace(tmp, path)
-        return str(path)
-    from metaformer_platform.data import open_storage
-
-    open_storage(run_dir).write_bytes(REPORT_FILE, body.encode())  # type: ignore[attr-defined]
-    return f"{run_dir.rstrip('/')}/{REPORT_FILE}"
+    target = storage.Location.parse(run_dir).join(REPORT_FILE)
+    storage.write_bytes(target, (json.dumps(report, indent=1) + "\n").encode())
+    return target.uri
 
 
 def summary_line(report: dict[str, Any]) -> str:

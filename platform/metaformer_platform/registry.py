@@ -17,12 +17,13 @@ import hashlib
 import json
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metaformer_platform.storage import file_sha256, weights
+from metaformer_platform.storage.weights import TAG_WEIGHTS_SHA256, is_registry_uri  # noqa: F401  (re-exported)
 from metaformer_platform.training.export import META_FILE, WEIGHTS_FILE
 
 CHAMPION = "champion"
@@ -34,7 +35,6 @@ TAG_CHECKPOINT = "metaformer.checkpoint_uri"
 TAG_DATA_HASH = "metaformer.data_manifest_hash"
 TAG_GIT_COMMIT = "metaformer.git_commit"
 TAG_ARCHITECTURE = "metaformer.architecture"
-TAG_WEIGHTS_SHA256 = "metaformer.weights_sha256"
 # sha256 of (run id, checkpoint URI): how a second registration of the same export finds the first.
 TAG_LINEAGE_KEY = "metaformer.lineage_key"
 # Evaluation (set by promote):
@@ -44,7 +44,6 @@ TAG_PROMOTION = "metaformer.promotion"  # "champion" or "candidate"
 
 ARTIFACT_ROOT = "registered-export"
 _PROMOTION_MARK = "\n\nPromotion: "
-_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))/?$")
 
 
 @dataclass(frozen=True)
@@ -74,11 +73,6 @@ def lineage_tags(
     return tags
 
 
-def is_registry_uri(value: str) -> bool:
-    """Whether ``value`` names a registered model (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``)."""
-    return isinstance(value, str) and value.startswith("models:/")
-
-
 def _client(tracking_uri: str | None) -> Any:
     import mlflow
 
@@ -87,14 +81,6 @@ def _client(tracking_uri: str | None) -> Any:
     uri = resolve_tracking_uri(tracking_uri)
     # The registry lives beside the runs: never a different default registry (e.g. a Databricks UC one).
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_export(export_dir: Path) -> dict[str, Any]:
@@ -173,7 +159,7 @@ def register_export(
         TAG_RUN_ID: run_id,
         TAG_LINEAGE_KEY: key,
         TAG_ARCHITECTURE: str(info["model_name"]),
-        TAG_WEIGHTS_SHA256: _sha256(folder / WEIGHTS_FILE),
+        TAG_WEIGHTS_SHA256: file_sha256(str(folder / WEIGHTS_FILE)),
     })
     mv = client.create_model_version(
         model_name, source=source, run_id=run_id, tags=tags, description=description or None,
@@ -268,95 +254,18 @@ def promote(
     return Promotion(model_name, version, promoted, alias, previous, reason)
 
 
-def _explain_missing(
-    client: Any, registry: str, uri: str, name: str, alias: str | None, version: str | None
-) -> str:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException:
-        names = sorted(m.name for m in client.search_registered_models(max_results=50))
-        return (
-            f"{uri}: no registered model {name!r} in the registry at {registry}; "
-            f"registered models: {', '.join(names) or 'none'}"
-        )
-    aliases = ", ".join(f"@{a} -> v{v}" for a, v in sorted(model.aliases.items())) or "none"
-    versions = sorted(int(mv.version) for mv in client.search_model_versions(f"name = '{name}'"))
-    what = f"alias @{alias}" if alias else f"version {version}"
-    return (
-        f"{uri}: registered model {name!r} has no {what}; its aliases: {aliases}; "
-        f"its versions: {', '.join(map(str, versions)) or 'none'}"
-    )
-
-
 def get_model_version(uri: str, *, tracking_uri: str | None = None) -> Any:
     """The ``ModelVersion`` that ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names (ValueError if none)."""
-    from mlflow.exceptions import MlflowException
-
     from metaformer_platform.tracking import resolve_tracking_uri
 
-    match = _URI.match(uri or "")
-    if not match:
-        raise ValueError(f"{uri!r} is not a registry URI: use models:/NAME@ALIAS or models:/NAME/VERSION")
-    name, alias, version = match["name"], match["alias"], match["version"]
-    client = _client(tracking_uri)
-    try:
-        if alias:
-            return client.get_model_version_by_alias(name, alias)
-        return client.get_model_version(name, version)
-    except MlflowException as err:
-        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        raise ValueError(
-            _explain_missing(client, resolve_tracking_uri(tracking_uri), uri, name, alias, version)
-        ) from None
-
-
-def default_cache_dir() -> Path:
-    """Where resolved versions are kept: ``$METAFORMER_MODEL_CACHE`` or ``~/.cache/metaformer-platform/models``."""
-    return Path(os.environ.get("METAFORMER_MODEL_CACHE") or Path.home() / ".cache/metaformer-platform/models")
+    return weights.model_version(uri, resolve_tracking_uri(tracking_uri))
 
 
 def resolve_model_uri(
     uri: str, *, tracking_uri: str | None = None, cache_dir: str | os.PathLike[str] | None = None
 ) -> Path:
-    """A local folder with the export that a registry URI names (downloaded once per version, then cached).
-
-    Raises ``ValueError`` naming the model and alias or version when the URI names nothing, listing what the
-    registry has instead, and when the downloaded weights do not match the checksum recorded at registration.
-    """
-    import mlflow.artifacts
-
-    mv = get_model_version(uri, tracking_uri=tracking_uri)
-    target = Path(cache_dir or default_cache_dir()).expanduser() / mv.name / f"v{mv.version}"
-    expected = mv.tags.get(TAG_WEIGHTS_SHA256)
-    if (target / META_FILE).is_file() and (target / WEIGHTS_FILE).is_file():
-        if expected is None or _sha256(target / WEIGHTS_FILE) == expected:
-            return target
-    import shutil
-    import tempfile
-
+    """A local folder with the export that a registry URI names: the storage core's weights resolver (fetched
+    once per version into the weights cache, checked against the sha256 recorded at registration)."""
     from metaformer_platform.tracking import resolve_tracking_uri
 
-    # Download beside the cache entry, check, then rename: a reader never sees a half-written version.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".v{mv.version}-", dir=target.parent))
-    try:
-        for name in (WEIGHTS_FILE, META_FILE):
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{mv.source.rstrip('/')}/{name}", dst_path=str(tmp),
-                tracking_uri=resolve_tracking_uri(tracking_uri),
-            )
-        if expected is not None and _sha256(tmp / WEIGHTS_FILE) != expected:
-            raise ValueError(
-                f"{uri} (v{mv.version}): the downloaded {WEIGHTS_FILE} does not match the sha256 recorded at "
-                f"registration ({expected}); the artifacts at {mv.source} were changed"
-            )
-        _read_export(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return weights.resolve(uri, tracking_uri=resolve_tracking_uri(tracking_uri), cache_dir=cache_dir)

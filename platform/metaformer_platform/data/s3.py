@@ -3,13 +3,13 @@
 `S3Storage` implements the `Storage` protocol for `s3://bucket/prefix` (registered with `register_scheme`
 when `metaformer_platform.data` is imported; boto3 itself is imported only when a client is first needed).
 
-* Endpoint and credentials come from boto3's standard chain (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID /
-  AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE, config files, instance roles).
+* Endpoint, region, credentials and retries come from the storage core's one resolver
+  (`metaformer_platform.storage.S3Settings`: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID / ..., AWS_PROFILE, roles),
+  the same settings Ray Train's checkpoint filesystem is built from.
 * The client is created on first use in each process: DataLoader workers fork, and a boto3 client (its
   connection pool) must not be shared across a fork. Pickling drops it, so Ray tasks and spawned workers
   build their own.
-* Requests are retried by botocore (`{"mode": "standard", "max_attempts": 8}`, or AWS_RETRY_MODE /
-  AWS_MAX_ATTEMPTS). A stream that breaks mid-read is re-opened at the byte where it broke (a ranged GET
+* Requests are retried by botocore (standard mode, 8 attempts, or AWS_RETRY_MODE / AWS_MAX_ATTEMPTS). A stream that breaks mid-read is re-opened at the byte where it broke (a ranged GET
   pinned to the object's ETag, so a replaced object fails instead of splicing two versions), with backoff.
 * Errors a user can fix (missing bucket, refused credentials, no credentials, unreachable endpoint) are
   raised as `S3AccessError` (a ValueError) that names the URL and the environment variables to check.
@@ -28,6 +28,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from metaformer_platform.storage.files import S3AccessError, no_bucket, s3_refusal
+from metaformer_platform.storage.location import Location
+from metaformer_platform.storage.settings import AWS_ENV_VARS, S3Settings, aws_env
+
 from .storage import register_scheme
 
 __all__ = [
@@ -41,44 +45,10 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-CREDENTIAL_VARS = (
-    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN or AWS_PROFILE if you use them)"
-)
-_CREDENTIAL_CODES = {
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "InvalidToken",
-    "ExpiredToken",
-    "TokenRefreshRequired",
-    "AccessDenied",
-    "AuthorizationHeaderMalformed",
-    "403",
-    "Forbidden",
-}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 READ_BUFFER = 8 << 20  # tar parsing reads 10 KiB at a time: read the socket in large requests instead
 MULTIPART_CHUNK = 64 << 20
 SHA256_METADATA = "sha256"  # x-amz-meta-sha256, set on every object the builder uploads
-
-
-AWS_ENV_VARS = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_PROFILE",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_RETRY_MODE",
-    "AWS_MAX_ATTEMPTS",
-)
-
-
-def aws_env() -> dict[str, str]:
-    """The S3 settings of this process's environment, for processes that do not inherit it (Ray workers
-    of a cluster started earlier) so that they reach the storage the driver checked."""
-    return {name: os.environ[name] for name in AWS_ENV_VARS if name in os.environ}
 
 
 def _error_code(err: BaseException) -> str:
@@ -86,49 +56,17 @@ def _error_code(err: BaseException) -> str:
     return str(response.get("Error", {}).get("Code", ""))
 
 
-class S3AccessError(ValueError):
-    """The S3 request was refused for a reason the user has to fix (bucket, credentials, endpoint)."""
-
-
 def parse_s3_url(url: str) -> tuple[str, str]:
     """(bucket, prefix) of `s3://bucket/prefix/`; the prefix has no leading or trailing slash."""
     if not url.lower().startswith("s3://"):
         raise ValueError(f"{url!r} is not an s3:// URL")
-    bucket, _, prefix = url[5:].partition("/")
-    if not bucket:
-        raise ValueError(f"S3 URL {url!r} names no bucket; write s3://bucket/prefix")
-    return bucket, prefix.strip("/")
-
-
-def _endpoint() -> str:
-    return (
-        os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-        or "AWS's default endpoint"
-    )
-
-
-def _retry_config() -> dict[str, Any]:
-    return {
-        "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
-        "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "8")),
-    }
+    loc = Location.parse(url)
+    return str(loc.bucket), loc.key
 
 
 def default_client() -> Any:
-    """A boto3 S3 client from the standard chain, with retries and timeouts suited to streaming shards."""
-    import boto3
-    from botocore.config import Config
-
-    config = Config(
-        retries=_retry_config(),  # type: ignore[arg-type]
-        connect_timeout=10,
-        read_timeout=60,
-        max_pool_connections=32,
-        # The region only names the signing scope for S3-compatible servers; AWS itself redirects.
-        region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-    )
-    return boto3.session.Session().client("s3", config=config)
+    """A boto3 S3 client from the one S3 settings resolver, with timeouts suited to streaming shards."""
+    return S3Settings.from_env().boto3_client(connect_timeout=10, read_timeout=60, max_pool_connections=32)
 
 
 def _transient_stream_errors() -> tuple[type[BaseException], ...]:
@@ -301,35 +239,10 @@ class S3Storage:
 
     def _refusal(self, err: BaseException, what: str) -> BaseException:
         """A user-facing error for `err`, or `err` itself when it is not one the user can fix."""
-        from botocore import exceptions as be
-
-        if isinstance(err, be.NoCredentialsError | be.PartialCredentialsError):
-            return S3AccessError(
-                f"{what}: no usable S3 credentials were found ({err}); set {CREDENTIAL_VARS} "
-                f"for the endpoint {_endpoint()} (AWS_ENDPOINT_URL)"
-            )
-        if isinstance(err, be.EndpointConnectionError):
-            return S3AccessError(
-                f"{what}: cannot reach the S3 endpoint {_endpoint()} ({err}); check AWS_ENDPOINT_URL and that "
-                "the server is running"
-            )
-        if isinstance(err, be.ClientError):
-            code = str(err.response.get("Error", {}).get("Code", ""))
-            if code in _CREDENTIAL_CODES:
-                return S3AccessError(
-                    f"{what}: the S3 server at {_endpoint()} refused the credentials ({code}: "
-                    f"{err.response.get('Error', {}).get('Message', '')}); check {CREDENTIAL_VARS} and "
-                    "AWS_ENDPOINT_URL, and that this key may read the bucket"
-                )
-            if code == "NoSuchBucket":
-                return self._no_bucket(what)
-        return err
+        return s3_refusal(err, what, self.bucket)
 
     def _no_bucket(self, what: str) -> S3AccessError:
-        return S3AccessError(
-            f"{what}: bucket {self.bucket!r} does not exist at {_endpoint()}; create it "
-            f"(e.g. `aws s3 mb s3://{self.bucket}`) or fix the bucket in the URL / AWS_ENDPOINT_URL"
-        )
+        return no_bucket(self.bucket, what)
 
     def _check_bucket(self) -> None:
         """Once per process: the bucket exists and the credentials are accepted (HEAD has no error body)."""

@@ -13,7 +13,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Protocol
-from urllib.parse import unquote, urlparse
+
+from metaformer_platform.storage.location import Location
 
 __all__ = ["LocalStorage", "Storage", "WritableStorage", "open_storage", "register_scheme", "split_url"]
 
@@ -115,13 +116,7 @@ class LocalStorage:
 
 
 def _local_from_url(url: str) -> LocalStorage:
-    parsed = urlparse(url)
-    if parsed.netloc not in ("", "localhost"):
-        raise ValueError(
-            f"file URL {url!r} names host {parsed.netloc!r}: only local files are supported; "
-            "write file:///absolute/path (three slashes) or a plain path"
-        )
-    return LocalStorage(unquote(parsed.path), url=url)
+    return LocalStorage(Location.parse(url).path, url=url)  # the storage core refuses file://HOST/...
 
 
 _SCHEMES: dict[str, Callable[[str], Storage]] = {"file": _local_from_url}

@@ -81,7 +81,8 @@ def parse_command(argv: Sequence[str] | None, default_pipeline: Path | None = No
 
 
 def main(argv: Sequence[str] | None = None, default_pipeline: Path | None = None) -> int:
-    """The pipelines' command line; exit status 0 (all members ok), 1 (a member failed), 2 (bad pipeline)."""
+    """The pipelines' command line; exit status 0 (all members ok, or a dry run: the plan names what is wrong per
+    member, e.g. unreachable data or storage), 1 (a member failed), 2 (bad pipeline)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_command(argv, default_pipeline)
     try:
@@ -91,4 +92,6 @@ def main(argv: Sequence[str] | None = None, default_pipeline: Path | None = None
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     sys.stdout.flush()
+    if result.dry_run:
+        return 0
     return 1 if result.failed or any(m.error for m in result.members) else 0

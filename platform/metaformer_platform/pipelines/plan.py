@@ -57,10 +57,9 @@ class StagePlan:
 
     @property
     def run_dir(self) -> str:
-        storage = self.cfg.run.storage_path
-        if "://" in storage and not storage.startswith("file://"):
-            return f"{storage.rstrip('/')}/{self.run_name}"
-        return str(Path(storage.removeprefix("file://")).expanduser().resolve() / str(self.run_name))
+        from metaformer_platform.storage import Location
+
+        return Location.parse(self.cfg.run.storage_path).join(str(self.run_name)).uri
 
 
 @dataclass
@@ -154,8 +153,8 @@ def expand(spec: PipelineSpec, base_dir: Path, extra_overrides: list[str] | None
 def data_hash(cfg: JobConfig) -> tuple[str, int | None]:
     """sha256 of the data's ``_info.json`` (which lists every shard's sha256), the data set's identity, and its
     number of classes."""
+    from metaformer_platform.checks import check_data, resolve_data_root
     from metaformer_platform.data import INFO_NAME, load_manifest
-    from metaformer_platform.launch import check_data, resolve_data_root
 
     root = resolve_data_root(cfg)
     manifest = load_manifest(root)
@@ -183,18 +182,28 @@ def check_input(stage: StagePlan, tracking_uri: str | None) -> str:
                 f"{stage.member}"
             )
         return f"{mv.name}/v{mv.version}:{mv.tags.get(registry.TAG_WEIGHTS_SHA256, '')}"
-    folder = Path(source.removeprefix("file://")).expanduser()
-    if not folder.exists():
-        raise ValueError(f"{where}: the input checkpoint does not exist; run the stage that writes it, or fix the path")
-    from metaformer_platform.launch import check_init_from
+    from metaformer_platform import storage
+    from metaformer_platform.checks import check_init_from
 
+    loc = storage.check_access(source, what=where)
+    if not storage.exists(loc):
+        raise ValueError(f"{where}: the input checkpoint does not exist; run the stage that writes it, or fix the path")
     probe = stage.cfg.model_copy(deep=True)
-    probe.model.init_from = str(folder)
+    probe.model.init_from = loc.uri
     try:
-        check_init_from(probe)  # an export or complete checkpoint, of this architecture
+        folder = storage.weights.resolve(loc.uri)  # a remote checkpoint is fetched once, into the weights cache
+        check_init_from(probe, folder)  # an export or complete checkpoint, of this architecture
     except ValueError as err:
         raise ValueError(f"stage {stage.name!r}: {err}") from None
-    return str(folder.resolve())
+    return loc.uri
+
+
+def check_run_storage(storage_path: str) -> None:
+    """``run.storage_path`` is reachable (an s3:// bucket that exists, with accepted keys): a ValueError naming
+    it and the fix otherwise. Nothing is written (the job itself probes writing before its workers start)."""
+    from metaformer_platform import storage
+
+    storage.check_access(storage_path, what=f"run.storage_path={storage_path!r}")
 
 
 def resolve(spec: PipelineSpec, plans: list[MemberPlan], tracking_uri: str | None = None) -> None:
@@ -206,6 +215,7 @@ def resolve(spec: PipelineSpec, plans: list[MemberPlan], tracking_uri: str | Non
         for stage in plan.stages:
             try:
                 stage.data_hash, classes = data_hash(stage.cfg)  # each stage's own checks (its batch size...)
+                check_run_storage(stage.cfg.run.storage_path)
                 stage.num_classes = stage.cfg.model.num_classes or classes
                 if stage.upstream is not None:
                     stage.input_id = f"stage:{keys[stage.upstream]}"

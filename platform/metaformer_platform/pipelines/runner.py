@@ -15,13 +15,12 @@
 from __future__ import annotations
 
 import logging
-import re
 import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
 from metaformer_platform.pipelines.plan import MemberPlan, StagePlan, digest, pipeline_key, stable_config
@@ -98,9 +97,16 @@ class PipelineResult:
 
 
 def _complete_checkpoint(path: str | None) -> bool:
-    from metaformer_platform.training import checkpoint as ckpt
+    """The stage's recorded output is still a complete checkpoint where it was written (local or s3://)."""
+    from metaformer_platform import storage
 
-    return bool(path) and ckpt.is_complete(Path(str(path)))
+    return bool(path) and storage.is_complete(str(path))
+
+
+def _name(location: str | None) -> str:
+    from metaformer_platform.storage import Location
+
+    return Location.parse(location).name if location else ""
 
 
 def find_completed(client: Any, experiment_id: str | None, stage: StagePlan) -> Any | None:
@@ -121,25 +127,27 @@ def find_completed(client: Any, experiment_id: str | None, stage: StagePlan) -> 
     return None
 
 
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # ray.train.v2 constants: CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
-_CHECKPOINT_NAME = re.compile(r"checkpoint-\d{8}")
-
-
 def resumable_checkpoint(run_dir: str) -> str | None:
     """The checkpoint Ray Train resumes a stage's run from when started again under its name, or None.
 
-    Ray resumes from the checkpoints its controller registered (listed in the run's snapshot file): a complete
-    folder it had not registered yet when the driver died is not resumed from.
+    Ray resumes from the checkpoints its controller registered: its own ``Result.from_path`` reads them from the
+    run folder (local or s3://, through the storage core's filesystem); the latest one counts when complete.
     """
-    from metaformer_platform.training import checkpoint as ckpt
+    from metaformer_platform import storage
 
-    folder = Path(run_dir)
-    snapshot = folder / RAY_SNAPSHOT
-    if "://" in run_dir or not snapshot.is_file():
+    loc = storage.Location.parse(run_dir)
+    if not storage.exists(loc):
         return None
-    names = set(_CHECKPOINT_NAME.findall(snapshot.read_text(errors="replace")))
-    complete = sorted(n for n in names if ckpt.is_complete(folder / n))
-    return str(folder / complete[-1]) if complete else None
+    import ray.train
+
+    try:
+        result = ray.train.Result.from_path(loc.fs_path, storage_filesystem=loc.filesystem())
+    except RuntimeError:  # a run folder without Ray's snapshot (no checkpoint was ever registered)
+        return None
+    if result.checkpoint is None:
+        return None
+    latest = loc.join(PurePosixPath(result.checkpoint.path).name)
+    return latest.uri if storage.is_complete(latest) else None
 
 
 def _experiment_id(client: Any, name: str, create: bool) -> str | None:
@@ -183,7 +191,7 @@ class PipelineRunner:
                 if done is not None:
                     action, detail = "skip", f"done: MLflow run {done.info.run_id}"
                 elif resumable_checkpoint(stage.run_dir):
-                    action, detail = "resume", f"from {Path(str(resumable_checkpoint(stage.run_dir))).name}"
+                    action, detail = "resume", f"from {_name(resumable_checkpoint(stage.run_dir))}"
                 else:
                     action, detail = "run", ""
                 member.stages.append(StageOutcome(plan.model, stage.name, action, stage.run_name, detail=detail))
@@ -324,7 +332,7 @@ class PipelineRunner:
         action = "resume" if previous else "run"
         stage.cfg.tracking.tags = {**stage.cfg.tracking.tags, **self._stage_tags(stage, parent)}
         self.say(f"[{plan.model}] {stage.name}: starting {stage.run_name}"
-                 + (f" (continues {Path(previous).name})" if previous else ""))
+                 + (f" (continues {_name(previous)})" if previous else ""))
         result = run_job(stage.cfg)
         run_id = result.mlflow_run_id
         metrics = dict(result.metrics)
@@ -335,7 +343,7 @@ class PipelineRunner:
         else:
             self._record_evaluation(run_id, stage, result)
             metrics = {**metrics, **{k: v for k, v in self.client.get_run(run_id).data.metrics.items() if k not in metrics}}
-        detail = f"(continued from {Path(previous).name})" if previous else ""
+        detail = f"(continued from {_name(previous)})" if previous else ""
         return StageOutcome(plan.model, stage.name, action, stage.run_name, run_id, result.checkpoint_path, metrics, detail)
 
     def _record_evaluation(self, run_id: str, stage: StagePlan, result: Any) -> None:

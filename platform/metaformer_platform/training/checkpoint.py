@@ -12,7 +12,6 @@ marker is there and every file it lists has the listed size; anything else is ne
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -24,8 +23,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-COMPLETE_MARKER = "COMPLETE"
-TRAINER_FILE = "trainer.pt"
+from metaformer_platform import storage
+
+# The marker's name and the completeness rule live in the storage core (one rule, local and S3); re-exported.
+from metaformer_platform.storage.completeness import COMPLETE_MARKER, missing_files  # noqa: F401
+from metaformer_platform.storage.weights import CHECKPOINT_STATE
+
+TRAINER_FILE = CHECKPOINT_STATE  # the weights resolver tells checkpoints by it
 CONFIG_FILE = "config.yaml"
 EMA_FILE = "ema.pt"  # the EMA's full fp32 weights (timm names), written by rank 0 for every strategy
 CHECKPOINT_DIR = re.compile(r"checkpoint-(\d{8})")  # the names the Trainer reports: checkpoint-NNNNNNNN
@@ -72,42 +76,19 @@ def list_files(directory: Path) -> dict[str, int]:
 
 def mark_complete(directory: Path, parts: Iterable[Mapping[str, int]] | None = None) -> None:
     """Write the marker listing ``parts`` (each rank's ``list_files``; default: this folder's own files)."""
-    files: dict[str, int | None] = {}
-    for part in parts if parts is not None else [list_files(directory)]:
-        for name, size in part.items():
-            # two ranks writing one name: whichever upload lands last wins, so only its presence is certain
-            files[name] = size if files.get(name, size) == size else None
-    text = json.dumps({"files": dict(sorted(files.items()))}, indent=0)
-    tmp = directory / f".{COMPLETE_MARKER}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, directory / COMPLETE_MARKER)
+    text = storage.marker_text(parts if parts is not None else [list_files(directory)])
+    with storage.atomic_write(directory / COMPLETE_MARKER, "w") as out:
+        out.write(text)
 
 
-def missing_files(marker_text: str, present: Mapping[str, int]) -> list[str]:
-    """Files the marker lists that are absent from ``present`` or of another size (``name (size)``)."""
-    try:
-        listed = json.loads(marker_text)["files"]
-    except (ValueError, KeyError, TypeError):
-        return [f"{COMPLETE_MARKER} (unreadable)"]
-    return [
-        name if name not in present else f"{name} ({present[name]} of {size} bytes)"
-        for name, size in sorted(listed.items())
-        if name not in present or (size is not None and present[name] != size)
-    ]
+def incomplete_reason(directory: str | Path) -> str | None:
+    """Why ``directory`` (a local folder or s3:// URI) is not a complete checkpoint (None when it is)."""
+    return storage.incomplete_reason(directory)
 
 
-def incomplete_reason(directory: Path) -> str | None:
-    """Why ``directory`` is not a complete checkpoint (None when it is)."""
-    marker = directory / COMPLETE_MARKER
-    if not marker.is_file():
-        return f"no {COMPLETE_MARKER} marker"
-    missing = missing_files(marker.read_text(), list_files(directory))
-    return f"{COMPLETE_MARKER} lists files that are missing or short: {', '.join(missing[:5])}" if missing else None
-
-
-def is_complete(directory: Path) -> bool:
-    """The marker is there and every file it lists is there with its size."""
-    return incomplete_reason(directory) is None
+def is_complete(directory: str | Path) -> bool:
+    """The marker is there and every file it lists is there with its size (local or s3://)."""
+    return storage.is_complete(directory)
 
 
 # -- run folders: what Ray registered vs. what is on storage -------------------------------------------
@@ -147,28 +128,11 @@ def plan_recovery(complete: Mapping[str, bool], registered: Iterable[str], lates
     return Recovery(resume=adopt or latest, adopt=adopt is not None, remove=remove)
 
 
-def _fs_listing(fs: pyarrow.fs.FileSystem, path: str) -> dict[str, int]:
-    import pyarrow.fs as pafs
-
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    prefix = path.rstrip("/") + "/"
-    return {
-        info.path.removeprefix(prefix): info.size
-        for info in infos
-        if info.type == pafs.FileType.File and info.base_name != COMPLETE_MARKER
-    }
-
-
 def is_complete_on(fs: pyarrow.fs.FileSystem, path: str) -> bool:
-    """``is_complete`` for a folder on any pyarrow filesystem (the one Ray stores checkpoints on)."""
+    """``is_complete`` for a folder on the pyarrow filesystem Ray stores checkpoints on."""
     import pyarrow.fs as pafs
 
-    marker = f"{path}/{COMPLETE_MARKER}"
-    if fs.get_file_info(marker).type != pafs.FileType.File:
-        return False
-    with fs.open_input_stream(marker) as stream:
-        text = stream.read().decode()
-    return not missing_files(text, _fs_listing(fs, path))
+    return is_complete(f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path)
 
 
 def recover_run_folder(

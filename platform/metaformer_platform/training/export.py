@@ -18,18 +18,20 @@ from typing import Any
 import torch
 import yaml
 
+from metaformer_platform.storage import Location
+from metaformer_platform.storage.weights import EXPORT_META as META_FILE  # the two files of an export: the
+from metaformer_platform.storage.weights import (
+    EXPORT_WEIGHTS as WEIGHTS_FILE,  # resolver tells exports by them
+)
 from metaformer_platform.training import checkpoint as ckpt
-
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "model.json"
 
 
 @dataclass(frozen=True)
 class Export:
     """Where an export was written and what it holds."""
 
-    weights: Path
-    meta: Path
+    weights: Path | str  # a local path, or the s3:// URI the export was uploaded to
+    meta: Path | str
     model_name: str
     num_classes: int
     num_tensors: int
@@ -65,16 +67,26 @@ def export_checkpoint(
 
     ``ema=True`` exports the checkpoint's EMA weights instead of the trained ones. Raises ``ValueError`` for
     a folder that is not a complete checkpoint, weights that do not match the model named in it, an EMA
-    asked of a checkpoint without one, or an existing export in ``out_dir`` (unless ``overwrite``).
+    asked of a checkpoint without one, or an existing export in ``out_dir`` (unless ``overwrite``). ``out_dir``
+    may be on s3:// too (written locally, then uploaded: the metadata file last).
     """
-    from metaformer_platform.training.storage import is_remote, local_copy
+    import tempfile
 
-    out = Path(out_dir).expanduser().resolve()
-    if not overwrite and ((out / WEIGHTS_FILE).exists() or (out / META_FILE).exists()):
-        raise ValueError(f"{str(out)!r} already holds an export; choose another folder or pass overwrite=True")
-    with local_copy(directory) as src:
-        source = str(directory) if is_remote(directory) else str(src)
-        return _export(src, out, ema=ema, source=source)
+    from metaformer_platform import storage
+
+    target = storage.check_access(out_dir, what=f"export destination {str(out_dir)!r}")
+    if not overwrite and (storage.exists(target.join(WEIGHTS_FILE)) or storage.exists(target.join(META_FILE))):
+        raise ValueError(f"{target.uri!r} already holds an export; choose another folder or pass overwrite=True")
+    source = Location.parse(directory)
+    src = source.path if not source.remote else storage.weights.resolve(source.uri)  # fetched once, cached
+    if not target.remote:
+        return _export(src, target.path, ema=ema, source=source.uri if source.remote else str(src))
+    with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+        done = _export(src, Path(tmp), ema=ema, source=source.uri)
+        for name in (WEIGHTS_FILE, META_FILE):  # model.json last: a reader that sees it sees the weights
+            storage.write_bytes(target.join(name), (Path(tmp) / name).read_bytes())
+    return Export(target.join(WEIGHTS_FILE).uri, target.join(META_FILE).uri, done.model_name,
+                  done.num_classes, done.num_tensors)
 
 
 def _export(src: Path, out: Path, *, ema: bool, source: str) -> Export:
@@ -151,13 +163,11 @@ def load_export(out_dir: str | os.PathLike[str]) -> torch.nn.Module:
 
 def read_weights(source: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], str]:
     """Full fp32 weights and the model name from an export folder or a checkpoint folder of any strategy
-    (local, or s3:// downloaded to a temporary folder)."""
-    from metaformer_platform.training.storage import is_remote, local_copy
+    (local, or s3:// fetched once into the weights cache)."""
+    from metaformer_platform.storage.weights import resolve
 
-    if is_remote(source):
-        with local_copy(source) as folder:
-            return _read_weights(folder)
-    return _read_weights(Path(source).expanduser().resolve())
+    loc = Location.parse(source)
+    return _read_weights(resolve(loc.uri) if loc.remote else loc.path)
 
 
 def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:

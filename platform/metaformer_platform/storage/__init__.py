@@ -1,0 +1,60 @@
+"""The storage core: locations, S3 settings, files (list/read/write/delete/download), completeness, weights.
+
+Every layer above (data, training, evaluation, registry, launch, pipelines) reaches local folders and object
+storage through this package; it imports nothing of the platform above it (the weights resolver's
+``models:/`` lookup talks to MLflow directly, lazily).
+"""
+
+from metaformer_platform.storage import weights  # the resolver: storage.weights.resolve
+from metaformer_platform.storage.completeness import (
+    COMPLETE_MARKER,
+    file_sha256,
+    incomplete_reason,
+    is_complete,
+    marker_text,
+    missing_files,
+)
+from metaformer_platform.storage.files import (
+    S3AccessError,
+    atomic_write,
+    check_access,
+    check_writable,
+    delete,
+    download,
+    exists,
+    list_files,
+    local_folder,
+    read_bytes,
+    s3_refusal,
+    safe_member,
+    write_bytes,
+)
+from metaformer_platform.storage.location import Location
+from metaformer_platform.storage.settings import AWS_ENV_VARS, S3Settings, aws_env
+
+__all__ = [
+    "AWS_ENV_VARS",
+    "COMPLETE_MARKER",
+    "Location",
+    "S3AccessError",
+    "S3Settings",
+    "atomic_write",
+    "aws_env",
+    "check_access",
+    "check_writable",
+    "delete",
+    "download",
+    "exists",
+    "file_sha256",
+    "incomplete_reason",
+    "is_complete",
+    "list_files",
+    "local_folder",
+    "marker_text",
+    "missing_files",
+    "read_bytes",
+    "s3_refusal",
+    "weights",
+    "safe_member",
+    "write_bytes",
+]

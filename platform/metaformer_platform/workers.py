@@ -1,0 +1,201 @@
+"""What runs inside the Ray Train workers: the training worker and the evaluation worker, and their glue
+(this rank's place in the group, the checkpoint reporter, recovery of checkpoints Ray never registered).
+
+The driver side (checks, job assembly) is in ``checks.py`` and ``launch.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from metaformer_platform.checks import resolve_data_root
+from metaformer_platform.config import JobConfig
+from metaformer_platform.storage import Location
+
+log = logging.getLogger("metaformer_platform.launch")
+
+
+def _with_local_init_from(cfg: JobConfig, payload: dict[str, Any]) -> JobConfig:
+    """In a worker: ``model.init_from`` becomes the driver's local copy when this node sees it, else this node's
+    own fetch through the weights resolver (the driver may run on another machine)."""
+    from metaformer_platform.storage.weights import resolve
+
+    source = cfg.model.init_from
+    if source is None:
+        return cfg
+    driver_copy = payload.get("init_from_local")
+    local = (Path(driver_copy) if driver_copy and Path(driver_copy).exists()
+             else resolve(source, tracking_uri=payload["registry_uri"]))
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": str(local)})})
+
+
+def checkpoint_reporter(
+    cfg: JobConfig, dist: Any, flush: Callable[[], None] | None = None
+) -> Callable[[dict[str, float], Path | None], bool]:
+    """The Trainer's ``report`` inside a Ray Train worker: ``ray.train.report`` with this rank's checkpoint
+    part, uploaded (asynchronously unless ``run.checkpoint_upload=sync``) so that COMPLETE lands last.
+    ``flush`` runs before a checkpoint is reported: the metrics up to it are stored before anything can
+    resume from it."""
+    import ray.train
+
+    def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        from metaformer_platform.training.storage import upload_checkpoint_part
+
+        storage = ray.train.get_context().get_storage()
+        dest = storage.build_checkpoint_path_from_name(dir_name)
+        upload_checkpoint_part(Path(checkpoint.path), storage.storage_filesystem, dest,
+                               rank=dist.rank, world_size=dist.world_size)
+        return ray.train.Checkpoint(path=dest, filesystem=storage.storage_filesystem)
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> bool:
+        name = f"checkpoint-{int(metrics['step']):08d}"
+        if checkpoint_dir is None:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            return False
+        if flush is not None:
+            flush()
+        async_upload = cfg.run.checkpoint_upload == "async"
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
+            checkpoint_dir_name=name,
+            # async: training goes on while a Ray thread uploads; Ray deletes the scratch folder only once
+            # its upload has finished (and it registers the checkpoint only once every rank's has)
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC if async_upload
+            else ray.train.CheckpointUploadMode.SYNC,
+            delete_local_checkpoint_after_upload=True,
+            checkpoint_upload_fn=upload,
+        )
+        return True  # Ray owns the scratch folder now
+
+    return report
+
+
+def _dist_context() -> Any:
+    """Where this Ray Train worker sits. The data split is by global rank; node and local rank say where it runs."""
+    import ray.train
+    import ray.train.torch
+
+    from metaformer_platform.strategies.base import DistContext
+
+    ctx = ray.train.get_context()
+    return DistContext(
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        local_rank=ctx.get_local_rank(),
+        node_rank=ctx.get_node_rank(),
+        device=ray.train.torch.get_device(),
+    )
+
+
+def _recover_checkpoint(dist: Any) -> tuple[Any, bool]:
+    """The checkpoint to resume from, and whether Ray has yet to register it.
+
+    ``ray.train.report`` uploads a checkpoint into the run folder and then only queues the report in the
+    worker's memory; the controller collects it at its next poll (every 2 s) and registers the checkpoint
+    once every rank's report of that round has arrived. A worker killed in between (SIGKILL, OOM, a lost
+    node) takes the report with it: Ray hands the restarted group its previous checkpoint and never
+    prunes the newer folder. (A worker that raises stays alive long enough to be polled, so its last
+    report is registered.) Rank 0 therefore resumes from the newest complete folder in the run folder
+    when it is newer than Ray's, registers it, and deletes the unregistered rest (partial uploads, older
+    leftovers), so that every rank resumes from the same checkpoint.
+    """
+    import ray.train
+    import torch.distributed as tdist
+
+    from metaformer_platform.training import checkpoint as ckpt
+
+    latest = ray.train.get_checkpoint()
+    storage = ray.train.get_context().get_storage()  # the filesystem and run folder Ray itself writes to
+    plans: list[Any] = [None]
+    if dist.is_main:
+        reported = ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        plans[0] = ckpt.recover_run_folder(
+            storage.storage_filesystem,
+            storage.experiment_fs_path,
+            registered=[Path(c.checkpoint.path).name for c in reported],
+            latest=Path(latest.path).name if latest else None,
+        )
+        if plans[0].remove:
+            log.warning("removed checkpoint folders Ray never registered: %s", ", ".join(plans[0].remove))
+    if dist.distributed:
+        tdist.broadcast_object_list(plans, src=0)
+    plan = plans[0]
+    if not plan.adopt:
+        return latest, False
+    if dist.is_main:
+        log.warning(
+            "resuming from %s, newer than the %s Ray handed over: its report was lost with the worker that made it",
+            plan.resume, Path(latest.path).name if latest else "nothing",
+        )
+    path = f"{storage.experiment_fs_path}/{plan.resume}"
+    return ray.train.Checkpoint(path=path, filesystem=storage.storage_filesystem), True
+
+
+def _train_worker(payload: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker: builds the Trainer (resuming from the newest complete checkpoint) and trains."""
+    import ray.train
+
+    from metaformer_platform.training.trainer import NullTracker, Trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = _with_local_init_from(JobConfig.model_validate(payload["config"]), payload)
+    dist = _dist_context()
+    log.info("rank %d of %d on node %d (local rank %d), pid %d", dist.rank, dist.world_size, dist.node_rank,
+             dist.local_rank, os.getpid())
+    tracker: Any = NullTracker()
+    if dist.is_main and payload.get("run_id"):
+        from metaformer_platform.tracking import MlflowTracker
+
+        tracker = MlflowTracker(payload["tracking_uri"], payload["run_id"], system_metrics=cfg.tracking.system_metrics)
+
+    report = checkpoint_reporter(cfg, dist, flush=getattr(tracker, "flush", None))
+
+    data_root = resolve_data_root(cfg)  # a cache hit on the driver's node; generated alike elsewhere
+    checkpoint, adopted = _recover_checkpoint(dist)
+    if checkpoint is None and payload.get("resume_from"):
+        # A new run that continues another run's checkpoint; once it has its own, Ray hands those.
+        loc = Location.parse(payload["resume_from"])
+        checkpoint = ray.train.Checkpoint(path=loc.fs_path, filesystem=loc.filesystem())
+    try:
+        with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
+            trainer = Trainer(
+                cfg,
+                dist,
+                data_root=data_root,
+                tracker=tracker,
+                report=report,
+                resume_from=Path(resume_dir) if resume_dir else None,
+            )
+        if checkpoint is not None:
+            tracker.log_metrics({"run/resumed_from_step": float(trainer.step)}, step=trainer.step)
+        if adopted:
+            # Registered without copying: Ray then hands it on the next restart and prunes it in turn.
+            ray.train.report(
+                {"step": float(trainer.step)},
+                checkpoint=checkpoint if dist.is_main else None,
+                checkpoint_dir_name=Path(checkpoint.path).name,
+                checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+            )
+        trainer.train()
+    finally:
+        if hasattr(tracker, "close"):
+            tracker.close()
+
+
+def _eval_worker(payload: dict[str, Any]) -> dict[str, Any]:
+    """Runs in every Ray Train worker: scores its share of the validation split and returns the sums over all
+    ranks (Ray hands rank 0's return value to the driver as ``Result.return_value``)."""
+    from metaformer_platform.evaluation import evaluate_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = JobConfig.model_validate(payload["config"])
+    dist = _dist_context()
+    weights = Path(_with_local_init_from(cfg, payload).model.init_from)  # type: ignore[arg-type]
+    data_root = resolve_data_root(cfg)
+    return evaluate_worker(cfg, dist, data_root, weights).to_dict()
