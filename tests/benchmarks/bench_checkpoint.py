@@ -67,10 +67,12 @@ def _full_state_checkpoint(args: argparse.Namespace, folder: Path) -> int:
 def upload_rates(args: argparse.Namespace, bucket: str) -> tuple[int, dict[str, float]]:
     import boto3
 
-    from metaformer_platform.training.storage import filesystem_and_path, upload_checkpoint_part
+    from metaformer_platform.storage import Location
+    from metaformer_platform.training.storage import upload_checkpoint_part
 
     s3 = boto3.client("s3")
-    fs, root = filesystem_and_path(f"s3://{bucket}/upload")
+    upload = Location.parse(f"s3://{bucket}/upload")
+    fs, root = upload.filesystem(), upload.fs_path
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
         folder = Path(tmp) / "checkpoint"
         total = _full_state_checkpoint(args, folder)
@@ -131,14 +133,14 @@ def stall(args: argparse.Namespace, storage: str, mode: str) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from metaformer_platform.data.s3 import aws_env
-    from metaformer_platform.training.storage import filesystem_and_path, is_remote
+    from metaformer_platform.storage import Location, aws_env
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.cloudpickle.register_pickle_by_value(sys.modules["common"])
     cfg = _config(args, f"run.checkpoint_upload={mode}")
     out = Path(tempfile.mkdtemp()) / "stall.json"
-    fs, path = filesystem_and_path(storage) if is_remote(storage) else (None, storage)
+    where = Location.parse(storage)
+    fs, path = (where.filesystem(), where.fs_path) if where.remote else (None, storage)
     TorchTrainer(
         _stall_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "out": str(out)},

@@ -100,7 +100,7 @@ def test_evaluate_checkpoint_and_registered_export_match_trainer_validation(pret
     assert report["weights_kind"] == "checkpoint" and report["weights_step"] == 40
 
     # the export, registered and promoted, evaluated through its models:/ URI (another batch size)
-    monkeypatch.setenv("METAFORMER_MODEL_CACHE", str(tmp / "model-cache"))
+    monkeypatch.setenv("METAFORMER_WEIGHTS_CACHE", str(tmp / "model-cache"))
     export_checkpoint(checkpoint, tmp / "export")
     version = registry.register_export(
         tmp / "export", "it_fe_debug", tracking_uri=mlflow_server, run_id=trained.mlflow_run_id,
@@ -138,8 +138,9 @@ def test_finetune_checkpoint_on_a_new_label_set_and_resolution_learns(pretrained
 
 def test_weights_on_s3_are_fetched_once_and_checked(pretrained, s3_server, monkeypatch, tmp_path):
     """model.init_from=s3://.../checkpoint-N (a run stored on S3) becomes a local copy before any worker starts."""
-    from metaformer_platform.evaluation import fetch_weights, read_weights_info
+    from metaformer_platform.evaluation import read_weights_info
     from metaformer_platform.launch import resolve_init_from
+    from metaformer_platform.storage.weights import resolve
 
     _, _, trained = pretrained
     for key, value in s3_server.env.items():
@@ -153,16 +154,16 @@ def test_weights_on_s3_are_fetched_once_and_checked(pretrained, s3_server, monke
     url = f"s3://{s3_server.bucket}/runs/ft/checkpoint-00000040"
     cfg = load_config(None, ["stage=finetune", "model.name=poolformer_debug", f"model.init_from={url}"])
     local = resolve_init_from(cfg)
-    assert local.parent == tmp_path / "weights"
+    assert local.parent == tmp_path / "weights" / "s3"
     assert sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file()) == [
         p.relative_to(checkpoint) for p in files
     ]
     assert all((local / p.relative_to(checkpoint)).read_bytes() == p.read_bytes() for p in files)
     assert read_weights_info(local).step == 40
     (local / "COMPLETE").unlink()  # a damaged cache entry is fetched again
-    assert fetch_weights(url) == local and (local / "COMPLETE").is_file()
+    assert resolve(url) == local and (local / "COMPLETE").is_file()
     # a prefix without a complete checkpoint or an export is refused before downloading anything
     client.delete_object(Bucket=s3_server.bucket, Key="runs/ft/checkpoint-00000040/COMPLETE")
     with pytest.raises(ValueError, match="neither an export .* nor a complete checkpoint"):
-        fetch_weights(url, tmp_path / "other")
+        resolve(url, cache_dir=tmp_path / "other")
     assert not (tmp_path / "other").exists()

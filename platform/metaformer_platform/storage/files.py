@@ -74,7 +74,7 @@ def s3_refusal(err: BaseException, what: str, bucket: str | None) -> BaseExcepti
                 f"{err.response.get('Error', {}).get('Message', '')}); check {CREDENTIAL_VARS} and "
                 "AWS_ENDPOINT_URL, and that this key may use the bucket"
             )
-        if code in ("NoSuchBucket", "404", "NotFound") and bucket is not None:
+        if code == "NoSuchBucket" and bucket is not None:  # (a bare 404 is a missing object, except on HeadBucket)
             return no_bucket(bucket, what)
     return err
 
@@ -100,6 +100,8 @@ def check_access(location: str | Location, *, what: str | None = None) -> Locati
         try:
             client.head_bucket(Bucket=loc.bucket)
         except (ClientError, BotoCoreError) as err:
+            if isinstance(err, ClientError) and str(err.response.get("Error", {}).get("Code")) in ("404", "NotFound"):
+                raise no_bucket(str(loc.bucket), what or loc.uri) from None
             mapped = s3_refusal(err, what or loc.uri, loc.bucket)
             if mapped is err:
                 raise ValueError(f"{what or loc.uri}: S3 refused the bucket check ({err})") from None
