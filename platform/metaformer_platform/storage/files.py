@@ -95,8 +95,7 @@ def check_access(location: str | Location, *, what: str | None = None) -> Locati
         from botocore.exceptions import BotoCoreError, ClientError
 
         settings = S3Settings.from_env()
-        client = settings.boto3_client(connect_timeout=5, read_timeout=10,
-                                       retries={"mode": settings.retry_mode, "max_attempts": 2})
+        client = settings.boto3_client(max_attempts=2, connect_timeout=5, read_timeout=10)
         try:
             client.head_bucket(Bucket=loc.bucket)
         except (ClientError, BotoCoreError) as err:

@@ -77,12 +77,14 @@ class S3Settings:
         """The endpoint for messages."""
         return self.endpoint or "AWS's default endpoint"
 
-    def boto3_client(self, **config: Any) -> Any:
-        """A boto3 S3 client with these settings; ``config`` adds botocore ``Config`` options (timeouts, pool)."""
+    def boto3_client(self, *, max_attempts: int | None = None, **config: Any) -> Any:
+        """A boto3 S3 client with these settings (``max_attempts`` lowers the attempts for a quick check);
+        ``config`` adds botocore ``Config`` options (timeouts, pool)."""
         import boto3
         from botocore.config import Config
 
-        retries: Any = {"mode": self.retry_mode, "max_attempts": self.max_attempts}
+        # AWS_MAX_ATTEMPTS counts the first try too: botocore's total_max_attempts (its max_attempts would not)
+        retries: Any = {"mode": self.retry_mode, "total_max_attempts": max_attempts or self.max_attempts}
         keys = {}
         if self.access_key:  # else boto3 walks its own chain (profiles, roles)
             keys = {"aws_access_key_id": self.access_key, "aws_secret_access_key": self.secret_key,
