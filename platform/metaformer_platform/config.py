@@ -123,6 +123,11 @@ class OptimConfig(_Section):
         return self.lr if self.lr is not None else self.base_lr * global_batch / 1024
 
 
+# The strategies' names (``strategies.STRATEGIES`` maps each to its class): the config names them without
+# importing the strategies package, which imports this module.
+STRATEGY_NAMES = ("ddp", "fsdp", "deepspeed")
+
+
 class StrategyConfig(_Section):
     """How the model is distributed. Keys prefixed by a strategy's name apply to that strategy only."""
 
@@ -157,10 +162,8 @@ class StrategyConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known_strategy(cls, name: str) -> str:
-        from metaformer_platform.strategies import STRATEGIES
-
-        if name not in STRATEGIES:
-            raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+        if name not in STRATEGY_NAMES:
+            raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGY_NAMES)}")
         return name
 
 

@@ -6,7 +6,8 @@ validation shards. The metric sums are accumulated per rank and reduced with one
 the split is counted exactly once across ranks (the loader spreads the split over ranks without padding);
 stand-ins for unreadable samples carry ``IGNORE_LABEL`` and are counted as skipped, not scored.
 
-No Ray or MLflow here: ``launch.py`` runs ``evaluate_worker`` inside the Ray Train workers and logs the report.
+No Ray or MLflow here, and nothing of the training loop: ``workers.evaluate_worker`` (the evaluate job's worker
+side) builds the model and loader with the Trainer's helpers and scores them with ``evaluate_loader``.
 """
 
 from __future__ import annotations
@@ -313,44 +314,6 @@ def prepare_evaluation(cfg: Any, weights_folder: Path | None, data_root: str | P
     batch_schedule(split.num_samples, world_size=cfg.scaling.num_workers, batch_size=cfg.trainer.batch_size,
                    drop_last=False)
     return cfg, weights, manifest
-
-
-# -- the evaluate job's worker side ---------------------------------------------------------------------
-
-
-def load_weights_model(cfg: Any, source: str | Path) -> nn.Module:
-    """The configured model with the weights in ``source`` (export or any strategy's checkpoint), loaded
-    strictly: an evaluation never runs with a freshly initialised layer."""
-    from metaformer_platform.training.export import read_weights
-    from metaformer_platform.training.trainer import build_model
-
-    weights, name = read_weights(source)
-    if name != cfg.model.name:
-        raise ValueError(f"{str(source)!r} holds {name}, not {cfg.model.name}")
-    model = build_model(cfg, cfg.model.num_classes)
-    model.load_state_dict(weights, strict=True)
-    return model
-
-
-def evaluate_worker(cfg: Any, dist: Any, data_root: str | Path, weights: str | Path) -> MetricSums:
-    """On one rank: load the weights, read this rank's share of ``cfg.data.val_split``, return the reduced sums."""
-    from metaformer_platform.training.trainer import build_split_loader
-
-    if cfg.trainer.torch_threads:
-        torch.set_num_threads(cfg.trainer.torch_threads)
-    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
-    model = load_weights_model(cfg, weights).to(dist.device).to(memory_format=memory_format)
-    loader = build_split_loader(cfg, data_root, dist, cfg.data.val_split, training=False)
-
-    def autocast() -> AbstractContextManager[Any]:
-        if cfg.trainer.precision == "bf16":
-            return torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
-    return evaluate_loader(
-        model, loader, num_classes=cfg.model.num_classes, device=dist.device, memory_format=memory_format,
-        autocast=autocast,
-    )
 
 
 def build_report(

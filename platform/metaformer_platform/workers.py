@@ -9,13 +9,18 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from metaformer_platform.checks import resolve_data_root
 from metaformer_platform.config import JobConfig
 from metaformer_platform.storage import Location
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from metaformer_platform.evaluation import MetricSums
 
 log = logging.getLogger("metaformer_platform.launch")
 
@@ -191,11 +196,47 @@ def _train_worker(payload: dict[str, Any]) -> None:
 def _eval_worker(payload: dict[str, Any]) -> dict[str, Any]:
     """Runs in every Ray Train worker: scores its share of the validation split and returns the sums over all
     ranks (Ray hands rank 0's return value to the driver as ``Result.return_value``)."""
-    from metaformer_platform.evaluation import evaluate_worker
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = JobConfig.model_validate(payload["config"])
     dist = _dist_context()
     weights = Path(_with_local_init_from(cfg, payload).model.init_from)  # type: ignore[arg-type]
     data_root = resolve_data_root(cfg)
     return evaluate_worker(cfg, dist, data_root, weights).to_dict()
+
+
+def load_weights_model(cfg: Any, source: str | Path) -> nn.Module:
+    """The configured model with the weights in ``source`` (export or any strategy's checkpoint), loaded
+    strictly: an evaluation never runs with a freshly initialised layer."""
+    from metaformer_platform.training.export import read_weights
+    from metaformer_platform.training.trainer import build_model
+
+    weights, name = read_weights(source)
+    if name != cfg.model.name:
+        raise ValueError(f"{str(source)!r} holds {name}, not {cfg.model.name}")
+    model = build_model(cfg, cfg.model.num_classes)
+    model.load_state_dict(weights, strict=True)
+    return model
+
+
+def evaluate_worker(cfg: Any, dist: Any, data_root: str | Path, weights: str | Path) -> MetricSums:
+    """On one rank: load the weights, read this rank's share of ``cfg.data.val_split``, return the reduced sums."""
+    import torch
+
+    from metaformer_platform.evaluation import evaluate_loader
+    from metaformer_platform.training.trainer import build_split_loader
+
+    if cfg.trainer.torch_threads:
+        torch.set_num_threads(cfg.trainer.torch_threads)
+    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    model = load_weights_model(cfg, weights).to(dist.device).to(memory_format=memory_format)
+    loader = build_split_loader(cfg, data_root, dist, cfg.data.val_split, training=False)
+
+    def autocast() -> AbstractContextManager[Any]:
+        if cfg.trainer.precision == "bf16":
+            return torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    return evaluate_loader(
+        model, loader, num_classes=cfg.model.num_classes, device=dist.device, memory_format=memory_format,
+        autocast=autocast,
+    )

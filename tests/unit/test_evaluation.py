@@ -21,7 +21,6 @@ from metaformer_platform.evaluation import (
     build_report,
     check_label_set,
     data_hash,
-    evaluate_worker,
     prepare_evaluation,
     read_weights_info,
     summary_line,
@@ -29,6 +28,7 @@ from metaformer_platform.evaluation import (
 from metaformer_platform.strategies.base import DistContext
 from metaformer_platform.training.export import export_checkpoint
 from metaformer_platform.training.trainer import Trainer
+from metaformer_platform.workers import evaluate_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 
