@@ -268,4 +268,6 @@ def resolve_model_uri(
     once per version into the weights cache, checked against the sha256 recorded at registration)."""
     from metaformer_platform.tracking import resolve_tracking_uri
 
+    if not is_registry_uri(uri):  # a path or another URL is the resolver's business, not the registry's
+        raise ValueError(f"{uri!r} is not a registry URI: use models:/NAME@ALIAS or models:/NAME/VERSION")
     return weights.resolve(uri, tracking_uri=resolve_tracking_uri(tracking_uri), cache_dir=cache_dir)

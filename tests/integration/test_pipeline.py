@@ -1,5 +1,6 @@
 """A tiny family (poolformer_debug, poolformer_debug_m) through pretrain -> finetune (new head) -> evaluate ->
-register/promote, on S3 shards from the session's SeaweedFS, the session's Ray and the real MLflow server.
+register/promote, with shards AND run folders (checkpoints, eval reports) on the session's SeaweedFS, the
+session's two-node Ray cluster and the real MLflow server: no folder is shared between stages but S3.
 
 One story, three pipeline runs: (1) a pipeline driver killed while pretrain is checkpointing; (2) the re-run
 continues that stage from its checkpoint and finishes everything (nested runs, lineage, versions, champion,
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from metaformer_platform import registry
+from metaformer_platform import registry, storage
 from metaformer_platform.data import ensure_synthetic_shards
 from metaformer_platform.pipelines import run_pipeline, runner
 
@@ -54,7 +55,7 @@ def family_pipeline(s3_server, mlflow_server, ray_cluster, tmp_path_factory) -> 
         "overrides": [
             "data.num_workers=0", "trainer.batch_size=8", "trainer.precision=fp32", "trainer.channels_last=false",
             "trainer.log_every_steps=2", "scaling.num_workers=1", "tracking.system_metrics=false",
-            f"run.storage_path={root / 'runs'}", "run.max_failures=0",
+            f"run.storage_path=s3://{s3_server.bucket}/pipe/runs", "run.max_failures=0",
         ],
         "stages": [
             {"name": "pretrain", "kind": "pretrain", "config": default, "overrides": [
@@ -67,16 +68,20 @@ def family_pipeline(s3_server, mlflow_server, ray_cluster, tmp_path_factory) -> 
     }
     path = root / "tiny_family.yaml"
     path.write_text(yaml.safe_dump(spec))
-    return {"path": path, "root": root, "tracking_uri": mlflow_server, "ray": ray_cluster}
+    runs = f"s3://{s3_server.bucket}/pipe/runs"
+    return {"path": path, "root": root, "runs": runs, "tracking_uri": mlflow_server, "ray": ray_cluster}
 
 
-def _resumable_pretrains(root: Path) -> dict[str, int]:
+def _run_names(runs: str) -> set[str]:
+    return {key.split("/", 1)[0] for key in storage.list_files(runs)}
+
+
+def _resumable_pretrains(runs: str) -> dict[str, int]:
     """Pretrain run name -> step of the checkpoint Ray would resume it from (registered by its controller)."""
     found = {}
-    for run_dir in (root / "runs").glob("tiny-family-*-pretrain-*"):
-        checkpoint = runner.resumable_checkpoint(str(run_dir))
-        if checkpoint is not None:
-            found[run_dir.name] = int(checkpoint.rsplit("-", 1)[1])
+    for name in _run_names(runs):
+        if "-pretrain-" in name and (checkpoint := runner.resumable_checkpoint(f"{runs}/{name}")) is not None:
+            found[name] = int(checkpoint.rsplit("-", 1)[1])
     return found
 
 
@@ -93,8 +98,10 @@ def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, mo
     import mlflow
 
     path, root, uri = family_pipeline["path"], family_pipeline["root"], family_pipeline["tracking_uri"]
+    runs = family_pipeline["runs"]
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("METAFORMER_WEIGHTS_CACHE", str(root / "weights-cache"))
     client = mlflow.MlflowClient(uri, registry_uri=uri)
 
     # (1) The pipeline as its own Ray driver, killed once a pretrain checkpoint exists.
@@ -104,17 +111,17 @@ def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, mo
     proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "poolformer_family.py"), "--pipeline", str(path)],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 240
-        while not _resumable_pretrains(root):
+        deadline = time.monotonic() + 420  # worker start-up is slow on a busy 2-core machine
+        while not _resumable_pretrains(runs):
             assert proc.poll() is None, (root / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no pretrain checkpoint within 240 s"
-            time.sleep(0.2)
+            assert time.monotonic() < deadline, "no pretrain checkpoint within 420 s: " + (root / "killed.log").read_text()[-3000:]
+            time.sleep(0.5)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         log.close()
-    interrupted = _resumable_pretrains(root)  # run name -> the step it continues from
-    assert not any((root / "runs").glob("tiny-family-*-finetune-*/checkpoint-*")), "killed too late"
+    interrupted = _resumable_pretrains(runs)  # run name -> the step it continues from
+    assert not any("-finetune-" in k and "/checkpoint-" in k for k in storage.list_files(runs)), "killed too late"
     _wait_for_free_cpus(2)
 
     # (2) Re-run: the interrupted pretrain stages continue from their checkpoints, the rest runs.
@@ -129,7 +136,9 @@ def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, mo
         if pre.run_name in interrupted:
             assert pre.detail == f"(continued from checkpoint-{interrupted[pre.run_name]:08d})"
         assert (ft.action, ev.action) == ("run", "run")
-        assert pre.metrics["step"] == PRETRAIN_STEPS and Path(pre.checkpoint).name == f"checkpoint-{PRETRAIN_STEPS:08d}"
+        assert pre.metrics["step"] == PRETRAIN_STEPS and pre.checkpoint == f"{runs}/{pre.run_name}/checkpoint-{PRETRAIN_STEPS:08d}"
+        assert storage.is_complete(pre.checkpoint) and storage.is_complete(ft.checkpoint)
+        assert storage.exists(f"{runs}/{ev.run_name}/eval.json")  # the evaluate job's report, on S3 too
         assert 0 <= ev.metrics["eval/top1"] <= 100 and ev.metrics["eval/samples"] == 24
     assert any(a.action == "resume" for a in actions.values())
 
@@ -172,6 +181,14 @@ def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, mo
         folder = registry.resolve_model_uri(f"models:/{name}@champion", tracking_uri=uri, cache_dir=root / "cache")
         assert (folder / "model.json").is_file()
 
+    # Checkpoints were handed between stages on S3 only: every recorded output is an s3:// URI, and the only local
+    # copies of checkpoint files on this machine are in the weights cache (Ray's scratch copies are deleted after
+    # upload); nothing of the runs was written to a local run folder.
+    outputs = [r.data.tags[runner.TAG_OUTPUT] for r in stage_runs if runner.TAG_OUTPUT in r.data.tags]
+    assert len(outputs) == 4 and all(o.startswith(f"{runs}/") for o in outputs), outputs
+    local_state = [p for p in root.rglob("trainer.pt") if (root / "weights-cache") not in p.parents]
+    assert local_state == [] and not (root / "runs").exists()
+
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
     assert {"report/family_report.md", "report/family_report.json", "report/family_top1_vs_macs.png"} <= artifacts
     for member in MEMBERS:
@@ -187,3 +204,23 @@ def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, mo
     for member in MEMBERS:
         assert len(client.search_model_versions(f"name = 'pipe-{member}'")) == 1
         assert client.get_registered_model(f"pipe-{member}").aliases == {"champion": "1"}
+
+    # An export from a checkpoint on S3 to S3 (jobs/export.py), read back through the weights resolver.
+    from metaformer_platform.training.export import load_export
+
+    ft_checkpoint = actions[(MEMBERS[0], "finetune")].checkpoint
+    export_url = f"s3://{s3_server.bucket}/pipe/exports/{MEMBERS[0]}"
+    assert _export_main([ft_checkpoint, export_url]) == 0
+    assert sorted(storage.list_files(export_url)) == ["model.json", "model.safetensors"]
+    assert load_export(storage.weights.resolve(export_url)).num_classes == 3
+    assert _export_main([ft_checkpoint, export_url]) == 2  # an export is there already: refused, nothing replaced
+
+
+def _export_main(argv: list[str]) -> int:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_job", REPO / "jobs" / "export.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return int(module.main(argv))

@@ -110,13 +110,16 @@ def check_access(location: str | Location, *, what: str | None = None) -> Locati
 
 def check_writable(location: str | Location, what: str = "run.storage_path") -> Location:
     """Refuse, with the reason and the fix, a location that cannot be written (a probe file, removed again)."""
-    loc = check_access(location, what=f"{what}={str(location)!r}")
+    loc = Location.parse(location)
     probe = loc.join(f".write-probe-{os.getpid()}")
     try:
+        check_access(loc)
         if not loc.remote:
             loc.path.mkdir(parents=True, exist_ok=True)
         write_bytes(probe, b"")
         delete(probe)
+    except S3AccessError as err:  # names the bucket, endpoint or credentials, and the fix
+        raise ValueError(f"{what}={str(location)!r} cannot be written: {err}") from None
     except (OSError, ValueError) as err:
         raise ValueError(
             f"{what}={str(location)!r} cannot be written ({err}); choose a folder you can write, or an s3:// URI "
