@@ -187,3 +187,59 @@ def test_split_transforms_through_the_loader_resume_exactly(tmp_path):
 def test_sample_seed_is_a_function_of_seed_epoch_and_key():
     assert _sample_seed(1, 2, "a") == _sample_seed(1, 2, "a")
     assert len({_sample_seed(1, 2, "a"), _sample_seed(1, 3, "a"), _sample_seed(2, 2, "a"), _sample_seed(1, 2, "b")}) == 4
+
+
+# ---------------------------------------------------------------- decode_device=cuda, run on the CPU here
+
+
+def test_device_decode_path_on_cpu_is_seeded_per_sample_and_resumes_exactly(tmp_path):
+    """The GPU path's code with torchvision decoding on the CPU: workers ship JPEG bytes (a list, not a
+    stack), the main process decodes, crops, flips and erases; crops are timm's boxes from the sample's
+    seed, so 0 and 2 workers and a resumed loader give the same tensors."""
+    from metaformer_platform.data.device_decode import DeviceDecodeTransform, EncodedJpeg
+
+    root = _textured_set(tmp_path)
+    batch = BatchTransform(re_prob=0.5, memory_format=torch.channels_last)
+    device_tf = DeviceDecodeTransform(32, is_training=True, batch=batch)
+    kw = dict(batch_size=4, transform=EncodedJpeg(), batch_transform=device_tf, epoch=1)
+
+    def run(loader):
+        return {k: img for images, _, keys in loader for k, img in zip(keys, images, strict=True)}
+
+    whole = run(make_loader(root, **kw))
+    assert len(whole) == 24 and next(iter(whole.values())).shape == (3, 32, 32)
+    two = run(make_loader(root, num_workers=2, **kw))
+    assert two.keys() == whole.keys() and all(torch.equal(whole[k], two[k]) for k in whole)
+    interrupted = make_loader(root, **kw)
+    for seen, _ in enumerate(interrupted, 1):
+        if seen == 3:
+            break
+    resumed = make_loader(root, **kw)
+    resumed.load_state_dict(interrupted.state_dict())
+    tail = run(resumed)
+    assert len(tail) == 24 - 12 and all(torch.equal(whole[k], v) for k, v in tail.items())
+
+    # the crop is timm's box for the sample's seed: crop the CPU-decoded photo the same way and compare
+    from torchvision.transforms.v2 import functional as F
+
+    plain = DeviceDecodeTransform(32, is_training=True, batch=BatchTransform(), hflip=0.0)
+    data = _photo(60, 50, seed=7)
+    encoded = EncodedJpeg()(data)
+    got = plain([encoded], torch.tensor([42]))[0]
+    (i, j, h, w), _ = plain._box(50, 60, 42)
+    from torchvision.io import decode_jpeg
+
+    ref = F.resized_crop(decode_jpeg(encoded), i, j, h, w, [32, 32], F.InterpolationMode.BICUBIC, antialias=True)
+    torch.testing.assert_close(got, BatchTransform()(ref[None])[0], rtol=0, atol=1e-5)
+    boxes = {plain._box(500, 375, s)[0] for s in range(50)}
+    assert len(boxes) == 50  # seeds give different boxes
+
+
+def test_device_decode_is_refused_without_cuda_or_with_randaugment():
+    from metaformer_platform.config import load_config
+
+    with pytest.raises(ValueError, match="decode_device=cuda has no RandAugment"):
+        load_config(None, ["data.decode_device=cuda"])
+    assert load_config(None, ["data.decode_device=cuda", "data.auto_augment=null"]).data.decode_device == "cuda"
+    with pytest.raises(ValueError, match="use data.decode_device=cpu without a GPU"):
+        build_split_transforms(32, is_training=True, auto_augment=None, decode_device="cuda", device="cpu")

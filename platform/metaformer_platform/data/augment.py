@@ -193,12 +193,15 @@ def build_split_transforms(
     hflip: float = 0.5,
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> tuple[WorkerTransform, BatchTransform]:
+    decode_device: str = "cpu",
+) -> tuple[Any, Any]:
     """The paper's transform (the same as `build_transforms`) as (worker half, batch half).
 
     `build_transforms(...)(img)` and `batch(worker(img)[None], seed)` give the same tensor (to float
     tolerance) for the same RNG draws; random erasing differs in where its randomness comes from only.
     Training crops decode lazily (DraftRandomResizedCrop); evaluation resizes and centre-crops.
+    `decode_device="cuda"`: the workers ship JPEG bytes and the batch half decodes, crops, flips, resizes,
+    normalizes and erases on the (CUDA) training device (data/device_decode.py; no RandAugment there).
     """
     from timm.data import create_transform
     from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
@@ -209,6 +212,14 @@ def build_split_transforms(
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise ValueError(f"mean and std need 3 values each (std > 0), got mean={mean}, std={std}")
+    if decode_device not in ("cpu", "cuda"):
+        raise ValueError(f"decode_device must be 'cpu' or 'cuda', got {decode_device!r}")
+    if decode_device == "cuda":
+        return _device_decode_transforms(
+            img_size, is_training=is_training, device=torch.device(device), memory_format=memory_format,
+            crop_pct=crop_pct, auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
+            interpolation=interpolation, mean=mean, std=std, hflip=hflip, scale=scale, ratio=ratio,
+        )
     common = dict(interpolation=interpolation, mean=tuple(mean), std=tuple(std), use_prefetcher=True)
     if is_training:
         if auto_augment:
@@ -231,3 +242,21 @@ def build_split_transforms(
         memory_format=memory_format,
     )
     return worker, batch
+
+
+def _device_decode_transforms(
+    img_size: int, *, is_training: bool, device: torch.device, auto_augment: str | None, re_prob: float,
+    re_mode: str, re_count: int, mean: Sequence[float], std: Sequence[float], memory_format: torch.memory_format,
+    **crop: Any,
+) -> tuple[Any, Any]:
+    from .device_decode import DeviceDecodeTransform, EncodedJpeg
+
+    if device.type != "cuda":
+        raise ValueError(f"data.decode_device=cuda decodes on the training device, which is {device}; "
+                         "use data.decode_device=cpu without a GPU")
+    if is_training and auto_augment:
+        raise ValueError(f"data.decode_device=cuda has no RandAugment ({auto_augment!r}): set "
+                         "data.auto_augment=null, or decode on the CPU (data.decode_device=cpu)")
+    batch = BatchTransform(device=device, mean=mean, std=std, re_prob=re_prob if is_training else 0.0,
+                           re_mode=re_mode, re_count=re_count, memory_format=memory_format)
+    return EncodedJpeg(), DeviceDecodeTransform(img_size, is_training=is_training, batch=batch, **crop)

@@ -255,6 +255,9 @@ class _EpochStream(IterableDataset):
         self.with_keys = with_keys
         # the transform decodes itself (DraftRandomResizedCrop): hand it the image with only its header read
         self.lazy_decode = bool(getattr(transform, "lazy_decode", False))
+        # the transform takes the image's bytes and returns them as a tensor (decode_device=cuda): batches
+        # are lists of byte tensors, decoded in the main process (data/device_decode.py)
+        self.encoded = bool(getattr(transform, "encoded", False))
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
@@ -288,6 +291,9 @@ class _EpochStream(IterableDataset):
                 faults.add(self.storage.describe(sample.shard), "bad_label", 1, f"{sample.key}: {err}")
             return None
         try:
+            if self.encoded:
+                img = open_image(sample)  # the header is read: garbage is a bad sample here, in the worker
+                return img.fp.getvalue(), label  # type: ignore[union-attr, return-value]  # the sample's bytes
             return (open_image(sample) if self.lazy_decode else decode_image(sample, self.decode_size)), label
         except SAMPLE_ERRORS as err:
             if faults is not None:
@@ -304,9 +310,10 @@ class _EpochStream(IterableDataset):
         def good(candidate: Slot) -> tuple[Image.Image, int] | None:
             if not isinstance(candidate, RawSample) or candidate is bad or candidate.key in known_bad:
                 return None
-            if self.lazy_decode:  # stand-ins are decoded in full here, so that they are known to decode
+            if self.lazy_decode or self.encoded:  # stand-ins are decoded in full here: known to decode
                 try:
-                    return decode_image(candidate), decode_label(candidate)
+                    img = decode_image(candidate)
+                    return (open_image(candidate).fp.getvalue() if self.encoded else img), decode_label(candidate)  # type: ignore[union-attr]
                 except SAMPLE_ERRORS:
                     known_bad.add(candidate.key)
                     return None
@@ -325,7 +332,7 @@ class _EpochStream(IterableDataset):
             [bad.shard if isinstance(bad, _Lost) else self.storage.describe(bad.shard)],
         )
 
-    def _transform(self, img: Image.Image, seed: int, in_main: bool) -> torch.Tensor:
+    def _transform(self, img: Any, seed: int, in_main: bool) -> torch.Tensor:
         if self.transform is None:
             return _to_tensor(img.convert("RGB") if self.lazy_decode else img)
         # Worker processes own their RNGs; in the main process the trainer's RNG streams must not move.
@@ -395,7 +402,8 @@ class _EpochStream(IterableDataset):
                 labels.append(label)
                 keys.append(sample.key)
                 seeds.append(seed)
-            batch = (torch.stack(images), torch.tensor(labels, dtype=torch.int64), torch.tensor(seeds))
+            stacked = images if self.encoded else torch.stack(images)  # encoded: byte strings of any length
+            batch = (stacked, torch.tensor(labels, dtype=torch.int64), torch.tensor(seeds))
             found = [
                 (shard, kind, n, faults.details[shard])
                 for shard, kinds in faults.shards.items()

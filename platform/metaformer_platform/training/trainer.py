@@ -82,6 +82,7 @@ def build_split_loader(
         re_prob=d.re_prob,
         interpolation=d.interpolation,
         hflip=d.hflip,
+        decode_device=d.decode_device,
     )
     return mdata.build_loader(
         data_root,
