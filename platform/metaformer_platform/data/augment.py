@@ -121,8 +121,9 @@ class BatchTransform:
         if not 0 <= re_prob <= 1:
             raise ValueError(f"re_prob must be a probability in [0, 1], got {re_prob}")
         self.device = torch.device(device)
-        self.mean = torch.tensor([255 * m for m in mean], device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor([255 * s for s in std], device=self.device).view(1, 3, 1, 1)
+        # (x - 255 mean) / (255 std) as one multiply-add: x * scale + shift
+        self.scale = torch.tensor([1 / (255 * s) for s in std], device=self.device).view(1, 3, 1, 1)
+        self.shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=self.device).view(1, 3, 1, 1)
         self.re_prob, self.re_mode, self.re_count = re_prob, re_mode, re_count
         self.memory_format = memory_format
 
@@ -135,7 +136,7 @@ class BatchTransform:
         if x.shape[-1] == 3 and x.shape[1] != 3:
             x = x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: channels_last, no copy
         x = x.to(dtype=torch.float32, memory_format=self.memory_format)
-        x.sub_(self.mean).div_(self.std)
+        torch.addcmul(self.shift, x, self.scale, out=x)
         if self.re_prob > 0:
             if seeds is None or len(seeds) != len(x):
                 raise ValueError("random erasing needs one augmentation seed per image (the loader ships them)")
