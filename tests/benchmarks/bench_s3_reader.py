@@ -7,7 +7,7 @@ every shard once per path, the paths alternating, and the script prints the medi
 - raw:     boto3 `get_object(...)["Body"].read()` of each whole shard;
 - storage: `S3Storage.open()` read to the end (the resumable, large-buffer stream);
 - reader:  `iter_shard()` over the same stream (tar parsing into samples, read and parsed serially);
-- fetched: `read_bytes()` of the whole shard, then `iter_shard()` over it in memory (what the loader's
+- fetched: `read_shard()` of the whole shard, then `iter_shard()` over it in memory (what the loader's
            shard prefetcher does on S3, here without the overlap it has there);
 - wds:     webdataset's own tar iterator through our registered s3:// gopen handler.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from metaformer_platform import localstack
 from metaformer_platform.data import builder, open_storage, register_webdataset_s3
-from metaformer_platform.data.reader import iter_shard
+from metaformer_platform.data.reader import iter_shard, read_shard
 
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenet-sample"
 
@@ -110,7 +110,7 @@ def main() -> None:
 
             def prefetched() -> None:  # what the loader runs on S3: whole shards fetched, then parsed in memory
                 for n in names:
-                    data = storage.read_bytes(n)
+                    data = read_shard(storage, n)
                     for _ in iter_shard(_InMemory(data), n):
                         pass
 

@@ -58,7 +58,7 @@ from .faults import (
     shard_fault_kind,
 )
 from .manifest import Manifest, load_manifest
-from .reader import RawSample, decode_image, decode_label, iter_shard, open_image
+from .reader import RawSample, decode_image, decode_label, iter_shard, open_image, read_shard
 from .shardset import RankPlan, ShardSet
 from .storage import LocalStorage, Storage
 
@@ -205,11 +205,11 @@ class _Prefetcher:
     def _top_up(self) -> None:
         while self.pending and len(self.futures) < self.depth:
             name = self.pending.pop(0)
-            self.futures.append((name, self.pool.submit(self.storage.read_bytes, name)))
+            self.futures.append((name, self.pool.submit(read_shard, self.storage, name)))
 
     def open(self, name: str) -> io.BytesIO:
         if not self.futures or self.futures[0][0] != name:  # off the plan: read it directly
-            return io.BytesIO(self.storage.read_bytes(name))
+            return io.BytesIO(read_shard(self.storage, name))
         _, future = self.futures.pop(0)
         self._top_up()  # start the next download before this shard is parsed
         return io.BytesIO(future.result())

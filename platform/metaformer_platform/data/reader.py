@@ -23,7 +23,7 @@ from PIL import Image
 from .faults import ShortShardError
 from .storage import Storage
 
-__all__ = ["IMAGE_EXTS", "RawSample", "count_samples", "decode_image", "decode_label", "iter_shard", "open_image"]
+__all__ = ["IMAGE_EXTS", "RawSample", "count_samples", "decode_image", "decode_label", "iter_shard", "open_image", "read_shard"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -176,6 +176,19 @@ def _pax_path(records: bytes) -> str | None:
             return value.decode("utf-8", "surrogateescape")
         pos += length
     return None
+
+
+def read_shard(storage: Storage, filename: str) -> bytes:
+    """A whole shard's bytes, read in large requests (for the loader's shard prefetcher).
+
+    Not `storage.read_bytes`: on an S3 stream that is `BufferedReader.read()`, which reads to the end through
+    io's `readall` in 8 KiB requests, about half the speed of raw boto3 here (bench_s3_reader.py).
+    """
+    chunks = []
+    with storage.open(filename) as stream:
+        while chunk := stream.read(_WINDOW):
+            chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def iter_shard(
