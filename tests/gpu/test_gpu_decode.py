@@ -22,7 +22,7 @@ from metaformer_platform.data import BatchTransform, Sample, build_split_transfo
 from metaformer_platform.data.device_decode import DeviceDecodeTransform, EncodedJpeg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from loader_helpers import make_loader  # noqa: E402
+from loader_helpers import keyed_images, make_loader, resumed_after  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -58,16 +58,7 @@ def test_cuda_decode_through_the_loader_resumes_exactly(tmp_path):
                                            device="cuda", memory_format=torch.channels_last)
     kw = dict(batch_size=4, transform=worker, batch_transform=batch, epoch=1, num_workers=2)
 
-    def run(loader):
-        return {k: img for images, _, keys in loader for k, img in zip(keys, images, strict=True)}
-
-    whole = run(make_loader(tmp_path, **kw))
+    whole = keyed_images(make_loader(tmp_path, **kw))
     assert len(whole) == 24 and all(v.device.type == "cuda" for v in whole.values())
-    interrupted = make_loader(tmp_path, **kw)
-    for seen, _ in enumerate(interrupted, 1):
-        if seen == 2:
-            break
-    resumed = make_loader(tmp_path, **kw)
-    resumed.load_state_dict(interrupted.state_dict())
-    tail = run(resumed)
+    tail = keyed_images(resumed_after(lambda: make_loader(tmp_path, **kw), 2))
     assert len(tail) == 16 and all(torch.equal(whole[k], v) for k, v in tail.items())

@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from loader_helpers import make_loader
+from loader_helpers import keyed_images, make_loader, resumed_after
 from PIL import Image
 from scipy import stats
 from timm.data.transforms import RandomResizedCropAndInterpolation
@@ -156,23 +156,15 @@ def test_split_transforms_through_the_loader_resume_exactly(tmp_path):
     worker, batch = build_split_transforms(32, is_training=True, re_prob=0.5,
                                            memory_format=torch.channels_last)
 
-    def run(loader):
-        return {k: img for images, _, keys in loader for k, img in zip(keys, images, strict=True)}
-
+    run = keyed_images
     kw = dict(batch_size=4, transform=worker, batch_transform=batch, epoch=1)
     whole = run(make_loader(root, **kw))
     assert len(whole) == 24 and next(iter(whole.values())).dtype == torch.float32
     images, _, _ = next(iter(make_loader(root, **kw)))
     assert images.is_contiguous(memory_format=torch.channels_last) and images.shape == (4, 3, 32, 32)
-    assert run(make_loader(root, num_workers=2, **kw)).keys() == whole.keys()
-    assert all(torch.equal(whole[k], v) for k, v in run(make_loader(root, num_workers=2, **kw)).items())
-    interrupted = make_loader(root, **kw)
-    for seen, _ in enumerate(interrupted, 1):
-        if seen == 2:
-            break
-    resumed = make_loader(root, **kw)
-    resumed.load_state_dict(interrupted.state_dict())
-    tail = run(resumed)
+    two = run(make_loader(root, num_workers=2, **kw))
+    assert two.keys() == whole.keys() and all(torch.equal(whole[k], v) for k, v in two.items())
+    tail = run(resumed_after(lambda: make_loader(root, **kw), 2))
     assert len(tail) == 24 - 8 and all(torch.equal(whole[k], v) for k, v in tail.items())
 
     worker0, batch0 = build_split_transforms(32, is_training=True, re_prob=0.0)
@@ -203,20 +195,12 @@ def test_device_decode_path_on_cpu_is_seeded_per_sample_and_resumes_exactly(tmp_
     device_tf = DeviceDecodeTransform(32, is_training=True, batch=batch)
     kw = dict(batch_size=4, transform=EncodedJpeg(), batch_transform=device_tf, epoch=1)
 
-    def run(loader):
-        return {k: img for images, _, keys in loader for k, img in zip(keys, images, strict=True)}
-
+    run = keyed_images
     whole = run(make_loader(root, **kw))
     assert len(whole) == 24 and next(iter(whole.values())).shape == (3, 32, 32)
     two = run(make_loader(root, num_workers=2, **kw))
     assert two.keys() == whole.keys() and all(torch.equal(whole[k], two[k]) for k in whole)
-    interrupted = make_loader(root, **kw)
-    for seen, _ in enumerate(interrupted, 1):
-        if seen == 3:
-            break
-    resumed = make_loader(root, **kw)
-    resumed.load_state_dict(interrupted.state_dict())
-    tail = run(resumed)
+    tail = run(resumed_after(lambda: make_loader(root, **kw), 3))
     assert len(tail) == 24 - 12 and all(torch.equal(whole[k], v) for k, v in tail.items())
 
     # the crop is timm's box for the sample's seed: crop the CPU-decoded photo the same way and compare

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, patch_timm_posterize
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, check_transform_args, patch_timm_posterize
 
 __all__ = ["BatchTransform", "DraftRandomResizedCrop", "WorkerTransform", "build_split_transforms", "to_hwc_tensor"]
 
@@ -207,12 +207,7 @@ def build_split_transforms(
     from timm.data import create_transform
     from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
 
-    if type(img_size) is not int or img_size <= 0:
-        raise ValueError(f"img_size must be a positive integer, got {img_size!r}")
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(f"mean and std need 3 values each (std > 0), got mean={mean}, std={std}")
+    check_transform_args(img_size, crop_pct=crop_pct, re_prob=re_prob, hflip=hflip, mean=mean, std=std)
     if decode_device not in ("cpu", "cuda"):
         raise ValueError(f"decode_device must be 'cpu' or 'cuda', got {decode_device!r}")
     if decode_device == "cuda":
