@@ -51,6 +51,12 @@ class DataConfig(_Section):
     crop_pct: float = Field(0.9, gt=0, le=1, description="eval: resize to img_size/crop_pct, centre crop")
     interpolation: str = Field("bicubic", description="resize interpolation")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
+    decode_device: Literal["cpu", "cuda"] = Field(
+        "cpu",
+        description="where training images are decoded and augmented: cpu (workers; the full paper recipe) or "
+        "cuda (workers ship JPEG bytes, nvjpeg decodes batches on the GPU; crop/flip/erase only, needs "
+        "auto_augment=null)",
+    )
     shuffle_buffer: int = Field(1000, ge=0, description="samples in each worker's shuffle buffer")
     max_bad_fraction: float = Field(
         0.01,
@@ -70,6 +76,15 @@ class DataConfig(_Section):
     @property
     def uses_mixup(self) -> bool:
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    @model_validator(mode="after")
+    def _gpu_decode_has_no_randaugment(self) -> DataConfig:
+        if self.decode_device == "cuda" and self.auto_augment:
+            raise ValueError(
+                f"data.decode_device=cuda has no RandAugment (data.auto_augment={self.auto_augment!r}): set "
+                "data.auto_augment=null, or decode on the CPU (data.decode_device=cpu)"
+            )
+        return self
 
 
 class ModelConfig(_Section):

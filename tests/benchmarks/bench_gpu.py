@@ -7,11 +7,19 @@ Both sides train the same model on the same GPU-resident batches, one after the 
 - platform: the platform's Trainer with trainer.precision=bf16, channels_last, trainer.compile=true and
             optim.fused left on auto (fused AdamW on CUDA).
 
+A second section measures the data path (`data.decode_device`), on local shards of the real photos in
+../shared/data/imagenet-sample (repeated to --data-samples; skipped when absent), 224 px, crop + flip +
+normalize + erasing (no RandAugment: the cuda path has none, so the CPU side runs without it too):
+
+- loader alone: images/s out of the platform loader with decode on the CPU (2 workers) vs nvjpeg batch
+  decode on the GPU (workers ship JPEG bytes);
+- training: the platform's Trainer (poolformer_s12, bf16, channels_last) fed by each loader.
+
 It prints both rates, their ratio (goal >= 1.5x) and the MFU: images/s x training FLOPs per image (counted
 with torch's FlopCounterMode on one forward + backward) / the GPU's dense bf16 peak (known GPUs, or
 --peak-tflops). Without CUDA it says so and exits 0.
 
-    python tests/benchmarks/bench_gpu.py [--batch 128] [--steps 60] [--peak-tflops 989]
+    python tests/benchmarks/bench_gpu.py [--batch 128] [--steps 60] [--peak-tflops 989] [--data-samples 5000]
 """
 
 from __future__ import annotations
@@ -100,11 +108,80 @@ def platform(batches: list, steps: int, batch: int) -> float:
     return statistics.median(rates[2:])  # the first windows hold the compilation
 
 
+SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenet-sample"
+
+
+def _loader_rate(loader, limit: int) -> float:
+    it = iter(loader)
+    next(it)
+    torch.cuda.synchronize()
+    seen, start = 0, time.perf_counter()
+    for _images, labels in it:
+        seen += len(labels)
+        if seen >= limit:
+            break
+    torch.cuda.synchronize()
+    return seen / (time.perf_counter() - start)
+
+
+class _Rates:
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if "train/images_per_s" in metrics:
+            self.rates.append(metrics["train/images_per_s"])
+
+
+def data_path(batch: int, samples: int, workers: int, steps: int) -> None:
+    """images/s of the loader alone and of training with it, decode on the CPU vs on the GPU."""
+    import tempfile
+
+    from metaformer_platform.config import load_config
+    from metaformer_platform.data import build_loader, build_split_transforms, builder
+    from metaformer_platform.strategies.base import DistContext
+    from metaformer_platform.training.trainer import Trainer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_loader import _image_folder
+
+    if not SAMPLE.is_dir():
+        print(f"data path: needs the real photos at {SAMPLE}; skipped")
+        return
+    device = torch.device("cuda", 0)
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-data-") as tmp_name:
+        tmp = Path(tmp_name)
+        classes, tasks = builder.prepare_build(train=_image_folder(tmp, samples), classes_file=SAMPLE / "classes.tsv",
+                                               options=builder.BuildOptions(samples_per_shard=500))
+        builder.build_dataset(tmp / "shards", tasks, classes=classes, log=lambda _: None)
+        for decode in ("cpu", "cuda"):
+            worker, batch_tf = build_split_transforms(224, is_training=True, auto_augment=None, device=device,
+                                                      decode_device=decode, memory_format=torch.channels_last)
+            loader = build_loader(tmp / "shards", "train", batch_size=batch, rank=0, world_size=1,
+                                  num_workers=workers, transform=worker, batch_transform=batch_tf, seed=0,
+                                  shuffle=True, pin_memory=decode == "cpu")
+            print(f"  loader alone, decode on {decode:4s}: {_loader_rate(loader, min(samples, 20 * batch)):9.1f} images/s")
+        for decode in ("cpu", "cuda"):
+            cfg = load_config(None, [
+                f"model.name={MODEL}", "model.drop_path_rate=0.0", "data.img_size=224", f"data.source={tmp / 'shards'}",
+                "data.val_split=null", "data.auto_augment=null", f"data.decode_device={decode}",
+                f"data.num_workers={workers}", f"trainer.batch_size={batch}", f"trainer.max_steps={steps}",
+                f"trainer.log_every_steps={WINDOW}", f"trainer.checkpoint_every_steps={10 * steps}",
+                "trainer.precision=bf16", "trainer.channels_last=true", "optim.warmup_epochs=0",
+                "scaling.num_workers=1", "tracking.enabled=false",
+            ])
+            tracker = _Rates()
+            Trainer(cfg, DistContext(device=device), data_root=tmp / "shards", tracker=tracker).train()
+            print(f"  training {MODEL}, decode on {decode:4s}: {statistics.median(tracker.rates[1:]):9.1f} images/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of this GPU")
+    parser.add_argument("--data-samples", type=int, default=5000, help="photos for the data-path section (0: skip)")
+    parser.add_argument("--workers", type=int, default=2, help="loader workers in the data-path section")
     args, _ = parser.parse_known_args()
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device here; nothing measured (run it on a GPU machine)")
@@ -125,6 +202,10 @@ def main() -> None:
             print(f"  MFU {label:8s} {100 * rate * flops / (peak * 1e12):5.1f}% of {peak:g} TFLOPS bf16")
     else:
         print(f"  MFU: unknown peak for {name!r}; pass --peak-tflops")
+
+    if args.data_samples:
+        print(f"data path (data.decode_device), 224 px, batch {args.batch}, {args.workers} workers, on {name}:")
+        data_path(args.batch, args.data_samples, args.workers, args.steps)
 
 
 if __name__ == "__main__":

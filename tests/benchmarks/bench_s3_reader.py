@@ -6,7 +6,9 @@ every shard once per path, the paths alternating, and the script prints the medi
 
 - raw:     boto3 `get_object(...)["Body"].read()` of each whole shard;
 - storage: `S3Storage.open()` read to the end (the resumable, large-buffer stream);
-- reader:  `iter_shard()` over the same stream (tar parsing into samples, what the loader runs);
+- reader:  `iter_shard()` over the same stream (tar parsing into samples, read and parsed serially);
+- fetched: `read_shard()` of the whole shard, then `iter_shard()` over it in memory (what the loader's
+           shard prefetcher does on S3, here without the overlap it has there);
 - wds:     webdataset's own tar iterator through our registered s3:// gopen handler.
 
     python tests/benchmarks/bench_s3_reader.py [--shards 4] [--shard-mb 32] [--rounds 3]
@@ -15,6 +17,7 @@ every shard once per path, the paths alternating, and the script prints the medi
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import secrets
 import statistics
@@ -24,7 +27,7 @@ from pathlib import Path
 
 from metaformer_platform import localstack
 from metaformer_platform.data import builder, open_storage, register_webdataset_s3
-from metaformer_platform.data.reader import iter_shard
+from metaformer_platform.data.reader import iter_shard, read_shard
 
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenet-sample"
 
@@ -43,6 +46,19 @@ def _photos(tmp: Path, total_bytes: int) -> Path:
         size += src.stat().st_size
         i += 1
     return root
+
+
+class _InMemory:
+    """One shard's bytes as a storage (the loader's prefetcher hands iter_shard such a stream)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def open(self, name: str) -> io.BytesIO:
+        return io.BytesIO(self.data)
+
+    def describe(self, name: str) -> str:
+        return name
 
 
 def main() -> None:
@@ -92,11 +108,17 @@ def main() -> None:
                     for _ in iter_shard(storage, n):
                         pass
 
+            def prefetched() -> None:  # what the loader runs on S3: whole shards fetched, then parsed in memory
+                for n in names:
+                    data = read_shard(storage, n)
+                    for _ in iter_shard(_InMemory(data), n):
+                        pass
+
             def webdataset() -> None:
                 for _ in wds.WebDataset([f"{url}/{n}" for n in names], shardshuffle=False):
                     pass
 
-            paths = {"raw": raw, "storage": stream, "reader": reader, "wds": webdataset}
+            paths = {"raw": raw, "storage": stream, "reader": reader, "fetched": prefetched, "wds": webdataset}
             rates: dict[str, list[float]] = {p: [] for p in paths}
             for _ in range(args.rounds):
                 for name, fn in paths.items():

@@ -14,3 +14,19 @@ def make_loader(source: Any, split: str = "train", **overrides: Any):
     )
     args.update(overrides)
     return build_loader(source, split, **args)
+
+
+def keyed_images(loader: Any) -> dict[str, Any]:
+    """{sample key: image tensor} over the rest of the loader's epoch (a loader made `with_keys=True`)."""
+    return {k: img for images, _, keys in loader for k, img in zip(keys, images, strict=True)}
+
+
+def resumed_after(make: Any, batches: int) -> Any:
+    """A fresh loader from `make()` resumed from the state of another one stopped after `batches` batches."""
+    interrupted = make()
+    for seen, _ in enumerate(interrupted, 1):
+        if seen == batches:
+            break
+    resumed = make()
+    resumed.load_state_dict(interrupted.state_dict())
+    return resumed

@@ -2,10 +2,11 @@
 
 Layers, bottom up: `storage` (where bytes live; `s3` adds s3:// through boto3), `manifest` (what the shards are), `writer` (making
 shards), `shardset` (who reads what in an epoch), `reader` (tar -> samples -> images), `faults` (bad shards and samples: skipped, counted), `loader` (batches,
-resumable position), `transforms` (the paper's augmentation via timm), `synthetic` (a built-in dataset).
+resumable position), `transforms` (the paper's augmentation via timm), `augment` (its worker/batch split: uint8 workers, batched normalize and erasing, crop-aware JPEG decode), `synthetic` (a built-in dataset).
 No Ray, MLflow or config imports here: callers pass plain arguments.
 """
 
+from .augment import BatchTransform, build_split_transforms
 from .faults import IGNORE_LABEL, DataFaultError
 from .loader import ShardLoader, build_loader
 from .manifest import (
@@ -25,6 +26,7 @@ from .transforms import build_mixup, build_transforms
 from .writer import Sample, ShardWriter, shard_name, write_dataset, write_shard
 
 __all__ = [
+    "BatchTransform",
     "IGNORE_LABEL",
     "INFO_NAME",
     "DataFaultError",
@@ -46,6 +48,7 @@ __all__ = [
     "batch_schedule",
     "build_loader",
     "build_mixup",
+    "build_split_transforms",
     "build_transforms",
     "ensure_synthetic_shards",
     "load_manifest",

@@ -58,7 +58,7 @@ from .faults import (
     shard_fault_kind,
 )
 from .manifest import Manifest, load_manifest
-from .reader import RawSample, decode_image, decode_label, iter_shard
+from .reader import RawSample, decode_image, decode_label, iter_shard, open_image, read_shard
 from .shardset import RankPlan, ShardSet
 from .storage import LocalStorage, Storage
 
@@ -67,6 +67,8 @@ __all__ = ["ShardLoader", "build_loader"]
 _log = logging.getLogger(__name__)
 
 Transform = Callable[[Image.Image], Any]
+# The main process's half of the transform: (uint8 batch, per-sample seeds) -> batch (see data/augment.py).
+BatchTransformFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Loader settings that change which batch holds which sample: resuming mid-epoch needs them unchanged.
 _LAYOUT_KEYS = (
@@ -147,13 +149,18 @@ def _shuffled(samples: Iterable[Slot], bufsize: int, rng: random.Random) -> Iter
     yield from buffer
 
 
-def _seed_sample(seed: int, epoch: int, key: str) -> None:
-    """Seed the RNGs the transforms draw from with (seed, epoch, sample key).
+def _sample_seed(seed: int, epoch: int, key: str) -> int:
+    """The augmentation seed of one sample: a function of (seed, epoch, sample key) only.
 
     A sample's augmentation then depends on nothing else: not on the worker count, the timing, or where a
     resumed job picked the epoch up, so a resumed job sees exactly the tensors the uninterrupted one saw.
+    The loader ships it with the batch, for the augmentation done batched in the main process (erasing).
     """
-    value = random.Random(f"augment:{seed}:{epoch}:{key}").getrandbits(63)
+    return random.Random(f"augment:{seed}:{epoch}:{key}").getrandbits(63)
+
+
+def _seed_sample(value: int) -> None:
+    """Seed the RNGs the worker-side transforms draw from with a sample's seed (`_sample_seed`)."""
     random.seed(value)
     np.random.seed(value % 2**32)
     # The CPU generator only: transforms run on the CPU, and torch.manual_seed (which also seeds every
@@ -198,11 +205,11 @@ class _Prefetcher:
     def _top_up(self) -> None:
         while self.pending and len(self.futures) < self.depth:
             name = self.pending.pop(0)
-            self.futures.append((name, self.pool.submit(self.storage.read_bytes, name)))
+            self.futures.append((name, self.pool.submit(read_shard, self.storage, name)))
 
     def open(self, name: str) -> io.BytesIO:
         if not self.futures or self.futures[0][0] != name:  # off the plan: read it directly
-            return io.BytesIO(self.storage.read_bytes(name))
+            return io.BytesIO(read_shard(self.storage, name))
         _, future = self.futures.pop(0)
         self._top_up()  # start the next download before this shard is parsed
         return io.BytesIO(future.result())
@@ -246,6 +253,11 @@ class _EpochStream(IterableDataset):
         self.transform = transform
         self.decode_size = decode_size
         self.with_keys = with_keys
+        # the transform decodes itself (DraftRandomResizedCrop): hand it the image with only its header read
+        self.lazy_decode = bool(getattr(transform, "lazy_decode", False))
+        # the transform takes the image's bytes and returns them as a tensor (decode_device=cuda): batches
+        # are lists of byte tensors, decoded in the main process (data/device_decode.py)
+        self.encoded = bool(getattr(transform, "encoded", False))
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
@@ -279,7 +291,10 @@ class _EpochStream(IterableDataset):
                 faults.add(self.storage.describe(sample.shard), "bad_label", 1, f"{sample.key}: {err}")
             return None
         try:
-            return decode_image(sample, self.decode_size), label
+            if self.encoded:
+                img = open_image(sample)  # the header is read: garbage is a bad sample here, in the worker
+                return img.fp.getvalue(), label  # type: ignore[union-attr, return-value]  # the sample's bytes
+            return (open_image(sample) if self.lazy_decode else decode_image(sample, self.decode_size)), label
         except SAMPLE_ERRORS as err:
             if faults is not None:
                 faults.add(self.storage.describe(sample.shard), "bad_image", 1, f"{sample.key}: {err!r}")
@@ -295,6 +310,13 @@ class _EpochStream(IterableDataset):
         def good(candidate: Slot) -> tuple[Image.Image, int] | None:
             if not isinstance(candidate, RawSample) or candidate is bad or candidate.key in known_bad:
                 return None
+            if self.lazy_decode or self.encoded:  # stand-ins are decoded in full here: known to decode
+                try:
+                    img = decode_image(candidate)
+                    return (open_image(candidate).fp.getvalue() if self.encoded else img), decode_label(candidate)  # type: ignore[union-attr]
+                except SAMPLE_ERRORS:
+                    known_bad.add(candidate.key)
+                    return None
             decoded = self._decode(candidate, None)
             if decoded is None:
                 known_bad.add(candidate.key)
@@ -309,6 +331,14 @@ class _EpochStream(IterableDataset):
             f"{self.plan.epoch} to stand in for {bad.key}; the shards under {self.storage.url} are unreadable",
             [bad.shard if isinstance(bad, _Lost) else self.storage.describe(bad.shard)],
         )
+
+    def _transform(self, img: Any, seed: int, in_main: bool) -> torch.Tensor:
+        if self.transform is None:
+            return _to_tensor(img.convert("RGB") if self.lazy_decode else img)
+        # Worker processes own their RNGs; in the main process the trainer's RNG streams must not move.
+        with _rng_preserved() if in_main else contextlib.nullcontext():
+            _seed_sample(seed)
+            return self.transform(img)
 
     def _batches(
         self, storage: Any, wplan: Any, worker: int, num_workers: int, in_main: bool
@@ -342,32 +372,38 @@ class _EpochStream(IterableDataset):
         batch_sizes = wplan.batch_sizes[len(range(worker, self.skip_batches, num_workers)) :]
         for _ in range(skip):
             take()
-        # Worker processes own their RNGs; in the main process the trainer's RNG streams must not move.
         for size in batch_sizes:
             faults = FaultStats()
-            images, labels, keys = [], [], []
+            images, labels, keys, seeds = [], [], [], []
             for _ in range(size):
                 sample = take()
                 decoded = self._decode(sample, faults)
-                seed_key = sample.key
-                if decoded is None:
+                seed = _sample_seed(self.seed, self.plan.epoch, sample.key)
+                image = None
+                if decoded is not None:
+                    img, label = decoded
+                    try:
+                        image = self._transform(img, seed, in_main)
+                    except SAMPLE_ERRORS as err:
+                        if not self.lazy_decode:
+                            raise
+                        # the lazily decoded image turned out truncated or corrupt: a bad sample after all
+                        faults.add(self.storage.describe(sample.shard), "bad_image", 1, f"{sample.key}: {err!r}")
+                if image is None:
                     known_bad.add(sample.key)
                     stand_in, img, label = self._stand_in(sample, recent, stream, known_bad)
-                    seed_key = f"{stand_in.key}@{sample.key}"  # fresh augmentation, still reproducible
+                    # fresh augmentation, still reproducible
+                    seed = _sample_seed(self.seed, self.plan.epoch, f"{stand_in.key}@{sample.key}")
                     sample = stand_in
                     if self.stand_in_label is not None:
                         label = self.stand_in_label
-                else:
-                    img, label = decoded
-                if self.transform is None:
-                    images.append(_to_tensor(img))
-                else:
-                    with _rng_preserved() if in_main else contextlib.nullcontext():
-                        _seed_sample(self.seed, self.plan.epoch, seed_key)
-                        images.append(self.transform(img))
+                    image = self._transform(img, seed, in_main)
+                images.append(image)
                 labels.append(label)
                 keys.append(sample.key)
-            batch = (torch.stack(images), torch.tensor(labels, dtype=torch.int64))
+                seeds.append(seed)
+            stacked = images if self.encoded else torch.stack(images)  # encoded: byte strings of any length
+            batch = (stacked, torch.tensor(labels, dtype=torch.int64), torch.tensor(seeds))
             found = [
                 (shard, kind, n, faults.details[shard])
                 for shard, kinds in faults.shards.items()
@@ -406,7 +442,9 @@ class ShardLoader:
         timeout: float,
         prefetch_shards: int = 0,
         max_bad_fraction: float | None = None,
+        batch_transform: BatchTransformFn | None = None,
     ):
+        self.batch_transform = batch_transform
         self.prefetch_shards = prefetch_shards
         self.max_bad_fraction = max_bad_fraction
         self._faults = FaultStats()  # since this loader was made
@@ -553,11 +591,13 @@ class ShardLoader:
         loader = DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **extra
         )
-        for *batch, found in loader:
+        for images, labels, seeds, *keys, found in loader:
             if found:
                 self._count_faults(found)
+            if self.batch_transform is not None:
+                images = self.batch_transform(images, seeds)
             self.batches_yielded += 1
-            yield tuple(batch)
+            yield (images, labels, *keys)
         if self.batches_yielded != self.steps_per_epoch:
             raise RuntimeError(
                 f"rank {self.rank}: epoch {self.epoch} ended after {self.batches_yielded} of "
@@ -644,12 +684,16 @@ def build_loader(
     timeout: float = 0,
     prefetch_shards: int | None = None,
     max_bad_fraction: float | None = None,
+    batch_transform: BatchTransformFn | None = None,
 ) -> ShardLoader:
     """A loader over split `split` of the shards under `source` (a folder or file:// URL with `_info.json`).
 
     Training: shuffle=True, drop_last=True. Evaluation: shuffle=False, drop_last=False (every sample exactly
     once across ranks; see the module docstring for what the Trainer does with the counts).
-    `transform` maps a PIL RGB image to a tensor (None: uint8 CHW, all images the same size).
+    `transform` maps a PIL RGB image to a tensor (None: uint8 CHW, all images the same size); one with
+    `lazy_decode = True` gets the image undecoded and decodes it itself (data/augment.py).
+    `batch_transform(images, seeds)` runs on each batch in the main process (normalize, erase on the
+    training device: `augment.BatchTransform`), given the per-sample augmentation seeds.
     `decode_size`: the smallest short side the transform needs; larger JPEGs decode at reduced scale.
     `shuffle_buffer`: undecoded samples each worker holds for shuffling (memory: about this many files).
     `prefetch_shards`: shards each worker downloads ahead in a background thread (memory: that many whole
@@ -672,6 +716,8 @@ def build_loader(
         _positive("decode_size", decode_size)
     if transform is not None and not callable(transform):
         raise TypeError(f"transform must be callable (PIL image -> tensor), got {type(transform).__name__}")
+    if batch_transform is not None and not callable(batch_transform):
+        raise TypeError(f"batch_transform must be callable (images, seeds -> images), got {type(batch_transform).__name__}")
     manifest = source if isinstance(source, Manifest) else load_manifest(source)
     if prefetch_shards is None:
         prefetch_shards = 0 if isinstance(manifest.storage, LocalStorage) else 1
@@ -699,4 +745,5 @@ def build_loader(
         timeout=timeout,
         prefetch_shards=prefetch_shards,
         max_bad_fraction=max_bad_fraction,
+        batch_transform=batch_transform,
     )

@@ -4,9 +4,10 @@ Shards are read front to back as a stream, which is what an object-store body gi
 grouped into samples webdataset's way: consecutive members whose names agree up to the first dot of the
 base name form one sample, keyed by that prefix.
 
-The tar headers are parsed here (`tarfile.TarInfo.frombuf`, plus GNU long names and PAX paths) rather than
-by `tarfile`'s stream mode, which reads a member's data in 10 KiB pieces: reading each member in one
-request is what lets the tar path keep up with the network (see tests/benchmarks/bench_s3_reader.py).
+The tar headers are parsed here (ustar/GNU headers by hand, plus GNU long names and PAX paths; anything
+else through `tarfile.TarInfo.frombuf`) rather than by `tarfile`'s stream mode, which reads a member's data
+in 10 KiB pieces: parsing in place in large windows and copying each member out once is what lets the tar
+path keep up with the network (see tests/benchmarks/bench_s3_reader.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from PIL import Image
 from .faults import ShortShardError
 from .storage import Storage
 
-__all__ = ["IMAGE_EXTS", "RawSample", "count_samples", "decode_image", "decode_label", "iter_shard"]
+__all__ = ["IMAGE_EXTS", "RawSample", "count_samples", "decode_image", "decode_label", "iter_shard", "open_image", "read_shard"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -45,62 +46,123 @@ def _split_member(name: str) -> tuple[str, str]:
 
 _BLOCK = 512
 _FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+# Bytes read from a stream at a time (local files, S3 bodies); an in-memory shard is parsed in place.
+_WINDOW = 16 << 20
+_POSIX_MAGIC = b"ustar\x0000"
+_GNU_MAGIC = b"ustar  \x00"
 
 
 class _TarMembers:
-    """The regular-file members of a tar stream, in order; `data()` reads the current one in one request,
-    and a member whose data was not asked for is skipped (read past) when iteration moves on."""
+    """The regular-file members of a tar, in order; `data()` copies the current member's bytes out.
+
+    The tar is parsed in place in a memoryview window: the whole shard when it is already in memory (the
+    loader's prefetched shards), else 16 MiB read at a time with `readinto`. Each member's bytes are
+    copied once, out of the window (only a member that straddles two windows is copied twice), and the
+    headers are parsed by hand: `tarfile.TarInfo.frombuf` costs about 100 us a header here, as much as
+    reading a 100 KB JPEG from the object store (bench_s3_reader.py). Headers without the ustar magic
+    (old V7 tars, garbage) still go through `frombuf`, which verifies their checksum.
+    """
 
     def __init__(self, stream: BinaryIO, where: str):
-        self.stream = stream
         self.where = where
+        # an in-memory stream (io.BytesIO of the prefetched bytes): getvalue() returns that object, no copy
+        self.stream: BinaryIO | None = None if isinstance(stream, io.BytesIO) else stream
+        self.buf = memoryview(stream.getvalue()) if isinstance(stream, io.BytesIO) else memoryview(b"")
+        self.pos = 0
         self._remaining = 0  # bytes (data + padding) of the current member not yet consumed
         self._size = 0
 
-    def _read(self, n: int) -> bytes:
-        data = self.stream.read(n)
-        if len(data) != n:
+    def _fill(self, n: int) -> int:
+        """Make `n` bytes available at `pos` if the tar holds them; returns how many are available."""
+        have = len(self.buf) - self.pos
+        if have >= n or self.stream is None:
+            return min(have, n)
+        window = bytearray(max(n, _WINDOW))
+        window[:have] = self.buf[self.pos :]
+        view, got = memoryview(window), have
+        while got < len(window):
+            read = self.stream.readinto(view[got:])  # type: ignore[attr-defined]
+            if not read:
+                break
+            got += read
+        self.buf, self.pos = view[:got], 0
+        return min(got, n)
+
+    def _take(self, n: int) -> memoryview:
+        if self._fill(n) != n:
             raise tarfile.ReadError(
-                f"{self.where}: unexpected end of data (the tar is truncated after {len(data)} of {n} bytes)"
+                f"{self.where}: unexpected end of data (the tar is truncated after "
+                f"{len(self.buf) - self.pos} of {n} bytes)"
             )
-        return data
+        view = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return view
 
     def _skip(self, n: int) -> None:
         while n > 0:
-            n -= len(self._read(min(n, 1 << 20)))
+            if not self._fill(min(n, _WINDOW)):
+                raise tarfile.ReadError(f"{self.where}: unexpected end of data (the tar is truncated)")
+            step = min(n, len(self.buf) - self.pos)
+            self.pos += step
+            n -= step
 
     def data(self) -> bytes:
         padded, self._remaining = self._remaining, 0
-        return self._read(padded)[: self._size]
+        return bytes(self._take(padded)[: self._size])
+
+    def _header(self, block: memoryview) -> tuple[str, int, bytes]:
+        """(name, size, type) of one header block."""
+        magic = bytes(block[257:265])
+        size_field = bytes(block[124:136])
+        if magic in (_POSIX_MAGIC, _GNU_MAGIC) and not size_field[0] & 0x80:  # not a base-256 size
+            try:
+                size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
+            except ValueError:
+                raise tarfile.ReadError(f"{self.where}: not a valid tar header (bad size field)") from None
+            name = bytes(block[:100]).split(b"\0", 1)[0]
+            kind = bytes(block[156:157])
+            if magic == _POSIX_MAGIC and kind not in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE):
+                prefix = bytes(block[345:500]).split(b"\0", 1)[0]
+                if prefix:
+                    name = prefix + b"/" + name
+            return name.decode("utf-8", "surrogateescape"), size, kind
+        try:
+            info = tarfile.TarInfo.frombuf(bytes(block), "utf-8", "surrogateescape")
+        except tarfile.HeaderError as err:
+            raise tarfile.ReadError(f"{self.where}: not a valid tar header ({err})") from None
+        return info.name, info.size, info.type
 
     def __iter__(self) -> Iterator[str]:
         long_name: str | None = None
         while True:
-            header = self.stream.read(_BLOCK)
-            if not header or header == b"\0" * _BLOCK:  # end of archive (some writers omit the end blocks)
+            got = self._fill(_BLOCK)
+            if got == 0:
                 return
-            if len(header) != _BLOCK:
+            if got != _BLOCK:
                 raise tarfile.ReadError(f"{self.where}: unexpected end of data inside a tar header")
-            try:
-                info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
-            except tarfile.HeaderError as err:
-                raise tarfile.ReadError(f"{self.where}: not a valid tar header ({err})") from None
-            padded = -(-info.size // _BLOCK) * _BLOCK
-            if info.type == tarfile.GNUTYPE_LONGNAME:
-                long_name = self._read(padded)[: info.size].rstrip(b"\0").decode("utf-8", "surrogateescape")
+            block = self._take(_BLOCK)
+            if block == _ZERO_BLOCK:  # end of archive (some writers omit the end blocks)
+                return
+            name, size, kind = self._header(block)
+            padded = -(-size // _BLOCK) * _BLOCK
+            if kind == tarfile.GNUTYPE_LONGNAME:
+                long_name = bytes(self._take(padded)[:size]).rstrip(b"\0").decode("utf-8", "surrogateescape")
                 continue
-            if info.type == tarfile.XHDTYPE:
-                long_name = _pax_path(self._read(padded)[: info.size]) or long_name
+            if kind == tarfile.XHDTYPE:
+                long_name = _pax_path(bytes(self._take(padded)[:size])) or long_name
                 continue
-            if info.type not in _FILE_TYPES:  # directories, links, global PAX headers...
+            if kind not in _FILE_TYPES:  # directories, links, global PAX headers...
                 self._skip(padded)
                 continue
-            name, long_name = long_name or info.name, None
-            self._remaining, self._size = padded, info.size
+            name, long_name = long_name or name, None
+            self._remaining, self._size = padded, size
             yield name
             if self._remaining:
                 self._skip(self._remaining)
                 self._remaining = 0
+
+
+_ZERO_BLOCK = bytes(_BLOCK)
 
 
 def _pax_path(records: bytes) -> str | None:
@@ -114,6 +176,19 @@ def _pax_path(records: bytes) -> str | None:
             return value.decode("utf-8", "surrogateescape")
         pos += length
     return None
+
+
+def read_shard(storage: Storage, filename: str) -> bytes:
+    """A whole shard's bytes, read in large requests (for the loader's shard prefetcher).
+
+    Not `storage.read_bytes`: on an S3 stream that is `BufferedReader.read()`, which reads to the end through
+    io's `readall` in 8 KiB requests, about half the speed of raw boto3 here (bench_s3_reader.py).
+    """
+    chunks = []
+    with storage.open(filename) as stream:
+        while chunk := stream.read(_WINDOW):
+            chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def iter_shard(
@@ -172,17 +247,22 @@ def decode_label(sample: RawSample) -> int:
     return int(sample.files["cls"])
 
 
-def decode_image(sample: RawSample, draft_size: int | None = None) -> Image.Image:
-    """The sample's image as RGB. With `draft_size`, JPEGs at least twice that size on the short side
-    decode at a reduced scale (PIL's draft: libjpeg DCT scaling) that keeps both sides >= draft_size,
-    which is several times faster than a full decode followed by a downscale."""
+def open_image(sample: RawSample) -> Image.Image:
+    """The sample's image, opened but not decoded (PIL reads the header only: format, mode, size)."""
     data = next((sample.files[ext] for ext in IMAGE_EXTS if ext in sample.files), None)
     if data is None:
         raise RuntimeError(
             f"{sample.shard}: sample {sample.key!r} has no image member ({'/'.join(IMAGE_EXTS)}); "
             f"it has {sorted(sample.files)}"
         )
-    img = Image.open(io.BytesIO(data))
+    return Image.open(io.BytesIO(data))
+
+
+def decode_image(sample: RawSample, draft_size: int | None = None) -> Image.Image:
+    """The sample's image as RGB. With `draft_size`, JPEGs at least twice that size on the short side
+    decode at a reduced scale (PIL's draft: libjpeg DCT scaling) that keeps both sides >= draft_size,
+    which is several times faster than a full decode followed by a downscale."""
+    img = open_image(sample)
     if draft_size and img.format == "JPEG" and min(img.size) >= 2 * draft_size:
         img.draft("RGB", (draft_size, draft_size))
     return img.convert("RGB")

@@ -50,6 +50,21 @@ def patch_timm_posterize() -> bool:
     return True
 
 
+def check_transform_args(
+    img_size: int, *, crop_pct: float, re_prob: float, hflip: float, mean: Sequence[float], std: Sequence[float]
+) -> None:
+    """ValueError naming the bad transform setting (shared by build_transforms and build_split_transforms)."""
+    if type(img_size) is not int or img_size <= 0:
+        raise ValueError(f"img_size must be a positive integer, got {img_size!r}")
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    for name, p in (("re_prob", re_prob), ("hflip", hflip)):
+        if not 0 <= p <= 1:
+            raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean and std need 3 values each (std > 0), got mean={mean}, std={std}")
+
+
 def build_transforms(
     img_size: int,
     *,
@@ -75,15 +90,7 @@ def build_transforms(
     """
     from timm.data import create_transform
 
-    if type(img_size) is not int or img_size <= 0:
-        raise ValueError(f"img_size must be a positive integer, got {img_size!r}")
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    for name, p in (("re_prob", re_prob), ("hflip", hflip)):
-        if not 0 <= p <= 1:
-            raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(f"mean and std need 3 values each (std > 0), got mean={mean}, std={std}")
+    check_transform_args(img_size, crop_pct=crop_pct, re_prob=re_prob, hflip=hflip, mean=mean, std=std)
     if is_training:
         if auto_augment:
             patch_timm_posterize()

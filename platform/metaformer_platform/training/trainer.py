@@ -71,14 +71,18 @@ def build_split_loader(
     d, t = cfg.data, cfg.trainer
     # Decode JPEGs no larger than the transform needs (eval resizes to img_size / crop_pct first).
     decode_size = d.img_size if training else math.ceil(d.img_size / d.crop_pct)
-    transform = mdata.build_transforms(
+    # Workers ship uint8 images; normalize and random erasing run batched on the training device.
+    transform, batch_transform = mdata.build_split_transforms(
         d.img_size,
         is_training=training,
+        device=dist.device,
+        memory_format=torch.channels_last if t.channels_last else torch.contiguous_format,
         crop_pct=d.crop_pct,
         auto_augment=d.auto_augment,
         re_prob=d.re_prob,
         interpolation=d.interpolation,
         hflip=d.hflip,
+        decode_device=d.decode_device,
     )
     return mdata.build_loader(
         data_root,
@@ -94,6 +98,7 @@ def build_split_loader(
         drop_last=training,
         decode_size=decode_size,
         max_bad_fraction=d.max_bad_fraction,
+        batch_transform=batch_transform,
     )
 
 

@@ -1,0 +1,258 @@
+"""The paper's transform split where it is cheapest to run (timm's prefetcher split, on any device).
+
+Loader workers run only what needs a PIL image: the random-resized crop, flip and RandAugment. They
+ship uint8 HWC images (a quarter of float32's bytes through the worker queues, and no per-sample
+float maths). The main process then converts a whole batch at once on the training device: uint8 ->
+float, normalize, random erasing (`BatchTransform`); mixup/cutmix follow in the Trainer, as before.
+
+Two more savings in the workers:
+* the crop box is drawn from the JPEG header's size before anything is decoded, and the JPEG is then
+  decoded at the largest reduced DCT scale (PIL's draft: 1/2, 1/4, 1/8) whose crop still covers the
+  output size (`DraftRandomResizedCrop`); the box comes from timm's own `get_params`, so the crops are
+  distributed exactly as timm's RandomResizedCrop (same draws, same boxes);
+* images are shipped HWC, so the batch is channels_last NCHW without a copy.
+
+Random erasing is seeded per sample from the seed the worker used for that sample's augmentation
+(`(seed, epoch, sample key)`, see loader._seed_sample), not from a global RNG, so a resumed job erases
+exactly what the uninterrupted one did, whatever the batch order or the process it runs in.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, check_transform_args, patch_timm_posterize
+
+__all__ = ["BatchTransform", "DraftRandomResizedCrop", "WorkerTransform", "build_split_transforms", "to_hwc_tensor"]
+
+_DRAFT_SCALES = (8, 4, 2)
+
+
+def to_hwc_tensor(img: Image.Image) -> torch.Tensor:
+    """A PIL RGB image as a uint8 HWC tensor (one copy, out of PIL's buffer)."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+
+
+def _is_undecoded_jpeg(img: Image.Image) -> bool:
+    return img.format == "JPEG" and bool(getattr(img, "tile", None))
+
+
+class DraftRandomResizedCrop:
+    """timm's RandomResizedCropAndInterpolation, decoding no more of a JPEG than the crop needs.
+
+    Given a lazily opened image (`Image.open`, header read, pixels not yet decoded), the box is drawn
+    by timm's `get_params` from the header's size, the JPEG is decoded at the largest DCT scale 1/s
+    (s in 8, 4, 2) that still leaves the box at least the output size, and the scaled box is resized to
+    the output (PIL resize with a fractional box). At s == 1 (and for decoded or non-JPEG images) it is
+    exactly timm's crop-then-resize.
+    """
+
+    def __init__(self, rrc: Any):
+        self.rrc = rrc  # a timm RandomResizedCropAndInterpolation: size, scale, ratio, interpolation
+        if isinstance(rrc.interpolation, (tuple, list)):
+            raise ValueError("DraftRandomResizedCrop needs one interpolation, not timm's 'random'")
+        from torchvision.transforms.functional import pil_modes_mapping
+
+        self.resample = pil_modes_mapping[rrc.interpolation]
+
+    def box(self, img: Image.Image) -> tuple[int, int, int, int]:
+        """(top, left, height, width): timm's draw for an image of `img.size` (the JPEG header's size)."""
+        return self.rrc.get_params(img, self.rrc.scale, self.rrc.ratio)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        i, j, h, w = self.box(img)
+        out_w, out_h = self.rrc.size[1], self.rrc.size[0]
+        scale = 1
+        if _is_undecoded_jpeg(img):
+            scale = next((s for s in _DRAFT_SCALES if w >= s * out_w and h >= s * out_h), 1)
+            if scale > 1:
+                # PIL picks the largest power of two <= min(W // req_w, H // req_h): this request gives `scale`
+                full_w = img.size[0]
+                drafted = img.draft("RGB", (img.size[0] // scale, img.size[1] // scale))
+                scale = 1 if drafted is None else round(full_w / drafted[1][2])  # box: (0, 0, W/s, H/s)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        if scale == 1:
+            return img.crop((j, i, j + w, i + h)).resize((out_w, out_h), self.resample)
+        box = (j / scale, i / scale, (j + w) / scale, (i + h) / scale)
+        return img.resize((out_w, out_h), self.resample, box=box)
+
+
+class WorkerTransform:
+    """What a loader worker runs: a PIL image -> uint8 HWC tensor. With `lazy_decode`, the loader hands
+    it the image undecoded (header read only) and the first step decodes it (DraftRandomResizedCrop)."""
+
+    def __init__(self, steps: Sequence[Callable[[Any], Any]], *, lazy_decode: bool):
+        self.steps = list(steps)
+        self.lazy_decode = lazy_decode
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        if not self.lazy_decode and img.mode != "RGB":
+            img = img.convert("RGB")
+        for step in self.steps:
+            img = step(img)
+        return to_hwc_tensor(img)
+
+
+class BatchTransform:
+    """The main process's half: uint8 NHWC batch -> normalized float NCHW on `device`, random erasing
+    (timm's RandomErasing parameters, seeded per sample), in `memory_format`."""
+
+    def __init__(
+        self,
+        *,
+        device: torch.device | str = "cpu",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        re_prob: float = 0.0,
+        re_mode: str = "pixel",
+        re_count: int = 1,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ):
+        if re_mode not in ("const", "rand", "pixel"):
+            raise ValueError(f"re_mode must be 'const', 'rand' or 'pixel', got {re_mode!r}")
+        if not 0 <= re_prob <= 1:
+            raise ValueError(f"re_prob must be a probability in [0, 1], got {re_prob}")
+        self.device = torch.device(device)
+        # (x - 255 mean) / (255 std) as one multiply-add: x * scale + shift
+        self.scale = torch.tensor([1 / (255 * s) for s in std], device=self.device).view(1, 3, 1, 1)
+        self.shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=self.device).view(1, 3, 1, 1)
+        self.re_prob, self.re_mode, self.re_count = re_prob, re_mode, re_count
+        self.memory_format = memory_format
+
+    def __call__(self, images: torch.Tensor, seeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`images`: uint8, NHWC (from WorkerTransform) or NCHW; `seeds`: the per-sample augmentation seeds
+        (int64, one per image), needed when random erasing is on."""
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise TypeError(f"BatchTransform takes a uint8 batch of 4 dims, got {images.dtype} {tuple(images.shape)}")
+        x = images.to(self.device, non_blocking=True)
+        if x.shape[-1] == 3 and x.shape[1] != 3:
+            x = x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: channels_last, no copy
+        x = x.to(dtype=torch.float32, memory_format=self.memory_format)
+        torch.addcmul(self.shift, x, self.scale, out=x)
+        if self.re_prob > 0:
+            if seeds is None or len(seeds) != len(x):
+                raise ValueError("random erasing needs one augmentation seed per image (the loader ships them)")
+            for img, seed in zip(x, seeds.tolist(), strict=True):
+                self._erase(img, int(seed))
+        return x
+
+    def _erase(self, img: torch.Tensor, seed: int) -> None:
+        """timm's RandomErasing._erase for one image, drawing from RNGs of this sample's own seed.
+
+        Written out (not timm's class) because timm draws from the process-global `random` and torch
+        generators, which would make the erasing depend on batch order and break exact resume."""
+        rng = random.Random(f"erase:{seed}")
+        if rng.random() > self.re_prob:
+            return
+        chan, img_h, img_w = img.shape
+        area = img_h * img_w
+        count = 1 if self.re_count == 1 else rng.randint(1, self.re_count)
+        log_aspect = (math.log(0.3), math.log(1 / 0.3))
+        gen: torch.Generator | None = None
+        for _ in range(count):
+            for _attempt in range(10):
+                target_area = rng.uniform(0.02, 1 / 3) * area / count
+                aspect = math.exp(rng.uniform(*log_aspect))
+                h = int(round(math.sqrt(target_area * aspect)))
+                w = int(round(math.sqrt(target_area / aspect)))
+                if w < img_w and h < img_h:
+                    top = rng.randint(0, img_h - h)
+                    left = rng.randint(0, img_w - w)
+                    if self.re_mode == "const":
+                        img[:, top : top + h, left : left + w] = 0
+                    else:
+                        if gen is None:
+                            gen = torch.Generator(self.device).manual_seed(rng.getrandbits(63))
+                        shape = (chan, h, w) if self.re_mode == "pixel" else (chan, 1, 1)
+                        noise = torch.randn(shape, generator=gen, device=self.device, dtype=img.dtype)
+                        img[:, top : top + h, left : left + w] = noise
+                    break
+
+
+def build_split_transforms(
+    img_size: int,
+    *,
+    is_training: bool,
+    device: torch.device | str = "cpu",
+    memory_format: torch.memory_format = torch.contiguous_format,
+    crop_pct: float = 0.9,
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+    re_prob: float = 0.25,
+    re_mode: str = "pixel",
+    re_count: int = 1,
+    interpolation: str = "bicubic",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    hflip: float = 0.5,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    decode_device: str = "cpu",
+) -> tuple[Any, Any]:
+    """The paper's transform (the same as `build_transforms`) as (worker half, batch half).
+
+    `build_transforms(...)(img)` and `batch(worker(img)[None], seed)` give the same tensor (to float
+    tolerance) for the same RNG draws; random erasing differs in where its randomness comes from only.
+    Training crops decode lazily (DraftRandomResizedCrop); evaluation resizes and centre-crops.
+    `decode_device="cuda"`: the workers ship JPEG bytes and the batch half decodes, crops, flips, resizes,
+    normalizes and erases on the (CUDA) training device (data/device_decode.py; no RandAugment there).
+    """
+    from timm.data import create_transform
+    from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
+
+    check_transform_args(img_size, crop_pct=crop_pct, re_prob=re_prob, hflip=hflip, mean=mean, std=std)
+    if decode_device not in ("cpu", "cuda"):
+        raise ValueError(f"decode_device must be 'cpu' or 'cuda', got {decode_device!r}")
+    if decode_device == "cuda":
+        return _device_decode_transforms(
+            img_size, is_training=is_training, device=torch.device(device), memory_format=memory_format,
+            crop_pct=crop_pct, auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
+            interpolation=interpolation, mean=mean, std=std, hflip=hflip, scale=scale, ratio=ratio,
+        )
+    common = dict(interpolation=interpolation, mean=tuple(mean), std=tuple(std), use_prefetcher=True)
+    if is_training:
+        if auto_augment:
+            patch_timm_posterize()
+        primary, secondary, _final = create_transform(
+            img_size, is_training=True, scale=scale, ratio=ratio, hflip=hflip,
+            auto_augment=auto_augment or None, separate=True, **common,
+        )
+        first, *rest = primary.transforms
+        assert isinstance(first, RandomResizedCropAndInterpolation), first
+        steps = [DraftRandomResizedCrop(first), *rest, *secondary.transforms]
+        worker = WorkerTransform(steps, lazy_decode=True)
+    else:
+        evaluation = create_transform(img_size, is_training=False, crop_pct=crop_pct, **common)
+        steps = [t for t in evaluation.transforms if not isinstance(t, MaybePILToTensor)]
+        worker = WorkerTransform(steps, lazy_decode=False)
+        re_prob = 0.0
+    batch = BatchTransform(
+        device=device, mean=mean, std=std, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
+        memory_format=memory_format,
+    )
+    return worker, batch
+
+
+def _device_decode_transforms(
+    img_size: int, *, is_training: bool, device: torch.device, auto_augment: str | None, re_prob: float,
+    re_mode: str, re_count: int, mean: Sequence[float], std: Sequence[float], memory_format: torch.memory_format,
+    **crop: Any,
+) -> tuple[Any, Any]:
+    from .device_decode import DeviceDecodeTransform, EncodedJpeg
+
+    if device.type != "cuda":
+        raise ValueError(f"data.decode_device=cuda decodes on the training device, which is {device}; "
+                         "use data.decode_device=cpu without a GPU")
+    if is_training and auto_augment:
+        raise ValueError(f"data.decode_device=cuda has no RandAugment ({auto_augment!r}): set "
+                         "data.auto_augment=null, or decode on the CPU (data.decode_device=cpu)")
+    batch = BatchTransform(device=device, mean=mean, std=std, re_prob=re_prob if is_training else 0.0,
+                           re_mode=re_mode, re_count=re_count, memory_format=memory_format)
+    return EncodedJpeg(), DeviceDecodeTransform(img_size, is_training=is_training, batch=batch, **crop)
