@@ -396,8 +396,10 @@ def load_weights_model(cfg: Any, source: str | Path) -> nn.Module:
 
 def evaluate_worker(cfg: Any, dist: Any, data_root: str | Path, weights: str | Path) -> MetricSums:
     """On one rank: load the weights, read this rank's share of ``cfg.data.val_split``, return the reduced sums."""
+    from metaformer_platform import hardware
     from metaformer_platform.training.trainer import build_split_loader
 
+    cfg, _ = hardware.resolve_for_worker(cfg, dist.device, world_size=dist.world_size, total_steps=0)
     if cfg.trainer.torch_threads:
         torch.set_num_threads(cfg.trainer.torch_threads)
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format

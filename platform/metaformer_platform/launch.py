@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -259,6 +260,34 @@ def _with_default_threads(cfg: JobConfig) -> JobConfig:
     return cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"torch_threads": threads})})
 
 
+def resolve_scaling(cfg: JobConfig) -> JobConfig:
+    """``scaling.*: auto`` made concrete: the fastest worker layout for the cluster the job runs on (see
+    ``metaformer_platform.hardware.resolve_layout``). A local Ray is not started for it: it would take this
+    machine's CPUs and GPUs, which are probed directly."""
+    s = cfg.scaling
+    if "auto" not in (s.num_workers, s.cpus_per_worker, s.use_gpu):
+        return cfg
+    from metaformer_platform import hardware
+
+    if (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+            or ("ray" in sys.modules and sys.modules["ray"].is_initialized())):
+        import ray
+
+        connect_ray(cfg)
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    else:
+        import torch
+
+        nodes = [{"CPU": float(hardware.available_cpus()), "GPU": float(torch.cuda.device_count())}]
+    layout = hardware.resolve_layout(s, nodes)
+    log.info("worker layout: %d worker(s) x %g CPU%s (%s)", layout.num_workers, layout.cpus_per_worker,
+             " + 1 GPU" if layout.use_gpu else "", layout.reason)
+    scaling = s.model_copy(update={
+        "num_workers": layout.num_workers, "cpus_per_worker": layout.cpus_per_worker, "use_gpu": layout.use_gpu,
+    })
+    return cfg.model_copy(update={"scaling": scaling})
+
+
 def connect_ray(cfg: JobConfig) -> None:
     """Join the configured cluster (``run.ray_address`` or RAY_ADDRESS), or start a local one."""
     import ray
@@ -442,6 +471,7 @@ def run_job(cfg: JobConfig) -> JobResult:
     """Check, open the MLflow run, fit on Ray Train, and close the run with the job's outcome.
 
     ``stage="evaluate"`` scores the weights in ``model.init_from`` instead (see ``run_evaluate``)."""
+    cfg = resolve_scaling(cfg)
     if cfg.stage == "evaluate":
         return run_evaluate(cfg)
 
