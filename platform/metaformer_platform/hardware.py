@@ -258,6 +258,10 @@ def resolve_layout(scaling: Any, nodes: list[dict[str, float]]) -> Layout:
         reason = f"CPU only: one worker per node with all its CPUs ({num} nodes, {cpus:g} CPUs each at least)"
     explicit_workers = scaling.num_workers != "auto"
     explicit_cpus = scaling.cpus_per_worker != "auto"
+    if explicit_workers and not explicit_cpus:
+        # a given number of workers shares the cluster's CPUs (no fewer than 1 each; a worker fits on one node)
+        total = sum(n.get("CPU", 0.0) for n in nodes)
+        cpus = max(1.0, min(cpus, total // int(scaling.num_workers)))
     if explicit_workers or explicit_cpus:
         reason = "set in the config" if explicit_workers and explicit_cpus else reason + " (partly set in the config)"
     return Layout(

@@ -98,6 +98,8 @@ def test_layout_one_worker_per_cpu_node_and_one_per_gpu():
     explicit = hardware.resolve_layout(_scaling("scaling.num_workers=2", "scaling.cpus_per_worker=1"),
                                        [{"CPU": 2.0}])
     assert (explicit.num_workers, explicit.cpus_per_worker, explicit.reason) == (2, 1.0, "set in the config")
+    shared = hardware.resolve_layout(_scaling("scaling.num_workers=2"), [{"CPU": 2.0}])
+    assert (shared.num_workers, shared.cpus_per_worker) == (2, 1.0)  # they share the node's CPUs
     with pytest.raises(ValueError, match="no GPU"):
         hardware.resolve_layout(_scaling("scaling.use_gpu=true"), [{"CPU": 2.0}])
 
