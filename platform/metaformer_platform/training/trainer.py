@@ -247,7 +247,6 @@ class Trainer:
         window_steps = 0
         metrics: dict[str, float] = {}
         while self.step < self.total_steps:
-            self.timer.start()
             window_loss += self._train_step()
             window_steps += 1
             self.step += 1
@@ -284,6 +283,7 @@ class Trainer:
     def _train_step(self) -> torch.Tensor:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss (a tensor)."""
         accum = self.cfg.trainer.grad_accum_steps
+        self.timer.start()
         total = torch.zeros((), device=self.dist.device)
         for micro in range(accum):
             images, targets = self._next_batch()
