@@ -30,8 +30,10 @@ _BF16_FLAGS = (AMX_BF16, AVX512_BF16)
 # CUDA: bf16 tensor cores from Ampere (compute capability 8.0) on.
 CUDA_BF16_CAPABILITY = (8, 0)
 
-# torch.compile on CPU: the first compile of a poolformer_s12 training step takes 100-200 s on 2 cores (measured,
-# see DESIGN.md); it is worth it only when the run is long enough to win that back.
+# torch.compile pays only when the run is long enough to win back its first compile. CPU: that compile takes
+# 100-200 s on 2 cores (measured, DESIGN.md); at 0.2-0.5 s per eager step, 20000 steps keep it under ~5% of the
+# run even if compiled steps were no faster. CUDA: a policy bound (about a minute of compile against steps of
+# tens of ms), not a measurement of this project; override with trainer.compile=true/false.
 COMPILE_MIN_STEPS = {"cuda": 2000, "cpu": 20000}
 
 
