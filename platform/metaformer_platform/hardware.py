@@ -95,14 +95,17 @@ def _cpu_model() -> str:
 
 
 def bf16_fast(caps: Capabilities) -> tuple[bool, str]:
-    """Whether bf16 autocast trains faster than fp32 on this device, and why.
+    """Whether bf16 autocast trains at least as fast as fp32 on this device, and why.
 
-    CUDA: tensor cores compute bf16 from compute capability 8.0. CPU: only AMX counts. AVX512-BF16 alone gives
-    bf16 dot products (``vdpbf16ps``) but oneDNN still converts around every other op (GroupNorm, pooling, GELU,
-    the optimizer's fp32 master weights), and measured on such a CPU (2 cores, Xeon with avx512_bf16 and no AMX,
-    poolformer_s12 training steps, AdamW, interleaved rounds) bf16 autocast took 1.9x the time of fp32 at 32 px
-    batch 32 and 1.7x at 64 px batch 64 (tests/benchmarks/bench_defaults.py --precision-only prints the figures);
-    with AMX the same step was 1.58x faster than fp32 (DESIGN.md).
+    CUDA: tensor cores compute bf16 from compute capability 8.0. CPU: a bf16 unit, AMX (``amx_bf16``) or
+    AVX512-BF16 (``avx512_bf16``). Measured, poolformer_s12 training steps, AdamW, medians of alternating
+    rounds (tests/benchmarks/bench_defaults.py --precision-only prints them):
+
+    - AMX (DESIGN.md): bf16 + channels_last 1.58x faster than fp32 (64 px, batch 64, 2 threads);
+    - AVX512-BF16 without AMX (this project's 2-core Xeon, shared, load 24-57): 1 thread, 32 px, batch 32:
+      bf16 took 0.81x the time of fp32 (NCHW and channels_last alike, 7 rounds); 2 threads, 32 px, batch 64,
+      order shuffled per round: bf16 + channels_last 0.59-0.79x the time of the bare fp32 step: not slower;
+    - no bf16 unit (AVX-512 only, issue 14): bf16 is emulated, 19.8 against 36.4 images/s for fp32 (1.84x slower).
     """
     if caps.device_type == "cuda":
         cap = caps.cuda_capability or (0, 0)
@@ -112,8 +115,8 @@ def bf16_fast(caps: Capabilities) -> tuple[bool, str]:
     if AMX_BF16 in caps.cpu_flags:
         return True, "the CPU has AMX (amx_bf16)"
     if AVX512_BF16 in caps.cpu_flags:
-        return False, "the CPU has avx512_bf16 but no AMX: bf16 training steps measured slower than fp32 there"
-    return False, "the CPU has no bf16 unit (no amx_bf16, no avx512_bf16): bf16 would be emulated"
+        return True, "the CPU has avx512_bf16 (no AMX): bf16 training steps measured no slower than fp32"
+    return False, "the CPU has no bf16 unit (no amx_bf16, no avx512_bf16): bf16 would be emulated, 1.84x slower"
 
 
 @dataclass
@@ -153,14 +156,14 @@ def resolve_settings(trainer: Any, caps: Capabilities, *, total_steps: int, cpus
 
     channels_last = trainer.channels_last
     if channels_last == "auto":
-        # CUDA: NHWC convolutions are what the tensor cores run (cuDNN converts NCHW otherwise). CPU fp32: poolformer
-        # steps measured slower in channels_last (GroupNorm and average pooling run in NCHW kernels); with bf16 on
-        # AMX, channels_last + bf16 was the 1.58x setting (DESIGN.md).
+        # CUDA: NHWC convolutions are what the tensor cores run (cuDNN converts NCHW otherwise). CPU bf16: with AMX
+        # channels_last + bf16 was the 1.58x setting (DESIGN.md), with AVX512-BF16 no slower than NCHW (see
+        # bf16_fast). CPU fp32: no gain measured (0.83-1.15x of NCHW's time, noisy), so timm's default NCHW stays.
         channels_last = caps.device_type == "cuda" or precision == "bf16"
         reasons["channels_last"] = (
             "auto: NHWC for tensor cores" if caps.device_type == "cuda"
             else "auto: bf16 on CPU runs NHWC kernels" if channels_last
-            else "auto: fp32 on CPU measured faster in NCHW"
+            else "auto: fp32 on CPU gained nothing measurable from NHWC"
         )
 
     compile_ = trainer.compile

@@ -30,7 +30,7 @@ def _trainer_cfg(*overrides: str):
 
 @pytest.mark.parametrize(
     ("caps", "expected"),
-    [(AMX_CPU, "bf16"), (AVX512_BF16_CPU, "fp32"), (PLAIN_CPU, "fp32"), (H100, "bf16"), (T4, "fp32")],
+    [(AMX_CPU, "bf16"), (AVX512_BF16_CPU, "bf16"), (PLAIN_CPU, "fp32"), (H100, "bf16"), (T4, "fp32")],
 )
 def test_auto_precision_follows_the_device(caps, expected):
     settings = hardware.resolve_settings(_trainer_cfg(), caps, total_steps=100)
@@ -55,7 +55,7 @@ def test_the_real_probe_on_this_machine():
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     assert caps.cpu_flags == {f for f in ("amx_bf16", "avx512_bf16") if re.search(rf"\b{f}\b", text)}
     settings = hardware.resolve_settings(_trainer_cfg(), caps, total_steps=100)
-    assert settings.precision == ("bf16" if "amx_bf16" in caps.cpu_flags else "fp32")
+    assert settings.precision == ("bf16" if caps.cpu_flags else "fp32")  # either bf16 unit counts
     assert caps.cpus >= 1
 
 
