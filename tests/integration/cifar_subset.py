@@ -26,7 +26,7 @@ def extract(dest: Path, split: str, per_class: int) -> Path:
             if not member.isfile() or len(parts) != 3 or taken[parts[1]] >= per_class:
                 continue
             taken[parts[1]] += 1
-            out = dest / split / parts[1] / parts[2]
+            out = dest / split / parts[1] / f"{parts[1]}_{parts[2]}"  # the builder keys samples by file name
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
     return dest / split
