@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from loader_helpers import RandomBatches
 
 from metaformer_platform import hardware
 from metaformer_platform.config import load_config
@@ -107,25 +108,8 @@ def test_layout_one_worker_per_cpu_node_and_one_per_gpu():
 # -- in the Trainer ----------------------------------------------------------------------------------
 
 
-class _Batches:
-    """A fixed set of tiny batches in the loader protocol the Trainer uses."""
-
-    def __init__(self, n: int = 8, batch: int = 8) -> None:
-        gen = torch.Generator().manual_seed(0)
-        self.batches = [(torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 4, (batch,), generator=gen))
-                        for _ in range(n)]
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+def _Batches(n: int = 8, batch: int = 8) -> RandomBatches:  # noqa: N802 - reads as the loader it builds
+    return RandomBatches(n, batch)
 
 
 class Recorder:
