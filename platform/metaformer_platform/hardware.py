@@ -102,7 +102,7 @@ def bf16_fast(caps: Capabilities) -> tuple[bool, str]:
     rounds (tests/benchmarks/bench_defaults.py --precision-only prints them):
 
     - AMX (DESIGN.md): bf16 + channels_last 1.58x faster than fp32 (64 px, batch 64, 2 threads);
-    - AVX512-BF16 without AMX (this project's 2-core Xeon, shared, load 24-57): 1 thread, 32 px, batch 32:
+    - AVX512-BF16 without AMX (this project's 2-core AMD EPYC, shared, load 24-57): 1 thread, 32 px, batch 32:
       bf16 took 0.81x the time of fp32 (NCHW and channels_last alike, 7 rounds); 2 threads, 32 px, batch 64,
       order shuffled per round: bf16 + channels_last 0.59-0.79x the time of the bare fp32 step: not slower;
     - no bf16 unit (AVX-512 only, issue 14): bf16 is emulated, 19.8 against 36.4 images/s for fp32 (1.84x slower).
