@@ -186,3 +186,30 @@ def test_images_per_s_excludes_validation_time():
     step_s = 8 * len(fast) / sum(fast)
     assert step_s < 0.5
     assert sorted(slowed)[len(slowed) // 2] > 0.5 * sorted(fast)[len(fast) // 2], (fast, slowed)
+
+
+def test_allreduce_time_is_measured_by_a_ddp_comm_hook(tmp_path):
+    import torch.distributed as tdist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from metaformer_platform.training.steptime import StepTimer, watch_allreduce
+
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        plain = torch.nn.Linear(16, 4)
+        ddp = DistributedDataParallel(torch.nn.Linear(16, 4))
+        ddp.module.load_state_dict(plain.state_dict())
+        timer = StepTimer(torch.device("cpu"))
+        assert watch_allreduce(ddp, timer) and not watch_allreduce(plain, timer)
+        x = torch.randn(8, 16)
+        ddp(x).square().sum().backward()
+        plain(x).square().sum().backward()
+        assert torch.allclose(ddp.module.weight.grad, plain.weight.grad)  # the hook still reduces the gradient
+        timer.start()
+        timer.mark("data")
+        times = timer.window(1)
+        assert times["time/allreduce_s"] > 0 and times["time/data_s"] >= 0
+        assert "time/allreduce_s" not in timer.window(1)  # a new window starts empty
+    finally:
+        tdist.destroy_process_group()
