@@ -43,7 +43,9 @@ def check_data(cfg: JobConfig, data_root: str | Path) -> None:
     if cfg.data.val_split:
         manifest.split(cfg.data.val_split)  # raises, naming the splits there are
     train = manifest.split(cfg.data.train_split)
-    per_rank = train.num_samples // cfg.scaling.num_workers
+    # `auto` is resolved once Ray is joined (launch.resolve_scaling); until then judge one worker's share.
+    workers = cfg.scaling.num_workers if isinstance(cfg.scaling.num_workers, int) else 1
+    per_rank = train.num_samples // workers
     if per_rank < cfg.trainer.batch_size * cfg.trainer.grad_accum_steps:
         raise ValueError(
             f"the {cfg.data.train_split!r} split of {str(data_root)!r} has {train.num_samples} samples, "

@@ -15,7 +15,7 @@ import difflib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -187,9 +187,19 @@ class TrainerConfig(_Section):
     max_steps: int | None = Field(None, ge=1, description="training length in optimizer steps (overrides epochs)")
     batch_size: int = Field(128, ge=1, description="images per worker per micro-step")
     grad_accum_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
-    precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 autocast (CPU and CUDA) or fp32")
-    channels_last: bool = Field(True, description="NHWC memory format for model and inputs")
-    compile: bool = Field(False, description="torch.compile the model (slow first step)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="bf16 autocast (CPU and CUDA) or fp32; auto: bf16 where the device trains faster in it "
+        "(CUDA compute capability >= 8.0, CPUs with AMX), else fp32 (see metaformer_platform.hardware)",
+    )
+    channels_last: Literal["auto"] | bool = Field(
+        "auto", description="NHWC memory format for model and inputs (auto: where measured faster)"
+    )
+    compile: Literal["auto"] | bool = Field(
+        "auto",
+        description="torch.compile the model (slow first step; auto: when the run is long enough to pay for "
+        "it); the compiled kernels are cached under data.cache_dir/inductor",
+    )
     seed: int = Field(42, description="seed of weights, data order and augmentation")
     log_every_steps: int = Field(10, ge=1, description="step metrics cadence")
     val_every_steps: int | None = Field(None, ge=1, description="validation cadence (null: once per epoch)")
@@ -208,9 +218,14 @@ class TrainerConfig(_Section):
 
 
 class ScalingSettings(_Section):
-    num_workers: int = Field(2, ge=1, description="training workers (one process each)")
-    use_gpu: bool = Field(False, description="one GPU per worker")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
+    num_workers: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        "auto",
+        description="training workers (one process each); auto: one per GPU, or on CPU-only nodes one per node",
+    )
+    use_gpu: Literal["auto"] | bool = Field("auto", description="one GPU per worker (auto: when the cluster has GPUs)")
+    cpus_per_worker: Literal["auto"] | Annotated[float, Field(gt=0)] = Field(
+        "auto", description="CPUs reserved per worker (auto: all of a CPU-only node's, or its CPUs per GPU)"
+    )
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="extra Ray resources per worker (e.g. {'GPU': 1, 'memory': ...})"
     )
@@ -280,7 +295,9 @@ class JobConfig(_Section):
 
     @property
     def global_batch(self) -> int:
-        """Images per optimizer step across all workers."""
+        """Images per optimizer step across all workers (once ``scaling.num_workers`` is resolved)."""
+        if self.scaling.num_workers == "auto":
+            raise ValueError("scaling.num_workers=auto is resolved by the launcher (or the Trainer) first")
         return self.trainer.batch_size * self.trainer.grad_accum_steps * self.scaling.num_workers
 
     @property

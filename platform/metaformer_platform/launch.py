@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,34 @@ class JobResult:
 
 
 # -- joining the cluster -------------------------------------------------------------------------
+
+
+def resolve_scaling(cfg: JobConfig) -> JobConfig:
+    """``scaling.*: auto`` made concrete: the fastest worker layout for the cluster the job runs on (see
+    ``metaformer_platform.hardware.resolve_layout``). A local Ray is not started for it: it would take this
+    machine's CPUs and GPUs, which are probed directly."""
+    s = cfg.scaling
+    if "auto" not in (s.num_workers, s.cpus_per_worker, s.use_gpu):
+        return cfg
+    from metaformer_platform import hardware
+
+    if (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+            or ("ray" in sys.modules and sys.modules["ray"].is_initialized())):
+        import ray
+
+        connect_ray(cfg)
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    else:
+        import torch
+
+        nodes = [{"CPU": float(hardware.available_cpus()), "GPU": float(torch.cuda.device_count())}]
+    layout = hardware.resolve_layout(s, nodes)
+    log.info("worker layout: %d worker(s) x %g CPU%s (%s)", layout.num_workers, layout.cpus_per_worker,
+             " + 1 GPU" if layout.use_gpu else "", layout.reason)
+    scaling = s.model_copy(update={
+        "num_workers": layout.num_workers, "cpus_per_worker": layout.cpus_per_worker, "use_gpu": layout.use_gpu,
+    })
+    return cfg.model_copy(update={"scaling": scaling})
 
 
 def connect_ray(cfg: JobConfig) -> None:
@@ -152,6 +181,9 @@ def run_job(cfg: JobConfig) -> JobResult:
     check_init_from(cfg, init_from_local)
     resume_from = check_resume_from(cfg)
     storage_path = resolve_storage_path(cfg.run.storage_path)
+    # The layout needs the cluster, so it is chosen only once every check of the input has passed.
+    cfg = resolve_scaling(cfg)
+    check_data(cfg, data_root)
     cfg = with_default_threads(cfg)
     handle = _connect_and_open_run(cfg)
     payload = {
@@ -207,6 +239,7 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
     cfg, weights, manifest = prepare_evaluation(cfg, weights_folder, data_root)
     check_model(cfg, cfg.model.num_classes)
     storage_path = resolve_storage_path(cfg.run.storage_path)
+    cfg = resolve_scaling(cfg)
     cfg = with_default_threads(cfg)
     handle = _connect_and_open_run(cfg)
     payload = {

@@ -170,6 +170,15 @@ class MlflowTracker:
         if new:
             self._mlflow.log_metrics(new, step=step, run_id=self.run_id, synchronous=False)
 
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Params the worker decides (the settings resolved for its device); kept as they were on a resume
+        (MLflow params cannot change)."""
+        client = self._mlflow.MlflowClient()
+        existing = client.get_run(self.run_id).data.params
+        for key, value in params.items():
+            if key not in existing:
+                client.log_param(self.run_id, key, _param_value(value))
+
     def flush(self) -> None:
         """Wait until every metric logged so far is stored."""
         self._mlflow.flush_async_logging()

@@ -222,9 +222,11 @@ def evaluate_worker(cfg: Any, dist: Any, data_root: str | Path, weights: str | P
     """On one rank: load the weights, read this rank's share of ``cfg.data.val_split``, return the reduced sums."""
     import torch
 
+    from metaformer_platform import hardware
     from metaformer_platform.evaluation import evaluate_loader
     from metaformer_platform.training.trainer import build_split_loader
 
+    cfg, _ = hardware.resolve_for_worker(cfg, dist.device, world_size=dist.world_size, total_steps=0)
     if cfg.trainer.torch_threads:
         torch.set_num_threads(cfg.trainer.torch_threads)
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format

@@ -1,8 +1,11 @@
-"""A loader with test defaults: one rank, in-process, untransformed images, sample keys in every batch."""
+"""Loaders for unit tests: the real loader with test defaults (one rank, in-process, untransformed images, sample
+keys in every batch), and a fixed list of random batches in the loader protocol the Trainer uses."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from metaformer_platform.data import build_loader
 
@@ -30,3 +33,24 @@ def resumed_after(make: Any, batches: int) -> Any:
     resumed = make()
     resumed.load_state_dict(interrupted.state_dict())
     return resumed
+
+
+class RandomBatches:
+    """``n`` seeded random batches of ``batch`` 32 px images with labels below ``classes``, as a Trainer loader."""
+
+    def __init__(self, n: int, batch: int, *, classes: int = 4, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.batches = [(torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, classes, (batch,), generator=gen))
+                        for _ in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

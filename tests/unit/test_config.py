@@ -67,7 +67,7 @@ def test_unknown_key_in_a_file(tmp_path):
     [
         ("trainer.batch_size=0", r"trainer.batch_size: Input should be greater than or equal to 1"),
         ("trainer.batch_size=abc", r"trainer.batch_size: .*valid integer"),
-        ("trainer.precision=fp8", r"trainer.precision: Input should be 'fp32' or 'bf16'"),
+        ("trainer.precision=fp8", r"trainer.precision: Input should be 'auto', 'fp32' or 'bf16'"),
         ("model.drop_path_rate=1.5", r"model.drop_path_rate"),
         ("optim.betas=[0.9, 1.5]", r"each beta must be in \[0, 1\)"),
         ("strategy.name=horovod", r"unknown strategy 'horovod'; choose one of \['ddp'"),

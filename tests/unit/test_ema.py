@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from loader_helpers import RandomBatches
 
 from metaformer_platform.config import ConfigError, load_config
 from metaformer_platform.data import ensure_synthetic_shards
@@ -144,23 +145,8 @@ def test_fused_optimizer_choice():
 # -- FSDP2: the EMA is sharded like the model ---------------------------------------------------------
 
 
-class _Batches:
-    def __init__(self, rank: int) -> None:
-        gen = torch.Generator().manual_seed(rank)
-        self.batches = [(torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 4, (8,), generator=gen))
-                        for _ in range(4)]
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+def _Batches(rank: int) -> RandomBatches:  # noqa: N802 - reads as the loader it builds
+    return RandomBatches(4, 8, seed=rank)
 
 
 def _fsdp_rank(rank: int, port: int, out: str, results) -> None:

@@ -25,6 +25,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from metaformer_platform import data as mdata
+from metaformer_platform import hardware
 from metaformer_platform.config import JobConfig
 from metaformer_platform.evaluation import evaluate_loader
 from metaformer_platform.models import create_model
@@ -32,6 +33,7 @@ from metaformer_platform.strategies import get_strategy_class
 from metaformer_platform.strategies.base import DistContext
 from metaformer_platform.training import checkpoint as ckpt
 from metaformer_platform.training.optim import build_optimizer, build_scheduler
+from metaformer_platform.training.steptime import StepTimer, watch_allreduce
 
 log = logging.getLogger(__name__)
 
@@ -122,21 +124,36 @@ class Trainer:
         self.tracker = tracker or NullTracker()
         self.report = report or _no_report
         self.scratch = checkpoint_scratch
-        t = cfg.trainer
-
-        if t.torch_threads:
-            torch.set_num_threads(t.torch_threads)
-        # Every rank draws the same initial weights; data and augmentation seeds are derived per rank.
-        torch.manual_seed(t.seed)
-        # Mixup/CutMix draw from NumPy's global RNG: seeded per rank, so that the same job repeats exactly.
-        random.seed(t.seed + dist.rank)
-        np.random.seed(t.seed + dist.rank)
 
         self.data_root = data_root
         self.manifest = mdata.load_manifest(data_root) if data_root is not None else None
         if cfg.model.num_classes is None and self.manifest is None:
             raise ValueError("model.num_classes must be set when the Trainer is given no data manifest")
         self.num_classes = cfg.model.num_classes or self.manifest.num_classes  # type: ignore[union-attr]
+        if loaders is not None:  # injected (benchmarks feed in-memory batches)
+            self.train_loader, self.val_loader = loaders
+        else:
+            self.train_loader = self._loader(cfg.data.train_split, training=True)
+            self.val_loader = self._loader(cfg.data.val_split, training=False) if cfg.data.val_split else None
+        self.steps_per_epoch = max(len(self.train_loader) // cfg.trainer.grad_accum_steps, 1)
+        self.total_steps = cfg.trainer.max_steps or math.ceil(cfg.trainer.epochs * self.steps_per_epoch)
+        # `auto` settings become the fastest ones for this device (the run length decides compile)
+        self.cfg, self.settings = hardware.resolve_for_worker(
+            cfg, dist.device, world_size=dist.world_size, total_steps=self.total_steps
+        )
+        cfg, t = self.cfg, self.cfg.trainer
+        if dist.is_main:
+            log.info("%s", self.settings.summary())
+            if hasattr(self.tracker, "log_params"):
+                self.tracker.log_params(self.settings.params())
+
+        torch.set_num_threads(t.torch_threads)  # type: ignore[arg-type]  (resolved above)
+        # Every rank draws the same initial weights; data and augmentation seeds are derived per rank.
+        torch.manual_seed(t.seed)
+        # Mixup/CutMix draw from NumPy's global RNG: seeded per rank, so that the same job repeats exactly.
+        random.seed(t.seed + dist.rank)
+        np.random.seed(t.seed + dist.rank)
+
         model = build_model(cfg, self.num_classes)
         if cfg.model.init_from:  # fine-tuning: another run's weights, of any strategy; a resume overrides them
             from metaformer_platform.training.export import init_from
@@ -154,15 +171,12 @@ class Trainer:
         self.strategy.setup(model, lambda m: build_optimizer(m, cfg.optim, self.lr))
         if self.ema is not None:
             self.ema.module = self.strategy.prepare_ema(self.ema.module)
+        if t.compile:
+            hardware.inductor_cache_dir(cfg.data.cache_dir)
         self.forward_model: nn.Module = torch.compile(self.strategy.model) if t.compile else self.strategy.model
+        self.timer = StepTimer(dist.device)
+        watch_allreduce(self.strategy.model, self.timer)
 
-        if loaders is not None:  # injected (benchmarks feed in-memory batches)
-            self.train_loader, self.val_loader = loaders
-        else:
-            self.train_loader = self._loader(cfg.data.train_split, training=True)
-            self.val_loader = self._loader(cfg.data.val_split, training=False) if cfg.data.val_split else None
-        self.steps_per_epoch = max(len(self.train_loader) // t.grad_accum_steps, 1)
-        self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
         self.val_every = t.val_every_steps or self.steps_per_epoch
         assert self.strategy.optimizer is not None
         self.scheduler = build_scheduler(self.strategy.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch)
@@ -235,7 +249,7 @@ class Trainer:
             return {**self.last_val, "step": float(self.step)}
         self.strategy.model.train()
         window_loss = torch.zeros((), device=self.dist.device)
-        window_steps, window_start = 0, time.perf_counter()
+        window_steps = 0
         metrics: dict[str, float] = {}
         while self.step < self.total_steps:
             window_loss += self._train_step()
@@ -244,20 +258,23 @@ class Trainer:
             if self.ema is not None:
                 # the step number drives ModelEmaV3's decay: step 1 copies the weights, warmup ramps after
                 self.ema.update(self.strategy.module, step=self.step)
+                self.timer.mark("optimizer")
             self.scheduler.step_update(num_updates=self.step)
 
             if self.step % t.log_every_steps == 0 or self.step == self.total_steps:
-                elapsed = time.perf_counter() - window_start
+                # the timer holds training time only: validation and checkpoints fall between its steps
+                times = self.timer.window(window_steps)
                 metrics = {
                     "train/loss": self._mean_across_ranks(window_loss / window_steps),
                     "train/lr": self.strategy.optimizer.param_groups[0]["lr"],  # type: ignore[union-attr]
-                    "train/images_per_s": window_steps * self.cfg.global_batch / elapsed,
+                    "train/images_per_s": self.cfg.global_batch / times["time/step_s"],
                     "train/epoch": self.step / self.steps_per_epoch,
+                    **times,
                     **self._data_faults(),
                 }
                 self.tracker.log_metrics(metrics, step=self.step)
                 window_loss.zero_()
-                window_steps, window_start = 0, time.perf_counter()
+                window_steps = 0
 
             if self.val_loader is not None and (self.step % self.val_every == 0 or self.step == self.total_steps):
                 self.last_val = self.validate()
@@ -266,23 +283,27 @@ class Trainer:
 
             if self.step % t.checkpoint_every_steps == 0 or self.step == self.total_steps:
                 self.save_and_report({**metrics, **self.last_val})
-                window_start = time.perf_counter()  # the save is not training time
         return {**metrics, **self.last_val, "step": float(self.step)}
 
     def _train_step(self) -> torch.Tensor:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss (a tensor)."""
         accum = self.cfg.trainer.grad_accum_steps
+        self.timer.start()
         total = torch.zeros((), device=self.dist.device)
         for micro in range(accum):
             images, targets = self._next_batch()
             if self.mixup is not None:
                 images, targets = self.mixup(images, targets)
+            self.timer.mark("data")
             with self.strategy.no_sync(accumulating=micro < accum - 1):
                 with self._autocast():
                     loss = self.train_loss(self.forward_model(images), targets)
+                self.timer.mark("forward")
                 self.strategy.backward(loss / accum)
+                self.timer.mark("backward")
             total += loss.detach().float()
         self.strategy.step(self.cfg.optim.clip_grad)
+        self.timer.mark("optimizer")
         return total / accum
 
     def _mean_across_ranks(self, value: torch.Tensor) -> float:

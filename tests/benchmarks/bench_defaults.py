@@ -1,0 +1,207 @@
+"""Benchmark: the platform's pretrain job with its defaults vs a bare fp32 timm loop, on the same real photos.
+
+Both sides train the same model (poolformer_s12, from scratch) with the same batch, resolution, optimizer
+(AdamW, lr, weight decay, warmup + cosine over the same number of steps), label smoothing and augmentation
+(timm's RandomResizedCrop + flip + colour jitter) on the same CIFAR-10 photos, then score the same test photos.
+
+- the platform: ``run_job`` with every ``auto`` left to the platform (precision, memory format, compile, worker
+  layout), reading webdataset shards built from the photos by the platform's builder, MLflow in a temporary
+  sqlite store; its throughput is the job's own ``train/images_per_s`` (training time only);
+- the bare loop: what timm's ``train.py`` does on a CPU: ``create_dataset`` (ImageFolder) + ``create_loader``
+  (2 loader workers), fp32, NCHW, ``create_optimizer_v2('adamw')``, ``create_scheduler_v2``; timed the same way
+  (wall time of each window of steps, loader waits included, validation excluded).
+
+The two alternate for ``--rounds`` rounds (one at a time, never sharing the CPU); the medians are printed with
+the ratio of images/s (the goal is >= 1.25), the accuracies, and the CPU flags of this machine.
+
+    python tests/benchmarks/bench_defaults.py [--steps 150] [--batch 64] [--size 32] [--rounds 3]
+    python tests/benchmarks/bench_defaults.py --precision-only   # bf16 vs fp32 training steps on this CPU
+
+Ray needs a loopback-only network namespace on the project's sandbox (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+import cifar_subset  # noqa: E402
+
+WINDOW = 10
+LR, WEIGHT_DECAY, WARMUP_STEPS, SMOOTHING = 2e-3, 0.05, 20, 0.1
+
+
+def platform_job(shards: Path, tmp: Path, *, steps: int, batch: int, size: int, rnd: int) -> dict[str, float]:
+    """The platform's pretrain job, defaults left alone; its median images/s, top-1 and wall time."""
+    from mlflow import MlflowClient
+
+    from metaformer_platform.config import load_config
+    from metaformer_platform.launch import run_job
+
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    cfg = load_config(None, [
+        "model.name=poolformer_s12", "model.drop_path_rate=0", f"data.source={shards}", f"data.img_size={size}",
+        "data.crop_pct=1.0", "data.auto_augment=null", "data.re_prob=0", "data.mixup_alpha=0", "data.cutmix_alpha=0",
+        f"data.label_smoothing={SMOOTHING}", "data.num_workers=1", f"trainer.batch_size={batch}",
+        f"trainer.max_steps={steps}", f"trainer.log_every_steps={WINDOW}", f"trainer.checkpoint_every_steps={steps}",
+        f"trainer.val_every_steps={steps}", f"optim.lr={LR}", f"optim.weight_decay={WEIGHT_DECAY}",
+        f"optim.warmup_epochs={WARMUP_STEPS * batch / 5000}", f"run.storage_path={tmp / 'runs'}",
+        f"run.name=bench-{rnd}", f"tracking.tracking_uri={uri}", "tracking.experiment=bench-defaults",
+        "tracking.system_metrics=false",
+    ])
+    start = time.perf_counter()
+    result = run_job(cfg)
+    wall = time.perf_counter() - start
+    client = MlflowClient(uri)
+    rates = sorted(client.get_metric_history(result.mlflow_run_id, "train/images_per_s"), key=lambda m: m.step)
+    params = client.get_run(result.mlflow_run_id).data.params
+    shares = {k: client.get_metric_history(result.mlflow_run_id, k)[-1].value
+              for k in ("time/data_s", "time/forward_s", "time/backward_s", "time/optimizer_s")}
+    settings = {k: params.get(k) for k in ("resolved.precision", "resolved.channels_last", "resolved.compile",
+                                           "resolved.torch_threads", "scaling.num_workers", "optim.fused")}
+    return {"images_per_s": statistics.median(m.value for m in rates[1:]), "top1": result.metrics["val/top1"],
+            "wall_s": wall, "breakdown": shares, "settings": settings}  # type: ignore[dict-item]
+
+
+def bare_timm(train_dir: Path, test_dir: Path, *, steps: int, batch: int, size: int, threads: int) -> dict[str, float]:
+    """timm's train.py on a CPU, reduced to its loop: fp32, NCHW, 2 loader workers."""
+    import timm
+    import torch
+    from timm.data import create_dataset, create_loader
+    from timm.loss import LabelSmoothingCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    start = time.perf_counter()
+    torch.set_num_threads(threads)
+    torch.manual_seed(42)
+    model = timm.create_model("poolformer_s12", num_classes=10, drop_path_rate=0.0)
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=LR, weight_decay=WEIGHT_DECAY)
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=steps, warmup_epochs=WARMUP_STEPS,
+                                       warmup_lr=1e-6, min_lr=1e-5, step_on_epochs=False, updates_per_epoch=1)
+    train = create_dataset("", root=str(train_dir), is_training=True)
+    loader = create_loader(train, input_size=(3, size, size), batch_size=batch, is_training=True,
+                           use_prefetcher=False, num_workers=2, crop_pct=1.0, interpolation="bicubic")
+    loss_fn = LabelSmoothingCrossEntropy(SMOOTHING)
+    model.train()
+    rates, step, window_start = [], 0, time.perf_counter()
+    while step < steps:
+        for images, targets in loader:
+            loss = loss_fn(model(images), targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            scheduler.step_update(num_updates=step)
+            if step % WINDOW == 0:
+                float(loss)  # the platform reads its loss at the log cadence too
+                rates.append(WINDOW * batch / (time.perf_counter() - window_start))
+                window_start = time.perf_counter()
+            if step == steps:
+                break
+    test = create_dataset("", root=str(test_dir), is_training=False)
+    test_loader = create_loader(test, input_size=(3, size, size), batch_size=batch, is_training=False,
+                                use_prefetcher=False, num_workers=2, crop_pct=1.0, interpolation="bicubic")
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for images, targets in test_loader:
+            correct += int((model(images).argmax(1) == targets).sum())
+            total += len(targets)
+    return {"images_per_s": statistics.median(rates[1:]), "top1": 100.0 * correct / total,
+            "wall_s": time.perf_counter() - start}
+
+
+def precision_only(rounds: int, threads: int) -> None:
+    """bf16 autocast vs fp32 (each in NCHW and channels_last) training steps of poolformer_s12, alternating."""
+    import timm
+    import torch
+
+    torch.set_num_threads(threads)
+    for size, batch in ((32, 64), (64, 64)):
+        x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+        setups = {}
+        for precision in ("fp32", "bf16"):
+            for channels_last in (False, True):
+                torch.manual_seed(0)
+                model = timm.create_model("poolformer_s12", num_classes=10)
+                fmt = torch.channels_last if channels_last else torch.contiguous_format
+                model = model.to(memory_format=fmt)
+                setups[(precision, channels_last)] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3), fmt)
+        times: dict[tuple[str, bool], list[float]] = {k: [] for k in setups}
+        for r in range(rounds + 1):
+            for key, (model, opt, fmt) in setups.items():
+                xi = x.to(memory_format=fmt)
+                begin = time.perf_counter()
+                for _ in range(3):
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=key[0] == "bf16"):
+                        loss = torch.nn.functional.cross_entropy(model(xi), y)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                if r:  # the first round warms up
+                    times[key].append((time.perf_counter() - begin) / 3)
+        base = statistics.median(times[("fp32", False)])
+        for (precision, cl), t in times.items():
+            med = statistics.median(t)
+            print(f"{size} px batch {batch} {precision} {'channels_last' if cl else 'NCHW':13s} "
+                  f"{1000 * med:7.0f} ms/step  time vs fp32 NCHW {med / base:.2f}x", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--train-per-class", type=int, default=1000)
+    parser.add_argument("--test-per-class", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--precision-only", action="store_true")
+    args = parser.parse_args()
+
+    from metaformer_platform import hardware
+
+    caps = hardware.probe(__import__("torch").device("cpu"))
+    print(f"machine: {caps.device_name}, {caps.cpus} CPUs, bf16 flags: {','.join(sorted(caps.cpu_flags)) or 'none'}",
+          flush=True)
+    if args.precision_only:
+        precision_only(args.rounds, caps.cpus)
+        return
+    if not cifar_subset.available():
+        print(f"skipped: {cifar_subset.MISSING}")
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="bench-defaults-"))
+    train_dir, test_dir, shards = cifar_subset.prepare(
+        tmp, train_per_class=args.train_per_class, test_per_class=args.test_per_class
+    )
+    platform, bare = [], []
+    for rnd in range(args.rounds):
+        platform.append(platform_job(shards, tmp, steps=args.steps, batch=args.batch, size=args.size, rnd=rnd))
+        print(f"round {rnd}: platform {platform[-1]}", flush=True)
+        bare.append(bare_timm(train_dir, test_dir, steps=args.steps, batch=args.batch, size=args.size,
+                              threads=caps.cpus))
+        print(f"round {rnd}: bare timm {bare[-1]}", flush=True)
+
+    def med(rows: list[dict], key: str) -> float:
+        return statistics.median(r[key] for r in rows)
+
+    print(f"\npoolformer_s12, batch {args.batch}, {args.size} px, {args.steps} steps on "
+          f"{10 * args.train_per_class} CIFAR-10 photos, top-1 on {10 * args.test_per_class}; medians of "
+          f"{args.rounds} alternating rounds")
+    print(f"platform settings: {platform[-1]['settings']}")
+    print(f"platform step breakdown (s/step, last window): {platform[-1]['breakdown']}")
+    for name, rows in (("platform defaults", platform), ("bare fp32 timm loop", bare)):
+        each = ", ".join(f"{r['images_per_s']:.1f}" for r in rows)
+        print(f"{name:20s} {med(rows, 'images_per_s'):7.1f} images/s  top-1 {med(rows, 'top1'):5.1f}%  "
+              f"wall {med(rows, 'wall_s'):6.1f} s  (rounds: {each})")
+    print(f"ratio platform / bare, images/s at equal work: {med(platform, 'images_per_s') / med(bare, 'images_per_s'):.2f}"
+          "  (goal >= 1.25)")
+
+
+if __name__ == "__main__":
+    main()
