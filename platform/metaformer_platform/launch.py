@@ -265,12 +265,14 @@ def connect_ray(cfg: JobConfig) -> None:
 
     if ray.is_initialized():
         return
+    from metaformer_platform.ray_logs import ray_init_options
+
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **ray_init_options(cfg.run.verbose))
     else:
         # "local" starts a private cluster instead of attaching to whatever `ray start` left in /tmp/ray.
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", include_dashboard=False, **ray_init_options(cfg.run.verbose))
 
 
 # -- the worker ------------------------------------------------------------------------------------
@@ -395,6 +397,9 @@ def _train_worker(payload: dict[str, Any]) -> None:
         from metaformer_platform.tracking import MlflowTracker
 
         tracker = MlflowTracker(payload["tracking_uri"], payload["run_id"], system_metrics=cfg.tracking.system_metrics)
+    from metaformer_platform.console import worker_progress
+
+    progress, tracker = worker_progress(payload, dist, tracker, forward_warnings=not cfg.run.verbose)
 
     report = checkpoint_reporter(cfg, dist, flush=getattr(tracker, "flush", None))
 
@@ -421,6 +426,7 @@ def _train_worker(payload: dict[str, Any]) -> None:
             )
         if checkpoint is not None:
             tracker.log_metrics({"run/resumed_from_step": float(trainer.step)}, step=trainer.step)
+        progress.start(trainer)
         if adopted:
             # Registered without copying: Ray then hands it on the next restart and prunes it in turn.
             ray.train.report(
@@ -430,6 +436,7 @@ def _train_worker(payload: dict[str, Any]) -> None:
                 checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
             )
         trainer.train()
+        progress.finish(trainer.step)
     finally:
         if hasattr(tracker, "close"):
             tracker.close()
@@ -479,6 +486,12 @@ def run_job(cfg: JobConfig) -> JobResult:
     import ray.train  # after the checks: bad input is refused without paying for Ray's import
     from ray.train.torch import TorchTrainer
 
+    from metaformer_platform.console import ProgressPrinter
+    from metaformer_platform.ray_logs import train_logging_config
+
+    printer = ProgressPrinter()  # rank 0's progress lines, printed by this process (see console.py)
+    payload["progress_queue"] = printer.queue
+    payload["run_dir"] = f"{storage_path}/{cfg.run_name}" if remote_storage else str(Path(storage_path) / cfg.run_name)
     # s3://: Ray's own URI resolution ignores AWS_ENDPOINT_URL, so it gets a filesystem built from it
     storage_fs, ray_storage_path = filesystem_and_path(storage_path) if remote_storage else (None, storage_path)
     trainer = TorchTrainer(
@@ -494,14 +507,16 @@ def run_job(cfg: JobConfig) -> JobResult:
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
             worker_runtime_env=worker_env,
+            logging_config=train_logging_config(cfg.run.verbose),
         ),
     )
     succeeded = False
     try:
-        result = trainer.fit()
-        succeeded = result.error is None
-        if result.error is not None:
-            raise result.error
+        with printer:
+            result = trainer.fit()
+            succeeded = result.error is None
+            if result.error is not None:
+                raise result.error
     finally:
         if handle is not None:
             handle.close(succeeded)
@@ -511,7 +526,7 @@ def run_job(cfg: JobConfig) -> JobResult:
             None if not result.checkpoint
             else f"s3://{result.checkpoint.path}" if remote_storage else result.checkpoint.path
         ),
-        run_dir=f"{storage_path}/{cfg.run_name}" if remote_storage else str(Path(storage_path) / cfg.run_name),
+        run_dir=payload["run_dir"],
         mlflow_run_id=handle.run_id if handle else None,
         mlflow_hint=handle.ui_hint() if handle else None,
     )

@@ -181,6 +181,7 @@ class Trainer:
         self._batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.last_val: dict[str, float] = {}
         self.checkpoint_stalls: list[float] = []  # seconds training was blocked by each save_and_report
+        self.data_wait_s = 0.0  # seconds the loop waited for batches since the last log line
         if resume_from is not None:
             self.load_checkpoint(resume_from)
 
@@ -202,6 +203,7 @@ class Trainer:
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next training batch; a new epoch starts (reshuffled) when the current one runs out."""
+        start = time.perf_counter()
         while True:
             if self._batches is None:
                 self._batches = iter(self.train_loader)
@@ -210,6 +212,7 @@ class Trainer:
                 break
             except StopIteration:  # the loader has moved itself to the next epoch
                 self._batches = None
+        self.data_wait_s += time.perf_counter() - start
         images = images.to(self.dist.device, non_blocking=True).to(memory_format=self.memory_format)
         return images, targets.to(self.dist.device, non_blocking=True)
 
@@ -248,9 +251,11 @@ class Trainer:
                     "train/lr": self.strategy.optimizer.param_groups[0]["lr"],  # type: ignore[union-attr]
                     "train/images_per_s": window_steps * self.cfg.global_batch / elapsed,
                     "train/epoch": self.step / self.steps_per_epoch,
+                    "train/data_wait_frac": min(self.data_wait_s / elapsed, 1.0),  # rank 0's share of the window
                     **self._data_faults(),
                 }
                 self.tracker.log_metrics(metrics, step=self.step)
+                self.data_wait_s = 0.0
                 window_loss.zero_()
                 window_steps, window_start = 0, time.perf_counter()
 
