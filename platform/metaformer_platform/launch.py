@@ -463,6 +463,8 @@ def run_job(cfg: JobConfig) -> JobResult:
     storage_path = resolve_storage_path(cfg.run.storage_path)
     cfg = _with_default_threads(cfg)
     handle = _connect_and_open_run(cfg)
+    if handle is not None:
+        handle.log_data(cfg, data_root)
     payload = {
         "config": cfg.model_dump(mode="json"),
         "run_id": handle.run_id if handle else None,
@@ -581,6 +583,8 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
     from ray.train.torch import TorchTrainer
 
     handle = _connect_and_open_run(cfg)
+    if handle is not None:
+        handle.log_data(cfg, data_root)
     payload = {
         "config": cfg.model_dump(mode="json"),
         "init_from_local": str(weights.path),
