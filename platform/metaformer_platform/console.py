@@ -169,6 +169,10 @@ class Console:
         self.stats = _Stats()
         self._bar: Any = None
 
+    def print_line(self, line: str) -> None:
+        """A line of the driver's own (above the bar, if there is one)."""
+        self._print(line)
+
     def _print(self, line: str) -> None:
         if self._bar is not None:
             self._bar.write(line, file=self.out)
@@ -283,9 +287,10 @@ class ProgressPrinter:
     ``fit()`` prints while training runs, and ends the queue actor.
     """
 
-    def __init__(self, console: Console | None = None) -> None:
+    def __init__(self, greeting: str | None = None, console: Console | None = None) -> None:
         from ray.util.queue import Queue
 
+        self.greeting = greeting  # printed as training starts up: workers can take a while to come up
         self.console = console or Console()
         # num_cpus=0: the queue must never take a CPU a worker is waiting for
         self.queue: Any = Queue(actor_options={"num_cpus": 0})
@@ -293,6 +298,8 @@ class ProgressPrinter:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> ProgressPrinter:
+        if self.greeting:
+            self.console.print_line(self.greeting)
         self._thread = threading.Thread(target=self._pump, name="progress-printer", daemon=True)
         self._thread.start()
         return self

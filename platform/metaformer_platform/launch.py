@@ -491,7 +491,8 @@ def run_job(cfg: JobConfig) -> JobResult:
     from metaformer_platform.console import ProgressPrinter
     from metaformer_platform.ray_logs import train_logging_config
 
-    printer = ProgressPrinter()  # rank 0's progress lines, printed by this process (see console.py)
+    # rank 0's progress lines, printed by this process (see console.py)
+    printer = ProgressPrinter(f"run {cfg.run_name}: starting {s.num_workers} Ray Train workers ({cfg.strategy.name})")
     payload["progress_queue"] = printer.queue
     payload["run_dir"] = f"{storage_path}/{cfg.run_name}" if remote_storage else str(Path(storage_path) / cfg.run_name)
     # s3://: Ray's own URI resolution ignores AWS_ENDPOINT_URL, so it gets a filesystem built from it

@@ -202,7 +202,10 @@ def cli_run(ray_cluster, mlflow_server, tmp_path_factory):
 def test_the_console_shows_progress_and_no_ray_noise(cli_run):
     tmp, out, err = cli_run
     lines = out.splitlines()
-    assert lines[0] == "training poolformer_debug (ddp, 2 workers): 30 steps, 16 per epoch, global batch 32, lr 0.003"
+    assert lines[:2] == [
+        "run it-console: starting 2 Ray Train workers (ddp)",
+        "training poolformer_debug (ddp, 2 workers): 30 steps, 16 per epoch, global batch 32, lr 0.003",
+    ]
     steps = [m for m in map(STEP_LINE.match, lines) if m]
     # one line per log cadence (trainer.log_every_steps=5), the ETA falling to 0 at the end
     assert [int(m[1]) for m in steps] == [5, 10, 15, 20, 25, 30], out
