@@ -139,6 +139,23 @@ class ForwardHandler(logging.Handler):
         self.sender.send("log", rank=self.rank, level=record.levelname, message=self.format(record))
 
 
+def failure_notice(queue: Any) -> Any:
+    """A Ray Train ``UserCallback`` (it runs in the controller) that puts each worker failure on the console:
+    with Ray's log streaming off, a restart from the latest checkpoint would otherwise go unseen."""
+    from ray.train import UserCallback
+
+    class FailureNotice(UserCallback):
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            sender = ProgressSender(queue, "")
+            for rank, err in sorted(worker_exceptions.items()):
+                first = str(err).strip().splitlines()[-1:] or [""]
+                sender.send("log", rank=rank, level="ERROR", message=f"worker failed: {type(err).__name__}: "
+                            f"{first[0]} (Ray Train restarts the workers from the latest checkpoint up to "
+                            "run.max_failures times)")
+
+    return FailureNotice()
+
+
 # -- driver side -----------------------------------------------------------------------------------
 
 

@@ -488,7 +488,7 @@ def run_job(cfg: JobConfig) -> JobResult:
     import ray.train  # after the checks: bad input is refused without paying for Ray's import
     from ray.train.torch import TorchTrainer
 
-    from metaformer_platform.console import ProgressPrinter
+    from metaformer_platform.console import ProgressPrinter, failure_notice
     from metaformer_platform.ray_logs import train_logging_config
 
     # rank 0's progress lines, printed by this process (see console.py)
@@ -511,6 +511,7 @@ def run_job(cfg: JobConfig) -> JobResult:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
             worker_runtime_env=worker_env,
             logging_config=train_logging_config(cfg.run.verbose),
+            callbacks=[failure_notice(printer.queue)],
         ),
     )
     succeeded = False

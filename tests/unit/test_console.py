@@ -9,7 +9,13 @@ import io
 import logging
 from types import SimpleNamespace
 
-from metaformer_platform.console import Console, ForwardHandler, ProgressSender, format_duration
+from metaformer_platform.console import (
+    Console,
+    ForwardHandler,
+    ProgressSender,
+    failure_notice,
+    format_duration,
+)
 
 
 class ListQueue(list):
@@ -106,3 +112,10 @@ def test_workers_forward_their_platform_warnings():
     finally:
         logger.removeHandler(handler)
     assert [(e["kind"], e["rank"], e["level"], e["message"]) for e in queue] == [("log", 1, "WARNING", "bad shard b.tar")]
+
+
+def test_a_worker_failure_reaches_the_console():
+    queue = ListQueue()
+    failure_notice(queue).after_exception(None, {1: RuntimeError("boom\nout of memory")})
+    assert len(queue) == 1 and queue[0]["kind"] == "log" and queue[0]["rank"] == 1
+    assert queue[0]["message"].startswith("worker failed: RuntimeError: out of memory (Ray Train restarts")
