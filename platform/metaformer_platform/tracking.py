@@ -23,11 +23,13 @@ log = logging.getLogger(__name__)
 RUN_NAME_TAG = "metaformer.run_name"
 STAGE_TAG = "metaformer.stage"
 PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
-# MLflow 3's UI opens an experiment on its GenAI "Traces" overview unless this tag says the experiment holds
-# model training (mlflow/server/js: the experiment page reads "mlflow.experimentKind"; MLflow's Python
-# package has no constant for it). With it, the experiment opens on the runs table.
+# MLflow 3's UI opens an experiment on its GenAI "Traces" overview unless it takes the experiment for model
+# training. Its bundle (mlflow/server/js) reads the kind from this experiment tag (MLflow's Python package
+# has no constant for it); 3.17's UI, whose workspace toggle flag is on, takes it from the GenAI / Model
+# training toggle instead (remembered per browser; the URL parameter below sets it), so the platform sets both.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
+UI_TRAINING_VIEW = "?workflowType=machine_learning"
 DATASET_DIGEST_CHARS = 36  # MLflow stores a dataset digest in 36 characters; the full hash goes in the profile
 
 
@@ -187,10 +189,11 @@ class RunHandle:
     def ui_hint(self) -> str:
         uri = self.tracking_uri
         if uri.startswith(("http://", "https://")):
-            where = f"open {uri}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+            where = f"open {uri}/#/experiments/{self.experiment_id}/runs/{self.run_id}{UI_TRAINING_VIEW}"
         else:
             mlflow_cli = Path(sys.executable).parent / "mlflow"
-            where = f"run `{mlflow_cli} ui --backend-store-uri {uri}` and open http://127.0.0.1:5000"
+            where = (f"run `{mlflow_cli} ui --backend-store-uri {uri}` and open "
+                     f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}{UI_TRAINING_VIEW}")
         return f"MLflow run {self.run_id} (experiment {self.cfg.tracking.experiment!r}): {where}"
 
 
