@@ -6,11 +6,12 @@ sends small events instead through a ``ray.util.queue.Queue`` that the driver cr
 formats them (``Console``) and prints them on the driver's own stdout. Like timm's ``train.py`` and
 torchtitan, one line per log cadence; a line per validation and checkpoint; a summary at the end::
 
-    training poolformer_s12 (ddp, 2 workers): 400 steps, 62 per epoch, global batch 64, lr 0.002
-    step   10/400 | epoch 0.16 | loss 2.2913 | lr 4.17e-04 |   245 img/s | data  3% | eta 2m31s
-    val    step 100 | top-1 61.50% | top-5 97.00% | loss 1.0234 | 500 images
-    checkpoint step 100 -> /home/me/metaformer-runs/demo/checkpoint-00000100 | stall 0.41 s
-    done: 400 steps in 2m40s | 240 img/s | data wait 3% | val top-1 73.20% top-5 98.40% | 4 checkpoints, stall 1.6 s
+    run poolformer_s12-demo: starting 2 Ray Train workers (ddp)
+    training poolformer_s12 (ddp, 2 workers): 60 steps, 62 per epoch, global batch 64, lr 0.002
+    step 10/60 | epoch 0.16 | loss 2.0630 | lr 6.46e-04 |    38 img/s | data  7% | eta 1m25s
+    val    step 30 | top-1 52.00% | top-5 90.80% | loss 1.5781 | 500 images
+    checkpoint step 30 -> /home/me/metaformer-runs/poolformer_s12-demo/checkpoint-00000030 | stall 1.01 s
+    done: 60 steps in 2m39s | 51 img/s | data wait 2% | val top-1 59.80% top-5 91.60% | 2 checkpoints, stall 2.0 s
 
 A progress bar (tqdm) is added below the lines only when the driver's stdout is a terminal; redirected
 output (files, ``ray job logs``) gets the plain lines only. Workers' own warnings (``metaformer_platform``
