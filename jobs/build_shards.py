@@ -34,8 +34,8 @@ def run_on_ray(tasks: Sequence[builder.ShardTask], dest: str) -> Iterator[builde
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", help="ImageFolder tree: train/<wnid>/*.JPEG")
-    p.add_argument("--val", help="flat folder of validation images")
-    p.add_argument("--val-labels", help="LOC_val_solution.csv or '<file> <wnid>' lines")
+    p.add_argument("--val", help="validation images: an ImageFolder tree (val/<wnid>/*.JPEG, detected) or a flat folder")
+    p.add_argument("--val-labels", help="a flat --val folder's labels: LOC_val_solution.csv or '<file> <wnid>' lines")
     p.add_argument("--classes", help="index<TAB>wnid<TAB>name file (default: sorted train folders)")
     p.add_argument("--out", required=True, help="output folder, file:// or s3://bucket/prefix")
     p.add_argument("--name", default="imagenet-1k", help="dataset name in _info.json")

@@ -20,9 +20,13 @@ def parse_job_config(stage: str, description: str, argv: Sequence[str] | None, d
     )
     default_hint = f" (default: {default_config})" if default_config else ""
     parser.add_argument("--config", type=Path, default=default_config, help=f"YAML config file{default_hint}")
+    parser.add_argument(
+        "--verbose", action="store_true", help="also show Ray's own logs (same as run.verbose=true)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     args = parser.parse_args(argv)
-    return load_config(args.config, [f"stage={stage}", *args.overrides])
+    verbose = ["run.verbose=true"] if args.verbose else []
+    return load_config(args.config, [f"stage={stage}", *args.overrides, *verbose])
 
 
 def run_main(stage: str, description: str, argv: Sequence[str] | None = None, default_config: Path | None = None) -> int:

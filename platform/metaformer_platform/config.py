@@ -242,6 +242,11 @@ class RunSettings(_Section):
         "save only); sync: each rank waits for its upload",
     )
     ray_address: str | None = Field(None, description="Ray cluster address (null: RAY_ADDRESS or a local Ray)")
+    verbose: bool = Field(
+        False,
+        description="show Ray's own output (controller and worker logs, per-rank reports, Ray notices) besides the "
+        "job's progress lines; the command-line flag --verbose sets it",
+    )
     resume_from: str | None = Field(
         None,
         description="a complete checkpoint folder (same model and strategy) to continue from, with its whole "

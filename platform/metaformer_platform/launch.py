@@ -92,12 +92,14 @@ def connect_ray(cfg: JobConfig) -> None:
 
     if ray.is_initialized():
         return
+    from metaformer_platform.ray_logs import ray_init_options
+
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **ray_init_options(cfg.run.verbose))
     else:
         # "local" starts a private cluster instead of attaching to whatever `ray start` left in /tmp/ray.
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", include_dashboard=False, **ray_init_options(cfg.run.verbose))
 
 
 def _connect_and_open_run(cfg: JobConfig) -> Any:
@@ -122,6 +124,7 @@ def build_trainer(
     storage: Location,
     *,
     remote_inputs: bool,
+    callbacks: list[Any] | None = None,
 ) -> Any:
     """The ``TorchTrainer`` of a job (pretrain, fine-tune and evaluate alike): its scaling, its run folder on
     ``storage`` (for s3://, a filesystem built from the one S3 settings resolver: Ray's own URI resolution
@@ -129,6 +132,7 @@ def build_trainer(
     import ray.train  # after the checks: bad input is refused without paying for Ray's import
     from ray.train.torch import TorchTrainer
 
+    from metaformer_platform.ray_logs import train_logging_config
     from metaformer_platform.storage import aws_env
 
     s = cfg.scaling
@@ -148,6 +152,8 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
             worker_runtime_env={"env_vars": env} if env else None,
+            logging_config=train_logging_config(cfg.run.verbose),
+            callbacks=callbacks,
         ),
     )
 
@@ -186,6 +192,8 @@ def run_job(cfg: JobConfig) -> JobResult:
     check_data(cfg, data_root)
     cfg = with_default_threads(cfg)
     handle = _connect_and_open_run(cfg)
+    if handle is not None:
+        handle.log_data(cfg, data_root)
     payload = {
         "config": cfg.model_dump(mode="json"),
         "run_id": handle.run_id if handle else None,
@@ -196,13 +204,24 @@ def run_job(cfg: JobConfig) -> JobResult:
     }
     storage = Location.parse(storage_path)
     remote_inputs = _any_remote(str(data_root), cfg.run.resume_from, cfg.model.init_from)
-    trainer = build_trainer(cfg, _train_worker, payload, storage, remote_inputs=remote_inputs)
+    from metaformer_platform.console import ProgressPrinter, failure_notice
+
+    # rank 0's progress lines, printed by this process (see console.py)
+    printer = ProgressPrinter(
+        f"run {cfg.run_name}: starting {cfg.scaling.num_workers} Ray Train workers ({cfg.strategy.name})"
+    )
+    payload["progress_queue"] = printer.queue
+    payload["run_dir"] = storage.join(str(cfg.run_name)).uri
+    trainer = build_trainer(
+        cfg, _train_worker, payload, storage, remote_inputs=remote_inputs, callbacks=[failure_notice(printer.queue)]
+    )
     succeeded = False
     try:
-        result = trainer.fit()
-        succeeded = result.error is None
-        if result.error is not None:
-            raise result.error
+        with printer:
+            result = trainer.fit()
+            succeeded = result.error is None
+            if result.error is not None:
+                raise result.error
     finally:
         if handle is not None:
             handle.close(succeeded)
@@ -242,6 +261,8 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
     cfg = resolve_scaling(cfg)
     cfg = with_default_threads(cfg)
     handle = _connect_and_open_run(cfg)
+    if handle is not None:
+        handle.log_data(cfg, data_root)
     payload = {
         "config": cfg.model_dump(mode="json"),
         "init_from_local": str(weights.path),

@@ -1,7 +1,8 @@
 """The MLflow model registry: exports as model versions, lineage in tags, a promotion gate, URI resolution.
 
 A registered version holds exactly the files ``training/export.py`` writes (``model.safetensors`` +
-``model.json``), logged as artifacts of the run that trained it; no MLflow flavour is involved
+``model.json``), logged as an MLflow 3 LoggedModel of the run that trained it (the runs table's Model
+column; the run's metrics at the export's step are linked to it); no MLflow flavour is involved
 (``mlflow.pytorch.log_model`` would default to the pt2 format, which fixes the batch size). Anything that reads
 a version (``resolve_model_uri``) gets a folder that ``training.export.load_export`` loads strictly.
 
@@ -35,6 +36,9 @@ TAG_CHECKPOINT = "metaformer.checkpoint_uri"
 TAG_DATA_HASH = "metaformer.data_manifest_hash"
 TAG_GIT_COMMIT = "metaformer.git_commit"
 TAG_ARCHITECTURE = "metaformer.architecture"
+# The LoggedModel the version was made from (MLflow's SQL registry does not keep create_model_version's
+# model_id; the model side of the link is its ``mlflow.modelVersions`` tag, as mlflow.register_model sets it).
+TAG_MODEL_ID = "metaformer.model_id"
 # sha256 of (run id, checkpoint URI): how a second registration of the same export finds the first.
 TAG_LINEAGE_KEY = "metaformer.lineage_key"
 # Evaluation (set by promote):
@@ -42,7 +46,6 @@ TAG_EVAL_DATA_HASH = "metaformer.eval_data_hash"
 TAG_EVAL_TOP1 = "metaformer.eval_top1"
 TAG_PROMOTION = "metaformer.promotion"  # "champion" or "candidate"
 
-ARTIFACT_ROOT = "registered-export"
 _PROMOTION_MARK = "\n\nPromotion: "
 
 
@@ -122,7 +125,7 @@ def register_export(
 ) -> str:
     """Register the export in ``export_dir`` as a new version of ``model_name``; returns the version.
 
-    The two export files are logged as artifacts of ``run_id`` (under ``registered-export/<key>``) and the
+    The two export files are logged as a LoggedModel of ``run_id`` (``tracking.log_export_model``) and the
     version's source points at them. ``lineage_tags`` (see ``lineage_tags()``) must hold the checkpoint URI;
     registering the same run and checkpoint again returns the existing version without logging anything.
     Raises ``ValueError`` for a folder that is not an export or missing lineage.
@@ -145,11 +148,14 @@ def register_export(
 
     from mlflow.exceptions import MlflowException
 
+    from metaformer_platform.tracking import log_export_model
+
     client.get_run(run_id)  # MlflowException (RESOURCE_DOES_NOT_EXIST) before anything is written
-    artifact_path = f"{ARTIFACT_ROOT}/{key[:16]}"
-    for name in (WEIGHTS_FILE, META_FILE):
-        client.log_artifact(run_id, str(folder / name), artifact_path)
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    logged = log_export_model(
+        client, run_id, folder, [WEIGHTS_FILE, META_FILE], name=model_name, step=info.get("step"),
+        tags={**tags, TAG_LINEAGE_KEY: key},
+    )
+    source = logged.artifact_location
     try:
         client.create_registered_model(model_name)
     except MlflowException as err:
@@ -160,16 +166,24 @@ def register_export(
         TAG_LINEAGE_KEY: key,
         TAG_ARCHITECTURE: str(info["model_name"]),
         TAG_WEIGHTS_SHA256: file_sha256(str(folder / WEIGHTS_FILE)),
+        TAG_MODEL_ID: logged.model_id,
     })
     mv = client.create_model_version(
         model_name, source=source, run_id=run_id, tags=tags, description=description or None,
+        model_id=logged.model_id,
     )
     # Two processes registering the same export at once both get past the search above: the lowest version
-    # wins and the other is deleted, so either way one version remains.
+    # wins and the other is deleted (with its logged model), so either way one version remains.
     first = _find_registered(client, model_name, key)
     if first is not None and int(first.version) < int(mv.version):
         client.delete_model_version(model_name, mv.version)
+        client.delete_logged_model(logged.model_id)
         return str(first.version)
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    client.set_logged_model_tags(
+        logged.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([{"name": model_name, "version": str(mv.version)}])}
+    )
     return str(mv.version)
 
 

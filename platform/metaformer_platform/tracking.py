@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 RUN_NAME_TAG = "metaformer.run_name"
 STAGE_TAG = "metaformer.stage"
 PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
+# MLflow 3's UI opens an experiment on its GenAI "Traces" overview unless it takes the experiment for model
+# training. Its bundle (mlflow/server/js) reads the kind from this experiment tag (MLflow's Python package
+# has no constant for it); 3.17's UI, whose workspace toggle flag is on, takes it from the GenAI / Model
+# training toggle instead (remembered per browser; the URL parameter below sets it), so the platform sets both.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+UI_TRAINING_VIEW = "?workflowType=machine_learning"
+DATASET_DIGEST_CHARS = 36  # MLflow stores a dataset digest in 36 characters; the full hash goes in the profile
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
@@ -52,6 +60,34 @@ def git_commit() -> str:
         return "unknown"
 
 
+def training_experiment(client: Any, name: str, *, create: bool = True) -> str | None:
+    """The id of experiment ``name``, marked as a model-training experiment (created when missing and
+    ``create``; None otherwise). An experiment the platform uses that lacks the mark (made by an older
+    version, or by hand) gets it; a kind someone set explicitly is left alone."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND}) if create else None
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return experiment.experiment_id
+
+
+def entry_point() -> str:
+    """The script this process runs (``mlflow.source.name``): relative to the repository when it is one of
+    its entry points (``jobs/pretrain.py``), else as given."""
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        return script.resolve().relative_to(repo).as_posix()
+    except ValueError:
+        return str(script)
+
+
+def source_tags() -> dict[str, str]:
+    """The tags MLflow's UI shows in a run's Source column (its own fluent API sets them; the client does not)."""
+    return {"mlflow.source.name": entry_point(), "mlflow.source.type": "LOCAL", "mlflow.source.git.commit": git_commit()}
+
+
 def _family(model_name: str) -> str:
     return model_name.rsplit("_", 1)[0] if "_" in model_name else model_name
 
@@ -65,10 +101,7 @@ class RunHandle:
         self.cfg = cfg
         self.tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
         self.client = mlflow.MlflowClient(self.tracking_uri)
-        experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
-        self.experiment_id = (
-            experiment.experiment_id if experiment else self.client.create_experiment(cfg.tracking.experiment)
-        )
+        self.experiment_id = str(training_experiment(self.client, cfg.tracking.experiment))
         previous = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run_name}'",
@@ -90,7 +123,7 @@ class RunHandle:
                 "model": cfg.model.name,
                 "family": _family(cfg.model.name),
                 "strategy": cfg.strategy.name,
-                "mlflow.source.git.commit": git_commit(),
+                **source_tags(),
                 **cfg.tracking.tags,
             }
             run = self.client.create_run(
@@ -110,6 +143,36 @@ class RunHandle:
             path.write_text(self.cfg.to_yaml())
             self.client.log_artifact(self.run_id, str(path))
 
+    def log_data(self, cfg: JobConfig, data_root: Any) -> None:
+        """The data the job reads, as MLflow dataset inputs (the runs table's Dataset column and lineage):
+        one per split with context ``train`` / ``validation``, its digest the manifest's sha256 (the data
+        set's identity, as the pipeline's ``metaformer.data_manifest_hash``), its source ``data.source``."""
+        import hashlib
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        from metaformer_platform.data import load_manifest
+
+        manifest = load_manifest(data_root)
+        digest = hashlib.sha256(manifest.storage.read_bytes(manifest.info_name)).hexdigest()
+        uri = str(data_root) if cfg.data.source == "synthetic" else cfg.data.source
+        splits = [] if cfg.stage == "evaluate" else [(cfg.data.train_split, "train")]
+        if cfg.data.val_split:
+            splits.append((cfg.data.val_split, "validation"))
+        inputs = []
+        for split, context in splits:
+            info = manifest.split(split)
+            profile = {"manifest_sha256": digest, "split": split, "samples": info.num_samples,
+                       "shards": info.num_shards, "classes": manifest.num_classes}
+            dataset = Dataset(
+                name=f"{manifest.name}/{split}", digest=digest[:DATASET_DIGEST_CHARS],
+                source_type="s3" if uri.startswith("s3://") else "local",
+                source=json.dumps({"uri": uri, "split": split}), profile=json.dumps(profile),
+            )
+            inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
     def log_params(self, params: dict[str, Any]) -> None:
         """Extra derived params (e.g. total steps, resolved lr), logged once."""
         from mlflow.entities import Param
@@ -126,10 +189,11 @@ class RunHandle:
     def ui_hint(self) -> str:
         uri = self.tracking_uri
         if uri.startswith(("http://", "https://")):
-            where = f"open {uri}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+            where = f"open {uri}/#/experiments/{self.experiment_id}/runs/{self.run_id}{UI_TRAINING_VIEW}"
         else:
             mlflow_cli = Path(sys.executable).parent / "mlflow"
-            where = f"run `{mlflow_cli} ui --backend-store-uri {uri}` and open http://127.0.0.1:5000"
+            where = (f"run `{mlflow_cli} ui --backend-store-uri {uri}` and open "
+                     f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}{UI_TRAINING_VIEW}")
         return f"MLflow run {self.run_id} (experiment {self.cfg.tracking.experiment!r}): {where}"
 
 
@@ -188,3 +252,40 @@ class MlflowTracker:
         if self._monitor is not None:
             self._monitor.finish()
         self._mlflow.flush_async_logging()
+
+
+def log_export_model(
+    client: Any, run_id: str, export_dir: Path, files: list[str], *, name: str, tags: dict[str, str], step: int | None
+) -> Any:
+    """``files`` of the export in ``export_dir`` as an MLflow 3 LoggedModel of ``run_id`` (the runs table's
+    Model column): plain files, no flavour (``mlflow.pytorch`` would pickle or need an input example),
+    listed as the run's output at ``step``, with the run's metrics of that step linked to it. Returns the
+    READY ``LoggedModel``."""
+    import shutil
+
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+
+    run = client.get_run(run_id)
+    model = client.create_logged_model(
+        run.info.experiment_id, name=name, source_run_id=run_id, tags=tags, model_type="timm-safetensors",
+    )
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for file in files:
+                shutil.copy2(export_dir / file, Path(tmp) / file)
+            client.log_model_artifacts(model.model_id, tmp)
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step or 0)])
+        if step is not None:  # as mlflow's own log_model does: the run's metrics of that step, now the model's too
+            linked = [
+                Metric(m.key, m.value, m.timestamp, m.step, run_id=run_id, model_id=model.model_id)
+                for key in run.data.metrics
+                for m in client.get_metric_history(run_id, key)
+                if m.step == step and m.model_id is None
+            ]
+            for i in range(0, len(linked), 1000):  # MLflow's limit of metrics per log_batch
+                client.log_batch(run_id, metrics=linked[i : i + 1000])
+    except BaseException:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return client.get_logged_model(model.model_id)

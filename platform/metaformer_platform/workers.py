@@ -158,6 +158,9 @@ def _train_worker(payload: dict[str, Any]) -> None:
         from metaformer_platform.tracking import MlflowTracker
 
         tracker = MlflowTracker(payload["tracking_uri"], payload["run_id"], system_metrics=cfg.tracking.system_metrics)
+    from metaformer_platform.console import worker_progress
+
+    progress, tracker = worker_progress(payload, dist, tracker, forward_warnings=not cfg.run.verbose)
 
     report = checkpoint_reporter(cfg, dist, flush=getattr(tracker, "flush", None))
 
@@ -179,6 +182,7 @@ def _train_worker(payload: dict[str, Any]) -> None:
             )
         if checkpoint is not None:
             tracker.log_metrics({"run/resumed_from_step": float(trainer.step)}, step=trainer.step)
+        progress.start(trainer)
         if adopted:
             # Registered without copying: Ray then hands it on the next restart and prunes it in turn.
             ray.train.report(
@@ -188,6 +192,7 @@ def _train_worker(payload: dict[str, Any]) -> None:
                 checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
             )
         trainer.train()
+        progress.finish(trainer.step)
     finally:
         if hasattr(tracker, "close"):
             tracker.close()

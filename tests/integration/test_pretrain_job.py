@@ -8,6 +8,7 @@ and refuse a job that cannot fit the cluster before any worker starts or any run
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,128 @@ def test_a_job_on_shards_gone_bad_counts_them_in_mlflow(ray_cluster, mlflow_serv
     assert skipped[32] == 50.0 and sorted(skipped) == list(range(5, 31, 5)) + [32]
     assert {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "data/bad_shards")}[32] == 1.0
     assert result.metrics["val/samples"] == 150 and result.metrics["val/skipped_samples"] == 50
+
+
+# -- what a user sees: the console of `python jobs/pretrain.py`, and MLflow as its UI reads it ---------------
+
+RAY_NOISE = ("PlacementGroupCleaner", "TrainingReport(", "Token authentication", "(RayTrainWorker", "(TrainController",
+             "Failed to query Ray Train Controller")
+STEP_LINE = re.compile(
+    r"^step +(\d+)/30 \| epoch [\d.]+ \| loss ([\d.]+) \| lr [\d.e+-]+ \| +\d+ img/s \| data +\d+% \| eta (\S+)$"
+)
+
+
+def _seconds(eta: str) -> int:
+    """``1h02m`` / ``4m05s`` / ``12s`` (console.format_duration) in seconds."""
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", eta)
+    assert match and eta, eta
+    hours, minutes, secs = (int(g or 0) for g in match.groups())
+    return 3600 * hours + 60 * minutes + secs
+
+
+@pytest.fixture(scope="module")
+def cli_run(ray_cluster, mlflow_server, tmp_path_factory):
+    """The entry point as a user runs it (its own process, joining the session cluster through RAY_ADDRESS),
+    in an experiment that exists already without the training mark (made by an older version, say)."""
+    import os
+    import subprocess
+    import sys
+
+    MlflowClient(mlflow_server).create_experiment("it-console")
+    tmp = tmp_path_factory.mktemp("console")
+    overrides = _overrides(
+        tmp, mlflow_server, "trainer.max_steps=30", "trainer.val_every_steps=15", "trainer.checkpoint_every_steps=15",
+        "data.synthetic.train_samples=512", "data.synthetic.val_samples=100", "run.name=it-console",
+        "tracking.experiment=it-console",
+    )
+    repo = CONFIGS.parents[1]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address_info["address"]}
+    proc = subprocess.run(
+        [sys.executable, "jobs/pretrain.py", *overrides], cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return tmp, proc.stdout, proc.stderr
+
+
+def test_the_console_shows_progress_and_no_ray_noise(cli_run):
+    tmp, out, err = cli_run
+    lines = out.splitlines()
+    assert lines[:2] == [
+        "run it-console: starting 2 Ray Train workers (ddp)",
+        "training poolformer_debug (ddp, 2 workers): 30 steps, 16 per epoch, global batch 32, lr 0.003",
+    ]
+    steps = [m for m in map(STEP_LINE.match, lines) if m]
+    # one line per log cadence (trainer.log_every_steps=5), the ETA falling to 0 at the end
+    assert [int(m[1]) for m in steps] == [5, 10, 15, 20, 25, 30], out
+    etas = [_seconds(m[3]) for m in steps]
+    assert etas[0] > etas[-2] > etas[-1] == 0, etas
+    vals = [line for line in lines if line.startswith("val ")]
+    assert [re.match(r"val +step (\d+) \| top-1 ([\d.]+)% \| top-5 ([\d.]+)% \| loss [\d.]+ \| 100 images$", v)[1]
+            for v in vals] == ["15", "30"], vals
+    assert float(re.search(r"top-1 ([\d.]+)%", vals[-1])[1]) > 25.0  # above chance (4 classes)
+    run_dir = tmp / "runs" / "it-console"
+    assert [line.split(" | ")[0] for line in lines if line.startswith("checkpoint ")] == [
+        f"checkpoint step 15 -> {run_dir}/checkpoint-00000015", f"checkpoint step 30 -> {run_dir}/checkpoint-00000030",
+    ]
+    summary = [line for line in lines if line.startswith("done: ")]
+    assert len(summary) == 1 and re.match(r"done: 30 steps in \S+ \| \d+ img/s \| data wait \d+% \| val top-1 "
+                                          r"[\d.]+% top-5 [\d.]+% \| 2 checkpoints, stall [\d.]+ s$", summary[0])
+    noise = [line for line in out.splitlines() + err.splitlines() if any(n in line for n in RAY_NOISE)]
+    assert not noise, noise
+
+
+def test_mlflow_shows_a_training_experiment_with_data_source_and_model(cli_run, mlflow_server):
+    """What the UI reads, through MLflow's REST API: the experiment's kind, the run's dataset inputs and
+    source, and (after registering the run's export) the LoggedModel in the run's outputs with its metrics."""
+    import hashlib
+    import json
+
+    import requests
+
+    from metaformer_platform import registry
+    from metaformer_platform.training.export import export_checkpoint
+
+    tmp, _, _ = cli_run
+    api = f"{mlflow_server}/api/2.0/mlflow"
+    experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "it-console"},
+                              timeout=30).json()["experiment"]
+    tags = {t["key"]: t["value"] for t in experiment["tags"]}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"  # set on the existing experiment
+    runs = requests.post(f"{api}/runs/search", json={"experiment_ids": [experiment["experiment_id"]]},
+                         timeout=30).json()["runs"]
+    assert len(runs) == 1
+    run = runs[0]
+    run_tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert run_tags["mlflow.source.name"] == "jobs/pretrain.py" and run_tags["mlflow.source.type"] == "LOCAL"
+
+    data_root = tmp / "cache" / "synthetic"
+    roots = list(data_root.glob("*/_info.json")) or list(data_root.glob("_info.json"))
+    assert len(roots) == 1, roots
+    manifest_sha = hashlib.sha256(roots[0].read_bytes()).hexdigest()
+    inputs = {
+        next(t["value"] for t in i["tags"] if t["key"] == "mlflow.data.context"): i["dataset"]
+        for i in run["inputs"]["dataset_inputs"]
+    }
+    assert sorted(inputs) == ["train", "validation"]
+    for context, split in (("train", "train"), ("validation", "val")):
+        dataset = inputs[context]
+        assert dataset["digest"] == manifest_sha[:36] and json.loads(dataset["profile"])["manifest_sha256"] == manifest_sha
+        assert json.loads(dataset["source"]) == {"uri": str(roots[0].parent), "split": split}
+        assert dataset["name"].endswith(f"/{split}")
+
+    # the run's export, registered: an MLflow 3 LoggedModel of the run, with the run's step-30 metrics
+    export = export_checkpoint(tmp / "runs" / "it-console" / "checkpoint-00000030", tmp / "export")
+    version = registry.register_export(
+        export.weights.parent, "it-console-model", tracking_uri=mlflow_server, run_id=run["info"]["run_id"],
+        lineage_tags=registry.lineage_tags("checkpoint-00000030", manifest_sha),
+    )
+    mv = MlflowClient(mlflow_server, registry_uri=mlflow_server).get_model_version("it-console-model", version)
+    model_id = mv.tags[registry.TAG_MODEL_ID]
+    model = requests.get(f"{api}/logged-models/{model_id}", timeout=30).json()["model"]
+    assert model["info"]["source_run_id"] == run["info"]["run_id"]
+    assert model["info"]["status"] == "LOGGED_MODEL_READY"
+    metrics = {m["key"]: m for m in model["data"]["metrics"]}
+    assert int(metrics["val/top1"]["step"]) == 30 and metrics["val/top1"]["run_id"] == run["info"]["run_id"]
+    outputs = requests.get(f"{api}/runs/get", params={"run_id": run["info"]["run_id"]},
+                           timeout=30).json()["run"]["outputs"]["model_outputs"]
+    assert [(o["model_id"], int(o["step"])) for o in outputs] == [(model_id, 30)]

@@ -136,9 +136,13 @@ def test_register_is_idempotent_and_keeps_lineage(
     assert mv.tags[registry.TAG_DATA_HASH] == "data-abc"
     assert mv.tags[registry.TAG_GIT_COMMIT] == "deadbeef"
     assert mv.tags[registry.TAG_ARCHITECTURE] == "poolformer_debug"
-    # The version holds exactly the export's two files, logged under the run.
-    logged = client.list_artifacts(run_id, mv.source.rsplit(f"{run_id}/artifacts/", 1)[-1])
+    # The version is an MLflow 3 LoggedModel of the run (its Model column) holding exactly the export's two files.
+    model = client.get_logged_model(mv.tags[registry.TAG_MODEL_ID])
+    assert model.source_run_id == run_id and str(model.status) == "READY" and mv.source == model.artifact_location
+    assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": name, "version": first}]
+    logged = client.list_logged_model_artifacts(model.model_id)
     assert sorted(Path(f.path).name for f in logged) == sorted([WEIGHTS_FILE, META_FILE])
+    assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs].count(model.model_id) == 1
 
     # A second process that registers the same export at the same moment misses the first one's version in
     # its search: it deletes its own duplicate afterwards.

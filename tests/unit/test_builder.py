@@ -154,6 +154,34 @@ def test_interrupted_build_leaves_no_manifest_and_a_rerun_gives_the_same_bytes(i
     assert list(load_manifest(out).splits) == ["train"]
 
 
+def test_an_image_folder_val_tree_gets_the_labels_of_the_flat_layout(imagenet_like, tmp_path):
+    """val/<wnid>/*.JPEG (the layout most ImageNet preparations produce) is detected and labelled by its
+    folders: the same samples with the same labels as the flat folder + labels file, byte for byte."""
+    tree = tmp_path / "val-tree"
+    for line in (imagenet_like / "val_labels.txt").read_text().splitlines():
+        name, wnid = line.split()
+        (tree / wnid).mkdir(parents=True, exist_ok=True)
+        (tree / wnid / name).write_bytes((imagenet_like / "val" / name).read_bytes())
+    assert builder.is_image_folder_tree(tree) and not builder.is_image_folder_tree(imagenet_like / "val")
+    opts = builder.BuildOptions(samples_per_shard=4, seed=3)
+    flat_classes, flat_tasks = builder.prepare_build(
+        val=imagenet_like / "val", val_labels=imagenet_like / "val_labels.txt",
+        classes_file=imagenet_like / "classes.tsv", options=opts,
+    )
+    tree_classes, tree_tasks = builder.prepare_build(val=tree, classes_file=imagenet_like / "classes.tsv", options=opts)
+    builder.build_dataset(tmp_path / "flat", flat_tasks, classes=flat_classes, name="tiny", log=lambda _: None)
+    builder.build_dataset(tmp_path / "tree", tree_tasks, classes=tree_classes, name="tiny", log=lambda _: None)
+    flat, from_tree = _read_all(tmp_path / "flat", "val"), _read_all(tmp_path / "tree", "val")
+    assert len(flat) == 7 and {k: v[0] for k, v in from_tree.items()} == {k: v[0] for k, v in flat.items()}
+    assert sorted({v[0] for v in flat.values()}) == [0, 1, 2]  # every class appears: the comparison can fail
+
+    with pytest.raises(ValueError, match=r"is an ImageFolder tree .* drop the labels file"):
+        builder.prepare_build(val=tree, val_labels=imagenet_like / "val_labels.txt",
+                              classes_file=imagenet_like / "classes.tsv", options=opts)
+    with pytest.raises(ValueError, match=r"is a flat folder of images: give its labels file"):
+        builder.prepare_build(val=imagenet_like / "val", classes_file=imagenet_like / "classes.tsv", options=opts)
+
+
 def test_bad_input_names_the_file(imagenet_like, tmp_path):
     opts = builder.BuildOptions()
     empty = tmp_path / "empty"

@@ -29,6 +29,14 @@ def test_presets_carry_the_paper_recipe(size):
     assert cfg.run_name == f"poolformer_{size}-pretrain"
 
 
+def test_the_finetune_preset_carries_the_384_recipe_with_its_ema():
+    cfg = load_config(CONFIGS / "finetune_384.yaml", ["model.init_from=/weights"])
+    o, t = cfg.optim, cfg.trainer
+    assert (cfg.stage, cfg.data.img_size, o.name, o.lr, o.min_lr, o.warmup_epochs) == ("finetune", 384, "lamb", 1e-4, 1e-4, 0)
+    assert (t.epochs, cfg.global_batch, cfg.data.mixup_alpha, cfg.data.cutmix_alpha) == (30, 1024, 0.0, 0.0)
+    assert t.ema_decay == 0.9999 and not t.ema_warmup  # sail-sg's --model-ema-decay 0.9999
+
+
 def test_defaults_are_the_paper_recipe_too():
     cfg = JobConfig()
     assert cfg.optim.base_lr == 1e-3 and cfg.optim.weight_decay == 0.05 and cfg.trainer.epochs == 300

@@ -48,6 +48,7 @@ __all__ = [
     "SourceImage",
     "build_dataset",
     "build_shard",
+    "is_image_folder_tree",
     "load_classes",
     "prepare_build",
     "plan_shards",
@@ -299,6 +300,17 @@ def _read_val_labels(labels_file: Path) -> dict[str, str]:
     return labels
 
 
+def is_image_folder_tree(folder: str | Path) -> bool:
+    """Whether ``folder`` is laid out as an ImageFolder tree (``<wnid>/*.JPEG``, as most ImageNet preparations
+    leave ``val/``) rather than ImageNet's flat validation folder: it has class folders and no images of its own."""
+    root = Path(folder)
+    if not root.is_dir():
+        return False
+    entries = list(root.iterdir())
+    has_classes = any(p.is_dir() and not p.name.startswith(".") for p in entries)
+    return has_classes and not any(_is_image(p) for p in entries)
+
+
 def scan_val_folder(folder: str | Path, labels_file: str | Path, classes: ClassList) -> list[SourceImage]:
     """ImageNet's validation layout: a flat folder of images and a labels file naming each one's wnid."""
     root, labels_path = Path(folder), Path(labels_file)
@@ -531,16 +543,27 @@ def prepare_build(
     require_wnids: bool = True,
     options: BuildOptions,
 ) -> tuple[ClassList, dict[str, list[ShardTask]]]:
-    """Scan the inputs (an ImageFolder `train`, a flat `val` folder + `val_labels`) and plan the shards.
+    """Scan the inputs (an ImageFolder `train`; `val` either as an ImageFolder tree, detected by its layout,
+    or as ImageNet's flat folder + `val_labels`) and plan the shards.
 
     Every input error is raised here, as a ValueError naming the file, before any work starts."""
     if train is None and val is None:
         raise ValueError(
-            "nothing to build: give a train ImageFolder and/or a val folder with its labels file"
+            "nothing to build: give a train ImageFolder and/or a val folder (an ImageFolder tree, or a flat "
+            "folder with its labels file)"
         )
-    if (val is None) != (val_labels is None):
+    val_tree = val is not None and is_image_folder_tree(val)
+    if val is None and val_labels is not None:
+        raise ValueError(f"a labels file ({val_labels}) was given without the val folder it labels")
+    if val_tree and val_labels is not None:
         raise ValueError(
-            "the val folder and its labels file (LOC_val_solution.csv or '<file> <wnid>' lines) go together"
+            f"{val} is an ImageFolder tree (<wnid>/*.JPEG): its folders are its labels; drop the labels file "
+            f"{val_labels}, which only a flat val folder needs"
+        )
+    if val is not None and not val_tree and val_labels is None:
+        raise ValueError(
+            f"{val} is a flat folder of images: give its labels file (LOC_val_solution.csv or '<file> <wnid>' "
+            "lines), or lay it out as an ImageFolder tree (<wnid>/*.JPEG)"
         )
     if classes_file is None and train is None:
         raise ValueError(
@@ -550,6 +573,8 @@ def prepare_build(
     splits: dict[str, list[SourceImage]] = {}
     if train is not None:
         splits["train"] = scan_image_folder(train, classes)
-    if val is not None and val_labels is not None:
+    if val_tree:
+        splits["val"] = scan_image_folder(val, classes)  # type: ignore[arg-type]  (val_tree implies val)
+    elif val is not None and val_labels is not None:
         splits["val"] = scan_val_folder(val, val_labels, classes)
     return classes, plan_shards(splits, options, classes)

@@ -151,10 +151,9 @@ def resumable_checkpoint(run_dir: str) -> str | None:
 
 
 def _experiment_id(client: Any, name: str, create: bool) -> str | None:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name) if create else None
+    from metaformer_platform.tracking import training_experiment
+
+    return training_experiment(client, name, create=create)
 
 
 # -- the runner ------------------------------------------------------------------------------------
@@ -251,7 +250,7 @@ class PipelineRunner:
         return result
 
     def _open_parent(self, experiment_id: str) -> str:
-        from metaformer_platform.tracking import git_commit
+        from metaformer_platform.tracking import source_tags
 
         found = self.client.search_runs(
             [experiment_id], filter_string=f"tags.`{TAG_PIPELINE_KEY}` = '{self.key}'", max_results=1,
@@ -265,7 +264,7 @@ class PipelineRunner:
         run = self.client.create_run(experiment_id, run_name=self.spec.name, tags={
             TAG_PIPELINE: self.spec.name,
             TAG_PIPELINE_KEY: self.key,
-            "mlflow.source.git.commit": git_commit(),
+            **source_tags(),
             "metaformer.members": ", ".join(p.model for p in self.plans),
             "metaformer.stages": " -> ".join(s.name for s in self.spec.stages),
         })

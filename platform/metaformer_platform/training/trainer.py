@@ -270,6 +270,7 @@ class Trainer:
                     "train/images_per_s": self.cfg.global_batch / times["time/step_s"],
                     "train/epoch": self.step / self.steps_per_epoch,
                     **times,
+                    "train/data_wait_frac": min(times["time/data_s"] / times["time/step_s"], 1.0),  # rank 0
                     **self._data_faults(),
                 }
                 self.tracker.log_metrics(metrics, step=self.step)

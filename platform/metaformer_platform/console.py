@@ -1,0 +1,350 @@
+"""What a job prints: progress lines from rank 0, shown by the driver (so ``ray job logs`` has them too).
+
+Rank 0 does not print: its output would reach the driver only through Ray's log streaming, which the
+quiet default switches off (see ``ray_logs``), and would carry a ``(RayTrainWorker pid=...)`` prefix. It
+sends small events instead through a ``ray.util.queue.Queue`` that the driver created; a driver thread
+formats them (``Console``) and prints them on the driver's own stdout. Like timm's ``train.py`` and
+torchtitan, one line per log cadence; a line per validation and checkpoint; a summary at the end::
+
+    run poolformer_s12-demo: starting 2 Ray Train workers (ddp)
+    training poolformer_s12 (ddp, 2 workers): 60 steps, 62 per epoch, global batch 64, lr 0.002
+    step 10/60 | epoch 0.16 | loss 2.0630 | lr 6.46e-04 |    38 img/s | data  7% | eta 1m25s
+    val    step 30 | top-1 52.00% | top-5 90.80% | loss 1.5781 | 500 images
+    checkpoint step 30 -> /home/me/metaformer-runs/poolformer_s12-demo/checkpoint-00000030 | stall 1.01 s
+    done: 60 steps in 2m39s | 51 img/s | data wait 2% | val top-1 59.80% top-5 91.60% | 2 checkpoints, stall 2.0 s
+
+A progress bar (tqdm) is added below the lines only when the driver's stdout is a terminal; redirected
+output (files, ``ray job logs``) gets the plain lines only. Workers' own warnings (``metaformer_platform``
+loggers, WARNING and up) travel the same way, so a quiet console still shows bad shards or a resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+log = logging.getLogger(__name__)
+
+PLATFORM_LOGGER = "metaformer_platform"
+
+
+def format_duration(seconds: float) -> str:
+    """``3h02m``, ``4m05s``, ``12s``: compact, like the ETA of timm's and torchtitan's logs."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+# -- worker side -----------------------------------------------------------------------------------
+
+
+class ProgressSender:
+    """A worker's end of the channel. On rank 0 it is also the Trainer's ``Tracker``: it passes every metric
+    on to ``inner`` (MLflow) and sends step, validation and checkpoint events to the driver, plus ``start``
+    and ``finish``; the other ranks only forward their warnings (``ForwardHandler``).
+
+    A lost channel (driver gone) never stops training: the first failure is logged and sending stops.
+    """
+
+    def __init__(self, queue: Any, checkpoint_root: str, inner: Any = None, *, main: bool = True) -> None:
+        self.queue = queue
+        self.checkpoint_root = checkpoint_root.rstrip("/")
+        self.inner = inner
+        self.main = main
+        self._broken = False
+
+    def send(self, kind: str, **payload: Any) -> None:
+        """Put one event on the queue (a round trip to the queue actor; events come at the log cadence)."""
+        if self._broken or self.queue is None:
+            return
+        try:
+            self.queue.put_nowait({"kind": kind, "time": time.time(), **payload})
+        except Exception as err:  # the queue actor died with its driver: training goes on, unseen
+            self._broken = True
+            log.warning("progress lines stop: the driver's queue is gone (%s)", err)
+
+    def start(self, trainer: Any) -> None:
+        """The job's shape, from the built Trainer: model, strategy, workers, steps, batch, lr, first step."""
+        if not self.main:
+            return
+        cfg = trainer.cfg
+        self.send(
+            "start", model=cfg.model.name, strategy=cfg.strategy.name, workers=trainer.dist.world_size,
+            total_steps=trainer.total_steps, steps_per_epoch=trainer.steps_per_epoch,
+            global_batch=cfg.global_batch, lr=trainer.lr, step=trainer.step,
+        )
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """The Trainer's metrics, by what they describe: a training window, a validation, a checkpoint."""
+        if self.inner is not None:
+            self.inner.log_metrics(metrics, step)
+        if not self.main:
+            return
+        if "train/loss" in metrics:
+            self.send("step", step=step, metrics=dict(metrics))
+        elif "val/top1" in metrics:
+            self.send("val", step=step, metrics=dict(metrics))
+        elif "checkpoint/stall_s" in metrics:
+            where = f"{self.checkpoint_root}/checkpoint-{step:08d}"  # launch.checkpoint_reporter's names
+            self.send("checkpoint", step=step, where=where, stall_s=float(metrics["checkpoint/stall_s"]))
+
+    def finish(self, step: int) -> None:
+        """Training ended at ``step`` (the driver prints the summary)."""
+        if self.main:
+            self.send("finish", step=step)
+
+    def flush(self) -> None:
+        """The inner tracker's flush (metrics stored before a checkpoint is reported)."""
+        if hasattr(self.inner, "flush"):
+            self.inner.flush()
+
+    def close(self) -> None:
+        """The inner tracker's close."""
+        if hasattr(self.inner, "close"):
+            self.inner.close()
+
+
+def worker_progress(payload: dict[str, Any], dist: Any, tracker: Any, *, forward_warnings: bool) -> tuple[Any, Any]:
+    """In a Ray Train worker: ``(progress, tracker)``, where rank 0's tracker also feeds the driver's console
+    and, when ``forward_warnings`` (Ray's log streaming is off), every rank's platform warnings go there too."""
+    sender = ProgressSender(payload.get("progress_queue"), payload.get("run_dir", ""), tracker, main=dist.is_main)
+    if forward_warnings and sender.queue is not None:
+        logging.getLogger(PLATFORM_LOGGER).addHandler(ForwardHandler(sender, dist.rank))
+    return sender, sender if dist.is_main else tracker
+
+
+class ForwardHandler(logging.Handler):
+    """Sends this worker's platform warnings (and worse) to the driver's console, naming the rank."""
+
+    def __init__(self, sender: ProgressSender, rank: int) -> None:
+        super().__init__(level=logging.WARNING)
+        self.sender = sender
+        self.rank = rank
+        self.pid = os.getpid()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Not from the channel itself (it would loop), nor from a forked DataLoader worker, where Ray's
+        # client is not usable (that worker's warnings reach its rank's log file only).
+        if record.name == __name__ or os.getpid() != self.pid:
+            return
+        self.sender.send("log", rank=self.rank, level=record.levelname, message=self.format(record))
+
+
+def failure_notice(queue: Any) -> Any:
+    """A Ray Train ``UserCallback`` (it runs in the controller) that puts each worker failure on the console:
+    with Ray's log streaming off, a restart from the latest checkpoint would otherwise go unseen."""
+    from ray.train import UserCallback
+
+    class FailureNotice(UserCallback):
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            sender = ProgressSender(queue, "")
+            for rank, err in sorted(worker_exceptions.items()):
+                first = str(err).strip().splitlines()[-1:] or [""]
+                sender.send("log", rank=rank, level="ERROR", message=f"worker failed: {type(err).__name__}: "
+                            f"{first[0]} (Ray Train restarts the workers from the latest checkpoint up to "
+                            "run.max_failures times)")
+
+    return FailureNotice()
+
+
+# -- driver side -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Stats:
+    """What the summary needs, gathered from the events."""
+
+    total_steps: int = 0
+    global_batch: int = 0
+    first_step: int | None = None  # step of the first training window seen (its time includes start-up)
+    first_time: float = 0.0
+    last_step: int = 0
+    last_time: float = 0.0
+    started: float = field(default_factory=time.time)
+    images_per_s: list[float] = field(default_factory=list)
+    data_wait: list[float] = field(default_factory=list)
+    last_val: dict[str, float] = field(default_factory=dict)
+    checkpoints: int = 0
+    stall_s: float = 0.0
+
+
+class Console:
+    """Formats events into lines on ``out``; with a terminal, a tqdm bar stays below them."""
+
+    def __init__(self, out: TextIO | None = None, *, bar: bool | None = None) -> None:
+        self.out = out or sys.stdout
+        self.use_bar = bar if bar is not None else self.out.isatty()
+        self.stats = _Stats()
+        self._bar: Any = None
+
+    def print_line(self, line: str) -> None:
+        """A line of the driver's own (above the bar, if there is one)."""
+        self._print(line)
+
+    def _print(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.write(line, file=self.out)
+        else:
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def handle(self, event: dict[str, Any]) -> None:
+        """Print what ``event`` (from ``ProgressSender``) says."""
+        handler = getattr(self, f"_on_{event['kind']}", None)
+        if handler is not None:
+            handler(event)
+
+    def _on_start(self, e: dict[str, Any]) -> None:
+        s = self.stats
+        s.first_step = None  # a restarted worker group: the ETA starts over
+        s.total_steps, s.last_step, s.global_batch = int(e["total_steps"]), int(e["step"]), int(e["global_batch"])
+        resumed = f", resuming at step {e['step']}" if e["step"] else ""
+        self._print(
+            f"training {e['model']} ({e['strategy']}, {e['workers']} workers): {s.total_steps} steps, "
+            f"{e['steps_per_epoch']} per epoch, global batch {e['global_batch']}, lr {e['lr']:.3g}{resumed}"
+        )
+        if self.use_bar and self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=s.total_steps, initial=s.last_step, unit="step", file=self.out, dynamic_ncols=True)
+
+    def eta_s(self, step: int, now: float, images_per_s: float) -> float:
+        """Seconds left: the wall time per step since the first window (validations and checkpoints
+        included, as the user waits for them too); the first window's own speed before that."""
+        s = self.stats
+        left = max(s.total_steps - step, 0)
+        if s.first_step is not None and step > s.first_step and now > s.first_time:
+            return left * (now - s.first_time) / (step - s.first_step)
+        return left * s.global_batch / images_per_s if images_per_s > 0 else 0.0
+
+    def _on_step(self, e: dict[str, Any]) -> None:
+        s, m, step = self.stats, e["metrics"], int(e["step"])
+        ips = float(m.get("train/images_per_s", 0.0))
+        eta = self.eta_s(step, e["time"], ips)
+        if s.first_step is None:
+            s.first_step, s.first_time = step, e["time"]
+        s.last_step, s.last_time = step, e["time"]
+        s.images_per_s.append(ips)
+        wait = m.get("train/data_wait_frac")
+        if wait is not None:
+            s.data_wait.append(float(wait))
+        width = len(str(s.total_steps))
+        parts = [
+            f"step {step:>{width}}/{s.total_steps}",
+            f"epoch {m.get('train/epoch', 0.0):.2f}",
+            f"loss {m['train/loss']:.4f}",
+            f"lr {m.get('train/lr', 0.0):.2e}",
+            f"{ips:>5.0f} img/s",
+        ]
+        if wait is not None:
+            parts.append(f"data {100 * wait:>2.0f}%")
+        parts.append(f"eta {format_duration(eta)}")
+        self._print(" | ".join(parts))
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix_str(f"loss {m['train/loss']:.3f}")
+
+    def _on_val(self, e: dict[str, Any]) -> None:
+        m = e["metrics"]
+        self.stats.last_val = dict(m)
+        line = (
+            f"val    step {e['step']} | top-1 {m['val/top1']:.2f}% | top-5 {m.get('val/top5', 0.0):.2f}% | "
+            f"loss {m.get('val/loss', 0.0):.4f} | {int(m.get('val/samples', 0))} images"
+        )
+        if "val/ema_top1" in m:
+            line += f" | ema top-1 {m['val/ema_top1']:.2f}%"
+        self._print(line)
+
+    def _on_checkpoint(self, e: dict[str, Any]) -> None:
+        self.stats.checkpoints += 1
+        self.stats.stall_s += e["stall_s"]
+        self._print(f"checkpoint step {e['step']} -> {e['where']} | stall {e['stall_s']:.2f} s")
+
+    def _on_log(self, e: dict[str, Any]) -> None:
+        self._print(f"[rank {e['rank']}] {e['level']}: {e['message']}")
+
+    def _on_finish(self, e: dict[str, Any]) -> None:
+        self.stats.last_step = int(e["step"])
+
+    def summary(self) -> str:
+        """One line: steps, wall time, mean speed and data wait, last validation, checkpoints."""
+        s = self.stats
+        parts = [f"done: {s.last_step} steps in {format_duration(time.time() - s.started)}"]
+        if s.images_per_s:
+            parts.append(f"{sum(s.images_per_s) / len(s.images_per_s):.0f} img/s")
+        if s.data_wait:
+            parts.append(f"data wait {100 * sum(s.data_wait) / len(s.data_wait):.0f}%")
+        if "val/top1" in s.last_val:
+            parts.append(f"val top-1 {s.last_val['val/top1']:.2f}% top-5 {s.last_val.get('val/top5', 0.0):.2f}%")
+        parts.append(f"{s.checkpoints} checkpoints, stall {s.stall_s:.1f} s")
+        return " | ".join(parts)
+
+    def close(self, *, succeeded: bool) -> None:
+        """Remove the bar; print the summary when training got anywhere."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if succeeded and self.stats.total_steps:
+            self._print(self.summary())
+
+
+class ProgressPrinter:
+    """The driver's end: a queue actor for the workers to send to, and a thread printing what arrives.
+
+    Made after ``ray.init``: ``printer.queue`` goes into the worker payload; then ``with printer:`` around
+    ``fit()`` prints while training runs, and ends the queue actor.
+    """
+
+    def __init__(self, greeting: str | None = None, console: Console | None = None) -> None:
+        from ray.util.queue import Queue
+
+        self.greeting = greeting  # printed as training starts up: workers can take a while to come up
+        self.console = console or Console()
+        # num_cpus=0: the queue must never take a CPU a worker is waiting for
+        self.queue: Any = Queue(actor_options={"num_cpus": 0})
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> ProgressPrinter:
+        if self.greeting:
+            self.console.print_line(self.greeting)
+        self._thread = threading.Thread(target=self._pump, name="progress-printer", daemon=True)
+        self._thread.start()
+        return self
+
+    def _pump(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set():
+            try:
+                event = self.queue.get(timeout=0.5)
+            except Empty:
+                continue
+            except Exception as err:  # the queue actor is gone (cluster shutting down)
+                log.warning("progress lines stop: %s", err)
+                return
+            self.console.handle(event)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:  # what arrived after the last poll
+            for event in self.queue.get_nowait_batch(self.queue.qsize()):
+                self.console.handle(event)
+        except Exception as err:
+            log.warning("the last progress lines were lost: %s", err)
+        self.console.close(succeeded=exc[0] is None)
+        import ray
+
+        ray.kill(self.queue.actor)
