@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -182,7 +183,9 @@ def decode_image(sample: RawSample, draft_size: int | None = None) -> Image.Imag
             f"{sample.shard}: sample {sample.key!r} has no image member ({'/'.join(IMAGE_EXTS)}); "
             f"it has {sorted(sample.files)}"
         )
-    img = Image.open(io.BytesIO(data))
+    with warnings.catch_warnings():  # a bomb below PIL's hard limit only warns: refuse it before decoding
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
     if draft_size and img.format == "JPEG" and min(img.size) >= 2 * draft_size:
         img.draft("RGB", (draft_size, draft_size))
     return img.convert("RGB")
