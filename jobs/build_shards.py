@@ -47,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
     p.add_argument("--any-class-names", action="store_true", help="class folders need not be wnids")
     p.add_argument("--local", action="store_true", help="build in this process, without Ray")
+    p.add_argument("--overwrite", action="store_true", help="build into a non-empty destination that holds "
+                   "another data set (its _info.json and same-named shards are replaced)")
     p.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local one)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -66,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=True)
             run = run_on_ray
         extra = {"build": {**vars(options), "train": args.train, "val": args.val}}
-        builder.build_dataset(args.out, tasks, classes=classes, name=args.name, extra=extra, run=run)
+        builder.build_dataset(args.out, tasks, classes=classes, name=args.name, extra=extra, run=run,
+                              overwrite=args.overwrite)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
