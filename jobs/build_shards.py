@@ -23,7 +23,8 @@ def run_on_ray(tasks: Sequence[builder.ShardTask], dest: str) -> Iterator[builde
     import ray
 
     remote = ray.remote(num_cpus=1, max_retries=3)(builder.build_shard)
-    # Workers of a cluster started earlier do not inherit this shell's S3 endpoint and credentials.
+    # Workers of a cluster started earlier do not inherit this shell's S3 endpoint (credentials they take
+    # from their node, never from runtime_env: see data/s3.py AWS_ENV_VARS).
     env = {"env_vars": aws_env()} if aws_env() else None
     pending = [remote.options(runtime_env=env).remote(task, dest) for task in tasks]
     while pending:

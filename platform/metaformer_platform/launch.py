@@ -473,8 +473,8 @@ def run_job(cfg: JobConfig) -> JobResult:
     if isinstance(data_root, str) or remote_storage or (resume_from and is_remote(str(resume_from))):
         from metaformer_platform.data.s3 import aws_env
 
-        # Workers of a cluster started before this job do not inherit the S3 endpoint and credentials
-        # the driver just checked the data and storage with.
+        # Workers of a cluster started before this job do not inherit the S3 endpoint the driver just checked
+        # the data and storage with. Only settings travel: credentials come from the nodes (data/s3.py).
         worker_env = {"env_vars": aws_env()} if aws_env() else None
     import ray.train  # after the checks: bad input is refused without paying for Ray's import
     from ray.train.torch import TorchTrainer
