@@ -239,16 +239,30 @@ def check_cluster(cfg: JobConfig) -> None:
         )
 
 
-def _connect_and_open_run(cfg: JobConfig) -> Any:
-    """Join Ray, check the worker group fits, then open the job's MLflow run (a ``RunHandle``, or None when
-    tracking is off): the last driver step before workers start, so a refused job leaves no run behind."""
-    connect_ray(cfg)
-    check_cluster(cfg)
-    if not cfg.tracking.enabled:
-        return None
-    from metaformer_platform.tracking import RunHandle
+def _claim_run(storage_path: str, cfg: JobConfig) -> Any:
+    """Hold ``run.name`` for this job (a ``RunLease``): a second job under a live run name is refused here,
+    before anything starts, so it can neither touch the first's checkpoints nor reopen its MLflow run."""
+    from metaformer_platform.training.ownership import claim_run
 
-    return RunHandle(cfg)
+    return claim_run(storage_path, cfg.run_name)
+
+
+def _connect_and_open_run(cfg: JobConfig, lease: Any = None) -> Any:
+    """Join Ray, check the worker group fits, then open the job's MLflow run (a ``RunHandle``, or None when
+    tracking is off): the last driver step before workers start, so a refused job leaves no run behind.
+    On failure the job's ``lease`` on its run name is released."""
+    try:
+        connect_ray(cfg)
+        check_cluster(cfg)
+        if not cfg.tracking.enabled:
+            return None
+        from metaformer_platform.tracking import RunHandle
+
+        return RunHandle(cfg)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
 
 
 def _with_default_threads(cfg: JobConfig) -> JobConfig:
@@ -277,12 +291,12 @@ def connect_ray(cfg: JobConfig) -> None:
 
 
 def checkpoint_reporter(
-    cfg: JobConfig, dist: Any, flush: Callable[[], None] | None = None
+    cfg: JobConfig, dist: Any, flush: Callable[[], None] | None = None, owner: dict[str, str] | None = None
 ) -> Callable[[dict[str, float], Path | None], bool]:
     """The Trainer's ``report`` inside a Ray Train worker: ``ray.train.report`` with this rank's checkpoint
     part, uploaded (asynchronously unless ``run.checkpoint_upload=sync``) so that COMPLETE lands last.
     ``flush`` runs before a checkpoint is reported: the metrics up to it are stored before anything can
-    resume from it."""
+    resume from it. ``owner`` (the run's lease) stamps each folder, so recovery knows what its run wrote."""
     import ray.train
 
     def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
@@ -301,6 +315,10 @@ def checkpoint_reporter(
             return False
         if flush is not None:
             flush()
+        if owner is not None:
+            from metaformer_platform.training.ownership import stamp
+
+            stamp(checkpoint_dir, owner, dist.rank)
         async_upload = cfg.run.checkpoint_upload == "async"
         ray.train.report(
             metrics,
@@ -335,7 +353,7 @@ def _dist_context() -> Any:
     )
 
 
-def _recover_checkpoint(dist: Any) -> tuple[Any, bool]:
+def _recover_checkpoint(dist: Any, owner: dict[str, str] | None = None) -> tuple[Any, bool]:
     """The checkpoint to resume from, and whether Ray has yet to register it.
 
     ``ray.train.report`` uploads a checkpoint into the run folder and then only queues the report in the
@@ -345,7 +363,8 @@ def _recover_checkpoint(dist: Any) -> tuple[Any, bool]:
     prunes the newer folder. (A worker that raises stays alive long enough to be polled, so its last
     report is registered.) Rank 0 therefore resumes from the newest complete folder in the run folder
     when it is newer than Ray's, registers it, and deletes the unregistered rest (partial uploads, older
-    leftovers), so that every rank resumes from the same checkpoint.
+    leftovers), so that every rank resumes from the same checkpoint. Unregistered folders its run did not
+    write (no ``owner`` stamp of this run: copied in, another run's) are moved to ``_quarantine/`` first.
     """
     import ray.train
     import torch.distributed as tdist
@@ -357,6 +376,13 @@ def _recover_checkpoint(dist: Any) -> tuple[Any, bool]:
     plans: list[Any] = [None]
     if dist.is_main:
         reported = ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        if owner is not None:
+            from metaformer_platform.training.ownership import quarantine_foreign
+
+            moved = quarantine_foreign(storage.storage_filesystem, storage.experiment_fs_path,
+                                       [Path(c.checkpoint.path).name for c in reported], owner["run_id"])
+            if moved:
+                log.warning("moved checkpoint folders this run did not write to _quarantine/: %s", ", ".join(moved))
         plans[0] = ckpt.recover_run_folder(
             storage.storage_filesystem,
             storage.experiment_fs_path,
@@ -396,10 +422,10 @@ def _train_worker(payload: dict[str, Any]) -> None:
 
         tracker = MlflowTracker(payload["tracking_uri"], payload["run_id"], system_metrics=cfg.tracking.system_metrics)
 
-    report = checkpoint_reporter(cfg, dist, flush=getattr(tracker, "flush", None))
+    report = checkpoint_reporter(cfg, dist, flush=getattr(tracker, "flush", None), owner=payload.get("owner"))
 
     data_root = resolve_data_root(cfg)  # a cache hit on the driver's node; generated alike elsewhere
-    checkpoint, adopted = _recover_checkpoint(dist)
+    checkpoint, adopted = _recover_checkpoint(dist, payload.get("owner"))
     if checkpoint is None and payload.get("resume_from"):
         # A new run that continues another run's checkpoint; once it has its own, Ray hands those.
         from metaformer_platform.training.storage import filesystem_and_path, is_remote
@@ -455,9 +481,11 @@ def run_job(cfg: JobConfig) -> JobResult:
     resume_from = check_resume_from(cfg)
     storage_path = resolve_storage_path(cfg.run.storage_path)
     cfg = _with_default_threads(cfg)
-    handle = _connect_and_open_run(cfg)
+    lease = _claim_run(storage_path, cfg)
+    handle = _connect_and_open_run(cfg, lease)
     payload = {
         "config": cfg.model_dump(mode="json"),
+        "owner": lease.owner,
         "run_id": handle.run_id if handle else None,
         "tracking_uri": handle.tracking_uri if handle else None,
         "resume_from": str(resume_from) if resume_from else None,
@@ -505,6 +533,7 @@ def run_job(cfg: JobConfig) -> JobResult:
     finally:
         if handle is not None:
             handle.close(succeeded)
+        lease.release()
     return JobResult(
         metrics={k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)},
         checkpoint_path=(
@@ -565,7 +594,8 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    handle = _connect_and_open_run(cfg)
+    lease = _claim_run(storage_path, cfg)
+    handle = _connect_and_open_run(cfg, lease)
     payload = {
         "config": cfg.model_dump(mode="json"),
         "init_from_local": str(weights.path),
@@ -622,6 +652,7 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
     finally:
         if handle is not None:
             handle.close(succeeded)
+        lease.release()
     return JobResult(
         metrics=metrics,
         checkpoint_path=None,
