@@ -100,7 +100,8 @@ def test_ray_job_submit_runs_pretrain_and_logs_to_the_stack_mlflow(stack, tmp_pa
     assert jobs.get_job_status(submission_id) == JobStatus.SUCCEEDED
     # The uploaded working dir, as the head unpacked it: .gitignore keeps .venv, caches and outputs out.
     package = jobs.get_job_info(submission_id).runtime_env["working_dir"]  # gcs://_ray_pkg_<hash>.zip
-    with urllib.request.urlopen(f"{dashboard}/api/version", timeout=10) as resp:
+    with urllib.request.urlopen(urllib.request.Request(f"{dashboard}/api/version", headers=_bearer(stack)),
+                                timeout=10) as resp:
         session = json.loads(resp.read())["session_name"]
     unpacked = (Path(get_default_ray_temp_dir()) / session / "runtime_resources" / "working_dir_files"
                 / package.removeprefix("gcs://").removesuffix(".zip"))
