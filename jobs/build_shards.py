@@ -23,7 +23,8 @@ def run_on_ray(tasks: Sequence[builder.ShardTask], dest: str) -> Iterator[builde
     import ray
 
     remote = ray.remote(num_cpus=1, max_retries=3)(builder.build_shard)
-    # Workers of a cluster started earlier do not inherit this shell's S3 endpoint and credentials.
+    # Workers of a cluster started earlier do not inherit this shell's S3 endpoint (credentials they take
+    # from their node, never from runtime_env: see data/s3.py AWS_ENV_VARS).
     env = {"env_vars": aws_env()} if aws_env() else None
     pending = [remote.options(runtime_env=env).remote(task, dest) for task in tasks]
     while pending:
@@ -47,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
     p.add_argument("--any-class-names", action="store_true", help="class folders need not be wnids")
     p.add_argument("--local", action="store_true", help="build in this process, without Ray")
+    p.add_argument("--overwrite", action="store_true", help="build into a non-empty destination that holds "
+                   "another data set (its _info.json and same-named shards are replaced)")
     p.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local one)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -66,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=True)
             run = run_on_ray
         extra = {"build": {**vars(options), "train": args.train, "val": args.val}}
-        builder.build_dataset(args.out, tasks, classes=classes, name=args.name, extra=extra, run=run)
+        builder.build_dataset(args.out, tasks, classes=classes, name=args.name, extra=extra, run=run,
+                              overwrite=args.overwrite)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

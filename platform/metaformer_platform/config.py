@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,15 +25,39 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 class _Section(BaseModel):
     """A config section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan pass `gt`/`le` checks in odd ways (epochs=.inf trains forever): every float must be finite.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# Upper bounds: values past these are typos or hostile configs (an img_size of 1e8 allocates terabytes
+# before any check of the data), not plans; each is far above any real ImageNet-scale job.
+MAX_COUNT = 10**9  # samples, steps, buffer sizes
+MAX_EPOCHS = 100_000
+MAX_IMG_SIZE = 4096
+MAX_BATCH = 65_536
+MAX_WORKERS = 4096
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_local_url(value: str | None, key: str) -> str | None:
+    """A ``file://`` URL names a path on this machine: ``file:///abs`` or ``file://localhost/abs``. With
+    another host (``file://host/x``) it used to be read silently as the relative path ``host/x``."""
+    if value is not None and value.startswith("file://"):
+        host = value[len("file://"):].split("/", 1)[0]
+        if host not in ("", "localhost"):
+            raise ValueError(
+                f"{key}={value!r} names the host {host!r}, but file:// URLs are local paths: write "
+                f"file:///absolute/path (three slashes), a plain path, or s3://bucket/prefix for shared storage"
+            )
+    return value.replace("file://localhost/", "file:///", 1) if value else value
 
 
 class SyntheticDataConfig(_Section):
     num_classes: int = Field(10, ge=2, le=1000, description="classes of the generated set")
-    train_samples: int = Field(4000, ge=1, description="generated training images")
-    val_samples: int = Field(500, ge=1, description="generated validation images")
+    train_samples: int = Field(4000, ge=1, le=MAX_COUNT, description="generated training images")
+    val_samples: int = Field(500, ge=1, le=MAX_COUNT, description="generated validation images")
     image_size: int = Field(32, ge=8, le=512, description="side of the generated images, px")
-    samples_per_shard: int = Field(500, ge=1, description="images per generated tar shard")
+    samples_per_shard: int = Field(500, ge=1, le=MAX_COUNT, description="images per generated tar shard")
     seed: int = Field(0, description="seed of the generator (a new seed makes a new data set)")
 
 
@@ -47,17 +72,17 @@ class DataConfig(_Section):
     synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
     train_split: str = Field("train", description="split of _info.json used for training")
     val_split: str | None = Field("val", description="split used for validation (null: no validation)")
-    img_size: int = Field(224, ge=8, description="training/eval resolution, px")
+    img_size: int = Field(224, ge=8, le=MAX_IMG_SIZE, description="training/eval resolution, px")
     crop_pct: float = Field(0.9, gt=0, le=1, description="eval: resize to img_size/crop_pct, centre crop")
     interpolation: str = Field("bicubic", description="resize interpolation")
-    num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
+    num_workers: int = Field(2, ge=0, le=256, description="DataLoader worker processes per rank")
     decode_device: Literal["cpu", "cuda"] = Field(
         "cpu",
         description="where training images are decoded and augmented: cpu (workers; the full paper recipe) or "
         "cuda (workers ship JPEG bytes, nvjpeg decodes batches on the GPU; crop/flip/erase only, needs "
         "auto_augment=null)",
     )
-    shuffle_buffer: int = Field(1000, ge=0, description="samples in each worker's shuffle buffer")
+    shuffle_buffer: int = Field(1000, ge=0, le=10**6, description="samples in each worker's shuffle buffer")
     max_bad_fraction: float = Field(
         0.01,
         ge=0,
@@ -68,10 +93,15 @@ class DataConfig(_Section):
     auto_augment: str | None = Field("rand-m9-mstd0.5-inc1", description="timm auto-augment policy or null")
     re_prob: float = Field(0.25, ge=0, le=1, description="random erasing probability")
     hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
-    mixup_alpha: float = Field(0.8, ge=0, description="mixup alpha (0 disables)")
-    cutmix_alpha: float = Field(1.0, ge=0, description="cutmix alpha (0 disables)")
+    mixup_alpha: float = Field(0.8, ge=0, le=100, description="mixup alpha (0 disables)")
+    cutmix_alpha: float = Field(1.0, ge=0, le=100, description="cutmix alpha (0 disables)")
     mixup_switch_prob: float = Field(0.5, ge=0, le=1, description="chance of cutmix instead of mixup")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing")
+
+    @field_validator("source")
+    @classmethod
+    def _local_url(cls, value: str) -> str:
+        return check_local_url(value, "data.source")  # type: ignore[return-value]
 
     @property
     def uses_mixup(self) -> bool:
@@ -89,7 +119,7 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     name: str = Field("poolformer_s12", description="timm model name (see metaformer_platform.models)")
-    num_classes: int | None = Field(None, ge=1, description="head size; null takes it from the data")
+    num_classes: int | None = Field(None, ge=1, le=10**6, description="head size; null takes it from the data")
     drop_path_rate: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate")
     drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the head")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model kwargs")
@@ -98,6 +128,11 @@ class ModelConfig(_Section):
         description="initial weights: an export folder (model.safetensors) or a checkpoint folder of any strategy; "
         "a head of another num_classes stays freshly initialised (null: random init)",
     )
+
+    @field_validator("init_from")
+    @classmethod
+    def _local_url(cls, value: str | None) -> str | None:
+        return check_local_url(value, "model.init_from")
 
     @field_validator("name")
     @classmethod
@@ -110,17 +145,17 @@ class ModelConfig(_Section):
 
 class OptimConfig(_Section):
     name: str = Field("adamw", description="optimizer name for timm.optim.create_optimizer_v2")
-    base_lr: float = Field(1e-3, gt=0, description="lr per 1024 images of global batch (linear scaling)")
-    lr: float | None = Field(None, gt=0, description="absolute lr; overrides base_lr scaling when set")
+    base_lr: float = Field(1e-3, gt=0, le=100, description="lr per 1024 images of global batch (linear scaling)")
+    lr: float | None = Field(None, gt=0, le=100, description="absolute lr; overrides base_lr scaling when set")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas")
-    eps: float = Field(1e-8, gt=0, description="Adam epsilon")
+    eps: float = Field(1e-8, gt=0, le=1, description="Adam epsilon")
     momentum: float = Field(0.9, ge=0, lt=1, description="momentum for SGD-style optimizers")
-    weight_decay: float = Field(0.05, ge=0, description="decoupled weight decay (not on norms/biases)")
-    clip_grad: float | None = Field(None, gt=0, description="clip the gradient norm to this (null: off)")
+    weight_decay: float = Field(0.05, ge=0, le=100, description="decoupled weight decay (not on norms/biases)")
+    clip_grad: float | None = Field(None, gt=0, le=1e6, description="clip the gradient norm to this (null: off)")
     schedule: Literal["cosine"] = Field("cosine", description="lr schedule (timm CosineLRScheduler)")
-    warmup_epochs: float = Field(5.0, ge=0, description="linear warmup length in epochs")
-    warmup_lr: float = Field(1e-6, ge=0, description="lr at the start of warmup")
-    min_lr: float = Field(1e-5, ge=0, description="lr at the end of the cosine")
+    warmup_epochs: float = Field(5.0, ge=0, le=MAX_EPOCHS, description="linear warmup length in epochs")
+    warmup_lr: float = Field(1e-6, ge=0, le=100, description="lr at the start of warmup")
+    min_lr: float = Field(1e-5, ge=0, le=100, description="lr at the end of the cosine")
     fused: bool | None = Field(
         None,
         description="torch's fused (single-kernel) AdamW/Adam/SGD step (null: on when the parameters are on CUDA)",
@@ -183,10 +218,10 @@ class StrategyConfig(_Section):
 
 
 class TrainerConfig(_Section):
-    epochs: float = Field(300, gt=0, description="training length in epochs of the train split")
-    max_steps: int | None = Field(None, ge=1, description="training length in optimizer steps (overrides epochs)")
-    batch_size: int = Field(128, ge=1, description="images per worker per micro-step")
-    grad_accum_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    epochs: float = Field(300, gt=0, le=MAX_EPOCHS, description="training length in epochs of the train split")
+    max_steps: int | None = Field(None, ge=1, le=MAX_COUNT, description="training length in optimizer steps (overrides epochs)")
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH, description="images per worker per micro-step")
+    grad_accum_steps: int = Field(1, ge=1, le=MAX_BATCH, description="micro-steps per optimizer step")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="bf16 autocast (CPU and CUDA) or fp32; auto: bf16 where the device trains faster in it "
@@ -201,10 +236,10 @@ class TrainerConfig(_Section):
         "it); the compiled kernels are cached under data.cache_dir/inductor",
     )
     seed: int = Field(42, description="seed of weights, data order and augmentation")
-    log_every_steps: int = Field(10, ge=1, description="step metrics cadence")
-    val_every_steps: int | None = Field(None, ge=1, description="validation cadence (null: once per epoch)")
-    checkpoint_every_steps: int = Field(500, ge=1, description="checkpoint cadence (and at the end)")
-    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker (null: its CPUs)")
+    log_every_steps: int = Field(10, ge=1, le=MAX_COUNT, description="step metrics cadence")
+    val_every_steps: int | None = Field(None, ge=1, le=MAX_COUNT, description="validation cadence (null: once per epoch)")
+    checkpoint_every_steps: int = Field(500, ge=1, le=MAX_COUNT, description="checkpoint cadence (and at the end)")
+    torch_threads: int | None = Field(None, ge=1, le=1024, description="intra-op threads per worker (null: its CPUs)")
     ema_decay: float | None = Field(
         None,
         gt=0,
@@ -218,12 +253,12 @@ class TrainerConfig(_Section):
 
 
 class ScalingSettings(_Section):
-    num_workers: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+    num_workers: Literal["auto"] | Annotated[int, Field(ge=1, le=MAX_WORKERS)] = Field(
         "auto",
         description="training workers (one process each); auto: one per GPU, or on CPU-only nodes one per node",
     )
     use_gpu: Literal["auto"] | bool = Field("auto", description="one GPU per worker (auto: when the cluster has GPUs)")
-    cpus_per_worker: Literal["auto"] | Annotated[float, Field(gt=0)] = Field(
+    cpus_per_worker: Literal["auto"] | Annotated[float, Field(gt=0, le=1024)] = Field(
         "auto", description="CPUs reserved per worker (auto: all of a CPU-only node's, or its CPUs per GPU)"
     )
     resources_per_worker: dict[str, float] = Field(
@@ -234,8 +269,8 @@ class ScalingSettings(_Section):
 class RunSettings(_Section):
     name: str | None = Field(None, description="run name; the same name resumes (default: <model>-<stage>)")
     storage_path: str = Field("~/metaformer-runs", description="where Ray Train keeps checkpoints (dir or s3://)")
-    max_failures: int = Field(3, ge=-1, description="worker-group restarts before the job fails (-1: always)")
-    num_to_keep: int | None = Field(2, ge=1, description="checkpoints kept (null: all)")
+    max_failures: int = Field(3, ge=-1, le=10_000, description="worker-group restarts before the job fails (-1: always)")
+    num_to_keep: int | None = Field(2, ge=1, le=100_000, description="checkpoints kept (null: all)")
     checkpoint_upload: Literal["sync", "async"] = Field(
         "async",
         description="async: training goes on while Ray uploads a checkpoint to storage_path (stall = the local "
@@ -256,9 +291,18 @@ class RunSettings(_Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, name: str | None) -> str | None:
-        if name is not None and (not name or "/" in name or name.startswith(".")):
-            raise ValueError(f"run.name {name!r} must be a plain folder name (no '/', not starting with '.')")
+        # It names a folder, an MLflow tag that a filter string quotes, and Ray's run: one safe alphabet.
+        if name is not None and not RUN_NAME.fullmatch(name):
+            raise ValueError(
+                f"run.name {name!r} must be a plain folder name: 1-128 characters of [A-Za-z0-9._-], starting "
+                "with a letter or digit"
+            )
         return name
+
+    @field_validator("storage_path", "resume_from")
+    @classmethod
+    def _local_urls(cls, value: str | None, info: Any) -> str | None:
+        return check_local_url(value, f"run.{info.field_name}")
 
 
 class TrackingConfig(_Section):
@@ -310,11 +354,18 @@ class JobConfig(_Section):
         return self.run.name or f"{self.model.name}-{self.stage}"
 
     def flat(self) -> dict[str, Any]:
-        """The resolved config as ``{"a.b.c": value}``: MLflow params, one per leaf."""
-        return dict(_flatten(self.model_dump(mode="json")))
+        """The resolved config as ``{"a.b.c": value}``: MLflow params, one per leaf (secrets masked)."""
+        return dict(_flatten(self.redacted()))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved config as YAML, for logs and stored copies (secrets in URIs masked)."""
+        return yaml.safe_dump(self.redacted(), sort_keys=False)
+
+    def redacted(self) -> dict[str, Any]:
+        """``model_dump(mode="json")`` with passwords and tokens in URIs masked: what may be logged or stored."""
+        from metaformer_platform.redact import redact_tree
+
+        return redact_tree(self.model_dump(mode="json"))  # type: ignore[no-any-return]
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
@@ -424,10 +475,27 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"config file {str(file)!r} must hold a mapping of sections, got {type(tree).__name__}")
     base = tree.pop("base", None)
     if base is not None:
-        # A preset may build on another file, named relative to itself.
-        parent = read_yaml(file.parent / base)
-        tree = _merge(parent, tree)
+        tree = _merge(read_yaml(_base_file(file, base)), tree)
     return tree
+
+
+PRESETS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+
+
+def _base_file(config: Path, base: Any) -> Path:
+    """The file a config's ``base:`` names: a file beside the config, else a preset of jobs/configs. Nothing
+    else: a shared config must not read (and log) an arbitrary file of the machine it runs on."""
+    if not isinstance(base, str) or not base or Path(base).name != base or base in (".", ".."):
+        raise ConfigError(
+            f"config file {str(config)!r}: base: {base!r} must be the name of a file beside it or of a preset "
+            "in jobs/configs (no folders); copy the file you want beside the config"
+        )
+    for candidate in (config.parent / base, PRESETS / base):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"config file {str(config)!r}: base: {base!r} is neither beside it nor a preset in jobs/configs"
+    )
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

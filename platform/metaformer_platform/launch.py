@@ -102,16 +102,30 @@ def connect_ray(cfg: JobConfig) -> None:
         ray.init(address="local", include_dashboard=False, **ray_init_options(cfg.run.verbose))
 
 
-def _connect_and_open_run(cfg: JobConfig) -> Any:
-    """Join Ray, check the worker group fits, then open the job's MLflow run (a ``RunHandle``, or None when
-    tracking is off): the last driver step before workers start, so a refused job leaves no run behind."""
-    connect_ray(cfg)
-    check_cluster(cfg)
-    if not cfg.tracking.enabled:
-        return None
-    from metaformer_platform.tracking import RunHandle
+def _claim_run(storage_path: str, cfg: JobConfig) -> Any:
+    """Hold ``run.name`` for this job (a ``RunLease``): a second job under a live run name is refused here,
+    before anything starts, so it can neither touch the first's checkpoints nor reopen its MLflow run."""
+    from metaformer_platform.training.ownership import claim_run
 
-    return RunHandle(cfg)
+    return claim_run(storage_path, cfg.run_name)
+
+
+def _connect_and_open_run(cfg: JobConfig, lease: Any = None) -> Any:
+    """Join Ray, check the worker group fits, then open the job's MLflow run (a ``RunHandle``, or None when
+    tracking is off): the last driver step before workers start, so a refused job leaves no run behind.
+    On failure the job's ``lease`` on its run name is released."""
+    try:
+        connect_ray(cfg)
+        check_cluster(cfg)
+        if not cfg.tracking.enabled:
+            return None
+        from metaformer_platform.tracking import RunHandle
+
+        return RunHandle(cfg)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
 
 
 # -- job assembly: one for every kind of job --------------------------------------------------------
@@ -191,11 +205,13 @@ def run_job(cfg: JobConfig) -> JobResult:
     cfg = resolve_scaling(cfg)
     check_data(cfg, data_root)
     cfg = with_default_threads(cfg)
-    handle = _connect_and_open_run(cfg)
+    lease = _claim_run(storage_path, cfg)
+    handle = _connect_and_open_run(cfg, lease)
     if handle is not None:
         handle.log_data(cfg, data_root)
     payload = {
         "config": cfg.model_dump(mode="json"),
+        "owner": lease.owner,
         "run_id": handle.run_id if handle else None,
         "tracking_uri": handle.tracking_uri if handle else None,
         "resume_from": str(resume_from) if resume_from else None,
@@ -225,6 +241,7 @@ def run_job(cfg: JobConfig) -> JobResult:
     finally:
         if handle is not None:
             handle.close(succeeded)
+        lease.release()
     return JobResult(
         metrics={k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)},
         checkpoint_path=_on(storage, result.checkpoint.path) if result.checkpoint else None,
@@ -260,7 +277,8 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
     storage_path = resolve_storage_path(cfg.run.storage_path)
     cfg = resolve_scaling(cfg)
     cfg = with_default_threads(cfg)
-    handle = _connect_and_open_run(cfg)
+    lease = _claim_run(storage_path, cfg)
+    handle = _connect_and_open_run(cfg, lease)
     if handle is not None:
         handle.log_data(cfg, data_root)
     payload = {
@@ -301,6 +319,7 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
     finally:
         if handle is not None:
             handle.close(succeeded)
+        lease.release()
     return JobResult(
         metrics=metrics,
         checkpoint_path=None,

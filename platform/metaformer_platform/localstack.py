@@ -39,6 +39,8 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 STATE_FILE = "stack.json"
+RAY_TOKEN_FILE = "ray_auth_token"  # the Ray head's token (RAY_AUTH_MODE=token); clients read it by its path
+WEED_SECURITY_FILE = "security.toml"  # SeaweedFS reads it from its working directory (the S3 data dir)
 DEFAULT_BUCKET = "metaformer"
 PREFERRED_PORTS = {"s3_http": 8333, "mlflow_http": 5000, "ray_gcs": 6379, "ray_dashboard": 8265}
 # A Unix socket path longer than this cannot be bound (sun_path is 108 bytes including the NUL).
@@ -87,13 +89,20 @@ class Stack:
         return cls(state_dir=state_dir, services=services, **{k: v for k, v in raw.items() if k != "state_dir"})
 
     def save(self) -> None:
-        """Write the state file (credentials included, so it is readable by its owner only)."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        """Write the state file (credentials included, so it is readable by its owner only, from creation)."""
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         raw = asdict(self)
         raw["state_dir"] = str(self.state_dir)
-        path = self.state_dir / STATE_FILE
-        path.write_text(json.dumps(raw, indent=2) + "\n")
-        path.chmod(0o600)
+        write_private(self.state_dir / STATE_FILE, json.dumps(raw, indent=2) + "\n")
+
+    @property
+    def ray_token_path(self) -> Path:
+        """The file holding the Ray head's auth token (created on first use, mode 0600)."""
+        path = self.state_dir / RAY_TOKEN_FILE
+        if not path.is_file():
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_private(path, secrets.token_hex(32))
+        return path
 
     def running(self) -> dict[str, Service]:
         """The recorded services whose processes are still alive."""
@@ -109,6 +118,9 @@ class Stack:
         if "ray" in running:
             env["RAY_ADDRESS"] = f"{HOST}:{running['ray'].ports['gcs']}"  # ray.init() and `ray status`
             env["RAY_API_SERVER_ADDRESS"] = running["ray"].url  # `ray job submit` (falls back to RAY_ADDRESS)
+            # The head refuses clients without its token: they read it from the file (never printed).
+            env["RAY_AUTH_MODE"] = "token"
+            env["RAY_AUTH_TOKEN_PATH"] = str(self.ray_token_path)
         return env
 
     def exports(self) -> str:
@@ -117,6 +129,19 @@ class Stack:
 
 
 # ---------------------------------------------------------------------------------------------- processes
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only from the first byte: a temporary file created
+    with mode 0600 (never a chmod after the fact, which leaves a window), then renamed over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _proc_stat(pid: int) -> tuple[int, str] | None:
@@ -348,7 +373,9 @@ def start_s3(
     """Start ``weed mini`` (SeaweedFS master, volume, filer and S3 gateway in one process) on 127.0.0.1.
 
     The credentials in its environment make it check SigV4 signatures: requests signed with any other key
-    are refused with 403. Every port it opens is pinned to a free one (its defaults would collide between
+    are refused with 403. Its own ``security.toml`` (fresh random JWT keys, mode 0600) makes the filer's
+    and volume server's HTTP ports refuse requests without a token signed by the master (401), so the
+    only way in without credentials is none. Every port it opens is pinned to a free one (its defaults would collide between
     two stacks), its Unix sockets live in ``data_dir``, and ``bucket`` is created at start when given.
     """
     data_dir = Path(data_dir).resolve()
@@ -373,6 +400,7 @@ def start_s3(
     ]
     if bucket:
         cmd.append(f"-bucket={bucket}")
+    _write_weed_security(data_dir)
     env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
     env.pop("S3_BUCKET", None)  # weed mini would create that bucket too
     url = f"http://{HOST}:{p['http']}"
@@ -386,6 +414,16 @@ def start_s3(
 
 
 _S3_READY_BANNER = b"All enabled components are running"
+
+
+def _write_weed_security(data_dir: Path) -> None:
+    """SeaweedFS's security config: JWT keys for writes and reads on the volume servers and the filer (its
+    HTTP ports otherwise take unauthenticated reads and writes from anything that reaches them), the
+    master's UI off. New keys at every start: only the processes of this ``weed mini`` share them."""
+    keys = {section: secrets.token_hex(32) for section in
+            ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")}
+    text = "".join(f'[{section}]\nkey = "{key}"\nexpires_after_seconds = 60\n\n' for section, key in keys.items())
+    write_private(data_dir / WEED_SECURITY_FILE, text + "[access]\nui = false\n")
 
 
 def _read_from(path: Path, offset: int) -> bytes:
@@ -426,12 +464,15 @@ def start_mlflow(
 def start_ray_head(
     log_dir: Path, *, num_cpus: int = 2, gcs_port: int | None = None, dashboard_port: int | None = None,
     extra_env: dict[str, str] | None = None, ports: Ports | None = None, timeout: float = 120.0,
+    auth_token_path: Path | None = None,
 ) -> Service:
     """Start a Ray head (``ray start --head --block``) with the job API on 127.0.0.1.
 
     ``--block`` keeps ``ray start`` as the group leader, so SIGTERM to it stops the node in order.
     Workers run this interpreter, so they import what this environment has installed. ``extra_env``
-    (the S3 and MLflow variables) is inherited by every job's driver and workers.
+    (the S3 and MLflow variables) is inherited by every job's driver and workers. With ``auth_token_path``
+    the head runs with token authentication: every client (``ray job submit``, the dashboard's API,
+    ``ray.init``) must present that token, and the jobs it runs inherit where to find it.
     """
     ports = ports or Ports()
     p = {"gcs": gcs_port or ports.get(), "dashboard": dashboard_port or ports.get(),
@@ -456,9 +497,12 @@ def start_ray_head(
         "DASHBOARD_METRIC_PORT": str(p["dashboard_metrics"]),
     }
     env.pop("RAY_ADDRESS", None)  # `ray start --head` must not try to join another cluster
-    # Ray turns token auth on by itself when ~/.ray/auth_token exists; this loopback stack keeps it off
-    # unless RAY_AUTH_MODE says otherwise, so its clients behave the same on every machine.
-    env.setdefault("RAY_AUTH_MODE", "disabled")
+    if auth_token_path is not None:
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(auth_token_path))
+        env.pop("RAY_AUTH_TOKEN", None)  # the file is the one source of the token
+    else:
+        # Ray turns token auth on by itself when ~/.ray/auth_token exists: off means off on every machine.
+        env["RAY_AUTH_MODE"] = "disabled"
     log_dir = Path(log_dir)
     url = f"http://{HOST}:{p['dashboard']}"
     return _launch("ray", cmd, env, log_dir, log_dir, url, p, "/api/v0/nodes", timeout, check=_has_alive_node,
@@ -507,6 +551,7 @@ def up(state_dir: Path | str = ".stack", *, ray: bool = True, num_cpus: int = 2)
             stack.services["ray"] = start_ray_head(
                 logs, num_cpus=num_cpus, gcs_port=port("ray", "gcs"),
                 dashboard_port=port("ray", "dashboard"), extra_env=stack.env(), ports=ports,
+                auth_token_path=stack.ray_token_path,
             )
         elif not ray and "ray" in stack.services and "ray" not in running:
             del stack.services["ray"]

@@ -187,7 +187,9 @@ class RunHandle:
         self.client.set_terminated(self.run_id, status=status)
 
     def ui_hint(self) -> str:
-        uri = self.tracking_uri
+        from metaformer_platform.redact import redact
+
+        uri = redact(self.tracking_uri)  # printed: a database password in the URI must not be
         if uri.startswith(("http://", "https://")):
             where = f"open {uri}/#/experiments/{self.experiment_id}/runs/{self.run_id}{UI_TRAINING_VIEW}"
         else:

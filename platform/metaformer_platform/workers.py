@@ -40,12 +40,12 @@ def _with_local_init_from(cfg: JobConfig, payload: dict[str, Any]) -> JobConfig:
 
 
 def checkpoint_reporter(
-    cfg: JobConfig, dist: Any, flush: Callable[[], None] | None = None
+    cfg: JobConfig, dist: Any, flush: Callable[[], None] | None = None, owner: dict[str, str] | None = None
 ) -> Callable[[dict[str, float], Path | None], bool]:
     """The Trainer's ``report`` inside a Ray Train worker: ``ray.train.report`` with this rank's checkpoint
     part, uploaded (asynchronously unless ``run.checkpoint_upload=sync``) so that COMPLETE lands last.
     ``flush`` runs before a checkpoint is reported: the metrics up to it are stored before anything can
-    resume from it."""
+    resume from it. ``owner`` (the run's lease) stamps each folder, so recovery knows what its run wrote."""
     import ray.train
 
     def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
@@ -64,6 +64,10 @@ def checkpoint_reporter(
             return False
         if flush is not None:
             flush()
+        if owner is not None:
+            from metaformer_platform.training.ownership import stamp
+
+            stamp(checkpoint_dir, owner, dist.rank)
         async_upload = cfg.run.checkpoint_upload == "async"
         ray.train.report(
             metrics,
@@ -98,7 +102,7 @@ def _dist_context() -> Any:
     )
 
 
-def _recover_checkpoint(dist: Any) -> tuple[Any, bool]:
+def _recover_checkpoint(dist: Any, owner: dict[str, str] | None = None) -> tuple[Any, bool]:
     """The checkpoint to resume from, and whether Ray has yet to register it.
 
     ``ray.train.report`` uploads a checkpoint into the run folder and then only queues the report in the
@@ -108,7 +112,8 @@ def _recover_checkpoint(dist: Any) -> tuple[Any, bool]:
     prunes the newer folder. (A worker that raises stays alive long enough to be polled, so its last
     report is registered.) Rank 0 therefore resumes from the newest complete folder in the run folder
     when it is newer than Ray's, registers it, and deletes the unregistered rest (partial uploads, older
-    leftovers), so that every rank resumes from the same checkpoint.
+    leftovers), so that every rank resumes from the same checkpoint. Unregistered folders its run did not
+    write (no ``owner`` stamp of this run: copied in, another run's) are moved to ``_quarantine/`` first.
     """
     import ray.train
     import torch.distributed as tdist
@@ -120,6 +125,13 @@ def _recover_checkpoint(dist: Any) -> tuple[Any, bool]:
     plans: list[Any] = [None]
     if dist.is_main:
         reported = ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        if owner is not None:
+            from metaformer_platform.training.ownership import quarantine_foreign
+
+            moved = quarantine_foreign(storage.storage_filesystem, storage.experiment_fs_path,
+                                       [Path(c.checkpoint.path).name for c in reported], owner["run_id"])
+            if moved:
+                log.warning("moved checkpoint folders this run did not write to _quarantine/: %s", ", ".join(moved))
         plans[0] = ckpt.recover_run_folder(
             storage.storage_filesystem,
             storage.experiment_fs_path,
@@ -162,10 +174,10 @@ def _train_worker(payload: dict[str, Any]) -> None:
 
     progress, tracker = worker_progress(payload, dist, tracker, forward_warnings=not cfg.run.verbose)
 
-    report = checkpoint_reporter(cfg, dist, flush=getattr(tracker, "flush", None))
+    report = checkpoint_reporter(cfg, dist, flush=getattr(tracker, "flush", None), owner=payload.get("owner"))
 
     data_root = resolve_data_root(cfg)  # a cache hit on the driver's node; generated alike elsewhere
-    checkpoint, adopted = _recover_checkpoint(dist)
+    checkpoint, adopted = _recover_checkpoint(dist, payload.get("owner"))
     if checkpoint is None and payload.get("resume_from"):
         # A new run that continues another run's checkpoint; once it has its own, Ray hands those.
         loc = Location.parse(payload["resume_from"])

@@ -70,21 +70,30 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[Any]:
+def ray_cluster(s3_server: S3Server) -> Iterator[Any]:
     """A Ray cluster of two nodes with 1 CPU each, on this machine, for the whole session.
 
     Every 2-worker job of the suite thus runs one worker per node (node ranks 0 and 1, local rank 0 on
     both), as on a real multi-node cluster: a split of the data by local instead of global rank would
     show. Each node is its own raylet with its own object store. Workers run this interpreter, where the
-    package is installed (editable), so they import it without a runtime_env.
+    package is installed (editable), so they import it without a runtime_env. The nodes start with the S3
+    server's credentials in their environment, as a real cluster's nodes have theirs: jobs never send
+    credentials through Ray's runtime_env (it lands in files, command lines and `ray list actors`).
     """
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    with pytest.MonkeyPatch.context() as mp:  # the nodes' environment only, not the tests' process
+        for key, value in s3_server.env.items():
+            mp.setenv(key, value)
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        try:
+            # Ray Train tells nodes apart by IP (node_rank, local_rank): the second one gets its own loopback address.
+            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.2")
+        except BaseException:
+            cluster.shutdown()
+            raise
     try:
-        # Ray Train tells nodes apart by IP (node_rank, local_rank): the second one gets its own loopback address.
-        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.2")
         cluster.wait_for_nodes()
         context = ray.init(address=cluster.address, log_to_driver=True)
         try:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 import urllib.error
@@ -84,7 +86,9 @@ def test_ray_job_submit_runs_pretrain_and_logs_to_the_stack_mlflow(stack, tmp_pa
         f"tracking.tracking_uri={mlflow_uri}", f"tracking.experiment={experiment}", "run.name=stack-test",
         f"run.storage_path={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=840, cwd=REPO)
+    # the client side of the stack's exports: the head's token, by its file (as `stack.sh exec` gives it)
+    env = {**os.environ, **{k: v for k, v in stack.env().items() if k.startswith("RAY_AUTH")}}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=840, cwd=REPO, env=env)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     assert f"Job '{submission_id}' succeeded" in output, output[-6000:]
@@ -92,11 +96,12 @@ def test_ray_job_submit_runs_pretrain_and_logs_to_the_stack_mlflow(stack, tmp_pa
     from ray._common.utils import get_default_ray_temp_dir
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    jobs = JobSubmissionClient(dashboard)
+    jobs = JobSubmissionClient(dashboard, headers=_bearer(stack))
     assert jobs.get_job_status(submission_id) == JobStatus.SUCCEEDED
     # The uploaded working dir, as the head unpacked it: .gitignore keeps .venv, caches and outputs out.
     package = jobs.get_job_info(submission_id).runtime_env["working_dir"]  # gcs://_ray_pkg_<hash>.zip
-    with urllib.request.urlopen(f"{dashboard}/api/version", timeout=10) as resp:
+    with urllib.request.urlopen(urllib.request.Request(f"{dashboard}/api/version", headers=_bearer(stack)),
+                                timeout=10) as resp:
         session = json.loads(resp.read())["session_name"]
     unpacked = (Path(get_default_ray_temp_dir()) / session / "runtime_resources" / "working_dir_files"
                 / package.removeprefix("gcs://").removesuffix(".zip"))
@@ -147,6 +152,64 @@ def test_cli_down_stops_everything_and_up_restores_ports_and_data(tmp_path: Path
     finally:
         cli("down")
     assert cli("status").returncode == 3
+
+
+def _bearer(stack: localstack.Stack, token: str | None = None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token or stack.ray_token_path.read_text().strip()}"}
+
+
+def _submit_over_http(dashboard: str, headers: dict[str, str]) -> int:
+    """POST a job to the Ray head's job API; the HTTP status it answers."""
+    body = json.dumps({"entrypoint": "python -c 'open(\"/tmp/pwned-by-anyone\", \"w\")'"}).encode()
+    request = urllib.request.Request(f"{dashboard}/api/jobs/", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_ray_refuses_a_job_submission_without_the_token(stack) -> None:
+    """Token authentication is on: the job API refuses anonymous and wrong-token clients, and so does
+    `ray job submit` without the token; nothing is submitted. With the token it answers."""
+    dashboard = stack.services["ray"].url
+    assert _submit_over_http(dashboard, {}) in (401, 403)
+    assert _submit_over_http(dashboard, _bearer(stack, "0" * 64)) in (401, 403)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", dashboard, "--no-wait",
+         "--", "python", "-c", "print(1)"], capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    request = urllib.request.Request(f"{dashboard}/api/jobs/", headers=_bearer(stack))
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        listed = json.loads(resp.read())
+    assert not [job for job in listed if "pwned" in job.get("entrypoint", "") or job.get("entrypoint") == "python -c print(1)"]
+
+
+def test_state_files_are_private_from_creation(stack) -> None:
+    """stack.json (S3 keys), the Ray token and SeaweedFS's JWT keys: owner-only, in an owner-only folder."""
+    state = stack.state_dir
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    for path in (state / localstack.STATE_FILE, state / localstack.RAY_TOKEN_FILE,
+                 state / "s3" / localstack.WEED_SECURITY_FILE):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stack.ray_token_path.read_text().strip() not in stack.exports()  # exports name the file, not the token
+
+
+def test_seaweedfs_filer_and_volume_ports_refuse_unauthenticated_requests(stack) -> None:
+    """Below the S3 gateway (which checks SigV4), the filer and volume servers' HTTP ports refuse anyone
+    without a JWT signed by the stack's own keys: no bypass of the S3 credentials."""
+    ports = stack.services["s3"].ports
+    for port, path in ((ports["filer"], f"/buckets/{stack.bucket}/bypass.txt"), (ports["volume"], "/3,01637037d6")):
+        for data in (None, b"written without credentials"):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                             method="POST" if data else "GET")
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code == 401, (port, path, data)
 
 
 def _s3(env: dict[str, str]):

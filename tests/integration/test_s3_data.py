@@ -171,7 +171,9 @@ def test_loader_under_torchtrainer_reads_each_val_sample_once_from_s3(s3_shards,
         train_loop_config={"url": url, "out": str(tmp_path)},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(
-            name="s3-read", storage_path=str(tmp_path / "runs"), worker_runtime_env={"env_vars": s3_server.env}
+            name="s3-read", storage_path=str(tmp_path / "runs"),
+            # the endpoint only: the credentials are in the nodes' environment (conftest.ray_cluster)
+            worker_runtime_env={"env_vars": {"AWS_ENDPOINT_URL": s3_server.endpoint_url}}
         ),
     )
     result = trainer.fit()

@@ -149,7 +149,9 @@ def test_interrupted_build_leaves_no_manifest_and_a_rerun_gives_the_same_bytes(i
         train=imagenet_like / "train", classes_file=imagenet_like / "classes.tsv",
         options=builder.BuildOptions(samples_per_shard=4, seed=3, max_side=16),
     )
-    builder.build_dataset(out, tasks2, classes=classes, name="tiny", log=lines.append)
+    with pytest.raises(ValueError, match="another build"):  # a different data set: only when asked to
+        builder.build_dataset(out, tasks2, classes=classes, name="tiny", log=lines.append)
+    builder.build_dataset(out, tasks2, classes=classes, name="tiny", log=lines.append, overwrite=True)
     assert not [line for line in lines if "skipped" in line]
     assert list(load_manifest(out).splits) == ["train"]
 

@@ -216,3 +216,23 @@ def test_a_manifest_that_disagrees_with_its_shards_is_refused_before_reading(tmp
         load_manifest(tmp_path)
     with pytest.raises(ValueError, match="shard size differs"):
         _loader(tmp_path)
+
+
+def _png_bomb(side: int) -> bytes:
+    """A PNG of side x side pixels (1 bit, all black) that compresses to a few KB: a decompression bomb."""
+    out = io.BytesIO()
+    Image.new("1", (side, side)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_decompression_bombs_are_bad_samples_not_a_job_abort(tmp_path):
+    # 20000^2 = 400 M pixels: PIL raises DecompressionBombError (> 2 x MAX_IMAGE_PIXELS); 10000^2 = 100 M
+    # pixels: PIL only warns, then decodes 300 MB of RGB per sample: both must be skipped and counted.
+    assert 10000**2 > Image.MAX_IMAGE_PIXELS and 20000**2 > 2 * Image.MAX_IMAGE_PIXELS
+    keys = _write(tmp_path, "train", 2, corrupt={"train0_1": _png_bomb(20000), "train1_6": _png_bomb(10000)})
+    loader = _loader(tmp_path, max_bad_fraction=None)
+    batches = list(loader)
+    assert len(batches) == 4 and all(len(k) == 4 for _, _, k in batches)
+    assert _kinds(loader) == {"train-000000.tar": {"bad_image": 1}, "train-000001.tar": {"bad_image": 1}}
+    seen = {k for _, _, batch_keys in batches for k in batch_keys}
+    assert seen == set(keys) - {"train0_1", "train1_6"}

@@ -132,14 +132,15 @@ def test_the_manifests_are_all_there() -> None:
     names = {p.relative_to(REPO / "infra").as_posix() for p in MANIFESTS}
     assert names == {
         "k8s/raycluster.yaml", "k8s/rayjob-pretrain.yaml", "k8s/cronjob-family.yaml", "k8s/mlflow.yaml",
-        "k8s/secrets.example.yaml", "aws/ray-cluster.yaml",
+        "k8s/secrets.example.yaml", "k8s/networkpolicy.yaml", "aws/ray-cluster.yaml",
     }
     kinds = {name: sorted(d["kind"] for d in docs if "kind" in d) for name, docs in ALL_DOCS.items()}
     assert kinds["raycluster.yaml"] == ["RayCluster"]
     assert kinds["rayjob-pretrain.yaml"] == ["RayJob"]
     assert kinds["cronjob-family.yaml"] == ["ConfigMap", "CronJob", "RayJob", "Role", "RoleBinding", "ServiceAccount"]
     assert kinds["mlflow.yaml"] == ["Deployment", "Service"]
-    assert kinds["secrets.example.yaml"] == ["Secret", "Secret"]
+    assert kinds["secrets.example.yaml"] == ["Secret", "Secret", "Secret"]
+    assert kinds["networkpolicy.yaml"] == ["NetworkPolicy", "NetworkPolicy"]
 
 
 @pytest.mark.parametrize("path", [p for p in MANIFESTS if p.parent == K8S], ids=lambda p: p.name)
@@ -234,6 +235,56 @@ def test_pods_get_their_credentials_from_the_example_secrets() -> None:
         for g in group:
             for container in g["template"]["spec"]["containers"]:
                 assert {"secretRef": {"name": "metaformer-credentials"}} in container["envFrom"], kind
+
+
+RAY_TOKEN_REF = {"name": "metaformer-ray-token", "key": "auth_token"}
+RAY_CLIENT_LABEL = {"metaformer.io/ray-client": "true"}
+
+
+def _has_ray_token(container: dict[str, Any]) -> bool:
+    env = {e["name"]: e for e in container.get("env", [])}
+    return (env.get("RAY_AUTH_MODE", {}).get("value") == "token"
+            and env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef") == RAY_TOKEN_REF)
+
+
+def test_ray_runs_with_token_auth_from_a_secret() -> None:
+    """Every Ray node and every job submitter has RAY_AUTH_MODE=token and the token from the Secret."""
+    spec = _ray_cluster()["spec"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        for container in group["template"]["spec"]["containers"]:
+            assert _has_ray_token(container), container["name"]
+    rayjobs = [doc for docs in ALL_DOCS.values() for doc in docs if doc.get("kind") == "RayJob"]
+    assert len(rayjobs) == 2
+    for job in rayjobs:
+        template = job["spec"]["submitterPodTemplate"]
+        assert template["metadata"]["labels"].items() >= RAY_CLIENT_LABEL.items()
+        assert [c for c in template["spec"]["containers"] if _has_ray_token(c)], job["metadata"]
+
+
+def _policies() -> dict[str, dict[str, Any]]:
+    return {d["spec"]["podSelector"]["matchLabels"].get("ray.io/cluster") and "ray" or "mlflow": d
+            for d in ALL_DOCS["networkpolicy.yaml"]}
+
+
+def test_network_policies_limit_who_reaches_ray_and_mlflow() -> None:
+    ray_policy, mlflow_policy = _policies()["ray"], _policies()["mlflow"]
+    for policy in (ray_policy, mlflow_policy):
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        for rule in policy["spec"]["ingress"]:
+            assert rule.get("from"), "a rule without `from` admits every pod"
+    # Ray: its own pods on any port; labelled clients on the head's client-facing ports only.
+    assert ray_policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/cluster": _ray_cluster()["metadata"]["name"]}
+    own, clients = ray_policy["spec"]["ingress"]
+    assert own["from"] == [{"podSelector": {"matchLabels": {"ray.io/cluster": "metaformer"}}}] and "ports" not in own
+    assert clients["from"] == [{"podSelector": {"matchLabels": RAY_CLIENT_LABEL}}]
+    assert {p["port"] for p in clients["ports"]} == {6379, 8265, 10001}
+    # MLflow: its one port, from Ray's pods and labelled clients.
+    (deployment,) = [d for d in ALL_DOCS["mlflow.yaml"] if d["kind"] == "Deployment"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert mlflow_policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    (rule,) = mlflow_policy["spec"]["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [5000]
+    assert {"podSelector": {"matchLabels": {"ray.io/cluster": "metaformer"}}} in rule["from"]
 
 
 def _all_entry_points() -> list[tuple[str, str, list[str]]]:

@@ -61,6 +61,7 @@ _log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 WNID = re.compile(r"^n\d{8}$")
 RECEIPTS = "_build"
+OWNER = f"{RECEIPTS}/owner.json"  # which build a destination holds: written before its first shard
 BUILDER_VERSION = 1  # part of every fingerprint: bump when the bytes a task produces change
 
 
@@ -477,6 +478,39 @@ def run_serially(tasks: Sequence[ShardTask], dest: Any) -> Iterator[ShardResult]
         yield build_shard(task, dest)
 
 
+def build_id(name: str, tasks: Sequence[ShardTask]) -> str:
+    """What a build is: its data set name and every shard's fingerprint (sources, options, builder version)."""
+    return hashlib.sha256(json.dumps([name, sorted(t.fingerprint for t in tasks)]).encode()).hexdigest()
+
+
+def _contents(storage: Any) -> list[str] | None:
+    """The names under a destination (None: the key may not list it)."""
+    if isinstance(storage, LocalStorage):
+        return [p.name for p in storage.root.iterdir()] if storage.root.is_dir() else []
+    sizes = storage.list_sizes()
+    return None if sizes is None else list(sizes)
+
+
+def claim_destination(storage: Any, build: str, *, overwrite: bool = False) -> None:
+    """Make `storage` this build's destination: fine when it is empty or holds this same build (a re-run
+    resumes); a folder of other files, or another build's shards, is refused unless `overwrite`, since
+    the build replaces `_info.json` and same-named shards."""
+    names = _contents(storage)
+    owner = json.loads(storage.read_bytes(OWNER)) if storage.exists(OWNER) else None
+    occupied = bool(names) if names is not None else storage.exists(INFO_NAME) or owner is not None
+    if occupied and not overwrite and (owner or {}).get("build") != build:
+        what = "another build (other sources, options or --name)" if owner else (
+            f"files this builder did not write ({', '.join(sorted(names)[:3]) if names else INFO_NAME}...)"
+        )
+        raise ValueError(
+            f"the destination {storage.url} is not empty: it holds {what}; building there would replace its "
+            "_info.json and same-named shards. Choose an empty destination, or pass --overwrite to replace it"
+        )
+    if isinstance(storage, LocalStorage):
+        storage.root.mkdir(parents=True, exist_ok=True)
+    storage.write_bytes(OWNER, json.dumps({"build": build}).encode())
+
+
 def build_dataset(
     dest: str | Path,
     tasks: Mapping[str, Sequence[ShardTask]],
@@ -486,14 +520,17 @@ def build_dataset(
     extra: Mapping[str, Any] | None = None,
     run: Callable[[Sequence[ShardTask], Any], Iterable[ShardResult]] = run_serially,
     log: Callable[[str], None] = _log.info,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Build every shard (`run` may execute them in parallel and yield results in any order), then write
-    `_info.json`; returns the manifest. Logs one line per shard with samples/s and the ETA."""
+    `_info.json`; returns the manifest. Logs one line per shard with samples/s and the ETA.
+
+    `dest` must be empty, or hold this same build (then intact shards are kept): anything else is refused
+    with a ValueError before a byte is written, unless `overwrite`."""
     storage = open_storage(dest)
-    if isinstance(storage, LocalStorage):
-        storage.root.mkdir(parents=True, exist_ok=True)
-    storage.delete(INFO_NAME)  # type: ignore[attr-defined]  # until the new build is complete
     everything = [t for split in tasks.values() for t in split]
+    claim_destination(storage, build_id(name, everything), overwrite=overwrite)
+    storage.delete(INFO_NAME)  # type: ignore[attr-defined]  # until the new build is complete
     total = sum(len(t.images) for t in everything)
     results: dict[str, ShardInfo] = {}
     done_samples = built_samples = skipped = 0

@@ -14,6 +14,8 @@ import tarfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from PIL import Image
+
 __all__ = [
     "IGNORE_LABEL",
     "DataFaultError",
@@ -47,7 +49,11 @@ class ShortShardError(RuntimeError):
 SHARD_ERRORS: tuple[type[BaseException], ...] = (OSError, tarfile.TarError, EOFError, ShortShardError)
 # What decoding one sample's bytes may raise: PIL raises OSError (truncated, unidentified), SyntaxError
 # and ValueError for broken images; int() a ValueError for a bad .cls; a missing member a RuntimeError.
-SAMPLE_ERRORS: tuple[type[BaseException], ...] = (OSError, SyntaxError, ValueError, RuntimeError, EOFError)
+# A decompression bomb (more pixels than PIL's MAX_IMAGE_PIXELS) is a bad sample too: PIL raises
+# DecompressionBombError past twice the limit and only warns below it, which decode_image turns into an error.
+SAMPLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, SyntaxError, ValueError, RuntimeError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning,
+)
 
 
 def shard_fault_kind(err: BaseException) -> str:

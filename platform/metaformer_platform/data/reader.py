@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -255,7 +256,9 @@ def open_image(sample: RawSample) -> Image.Image:
             f"{sample.shard}: sample {sample.key!r} has no image member ({'/'.join(IMAGE_EXTS)}); "
             f"it has {sorted(sample.files)}"
         )
-    return Image.open(io.BytesIO(data))
+    with warnings.catch_warnings():  # a bomb below PIL's hard limit only warns: refuse it before decoding
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
 
 
 def decode_image(sample: RawSample, draft_size: int | None = None) -> Image.Image:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import threading
@@ -25,6 +26,7 @@ from typing import Any
 
 from metaformer_platform.pipelines.plan import MemberPlan, StagePlan, digest, pipeline_key, stable_config
 from metaformer_platform.pipelines.spec import PipelineSpec
+from metaformer_platform.redact import redact, redact_tree
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +202,7 @@ class PipelineRunner:
         chain = " -> ".join(f"{s.name} ({s.kind})" for s in self.spec.stages)
         lines = [
             f"pipeline {self.spec.name}: {len(self.plans)} members, stages {chain}",
-            f"MLflow: experiment {self.spec.experiment!r} at {self.tracking_uri}; pipeline key {self.key[:12]}",
+            f"MLflow: experiment {self.spec.experiment!r} at {redact(self.tracking_uri)}; pipeline key {self.key[:12]}",
         ]
         for plan, member in zip(self.plans, outcomes, strict=True):
             lines.append(f"  {plan.model}")
@@ -268,7 +270,7 @@ class PipelineRunner:
             "metaformer.members": ", ".join(p.model for p in self.plans),
             "metaformer.stages": " -> ".join(s.name for s in self.spec.stages),
         })
-        self.client.log_text(run.info.run_id, self.spec.model_dump_json(indent=2), "pipeline.json")
+        self.client.log_text(run.info.run_id, json.dumps(redact_tree(self.spec.model_dump(mode="json")), indent=2), "pipeline.json")
         return run.info.run_id
 
     def _run_member(self, plan: MemberPlan, member: MemberOutcome, experiment_id: str, parent: str) -> None:

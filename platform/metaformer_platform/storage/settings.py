@@ -17,26 +17,33 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pyarrow.fs
 
-__all__ = ["AWS_ENV_VARS", "CREDENTIAL_VARS", "S3Settings", "aws_env"]
+__all__ = ["AWS_ENV_VARS", "AWS_SECRET_VARS", "CREDENTIAL_VARS", "S3Settings", "aws_env"]
 
+# The S3 settings a driver forwards to workers of a cluster started before the job (Ray's runtime_env).
+# Only where and how to connect: never a credential, because Ray writes a job's runtime_env into
+# world-readable files under its session folder, onto worker command lines and into `ray list actors
+# --detail`. Credentials reach workers the way the ecosystem intends: the nodes' own environment (set where
+# `ray start` runs), an instance role / IRSA, a Kubernetes Secret mounted as env or file, or a shared
+# credentials file named by AWS_SHARED_CREDENTIALS_FILE.
 AWS_ENV_VARS = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_PROFILE",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
     "AWS_RETRY_MODE",
     "AWS_MAX_ATTEMPTS",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
 )
+AWS_SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 CREDENTIAL_VARS = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN or AWS_PROFILE if you use them)"
 
 
 def aws_env() -> dict[str, str]:
-    """The S3 settings of this process's environment, for processes that do not inherit it (Ray workers of a
-    cluster started earlier) so that they reach the storage the driver checked."""
+    """The non-secret S3 settings of this process's environment (endpoint, region, profile, retries,
+    credential file paths), for workers that do not inherit it, so that they reach the storage the driver
+    checked. Credentials are never in it: see AWS_ENV_VARS."""
     return {name: os.environ[name] for name in AWS_ENV_VARS if name in os.environ}
 
 

@@ -1,0 +1,194 @@
+"""Who owns a run folder: one live job per ``run.name``, and recovery touches only what its run wrote.
+
+``<storage>/<run.name>/_owner.json`` holds the run's id (kept for the run's whole life, across jobs that
+resume it) and the lease of the job that holds it now (its attempt id, host, pid and a heartbeat the driver
+renews every ``HEARTBEAT_S``). A second job under a live run name is refused (ValueError: exit 2) before
+anything starts; a job whose driver died leaves a lease that goes stale after ``LEASE_TTL_S``, and the
+next job under that name takes it over (and resumes). A finished job releases its lease.
+
+Every rank stamps each checkpoint folder it uploads with ``OWNER-rankNNNNN.json`` (run id and attempt), next
+to the completion marker. Recovery (``launch._recover_checkpoint``) deletes or adopts only unregistered
+folders stamped with its own run's id; any other (a copy a person dropped in, a folder of another run or of
+a version before stamps) is moved to ``_quarantine/`` instead: moved, never deleted, never resumed from.
+
+Written by hand because neither Ray Train (which keys runs by name alone) nor pyarrow's filesystems offer
+a lease; it is a heartbeat file, not a lock: two jobs started within ``SETTLE_S`` of each other on object
+storage could both read an empty lease, so each re-reads it after writing and only the last writer goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+OWNER_FILE = "_owner.json"
+STAMP_PREFIX = "OWNER-rank"
+QUARANTINE = "_quarantine"
+HEARTBEAT_S = 15.0
+LEASE_TTL_S = 120.0  # 8 missed heartbeats: a driver that stopped renewing is gone, not slow
+SETTLE_S = 0.5
+
+
+def _filesystem(storage_path: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) of a run storage location: a local folder or s3://bucket/prefix."""
+    from metaformer_platform.storage import Location
+
+    loc = Location.parse(storage_path)
+    return loc.filesystem(), loc.fs_path
+
+
+def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
+    """The JSON object at ``path``, None when absent; an unreadable file reads as ``{}``."""
+    from pyarrow import fs as pafs
+
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    try:
+        with fs.open_input_stream(path) as stream:
+            body = json.loads(stream.read())
+    except (OSError, ValueError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _write_json(fs: Any, path: str, body: dict[str, Any]) -> None:
+    """Write ``path`` whole: a temporary name, then a rename (atomic locally; S3 puts are atomic anyway)."""
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    with fs.open_output_stream(tmp) as out:
+        out.write(json.dumps(body, sort_keys=True).encode())
+    fs.move(tmp, path)
+
+
+@dataclass
+class RunLease:
+    """The driver's hold on a run folder while its job runs; ``owner`` goes to the workers."""
+
+    fs: Any
+    run_path: str
+    run_id: str
+    attempt: str
+    ttl_s: float = LEASE_TTL_S
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    @property
+    def owner(self) -> dict[str, str]:
+        """What every checkpoint folder of this job is stamped with."""
+        return {"run_id": self.run_id, "attempt": self.attempt}
+
+    def _body(self, live: bool) -> dict[str, Any]:
+        return {**self.owner, "host": socket.gethostname(), "pid": os.getpid(),
+                "heartbeat": time.time() if live else 0.0, "released": not live}
+
+    def _renew(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                _write_json(self.fs, f"{self.run_path}/{OWNER_FILE}", self._body(True))
+            except OSError as err:  # storage hiccup: the next beat retries; the TTL is 8 beats long
+                log.warning("could not renew the lease on %s: %s", self.run_path, err)
+
+    def start(self) -> RunLease:
+        self._thread = threading.Thread(target=self._renew, name="run-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def release(self) -> None:
+        """Stop renewing and mark the lease released (the run id stays, for the jobs that resume the run)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        current = _read_json(self.fs, f"{self.run_path}/{OWNER_FILE}") or {}
+        if current.get("attempt") == self.attempt:  # never release a lease someone else has since taken
+            _write_json(self.fs, f"{self.run_path}/{OWNER_FILE}", self._body(False))
+
+
+def claim_run(storage_path: str, run_name: str, *, ttl_s: float = LEASE_TTL_S, now: float | None = None) -> RunLease:
+    """Take the lease on ``<storage_path>/<run_name>`` for this job, or raise ValueError naming the live job
+    that holds it. The lease is renewed in a thread until ``release()``."""
+    fs, root = _filesystem(storage_path)
+    run_path = f"{root.rstrip('/')}/{run_name}"
+    path = f"{run_path}/{OWNER_FILE}"
+    fs.create_dir(run_path)
+    current = _read_json(fs, path)
+    _refuse_if_live(current, run_name, storage_path, ttl_s, now)
+    lease = RunLease(fs, run_path, (current or {}).get("run_id") or uuid.uuid4().hex, uuid.uuid4().hex, ttl_s)
+    _write_json(fs, path, lease._body(True))
+    time.sleep(SETTLE_S)  # two jobs that both read an empty lease: the last writer wins, the other refuses
+    after = _read_json(fs, path) or {}
+    if after.get("attempt") != lease.attempt:
+        _refuse_if_live(after, run_name, storage_path, ttl_s, None)
+        raise ValueError(f"run {run_name!r} under {storage_path} was claimed by another job at the same moment")
+    return lease.start()
+
+
+def _refuse_if_live(current: dict[str, Any] | None, run_name: str, storage_path: str, ttl_s: float,
+                    now: float | None) -> None:
+    if not current or current.get("released"):
+        return
+    age = (time.time() if now is None else now) - float(current.get("heartbeat", 0.0))
+    if age < ttl_s:
+        raise ValueError(
+            f"run.name={run_name!r} under {storage_path} is in use by a live job (host {current.get('host')!r}, "
+            f"pid {current.get('pid')}, last heartbeat {max(age, 0):.0f} s ago): two jobs under one run name "
+            "would overwrite each other's checkpoints and MLflow run. Choose another run.name, or wait for that "
+            f"job to end (a job whose driver died releases the name {ttl_s:.0f} s after its last heartbeat)"
+        )
+
+
+def stamp(checkpoint_dir: Path, owner: dict[str, str], rank: int) -> None:
+    """Record in a checkpoint folder, before it is uploaded, which run and job wrote this rank's part."""
+    (checkpoint_dir / f"{STAMP_PREFIX}{rank:05d}.json").write_text(json.dumps(owner, sort_keys=True))
+
+
+def written_by(fs: Any, folder: str, run_id: str) -> bool:
+    """True when some rank's stamp in ``folder`` names ``run_id`` (and none names another run)."""
+    from pyarrow import fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    stamps = [i.path for i in infos if i.base_name.startswith(STAMP_PREFIX)]
+    runs = {(_read_json(fs, p) or {}).get("run_id") for p in stamps}
+    return runs == {run_id}
+
+
+def quarantine_foreign(fs: Any, run_path: str, registered: Iterable[str], run_id: str) -> list[str]:
+    """Move every checkpoint folder under ``run_path`` that Ray has not registered and this run did not write
+    into ``_quarantine/``; returns their names. Recovery then sees only its own run's folders."""
+    from pyarrow import fs as pafs
+
+    from metaformer_platform.training.checkpoint import checkpoint_step
+
+    known = set(registered)
+    infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+    orphans = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
+                     and checkpoint_step(i.base_name) is not None and i.base_name not in known)
+    moved = []
+    for name in orphans:
+        if written_by(fs, f"{run_path}/{name}", run_id):
+            continue
+        dest = f"{run_path}/{QUARANTINE}/{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        fs.create_dir(f"{run_path}/{QUARANTINE}")
+        _move_dir(fs, f"{run_path}/{name}", dest)
+        moved.append(name)
+    return moved
+
+
+def _move_dir(fs: Any, src: str, dest: str) -> None:
+    """Rename a folder locally; on object storage (no folder renames) copy it, then delete the source."""
+    from pyarrow import fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.move(src, dest)
+        return
+    pafs.copy_files(src, dest, source_filesystem=fs, destination_filesystem=fs)
+    fs.delete_dir(src)
