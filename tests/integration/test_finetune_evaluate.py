@@ -140,7 +140,7 @@ def test_weights_on_s3_are_fetched_once_and_checked(pretrained, s3_server, monke
     """model.init_from=s3://.../checkpoint-N (a run stored on S3) becomes a local copy before any worker starts."""
     from metaformer_platform.evaluation import read_weights_info
     from metaformer_platform.launch import resolve_init_from
-    from metaformer_platform.storage.weights import resolve
+    from metaformer_platform.storage.weights import FETCHED_MARKER, resolve
 
     _, _, trained = pretrained
     for key, value in s3_server.env.items():
@@ -155,9 +155,9 @@ def test_weights_on_s3_are_fetched_once_and_checked(pretrained, s3_server, monke
     cfg = load_config(None, ["stage=finetune", "model.name=poolformer_debug", f"model.init_from={url}"])
     local = resolve_init_from(cfg)
     assert local.parent == tmp_path / "weights" / "s3"
-    assert sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file()) == [
-        p.relative_to(checkpoint) for p in files
-    ]
+    fetched = sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file() and p.name != FETCHED_MARKER)
+    assert fetched == [p.relative_to(checkpoint) for p in files]  # the checkpoint's files, plus the cache's marker
+    assert (local / FETCHED_MARKER).is_file()
     assert all((local / p.relative_to(checkpoint)).read_bytes() == p.read_bytes() for p in files)
     assert read_weights_info(local).step == 40
     (local / "COMPLETE").unlink()  # a damaged cache entry is fetched again
