@@ -110,21 +110,21 @@ def _claim_run(storage_path: str, cfg: JobConfig) -> Any:
     return claim_run(storage_path, cfg.run_name)
 
 
-def _connect_and_open_run(cfg: JobConfig, lease: Any = None) -> Any:
-    """Join Ray, check the worker group fits, then open the job's MLflow run (a ``RunHandle``, or None when
-    tracking is off): the last driver step before workers start, so a refused job leaves no run behind.
-    On failure the job's ``lease`` on its run name is released."""
+def _connect_and_open_run(cfg: JobConfig, storage_path: str) -> tuple[Any, Any]:
+    """Join Ray, check the worker group fits, claim the run name (the lease), then open the job's MLflow run
+    (a ``RunHandle``, or None when tracking is off): the last driver steps before workers start, so a refused
+    job writes nothing and leaves no run behind. On failure the lease is released."""
+    connect_ray(cfg)
+    check_cluster(cfg)
+    lease = _claim_run(storage_path, cfg)
     try:
-        connect_ray(cfg)
-        check_cluster(cfg)
         if not cfg.tracking.enabled:
-            return None
+            return lease, None
         from metaformer_platform.tracking import RunHandle
 
-        return RunHandle(cfg)
+        return lease, RunHandle(cfg)
     except BaseException:
-        if lease is not None:
-            lease.release()
+        lease.release()
         raise
 
 
@@ -205,8 +205,7 @@ def run_job(cfg: JobConfig) -> JobResult:
     cfg = resolve_scaling(cfg)
     check_data(cfg, data_root)
     cfg = with_default_threads(cfg)
-    lease = _claim_run(storage_path, cfg)
-    handle = _connect_and_open_run(cfg, lease)
+    lease, handle = _connect_and_open_run(cfg, storage_path)
     if handle is not None:
         handle.log_data(cfg, data_root)
     payload = {
@@ -277,8 +276,7 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
     storage_path = resolve_storage_path(cfg.run.storage_path)
     cfg = resolve_scaling(cfg)
     cfg = with_default_threads(cfg)
-    lease = _claim_run(storage_path, cfg)
-    handle = _connect_and_open_run(cfg, lease)
+    lease, handle = _connect_and_open_run(cfg, storage_path)
     if handle is not None:
         handle.log_data(cfg, data_root)
     payload = {

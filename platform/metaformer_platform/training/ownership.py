@@ -132,9 +132,23 @@ def claim_run(storage_path: str, run_name: str, *, ttl_s: float = LEASE_TTL_S, n
     return lease.start()
 
 
+def _died_here(lease: dict[str, Any]) -> bool:
+    """Whether the lease's driver ran on this host and is gone: its name is free at once (a re-run right after
+    a crash or a kill), not only once the heartbeat goes stale."""
+    if lease.get("host") != socket.gethostname() or not isinstance(lease.get("pid"), int):
+        return False
+    try:
+        os.kill(lease["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, under another user
+        return False
+    return False
+
+
 def _refuse_if_live(current: dict[str, Any] | None, run_name: str, storage_path: str, ttl_s: float,
                     now: float | None) -> None:
-    if not current or current.get("released"):
+    if not current or current.get("released") or _died_here(current):
         return
     age = (time.time() if now is None else now) - float(current.get("heartbeat", 0.0))
     if age < ttl_s:
