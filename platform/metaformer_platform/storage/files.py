@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -111,7 +112,8 @@ def check_access(location: str | Location, *, what: str | None = None) -> Locati
 def check_writable(location: str | Location, what: str = "run.storage_path") -> Location:
     """Refuse, with the reason and the fix, a location that cannot be written (a probe file, removed again)."""
     loc = Location.parse(location)
-    probe = loc.join(f".write-probe-{os.getpid()}")
+    # unique per call: two pipeline members in one process probe the same storage at once
+    probe = loc.join(f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:12]}")
     try:
         check_access(loc)
         if not loc.remote:
