@@ -98,6 +98,11 @@ class ProgressSender:
             where = f"{self.checkpoint_root}/checkpoint-{step:08d}"  # launch.checkpoint_reporter's names
             self.send("checkpoint", step=step, where=where, stall_s=float(metrics["checkpoint/stall_s"]))
 
+    def log_params(self, params: dict[str, Any]) -> None:
+        """The inner tracker's params (the settings a worker resolved for its device)."""
+        if hasattr(self.inner, "log_params"):
+            self.inner.log_params(params)
+
     def finish(self, step: int) -> None:
         """Training ended at ``step`` (the driver prints the summary)."""
         if self.main:
