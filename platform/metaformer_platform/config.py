@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from metaformer_platform.storage.location import Location
+
 
 class _Section(BaseModel):
     """A config section: unknown keys are errors, assignments are validated."""
@@ -39,16 +41,15 @@ MAX_WORKERS = 4096
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-def check_local_url(value: str | None, key: str) -> str | None:
+def check_local_url(value: str | None) -> str | None:
     """A ``file://`` URL names a path on this machine: ``file:///abs`` or ``file://localhost/abs``. With
-    another host (``file://host/x``) it used to be read silently as the relative path ``host/x``."""
+    another host (``file://host/x``) it used to be read silently as the relative path ``host/x``; the storage
+    core's parser (one rule for every location) refuses it, and the message names the config key."""
     if value is not None and value.startswith("file://"):
-        host = value[len("file://"):].split("/", 1)[0]
-        if host not in ("", "localhost"):
-            raise ValueError(
-                f"{key}={value!r} names the host {host!r}, but file:// URLs are local paths: write "
-                f"file:///absolute/path (three slashes), a plain path, or s3://bucket/prefix for shared storage"
-            )
+        try:
+            Location.parse(value)
+        except ValueError as err:
+            raise ValueError(f"{err}; or s3://bucket/prefix for shared storage") from None
     return value.replace("file://localhost/", "file:///", 1) if value else value
 
 
@@ -101,7 +102,7 @@ class DataConfig(_Section):
     @field_validator("source")
     @classmethod
     def _local_url(cls, value: str) -> str:
-        return check_local_url(value, "data.source")  # type: ignore[return-value]
+        return check_local_url(value)  # type: ignore[return-value]
 
     @property
     def uses_mixup(self) -> bool:
@@ -132,7 +133,7 @@ class ModelConfig(_Section):
     @field_validator("init_from")
     @classmethod
     def _local_url(cls, value: str | None) -> str | None:
-        return check_local_url(value, "model.init_from")
+        return check_local_url(value)
 
     @field_validator("name")
     @classmethod
@@ -301,8 +302,8 @@ class RunSettings(_Section):
 
     @field_validator("storage_path", "resume_from")
     @classmethod
-    def _local_urls(cls, value: str | None, info: Any) -> str | None:
-        return check_local_url(value, f"run.{info.field_name}")
+    def _local_urls(cls, value: str | None) -> str | None:
+        return check_local_url(value)
 
 
 class TrackingConfig(_Section):

@@ -419,6 +419,16 @@ def test_aws_launcher_config() -> None:
     assert any(v["node_config"]["InstanceType"].startswith(("g", "p")) for v in workers.values()), "no GPU nodes"
     assert sum(v["max_workers"] for v in workers.values()) <= doc["max_workers"]
     assert doc["available_node_types"][doc["head_node_type"]]["resources"] == {"CPU": 0}
+    # Token auth on every node, the token read from a file the nodes fetch (not written here), and the
+    # dashboard (job submission) on the head's loopback only, reached through `ray dashboard`'s SSH tunnel.
+    options = doc["docker"]["run_options"]
+    assert "--env RAY_AUTH_MODE=token" in options
+    # mounted where Ray looks by default: ~/.ray/auth_token of the image's user (the Dockerfile's `ray`)
+    assert any(o.startswith("--volume ") and o.endswith(":/home/ray/.ray/auth_token:ro") for o in options)
+    assert any("umask 077" in c and "auth_token" in c for c in doc["initialization_commands"])
+    assert not [o for o in options if "RAY_AUTH_TOKEN" in o]
+    (head_start,) = [c for c in doc["head_start_ray_commands"] if "--head" in c]
+    assert "--dashboard-host=127.0.0.1" in head_start
 
 
 def test_mlflow_server_uses_postgres_and_s3_from_secrets() -> None:
