@@ -180,16 +180,11 @@ def _pax_path(records: bytes) -> str | None:
 
 
 def read_shard(storage: Storage, filename: str) -> bytes:
-    """A whole shard's bytes, read in large requests (for the loader's shard prefetcher).
-
-    Not `storage.read_bytes`: on an S3 stream that is `BufferedReader.read()`, which reads to the end through
-    io's `readall` in 8 KiB requests, about half the speed of raw boto3 here (bench_s3_reader.py).
-    """
-    chunks = []
+    """A whole shard's bytes (for the loader's shard prefetcher), read through `storage.open` so a broken S3
+    connection resumes: one request for the rest of the object (`_ResumableBody.readall`), or one read of a
+    local file's size."""
     with storage.open(filename) as stream:
-        while chunk := stream.read(_WINDOW):
-            chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return stream.read()
 
 
 def iter_shard(
