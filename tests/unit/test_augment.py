@@ -219,6 +219,27 @@ def test_device_decode_path_on_cpu_is_seeded_per_sample_and_resumes_exactly(tmp_
     assert len(boxes) == 50  # seeds give different boxes
 
 
+def test_device_decode_replaces_an_image_cut_short_with_a_good_one_of_its_batch():
+    """A JPEG whose body is cut short passes the worker's header check and fails only in the batch decode:
+    the batch is decoded image by image, the bad one takes its nearest good neighbour's pixels (with its own
+    crop), it is counted, and the same bytes give the same batch again (exact resume)."""
+    from metaformer_platform.data.device_decode import DeviceDecodeTransform, EncodedJpeg
+
+    tf = DeviceDecodeTransform(32, is_training=False, batch=BatchTransform())
+    good = [EncodedJpeg()(_photo(60, 50, seed=s)) for s in (1, 2, 3)]
+    cut = good[1][: len(good[1]) // 2].clone()
+    seeds = torch.tensor([5, 6, 7])
+    out = tf([good[0], cut, good[2]], seeds)
+    assert out.shape == (3, 3, 32, 32) and tf.bad_images == 1
+    reference = DeviceDecodeTransform(32, is_training=False, batch=BatchTransform())(good, seeds)
+    torch.testing.assert_close(out[0], reference[0], rtol=0, atol=0)
+    torch.testing.assert_close(out[1], reference[0], rtol=0, atol=0)  # the earlier neighbour stands in
+    torch.testing.assert_close(out[2], reference[2], rtol=0, atol=0)
+    assert torch.equal(tf([good[0], cut, good[2]], seeds), out) and tf.bad_images == 2
+    with pytest.raises(RuntimeError, match="no image of a batch of 1 decodes"):
+        tf([cut], seeds[:1])
+
+
 def test_device_decode_is_refused_without_cuda_or_with_randaugment():
     from metaformer_platform.config import load_config
 

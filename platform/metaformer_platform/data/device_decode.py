@@ -9,11 +9,18 @@ Randomness is per sample, as in the CPU path: the crop box and the flip of a sam
 augmentation seed (shipped by the loader with the batch), with timm's `get_params`, so the boxes follow
 timm's RandomResizedCrop and a resumed job crops exactly what the uninterrupted one did. RandAugment
 (PIL operations) has no GPU form here: this path refuses `auto_augment`.
+
+Bad images: the workers read each JPEG's header (garbage is a bad sample there, replaced and counted by the
+loader), but a body that is cut short only fails in nvjpeg, which then refuses the whole batch. The batch is
+then decoded image by image, and an image that fails takes the pixels of the nearest good image of the same
+batch (with its own crop and flip): the same bytes fail the same way, so a resumed job still sees the same
+batch. Each is logged and counted in `bad_images`.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -24,6 +31,8 @@ from PIL import Image
 from .augment import BatchTransform
 
 __all__ = ["DeviceDecodeTransform", "EncodedJpeg"]
+
+_log = logging.getLogger(__name__)
 
 
 class EncodedJpeg:
@@ -67,6 +76,7 @@ class DeviceDecodeTransform:
         self.scale, self.ratio, self.hflip = scale, ratio, hflip
         self.resize_to = math.floor(img_size / crop_pct)  # timm's eval: short side to img_size / crop_pct
         self.interpolation = InterpolationMode(interpolation)
+        self.bad_images = 0  # images nvjpeg could not decode, replaced by a good one of their batch
 
     def _box(self, height: int, width: int, seed: int) -> tuple[tuple[int, int, int, int], bool]:
         """timm's RandomResizedCrop box and the flip, drawn from the sample's seed (the caller's global RNG
@@ -84,11 +94,33 @@ class DeviceDecodeTransform:
             random.setstate(state)
         return box, flip
 
-    def __call__(self, encoded: Sequence[torch.Tensor], seeds: torch.Tensor) -> torch.Tensor:
+    def _decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The batch decoded in one nvjpeg call; if that fails, image by image with stand-ins (see above)."""
         from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError as batch_error:
+            images: list[torch.Tensor | None] = []
+            for k, data in enumerate(encoded):
+                try:
+                    images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError as err:
+                    _log.warning("image %d of a batch of %d does not decode (%s); the nearest good image of the "
+                                 "batch stands in", k, len(encoded), str(err).splitlines()[-1][:200])
+                    images.append(None)
+            good = [k for k, img in enumerate(images) if img is not None]
+            if not good:
+                raise RuntimeError(f"no image of a batch of {len(encoded)} decodes: {batch_error}") from batch_error
+            self.bad_images += len(encoded) - len(good)
+            # nearest good index, the earlier one on a tie: depends only on the batch's bytes
+            return [img if img is not None else images[min(good, key=lambda g: (abs(g - k), g))]  # type: ignore[misc]
+                    for k, img in enumerate(images)]
+
+    def __call__(self, encoded: Sequence[torch.Tensor], seeds: torch.Tensor) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as F
 
-        images = decode_jpeg(list(encoded), mode=ImageReadMode.RGB, device=self.device)
+        images = self._decode(list(encoded))
         out = torch.empty((len(images), self.size, self.size, 3), dtype=torch.uint8, device=self.device)
         for k, (img, seed) in enumerate(zip(images, seeds.tolist(), strict=True)):
             if self.is_training:
