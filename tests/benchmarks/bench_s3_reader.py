@@ -9,6 +9,8 @@ every shard once per path, the paths alternating, and the script prints the medi
 - reader:  `iter_shard()` over the same stream (tar parsing into samples, read and parsed serially);
 - fetched: `read_shard()` of the whole shard, then `iter_shard()` over it in memory (what the loader's
            shard prefetcher does on S3, here without the overlap it has there);
+- loader:  `iter_shard()` through the loader's own shard prefetcher (`loader._Prefetcher`, 2 shards ahead in
+           a background thread): samples out as a loader worker gets them, download and parsing overlapped;
 - wds:     webdataset's own tar iterator through our registered s3:// gopen handler.
 
     python tests/benchmarks/bench_s3_reader.py [--shards 4] [--shard-mb 32] [--rounds 3]
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from metaformer_platform import localstack
 from metaformer_platform.data import builder, open_storage, register_webdataset_s3
+from metaformer_platform.data.loader import _Prefetcher
 from metaformer_platform.data.reader import iter_shard, read_shard
 
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenet-sample"
@@ -114,11 +117,21 @@ def main() -> None:
                     for _ in iter_shard(_InMemory(data), n):
                         pass
 
+            def loader() -> None:  # the loader worker's read path: the next shards download while one parses
+                fetcher = _Prefetcher(storage, names, depth=2)
+                try:
+                    for n in names:
+                        for _ in iter_shard(fetcher, n):
+                            pass
+                finally:
+                    fetcher.close()
+
             def webdataset() -> None:
                 for _ in wds.WebDataset([f"{url}/{n}" for n in names], shardshuffle=False):
                     pass
 
-            paths = {"raw": raw, "storage": stream, "reader": reader, "fetched": prefetched, "wds": webdataset}
+            paths = {"raw": raw, "storage": stream, "reader": reader, "fetched": prefetched, "loader": loader,
+                     "wds": webdataset}
             rates: dict[str, list[float]] = {p: [] for p in paths}
             for _ in range(args.rounds):
                 for name, fn in paths.items():
