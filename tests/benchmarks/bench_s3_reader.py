@@ -9,7 +9,7 @@ every shard once per path, the paths alternating, and the script prints the medi
 - reader:  `iter_shard()` over the same stream (tar parsing into samples, read and parsed serially);
 - fetched: `read_shard()` of the whole shard, then `iter_shard()` over it in memory (what the loader's
            shard prefetcher does on S3, here without the overlap it has there);
-- loader:  `iter_shard()` through the loader's own shard prefetcher (`loader._Prefetcher`, 2 shards ahead in
+- loader:  `iter_shard()` through the loader's own shard prefetcher (`loader._Prefetcher`, 1 shard ahead in
            a background thread): samples out as a loader worker gets them, download and parsing overlapped;
 - wds:     webdataset's own tar iterator through our registered s3:// gopen handler.
 
@@ -118,7 +118,7 @@ def main() -> None:
                         pass
 
             def loader() -> None:  # the loader worker's read path: the next shards download while one parses
-                fetcher = _Prefetcher(storage, names, depth=2)
+                fetcher = _Prefetcher(storage, names, depth=1)  # build_loader's default on S3
                 try:
                     for n in names:
                         for _ in iter_shard(fetcher, n):
