@@ -159,7 +159,7 @@ class OptimConfig(_Section):
     min_lr: float = Field(1e-5, ge=0, le=100, description="lr at the end of the cosine")
     fused: bool | None = Field(
         None,
-        description="torch's fused (single-kernel) AdamW/Adam/SGD step (null: on when the parameters are on CUDA)",
+        description="torch's fused (single-kernel) AdamW/Adam/SGD step (null: on for those optimizers, on CUDA and CPU)",
     )
 
     @field_validator("betas")

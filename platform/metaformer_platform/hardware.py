@@ -129,6 +129,7 @@ class Settings:
     torch_threads: int
     device: str
     reasons: dict[str, str] = field(default_factory=dict)
+    fused_optimizer: bool | None = None  # known once the strategy has built the optimizer
 
     def params(self) -> dict[str, Any]:
         """As MLflow params (``resolved.*``: the config keeps what the user asked, e.g. ``auto``)."""
@@ -138,7 +139,9 @@ class Settings:
     def summary(self) -> str:
         """One line per setting with its reason, for the start of a job's log."""
         lines = [f"settings for {self.device}:"]
-        for key in ("precision", "channels_last", "compile", "torch_threads"):
+        for key in ("precision", "channels_last", "compile", "torch_threads", "fused_optimizer"):
+            if getattr(self, key) is None:
+                continue
             why = self.reasons.get(key, "set in the config")
             lines.append(f"  {key} = {getattr(self, key)}  ({why})")
         return "\n".join(lines)

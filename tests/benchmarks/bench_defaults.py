@@ -63,7 +63,7 @@ def platform_job(shards: Path, tmp: Path, *, steps: int, batch: int, size: int, 
     shares = {k: client.get_metric_history(result.mlflow_run_id, k)[-1].value
               for k in ("time/data_s", "time/forward_s", "time/backward_s", "time/optimizer_s")}
     settings = {k: params.get(k) for k in ("resolved.precision", "resolved.channels_last", "resolved.compile",
-                                           "resolved.torch_threads", "scaling.num_workers", "optim.fused")}
+                                           "resolved.torch_threads", "resolved.fused_optimizer", "scaling.num_workers")}
     return {"images_per_s": statistics.median(m.value for m in rates[1:]), "top1": result.metrics["val/top1"],
             "wall_s": wall, "breakdown": shares, "settings": settings}  # type: ignore[dict-item]
 

