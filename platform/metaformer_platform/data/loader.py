@@ -88,7 +88,7 @@ BatchTransformFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Loader settings that define the epoch's global order: a position means something only if they match.
 # The layout (world_size, num_workers, batch_size) may change: a new pass deals the rest of the epoch over it.
-_ORDER_KEYS = ("split", "num_samples", "seed", "shuffle", "shuffle_buffer")
+_ORDER_KEYS = ("split", "num_samples", "seed", "shuffle", "shuffle_buffer", "drop_last")
 STATE_VERSION = 2
 # Readable samples of its earlier batches each worker remembers (undecoded), the last resort for a stand-in.
 _EARLIER_STAND_INS = 16
@@ -822,7 +822,8 @@ def build_loader(
     `batch_transform(images, seeds)` runs on each batch in the main process (normalize, erase on the
     training device: `augment.BatchTransform`), given the per-sample augmentation seeds.
     `decode_size`: the smallest short side the transform needs; larger JPEGs decode at reduced scale.
-    `shuffle_buffer`: undecoded samples each worker holds for shuffling (memory: about this many files).
+    `shuffle_buffer`: the shuffle window, consecutive samples of the epoch's global order permuted together
+    (the same for every layout; memory: each worker holds up to about this many undecoded samples).
     `prefetch_shards`: shards each worker downloads ahead in a background thread (memory: that many whole
     shards more per worker); None: 1 for object storage, 0 for local files (the OS reads ahead already).
     `max_bad_fraction`: unreadable samples (see `data.faults`) are replaced and counted (`fault_stats()`);
