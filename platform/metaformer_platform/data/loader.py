@@ -293,7 +293,7 @@ class _EpochStream(IterableDataset):
         try:
             if self.encoded:
                 img = open_image(sample)  # the header is read: garbage is a bad sample here, in the worker
-                return img.fp.getvalue(), label  # type: ignore[union-attr, return-value]  # the sample's bytes
+                return img.fp.getvalue(), label  # type: ignore[attr-defined]  # the sample's bytes (an ImageFile's)
             return (open_image(sample) if self.lazy_decode else decode_image(sample, self.decode_size)), label
         except SAMPLE_ERRORS as err:
             if faults is not None:
@@ -313,7 +313,7 @@ class _EpochStream(IterableDataset):
             if self.lazy_decode or self.encoded:  # stand-ins are decoded in full here: known to decode
                 try:
                     img = decode_image(candidate)
-                    return (open_image(candidate).fp.getvalue() if self.encoded else img), decode_label(candidate)  # type: ignore[union-attr]
+                    return (open_image(candidate).fp.getvalue() if self.encoded else img), decode_label(candidate)  # type: ignore[attr-defined]
                 except SAMPLE_ERRORS:
                     known_bad.add(candidate.key)
                     return None
