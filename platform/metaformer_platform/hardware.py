@@ -212,9 +212,8 @@ def resolve_for_worker(cfg: JobConfig, device: Any, *, world_size: int, total_st
         "cpus_per_worker": float(caps.cpus) if s.cpus_per_worker == "auto" else s.cpus_per_worker,
         "use_gpu": caps.device_type == "cuda" if s.use_gpu == "auto" else s.use_gpu,
     })
-    settings = resolve_settings(
-        cfg.trainer, caps, total_steps=total_steps, cpus_per_worker=resolved(scaling.cpus_per_worker, "scaling.cpus_per_worker")
-    )
+    cpus = resolved(scaling.cpus_per_worker, "scaling.cpus_per_worker")  # made concrete just above
+    settings = resolve_settings(cfg.trainer, caps, total_steps=total_steps, cpus_per_worker=cpus)
     trainer = cfg.trainer.model_copy(update={
         "precision": settings.precision,
         "channels_last": settings.channels_last,
@@ -265,7 +264,7 @@ class Layout:
             num_workers=resolved(scaling.num_workers, "scaling.num_workers"),
             cpus_per_worker=resolved(scaling.cpus_per_worker, "scaling.cpus_per_worker"),
             use_gpu=resolved(scaling.use_gpu, "scaling.use_gpu"),
-            reason="set in the config",
+            reason="read from the resolved config",
         )
 
 

@@ -107,7 +107,7 @@ def test_layout_one_worker_per_cpu_node_and_one_per_gpu():
 
 def test_code_after_the_launcher_reads_a_resolved_layout_and_an_unresolved_auto_is_named():
     resolved = _scaling("scaling.num_workers=3", "scaling.cpus_per_worker=2", "scaling.use_gpu=false")
-    assert hardware.Layout.of(resolved) == hardware.Layout(3, 2.0, False, "set in the config")
+    assert hardware.Layout.of(resolved) == hardware.Layout(3, 2.0, False, "read from the resolved config")
     # the launcher's own result reads back unchanged (resolve_scaling copies it into the config)
     chosen = hardware.resolve_layout(_scaling(), [{"CPU": 4.0}])
     copied = _scaling().model_copy(update={"num_workers": chosen.num_workers,
