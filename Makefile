@@ -55,8 +55,10 @@ stack-down:
 stack-status:
 	PYTHON=$(PY) infra/local/stack.sh status
 
+# ruff, then mypy over platform/metaformer_platform, jobs/ and pipelines/ (configured in pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # Each benchmark prints ratios measured in one run; nothing is asserted.
 benchmark: $(STAMP)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metaformer_platform import storage
+from metaformer_platform import hardware, storage
 from metaformer_platform.config import JobConfig
 from metaformer_platform.storage import Location
 
@@ -61,13 +61,18 @@ def check_data(cfg: JobConfig, data_root: str | Path) -> None:
         )
 
 
-def check_model(cfg: JobConfig, num_classes: int) -> None:
+def check_model(cfg: JobConfig, num_classes: int | None) -> None:
     """The model builds with the configured kwargs (on the meta device: no memory, no time)."""
     import torch
 
     from metaformer_platform.strategies import get_strategy_class
     from metaformer_platform.training.trainer import build_model
 
+    if num_classes is None:
+        raise ValueError(
+            f"model {cfg.model.name!r}: the number of classes is unknown (the data manifest names none): "
+            "set model.num_classes"
+        )
     try:
         with torch.device("meta"):
             model = build_model(cfg, num_classes)
@@ -149,33 +154,35 @@ def check_cluster(cfg: JobConfig) -> None:
 
     resources = ray.cluster_resources()
     s = cfg.scaling
-    need = {"CPU": s.num_workers * s.cpus_per_worker}
-    if s.use_gpu:
-        need["GPU"] = s.num_workers * s.resources_per_worker.get("GPU", 1.0)
+    layout = hardware.Layout.of(s)  # resolved by launch.resolve_scaling
+    workers = layout.num_workers
+    need = {"CPU": workers * layout.cpus_per_worker}
+    if layout.use_gpu:
+        need["GPU"] = workers * s.resources_per_worker.get("GPU", 1.0)
     for name, amount in s.resources_per_worker.items():
         if name not in {"CPU", "GPU"}:
-            need[name] = s.num_workers * amount
+            need[name] = workers * amount
     for name, amount in need.items():
         have = resources.get(name, 0.0)
         if have < amount:
             raise ValueError(
-                f"the job needs {amount:g} {name} (scaling.num_workers={s.num_workers} x "
-                f"{amount / s.num_workers:g} per worker) but the Ray cluster has {have:g}: lower "
+                f"the job needs {amount:g} {name} (scaling.num_workers={workers} x "
+                f"{amount / workers:g} per worker) but the Ray cluster has {have:g}: lower "
                 "scaling.num_workers or scaling.cpus_per_worker, or add nodes"
             )
     # A worker runs on one node: the total may suffice while no node (or too few) can hold a worker.
-    per_worker = {name: amount / s.num_workers for name, amount in need.items() if amount > 0}
+    per_worker = {name: amount / workers for name, amount in need.items() if amount > 0}
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     fits = sum(
-        min((int(node.get(name, 0.0) // amount) for name, amount in per_worker.items()), default=s.num_workers)
+        min((int(node.get(name, 0.0) // amount) for name, amount in per_worker.items()), default=workers)
         for node in nodes
     )
-    if fits < s.num_workers:
+    if fits < workers:
         largest = max((node.get("CPU", 0.0) for node in nodes), default=0.0)
         wants = ", ".join(f"{amount:g} {name}" for name, amount in per_worker.items())
         raise ValueError(
             f"a worker needs {wants} on one node, and the cluster's {len(nodes)} nodes (the largest has "
-            f"{largest:g} CPU) hold {fits} such workers, not scaling.num_workers={s.num_workers}: lower "
+            f"{largest:g} CPU) hold {fits} such workers, not scaling.num_workers={workers}: lower "
             "scaling.cpus_per_worker or add larger nodes"
         )
 
@@ -184,5 +191,5 @@ def with_default_threads(cfg: JobConfig) -> JobConfig:
     """``trainer.torch_threads`` unset means one torch thread per CPU the worker is given (not all of the node's)."""
     if cfg.trainer.torch_threads is not None:
         return cfg
-    threads = max(1, int(cfg.scaling.cpus_per_worker))
+    threads = max(1, int(hardware.resolved(cfg.scaling.cpus_per_worker, "scaling.cpus_per_worker")))
     return cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"torch_threads": threads})})

@@ -366,7 +366,7 @@ class JobConfig(_Section):
         """``model_dump(mode="json")`` with passwords and tokens in URIs masked: what may be logged or stored."""
         from metaformer_platform.redact import redact_tree
 
-        return redact_tree(self.model_dump(mode="json"))  # type: ignore[no-any-return]
+        return redact_tree(self.model_dump(mode="json"))
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:

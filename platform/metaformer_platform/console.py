@@ -26,7 +26,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from metaformer_platform.training.trainer import RunTracker
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ class ProgressSender:
     A lost channel (driver gone) never stops training: the first failure is logged and sending stops.
     """
 
-    def __init__(self, queue: Any, checkpoint_root: str, inner: Any = None, *, main: bool = True) -> None:
+    def __init__(self, queue: Any, checkpoint_root: str, inner: RunTracker | None = None, *, main: bool = True) -> None:
         self.queue = queue
         self.checkpoint_root = checkpoint_root.rstrip("/")
         self.inner = inner
@@ -100,7 +103,7 @@ class ProgressSender:
 
     def log_params(self, params: dict[str, Any]) -> None:
         """The inner tracker's params (the settings a worker resolved for its device)."""
-        if hasattr(self.inner, "log_params"):
+        if self.inner is not None:
             self.inner.log_params(params)
 
     def finish(self, step: int) -> None:
@@ -110,16 +113,18 @@ class ProgressSender:
 
     def flush(self) -> None:
         """The inner tracker's flush (metrics stored before a checkpoint is reported)."""
-        if hasattr(self.inner, "flush"):
+        if self.inner is not None:
             self.inner.flush()
 
     def close(self) -> None:
         """The inner tracker's close."""
-        if hasattr(self.inner, "close"):
+        if self.inner is not None:
             self.inner.close()
 
 
-def worker_progress(payload: dict[str, Any], dist: Any, tracker: Any, *, forward_warnings: bool) -> tuple[Any, Any]:
+def worker_progress(
+    payload: dict[str, Any], dist: Any, tracker: RunTracker, *, forward_warnings: bool
+) -> tuple[ProgressSender, RunTracker]:
     """In a Ray Train worker: ``(progress, tracker)``, where rank 0's tracker also feeds the driver's console
     and, when ``forward_warnings`` (Ray's log streaming is off), every rank's platform warnings go there too."""
     sender = ProgressSender(payload.get("progress_queue"), payload.get("run_dir", ""), tracker, main=dist.is_main)

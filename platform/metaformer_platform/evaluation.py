@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as tdist
@@ -27,6 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaformer_platform.data import IGNORE_LABEL
+from metaformer_platform.data.faults import FaultCounting
+
+if TYPE_CHECKING:
+    from metaformer_platform.config import JobConfig
+    from metaformer_platform.data import Manifest
 
 REPORT_FILE = "eval.json"
 NO_WEIGHTS = (
@@ -143,7 +148,7 @@ class MetricSums:
 
 
 def _skipped(loader: Any) -> int:
-    return loader.fault_stats()["skipped_samples"] if hasattr(loader, "fault_stats") else 0
+    return int(loader.fault_stats()["skipped_samples"]) if isinstance(loader, FaultCounting) else 0
 
 
 @torch.no_grad()
@@ -269,14 +274,16 @@ def data_hash(manifest: Any, split: str) -> tuple[str, str]:
 # -- the evaluate job's driver side ---------------------------------------------------------------------
 
 
-def prepare_evaluation(cfg: Any, weights_folder: Path | None, data_root: str | Path) -> tuple[Any, WeightsInfo, Any]:
+def prepare_evaluation(
+    cfg: JobConfig, weights_folder: Path | None, data_root: str | Path
+) -> tuple[JobConfig, WeightsInfo, Manifest]:
     """Check an evaluate job on the driver; returns (config set to the weights' model, the weights, the manifest).
 
     The weights decide the model (name, classes, kwargs) and, unless the config sets them, the resolution and
     crop they were trained at. Raises ``ValueError`` for no ``model.init_from``, weights of another model than
     a configured ``model.name``, no validation split, or shards of another label set than the weights'.
     """
-    from metaformer_platform.data import batch_schedule, load_manifest
+    from metaformer_platform.data import load_manifest
 
     if weights_folder is None:
         raise ValueError(NO_WEIGHTS)
@@ -306,23 +313,44 @@ def prepare_evaluation(cfg: Any, weights_folder: Path | None, data_root: str | P
         "data": d.model_copy(update=data_update),
     })
     manifest = load_manifest(data_root)
-    split = manifest.split(cfg.data.val_split)  # raises, naming the splits there are
     from metaformer_platform.data import INFO_NAME
 
     check_label_set(weights, manifest.num_classes, manifest.class_names, manifest.storage.describe(INFO_NAME))
-    # every rank must get the same number of non-empty batches (raises naming the fix otherwise)
-    batch_schedule(split.num_samples, world_size=cfg.scaling.num_workers, batch_size=cfg.trainer.batch_size,
-                   drop_last=False)
+    check_eval_batches(cfg, manifest)
     return cfg, weights, manifest
+
+
+def split_and_classes(cfg: JobConfig) -> tuple[str, int]:
+    """``(data.val_split, model.num_classes)`` of a config ``prepare_evaluation`` has set up (the weights decide
+    the classes): what the evaluation reads and scores. A ValueError names what is still unset."""
+    split, classes = cfg.data.val_split, cfg.model.num_classes
+    if split is None or classes is None:
+        raise ValueError(
+            "an evaluation needs data.val_split and model.num_classes (prepare_evaluation takes the classes from "
+            f"the weights), got data.val_split={split!r} model.num_classes={classes!r}"
+        )
+    return split, classes
+
+
+def check_eval_batches(cfg: JobConfig, manifest: Manifest) -> None:
+    """Every rank gets the same number of non-empty batches of ``data.val_split`` (raises naming the fix otherwise).
+
+    ``scaling.num_workers: auto`` is judged as one worker until the launcher has chosen the layout, which needs
+    the cluster (``launch.resolve_scaling``); the launcher checks again with the number it chose."""
+    from metaformer_platform.data import batch_schedule
+
+    split = manifest.split(split_and_classes(cfg)[0])  # raises, naming the splits there are
+    workers = cfg.scaling.num_workers if isinstance(cfg.scaling.num_workers, int) else 1
+    batch_schedule(split.num_samples, world_size=workers, batch_size=cfg.trainer.batch_size, drop_last=False)
 
 
 def build_report(
     sums: MetricSums,
     *,
-    cfg: Any,
+    cfg: JobConfig,
     weights: WeightsInfo,
     weights_uri: str,
-    manifest: Any,
+    manifest: Manifest,
     expected_samples: int,
 ) -> dict[str, Any]:
     """The evaluation's JSON: the contract's ``eval/*`` numbers, per-class top-1 and what was evaluated on what.
@@ -337,7 +365,7 @@ def build_report(
             f"evaluation counted {sums.samples} samples + {sums.skipped} skipped, but split "
             f"{cfg.data.val_split!r} has {expected_samples}: samples were dropped or counted twice"
         )
-    digest, digest_of = data_hash(manifest, cfg.data.val_split)
+    digest, digest_of = data_hash(manifest, split_and_classes(cfg)[0])
     # The paper's number is for ImageNet-1k at 224 px: shown beside ours only for a 1000-class label set.
     paper = PAPER_TOP1.get(cfg.model.name) if cfg.model.num_classes == 1000 else None
     return {

@@ -18,9 +18,15 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from metaformer_platform.config import JobConfig, ScalingSettings, TrainerConfig
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Precision = Literal["fp32", "bf16"]
 
 # The CPU flags that matter for bf16 (Linux /proc/cpuinfo names).
 AMX_BF16 = "amx_bf16"
@@ -123,7 +129,7 @@ def bf16_fast(caps: Capabilities) -> tuple[bool, str]:
 class Settings:
     """The concrete settings a worker trains with, and why each was chosen (printed and logged)."""
 
-    precision: str
+    precision: Precision
     channels_last: bool
     compile: bool
     torch_threads: int
@@ -147,15 +153,17 @@ class Settings:
         return "\n".join(lines)
 
 
-def resolve_settings(trainer: Any, caps: Capabilities, *, total_steps: int, cpus_per_worker: float | None = None) -> Settings:
+def resolve_settings(trainer: TrainerConfig, caps: Capabilities, *, total_steps: int, cpus_per_worker: float | None = None) -> Settings:
     """``trainer.precision/channels_last/compile/torch_threads`` for this device, ``auto`` (or null threads)
     replaced by the fastest measured choice there."""
     reasons: dict[str, str] = {}
-    precision = trainer.precision
-    if precision == "auto":
+    precision: Precision
+    if trainer.precision == "auto":
         fast, why = bf16_fast(caps)
         precision = "bf16" if fast else "fp32"
         reasons["precision"] = f"auto: {why}"
+    else:
+        precision = trainer.precision
 
     channels_last = trainer.channels_last
     if channels_last == "auto":
@@ -193,8 +201,8 @@ def resolve_settings(trainer: Any, caps: Capabilities, *, total_steps: int, cpus
     )
 
 
-def resolve_for_worker(cfg: Any, device: Any, *, world_size: int, total_steps: int,
-                       caps: Capabilities | None = None) -> tuple[Any, Settings]:
+def resolve_for_worker(cfg: JobConfig, device: Any, *, world_size: int, total_steps: int,
+                       caps: Capabilities | None = None) -> tuple[JobConfig, Settings]:
     """A worker's job config with every ``auto`` made concrete for ``device`` (``caps``: its probe, taken here
     when not given), and the ``Settings`` that say what was chosen and why.
 
@@ -207,7 +215,8 @@ def resolve_for_worker(cfg: Any, device: Any, *, world_size: int, total_steps: i
         "cpus_per_worker": float(caps.cpus) if s.cpus_per_worker == "auto" else s.cpus_per_worker,
         "use_gpu": caps.device_type == "cuda" if s.use_gpu == "auto" else s.use_gpu,
     })
-    settings = resolve_settings(cfg.trainer, caps, total_steps=total_steps, cpus_per_worker=scaling.cpus_per_worker)
+    cpus = resolved(scaling.cpus_per_worker, "scaling.cpus_per_worker")  # made concrete just above
+    settings = resolve_settings(cfg.trainer, caps, total_steps=total_steps, cpus_per_worker=cpus)
     trainer = cfg.trainer.model_copy(update={
         "precision": settings.precision,
         "channels_last": settings.channels_last,
@@ -215,6 +224,17 @@ def resolve_for_worker(cfg: Any, device: Any, *, world_size: int, total_steps: i
         "torch_threads": settings.torch_threads,
     })
     return cfg.model_copy(update={"scaling": scaling, "trainer": trainer}), settings
+
+
+def resolved(value: T | Literal["auto"], name: str) -> T:
+    """``value`` once ``auto`` has been made concrete (``resolve_layout`` on the driver, ``resolve_for_worker`` in a
+    worker): the narrowing the code after those steps relies on, with a clear error where a caller skipped them."""
+    if isinstance(value, str) and value == "auto":
+        raise ValueError(
+            f"{name}=auto has not been resolved yet: run the job through metaformer_platform.launch (which resolves "
+            f"it for the cluster), or set {name} to a concrete value"
+        )
+    return value
 
 
 def inductor_cache_dir(cache_dir: str) -> Path:
@@ -239,8 +259,19 @@ class Layout:
     use_gpu: bool
     reason: str
 
+    @classmethod
+    def of(cls, scaling: ScalingSettings) -> Layout:
+        """The layout of a config whose ``scaling.*: auto`` the launcher has already resolved (``resolve_layout``):
+        what the code after that step computes with. A ValueError names a field still ``auto``."""
+        return cls(
+            num_workers=resolved(scaling.num_workers, "scaling.num_workers"),
+            cpus_per_worker=resolved(scaling.cpus_per_worker, "scaling.cpus_per_worker"),
+            use_gpu=resolved(scaling.use_gpu, "scaling.use_gpu"),
+            reason="read from the resolved config",
+        )
 
-def resolve_layout(scaling: Any, nodes: list[dict[str, float]]) -> Layout:
+
+def resolve_layout(scaling: ScalingSettings, nodes: list[dict[str, float]]) -> Layout:
     """``scaling.num_workers/cpus_per_worker/use_gpu`` for a cluster of ``nodes`` (each node's total resources,
     e.g. ``{"CPU": 16, "GPU": 2}``), ``auto`` replaced by the fastest layout there.
 

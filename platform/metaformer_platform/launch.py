@@ -143,28 +143,34 @@ def build_trainer(
     """The ``TorchTrainer`` of a job (pretrain, fine-tune and evaluate alike): its scaling, its run folder on
     ``storage`` (for s3://, a filesystem built from the one S3 settings resolver: Ray's own URI resolution
     ignores AWS_ENDPOINT_URL), the failure and checkpoint policies, and the workers' environment."""
-    import ray.train  # after the checks: bad input is refused without paying for Ray's import
-    from ray.train.torch import TorchTrainer
+    # After the checks: bad input is refused without paying for Ray's import. Train v2's classes from their own
+    # modules: `ray.train.RunConfig` etc. pick v1 or v2 at run time (RAY_TRAIN_V2_ENABLED, on by default), which
+    # a type checker cannot follow, and these jobs need v2's (worker_runtime_env, logging_config, return_value).
+    from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.torch.torch_trainer import TorchTrainer
 
+    from metaformer_platform.hardware import Layout
     from metaformer_platform.ray_logs import train_logging_config
     from metaformer_platform.storage import aws_env
 
     s = cfg.scaling
+    layout = Layout.of(s)  # resolve_scaling ran in the job's checks
     # Workers of a cluster started before this job do not inherit the S3 endpoint and credentials the driver
     # just checked the data and storage with.
     env = aws_env() if (storage.remote or remote_inputs) else {}
     return TorchTrainer(
         worker,
         train_loop_config=payload,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker}
+        scaling_config=ScalingConfig(
+            num_workers=layout.num_workers, use_gpu=layout.use_gpu,
+            resources_per_worker={"CPU": layout.cpus_per_worker, **s.resources_per_worker},
         ),
-        run_config=ray.train.RunConfig(
+        run_config=RunConfig(
             name=cfg.run_name,
             storage_path=storage.fs_path,
             storage_filesystem=storage.filesystem() if storage.remote else None,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
             worker_runtime_env={"env_vars": env} if env else None,
             logging_config=train_logging_config(cfg.run.verbose),
             callbacks=callbacks,
@@ -263,7 +269,9 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
         NO_WEIGHTS,
         MetricSums,
         build_report,
+        check_eval_batches,
         prepare_evaluation,
+        split_and_classes,
         write_report,
     )
 
@@ -275,6 +283,7 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
     check_model(cfg, cfg.model.num_classes)
     storage_path = resolve_storage_path(cfg.run.storage_path)
     cfg = resolve_scaling(cfg)
+    check_eval_batches(cfg, manifest)  # again, with the number of workers the layout chose
     cfg = with_default_threads(cfg)
     lease, handle = _connect_and_open_run(cfg, storage_path)
     if handle is not None:
@@ -295,7 +304,7 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
         sums = MetricSums.from_dict(result.return_value)
         report = build_report(
             sums, cfg=cfg, weights=weights, weights_uri=str(cfg.model.init_from), manifest=manifest,
-            expected_samples=manifest.split(cfg.data.val_split).num_samples,
+            expected_samples=manifest.split(split_and_classes(cfg)[0]).num_samples,
         )
         report["mlflow_run_id"] = handle.run_id if handle else None
         report_path = write_report(report, run_dir)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from metaformer_platform.evaluation import MetricSums
+    from metaformer_platform.strategies.base import DistContext
 
 log = logging.getLogger("metaformer_platform.launch")
 
@@ -85,7 +86,7 @@ def checkpoint_reporter(
     return report
 
 
-def _dist_context() -> Any:
+def _dist_context() -> DistContext:
     """Where this Ray Train worker sits. The data split is by global rank; node and local rank say where it runs."""
     import ray.train
     import ray.train.torch
@@ -158,14 +159,14 @@ def _train_worker(payload: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: builds the Trainer (resuming from the newest complete checkpoint) and trains."""
     import ray.train
 
-    from metaformer_platform.training.trainer import NullTracker, Trainer
+    from metaformer_platform.training.trainer import NullTracker, RunTracker, Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = _with_local_init_from(JobConfig.model_validate(payload["config"]), payload)
     dist = _dist_context()
     log.info("rank %d of %d on node %d (local rank %d), pid %d", dist.rank, dist.world_size, dist.node_rank,
              dist.local_rank, os.getpid())
-    tracker: Any = NullTracker()
+    tracker: RunTracker = NullTracker()
     if dist.is_main and payload.get("run_id"):
         from metaformer_platform.tracking import MlflowTracker
 
@@ -174,7 +175,7 @@ def _train_worker(payload: dict[str, Any]) -> None:
 
     progress, tracker = worker_progress(payload, dist, tracker, forward_warnings=not cfg.run.verbose)
 
-    report = checkpoint_reporter(cfg, dist, flush=getattr(tracker, "flush", None), owner=payload.get("owner"))
+    report = checkpoint_reporter(cfg, dist, flush=tracker.flush, owner=payload.get("owner"))
 
     data_root = resolve_data_root(cfg)  # a cache hit on the driver's node; generated alike elsewhere
     checkpoint, adopted = _recover_checkpoint(dist, payload.get("owner"))
@@ -206,8 +207,7 @@ def _train_worker(payload: dict[str, Any]) -> None:
         trainer.train()
         progress.finish(trainer.step)
     finally:
-        if hasattr(tracker, "close"):
-            tracker.close()
+        tracker.close()
 
 
 def _eval_worker(payload: dict[str, Any]) -> dict[str, Any]:
@@ -221,41 +221,42 @@ def _eval_worker(payload: dict[str, Any]) -> dict[str, Any]:
     return evaluate_worker(cfg, dist, data_root, weights).to_dict()
 
 
-def load_weights_model(cfg: Any, source: str | Path) -> nn.Module:
+def load_weights_model(cfg: JobConfig, source: str | Path) -> nn.Module:
     """The configured model with the weights in ``source`` (export or any strategy's checkpoint), loaded
     strictly: an evaluation never runs with a freshly initialised layer."""
+    from metaformer_platform.evaluation import split_and_classes
     from metaformer_platform.training.export import read_weights
     from metaformer_platform.training.trainer import build_model
 
     weights, name = read_weights(source)
     if name != cfg.model.name:
         raise ValueError(f"{str(source)!r} holds {name}, not {cfg.model.name}")
-    model = build_model(cfg, cfg.model.num_classes)
+    model = build_model(cfg, split_and_classes(cfg)[1])
     model.load_state_dict(weights, strict=True)
     return model
 
 
-def evaluate_worker(cfg: Any, dist: Any, data_root: str | Path, weights: str | Path) -> MetricSums:
+def evaluate_worker(cfg: JobConfig, dist: DistContext, data_root: str | Path, weights: str | Path) -> MetricSums:
     """On one rank: load the weights, read this rank's share of ``cfg.data.val_split``, return the reduced sums."""
     import torch
 
     from metaformer_platform import hardware
-    from metaformer_platform.evaluation import evaluate_loader
+    from metaformer_platform.evaluation import evaluate_loader, split_and_classes
     from metaformer_platform.training.trainer import build_split_loader
 
-    cfg, _ = hardware.resolve_for_worker(cfg, dist.device, world_size=dist.world_size, total_steps=0)
-    if cfg.trainer.torch_threads:
-        torch.set_num_threads(cfg.trainer.torch_threads)
-    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    cfg, settings = hardware.resolve_for_worker(cfg, dist.device, world_size=dist.world_size, total_steps=0)
+    split, num_classes = split_and_classes(cfg)
+    torch.set_num_threads(settings.torch_threads)
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     model = load_weights_model(cfg, weights).to(dist.device).to(memory_format=memory_format)
-    loader = build_split_loader(cfg, data_root, dist, cfg.data.val_split, training=False)
+    loader = build_split_loader(cfg, data_root, dist, split, training=False)
 
     def autocast() -> AbstractContextManager[Any]:
-        if cfg.trainer.precision == "bf16":
+        if settings.precision == "bf16":
             return torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     return evaluate_loader(
-        model, loader, num_classes=cfg.model.num_classes, device=dist.device, memory_format=memory_format,
+        model, loader, num_classes=num_classes, device=dist.device, memory_format=memory_format,
         autocast=autocast,
     )

@@ -19,6 +19,7 @@ from metaformer_platform.data import IGNORE_LABEL, ensure_synthetic_shards, load
 from metaformer_platform.evaluation import (
     MetricSums,
     build_report,
+    check_eval_batches,
     check_label_set,
     data_hash,
     prepare_evaluation,
@@ -138,6 +139,20 @@ def test_checkpoint_export_and_trainer_validation_agree(shards, trained):
         per_class = sums.per_class_top1()
         hits = sum(p / 100 * n for p, n in zip(per_class, sums.class_samples.tolist(), strict=True))
         assert math.isclose(100 * hits / 90, m["val/top1"], rel_tol=1e-9)
+
+
+def test_an_evaluate_job_with_auto_workers_is_checked_before_and_after_the_layout_is_chosen(shards, trained):
+    _, export, _ = trained
+    # scaling.num_workers=auto (the default) reaches the driver's checks before the layout is chosen: judged as
+    # one worker (it used to divide the sample count by "auto", a TypeError)
+    ecfg, _, manifest = prepare_evaluation(_cfg("stage=evaluate", "scaling.num_workers=auto"), export, shards)
+    assert ecfg.scaling.num_workers == "auto"
+    # the launcher checks again with the number it chose: 90 samples cannot give 91 workers a batch each
+    chosen = ecfg.model_copy(update={"scaling": ecfg.scaling.model_copy(update={"num_workers": 91})})
+    with pytest.raises(ValueError, match="fewer samples than ranks"):
+        check_eval_batches(chosen, manifest)
+    check_eval_batches(ecfg.model_copy(update={"scaling": ecfg.scaling.model_copy(update={"num_workers": 2})}),
+                       manifest)
 
 
 def test_label_set_and_model_checks(shards, tmp_path):

@@ -105,6 +105,22 @@ def test_layout_one_worker_per_cpu_node_and_one_per_gpu():
         hardware.resolve_layout(_scaling("scaling.use_gpu=true"), [{"CPU": 2.0}])
 
 
+def test_code_after_the_launcher_reads_a_resolved_layout_and_an_unresolved_auto_is_named():
+    resolved = _scaling("scaling.num_workers=3", "scaling.cpus_per_worker=2", "scaling.use_gpu=false")
+    assert hardware.Layout.of(resolved) == hardware.Layout(3, 2.0, False, "read from the resolved config")
+    # the launcher's own result reads back unchanged (resolve_scaling copies it into the config)
+    chosen = hardware.resolve_layout(_scaling(), [{"CPU": 4.0}])
+    copied = _scaling().model_copy(update={"num_workers": chosen.num_workers,
+                                           "cpus_per_worker": chosen.cpus_per_worker, "use_gpu": chosen.use_gpu})
+    layout = hardware.Layout.of(copied)
+    assert (layout.num_workers, layout.cpus_per_worker, layout.use_gpu) == (1, 4.0, False)
+    for field in ("num_workers", "cpus_per_worker", "use_gpu"):
+        left_auto = resolved.model_copy(update={field: "auto"})
+        with pytest.raises(ValueError, match=rf"scaling\.{field}=auto has not been resolved yet"):
+            hardware.Layout.of(left_auto)
+    assert hardware.resolved(False, "scaling.use_gpu") is False  # a concrete falsy value is not "auto"
+
+
 # -- in the Trainer ----------------------------------------------------------------------------------
 
 

@@ -216,7 +216,8 @@ def build_split_transforms(
             crop_pct=crop_pct, auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
             interpolation=interpolation, mean=mean, std=std, hflip=hflip, scale=scale, ratio=ratio,
         )
-    common = dict(interpolation=interpolation, mean=tuple(mean), std=tuple(std), use_prefetcher=True)
+    # timm's create_transform arguments shared by both splits (each keyword type-checked where it is passed on)
+    common: dict[str, Any] = dict(interpolation=interpolation, mean=tuple(mean), std=tuple(std), use_prefetcher=True)
     if is_training:
         if auto_augment:
             patch_timm_posterize()

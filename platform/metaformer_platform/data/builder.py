@@ -611,7 +611,7 @@ def prepare_build(
     if train is not None:
         splits["train"] = scan_image_folder(train, classes)
     if val_tree:
-        splits["val"] = scan_image_folder(val, classes)  # type: ignore[arg-type]  (val_tree implies val)
+        splits["val"] = scan_image_folder(val, classes)  # type: ignore[arg-type]  # val_tree implies val
     elif val is not None and val_labels is not None:
         splits["val"] = scan_val_folder(val, val_labels, classes)
     return classes, plan_shards(splits, options, classes)

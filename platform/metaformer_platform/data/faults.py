@@ -13,12 +13,15 @@ from __future__ import annotations
 import tarfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
 __all__ = [
     "IGNORE_LABEL",
     "DataFaultError",
+    "FaultCheckpointing",
+    "FaultCounting",
     "FaultStats",
     "ShortShardError",
     "SHARD_ERRORS",
@@ -29,6 +32,29 @@ __all__ = [
 # The label of a sample that stands in for a bad one in evaluation batches (drop_last=False): torch's
 # CrossEntropyLoss ignores it by default, and counting `labels >= 0` counts only real samples.
 IGNORE_LABEL = -100
+
+
+@runtime_checkable
+class FaultCounting(Protocol):
+    """A loader that counts the samples it skipped (``ShardLoader``). Loaders injected into the Trainer or an
+    evaluation (benchmarks' in-memory batches) need not: they skip nothing."""
+
+    def fault_stats(self) -> dict[str, Any]:
+        """{"skipped_samples": n, "bad_shards": {shard: {"skipped": n, "kinds": {kind: n}}}} of this rank."""
+        ...
+
+
+@runtime_checkable
+class FaultCheckpointing(FaultCounting, Protocol):
+    """A fault-counting loader whose counts go into a checkpoint per rank and come back on resume."""
+
+    def fault_state(self) -> dict[str, Any]:
+        """This rank's counts, as stored with a checkpoint."""
+        ...
+
+    def load_fault_state(self, state: dict[str, Any]) -> None:
+        """Restore ``fault_state()``."""
+        ...
 
 
 class DataFaultError(ValueError):

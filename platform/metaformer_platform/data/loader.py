@@ -109,6 +109,8 @@ class _Lost:
 
 
 Slot = RawSample | _Lost
+# What ends a shard's read early: a fault of the shard, or its stream running dry before the planned sample.
+_SHARD_ENDS: tuple[type[BaseException], ...] = (*SHARD_ERRORS, StopIteration)
 
 
 def _slots(storage: Any, filenames: Sequence[str], wplan: WorkerPlan) -> Iterator[Slot]:
@@ -135,7 +137,7 @@ def _slots(storage: Any, filenames: Sequence[str], wplan: WorkerPlan) -> Iterato
                 index, cursor[0] = cursor[0], cursor[0] + 1
                 if index in need[shard]:
                     held[shard, index] = sample
-        except (*SHARD_ERRORS, StopIteration) as err:
+        except _SHARD_ENDS as err:
             if isinstance(err, StopIteration):  # iter_shard raises ShortShardError first; be safe anyway
                 err = ShortShardError(f"{storage.describe(filenames[shard])} ended early")
             where, kind = storage.describe(filenames[shard]), shard_fault_kind(err)
@@ -317,7 +319,7 @@ class _EpochStream(IterableDataset):
         try:
             if self.encoded:
                 img = open_image(sample)  # the header is read: garbage is a bad sample here, in the worker
-                return img.fp.getvalue(), label  # type: ignore[union-attr, return-value]  # the sample's bytes
+                return img.fp.getvalue(), label  # type: ignore[attr-defined]  # the sample's bytes (an ImageFile's)
             return (open_image(sample) if self.lazy_decode else decode_image(sample, self.decode_size)), label
         except SAMPLE_ERRORS as err:
             if faults is not None:
@@ -344,7 +346,7 @@ class _EpochStream(IterableDataset):
             if self.lazy_decode or self.encoded:  # stand-ins are decoded in full here: known to decode
                 try:
                     img = decode_image(candidate)
-                    return (open_image(candidate).fp.getvalue() if self.encoded else img), decode_label(candidate)  # type: ignore[union-attr]
+                    return (open_image(candidate).fp.getvalue() if self.encoded else img), decode_label(candidate)  # type: ignore[attr-defined]
                 except SAMPLE_ERRORS:
                     known_bad.add(candidate.key)
                     return None

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .storage import Storage, open_storage, split_url
+from .storage import ListingStorage, Storage, open_storage, split_url
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ def _check_files(manifest: Manifest) -> None:
     request per 1000 objects), so a manifest that disagrees with its shards is refused before training."""
     storage = manifest.storage
     # one listing where the storage has it (S3); None also when listing is not allowed
-    listed: dict[str, int] | None = storage.list_sizes() if hasattr(storage, "list_sizes") else None
+    listed: dict[str, int] | None = storage.list_sizes() if isinstance(storage, ListingStorage) else None
 
     def size_of(name: str) -> int | None:
         if listed is not None:

@@ -339,7 +339,7 @@ class S3Storage:
 
     def open(self, name: str) -> BinaryIO:
         """A buffered stream of the whole object, read in large requests, resumed where a connection broke."""
-        return io.BufferedReader(  # type: ignore[return-value]
+        return io.BufferedReader(
             _ResumableBody(self, name, self.max_resumes, self.backoff), buffer_size=READ_BUFFER
         )
 

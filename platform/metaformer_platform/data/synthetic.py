@@ -77,12 +77,12 @@ def _draw_shape(
     elif shape == "diamond":
         draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=color)
     elif shape == "checkers":
-        step = w / 4
+        cell = w / 4
         for i in range(4):
             for j in range(4):
                 if (i + j) % 2 == 0:
                     draw.rectangle(
-                        (x0 + i * step, y0 + j * step, x0 + (i + 1) * step, y0 + (j + 1) * step), fill=color
+                        (x0 + i * cell, y0 + j * cell, x0 + (i + 1) * cell, y0 + (j + 1) * cell), fill=color
                     )
     elif shape == "xcross":
         draw.line((x0, y0, x1, y1), fill=color, width=width)

@@ -48,6 +48,8 @@ class RandomMixing(nn.Module):
     restores the same mixing. The key ``random_matrix`` matches sail-sg's checkpoints.
     """
 
+    random_matrix: torch.Tensor  # a registered buffer, declared for the type checker (nn.Module's getattr is loose)
+
     def __init__(
         self,
         dim: int,

@@ -22,11 +22,16 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from metaformer_platform.pipelines.plan import MemberPlan, StagePlan, digest, pipeline_key, stable_config
 from metaformer_platform.pipelines.spec import PipelineSpec
 from metaformer_platform.redact import redact, redact_tree
+
+if TYPE_CHECKING:
+    from metaformer_platform.config import JobConfig
+    from metaformer_platform.launch import JobResult
+    from metaformer_platform.registry import Promotion
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +71,8 @@ class MemberOutcome:
     stages: list[StageOutcome] = field(default_factory=list)
     error: str | None = None
     registered: str | None = None  # "NAME vN"
-    promotion: Any = None  # registry.Promotion
-    eval_cfg: Any = None  # the evaluate stage's JobConfig (resolution, classes) for the report
+    promotion: Promotion | None = None
+    eval_cfg: JobConfig | None = None  # the evaluate stage's config (resolution, classes) for the report
     num_classes: int | None = None
 
     @property
@@ -229,6 +234,7 @@ class PipelineRunner:
         from metaformer_platform.pipelines import report
 
         experiment_id = _experiment_id(self.client, self.spec.experiment, create=True)
+        assert experiment_id is not None  # create=True makes it
         parent = self._open_parent(experiment_id)
         result = PipelineResult(self.spec.name, [], parent)
         runnable = [p for p in self.plans if not p.error]
@@ -336,6 +342,7 @@ class PipelineRunner:
                  + (f" (continues {_name(previous)})" if previous else ""))
         result = run_job(stage.cfg)
         run_id = result.mlflow_run_id
+        assert run_id is not None  # plan.resolve turns tracking on for every stage
         metrics = dict(result.metrics)
         if stage.trains:
             if not result.checkpoint_path:
@@ -347,7 +354,7 @@ class PipelineRunner:
         detail = f"(continued from {_name(previous)})" if previous else ""
         return StageOutcome(plan.model, stage.name, action, stage.run_name, run_id, result.checkpoint_path, metrics, detail)
 
-    def _record_evaluation(self, run_id: str, stage: StagePlan, result: Any) -> None:
+    def _record_evaluation(self, run_id: str, stage: StagePlan, result: JobResult) -> None:
         """The evaluation's metrics, data hash and report on its run, so a later skip finds them there."""
         from mlflow.entities import Metric
 
@@ -359,7 +366,7 @@ class PipelineRunner:
             self.client.log_batch(run_id, metrics=missing)
         if "eval/top1" not in result.metrics and "eval/top1" not in logged:
             raise RuntimeError(f"the evaluate stage {stage.run_name} reported no eval/top1")
-        report_ = getattr(result, "report", None) or {}
+        report_ = result.report or {}
         self.client.set_tag(run_id, TAG_EVAL_DATA_HASH, str(report_.get("data_hash") or stage.data_hash))
         if report_:
             self.client.log_dict(run_id, report_, "pipeline/eval_report.json")

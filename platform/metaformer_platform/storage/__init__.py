@@ -29,13 +29,14 @@ from metaformer_platform.storage.files import (
     safe_member,
     write_bytes,
 )
-from metaformer_platform.storage.location import Location
+from metaformer_platform.storage.location import Location, LocationLike
 from metaformer_platform.storage.settings import AWS_ENV_VARS, S3Settings, aws_env
 
 __all__ = [
     "AWS_ENV_VARS",
     "COMPLETE_MARKER",
     "Location",
+    "LocationLike",
     "S3AccessError",
     "S3Settings",
     "atomic_write",

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable, Mapping
 
 from metaformer_platform.storage.files import list_files, read_bytes
-from metaformer_platform.storage.location import Location
+from metaformer_platform.storage.location import Location, LocationLike
 
 __all__ = ["COMPLETE_MARKER", "file_sha256", "incomplete_reason", "is_complete", "marker_text", "missing_files"]
 
@@ -53,7 +53,7 @@ def missing_files(text: str, present: Mapping[str, int]) -> list[str]:
     ]
 
 
-def incomplete_reason(location: str | Location, *, marker: str = COMPLETE_MARKER, verify_sha256: bool = False) -> str | None:
+def incomplete_reason(location: LocationLike, *, marker: str = COMPLETE_MARKER, verify_sha256: bool = False) -> str | None:
     """Why the folder at ``location`` is not complete by ``marker`` (None when it is). One listing, one read."""
     loc = Location.parse(location)
     present = list_files(loc)
@@ -72,6 +72,6 @@ def incomplete_reason(location: str | Location, *, marker: str = COMPLETE_MARKER
     return None
 
 
-def is_complete(location: str | Location, *, marker: str = COMPLETE_MARKER) -> bool:
+def is_complete(location: LocationLike, *, marker: str = COMPLETE_MARKER) -> bool:
     """The marker is there and every file it lists is there with its size."""
     return incomplete_reason(location, marker=marker) is None

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from metaformer_platform.storage.location import Location
+from metaformer_platform.storage.location import Location, LocationLike
 from metaformer_platform.storage.settings import CREDENTIAL_VARS, S3Settings
 
 __all__ = [
@@ -88,7 +88,7 @@ def no_bucket(bucket: str, what: str) -> S3AccessError:
     )
 
 
-def check_access(location: str | Location, *, what: str | None = None) -> Location:
+def check_access(location: LocationLike, *, what: str | None = None) -> Location:
     """Refuse, before anything is written, an S3 location whose bucket is missing, whose credentials are refused
     or whose endpoint does not answer (one HEAD of the bucket, retried at most twice). Local: nothing to check."""
     loc = Location.parse(location)
@@ -109,7 +109,7 @@ def check_access(location: str | Location, *, what: str | None = None) -> Locati
     return loc
 
 
-def check_writable(location: str | Location, what: str = "run.storage_path") -> Location:
+def check_writable(location: LocationLike, what: str = "run.storage_path") -> Location:
     """Refuse, with the reason and the fix, a location that cannot be written (a probe file, removed again)."""
     loc = Location.parse(location)
     # unique per call: two pipeline members in one process probe the same storage at once
@@ -147,7 +147,7 @@ def _wrap(location: Location, action: str) -> contextlib.AbstractContextManager[
     return wrapped()
 
 
-def list_files(location: str | Location) -> dict[str, int]:
+def list_files(location: LocationLike) -> dict[str, int]:
     """Every finished file under a folder: relative POSIX name -> size (files still being written excepted;
     ``{}`` for a folder that does not exist)."""
     from pyarrow import fs as pafs
@@ -164,7 +164,7 @@ def list_files(location: str | Location) -> dict[str, int]:
     }
 
 
-def exists(location: str | Location) -> bool:
+def exists(location: LocationLike) -> bool:
     """Whether a file or folder is there."""
     from pyarrow import fs as pafs
 
@@ -173,14 +173,14 @@ def exists(location: str | Location) -> bool:
         return loc.filesystem().get_file_info(loc.fs_path).type != pafs.FileType.NotFound
 
 
-def read_bytes(location: str | Location) -> bytes:
+def read_bytes(location: LocationLike) -> bytes:
     """The whole file (FileNotFoundError when absent)."""
     loc = Location.parse(location)
     with _wrap(loc, "read"), loc.filesystem().open_input_stream(loc.fs_path) as stream:
         return stream.read()
 
 
-def write_bytes(location: str | Location, data: bytes) -> None:
+def write_bytes(location: LocationLike, data: bytes) -> None:
     """Write a whole file: locally through ``atomic_write``; on S3 an object appears only once complete."""
     loc = Location.parse(location)
     if not loc.remote:
@@ -191,7 +191,7 @@ def write_bytes(location: str | Location, data: bytes) -> None:
         out.write(data)
 
 
-def delete(location: str | Location, *, folder: bool = False) -> None:
+def delete(location: LocationLike, *, folder: bool = False) -> None:
     """Remove a file (or, with ``folder=True``, a folder and everything in it); absent is fine."""
     from pyarrow import fs as pafs
 
@@ -240,7 +240,7 @@ def safe_member(dest: Path, name: str, *, source: str = "") -> Path:
 
 
 def download(
-    location: str | Location,
+    location: LocationLike,
     dest: str | os.PathLike[str],
     names: Iterable[str] | None = None,
     *,
@@ -263,7 +263,7 @@ def download(
         out_path = paths[name]
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with _wrap(loc, "read"), fs.open_input_stream(loc.join(name).fs_path) as src, open(out_path, "wb") as out:
-            shutil.copyfileobj(src, out, 8 << 20)  # type: ignore[misc]
+            shutil.copyfileobj(src, out, 8 << 20)
         got = out_path.stat().st_size
         if got != size:
             raise ValueError(f"{loc.join(name).uri}: read {got} bytes, listed {size}: the object changed while it was read")
@@ -273,7 +273,7 @@ def download(
 
 
 @contextlib.contextmanager
-def local_folder(location: str | Location, names: Iterable[str] | None = None) -> Iterator[Path]:
+def local_folder(location: LocationLike, names: Iterable[str] | None = None) -> Iterator[Path]:
     """A local folder with the files at ``location``: the folder itself when local, else a temporary download
     (everything, or only ``names``), removed afterwards. For reading a few small files; weights go through
     ``storage.weights.resolve`` (cached)."""

@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 from urllib.parse import unquote, urlparse
 
 if TYPE_CHECKING:
     import pyarrow.fs
 
-__all__ = ["Location"]
+__all__ = ["Location", "LocationLike"]
 
 
 @dataclass(frozen=True)
@@ -103,3 +103,7 @@ class Location:
 
     def __str__(self) -> str:
         return self.uri
+
+
+# What every storage function takes: a plain path (str or Path), a file:// URL, an s3:// URI or a parsed Location.
+LocationLike: TypeAlias = "str | os.PathLike[str] | Location"

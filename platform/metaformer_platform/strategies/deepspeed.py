@@ -66,7 +66,7 @@ class DeepSpeedStrategy(Strategy):
         import deepspeed
 
         # The engine broadcasts and flattens parameters as contiguous bytes; inputs may still be channels_last.
-        model = model.to(self.dist.device, memory_format=torch.contiguous_format)
+        model = model.to(memory_format=torch.contiguous_format).to(self.dist.device)
         optimizer = build_optimizer(model)
         # Ray Train has already created the process group: DeepSpeed must join it, not make its own.
         self.engine, _, _, _ = deepspeed.initialize(

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from metaformer_platform.strategies.base import OptimizerFactory, Strategy
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
 DCP_DIR = "fsdp"
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -49,7 +53,7 @@ class FSDPStrategy(Strategy):
     def check_model(cls, model: nn.Module) -> None:
         shard_units(model)
 
-    def _mp_policy(self) -> object:
+    def _mp_policy(self) -> MixedPrecisionPolicy:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         param = self.options.fsdp_param_dtype or ("bf16" if self.job.trainer.precision == "bf16" else "fp32")
@@ -70,17 +74,20 @@ class FSDPStrategy(Strategy):
 
         units = shard_units(model)
         # FSDP2 shards contiguous parameters only; inputs may still be channels_last.
-        model = model.to(self.dist.device, memory_format=torch.contiguous_format)
-        kwargs = {
-            "mesh": self._mesh,
-            "reshard_after_forward": self.options.fsdp_reshard_after_forward,
-            "mp_policy": self._mp_policy(),
-            "offload_policy": CPUOffloadPolicy(pin_memory=False) if self.options.fsdp_cpu_offload else OffloadPolicy(),
-        }
+        model = model.to(memory_format=torch.contiguous_format).to(self.dist.device)
+        offload = CPUOffloadPolicy(pin_memory=False) if self.options.fsdp_cpu_offload else OffloadPolicy()
+        mp_policy = self._mp_policy()
+
+        def shard(module: nn.Module) -> None:
+            fully_shard(
+                module, mesh=self._mesh, reshard_after_forward=self.options.fsdp_reshard_after_forward,
+                mp_policy=mp_policy, offload_policy=offload,
+            )
+
         for stage_units in units:
             for module in stage_units:
-                fully_shard(module, **kwargs)
-        fully_shard(model, **kwargs)
+                shard(module)
+        shard(model)
         return model
 
     def prepare_ema(self, ema_model: nn.Module) -> nn.Module:
@@ -93,13 +100,14 @@ class FSDPStrategy(Strategy):
 
         # One all-gather per checkpoint; rank 0 gets the whole EMA, in the file format every strategy writes.
         state = get_model_state_dict(ema_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return state if self.dist.is_main else None
+        # A model's state dict holds tensors only (the declared value type also allows containers).
+        return cast("dict[str, torch.Tensor]", state) if self.dist.is_main else None
 
     def load_ema_state_dict(self, ema_model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         # Every rank read the whole file: each keeps its own shard of it.
-        set_model_state_dict(ema_model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+        set_model_state_dict(ema_model, dict(state), options=StateDictOptions(full_state_dict=True, strict=True))
 
     @property
     def module(self) -> nn.Module:
@@ -132,6 +140,7 @@ class FSDPStrategy(Strategy):
 
         if not (directory / DCP_DIR / ".metadata").is_file():
             raise ValueError(f"{str(directory)!r} holds no FSDP checkpoint ({DCP_DIR}/.metadata is missing)")
+        assert self.model is not None and self.optimizer is not None, "setup() first"
         state = self._state()
         dcp.load(state, checkpoint_id=directory / DCP_DIR)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -154,7 +154,9 @@ def recover_run_folder(
 
 def rng_state() -> dict[str, Any]:
     """This process's Python, NumPy and torch RNG states, in a form ``weights_only`` loading accepts."""
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the global legacy generator is always MT19937: a tuple, never a dict
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
@@ -37,7 +39,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
 
     Call it after the model is on its device: a fused step is chosen from where the parameters are.
     """
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}  # the optimizer class's own arguments, which timm passes through
     if "adam" in cfg.name or "lamb" in cfg.name:
         kwargs.update(betas=tuple(cfg.betas), eps=cfg.eps)
     elif cfg.name in {"sgd", "momentum", "nesterov"}:

@@ -86,7 +86,7 @@ def watch_allreduce(model: Any, timer: StepTimer) -> bool:
 
     # unannotated on purpose: DDP refuses a hook whose annotations are not exactly GradBucket / Future[Tensor],
     # and this module's postponed annotations are strings
-    def timed_allreduce(state, bucket):  # type: ignore[no-untyped-def]
+    def timed_allreduce(state, bucket):
         begin = time.perf_counter()
         future = allreduce_hook(state, bucket)
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 from metaformer_platform import data as mdata
 from metaformer_platform import hardware
 from metaformer_platform.config import JobConfig
+from metaformer_platform.data.faults import FaultCheckpointing, FaultCounting
 from metaformer_platform.evaluation import evaluate_loader
 from metaformer_platform.models import create_model
 from metaformer_platform.strategies import get_strategy_class
@@ -48,8 +49,39 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
 
+@runtime_checkable
+class ParamsTracker(Tracker, Protocol):
+    """A tracker that also records parameters: the Trainer logs the settings it resolved through it."""
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+
+class RunTracker(ParamsTracker, Protocol):
+    """The tracker a Ray worker holds for the whole job (``tracking.MlflowTracker``, ``console.ProgressSender``,
+    ``NullTracker``): flushed before each checkpoint is reported, closed once at the end."""
+
+    def flush(self) -> None:
+        """Block until every metric logged so far is stored."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release what the tracker holds."""
+        ...
+
+
 class NullTracker:
+    """Tracks nothing: ranks other than 0, jobs without tracking, tests."""
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -67,7 +99,7 @@ def build_model(cfg: JobConfig, num_classes: int) -> nn.Module:
 
 
 def build_split_loader(
-    cfg: JobConfig, data_root: Path | str | None, dist: DistContext, split: str, *, training: bool
+    cfg: JobConfig, data_root: Path | str, dist: DistContext, split: str, *, training: bool
 ) -> mdata.ShardLoader:
     """This rank's loader of ``split`` with the configured transforms (shared with the evaluate job)."""
     d, t = cfg.data, cfg.trainer
@@ -112,7 +144,7 @@ class Trainer:
         cfg: JobConfig,
         dist: DistContext,
         *,
-        data_root: Path | None,
+        data_root: Path | str | None,
         tracker: Tracker | None = None,
         report: ReportFn | None = None,
         resume_from: Path | None = None,
@@ -127,9 +159,10 @@ class Trainer:
 
         self.data_root = data_root
         self.manifest = mdata.load_manifest(data_root) if data_root is not None else None
-        if cfg.model.num_classes is None and self.manifest is None:
-            raise ValueError("model.num_classes must be set when the Trainer is given no data manifest")
-        self.num_classes = cfg.model.num_classes or self.manifest.num_classes  # type: ignore[union-attr]
+        num_classes = cfg.model.num_classes or (self.manifest.num_classes if self.manifest is not None else None)
+        if num_classes is None:
+            raise ValueError("model.num_classes must be set when the Trainer's data manifest names no num_classes")
+        self.num_classes: int = num_classes
         if loaders is not None:  # injected (benchmarks feed in-memory batches)
             self.train_loader, self.val_loader = loaders
         else:
@@ -143,7 +176,7 @@ class Trainer:
         )
         cfg, t = self.cfg, self.cfg.trainer
 
-        torch.set_num_threads(t.torch_threads)  # type: ignore[arg-type]  (resolved above)
+        torch.set_num_threads(self.settings.torch_threads)
         # Every rank draws the same initial weights; data and augmentation seeds are derived per rank.
         torch.manual_seed(t.seed)
         # Mixup/CutMix draw from NumPy's global RNG: seeded per rank, so that the same job repeats exactly.
@@ -156,11 +189,11 @@ class Trainer:
 
             new_head = init_from(model, cfg.model.init_from)
             log.info("initialised from %s (new: %s)", cfg.model.init_from, ", ".join(new_head) or "nothing")
-        self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+        self.memory_format = torch.channels_last if self.settings.channels_last else torch.contiguous_format
         model = model.to(memory_format=self.memory_format)
         # The EMA copies the plain model before the strategy wraps (FSDP2: shards) it, and is then placed
         # like it. fp32 whatever the training precision: a bf16 EMA could not hold (1 - decay) x update.
-        self.ema = self._build_ema(model) if t.ema_decay is not None else None
+        self.ema = self._build_ema(model, t.ema_decay) if t.ema_decay is not None else None
 
         self.lr = cfg.optim.resolved_lr(cfg.global_batch)
         self.strategy = get_strategy_class(cfg.strategy.name)(cfg, dist)
@@ -170,13 +203,16 @@ class Trainer:
             self.settings.reasons["fused_optimizer"] = "auto: torch's fused kernel for this optimizer and device"
         if dist.is_main:
             log.info("%s", self.settings.summary())
-            if hasattr(self.tracker, "log_params"):
+            if isinstance(self.tracker, ParamsTracker):
                 self.tracker.log_params(self.settings.params())
         if self.ema is not None:
             self.ema.module = self.strategy.prepare_ema(self.ema.module)
-        if t.compile:
+        if self.settings.compile:
             hardware.inductor_cache_dir(cfg.data.cache_dir)
-        self.forward_model: nn.Module = torch.compile(self.strategy.model) if t.compile else self.strategy.model
+        wrapped = self.strategy.model
+        assert wrapped is not None, "Strategy.setup() sets the model"
+        # torch.compile of a module returns a module (an OptimizedModule); its signature says only "a callable".
+        self.forward_model: nn.Module = cast(nn.Module, torch.compile(wrapped)) if self.settings.compile else wrapped
         self.timer = StepTimer(dist.device)
         watch_allreduce(self.strategy.model, self.timer)
 
@@ -208,17 +244,18 @@ class Trainer:
 
     # -- building blocks -------------------------------------------------------------------------
 
-    def _build_ema(self, model: nn.Module) -> Any:
+    def _build_ema(self, model: nn.Module, decay: float) -> Any:
         from timm.utils import ModelEmaV3
 
-        t = self.cfg.trainer
-        return ModelEmaV3(model, decay=t.ema_decay, use_warmup=t.ema_warmup, dtype=torch.float32)
+        return ModelEmaV3(model, decay=decay, use_warmup=self.cfg.trainer.ema_warmup, dtype=torch.float32)
 
     def _loader(self, split: str, *, training: bool) -> mdata.ShardLoader:
+        if self.data_root is None:
+            raise ValueError("the Trainer was given neither data_root nor loaders: pass one of them")
         return build_split_loader(self.cfg, self.data_root, self.dist, split, training=training)
 
     def _autocast(self) -> Any:
-        if self.cfg.trainer.precision == "bf16":
+        if self.settings.precision == "bf16":
             return torch.autocast(device_type=self.dist.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
@@ -250,6 +287,7 @@ class Trainer:
             self.last_val = self.validate() if self.val_loader is not None else {}
             self.report({**self.last_val, "step": float(self.step)}, None)
             return {**self.last_val, "step": float(self.step)}
+        assert self.strategy.model is not None, "setup() first"
         self.strategy.model.train()
         window_loss = torch.zeros((), device=self.dist.device)
         window_steps = 0
@@ -324,7 +362,7 @@ class Trainer:
         stats = [
             loader.fault_stats()
             for loader in (self.train_loader, self.val_loader)
-            if hasattr(loader, "fault_stats")  # injected benchmark loaders have none
+            if isinstance(loader, FaultCounting)  # injected benchmark loaders have none
         ]
         skipped = sum(s["skipped_samples"] for s in stats)
         shards = {name for s in stats for name in s["bad_shards"]}
@@ -361,9 +399,9 @@ class Trainer:
             raise RuntimeError(f"validation split {self.cfg.data.val_split!r} yielded no samples")
         return sums.metrics("val")
 
-    def _fault_counting_loaders(self) -> dict[str, Any]:
+    def _fault_counting_loaders(self) -> dict[str, FaultCheckpointing]:
         named = {"train": self.train_loader, "val": self.val_loader}
-        return {split: loader for split, loader in named.items() if hasattr(loader, "fault_state")}
+        return {split: loader for split, loader in named.items() if isinstance(loader, FaultCheckpointing)}
 
     # -- state and checkpoints -------------------------------------------------------------------
 
