@@ -231,7 +231,7 @@ def inductor_cache_dir(cache_dir: str) -> Path:
 class Layout:
     """How many workers, with what, and why."""
 
-    num_workers: int
+    num_workers: int | tuple[int, int]  # a range: an elastic job
     cpus_per_worker: float
     use_gpu: bool
     reason: str
@@ -266,11 +266,11 @@ def resolve_layout(scaling: Any, nodes: list[dict[str, float]]) -> Layout:
     if explicit_workers and not explicit_cpus:
         # a given number of workers shares the cluster's CPUs (no fewer than 1 each; a worker fits on one node)
         total = sum(n.get("CPU", 0.0) for n in nodes)
-        cpus = max(1.0, min(cpus, total // int(scaling.num_workers)))
+        cpus = max(1.0, min(cpus, total // scaling.max_workers))
     if explicit_workers or explicit_cpus:
         reason = "set in the config" if explicit_workers and explicit_cpus else reason + " (partly set in the config)"
     return Layout(
-        num_workers=int(scaling.num_workers) if explicit_workers else int(num),
+        num_workers=scaling.num_workers if explicit_workers else int(num),
         cpus_per_worker=float(scaling.cpus_per_worker) if explicit_cpus else float(cpus),
         use_gpu=bool(use_gpu),
         reason=reason,

@@ -78,7 +78,7 @@ def resolve_scaling(cfg: JobConfig) -> JobConfig:
 
         nodes = [{"CPU": float(hardware.available_cpus()), "GPU": float(torch.cuda.device_count())}]
     layout = hardware.resolve_layout(s, nodes)
-    log.info("worker layout: %d worker(s) x %g CPU%s (%s)", layout.num_workers, layout.cpus_per_worker,
+    log.info("worker layout: %s worker(s) x %g CPU%s (%s)", layout.num_workers, layout.cpus_per_worker,
              " + 1 GPU" if layout.use_gpu else "", layout.reason)
     scaling = s.model_copy(update={
         "num_workers": layout.num_workers, "cpus_per_worker": layout.cpus_per_worker, "use_gpu": layout.use_gpu,
@@ -157,7 +157,9 @@ def build_trainer(
         worker,
         train_loop_config=payload,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker}
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker},
+            # a range (min, max) makes Ray's elastic policy resize the group; ignored for a fixed count
+            elastic_resize_monitor_interval_s=s.elastic_resize_interval_s,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
