@@ -315,10 +315,11 @@ def test_batch_schedule_and_plans_cover_each_sample_once():
                 seed=3,
                 epoch=1,
                 shuffle=True,
+                window=4,
             )
             for w in plan.workers:
-                assert sum(s.num_samples for s in w.slices) == w.num_samples
-                covered += [(s.filename, i) for s in w.slices for i in range(s.start, s.stop)]
+                assert len(w.samples) == w.num_samples
+                covered += [(plan.filenames[shard], i) for shard, i in w.samples]
         assert len(covered) == len(set(covered)) == plan.total_samples
         if not drop_last:
             assert plan.total_samples == 25
@@ -379,19 +380,19 @@ def test_resume_skips_exactly_the_batches_seen(uneven):
             if len(head) == stop_after:
                 break
         state = interrupted.state_dict()
-        assert (state["epoch"], state["batches_yielded"], state["steps_per_epoch"]) == (2, stop_after, 8)
+        assert (state["epoch"], state["position"], state["steps_per_epoch"]) == (2, stop_after * 3, 8)
 
         resumed = _loader(uneven, num_workers=3, batch_size=3)
         resumed.load_state_dict(state)
         tail = _epoch_keys(resumed)
         assert head + tail == full, stop_after
-        assert (resumed.epoch, resumed.batches_yielded) == (3, 0)
+        assert (resumed.epoch, resumed.position) == (3, 0)
 
-    changed = _loader(uneven, num_workers=1, batch_size=3)
-    with pytest.raises(ValueError, match=r"layout changed \(num_workers: stored 3, now 1\).*strict=False"):
+    changed = _loader(uneven, num_workers=1, batch_size=3, shuffle_buffer=5)
+    with pytest.raises(ValueError, match=r"order changed \(shuffle_buffer: stored 8, now 5\).*strict=False"):
         changed.load_state_dict(state)
     changed.load_state_dict(state, strict=False)
-    assert (changed.epoch, changed.batches_yielded) == (2, 0)
+    assert (changed.epoch, changed.position) == (2, 0)
 
 
 def _keyed_tensors(loader) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from .manifest import (
     write_manifest,
 )
 from .s3 import S3AccessError, S3Storage, register_webdataset_s3
-from .shardset import RankPlan, ShardSet, ShardSlice, WorkerPlan, batch_schedule
+from .shardset import RankPlan, ShardSet, WorkerPlan, batch_schedule
 from .storage import LocalStorage, Storage, WritableStorage, open_storage, register_scheme
 from .synthetic import ensure_synthetic_shards
 from .transforms import build_mixup, build_transforms
@@ -39,7 +39,6 @@ __all__ = [
     "ShardInfo",
     "ShardLoader",
     "ShardSet",
-    "ShardSlice",
     "ShardWriter",
     "SplitInfo",
     "Storage",

@@ -1,21 +1,39 @@
-"""The batch loader: a ShardSet plan, read by torch DataLoader workers, with a resumable position.
+"""The batch loader: a ShardSet plan, read by torch DataLoader workers, with a layout-free resumable position.
 
-Per epoch, each worker streams its shard slices (see `shardset`), shuffles undecoded samples in a buffer,
-drops the samples a resume skips (before decoding them), then decodes, transforms and collates its own
-batches; the DataLoader hands them back round-robin, so the rank's batch order depends only on
-(seed, epoch, rank, world_size, num_workers, batch_size, shuffle_buffer).
+Per epoch there is one global order of the split's samples, fixed by (seed, epoch, shuffle_buffer) and the
+same for every layout (see `shardset`): shards in a seeded order, each window of `shuffle_buffer`
+consecutive samples permuted. Each global step takes the next run of that order (world_size x batch_size
+samples), each rank a contiguous part of it; a rank's batch j is read, decoded, transformed and collated
+by its loader worker j % num_workers, and the DataLoader hands the batches back in order. The data
+position is one number: the samples of the epoch's order consumed by all ranks together.
+
+What is exact and what is not:
+
+* Same layout, resumed: the remaining batches hold exactly the samples, in exactly the order, with the
+  same augmentation (per-sample seeds) and the same stand-ins, as the uninterrupted run's: byte-identical.
+* Another layout (world size, loader workers, per-rank batch size, even another global batch): the
+  samples not yet consumed this epoch are dealt over the new ranks and workers, each exactly once, in the
+  global order. The set of samples of the epoch is the uninterrupted run's; which samples share a batch
+  after the resize, and (with drop_last) which tail of fewer than one global batch is left out, differ.
+* The order of an uninterrupted run does not depend on the number of loader workers; with the same
+  global batch, global step j holds the same samples for any world size.
+* Read cost: one global step splits a contiguous run of the order over all ranks, so every rank reads
+  (parts of) nearly every shard of the split: each worker reads a shard up to its last sample it needs
+  and keeps only its own samples (S3 prefetching downloads whole shards). Giving each rank its own
+  shards would read each shard once, but then the order, and so the position, would depend on the world
+  size, and a resize could not continue exactly. We chose exactness.
 
 What the Trainer does with it:
 
 * Training: `for images, labels in loader` yields the rest of the current epoch, then moves the loader to
   the next epoch, so a step-counting loop is `while step < max_steps: for batch in loader: ...`.
-  `len(loader)` (== `steps_per_epoch`) is the same on every rank.
+  `len(loader)` (== `steps_per_epoch`) is the same on every rank; `steps_remaining` is what is left of
+  the current epoch (fewer after a resume).
 * Resume: store `loader.state_dict()` with the checkpoint (it is identical on every rank, so rank 0's is
-  enough) and call `load_state_dict()` before iterating again. The next iteration re-plans the same
-  epoch and skips the batches already yielded; with the same layout the remaining batches hold exactly
-  the samples, in exactly the order, the interrupted run would have seen (augmentation draws are not
-  replayed). Skipped samples are still read from storage but not decoded. A changed layout (world size,
-  workers, batch size...) is refused, or with `strict=False` restarts the stored epoch from its start.
+  enough) and call `load_state_dict()` before iterating again, at any layout. The state holds
+  {"version": 2, "epoch", "position", the order settings (split, num_samples, seed, shuffle,
+  shuffle_buffer), and, informational, the layout that wrote it}. Order settings that differ are
+  refused (or with `strict=False` restart the stored epoch from its start).
 * Evaluation (`drop_last=False`, `shuffle=False`): every sample is yielded exactly once across ranks, all
   ranks yield `len(loader)` batches, and batches may be smaller than batch_size. Count samples as
   `labels.numel()`, sum (correct, total) per rank, all-reduce both with SUM, then divide; the reduced total
@@ -23,9 +41,9 @@ What the Trainer does with it:
 * Faults (`data.faults`): a missing shard, a tar that is truncated or random bytes, an image that does
   not decode or a `.cls` that is not a label is skipped and counted (`fault_stats()`, a warning naming
   each bad shard once). Its place in the batch is taken by a stand-in: the nearest earlier readable
-  sample of the same worker's epoch stream (among its last 16), else the nearest later one, augmented
+  sample of the same batch, else the nearest later one of the worker's later batches, augmented
   afresh. Batch sizes and counts therefore never change (no DDP hang), and since the choice depends
-  only on the stream's order, a resumed job picks the same stand-ins. The cost: a few training samples
+  only on the plan, a job resumed at the same layout picks the same stand-ins. The cost: a few training samples
   are seen twice in an epoch. In evaluation (drop_last=False) stand-ins carry `IGNORE_LABEL`: count
   `labels != IGNORE_LABEL`, and then evaluated + skipped == the split's size. Past `max_bad_fraction`
   of a rank's samples in one epoch, iterating raises `DataFaultError` naming the bad shards.
@@ -38,7 +56,7 @@ import contextlib
 import io
 import logging
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,12 +72,13 @@ from .faults import (
     SHARD_ERRORS,
     DataFaultError,
     FaultStats,
+    ShortShardError,
     describe_shards,
     shard_fault_kind,
 )
 from .manifest import Manifest, load_manifest
 from .reader import RawSample, decode_image, decode_label, iter_shard, open_image, read_shard
-from .shardset import RankPlan, ShardSet
+from .shardset import RankPlan, ShardSet, WorkerPlan
 from .storage import LocalStorage, Storage
 
 __all__ = ["ShardLoader", "build_loader"]
@@ -70,21 +89,14 @@ Transform = Callable[[Image.Image], Any]
 # The main process's half of the transform: (uint8 batch, per-sample seeds) -> batch (see data/augment.py).
 BatchTransformFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-# Loader settings that change which batch holds which sample: resuming mid-epoch needs them unchanged.
-_LAYOUT_KEYS = (
-    "split",
-    "num_samples",
-    "seed",
-    "world_size",
-    "num_workers",
-    "batch_size",
-    "drop_last",
-    "shuffle",
-    "shuffle_buffer",
-)
-STATE_VERSION = 1
-# Readable samples each worker remembers (undecoded) to stand in for a bad one; a window, not the epoch.
-_RECENT_STAND_INS = 16
+# Loader settings that define the epoch's global order: a position means something only if they match.
+# The layout (world_size, num_workers, batch_size) may change: the rest of the epoch is dealt over the new one.
+_ORDER_KEYS = ("split", "num_samples", "seed", "shuffle", "shuffle_buffer")
+# The layout that wrote a state: stored for the log and for the Trainer, not needed to resume.
+_LAYOUT_KEYS = ("world_size", "num_workers", "batch_size", "global_batch_size")
+STATE_VERSION = 2
+# Readable samples of its earlier batches each worker remembers (undecoded), the last resort for a stand-in.
+_EARLIER_STAND_INS = 16
 
 
 @dataclass(frozen=True)
@@ -104,19 +116,49 @@ class _Lost:
 Slot = RawSample | _Lost
 
 
-def _slots(storage: Any, wplan: Any) -> Iterator[Slot]:
+def _slots(storage: Any, filenames: Sequence[str], wplan: WorkerPlan) -> Iterator[Slot]:
     """One item per planned sample of the worker, in plan order: the sample, or a `_Lost` placeholder
-    for each sample a bad shard did not deliver, so positions (and with them resume) never shift."""
-    for piece in wplan.slices:
-        got = 0
+    for each sample a bad shard did not deliver, so positions (and with them resume) never shift.
+
+    Each shard is opened when its first sample is due (the prefetcher's order, `WorkerPlan.shard_order`)
+    and read up to its last sample this worker needs; the worker's other samples met on the way are held
+    (undecoded) until their turn, the rest is read past. What is held is bounded by the shuffle window."""
+    need: dict[int, set[int]] = collections.defaultdict(set)
+    for shard, index in wplan.samples:
+        need[shard].add(index)
+    readers: dict[int, tuple[Iterator[RawSample], list[int]]] = {}  # shard -> (samples, [next index])
+    held: dict[tuple[int, int], Slot] = {}
+
+    def advance(shard: int, wanted: int) -> None:
+        if shard not in readers:
+            first, last = min(need[shard]), max(need[shard])
+            readers[shard] = (iter_shard(storage, filenames[shard], first, last + 1), [first])
+        samples, cursor = readers[shard]
         try:
-            for sample in iter_shard(storage, piece.filename, piece.start, piece.stop):
-                got += 1
-                yield sample
-        except SHARD_ERRORS as err:
-            where, kind = storage.describe(piece.filename), shard_fault_kind(err)
-            for index in range(piece.start + got, piece.stop):
-                yield _Lost(where, index, kind, str(err))
+            while (shard, wanted) not in held:
+                sample = next(samples)
+                index, cursor[0] = cursor[0], cursor[0] + 1
+                if index in need[shard]:
+                    held[shard, index] = sample
+        except (*SHARD_ERRORS, StopIteration) as err:
+            if isinstance(err, StopIteration):  # iter_shard raises ShortShardError first; be safe anyway
+                err = ShortShardError(f"{storage.describe(filenames[shard])} ended early")
+            where, kind = storage.describe(filenames[shard]), shard_fault_kind(err)
+            for index in sorted(need[shard]):
+                if index >= cursor[0]:
+                    held[shard, index] = _Lost(where, index, kind, str(err))
+            cursor[0] = max(need[shard]) + 1
+        if cursor[0] > max(need[shard]):
+            samples.close()  # type: ignore[attr-defined]  # a generator: closes the shard's stream
+
+    try:
+        for shard, index in wplan.samples:
+            if (shard, index) not in held:
+                advance(shard, index)
+            yield held.pop((shard, index))
+    finally:
+        for samples, _ in readers.values():
+            samples.close()  # type: ignore[attr-defined]
 
 
 class _Lookahead:
@@ -134,19 +176,6 @@ class _Lookahead:
         for item in self.items:
             self.peeked.append(item)
             yield item
-
-
-def _shuffled(samples: Iterable[Slot], bufsize: int, rng: random.Random) -> Iterator[Slot]:
-    buffer: list[Slot] = []
-    for sample in samples:
-        if len(buffer) < bufsize:
-            buffer.append(sample)
-            continue
-        i = rng.randrange(bufsize)
-        yield buffer[i]
-        buffer[i] = sample
-    rng.shuffle(buffer)
-    yield from buffer
 
 
 def _sample_seed(seed: int, epoch: int, key: str) -> int:
@@ -231,9 +260,6 @@ class _EpochStream(IterableDataset):
         storage: Storage,
         plan: RankPlan,
         *,
-        skip_batches: int,
-        shuffle: bool,
-        shuffle_buffer: int,
         seed: int,
         transform: Transform | None,
         decode_size: int | None,
@@ -246,9 +272,6 @@ class _EpochStream(IterableDataset):
         self.stand_in_label = stand_in_label
         self.storage = storage
         self.plan = plan
-        self.skip_batches = skip_batches
-        self.shuffle = shuffle
-        self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.transform = transform
         self.decode_size = decode_size
@@ -261,17 +284,16 @@ class _EpochStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
-        loader_worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # The DataLoader asks its workers round-robin starting at worker 0, while after skipping k batches
-        # the rank's next batch belongs to plan worker k % num_workers: rotate so the order still holds.
-        worker = (loader_worker + self.skip_batches) % num_workers
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader asks its workers round-robin from worker 0: the plan gives batch j to worker j % n.
         assert num_workers == len(self.plan.workers), "the plan was made for another worker count"
         wplan = self.plan.workers[worker]
         storage: Any = self.storage
-        if self.prefetch_shards > 0 and wplan.slices:
-            storage = _Prefetcher(self.storage, [p.filename for p in wplan.slices], self.prefetch_shards)
+        if self.prefetch_shards > 0 and wplan.samples:
+            names = [self.plan.filenames[shard] for shard in wplan.shard_order()]
+            storage = _Prefetcher(self.storage, names, self.prefetch_shards)
         try:
-            yield from self._batches(storage, wplan, worker, num_workers, in_main=info is None)
+            yield from self._batches(storage, wplan, worker, in_main=info is None)
         finally:
             if isinstance(storage, _Prefetcher):
                 storage.close()
@@ -301,11 +323,18 @@ class _EpochStream(IterableDataset):
             return None
 
     def _stand_in(
-        self, bad: Slot, recent: collections.deque[RawSample], stream: _Lookahead, known_bad: set[str]
+        self,
+        bad: Slot,
+        recent: collections.deque[RawSample],
+        stream: _Lookahead,
+        known_bad: set[str],
+        earlier: collections.deque[RawSample],
     ) -> tuple[RawSample, Image.Image, int]:
-        """The sample that fills a bad sample's place: the nearest earlier good sample of this worker's
-        epoch stream (among its last `len(recent)` readable ones), else the nearest later one. Only the
-        stream's order decides, so a resumed worker picks the same one."""
+        """The sample that fills a bad sample's place: the nearest earlier good sample of the same batch
+        (`recent`), else the nearest later one of this worker's stream. Only the plan decides (a batch's
+        samples, and the worker's later batches, are the same in a run resumed at the same layout), so a
+        resumed worker picks the same one. Only when nothing later is readable either (a bad end of the
+        epoch) does it take one of the worker's `earlier` batches, which a resumed worker may not have."""
 
         def good(candidate: Slot) -> tuple[Image.Image, int] | None:
             if not isinstance(candidate, RawSample) or candidate is bad or candidate.key in known_bad:
@@ -322,7 +351,7 @@ class _EpochStream(IterableDataset):
                 known_bad.add(candidate.key)
             return decoded
 
-        for candidate in (*reversed(recent), *stream.ahead()):
+        for candidate in (*reversed(recent), *stream.ahead(), *reversed(earlier)):
             decoded = good(candidate)
             if decoded is not None:
                 return candidate, *decoded  # type: ignore[return-value]
@@ -341,19 +370,16 @@ class _EpochStream(IterableDataset):
             return self.transform(img)
 
     def _batches(
-        self, storage: Any, wplan: Any, worker: int, num_workers: int, in_main: bool
+        self, storage: Any, wplan: WorkerPlan, worker: int, in_main: bool
     ) -> Iterator[tuple]:
         """Batches of exactly the planned sizes. A bad sample (see data/faults.py) is counted and its
         place filled by a stand-in (`_stand_in`), so every rank still yields the same batches and a
         resume skips the same positions; stand-ins are augmented afresh (seeded by the bad slot), and in
         evaluation (`stand_in_label`) carry IGNORE_LABEL so they are not scored. Each batch carries the
         faults found since the previous one (a list of (shard, kind, samples, detail))."""
-        samples: Iterable[Slot] = _slots(storage, wplan)
-        if self.shuffle and self.shuffle_buffer > 1:
-            rng = random.Random(f"samples:{self.seed}:{self.plan.epoch}:{self.plan.rank}:{worker}")
-            samples = _shuffled(samples, self.shuffle_buffer, rng)
-        stream = _Lookahead(iter(samples))
-        recent: collections.deque[RawSample] = collections.deque(maxlen=_RECENT_STAND_INS)
+        stream = _Lookahead(_slots(storage, self.plan.filenames, wplan))
+        recent: collections.deque[RawSample] = collections.deque()  # this batch's readable samples so far
+        earlier: collections.deque[RawSample] = collections.deque(maxlen=_EARLIER_STAND_INS)
         known_bad: set[str] = set()
 
         def take() -> Slot:
@@ -368,11 +394,9 @@ class _EpochStream(IterableDataset):
                 recent.append(item)
             return item
 
-        skip = wplan.samples_before(self.skip_batches, num_workers)
-        batch_sizes = wplan.batch_sizes[len(range(worker, self.skip_batches, num_workers)) :]
-        for _ in range(skip):
-            take()
-        for size in batch_sizes:
+        for size in wplan.batch_sizes:
+            earlier.extend(recent)
+            recent.clear()
             faults = FaultStats()
             images, labels, keys, seeds = [], [], [], []
             for _ in range(size):
@@ -391,7 +415,7 @@ class _EpochStream(IterableDataset):
                         faults.add(self.storage.describe(sample.shard), "bad_image", 1, f"{sample.key}: {err!r}")
                 if image is None:
                     known_bad.add(sample.key)
-                    stand_in, img, label = self._stand_in(sample, recent, stream, known_bad)
+                    stand_in, img, label = self._stand_in(sample, recent, stream, known_bad, earlier)
                     # fresh augmentation, still reproducible
                     seed = _sample_seed(self.seed, self.plan.epoch, f"{stand_in.key}@{sample.key}")
                     sample = stand_in
@@ -468,14 +492,16 @@ class ShardLoader:
         self.multiprocessing_context = multiprocessing_context
         self.timeout = timeout
         self.epoch = epoch
-        self.batches_yielded = 0
+        self._start = 0  # the global position the current pass through the epoch began at
+        self.batches_yielded = 0  # batches this rank yielded since then
+        self._pass: RankPlan | None = None  # the plan of the current pass (cached)
         try:
             self._layout = self.plan(epoch)  # raises the ValueErrors (zero batches...) up front
         except ValueError as err:
             raise ValueError(f"{manifest.url} split {split!r}: {err}") from None
 
-    def plan(self, epoch: int | None = None) -> RankPlan:
-        """This rank's reading plan for `epoch` (default: the current one)."""
+    def plan(self, epoch: int | None = None, start: int = 0) -> RankPlan:
+        """This rank's reading plan for `epoch` (default: the current one) from global position `start`."""
         return self.shards.plan(
             rank=self.rank,
             world_size=self.world_size,
@@ -485,7 +511,32 @@ class ShardLoader:
             seed=self.seed,
             epoch=self.epoch if epoch is None else epoch,
             shuffle=self.shuffle,
+            window=self.shuffle_buffer if self.shuffle else 1,
+            start=start,
         )
+
+    def _current(self) -> RankPlan:
+        """The plan of the current pass: the current epoch from where it was started or resumed."""
+        if self._pass is None or (self._pass.epoch, self._pass.start) != (self.epoch, self._start):
+            self._pass = self.plan(self.epoch, self._start)
+        return self._pass
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples all ranks together take per step (the last evaluation steps may take fewer)."""
+        return self.world_size * self.batch_size
+
+    @property
+    def position(self) -> int:
+        """Samples of the current epoch's global order consumed so far, by all ranks together."""
+        if self._start == 0 and self.batches_yielded == 0:
+            return 0
+        return self._current().position_after(self.batches_yielded)
+
+    @property
+    def steps_remaining(self) -> int:
+        """Batches this rank (every rank) still yields in the current epoch."""
+        return self._current().num_batches - self.batches_yielded
 
     @property
     def steps_per_epoch(self) -> int:
@@ -510,6 +561,7 @@ class ShardLoader:
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = epoch
+        self._start = 0
         self.batches_yielded = 0
         self._epoch_skipped = 0
 
@@ -562,14 +614,14 @@ class ShardLoader:
             )
 
     def __iter__(self) -> Iterator[tuple]:
-        if self.batches_yielded >= self.steps_per_epoch:
+        if self.steps_remaining <= 0:
             self.set_epoch(self.epoch + 1)
+        if self.batches_yielded:  # iterated again mid-pass (a new iterator): continue from the position
+            self._start, self.batches_yielded = self.position, 0
+        plan = self._current()
         stream = _EpochStream(
             self.manifest.storage,
-            self.plan(),
-            skip_batches=self.batches_yielded,
-            shuffle=self.shuffle,
-            shuffle_buffer=self.shuffle_buffer,
+            plan,
             seed=self.seed,
             transform=self.transform,
             decode_size=self.decode_size,
@@ -598,58 +650,96 @@ class ShardLoader:
                 images = self.batch_transform(images, seeds)
             self.batches_yielded += 1
             yield (images, labels, *keys)
-        if self.batches_yielded != self.steps_per_epoch:
+        if self.batches_yielded != plan.num_batches:
             raise RuntimeError(
                 f"rank {self.rank}: epoch {self.epoch} ended after {self.batches_yielded} of "
-                f"{self.steps_per_epoch} batches"
+                f"{plan.num_batches} batches"
             )
         self.set_epoch(self.epoch + 1)
 
     def state_dict(self) -> dict[str, Any]:
-        """The loader's position and layout; the same on every rank (rank is informational)."""
+        """The loader's position in its epoch; the same on every rank (rank 0's is enough to store).
+
+        {"version": 2, "epoch": e, "position": P, ...}: P samples of epoch e's global order are consumed
+        (the order is fixed by `_ORDER_KEYS`, stored too); the layout that wrote it (world_size,
+        num_workers, batch_size, global_batch_size), this rank's batches since its pass began
+        (batches_yielded), the batches per epoch at this layout (steps_per_epoch) and the rank are
+        informational.
+        """
         return {
             "version": STATE_VERSION,
             "epoch": self.epoch,
+            "position": self.position,
             "batches_yielded": self.batches_yielded,
             "steps_per_epoch": self.steps_per_epoch,
             "rank": self.rank,
             "split": self.split,
             "num_samples": self.shards.num_samples,
             "seed": self.seed,
+            "shuffle": self.shuffle,
+            "shuffle_buffer": self.shuffle_buffer,
+            "drop_last": self.drop_last,
             "world_size": self.world_size,
             "num_workers": self.num_workers,
             "batch_size": self.batch_size,
-            "drop_last": self.drop_last,
-            "shuffle": self.shuffle,
-            "shuffle_buffer": self.shuffle_buffer,
+            "global_batch_size": self.global_batch_size,
         }
 
     def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
-        """Continue from a stored position: the next iteration skips the batches already yielded.
+        """Continue from a stored position: the next iteration deals the samples of the stored epoch's
+        global order not yet consumed over this loader's layout, each exactly once.
 
-        When the layout differs (see `_LAYOUT_KEYS`), `strict` raises ValueError; otherwise the stored
-        epoch restarts from its first batch.
+        The layout (world size, loader workers, batch size, hence the global batch) may differ from the
+        one that wrote `state`. The order settings (`_ORDER_KEYS`) may not: `strict` raises ValueError,
+        otherwise the stored epoch restarts from its first sample (so does a state of the old format,
+        whose position depended on the layout).
         """
-        missing = [k for k in ("epoch", "batches_yielded", *_LAYOUT_KEYS) if k not in state]
-        if missing:
-            raise ValueError(f"loader state lacks {missing}; pass a dict from ShardLoader.state_dict()")
-        mine = self.state_dict()
-        changed = {k: (state[k], mine[k]) for k in _LAYOUT_KEYS if state[k] != mine[k]}
-        epoch, position = int(state["epoch"]), int(state["batches_yielded"])
-        if epoch < 0 or (not changed and not 0 <= position <= self.steps_per_epoch):
-            raise ValueError(f"loader state has an invalid position: epoch {epoch}, batch {position}")
-        if changed:
-            detail = ", ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in changed.items())
+        if not isinstance(state, dict) or "epoch" not in state:
+            raise ValueError("the loader state is not a dict from ShardLoader.state_dict()")
+        epoch = int(state["epoch"])
+        if epoch < 0:
+            raise ValueError(f"loader state has an invalid epoch {epoch}")
+        if state.get("version") != STATE_VERSION:
+            problem = (
+                f"it was written by an older loader (state version {state.get('version')!r}, now "
+                f"{STATE_VERSION}) whose position depended on the layout"
+            )
+        else:
+            missing = [k for k in ("position", *_ORDER_KEYS) if k not in state]
+            if missing:
+                raise ValueError(f"loader state lacks {missing}; pass a dict from ShardLoader.state_dict()")
+            mine = self.state_dict()
+            changed = {k: (state[k], mine[k]) for k in _ORDER_KEYS if state[k] != mine[k]}
+            problem = "its sample order changed (" + ", ".join(
+                f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in changed.items()
+            ) + ")" if changed else ""
+        position = 0
+        if problem:
             if strict:
                 raise ValueError(
-                    f"cannot resume the {self.split!r} loader mid-epoch: its layout changed ({detail}); "
-                    "restore the original settings, or call load_state_dict(state, strict=False) to restart "
-                    f"epoch {epoch} from its beginning"
+                    f"cannot resume the {self.split!r} loader mid-epoch: {problem}; restore the original "
+                    f"settings, or call load_state_dict(state, strict=False) to restart epoch {epoch} from "
+                    "its beginning"
                 )
-            _log.warning("data layout changed (%s): restarting epoch %d from its first batch", detail, epoch)
-            position = 0
+            _log.warning("data loader state: %s; restarting epoch %d from its first sample", problem, epoch)
+        else:
+            position = int(state["position"])
+            if not 0 <= position <= self.shards.num_samples:
+                raise ValueError(
+                    f"loader state has an invalid position {position} (the split has {self.shards.num_samples} samples)"
+                )
+            stored = {k: state.get(k) for k in _LAYOUT_KEYS}
+            now = {k: getattr(self, k) for k in _LAYOUT_KEYS}
+            if stored != now:
+                _log.info(
+                    "%s split: continuing epoch %d at sample %d of %d with a new layout (%s); the remaining "
+                    "samples are dealt over it, each once",
+                    self.split, epoch, position, self.shards.num_samples,
+                    ", ".join(f"{k}: {stored[k]} -> {now[k]}" for k in _LAYOUT_KEYS if stored[k] != now[k]),
+                )
         self.epoch = epoch
-        self.batches_yielded = position
+        self._start = position
+        self.batches_yielded = 0
 
 
 def _positive(name: str, value: Any) -> None:

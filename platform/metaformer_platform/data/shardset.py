@@ -1,75 +1,75 @@
-"""ShardSet: which samples each rank and loader worker reads in an epoch, computed from the manifest alone.
+"""ShardSet: one global sample order per epoch, and which samples each rank and loader worker reads.
 
-The epoch's shards are ordered (shuffled by (seed, epoch) when shuffling, identically on every rank) and
-concatenated into one sample sequence 0..N-1. Each rank takes a contiguous range of it, cut at sample
-granularity (a shard on a boundary is read partly by two ranks), and splits its range among its loader
-workers the same way. Because every rank computes the plan from the same shard lengths, the number of
-batches is identical on every rank without any communication:
+The epoch's order does not depend on the layout (world size, loader workers, batch size). Per (seed, epoch):
 
-* drop_last=True (training): each rank gets floor(floor(N / world_size) / batch_size) full batches; the
-  samples left over (fewer than world_size * batch_size) are the tail of this epoch's order, so a
-  different set is left out every epoch.
-* drop_last=False (evaluation): every sample exactly once. Ranks get N // world_size or one more sample,
-  all ranks yield the same number of batches, and batches near the end may be smaller than batch_size
-  (never empty), so sharded models (FSDP, ZeRO-3), whose forward is collective, stay in step.
+1. the shards are ordered (shuffled by (seed, epoch) when shuffling) and their samples concatenated;
+2. the concatenation is cut into windows of `window` samples (the `shuffle_buffer` setting) and each
+   window is permuted by a seeded generator (`sample_order`). That is the epoch's global order.
 
-Batch i of a rank comes from worker i % num_workers: the order torch's DataLoader (in_order=True)
-returns batches in, which makes a rank's batch sequence a pure function of (seed, epoch, layout).
+A data position P is a count of samples of that order consumed this epoch (global batches done x global
+batch size). From P on, the rest of the order is dealt step by step: global step j takes the next
+`sum(step sizes)` samples, rank r a contiguous run of them (after ranks 0..r-1), and a rank's batch j is
+built by its loader worker j % num_workers (the order torch's DataLoader returns batches in). So after
+any number of steps, under any layout, the samples consumed are exactly a prefix of the global order,
+and a job resumed at another layout deals the remaining samples over its ranks and workers, each once.
+
+* drop_last=True (training): steps of world_size x batch_size samples while that many remain; the rest
+  (fewer than one global batch) is the tail of this epoch's order, a different set every epoch.
+* drop_last=False (evaluation): every remaining sample once; ranks get (remaining // world_size) or one
+  more, all ranks yield the same number of batches, and batches near the end may be smaller than
+  batch_size (never empty), so sharded models (FSDP, ZeRO-3), whose forward is collective, stay in step.
+
+The trade-off: since one global step takes a contiguous run of the order and splits it over the ranks,
+every rank reads (a part of) nearly every shard, each loader worker keeping only its own samples and
+reading a shard only up to the last sample it needs. A plan that gave each rank its own shards would read
+each shard once, but its order would depend on the world size, and a resize could not be exact.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from .manifest import Manifest
 
-__all__ = ["RankPlan", "ShardSet", "ShardSlice", "WorkerPlan", "batch_schedule"]
-
-
-@dataclass(frozen=True)
-class ShardSlice:
-    """Samples [start, stop) of one shard, counted in the shard's own order."""
-
-    filename: str
-    start: int
-    stop: int
-
-    @property
-    def num_samples(self) -> int:
-        return self.stop - self.start
+__all__ = ["RankPlan", "ShardSet", "WorkerPlan", "batch_schedule"]
 
 
 @dataclass(frozen=True)
 class WorkerPlan:
-    """What one loader worker of one rank reads and how it batches it, for one epoch."""
+    """What one loader worker of one rank reads and how it batches it, from the plan's start position."""
 
     worker: int
-    slices: tuple[ShardSlice, ...]
+    # (shard index, sample index within the shard) of each sample, in the order the batches take them
+    samples: tuple[tuple[int, int], ...]
     batch_sizes: tuple[int, ...]
 
     @property
     def num_samples(self) -> int:
         return sum(self.batch_sizes)
 
-    def samples_before(self, rank_batches: int, num_workers: int) -> int:
-        """How many of this worker's samples the rank's first `rank_batches` batches consumed."""
-        mine = len(range(self.worker, rank_batches, num_workers))
-        return sum(self.batch_sizes[:mine])
+    def shard_order(self) -> list[int]:
+        """The shards this worker reads, in the order it first needs them (the prefetcher's order)."""
+        return list(dict.fromkeys(shard for shard, _ in self.samples))
 
 
 @dataclass(frozen=True)
 class RankPlan:
-    """One rank's share of one epoch."""
+    """One rank's share of one epoch, from global position `start` to the epoch's end."""
 
     rank: int
     world_size: int
     epoch: int
+    start: int  # samples of the epoch's order consumed before this plan
+    filenames: tuple[str, ...]  # the split's shards (WorkerPlan.samples index them)
     batch_sizes: tuple[int, ...]  # in the order the rank yields them
+    step_sizes: tuple[int, ...]  # samples all ranks together consume at each step
     workers: tuple[WorkerPlan, ...]
-    total_samples: int  # over all ranks this epoch
 
     @property
     def num_batches(self) -> int:
@@ -78,6 +78,15 @@ class RankPlan:
     @property
     def num_samples(self) -> int:
         return sum(self.batch_sizes)
+
+    @property
+    def total_samples(self) -> int:
+        """Samples all ranks together yield from `start` to the epoch's end."""
+        return sum(self.step_sizes)
+
+    def position_after(self, steps: int) -> int:
+        """The global position once `steps` batches of this plan have been yielded (on every rank)."""
+        return self.start + sum(self.step_sizes[:steps])
 
 
 def batch_schedule(num_samples: int, *, world_size: int, batch_size: int, drop_last: bool) -> list[list[int]]:
@@ -124,8 +133,16 @@ def batch_schedule(num_samples: int, *, world_size: int, batch_size: int, drop_l
     return schedule
 
 
+def _remaining_schedule(remaining: int, *, world_size: int, batch_size: int, drop_last: bool) -> list[list[int]]:
+    """`batch_schedule` for the rest of an epoch: no batches (rather than an error) once too few samples
+    remain for a full global batch in training."""
+    if remaining <= 0 or (drop_last and remaining < world_size * batch_size):
+        return [[] for _ in range(world_size)]
+    return batch_schedule(remaining, world_size=world_size, batch_size=batch_size, drop_last=drop_last)
+
+
 class ShardSet:
-    """The shards of one split, with their sample counts, and the per-epoch, per-rank reading plan."""
+    """The shards of one split, with their sample counts, the epoch's global order and per-rank plans."""
 
     def __init__(self, filenames: Sequence[str], shard_lengths: Sequence[int], *, name: str = ""):
         if len(filenames) != len(shard_lengths):
@@ -135,6 +152,9 @@ class ShardSet:
         self.filenames = tuple(filenames)
         self.shard_lengths = tuple(int(n) for n in shard_lengths)
         self.name = name
+        # the first flat sample id of each shard (flat ids count samples in manifest order)
+        self._offsets = np.concatenate([[0], np.cumsum(self.shard_lengths, dtype=np.int64)])
+        self._order_cache: tuple[tuple[int, int, bool, int], np.ndarray] | None = None
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, split: str) -> ShardSet:
@@ -157,18 +177,32 @@ class ShardSet:
             random.Random(f"shards:{seed}:{epoch}").shuffle(order)
         return order
 
-    def _slices(self, order: Sequence[int], start: int, stop: int) -> tuple[ShardSlice, ...]:
-        """The shard slices covering samples [start, stop) of the concatenated `order`."""
-        slices, offset = [], 0
-        for index in order:
-            length = self.shard_lengths[index]
-            lo, hi = max(start, offset), min(stop, offset + length)
-            if lo < hi:
-                slices.append(ShardSlice(self.filenames[index], lo - offset, hi - offset))
-            offset += length
-            if offset >= stop:
-                break
-        return tuple(slices)
+    def sample_order(self, *, seed: int, epoch: int, shuffle: bool, window: int) -> np.ndarray:
+        """The epoch's global order: flat sample ids (manifest order), the same for every layout.
+
+        The shards in `epoch_order`, concatenated; with `shuffle`, each run of `window` consecutive
+        samples is permuted by a generator seeded from (seed, epoch).
+        """
+        key = (seed, epoch, shuffle, window)
+        if self._order_cache is not None and self._order_cache[0] == key:
+            return self._order_cache[1]
+        shards = self.epoch_order(seed=seed, epoch=epoch, shuffle=shuffle)
+        order = np.concatenate(
+            [np.arange(self._offsets[s], self._offsets[s + 1], dtype=np.int64) for s in shards] or [np.zeros(0, np.int64)]
+        )
+        if shuffle and window > 1 and len(order):
+            digest = hashlib.sha256(f"samples:{seed}:{epoch}".encode()).digest()
+            rng = np.random.default_rng(int.from_bytes(digest[:16], "little"))
+            windows = np.arange(len(order)) // window
+            # lexsort: by window first, then by a random key within the window = a permutation per window
+            order = order[np.lexsort((rng.random(len(order)), windows))]
+        self._order_cache = (key, order)
+        return order
+
+    def locate(self, flat: np.ndarray) -> list[tuple[int, int]]:
+        """(shard index, sample index within the shard) of each flat sample id."""
+        shards = np.searchsorted(self._offsets, flat, side="right") - 1
+        return list(zip(shards.tolist(), (flat - self._offsets[shards]).tolist(), strict=True))
 
     def plan(
         self,
@@ -181,26 +215,40 @@ class ShardSet:
         seed: int,
         epoch: int,
         shuffle: bool,
+        window: int = 1,
+        start: int = 0,
     ) -> RankPlan:
-        """What `rank` reads in `epoch`: its batches, split over `num_workers` loader workers (0 = 1)."""
-        schedule = batch_schedule(
-            self.num_samples, world_size=world_size, batch_size=batch_size, drop_last=drop_last
+        """What `rank` reads in `epoch` once `start` samples of the epoch's global order are consumed: its
+        batches, split over `num_workers` loader workers (0 = 1). `start` = 0 is the whole epoch."""
+        if start == 0:  # the whole epoch must yield at least one batch (raises the clear ValueError)
+            batch_schedule(self.num_samples, world_size=world_size, batch_size=batch_size, drop_last=drop_last)
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f"position {start} is outside the epoch's {self.num_samples} samples")
+        schedule = _remaining_schedule(
+            self.num_samples - start, world_size=world_size, batch_size=batch_size, drop_last=drop_last
         )
-        order = self.epoch_order(seed=seed, epoch=epoch, shuffle=shuffle)
-        start = sum(sum(sizes) for sizes in schedule[:rank])
-        sizes = schedule[rank]
+        num_steps = len(schedule[0])
+        steps = [sum(sizes[j] for sizes in schedule) for j in range(num_steps)]
+        order = self.sample_order(seed=seed, epoch=epoch, shuffle=shuffle, window=window) if num_steps else None
         workers = max(1, num_workers)
+        picked: list[list[np.ndarray]] = [[] for _ in range(workers)]
+        step_start = start
+        for j in range(num_steps):
+            lo = step_start + sum(sizes[j] for sizes in schedule[:rank])
+            assert order is not None
+            picked[j % workers].append(order[lo : lo + schedule[rank][j]])
+            step_start += steps[j]
         plans = []
-        for worker in range(workers):
-            worker_sizes = tuple(sizes[worker::workers])
-            stop = start + sum(worker_sizes)
-            plans.append(WorkerPlan(worker, self._slices(order, start, stop), worker_sizes))
-            start = stop
+        for w in range(workers):
+            flat = np.concatenate(picked[w]) if picked[w] else np.zeros(0, np.int64)
+            plans.append(WorkerPlan(w, tuple(self.locate(flat)), tuple(schedule[rank][w::workers])))
         return RankPlan(
             rank=rank,
             world_size=world_size,
             epoch=epoch,
-            batch_sizes=tuple(sizes),
+            start=start,
+            filenames=self.filenames,
+            batch_sizes=tuple(schedule[rank]),
+            step_sizes=tuple(steps),
             workers=tuple(plans),
-            total_samples=sum(sum(s) for s in schedule),
         )
