@@ -174,6 +174,12 @@ def build_trainer(
     )
 
 
+def _worker_count(cfg: JobConfig) -> str:
+    """``scaling.num_workers`` as a person reads it: ``2``, or ``1-2 (elastic)``."""
+    s = cfg.scaling
+    return f"{s.min_workers}-{s.max_workers} (elastic)" if s.elastic else str(s.num_workers)
+
+
 def _on(storage: Location, fs_path: str) -> str:
     """A path on ``storage``'s filesystem (what Ray reports) as a location users write (s3://bucket/key)."""
     return Location.parse(f"s3://{fs_path}").uri if storage.remote else fs_path
@@ -225,7 +231,7 @@ def run_job(cfg: JobConfig) -> JobResult:
 
     # rank 0's progress lines, printed by this process (see console.py)
     printer = ProgressPrinter(
-        f"run {cfg.run_name}: starting {cfg.scaling.num_workers} Ray Train workers ({cfg.strategy.name})"
+        f"run {cfg.run_name}: starting {_worker_count(cfg)} Ray Train workers ({cfg.strategy.name})"
     )
     payload["progress_queue"] = printer.queue
     payload["run_dir"] = storage.join(str(cfg.run_name)).uri

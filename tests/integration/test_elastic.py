@@ -82,11 +82,18 @@ def _world_sizes_seen(folder: Path) -> list[int]:
 
 
 def _raylet_pid(ip: str) -> int:
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if proc.info["name"] == "raylet" and f"--node_ip_address={ip}" in cmdline:
-            return proc.pid
-    raise AssertionError(f"no raylet of node {ip} runs")
+    """The PID of this session's raylet at ``ip``, matched by its socket path (unique to this cluster's session
+    folder): other Ray clusters on the machine may have a node at the same address."""
+    import ray
+
+    [node] = [n for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == ip]
+    flag = f"--raylet_socket_name={node['RayletSocketName']}"
+    pids = [p.pid for p in psutil.process_iter(["name", "cmdline"])
+            if p.info["name"] == "raylet" and flag in (p.info["cmdline"] or [])]
+    assert len(pids) == 1, f"{len(pids)} raylets with {flag}"
+    # the session fixture started it from this process: never touch another cluster's
+    assert psutil.Process(pids[0]).ppid() == os.getpid(), f"raylet {pids[0]} was not started by this test session"
+    return pids[0]
 
 
 def _refresh_coordinator() -> None:
