@@ -17,6 +17,7 @@ session's second node (same IP, one CPU) for the tests after this one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -126,68 +127,73 @@ def _add_node(env: dict[str, str]):
         return Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
 
 
-class Resizer(threading.Thread):
-    """Kills the second node's raylet after checkpoint KILL_AFTER, and starts a new node once the job runs on
-    one worker; notes when each thing happened."""
+class Job(threading.Thread):
+    """``run_job`` in the background: the test's own thread must start the new node (Ray's ``Node`` installs
+    signal handlers, and its processes share the fate of the thread that starts them)."""
 
-    def __init__(self, run_dir: Path, keys: Path, env: dict[str, str]) -> None:
+    def __init__(self, cfg) -> None:
         super().__init__(daemon=True)
-        self.run_dir, self.keys, self.env = run_dir, keys, env
-        self.started = time.monotonic()
-        self.done = threading.Event()  # set by the test when the job has ended
-        self.times: dict[str, float] = {}
-        self.complete_at_kill: list[int] = []
-        self.error: str | None = None
-
-    def wait(self, what: str, ready) -> None:
-        while not ready():
-            if self.done.is_set():
-                raise RuntimeError(f"the job ended while the test waited for {what}")
-            if time.monotonic() - self.started > 600:  # generous: a shared machine starts Ray actors slowly
-                raise RuntimeError(f"timed out waiting for {what}")
-            time.sleep(0.05)
-        self.times[what] = round(time.monotonic() - self.started, 1)
+        self.cfg, self.result, self.error = cfg, None, None
 
     def run(self) -> None:
-        import ray
-
         try:
-            target = self.run_dir / f"checkpoint-{KILL_AFTER:08d}"
-            self.wait("checkpoint 12 of two workers", lambda: target.is_dir() and ckpt.is_complete(target))
-            os.kill(_raylet_pid(SECOND_NODE_IP), signal.SIGKILL)
-            self.complete_at_kill = sorted(
-                int(p.name.removeprefix("checkpoint-")) for p in self.run_dir.glob("checkpoint-*") if ckpt.is_complete(p)
-            )
-            self.wait("the node's death", lambda: sum(n["Alive"] for n in ray.nodes()) == 1)
-            _refresh_coordinator()
-            self.wait("one worker", lambda: 1 in _world_sizes_seen(self.keys))
-            _add_node(self.env)
-            self.wait("the node's return", lambda: sum(n["Alive"] for n in ray.nodes()) == 2)
-            _refresh_coordinator()
-            self.wait("two workers again", lambda: _world_sizes_seen(self.keys)[-1] == 2)
-        except Exception as err:  # reported by the test
-            self.error = f"{type(err).__name__}: {err}"
+            self.result = run_job(self.cfg)
+        except BaseException as err:  # re-raised by the test
+            self.error = err
 
 
 def test_an_elastic_job_shrinks_when_a_node_dies_grows_back_and_sees_every_sample_once(
     ray_cluster, mlflow_server, s3_server, tmp_path, monkeypatch
 ):
+    import ray
+
     # A restart that still counts the dead node waits this long for its second worker, then takes one.
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "5")
     name = "it-elastic"
     keys, run_dir = tmp_path / "keys", tmp_path / "runs" / name
-    resizer = Resizer(run_dir, keys, s3_server.env)
-    resizer.start()
+    job = Job(_config(tmp_path, mlflow_server, name))
+    started = time.monotonic()
+    times: dict[str, float] = {}
+
+    def wait(what: str, ready, each=lambda: None) -> None:
+        while each() or not ready():
+            if not job.is_alive():
+                raise AssertionError(f"the job ended while the test waited for {what}: {job.error!r}")
+            # generous: on a busy shared machine Ray takes minutes to start actors
+            assert time.monotonic() - started < 600, f"timed out waiting for {what}"
+            time.sleep(0.05)
+        times[what] = round(time.monotonic() - started, 1)
+
+    job.start()
     try:
-        result = run_job(_config(tmp_path, mlflow_server, name))
+        target = run_dir / f"checkpoint-{KILL_AFTER:08d}"
+        wait("checkpoint 12 of two workers", lambda: target.is_dir() and ckpt.is_complete(target))
+        os.kill(_raylet_pid(SECOND_NODE_IP), signal.SIGKILL)
+        # The lost node's worker runs on until Ray notices its raylet is gone (seconds): until the one-worker
+        # group has taken a step, every complete checkpoint is the two-worker group's.
+        complete_by_two: set[int] = set()
+
+        def note_checkpoints() -> None:
+            for folder in run_dir.glob("checkpoint-*"):
+                with contextlib.suppress(OSError):  # a partial folder deleted by the recovery meanwhile
+                    if ckpt.is_complete(folder):
+                        complete_by_two.add(int(folder.name.removeprefix("checkpoint-")))
+
+        wait("the node's death", lambda: sum(n["Alive"] for n in ray.nodes()) == 1, note_checkpoints)
+        _refresh_coordinator()
+        wait("one worker", lambda: 1 in _world_sizes_seen(keys), note_checkpoints)
+        _add_node(s3_server.env)
+        wait("the node's return", lambda: sum(n["Alive"] for n in ray.nodes()) == 2)
+        _refresh_coordinator()
+        wait("two workers again", lambda: _world_sizes_seen(keys)[-1] == 2)
     finally:
-        resizer.done.set()
-        resizer.join(10)
-    print(f"elastic timeline (s from the job's start): {resizer.times}, "
-          f"finished at {time.monotonic() - resizer.started:.1f}")
-    assert resizer.error is None, resizer.error
+        job.join(600)
+    print(f"elastic timeline (s from the job's start): {times}, finished at {time.monotonic() - started:.1f}")
+    assert not job.is_alive(), "the job did not finish"
+    if job.error is not None:
+        raise job.error
+    result = job.result
     assert result.metrics["step"] == MAX_STEPS
-    complete_at_kill = resizer.complete_at_kill
     # MLflow: one run, every step logged once, the resizes recorded where they happened
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name(name)
@@ -198,7 +204,7 @@ def test_an_elastic_job_shrinks_when_a_node_dies_grows_back_and_sees_every_sampl
     resizes = json.loads(runs[0].data.tags["metaformer.elastic.resizes"])
     assert [(r["from"], r["to"]) for r in resizes] == [(2, 1), (1, 2)]
     shrink, grow = resizes[0]["step"], resizes[1]["step"]
-    assert shrink == complete_at_kill[-1] >= KILL_AFTER  # the newest complete checkpoint at the kill
+    assert shrink == max(complete_by_two) >= KILL_AFTER  # the newest complete checkpoint of the lost group
     assert shrink < grow < MAX_STEPS
     sizes = sorted((m.step, m.value) for m in client.get_metric_history(result.mlflow_run_id, "elastic/world_size"))
     assert sizes == [(0, 2.0), (shrink, 1.0), (grow, 2.0)]
