@@ -164,3 +164,21 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_with_its_weights_optimizer_and
         assert one.step == 6
     finally:
         tdist.destroy_process_group()
+
+
+def test_the_sample_log_lists_each_steps_keys_and_an_epoch_holds_the_split_once(tmp_path):
+    import json
+
+    from metaformer_platform.data import ensure_synthetic_shards
+
+    root = ensure_synthetic_shards(tmp_path / "data", num_classes=4, train_samples=64, val_samples=8, image_size=32,
+                                   samples_per_shard=16, seed=0)
+    cfg = load_config(None, [*BASE, "scaling.num_workers=[1, 2]", "trainer.batch_size=4", "trainer.max_steps=8",
+                             f"trainer.sample_log_dir={tmp_path / 'keys'}"])
+    Trainer(cfg, DistContext(), data_root=root).train()  # 1 of 2 workers: 4 x 2 micro-batches of the global 8
+    [log] = (tmp_path / "keys").glob("keys-rank00000-*.jsonl")
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["step"], r["rank"], r["world_size"], len(r["keys"])) for r in records] == [
+        (s, 0, 1, 8) for s in range(1, 9)]
+    keys = [k for r in records for k in r["keys"]]
+    assert len(set(keys)) == len(keys) == 64
