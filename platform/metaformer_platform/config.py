@@ -82,7 +82,7 @@ class DataConfig(_Section):
         "cuda (workers ship JPEG bytes, nvjpeg decodes batches on the GPU; crop/flip/erase only, needs "
         "auto_augment=null)",
     )
-    shuffle_buffer: int = Field(1000, ge=0, le=10**6, description="samples in each worker's shuffle buffer")
+    shuffle_buffer: int = Field(1000, ge=0, le=10**6, description="shuffle window: consecutive samples of the epoch's order permuted together (any layout)")
     max_bad_fraction: float = Field(
         0.01,
         ge=0,

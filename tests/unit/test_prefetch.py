@@ -34,7 +34,7 @@ def test_prefetch_gives_the_same_batches_and_resumes_the_same(tmp_path):
     assert [k for k, _, _ in got] == [k for k, _, _ in plain]
     assert all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(got, plain, strict=True))
     resumed = build_loader(tmp_path, "train", prefetch_shards=2, **kw)
-    resumed.load_state_dict({**ahead.state_dict(), "epoch": 0, "position": 3 * 2 * 4})  # 3 global batches
+    resumed.load_state_dict({**ahead.state_dict(), "epoch": 0, "position": 3 * 2 * 4, "passes": [[2, 2, 4, 3]]})
     assert [k for k, _, _ in _batches(resumed)] == [k for k, _, _ in plain][3:]
 
 

@@ -2,26 +2,23 @@
 
 Per epoch there is one global order of the split's samples, fixed by (seed, epoch, shuffle_buffer) and the
 same for every layout (see `shardset`): shards in a seeded order, each window of `shuffle_buffer`
-consecutive samples permuted. Each global step takes the next run of that order (world_size x batch_size
-samples), each rank a contiguous part of it; a rank's batch j is read, decoded, transformed and collated
-by its loader worker j % num_workers, and the DataLoader hands the batches back in order. The data
-position is one number: the samples of the epoch's order consumed by all ranks together.
+consecutive samples permuted. Each rank reads a contiguous run of it, split among its loader workers; each
+worker reads its samples in that order (a shard up to its last sample the worker needs; the worker's
+samples met early are held, undecoded: at most about a window), decodes, transforms and collates its
+batches, and the DataLoader hands them back round-robin.
 
 What is exact and what is not:
 
 * Same layout, resumed: the remaining batches hold exactly the samples, in exactly the order, with the
   same augmentation (per-sample seeds) and the same stand-ins, as the uninterrupted run's: byte-identical.
+  The samples already consumed are not even read.
 * Another layout (world size, loader workers, per-rank batch size, even another global batch): the
-  samples not yet consumed this epoch are dealt over the new ranks and workers, each exactly once, in the
-  global order. The set of samples of the epoch is the uninterrupted run's; which samples share a batch
-  after the resize, and (with drop_last) which tail of fewer than one global batch is left out, differ.
-* The order of an uninterrupted run does not depend on the number of loader workers; with the same
-  global batch, global step j holds the same samples for any world size.
-* Read cost: one global step splits a contiguous run of the order over all ranks, so every rank reads
-  (parts of) nearly every shard of the split: each worker reads a shard up to its last sample it needs
-  and keeps only its own samples (S3 prefetching downloads whole shards). Giving each rank its own
-  shards would read each shard once, but then the order, and so the position, would depend on the world
-  size, and a resize could not continue exactly. We chose exactness.
+  samples of the epoch not yet consumed are dealt over the new ranks and workers, each exactly once, in
+  the global order. The set of the epoch's samples is the uninterrupted run's (with drop_last, less a
+  tail of fewer than one global batch); which samples share a batch after the resize differs.
+* The data position: `position` counts the samples of the epoch consumed by all ranks together; what
+  they were follows from `state_dict()["passes"]`, one (world_size, num_workers, batch_size, steps) per
+  layout the epoch ran at. Why a list and not the count alone: see `shardset` (read cost).
 
 What the Trainer does with it:
 
@@ -31,7 +28,7 @@ What the Trainer does with it:
   the current epoch (fewer after a resume).
 * Resume: store `loader.state_dict()` with the checkpoint (it is identical on every rank, so rank 0's is
   enough) and call `load_state_dict()` before iterating again, at any layout. The state holds
-  {"version": 2, "epoch", "position", the order settings (split, num_samples, seed, shuffle,
+  {"version": 2, "epoch", "position", "passes", the order settings (split, num_samples, seed, shuffle,
   shuffle_buffer), and, informational, the layout that wrote it}. Order settings that differ are
   refused (or with `strict=False` restart the stored epoch from its start).
 * Evaluation (`drop_last=False`, `shuffle=False`): every sample is yielded exactly once across ranks, all
@@ -90,10 +87,8 @@ Transform = Callable[[Image.Image], Any]
 BatchTransformFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Loader settings that define the epoch's global order: a position means something only if they match.
-# The layout (world_size, num_workers, batch_size) may change: the rest of the epoch is dealt over the new one.
-_ORDER_KEYS = ("split", "num_samples", "seed", "shuffle", "shuffle_buffer")
-# The layout that wrote a state: stored for the log and for the Trainer, not needed to resume.
-_LAYOUT_KEYS = ("world_size", "num_workers", "batch_size", "global_batch_size")
+# The layout (world_size, num_workers, batch_size) may change: a new pass deals the rest of the epoch over it.
+_ORDER_KEYS = ("split", "num_samples", "seed", "shuffle", "shuffle_buffer", "drop_last")
 STATE_VERSION = 2
 # Readable samples of its earlier batches each worker remembers (undecoded), the last resort for a stand-in.
 _EARLIER_STAND_INS = 16
@@ -260,6 +255,7 @@ class _EpochStream(IterableDataset):
         storage: Storage,
         plan: RankPlan,
         *,
+        skip_batches: int,
         seed: int,
         transform: Transform | None,
         decode_size: int | None,
@@ -272,6 +268,7 @@ class _EpochStream(IterableDataset):
         self.stand_in_label = stand_in_label
         self.storage = storage
         self.plan = plan
+        self.skip_batches = skip_batches
         self.seed = seed
         self.transform = transform
         self.decode_size = decode_size
@@ -284,10 +281,15 @@ class _EpochStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # The DataLoader asks its workers round-robin from worker 0: the plan gives batch j to worker j % n.
+        loader_worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader asks its workers round-robin starting at worker 0, while after skipping k batches
+        # the rank's next batch belongs to plan worker k % num_workers: rotate so the order still holds.
+        worker = (loader_worker + self.skip_batches) % num_workers
         assert num_workers == len(self.plan.workers), "the plan was made for another worker count"
         wplan = self.plan.workers[worker]
+        done = len(range(worker, self.skip_batches, num_workers))  # this worker's batches already yielded
+        skip = wplan.samples_before(self.skip_batches, num_workers)  # not even read
+        wplan = WorkerPlan(worker, wplan.samples[skip:], wplan.batch_sizes[done:])
         storage: Any = self.storage
         if self.prefetch_shards > 0 and wplan.samples:
             names = [self.plan.filenames[shard] for shard in wplan.shard_order()]
@@ -492,16 +494,18 @@ class ShardLoader:
         self.multiprocessing_context = multiprocessing_context
         self.timeout = timeout
         self.epoch = epoch
-        self._start = 0  # the global position the current pass through the epoch began at
-        self.batches_yielded = 0  # batches this rank yielded since then
-        self._pass: RankPlan | None = None  # the plan of the current pass (cached)
+        # This epoch's earlier passes at other layouts, [world_size, num_workers, batch_size, steps] each (a
+        # resumed job with another layout starts a new pass over what they left), and this pass's batches.
+        self._history: list[list[int]] = []
+        self.batches_yielded = 0
+        self._pass: tuple[tuple, RankPlan] | None = None  # the plan of the current pass (cached)
         try:
             self._layout = self.plan(epoch)  # raises the ValueErrors (zero batches...) up front
         except ValueError as err:
             raise ValueError(f"{manifest.url} split {split!r}: {err}") from None
 
-    def plan(self, epoch: int | None = None, start: int = 0) -> RankPlan:
-        """This rank's reading plan for `epoch` (default: the current one) from global position `start`."""
+    def plan(self, epoch: int | None = None, history: Sequence[Sequence[int]] = ()) -> RankPlan:
+        """This rank's reading plan for `epoch` (default: the current one) after the passes `history`."""
         return self.shards.plan(
             rank=self.rank,
             world_size=self.world_size,
@@ -512,14 +516,15 @@ class ShardLoader:
             epoch=self.epoch if epoch is None else epoch,
             shuffle=self.shuffle,
             window=self.shuffle_buffer if self.shuffle else 1,
-            start=start,
+            history=history,
         )
 
     def _current(self) -> RankPlan:
-        """The plan of the current pass: the current epoch from where it was started or resumed."""
-        if self._pass is None or (self._pass.epoch, self._pass.start) != (self.epoch, self._start):
-            self._pass = self.plan(self.epoch, self._start)
-        return self._pass
+        """The plan of the current pass: what the earlier passes of the current epoch left, at this layout."""
+        key = (self.epoch, tuple(map(tuple, self._history)))
+        if self._pass is None or self._pass[0] != key:
+            self._pass = (key, self.plan(self.epoch, self._history))
+        return self._pass[1]
 
     @property
     def global_batch_size(self) -> int:
@@ -529,7 +534,7 @@ class ShardLoader:
     @property
     def position(self) -> int:
         """Samples of the current epoch's global order consumed so far, by all ranks together."""
-        if self._start == 0 and self.batches_yielded == 0:
+        if not self._history and self.batches_yielded == 0:
             return 0
         return self._current().position_after(self.batches_yielded)
 
@@ -561,7 +566,7 @@ class ShardLoader:
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = epoch
-        self._start = 0
+        self._history = []
         self.batches_yielded = 0
         self._epoch_skipped = 0
 
@@ -616,12 +621,11 @@ class ShardLoader:
     def __iter__(self) -> Iterator[tuple]:
         if self.steps_remaining <= 0:
             self.set_epoch(self.epoch + 1)
-        if self.batches_yielded:  # iterated again mid-pass (a new iterator): continue from the position
-            self._start, self.batches_yielded = self.position, 0
         plan = self._current()
         stream = _EpochStream(
             self.manifest.storage,
             plan,
+            skip_batches=self.batches_yielded,
             seed=self.seed,
             transform=self.transform,
             decode_size=self.decode_size,
@@ -657,19 +661,25 @@ class ShardLoader:
             )
         self.set_epoch(self.epoch + 1)
 
+    def _layout_key(self) -> list[int]:
+        return [self.world_size, self.num_workers, self.batch_size]
+
     def state_dict(self) -> dict[str, Any]:
         """The loader's position in its epoch; the same on every rank (rank 0's is enough to store).
 
-        {"version": 2, "epoch": e, "position": P, ...}: P samples of epoch e's global order are consumed
-        (the order is fixed by `_ORDER_KEYS`, stored too); the layout that wrote it (world_size,
-        num_workers, batch_size, global_batch_size), this rank's batches since its pass began
-        (batches_yielded), the batches per epoch at this layout (steps_per_epoch) and the rank are
-        informational.
+        {"version": 2, "epoch": e, "position": P, "passes": [[world_size, num_workers, batch_size, steps],
+        ...], the order settings (`_ORDER_KEYS`), and, informational, the layout that wrote it}: P samples
+        of epoch e were consumed by all ranks together, by the passes listed (one per layout the epoch ran
+        at, in order; the last one is this loader's unless the epoch just began); the samples they consumed
+        follow from the passes alone. Also informational: steps_per_epoch (at this layout), rank, and
+        batches_yielded (this rank's batches in the current pass).
         """
+        passes = [*self._history, [*self._layout_key(), self.batches_yielded]] if self.batches_yielded else self._history
         return {
             "version": STATE_VERSION,
             "epoch": self.epoch,
             "position": self.position,
+            "passes": [list(p) for p in passes],
             "batches_yielded": self.batches_yielded,
             "steps_per_epoch": self.steps_per_epoch,
             "rank": self.rank,
@@ -686,13 +696,14 @@ class ShardLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
-        """Continue from a stored position: the next iteration deals the samples of the stored epoch's
-        global order not yet consumed over this loader's layout, each exactly once.
+        """Continue from a stored position, at this loader's layout, whatever the layout that wrote it.
 
-        The layout (world size, loader workers, batch size, hence the global batch) may differ from the
-        one that wrote `state`. The order settings (`_ORDER_KEYS`) may not: `strict` raises ValueError,
-        otherwise the stored epoch restarts from its first sample (so does a state of the old format,
-        whose position depended on the layout).
+        The same layout (world size, loader workers, per-rank batch size) continues the stored pass: the
+        remaining batches are exactly the uninterrupted run's. Another layout (any global batch) starts a
+        new pass over the samples of the stored epoch not yet consumed, dealing each exactly once over
+        this loader's ranks and workers. The order settings (`_ORDER_KEYS`) must match: otherwise `strict`
+        raises ValueError, and strict=False restarts the stored epoch from its first sample (so does a
+        state of the old format, version 1, whose position depended on the layout).
         """
         if not isinstance(state, dict) or "epoch" not in state:
             raise ValueError("the loader state is not a dict from ShardLoader.state_dict()")
@@ -705,7 +716,7 @@ class ShardLoader:
                 f"{STATE_VERSION}) whose position depended on the layout"
             )
         else:
-            missing = [k for k in ("position", *_ORDER_KEYS) if k not in state]
+            missing = [k for k in ("position", "passes", *_ORDER_KEYS) if k not in state]
             if missing:
                 raise ValueError(f"loader state lacks {missing}; pass a dict from ShardLoader.state_dict()")
             mine = self.state_dict()
@@ -713,7 +724,8 @@ class ShardLoader:
             problem = "its sample order changed (" + ", ".join(
                 f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in changed.items()
             ) + ")" if changed else ""
-        position = 0
+        history: list[list[int]] = []
+        steps = 0
         if problem:
             if strict:
                 raise ValueError(
@@ -723,23 +735,48 @@ class ShardLoader:
                 )
             _log.warning("data loader state: %s; restarting epoch %d from its first sample", problem, epoch)
         else:
-            position = int(state["position"])
-            if not 0 <= position <= self.shards.num_samples:
-                raise ValueError(
-                    f"loader state has an invalid position {position} (the split has {self.shards.num_samples} samples)"
-                )
-            stored = {k: state.get(k) for k in _LAYOUT_KEYS}
-            now = {k: getattr(self, k) for k in _LAYOUT_KEYS}
-            if stored != now:
+            history = self._checked_passes(state, epoch)
+            if history and history[-1][:3] == self._layout_key():
+                steps = history.pop()[3]  # the same layout: continue its pass
+            elif history:
                 _log.info(
-                    "%s split: continuing epoch %d at sample %d of %d with a new layout (%s); the remaining "
-                    "samples are dealt over it, each once",
-                    self.split, epoch, position, self.shards.num_samples,
-                    ", ".join(f"{k}: {stored[k]} -> {now[k]}" for k in _LAYOUT_KEYS if stored[k] != now[k]),
+                    "%s split: continuing epoch %d at sample %d of %d with a new layout (world_size %d, "
+                    "num_workers %d, batch_size %d; it was %s): the remaining samples are dealt over it, each once",
+                    self.split, epoch, state["position"], self.shards.num_samples, *self._layout_key(),
+                    "/".join(map(str, history[-1][:3])),
                 )
         self.epoch = epoch
-        self._start = position
-        self.batches_yielded = 0
+        self._history = history
+        self.batches_yielded = steps
+
+    def _checked_passes(self, state: dict[str, Any], epoch: int) -> list[list[int]]:
+        """The state's passes, checked against each other and against its position."""
+        passes = state["passes"]
+        ok = isinstance(passes, list) and all(
+            isinstance(p, list | tuple) and len(p) == 4 and all(type(x) is int for x in p)
+            and min(p[:3]) >= 0 and p[0] >= 1 and p[2] >= 1 and p[3] >= 0
+            for p in passes
+        )
+        bad = f"loader state has invalid passes {passes!r} (position {state['position']})"
+        if not ok:
+            raise ValueError(bad)
+        history = [list(p) for p in passes if p[3] > 0]
+        position = 0
+        for i, (world, workers, batch, steps) in enumerate(history):
+            try:
+                plan = self.shards.plan(
+                    rank=0, world_size=world, num_workers=workers, batch_size=batch, drop_last=self.drop_last,
+                    seed=self.seed, epoch=epoch, shuffle=self.shuffle, window=self.shuffle_buffer if self.shuffle else 1,
+                    history=history[:i],
+                )
+            except ValueError:
+                raise ValueError(bad) from None
+            if steps > plan.num_batches:
+                raise ValueError(bad)
+            position = plan.position_after(steps)
+        if position != state["position"]:
+            raise ValueError(bad)
+        return history
 
 
 def _positive(name: str, value: Any) -> None:
@@ -785,7 +822,8 @@ def build_loader(
     `batch_transform(images, seeds)` runs on each batch in the main process (normalize, erase on the
     training device: `augment.BatchTransform`), given the per-sample augmentation seeds.
     `decode_size`: the smallest short side the transform needs; larger JPEGs decode at reduced scale.
-    `shuffle_buffer`: undecoded samples each worker holds for shuffling (memory: about this many files).
+    `shuffle_buffer`: the shuffle window, consecutive samples of the epoch's global order permuted together
+    (the same for every layout; memory: each worker holds up to about this many undecoded samples).
     `prefetch_shards`: shards each worker downloads ahead in a background thread (memory: that many whole
     shards more per worker); None: 1 for object storage, 0 for local files (the OS reads ahead already).
     `max_bad_fraction`: unreadable samples (see `data.faults`) are replaced and counted (`fault_stats()`);
