@@ -44,7 +44,7 @@ def check_data(cfg: JobConfig, data_root: str | Path) -> None:
         manifest.split(cfg.data.val_split)  # raises, naming the splits there are
     train = manifest.split(cfg.data.train_split)
     # `auto` is resolved once Ray is joined (launch.resolve_scaling); until then judge one worker's share.
-    workers = cfg.scaling.num_workers if isinstance(cfg.scaling.num_workers, int) else 1
+    workers = 1 if cfg.scaling.num_workers == "auto" else cfg.scaling.max_workers
     per_rank = train.num_samples // workers
     if per_rank < cfg.trainer.batch_size * cfg.trainer.grad_accum_steps:
         raise ValueError(
@@ -149,13 +149,14 @@ def resolve_storage_path(storage_path: str) -> str:
 
 
 def check_cluster(cfg: JobConfig) -> None:
-    """The cluster has room for the worker group (Ray would otherwise wait for it forever)."""
+    """The cluster has room for the worker group (Ray would otherwise wait for it forever); an elastic job's
+    for its smallest size."""
     import ray
 
     resources = ray.cluster_resources()
     s = cfg.scaling
     layout = hardware.Layout.of(s)  # resolved by launch.resolve_scaling
-    workers = layout.num_workers
+    workers = s.min_workers  # an elastic job starts once its minimum fits
     need = {"CPU": workers * layout.cpus_per_worker}
     if layout.use_gpu:
         need["GPU"] = workers * s.resources_per_worker.get("GPU", 1.0)

@@ -248,15 +248,27 @@ class TrainerConfig(_Section):
         description="keep an fp32 exponential moving average of the weights (timm ModelEmaV3) with this decay, "
         "updated after every optimizer step, validated as val/ema_* and saved with each checkpoint (null: off)",
     )
+    sample_log_dir: str | None = Field(
+        None,
+        description="audit: a local folder where each rank appends the keys of the samples of each optimizer "
+        "step (JSON lines, one file per process) to check the data order (null: off)",
+    )
     ema_warmup: bool = Field(
         False, description="ModelEmaV3 warmup: decay = 1 - (1 + step)^(-2/3), capped at ema_decay (short runs)"
     )
 
 
 class ScalingSettings(_Section):
-    num_workers: Literal["auto"] | Annotated[int, Field(ge=1, le=MAX_WORKERS)] = Field(
+    num_workers: Literal["auto"] | Annotated[int, Field(ge=1, le=MAX_WORKERS)] | tuple[int, int] = Field(
         "auto",
-        description="training workers (one process each); auto: one per GPU, or on CPU-only nodes one per node",
+        description="training workers (one process each); auto: one per GPU, or on CPU-only nodes one per node; "
+        "[min, max]: an elastic job that runs on as many as the cluster holds in that range, with the global "
+        "batch of max workers (see README: Elastic jobs)",
+    )
+    elastic_resize_interval_s: float = Field(
+        60.0, gt=0, le=86_400,
+        description="elastic jobs: how often Ray checks whether the cluster holds more workers (a resize restarts "
+        "the group from its newest checkpoint)",
     )
     use_gpu: Literal["auto"] | bool = Field("auto", description="one GPU per worker (auto: when the cluster has GPUs)")
     cpus_per_worker: Literal["auto"] | Annotated[float, Field(gt=0, le=1024)] = Field(
@@ -265,6 +277,41 @@ class ScalingSettings(_Section):
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="extra Ray resources per worker (e.g. {'GPU': 1, 'memory': ...})"
     )
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _worker_range(cls, value: Any) -> Any:
+        # YAML and the JSON payload carry a range as a list; an int or "auto" goes on to the other checks.
+        if not isinstance(value, list | tuple):
+            return value
+        if len(value) != 2 or not all(type(n) is int for n in value):
+            raise ValueError(f"scaling.num_workers as a range is [min, max] of two integers, got {list(value)}")
+        low, high = value
+        if not 1 <= low <= high <= MAX_WORKERS:
+            raise ValueError(
+                f"scaling.num_workers=[{low}, {high}] needs 1 <= min <= max <= {MAX_WORKERS}; write a single "
+                "number for a fixed worker count"
+            )
+        return (low, high) if low < high else low
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the worker count is a range (Ray resizes the group within it)."""
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the job runs with (the count itself when fixed; resolve ``auto`` first)."""
+        if self.num_workers == "auto":
+            raise ValueError("scaling.num_workers=auto is resolved by the launcher (or the Trainer) first")
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the job runs with: the size its global batch is defined at."""
+        if self.num_workers == "auto":
+            raise ValueError("scaling.num_workers=auto is resolved by the launcher (or the Trainer) first")
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
 
 
 class RunSettings(_Section):
@@ -341,14 +388,30 @@ class JobConfig(_Section):
                 "use strategy.zero_stage=2 or strategy.name=fsdp (its EMA is sharded like the model), "
                 "or set trainer.ema_decay=null"
             )
+        if self.scaling.elastic:
+            self._check_elastic()
         return self
+
+    def _check_elastic(self) -> None:
+        from metaformer_platform.elastic import check_range
+
+        where = f"scaling.num_workers={list(self.scaling.num_workers)}"  # type: ignore[arg-type]
+        if self.strategy.name == "deepspeed":
+            raise ValueError(
+                f"{where} (an elastic job) cannot run with strategy.name=deepspeed: its ZeRO checkpoints load only "
+                "at the world size that wrote them; use ddp or fsdp (their checkpoints reshard), or a fixed "
+                "scaling.num_workers"
+            )
+        if self.stage == "evaluate":
+            raise ValueError(f"{where}: an evaluation runs on a fixed number of workers; set one number")
+        check_range(self.scaling.num_workers, self.trainer.batch_size, self.trainer.grad_accum_steps,  # type: ignore[arg-type]
+                    even=self.data.uses_mixup)
 
     @property
     def global_batch(self) -> int:
-        """Images per optimizer step across all workers (once ``scaling.num_workers`` is resolved)."""
-        if self.scaling.num_workers == "auto":
-            raise ValueError("scaling.num_workers=auto is resolved by the launcher (or the Trainer) first")
-        return self.trainer.batch_size * self.trainer.grad_accum_steps * self.scaling.num_workers
+        """Images per optimizer step across all workers (once ``scaling.num_workers`` is resolved); an elastic
+        job keeps the global batch of its largest size at every size."""
+        return self.trainer.batch_size * self.trainer.grad_accum_steps * self.scaling.max_workers
 
     @property
     def run_name(self) -> str:

@@ -237,6 +237,15 @@ def resolved(value: T | Literal["auto"], name: str) -> T:
     return value
 
 
+def _resolved_workers(scaling: ScalingSettings) -> int | tuple[int, int]:
+    """``scaling.num_workers`` once resolved: a count, or an elastic job's (min, max) range. (Not ``resolved``:
+    mypy joins int and tuple to object through its type variable.)"""
+    value = scaling.num_workers
+    if isinstance(value, str):
+        return resolved(value, "scaling.num_workers")  # raises: "auto" is the only str value
+    return value
+
+
 def inductor_cache_dir(cache_dir: str) -> Path:
     """Where torch.compile keeps its compiled kernels: under the platform's cache folder, so a second run of
     the same model and shapes starts in seconds instead of minutes (TORCHINDUCTOR_CACHE_DIR wins when set)."""
@@ -254,7 +263,7 @@ def inductor_cache_dir(cache_dir: str) -> Path:
 class Layout:
     """How many workers, with what, and why."""
 
-    num_workers: int
+    num_workers: int | tuple[int, int]  # a range: an elastic job
     cpus_per_worker: float
     use_gpu: bool
     reason: str
@@ -264,7 +273,7 @@ class Layout:
         """The layout of a config whose ``scaling.*: auto`` the launcher has already resolved (``resolve_layout``):
         what the code after that step computes with. A ValueError names a field still ``auto``."""
         return cls(
-            num_workers=resolved(scaling.num_workers, "scaling.num_workers"),
+            num_workers=_resolved_workers(scaling),
             cpus_per_worker=resolved(scaling.cpus_per_worker, "scaling.cpus_per_worker"),
             use_gpu=resolved(scaling.use_gpu, "scaling.use_gpu"),
             reason="read from the resolved config",
@@ -300,11 +309,11 @@ def resolve_layout(scaling: ScalingSettings, nodes: list[dict[str, float]]) -> L
     if explicit_workers and not explicit_cpus:
         # a given number of workers shares the cluster's CPUs (no fewer than 1 each; a worker fits on one node)
         total = sum(n.get("CPU", 0.0) for n in nodes)
-        cpus = max(1.0, min(cpus, total // int(scaling.num_workers)))
+        cpus = max(1.0, min(cpus, total // scaling.max_workers))
     if explicit_workers or explicit_cpus:
         reason = "set in the config" if explicit_workers and explicit_cpus else reason + " (partly set in the config)"
     return Layout(
-        num_workers=int(scaling.num_workers) if explicit_workers else int(num),
+        num_workers=_resolved_workers(scaling) if explicit_workers else int(num),
         cpus_per_worker=float(scaling.cpus_per_worker) if explicit_cpus else float(cpus),
         use_gpu=bool(use_gpu),
         reason=reason,

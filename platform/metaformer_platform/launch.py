@@ -78,7 +78,7 @@ def resolve_scaling(cfg: JobConfig) -> JobConfig:
 
         nodes = [{"CPU": float(hardware.available_cpus()), "GPU": float(torch.cuda.device_count())}]
     layout = hardware.resolve_layout(s, nodes)
-    log.info("worker layout: %d worker(s) x %g CPU%s (%s)", layout.num_workers, layout.cpus_per_worker,
+    log.info("worker layout: %s worker(s) x %g CPU%s (%s)", layout.num_workers, layout.cpus_per_worker,
              " + 1 GPU" if layout.use_gpu else "", layout.reason)
     scaling = s.model_copy(update={
         "num_workers": layout.num_workers, "cpus_per_worker": layout.cpus_per_worker, "use_gpu": layout.use_gpu,
@@ -164,6 +164,8 @@ def build_trainer(
         scaling_config=ScalingConfig(
             num_workers=layout.num_workers, use_gpu=layout.use_gpu,
             resources_per_worker={"CPU": layout.cpus_per_worker, **s.resources_per_worker},
+            # a range (min, max) makes Ray's elastic policy resize the group; ignored for a fixed count
+            elastic_resize_monitor_interval_s=s.elastic_resize_interval_s,
         ),
         run_config=RunConfig(
             name=cfg.run_name,
@@ -176,6 +178,12 @@ def build_trainer(
             callbacks=callbacks,
         ),
     )
+
+
+def _worker_count(cfg: JobConfig) -> str:
+    """``scaling.num_workers`` as a person reads it: ``2``, or ``1-2 (elastic)``."""
+    s = cfg.scaling
+    return f"{s.min_workers}-{s.max_workers} (elastic)" if s.elastic else str(s.num_workers)
 
 
 def _on(storage: Location, fs_path: str) -> str:
@@ -229,7 +237,7 @@ def run_job(cfg: JobConfig) -> JobResult:
 
     # rank 0's progress lines, printed by this process (see console.py)
     printer = ProgressPrinter(
-        f"run {cfg.run_name}: starting {cfg.scaling.num_workers} Ray Train workers ({cfg.strategy.name})"
+        f"run {cfg.run_name}: starting {_worker_count(cfg)} Ray Train workers ({cfg.strategy.name})"
     )
     payload["progress_queue"] = printer.queue
     payload["run_dir"] = storage.join(str(cfg.run_name)).uri

@@ -245,6 +245,10 @@ class MlflowTracker:
             if key not in existing:
                 client.log_param(self.run_id, key, _param_value(value))
 
+    def set_tag(self, key: str, value: str) -> None:
+        """A run tag the worker decides (e.g. the list of an elastic job's resizes); later values replace it."""
+        self._mlflow.MlflowClient().set_tag(self.run_id, key, value)
+
     def flush(self) -> None:
         """Wait until every metric logged so far is stored."""
         self._mlflow.flush_async_logging()

@@ -171,6 +171,7 @@ def _train_worker(payload: dict[str, Any]) -> None:
         from metaformer_platform.tracking import MlflowTracker
 
         tracker = MlflowTracker(payload["tracking_uri"], payload["run_id"], system_metrics=cfg.tracking.system_metrics)
+    run_tracker = tracker  # the MLflow tracker itself (tags), before the progress wrapper
     from metaformer_platform.console import worker_progress
 
     progress, tracker = worker_progress(payload, dist, tracker, forward_warnings=not cfg.run.verbose)
@@ -195,6 +196,11 @@ def _train_worker(payload: dict[str, Any]) -> None:
             )
         if checkpoint is not None:
             tracker.log_metrics({"run/resumed_from_step": float(trainer.step)}, step=trainer.step)
+        if cfg.scaling.elastic or trainer.resized:
+            from metaformer_platform.elastic import record_world_size
+
+            record_world_size(run_tracker, trainer.step, dist.world_size, trainer.resizes,
+                              changed=checkpoint is None or trainer.resized)
         progress.start(trainer)
         if adopted:
             # Registered without copying: Ray then hands it on the next restart and prunes it in turn.

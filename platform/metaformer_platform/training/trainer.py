@@ -25,7 +25,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from metaformer_platform import data as mdata
-from metaformer_platform import hardware
+from metaformer_platform import elastic, hardware
 from metaformer_platform.config import JobConfig
 from metaformer_platform.data.faults import FaultCheckpointing, FaultCounting
 from metaformer_platform.evaluation import evaluate_loader
@@ -151,6 +151,7 @@ class Trainer:
         checkpoint_scratch: Path | None = None,
         loaders: tuple[Any, Any] | None = None,
     ) -> None:
+        cfg = elastic.fit_to_world(cfg, dist.world_size)  # an elastic job's batch split for this world size
         self.cfg = cfg
         self.dist = dist
         self.tracker = tracker or NullTracker()
@@ -168,6 +169,7 @@ class Trainer:
         else:
             self.train_loader = self._loader(cfg.data.train_split, training=True)
             self.val_loader = self._loader(cfg.data.val_split, training=False) if cfg.data.val_split else None
+        self.sample_log = self._open_sample_log()
         self.steps_per_epoch = max(len(self.train_loader) // cfg.trainer.grad_accum_steps, 1)
         self.total_steps = cfg.trainer.max_steps or math.ceil(cfg.trainer.epochs * self.steps_per_epoch)
         # `auto` settings become the fastest ones for this device (the run length decides compile)
@@ -236,7 +238,10 @@ class Trainer:
             self.train_loss = nn.CrossEntropyLoss(label_smoothing=d.label_smoothing)
 
         self.step = 0
-        self._batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.resizes: list[dict[str, int]] = []  # (step, from, to) of every change of world size, carried on
+        self.resized = False  # whether this Trainer resumed a checkpoint of another world size
+        self._batches: Iterator[tuple[Any, ...]] | None = None
+        self._step_keys: list[str] = []
         self.last_val: dict[str, float] = {}
         self.checkpoint_stalls: list[float] = []  # seconds training was blocked by each save_and_report
         if resume_from is not None:
@@ -259,16 +264,28 @@ class Trainer:
             return torch.autocast(device_type=self.dist.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
+    def _open_sample_log(self) -> Any:
+        """``trainer.sample_log_dir``: this process's file of sample keys per optimizer step (None when unset)."""
+        folder = self.cfg.trainer.sample_log_dir
+        if folder is None:
+            return None
+        self.train_loader.with_keys = True
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        # one file per process: a restarted attempt replays steps, and the reader keeps the last attempt's
+        return (Path(folder) / f"keys-rank{self.dist.rank:05d}-{time.time_ns()}.jsonl").open("a")
+
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next training batch; a new epoch starts (reshuffled) when the current one runs out."""
         while True:
             if self._batches is None:
                 self._batches = iter(self.train_loader)
             try:
-                images, targets = next(self._batches)
+                images, targets, *keys = next(self._batches)
                 break
             except StopIteration:  # the loader has moved itself to the next epoch
                 self._batches = None
+        if keys:
+            self._step_keys.extend(keys[0])
         images = images.to(self.dist.device, non_blocking=True).to(memory_format=self.memory_format)
         return images, targets.to(self.dist.device, non_blocking=True)
 
@@ -346,6 +363,12 @@ class Trainer:
             total += loss.detach().float()
         self.strategy.step(self.cfg.optim.clip_grad)
         self.timer.mark("optimizer")
+        if self.sample_log is not None:
+            record = {"step": self.step + 1, "rank": self.dist.rank, "world_size": self.dist.world_size,
+                      "keys": self._step_keys}
+            self.sample_log.write(json.dumps(record) + "\n")
+            self.sample_log.flush()
+            self._step_keys = []
         return total / accum
 
     def _mean_across_ranks(self, value: torch.Tensor) -> float:
@@ -413,12 +436,16 @@ class Trainer:
             "loader": self.train_loader.state_dict(),
             "model_name": self.cfg.model.name,
             "num_classes": self.num_classes,
+            "world_size": self.dist.world_size,
+            "resizes": self.resizes,
             # the label set goes with the weights, so an evaluation on other shards can be refused
             "class_names": list(self.manifest.class_names) if self.manifest is not None else [],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+        self.resizes = list(state.get("resizes", []))
+        self.resized = elastic.note_resume(self.resizes, self.step, state.get("world_size"), self.dist.world_size)
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_loader.load_state_dict(state["loader"])
         self._batches = None
@@ -459,6 +486,8 @@ class Trainer:
                 f"but this job trains {self.cfg.model.name} with {self.num_classes}: use another run.name "
                 "to start fresh, or the matching model config to resume"
             )
+        elastic.check_resume_world_size(self.cfg.strategy.name, state.get("world_size"), self.dist.world_size,
+                                        str(directory))
         self.strategy.load(directory)
         if self.ema is not None:
             if (directory / ckpt.EMA_FILE).is_file():

@@ -1,0 +1,117 @@
+"""Elastic jobs: ``scaling.num_workers: [min, max]`` with a global batch that does not change with the world size.
+
+Ray Train v2 resizes the worker group (``ScalingConfig(num_workers=(min, max))``): a lost node fails the group,
+which restarts with the workers the cluster can still hold; when capacity returns, Ray stops the group at its
+next resize check and starts a larger one. Either way the new group resumes from the newest checkpoint. What
+this module adds is that nothing rescales silently:
+
+- the global batch is fixed at ``trainer.batch_size x trainer.grad_accum_steps x max`` (the configured per-worker
+  batch at the range's largest size); at a world size ``w`` each worker takes ``G / w`` images per optimizer step,
+  as the largest micro-batch no larger than ``trainer.batch_size`` that divides it, times the accumulation steps
+  that make up the rest (``split_global_batch``). A range where some size cannot split ``G`` evenly is refused
+  when the config is loaded. The learning rate, the schedule and the steps per epoch depend on ``G`` only.
+- each resize (step, old and new world size) is logged by the resumed Trainer and recorded in the run's MLflow
+  run (``record_world_size``).
+
+No imports of the rest of the package at module level: ``config.py`` validates ranges with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# The MLflow tag that lists a run's resizes (JSON: [{"step": ..., "from": ..., "to": ...}, ...]).
+RESIZES_TAG = "metaformer.elastic.resizes"
+WORLD_SIZE_METRIC = "elastic/world_size"
+
+
+def split_global_batch(global_batch: int, world_size: int, max_micro_batch: int, *, even: bool = False) -> tuple[int, int]:
+    """``(micro_batch, grad_accum_steps)`` per worker so that ``micro_batch x grad_accum_steps x world_size ==
+    global_batch``, with the largest micro-batch no larger than ``max_micro_batch`` (an even one when
+    ``even``: mixup flips the batch). ValueError when no such split exists."""
+    if global_batch % world_size:
+        raise ValueError(
+            f"the global batch of {global_batch} images cannot be split evenly over {world_size} workers"
+        )
+    per_worker = global_batch // world_size
+    for micro in range(min(max_micro_batch, per_worker), 0, -1):
+        if per_worker % micro == 0 and not (even and micro % 2):
+            return micro, per_worker // micro
+    raise ValueError(
+        f"the {per_worker} images per worker at {world_size} workers have no even micro-batch (mixup needs one)"
+    )
+
+
+def check_range(num_workers: tuple[int, int], batch_size: int, grad_accum_steps: int, *, even: bool) -> None:
+    """Every world size of ``num_workers`` splits the global batch; ValueError naming the first that does not."""
+    low, high = num_workers
+    global_batch = batch_size * grad_accum_steps * high
+    for size in range(low, high + 1):
+        try:
+            split_global_batch(global_batch, size, batch_size, even=even)
+        except ValueError as err:
+            divisible = [n for n in range(1, high + 1) if global_batch % n == 0]
+            raise ValueError(
+                f"scaling.num_workers=[{low}, {high}] keeps the global batch trainer.batch_size={batch_size} x "
+                f"grad_accum_steps={grad_accum_steps} x {high} = {global_batch} at every size, but {err}; "
+                f"choose a range within the sizes that divide it ({divisible}) or another batch size"
+            ) from None
+
+
+def fit_to_world(cfg: Any, world_size: int) -> Any:
+    """The job config of one worker of an elastic group of ``world_size`` workers: ``scaling.num_workers`` set
+    to it, and ``trainer.batch_size``/``grad_accum_steps`` split so that the global batch stays the configured
+    one. A config with a fixed worker count is returned as it is."""
+    s, t = cfg.scaling, cfg.trainer
+    if not s.elastic:
+        return cfg
+    low, high = s.num_workers
+    if not low <= world_size <= high:
+        raise ValueError(f"a worker group of {world_size} is outside scaling.num_workers=[{low}, {high}]")
+    global_batch = t.batch_size * t.grad_accum_steps * high
+    micro, accum = split_global_batch(global_batch, world_size, t.batch_size, even=cfg.data.uses_mixup)
+    if (micro, accum) != (t.batch_size, t.grad_accum_steps):
+        log.warning(
+            "elastic: %d of %d workers: %d images x %d micro-steps per worker (configured %d x %d) keep the "
+            "global batch at %d", world_size, high, micro, accum, t.batch_size, t.grad_accum_steps, global_batch,
+        )
+    return cfg.model_copy(update={
+        "scaling": s.model_copy(update={"num_workers": world_size}),
+        "trainer": t.model_copy(update={"batch_size": micro, "grad_accum_steps": accum}),
+    })
+
+
+def note_resume(resizes: list[dict[str, int]], step: int, stored_world_size: int | None, world_size: int) -> bool:
+    """On a resume at ``step``: append a resize to ``resizes`` (and log it) when the checkpoint was written by
+    another world size. Returns whether it was one."""
+    if stored_world_size is None or stored_world_size == world_size:
+        return False
+    resizes.append({"step": step, "from": int(stored_world_size), "to": world_size})
+    log.warning("elastic resize at step %d: world size %d -> %d", step, stored_world_size, world_size)
+    return True
+
+
+def check_resume_world_size(strategy: str, stored_world_size: int | None, world_size: int, where: str) -> None:
+    """DeepSpeed partitions its ZeRO state per rank and its loader needs the world size that wrote it: refuse a
+    resume at another size with the way out (DDP and FSDP2 reshard, so they pass)."""
+    if strategy != "deepspeed" or stored_world_size is None or stored_world_size == world_size:
+        return
+    raise ValueError(
+        f"{where} is a DeepSpeed checkpoint of {stored_world_size} ranks, and this job has {world_size}: its ZeRO "
+        f"partitions load only at the world size that wrote them. Resume with scaling.num_workers="
+        f"{stored_world_size}, or convert it offline with DeepSpeed's ds_to_universal and start a new run from "
+        "the weights (model.init_from); elastic ranges are refused with deepspeed"
+    )
+
+
+def record_world_size(tracker: Any, step: int, world_size: int, resizes: list[dict[str, int]], *, changed: bool) -> None:
+    """In MLflow: ``elastic/world_size`` at ``step`` when a group of another size (or a fresh run) starts
+    there (``changed``), and the list of resizes so far as the tag ``metaformer.elastic.resizes``."""
+    if changed:
+        tracker.log_metrics({WORLD_SIZE_METRIC: float(world_size)}, step=step)
+    if resizes and hasattr(tracker, "set_tag"):
+        tracker.set_tag(RESIZES_TAG, json.dumps(resizes))
