@@ -2,7 +2,9 @@
 
 - ``s3_server``: SeaweedFS on 127.0.0.1 that checks SigV4 signatures, with an empty bucket made through boto3;
 - ``mlflow_server``: the tracking URI of an ``mlflow server`` (sqlite + served artifacts);
-- ``ray_cluster``: a local Ray cluster of two 1-CPU nodes whose workers import the installed package.
+- ``ray_cluster``: a local Ray cluster of two 1-CPU nodes whose workers import the installed package;
+- ``small_job`` and ``ddp_reference``: the suite's small 2-worker job and its one uninterrupted DDP run, which
+  the strategy tests and the fault-tolerance test both compare their losses with (one reference job, not two).
 
 On a shared host the session runs in a loopback-only network namespace (``make test`` does that), since Ray
 binds the machine's own address too.
@@ -11,8 +13,10 @@ binds the machine's own address too.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -69,6 +73,35 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         localstack.stop_service(svc)
 
 
+def local_cluster(env: dict[str, str], extra_node_ips: tuple[str, ...] = ("127.0.0.2",)) -> Any:
+    """A ``ray.cluster_utils.Cluster`` on this machine: a 1-CPU head on 127.0.0.1 and one 1-CPU node per
+    address in ``extra_node_ips`` (Ray Train tells nodes apart by IP: node_rank, local_rank), whose processes
+    get ``env`` on top of this process's environment (this process's own environment is left as it was).
+    The caller connects (``ray.init(address=cluster.address)``) and shuts it down."""
+    from ray.cluster_utils import Cluster
+
+    gcs_port = localstack.Ports().get()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        # Ray's own actors find "the" cluster through RAY_ADDRESS, else through /tmp/ray/ray_current_cluster,
+        # which the Ray head started last on the host wrote: test_local_stack's, stopped by PID, leaves its dead
+        # address there (on a shared host, so does any other session's). Ray Train's PlacementGroupCleaner asks
+        # that address about the job's controller every second; at a dead one the call hangs, and every job's
+        # shutdown waits the cleaner's 12 s stop timeout for it (measured: 14 s instead of 2.5 s per job).
+        mp.setenv("RAY_ADDRESS", f"{localstack.HOST}:{gcs_port}")
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "include_dashboard": False, "gcs_server_port": gcs_port})
+        try:
+            assert cluster.address == f"{localstack.HOST}:{gcs_port}", (cluster.address, gcs_port)
+            for ip in extra_node_ips:
+                cluster.add_node(num_cpus=1, node_ip_address=ip)
+        except BaseException:
+            cluster.shutdown()
+            raise
+    return cluster
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server: S3Server) -> Iterator[Any]:
     """A Ray cluster of two nodes with 1 CPU each, on this machine, for the whole session.
@@ -81,18 +114,8 @@ def ray_cluster(s3_server: S3Server) -> Iterator[Any]:
     credentials through Ray's runtime_env (it lands in files, command lines and `ray list actors`).
     """
     import ray
-    from ray.cluster_utils import Cluster
 
-    with pytest.MonkeyPatch.context() as mp:  # the nodes' environment only, not the tests' process
-        for key, value in s3_server.env.items():
-            mp.setenv(key, value)
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-        try:
-            # Ray Train tells nodes apart by IP (node_rank, local_rank): the second one gets its own loopback address.
-            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.2")
-        except BaseException:
-            cluster.shutdown()
-            raise
+    cluster = local_cluster(s3_server.env)
     try:
         cluster.wait_for_nodes()
         context = ray.init(address=cluster.address, log_to_driver=True)
@@ -102,3 +125,66 @@ def ray_cluster(s3_server: S3Server) -> Iterator[Any]:
             ray.shutdown()
     finally:
         cluster.shutdown()
+
+
+# The small job: poolformer_debug at 32 px on synthetic data, fp32, no augmentation, 2 micro-batches of 8 per
+# step (accumulation is compared too), a loss logged every step. DDP, FSDP2 and ZeRO compute the same losses
+# from it, and so does a run that was killed and resumed.
+SMALL_JOB_STEPS = 30
+
+
+@dataclass(frozen=True)
+class SmallJob:
+    """Runs the small job (``run_job`` with 2 workers) under ``workdir`` against the session's MLflow server."""
+
+    workdir: Path
+    mlflow_uri: str
+
+    def overrides(self, name: str, *extra: str) -> list[str]:
+        """The job's dotted overrides for run ``name``; ``extra`` ones come last and win."""
+        return [
+            "model.name=poolformer_debug",
+            "data.synthetic.num_classes=4", "data.synthetic.train_samples=1024", "data.synthetic.val_samples=200",
+            "data.synthetic.samples_per_shard=100", f"data.cache_dir={self.workdir / 'cache'}", "data.num_workers=0",
+            "data.img_size=32", "data.auto_augment=null", "data.re_prob=0", "data.mixup_alpha=0",
+            "data.cutmix_alpha=0", "data.label_smoothing=0",
+            f"trainer.max_steps={SMALL_JOB_STEPS}", "trainer.batch_size=8", "trainer.grad_accum_steps=2",
+            "trainer.log_every_steps=1", f"trainer.val_every_steps={SMALL_JOB_STEPS}",
+            f"trainer.checkpoint_every_steps={SMALL_JOB_STEPS // 2}", "trainer.precision=fp32",
+            "optim.lr=3e-3", "optim.warmup_epochs=0",
+            f"run.storage_path={self.workdir / 'runs'}", f"run.name={name}", "run.num_to_keep=null",
+            "run.max_failures=0",
+            f"tracking.tracking_uri={self.mlflow_uri}", "tracking.experiment=it-strategies",
+            "tracking.system_metrics=false",
+            *extra,
+        ]
+
+    def config(self, name: str, *extra: str) -> Any:
+        from metaformer_platform.config import load_config
+
+        return load_config(None, self.overrides(name, *extra))
+
+    def run(self, name: str, *extra: str) -> Any:
+        from metaformer_platform.launch import run_job
+
+        start = time.perf_counter()
+        result = run_job(self.config(name, *extra))
+        print(f"job {name}: {time.perf_counter() - start:.1f} s")
+        return result
+
+    def history(self, run_id: str, key: str = "train/loss") -> dict[int, float]:
+        """{step: value} of one metric of an MLflow run."""
+        from mlflow import MlflowClient
+
+        return {m.step: m.value for m in MlflowClient(self.mlflow_uri).get_metric_history(run_id, key)}
+
+
+@pytest.fixture(scope="session")
+def small_job(ray_cluster: Any, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> SmallJob:
+    return SmallJob(tmp_path_factory.mktemp("small-job"), mlflow_server)
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(small_job: SmallJob) -> Any:
+    """The small job's uninterrupted DDP run (its ``JobResult``), run once per session."""
+    return small_job.run("it-ddp", "strategy.name=ddp")

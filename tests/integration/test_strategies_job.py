@@ -12,66 +12,32 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from mlflow import MlflowClient
 
-from metaformer_platform.config import load_config
-from metaformer_platform.launch import run_job
-
-STEPS, RESUME_AT = 30, 15
-
-
-def _overrides(tmp: Path, mlflow_uri: str, name: str, *extra: str) -> list[str]:
-    return [
-        "model.name=poolformer_debug",
-        "data.synthetic.num_classes=4", "data.synthetic.train_samples=1024", "data.synthetic.val_samples=200",
-        "data.synthetic.samples_per_shard=100", f"data.cache_dir={tmp / 'cache'}", "data.num_workers=0",
-        "data.img_size=32", "data.auto_augment=null", "data.re_prob=0", "data.mixup_alpha=0", "data.cutmix_alpha=0",
-        "data.label_smoothing=0",
-        # Two micro-batches per step: accumulation (DDP/FSDP2 no_sync, the DeepSpeed boundary) is compared too.
-        f"trainer.max_steps={STEPS}", "trainer.batch_size=8", "trainer.grad_accum_steps=2", "trainer.log_every_steps=1",
-        f"trainer.val_every_steps={STEPS}", f"trainer.checkpoint_every_steps={RESUME_AT}", "trainer.precision=fp32",
-        "optim.lr=3e-3", "optim.warmup_epochs=0",
-        f"run.storage_path={tmp / 'runs'}", f"run.name={name}", "run.num_to_keep=null", "run.max_failures=0",
-        f"tracking.tracking_uri={mlflow_uri}", "tracking.experiment=it-strategies", "tracking.system_metrics=false",
-        *extra,
-    ]
-
-
-def _losses(mlflow_uri: str, run_id: str) -> dict[int, float]:
-    return {m.step: m.value for m in MlflowClient(mlflow_uri).get_metric_history(run_id, "train/loss")}
-
-
-def _run(tmp: Path, mlflow_uri: str, name: str, *extra: str):
-    start = time.perf_counter()
-    result = run_job(load_config(None, _overrides(tmp, mlflow_uri, name, *extra)))
-    print(f"job {name}: {time.perf_counter() - start:.1f} s")
-    return result
+STEPS, RESUME_AT = 30, 15  # the small job's (tests/integration/conftest.py): 30 steps, a checkpoint every 15
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("strategies")
+def workdir(small_job) -> Path:
+    return small_job.workdir
 
 
 @pytest.fixture(scope="module")
-def ddp_losses(ray_cluster, mlflow_server, workdir) -> dict[int, float]:
-    result = _run(workdir, mlflow_server, "it-ddp", "strategy.name=ddp")
-    return _losses(mlflow_server, result.mlflow_run_id)
+def ddp_losses(small_job, ddp_reference) -> dict[int, float]:
+    return small_job.history(ddp_reference.mlflow_run_id)
 
 
-def _val_loss_of_export(tmp: Path, mlflow_uri: str, export_dir: Path) -> float:
+def _val_loss_of_export(small_job, export_dir: Path) -> float:
     """Validation loss of the exported weights on the job's validation split, in this process, one rank."""
     from metaformer_platform.launch import resolve_data_root
     from metaformer_platform.strategies.base import DistContext
     from metaformer_platform.training.export import load_export
     from metaformer_platform.training.trainer import Trainer
 
-    cfg = load_config(None, _overrides(tmp, mlflow_uri, "it-eval", "scaling.num_workers=1", "trainer.torch_threads=1"))
+    cfg = small_job.config("it-eval", "scaling.num_workers=1", "trainer.torch_threads=1")
     trainer = Trainer(cfg, DistContext(), data_root=resolve_data_root(cfg))
     trainer.strategy.module.load_state_dict(load_export(export_dir).state_dict(), strict=True)
     return trainer.validate()["val/loss"]
@@ -101,12 +67,12 @@ print(json.dumps({"logits": logits.tolist(), "deepspeed": "deepspeed" in sys.mod
         pytest.param(["strategy.name=deepspeed", "strategy.zero_stage=3"], id="zero3"),
     ],
 )
-def test_strategy_trains_matches_ddp_resumes_exactly_and_exports(strategy, request, ddp_losses, mlflow_server, workdir):
+def test_strategy_trains_matches_ddp_resumes_exactly_and_exports(strategy, request, ddp_losses, small_job, workdir):
     from metaformer_platform.training.export import export_checkpoint, load_export
 
     tag = request.node.callspec.id
-    full = _run(workdir, mlflow_server, f"it-{tag}", *strategy)
-    losses = _losses(mlflow_server, full.mlflow_run_id)
+    full = small_job.run(f"it-{tag}", *strategy)
+    losses = small_job.history(full.mlflow_run_id)
     assert sorted(losses) == list(range(1, STEPS + 1))
 
     # It learns: the last steps' loss is well below the first steps' (ln 4 = 1.386 is chance).
@@ -122,8 +88,8 @@ def test_strategy_trains_matches_ddp_resumes_exactly_and_exports(strategy, reque
     run_dir = workdir / "runs" / f"it-{tag}"
     middle = run_dir / f"checkpoint-{RESUME_AT:08d}"
     assert (middle / "COMPLETE").is_file() and (middle / "rng-rank00001.pt").is_file()
-    resumed = _run(workdir, mlflow_server, f"it-{tag}-resumed", *strategy, f"run.resume_from={middle}")
-    again = _losses(mlflow_server, resumed.mlflow_run_id)
+    resumed = small_job.run(f"it-{tag}-resumed", *strategy, f"run.resume_from={middle}")
+    again = small_job.history(resumed.mlflow_run_id)
     assert sorted(again) == list(range(RESUME_AT + 1, STEPS + 1))  # it did not start over
     for step, value in again.items():
         assert value == pytest.approx(losses[step], rel=1e-6), (step, value, losses[step])
@@ -140,11 +106,11 @@ def test_strategy_trains_matches_ddp_resumes_exactly_and_exports(strategy, reque
     with torch.no_grad():
         here = model(torch.randn(4, 3, 32, 32))
     torch.testing.assert_close(torch.tensor(plain["logits"]), here)
-    val_loss = _val_loss_of_export(workdir, mlflow_server, export_dir)
+    val_loss = _val_loss_of_export(small_job, export_dir)
     assert val_loss == pytest.approx(full.metrics["val/loss"], rel=1e-5), (val_loss, full.metrics["val/loss"])
 
 
-def test_zero3_checkpoint_fine_tunes_under_fsdp_with_a_new_head(mlflow_server, workdir):
+def test_zero3_checkpoint_fine_tunes_under_fsdp_with_a_new_head(small_job, workdir):
     """Portability: the ZeRO-3 run's checkpoint initialises an FSDP2 job with a 6-class head."""
     from safetensors.torch import load_file
 
@@ -154,8 +120,8 @@ def test_zero3_checkpoint_fine_tunes_under_fsdp_with_a_new_head(mlflow_server, w
     if not source.is_dir():
         pytest.skip("needs the zero3 run of test_strategy_trains_matches_ddp_resumes_exactly_and_exports")
     # One step at a negligible lr: the fine-tuned trunk must still be the ZeRO-3 run's trunk.
-    result = _run(workdir, mlflow_server, "it-zero3-to-fsdp", "strategy.name=fsdp", f"model.init_from={source}",
-                  "model.num_classes=6", "trainer.max_steps=1", "optim.lr=1e-12", "optim.weight_decay=0")
+    result = small_job.run("it-zero3-to-fsdp", "strategy.name=fsdp", f"model.init_from={source}",
+                           "model.num_classes=6", "trainer.max_steps=1", "optim.lr=1e-12", "optim.weight_decay=0")
     assert result.metrics["step"] == 1
     export_checkpoint(Path(result.checkpoint_path), workdir / "exports" / "zero3-to-fsdp")
     tuned = load_file(str(workdir / "exports" / "zero3-to-fsdp" / "model.safetensors"))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_helpers import run_ranks
 
 from metaformer_platform.config import load_config
 from metaformer_platform.data import ensure_synthetic_shards
@@ -148,12 +149,12 @@ class _FaultyLoader:
         return self.stats
 
 
-def _data_faults_on_rank(rank: int, world: int, port: int, results) -> None:
+def _data_faults_on_rank(rank: int, world: int, init_method: str, results) -> None:
     from types import SimpleNamespace
 
     import torch.distributed as tdist
 
-    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    tdist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         dist = SimpleNamespace(distributed=True, device=torch.device("cpu"), world_size=world)
         # rank 0: 3 bad samples in a.tar; rank 1: 4, in a.tar (a shard split over both ranks) and b.tar
@@ -165,23 +166,9 @@ def _data_faults_on_rank(rank: int, world: int, port: int, results) -> None:
         tdist.destroy_process_group()
 
 
-def test_fault_metrics_are_reduced_over_ranks():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_data_faults_on_rank, args=(r, 2, port, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
-    got = sorted(results.get() for _ in range(2))
+def test_fault_metrics_are_reduced_over_ranks(tmp_path):
+    got = run_ranks(_data_faults_on_rank, tmp_path)
+    assert [rank for rank, _, _ in got] == [0, 1]
     for _, faults, clean in got:  # the same on both ranks: 3 + 4 samples, 2 distinct shards
         assert faults == {"data/skipped_samples": 7.0, "data/bad_shards": 2.0}
         assert clean == {"data/skipped_samples": 0.0, "data/bad_shards": 0.0}
