@@ -124,6 +124,9 @@ def _add_node(env: dict[str, str]):
     with pytest.MonkeyPatch.context() as mp:  # the node's environment: the S3 credentials, as the fixture's nodes
         for key, value in env.items():
             mp.setenv(key, value)
+        # and, as they have, RAY_ADDRESS naming this cluster (conftest.local_cluster: Ray Train's cleaner would
+        # otherwise look up a stale cluster and hold every job's shutdown for 12 s)
+        mp.setenv("RAY_ADDRESS", params.gcs_address)
         return Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
 
 
