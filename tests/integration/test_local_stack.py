@@ -30,11 +30,18 @@ TINY_JOB = [
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory):
     """The whole stack (S3, MLflow, Ray head) in a fresh state dir, brought down after the module."""
+    from ray._common.utils import get_ray_address_file
+
     state_dir = tmp_path_factory.mktemp("stack")
+    address_file = Path(get_ray_address_file(None))
     try:
-        yield localstack.up(state_dir, ray=True, num_cpus=2)
+        stack = localstack.up(state_dir, ray=True, num_cpus=2)
+        yield stack
     finally:
         localstack.down(state_dir)
+    # the stopped head's address is not left behind for every later Ray job on the host to hang on
+    head = f"{localstack.HOST}:{stack.services['ray'].ports['gcs']}"
+    assert not (address_file.is_file() and address_file.read_text().strip() == head)
 
 
 def test_s3_round_trip_with_right_credentials_and_refusal_with_wrong_ones(stack) -> None:
