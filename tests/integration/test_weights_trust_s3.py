@@ -30,6 +30,7 @@ def _unit_helpers():
 
 _unit = _unit_helpers()
 REFUSED, craft, _trained_ddp_checkpoint = _unit.REFUSED, _unit.craft, _unit._trained_ddp_checkpoint
+marker = _unit.marker  # the fixture: asserts after each test that the payload's marker file was never created
 
 
 @pytest.fixture
@@ -38,13 +39,6 @@ def s3_env(s3_server, tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("METAFORMER_WEIGHTS_CACHE", str(tmp_path / "cache"))
     return s3_server
-
-
-@pytest.fixture
-def marker(tmp_path) -> Path:
-    path = tmp_path / "PWNED"
-    yield path
-    assert not path.exists(), "the checkpoint's pickle payload ran"
 
 
 def _upload(folder: Path, uri: str) -> str:

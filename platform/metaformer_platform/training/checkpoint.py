@@ -134,9 +134,11 @@ def list_files(directory: Path) -> dict[str, int]:
     return listing
 
 
-def describe_files(directory: Path) -> dict[str, tuple[int, str]]:
-    """``list_files`` with each file's sha256: name -> (size, sha256), for the marker."""
-    return {name: (size, storage.file_sha256(str(directory / name))) for name, size in list_files(directory).items()}
+def describe_files(directory: Path, names: Iterable[str] | None = None) -> dict[str, tuple[int, str]]:
+    """``list_files`` (or only ``names`` of it) with each file's sha256: name -> (size, sha256), for the marker."""
+    listing = list_files(directory)
+    chosen = listing if names is None else {n: listing[n] for n in names}
+    return {name: (size, storage.file_sha256(str(directory / name))) for name, size in chosen.items()}
 
 
 def mark_complete(directory: Path, parts: Iterable[Mapping[str, tuple[int, str]]] | None = None) -> None:

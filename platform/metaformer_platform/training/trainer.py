@@ -402,7 +402,7 @@ class Trainer:
         if self.dist.is_main:
             ckpt.save_tensors(self.state_dict(), directory / ckpt.TRAINER_FILE)
             (directory / ckpt.CONFIG_FILE).write_text(self.cfg.to_yaml())
-            ckpt.mark_complete(directory, [*parts, ckpt.describe_files(directory)])
+            ckpt.mark_complete(directory, [*parts, ckpt.describe_files(directory, [ckpt.TRAINER_FILE, ckpt.CONFIG_FILE])])
 
     def load_checkpoint(self, directory: Path) -> None:
         """Restore model, optimizer, schedule, data position and this rank's RNG from ``directory``."""
