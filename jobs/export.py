@@ -17,10 +17,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="folder to write model.safetensors and model.json into")
     parser.add_argument("--overwrite", action="store_true", help="replace an export already in out_dir")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights (trainer.ema_decay) instead")
+    parser.add_argument("--trust-native-checkpoint", action="store_true",
+                        help="read an FSDP/DeepSpeed checkpoint without model.safetensors through the strategy's own "
+                        "reader, which can run code from the files: only for checkpoints your own runs wrote")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        result = export_checkpoint(args.checkpoint, args.out_dir, overwrite=args.overwrite, ema=args.ema)
+        result = export_checkpoint(args.checkpoint, args.out_dir, overwrite=args.overwrite, ema=args.ema,
+                                   trust_native=args.trust_native_checkpoint)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -127,12 +127,15 @@ def check_resume_from(cfg: JobConfig) -> Path | str | None:
     if cfg.run.resume_from is None:
         return None
     from metaformer_platform.training import checkpoint as ckpt
+    from metaformer_platform.training.ownership import check_native_checkpoint
 
     where = f"run.resume_from={cfg.run.resume_from!r}"
     loc = storage.check_access(cfg.run.resume_from, what=where)
-    why = storage.incomplete_reason(loc)
+    why = storage.incomplete_reason(loc)  # reads the listing and the marker (JSON) only
     if why is not None:
         raise ValueError(f"{where} is not a complete checkpoint folder ({why}); point it at a run's checkpoint-NNNNNNNN folder")
+    check_native_checkpoint(cfg.strategy.name, loc.filesystem(), loc.fs_path,
+                            Location.parse(cfg.run.storage_path).fs_path, where)
     with storage.local_folder(loc, [ckpt.TRAINER_FILE]) as folder:
         state = ckpt.load_tensors(folder / ckpt.TRAINER_FILE)
     if state["model_name"] != cfg.model.name:

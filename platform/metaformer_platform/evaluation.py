@@ -214,7 +214,10 @@ def read_weights_info(source: str | Path) -> WeightsInfo:
             tuple(info.get("class_names") or ()), info.get("img_size"), info.get("crop_pct", pcfg.get("crop_pct")),
             info.get("step"),
         )
-    if ckpt.is_complete(folder) and (folder / ckpt.TRAINER_FILE).is_file():
+    if (folder / ckpt.COMPLETE_MARKER).is_file() and (folder / ckpt.TRAINER_FILE).is_file():
+        if (why := ckpt.incomplete_reason(folder)) is not None:  # sizes and sha256 digests
+            raise ValueError(f"model.init_from={str(source)!r} is not a complete checkpoint ({why})")
+        ckpt.weights_file(folder)  # weights readable without running code, or "export it first"
         state = ckpt.load_tensors(folder / ckpt.TRAINER_FILE)
         config = yaml.safe_load((folder / ckpt.CONFIG_FILE).read_text()) if (folder / ckpt.CONFIG_FILE).is_file() else {}
         data, model = config.get("data") or {}, config.get("model") or {}

@@ -184,6 +184,11 @@ def _train_worker(payload: dict[str, Any]) -> None:
         # A new run that continues another run's checkpoint; once it has its own, Ray hands those.
         loc = Location.parse(payload["resume_from"])
         checkpoint = ray.train.Checkpoint(path=loc.fs_path, filesystem=loc.filesystem())
+    if checkpoint is not None:  # FSDP2/DeepSpeed read pickles on resume: only this storage's own runs' folders
+        from metaformer_platform.training.ownership import check_native_checkpoint
+
+        check_native_checkpoint(cfg.strategy.name, checkpoint.filesystem, checkpoint.path,
+                                ray.train.get_context().get_storage().storage_fs_path, f"resuming from {checkpoint.path}")
     try:
         with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
             trainer = Trainer(

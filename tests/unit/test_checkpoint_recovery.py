@@ -12,7 +12,7 @@ import pytest
 from metaformer_platform.training import checkpoint as ckpt
 
 
-def _rank_part(folder: Path, rank: int, payload: bytes = b"x" * 100) -> dict[str, int]:
+def _rank_part(folder: Path, rank: int, payload: bytes = b"x" * 100) -> dict[str, tuple[int, str]]:
     """One rank's scratch folder, as the Trainer writes it before Ray uploads it."""
     folder.mkdir(parents=True)
     (folder / f"rng-rank{rank:05d}.pt").write_bytes(payload)
@@ -20,7 +20,7 @@ def _rank_part(folder: Path, rank: int, payload: bytes = b"x" * 100) -> dict[str
         (folder / "model.pt").write_bytes(payload * 3)
         (folder / "dcp").mkdir()
         (folder / "dcp" / "__0_0.distcp").write_bytes(payload)
-    return ckpt.list_files(folder)
+    return ckpt.describe_files(folder)
 
 
 def _merged(tmp_path: Path, name: str = "merged", *, upload_rank1: bool = True) -> Path:

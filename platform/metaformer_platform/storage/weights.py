@@ -8,7 +8,12 @@ Remote weights are fetched once into one cache (``$METAFORMER_WEIGHTS_CACHE``, d
 ``~/.cache/metaformer-platform/weights``): under a file lock per entry (two processes fetching the same thing
 at once download it once), into a temporary folder beside the entry, checked, marked and renamed into place.
 A cache entry counts only when complete by the one rule (``completeness``): its ``FETCHED`` marker lists every
-file with its size (and sha256, recorded at download).
+file with its size and sha256 (recorded at download), checked each time the entry is used.
+
+A checkpoint's files are checked against the sha256 digests its ``COMPLETE`` marker records (a local folder
+where it lies, a remote one in the fetched copy before it enters the cache): a file changed after its run
+wrote it is refused. What the resolver hands over is only ever read pickle-free (an export's safetensors, a
+checkpoint's ``model.safetensors`` or ``weights_only`` files); see ``training/checkpoint.model_weights``.
 """
 
 from __future__ import annotations
@@ -199,8 +204,20 @@ def _resolve_remote(loc: Location, cache: Path) -> Weights:
         if why is not None:
             raise ValueError(f"{loc.uri} is not a complete checkpoint ({why}); choose a complete checkpoint folder")
     entry = cache / "s3" / f"{loc.name}-{hashlib.sha256(loc.uri.encode()).hexdigest()[:16]}"
-    fetched = _fill_entry(entry, loc.uri, lambda tmp: download(loc, tmp, listing=listing))
+
+    def fill(tmp: Path) -> None:
+        download(loc, tmp, listing=listing)
+        if kind == "checkpoint":  # the bytes fetched are the bytes its run wrote (sha256 in COMPLETE)
+            _check_checkpoint(tmp, loc.uri)
+
+    fetched = _fill_entry(entry, loc.uri, fill)
     return Weights(entry, kind, loc.uri, fetched)
+
+
+def _check_checkpoint(folder: Path, where: str) -> None:
+    why = completeness.incomplete_reason(folder)
+    if why is not None:
+        raise ValueError(f"{where} is not a complete checkpoint ({why}); choose a complete, unaltered checkpoint folder")
 
 
 def resolve_weights(uri: str | os.PathLike[str], *, tracking_uri: str | None = None,
@@ -219,7 +236,10 @@ def resolve_weights(uri: str | os.PathLike[str], *, tracking_uri: str | None = N
         return _resolve_remote(loc, cache)
     if not loc.path.is_dir():
         raise ValueError(f"{source!r}: no such folder; point it at a checkpoint-NNNNNNNN folder or an export folder")
-    return Weights(loc.path, _kind(set(os.listdir(loc.path)), repr(source)), source)
+    kind = _kind(set(os.listdir(loc.path)), repr(source))
+    if kind == "checkpoint":
+        _check_checkpoint(loc.path, repr(source))
+    return Weights(loc.path, kind, source)
 
 
 def resolve(uri: str | os.PathLike[str], *, tracking_uri: str | None = None,

@@ -46,6 +46,8 @@ class Strategy(ABC):
     """Wraps a model for distributed training and owns backward, the optimizer step and model checkpoints."""
 
     name: str
+    # Whether load() reads files that can run code (pickles): then it reads only the job's own run's checkpoints.
+    native_format_runs_code: bool = False
 
     def __init__(self, job: JobConfig, dist: DistContext) -> None:
         # The whole job config: DeepSpeed's own config is generated from batch, accumulation, clipping, precision.
@@ -64,7 +66,9 @@ class Strategy(ABC):
     @staticmethod
     @abstractmethod
     def consolidate(directory: Path) -> dict[str, torch.Tensor]:
-        """The full fp32 model state dict of the checkpoint in ``directory``, in one process, no process group."""
+        """The full fp32 model state dict of the checkpoint in ``directory``, in one process, no process group,
+        read from the strategy's native files (which may run code when ``native_format_runs_code``: only for
+        checkpoints the caller trusts; ``checkpoint.model_weights`` reads the pickle-free copy)."""
 
     @abstractmethod
     def setup(self, model: nn.Module, build_optimizer: OptimizerFactory) -> None:

@@ -10,9 +10,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from metaformer_platform.strategies.base import OptimizerFactory, Strategy
+from metaformer_platform.training.checkpoint import DDP_MODEL_FILE as MODEL_FILE
 from metaformer_platform.training.checkpoint import load_tensors, save_tensors
 
-MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 
 

@@ -55,6 +55,7 @@ def _extensions_dir(job: JobConfig) -> str:
 
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
+    native_format_runs_code = True  # the engine's loaders use torch.load(weights_only=False)
 
     def __init__(self, job: JobConfig, dist: Any) -> None:
         super().__init__(job, dist)
@@ -108,6 +109,25 @@ class DeepSpeedStrategy(Strategy):
         # Every rank writes its ZeRO partition (and, at stage 3, its parameter shard) into its own folder.
         (directory / TAG).mkdir(parents=True, exist_ok=True)
         self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+        # The fp32 master weights again, whole and pickle-free, for every reader but this run's resume.
+        full = self._full_fp32_state()
+        if full is not None:
+            from metaformer_platform.training.checkpoint import WEIGHTS_FILE, save_weights
+
+            save_weights(full, directory / WEIGHTS_FILE)
+
+    def _full_fp32_state(self) -> dict[str, torch.Tensor] | None:
+        """The model's full fp32 weights on rank 0 (None elsewhere); every rank calls it (ZeRO gathers each
+        parameter's partitions). Parameters without ZeRO's fp32 copy are whole in the module already."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state: dict[str, torch.Tensor] = {}
+        for name, value in self.module.state_dict(keep_vars=True).items():  # the names a strict load expects
+            full = safe_get_full_fp32_param(value) if isinstance(value, nn.Parameter) else None
+            if full is not None:
+                value = full
+            state[name] = value.detach().to("cpu", torch.float32 if value.is_floating_point() else value.dtype)
+        return state if self.dist.is_main else None
 
     def load(self, directory: Path) -> None:
         if not (directory / TAG).is_dir():

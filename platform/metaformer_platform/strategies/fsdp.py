@@ -48,6 +48,7 @@ def shard_units(model: nn.Module) -> list[list[nn.Module]]:
 
 class FSDPStrategy(Strategy):
     name = "fsdp"
+    native_format_runs_code = True  # torch.distributed.checkpoint unpickles its .metadata
 
     @classmethod
     def check_model(cls, model: nn.Module) -> None:
@@ -130,9 +131,16 @@ class FSDPStrategy(Strategy):
     def save(self, directory: Path) -> None:
         import torch.distributed.checkpoint as dcp
 
+        from metaformer_platform.training.checkpoint import WEIGHTS_FILE, save_weights
+
         # Each rank saves into its own scratch folder; only rank 0 would create it otherwise.
         (directory / DCP_DIR).mkdir(parents=True, exist_ok=True)
         dcp.save(self._state(), checkpoint_id=directory / DCP_DIR)
+        # The weights again, whole and pickle-free, for every reader but this run's resume (export, init_from,
+        # evaluate): DCP's metadata is a pickle. One all-gather, as for the EMA.
+        full = self.ema_state_dict(self.module)
+        if full is not None:
+            save_weights(full, directory / WEIGHTS_FILE)
 
     def load(self, directory: Path) -> None:
         import torch.distributed.checkpoint as dcp

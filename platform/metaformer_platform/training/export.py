@@ -3,8 +3,11 @@
 The export holds the full fp32 weights under timm's own parameter names, so
 ``timm.create_model(name, num_classes=n).load_state_dict(load_file("model.safetensors"), strict=True)`` works in
 one process, with no process group and without the training strategy (DeepSpeed) installed. Reading an export
-never unpickles anything (safetensors + JSON). Writing one reads the checkpoint the strategy wrote, which is
-trusted: it came from our own training run.
+never unpickles anything (safetensors + JSON), and neither does writing one: a checkpoint's weights are read
+from its pickle-free copy (``checkpoint.model_weights``: FSDP2/DeepSpeed's ``model.safetensors``, DDP's
+``model.pt`` with ``weights_only``), never from the strategy's native files, which can run code. Only
+``trust_native=True`` (``jobs/export.py --trust-native-checkpoint``, for a run's own older checkpoints that lack
+the safetensors copy) reads those, and says so.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ def _read_checkpoint_info(directory: Path) -> tuple[dict[str, Any], dict[str, An
             f"{str(directory)!r} is not a complete checkpoint (missing {', '.join(missing)}): point export at a "
             "run's checkpoint-NNNNNNNN folder"
         )
+    if (why := ckpt.incomplete_reason(directory)) is not None:  # sizes and sha256 digests
+        raise ValueError(f"{str(directory)!r} is not a complete checkpoint ({why})")
     state = ckpt.load_tensors(directory / ckpt.TRAINER_FILE)
     config = yaml.safe_load((directory / ckpt.CONFIG_FILE).read_text())
     return state, config
@@ -61,14 +66,17 @@ def _reference_model(name: str, num_classes: int, kwargs: dict[str, Any]) -> tor
 
 
 def export_checkpoint(
-    directory: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, overwrite: bool = False, ema: bool = False
+    directory: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, overwrite: bool = False, ema: bool = False,
+    trust_native: bool = False,
 ) -> Export:
     """Consolidate the checkpoint in ``directory`` (any strategy; a local folder or s3://) into ``out_dir``.
 
     ``ema=True`` exports the checkpoint's EMA weights instead of the trained ones. Raises ``ValueError`` for
-    a folder that is not a complete checkpoint, weights that do not match the model named in it, an EMA
-    asked of a checkpoint without one, or an existing export in ``out_dir`` (unless ``overwrite``). ``out_dir``
-    may be on s3:// too (written locally, then uploaded: the metadata file last).
+    a folder that is not a complete checkpoint (a file changed since it was written included), weights that
+    do not match the model named in it, weights only in a format that can run code (unless ``trust_native``:
+    the strategy's own reader, for checkpoints you wrote yourself), an EMA asked of a checkpoint without one,
+    or an existing export in ``out_dir`` (unless ``overwrite``). ``out_dir`` may be on s3:// too (written
+    locally, then uploaded: the metadata file last).
     """
     import tempfile
 
@@ -80,20 +88,17 @@ def export_checkpoint(
     source = Location.parse(directory)
     src = source.path if not source.remote else storage.weights.resolve(source.uri)  # fetched once, cached
     if not target.remote:
-        return _export(src, target.path, ema=ema, source=source.uri if source.remote else str(src))
+        return _export(src, target.path, ema=ema, source=source.uri if source.remote else str(src),
+                       trust_native=trust_native)
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
-        done = _export(src, Path(tmp), ema=ema, source=source.uri)
+        done = _export(src, Path(tmp), ema=ema, source=source.uri, trust_native=trust_native)
         for name in (WEIGHTS_FILE, META_FILE):  # model.json last: a reader that sees it sees the weights
             storage.write_bytes(target.join(name), (Path(tmp) / name).read_bytes())
     return Export(target.join(WEIGHTS_FILE).uri, target.join(META_FILE).uri, done.model_name,
                   done.num_classes, done.num_tensors)
 
 
-def _export(src: Path, out: Path, *, ema: bool, source: str) -> Export:
-    from safetensors.torch import save_file
-
-    from metaformer_platform.strategies import get_strategy_class
-
+def _export(src: Path, out: Path, *, ema: bool, source: str, trust_native: bool = False) -> Export:
     state, config = _read_checkpoint_info(src)
     weights, meta = out / WEIGHTS_FILE, out / META_FILE
     name, num_classes = state["model_name"], int(state["num_classes"])
@@ -106,8 +111,12 @@ def _export(src: Path, out: Path, *, ema: bool, source: str) -> Export:
                 "export it without --ema"
             )
         tensors = ckpt.load_tensors(src / ckpt.EMA_FILE)  # full fp32 weights for every strategy
+    elif trust_native and not (src / ckpt.WEIGHTS_FILE).is_file():
+        from metaformer_platform.strategies import get_strategy_class
+
+        tensors = get_strategy_class(strategy).consolidate(src)  # the caller vouched for this checkpoint
     else:
-        tensors = get_strategy_class(strategy).consolidate(src)
+        tensors = ckpt.model_weights(src)  # pickle-free, whatever the strategy
 
     reference = _reference_model(name, num_classes, model_kwargs)
     expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
@@ -121,8 +130,6 @@ def _export(src: Path, out: Path, *, ema: bool, source: str) -> Export:
         )
 
     out.mkdir(parents=True, exist_ok=True)
-    # safetensors wants contiguous, unshared tensors (channels_last convolution weights are neither).
-    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     info = {
         "model_name": name,
         "num_classes": num_classes,
@@ -136,19 +143,16 @@ def _export(src: Path, out: Path, *, ema: bool, source: str) -> Export:
         "weights": "ema" if ema else "trained",
         "source": source,
     }
-    tmp_weights = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
-    save_file(plain, str(tmp_weights), metadata={"model_name": name, "num_classes": str(num_classes)})
-    os.replace(tmp_weights, weights)
+    ckpt.save_weights(tensors, weights, metadata={"model_name": name, "num_classes": str(num_classes)})
     tmp_meta = meta.with_name(f".{meta.name}.tmp-{os.getpid()}")
     tmp_meta.write_text(json.dumps(info, indent=2, default=str) + "\n")
     os.replace(tmp_meta, meta)
-    return Export(weights, meta, name, num_classes, len(plain))
+    return Export(weights, meta, name, num_classes, len(tensors))
 
 
 def load_export(out_dir: str | os.PathLike[str]) -> torch.nn.Module:
     """A plain timm model (fp32, CPU, eval mode) with the exported weights loaded strictly."""
     import timm
-    from safetensors.torch import load_file
 
     import metaformer_platform.models  # noqa: F401  (registers the platform's extra timm names)
 
@@ -157,7 +161,7 @@ def load_export(out_dir: str | os.PathLike[str]) -> torch.nn.Module:
         raise ValueError(f"{str(folder)!r} is not an export (needs {WEIGHTS_FILE} and {META_FILE})")
     info = json.loads((folder / META_FILE).read_text())
     model = timm.create_model(info["model_name"], num_classes=info["num_classes"], **info.get("model_kwargs", {}))
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
+    model.load_state_dict(ckpt.load_weights(folder / WEIGHTS_FILE), strict=True)
     return model.eval()
 
 
@@ -171,15 +175,12 @@ def read_weights(source: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor
 
 
 def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Pickle-free reads only: an export's safetensors, or a checkpoint's ``model_weights`` (whatever strategy
+    its config.yaml names: that file comes with the weights and must not pick a reader that runs code)."""
     if (folder / WEIGHTS_FILE).is_file() and (folder / META_FILE).is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(folder / WEIGHTS_FILE)), json.loads((folder / META_FILE).read_text())["model_name"]
-    from metaformer_platform.strategies import get_strategy_class
-
-    state, config = _read_checkpoint_info(folder)  # ValueError: neither an export nor a complete checkpoint
-    strategy = config.get("strategy", {}).get("name", "ddp")
-    return get_strategy_class(strategy).consolidate(folder), state["model_name"]
+        return ckpt.load_weights(folder / WEIGHTS_FILE), json.loads((folder / META_FILE).read_text())["model_name"]
+    state, _ = _read_checkpoint_info(folder)  # ValueError: neither an export nor a complete checkpoint
+    return ckpt.model_weights(folder), state["model_name"]
 
 
 def init_from(model: torch.nn.Module, source: str | os.PathLike[str]) -> list[str]:

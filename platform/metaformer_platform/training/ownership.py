@@ -11,6 +11,11 @@ to the completion marker. Recovery (``launch._recover_checkpoint``) deletes or a
 folders stamped with its own run's id; any other (a copy a person dropped in, a folder of another run or of
 a version before stamps) is moved to ``_quarantine/`` instead: moved, never deleted, never resumed from.
 
+The stamps also decide which checkpoints a job may read in a strategy's native format (FSDP2's
+``torch.distributed.checkpoint`` unpickles its metadata; DeepSpeed's loaders use ``torch.load(weights_only=False)``):
+only one that lies in a run folder of the job's own ``run.storage_path`` and is stamped by the run that owns that
+folder (``check_native_checkpoint``). Anything else crosses a trust boundary in pickle-free files only.
+
 Written by hand because neither Ray Train (which keys runs by name alone) nor pyarrow's filesystems offer
 a lease; it is a heartbeat file, not a lock: two jobs started within ``SETTLE_S`` of each other on object
 storage could both read an empty lease, so each re-reads it after writing and only the last writer goes on.
@@ -206,3 +211,39 @@ def _move_dir(fs: Any, src: str, dest: str) -> None:
         return
     pafs.copy_files(src, dest, source_filesystem=fs, destination_filesystem=fs)
     fs.delete_dir(src)
+
+
+def native_checkpoint_refusal(fs: Any, folder: str, storage_root: str) -> str | None:
+    """Why the job whose runs live in ``storage_root`` may not read the native files of the checkpoint at
+    ``folder`` (paths on ``fs``), or None when it may: it lies in ``<storage_root>/<run>/`` and every stamp in it
+    names the run id that run folder's ``_owner.json`` records (a folder copied in carries another run's
+    stamps, or none)."""
+    run_path = folder.rstrip("/").rpartition("/")[0]
+    if run_path.rpartition("/")[0] != storage_root.rstrip("/"):
+        return f"it does not lie in a run folder of this job's run.storage_path ({storage_root})"
+    run_id = (_read_json(fs, f"{run_path}/{OWNER_FILE}") or {}).get("run_id")
+    if not run_id:
+        return f"its run folder has no {OWNER_FILE} naming the run that owns it"
+    if not written_by(fs, folder, run_id):
+        return (f"its {STAMP_PREFIX}NNNNN.json stamps do not name run {run_id}, which owns its run folder "
+                "(it was copied in, or written by another run or an older version)")
+    return None
+
+
+def check_native_checkpoint(strategy: str, fs: Any, folder: str, storage_root: str, where: str) -> None:
+    """Raise ValueError when ``strategy`` would resume from ``folder`` through a reader that can run code and
+    the folder is not a checkpoint of this storage's own runs (``native_checkpoint_refusal``). DDP's reads are
+    ``weights_only`` and need no such check."""
+    from metaformer_platform.strategies import get_strategy_class
+
+    if not get_strategy_class(strategy).native_format_runs_code:
+        return
+    why = native_checkpoint_refusal(fs, folder, storage_root)
+    if why is not None:
+        raise ValueError(
+            f"{where}: strategy {strategy} resumes through its native checkpoint reader, which can run code from "
+            f"the files, so it reads only checkpoints of this job's own runs; refused, unread: {why}. To start from "
+            "these weights, export them first (python jobs/export.py CHECKPOINT OUT) and set model.init_from=OUT "
+            "(the optimizer state starts fresh), or resume the run that wrote it under its own run.name and "
+            "run.storage_path"
+        )

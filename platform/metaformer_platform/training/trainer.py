@@ -463,14 +463,14 @@ class Trainer:
         (directory / f"data-faults-rank{self.dist.rank:05d}.json").write_text(json.dumps(faults))
         # The marker lists every rank's files: under Ray each rank uploads its own part, so the marker
         # alone does not prove the other parts arrived.
-        parts: list[Any] = [ckpt.list_files(directory)]
+        parts: list[Any] = [ckpt.describe_files(directory)]  # sizes and sha256 digests
         if self.dist.distributed:
             parts = [None] * self.dist.world_size
-            tdist.all_gather_object(parts, ckpt.list_files(directory))
+            tdist.all_gather_object(parts, ckpt.describe_files(directory))
         if self.dist.is_main:
             ckpt.save_tensors(self.state_dict(), directory / ckpt.TRAINER_FILE)
             (directory / ckpt.CONFIG_FILE).write_text(self.cfg.to_yaml())
-            ckpt.mark_complete(directory, [*parts, ckpt.list_files(directory)])
+            ckpt.mark_complete(directory, [*parts, ckpt.describe_files(directory, [ckpt.TRAINER_FILE, ckpt.CONFIG_FILE])])
 
     def load_checkpoint(self, directory: Path) -> None:
         """Restore model, optimizer, schedule, data position and this rank's RNG from ``directory``."""
