@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,14 @@ _FOREIGN = (
 os.environ.update(_SESSION_ENV)
 for _name in _FOREIGN:
     os.environ.pop(_name, None)
+# Weights fetched by the tests go to a folder of this session, not the user's ~/.cache (tests that check the
+# cache set their own): an entry there outlives the servers it came from.
+_WEIGHTS_CACHE = tempfile.mkdtemp(prefix="pytest-weights-")
+os.environ["METAFORMER_WEIGHTS_CACHE"] = _WEIGHTS_CACHE
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_WEIGHTS_CACHE, ignore_errors=True)
 
 INTEGRATION_DIR = Path(__file__).parent / "integration"
 

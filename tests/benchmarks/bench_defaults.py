@@ -16,6 +16,7 @@ the ratio of images/s (the goal is >= 1.25), the accuracies, and the CPU flags o
 
     python tests/benchmarks/bench_defaults.py [--steps 150] [--batch 64] [--size 32] [--rounds 3]
     python tests/benchmarks/bench_defaults.py --precision-only   # bf16 vs fp32 training steps on this CPU
+    python tests/benchmarks/bench_defaults.py --rounds 1 --set trainer.precision=fp32   # what one default changes
 
 Ray needs a loopback-only network namespace on the project's sandbox (see the README).
 """
@@ -36,8 +37,10 @@ WINDOW = 10
 LR, WEIGHT_DECAY, WARMUP_STEPS, SMOOTHING = 2e-3, 0.05, 20, 0.1
 
 
-def platform_job(shards: Path, tmp: Path, *, steps: int, batch: int, size: int, rnd: int) -> dict[str, float]:
-    """The platform's pretrain job, defaults left alone; its median images/s, top-1 and wall time."""
+def platform_job(shards: Path, tmp: Path, *, steps: int, batch: int, size: int, rnd: int,
+                 overrides: tuple[str, ...] = ()) -> dict[str, float]:
+    """The platform's pretrain job, defaults left alone (unless ``overrides``, e.g. ``trainer.precision=fp32``
+    to see what a default costs or gains); its median images/s, top-1 and wall time."""
     from mlflow import MlflowClient
 
     from metaformer_platform.config import load_config
@@ -52,7 +55,7 @@ def platform_job(shards: Path, tmp: Path, *, steps: int, batch: int, size: int, 
         f"trainer.val_every_steps={steps}", f"optim.lr={LR}", f"optim.weight_decay={WEIGHT_DECAY}",
         f"optim.warmup_epochs={WARMUP_STEPS * batch / 5000}", f"run.storage_path={tmp / 'runs'}",
         f"run.name=bench-{rnd}", f"tracking.tracking_uri={uri}", "tracking.experiment=bench-defaults",
-        "tracking.system_metrics=false",
+        "tracking.system_metrics=false", *overrides,
     ])
     start = time.perf_counter()
     result = run_job(cfg)
@@ -162,6 +165,8 @@ def main() -> None:
     parser.add_argument("--test-per-class", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precision-only", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the platform side only (repeatable), e.g. trainer.precision=fp32")
     args = parser.parse_args()
 
     from metaformer_platform import hardware
@@ -181,7 +186,8 @@ def main() -> None:
     )
     platform, bare = [], []
     for rnd in range(args.rounds):
-        platform.append(platform_job(shards, tmp, steps=args.steps, batch=args.batch, size=args.size, rnd=rnd))
+        platform.append(platform_job(shards, tmp, steps=args.steps, batch=args.batch, size=args.size, rnd=rnd,
+                                     overrides=tuple(args.set)))
         print(f"round {rnd}: platform {platform[-1]}", flush=True)
         bare.append(bare_timm(train_dir, test_dir, steps=args.steps, batch=args.batch, size=args.size,
                               threads=caps.cpus))
@@ -193,7 +199,7 @@ def main() -> None:
     print(f"\npoolformer_s12, batch {args.batch}, {args.size} px, {args.steps} steps on "
           f"{10 * args.train_per_class} CIFAR-10 photos, top-1 on {10 * args.test_per_class}; medians of "
           f"{args.rounds} alternating rounds")
-    print(f"platform settings: {platform[-1]['settings']}")
+    print(f"platform settings: {platform[-1]['settings']}" + (f" (overrides: {' '.join(args.set)})" if args.set else ""))
     print(f"platform step breakdown (s/step, last window): {platform[-1]['breakdown']}")
     for name, rows in (("platform defaults", platform), ("bare fp32 timm loop", bare)):
         each = ", ".join(f"{r['images_per_s']:.1f}" for r in rows)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +147,10 @@ def test_weights_on_s3_are_fetched_once_even_by_two_processes_at_once(s3_env: An
     export = _put(s3_env, "core/exports/debug", {W.EXPORT_WEIGHTS: b"w" * 100, W.EXPORT_META: b"{}"})
     got = W.resolve_weights(export, cache_dir=cache)
     assert got.kind == "export" and (got.path / W.EXPORT_WEIGHTS).read_bytes() == b"w" * 100
+    # rewritten on S3 with other bytes of the same size (a re-created export, another server with this bucket
+    # name): the cache does not hand back the old copy
+    time.sleep(1.1)  # S3 modification times have one-second resolution
+    _put(s3_env, "core/exports/debug", {W.EXPORT_WEIGHTS: b"v" * 100, W.EXPORT_META: b"{}"})
+    fresh = W.resolve_weights(export, cache_dir=cache)
+    assert fresh.fetched and (fresh.path / W.EXPORT_WEIGHTS).read_bytes() == b"v" * 100
+    assert W.resolve_weights(export, cache_dir=cache).fetched is False  # and that copy is reused

@@ -10,6 +10,8 @@ bucket). S3 errors a user can fix (missing bucket, refused key, endpoint down) b
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -147,21 +149,29 @@ def _wrap(location: Location, action: str) -> contextlib.AbstractContextManager[
     return wrapped()
 
 
+def _finished_files(loc: Location) -> list[Any]:
+    """pyarrow ``FileInfo`` of every finished file under a folder (files still being written excepted; none for
+    a folder that does not exist), with ``path`` made relative (POSIX) to the folder."""
+    from pyarrow import fs as pafs
+
+    prefix = loc.fs_path.rstrip("/") + "/"
+    with _wrap(loc, "list"):
+        infos = loc.filesystem().get_file_info(pafs.FileSelector(loc.fs_path, recursive=True, allow_not_found=True))
+    return [pafs.FileInfo(info.path.removeprefix(prefix), info.type, mtime_ns=info.mtime_ns, size=info.size)
+            for info in infos if info.type == pafs.FileType.File and not _is_temporary(info.base_name)]
+
+
 def list_files(location: LocationLike) -> dict[str, int]:
     """Every finished file under a folder: relative POSIX name -> size (files still being written excepted;
     ``{}`` for a folder that does not exist)."""
-    from pyarrow import fs as pafs
+    return {info.path: int(info.size) for info in _finished_files(Location.parse(location))}
 
-    loc = Location.parse(location)
-    fs = loc.filesystem()
-    prefix = loc.fs_path.rstrip("/") + "/"
-    with _wrap(loc, "list"):
-        infos = fs.get_file_info(pafs.FileSelector(loc.fs_path, recursive=True, allow_not_found=True))
-    return {
-        info.path.removeprefix(prefix): int(info.size)
-        for info in infos
-        if info.type == pafs.FileType.File and not _is_temporary(info.base_name)
-    }
+
+def fingerprint(location: LocationLike) -> str:
+    """A digest of what is under a folder now: every finished file's name, size and modification time. Any
+    rewrite changes it (an object store sets a new modification time on every PUT), even one of the same size."""
+    rows = sorted((info.path, int(info.size), int(info.mtime_ns or 0)) for info in _finished_files(Location.parse(location)))
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
 def exists(location: LocationLike) -> bool:

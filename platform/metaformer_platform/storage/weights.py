@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from metaformer_platform.storage import completeness
-from metaformer_platform.storage.files import download, list_files
+from metaformer_platform.storage.files import download, fingerprint, list_files
 from metaformer_platform.storage.location import Location
 
 __all__ = [
@@ -175,8 +175,10 @@ def _resolve_registered(uri: str, tracking_uri: str, cache: Path) -> Weights:
     import mlflow.artifacts
 
     mv = model_version(uri, tracking_uri)
-    entry = cache / "models" / mv.name / f"v{mv.version}"
     expected = mv.tags.get(TAG_WEIGHTS_SHA256)
+    # a name and version can mean other weights on another tracking server (or a re-created registry)
+    identity = hashlib.sha256(f"{mv.source}|{expected}".encode()).hexdigest()[:16]
+    entry = cache / "models" / mv.name / f"v{mv.version}-{identity}"
 
     def fill(tmp: Path) -> None:
         for name in (EXPORT_WEIGHTS, EXPORT_META):  # exactly the two files an export holds: no other name is written
@@ -203,7 +205,9 @@ def _resolve_remote(loc: Location, cache: Path) -> Weights:
         why = completeness.incomplete_reason(loc)
         if why is not None:
             raise ValueError(f"{loc.uri} is not a complete checkpoint ({why}); choose a complete checkpoint folder")
-    entry = cache / "s3" / f"{loc.name}-{hashlib.sha256(loc.uri.encode()).hexdigest()[:16]}"
+    # Keyed by what is there now, not only by the URI: a folder rewritten since (a run re-created under its name,
+    # another server with the same bucket name) gets a new entry instead of the stale copy.
+    entry = cache / "s3" / f"{loc.name}-{hashlib.sha256((loc.uri + fingerprint(loc)).encode()).hexdigest()[:16]}"
 
     def fill(tmp: Path) -> None:
         download(loc, tmp, listing=listing)
