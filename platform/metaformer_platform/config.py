@@ -593,9 +593,10 @@ def _explain(err: ValidationError, path: str | os.PathLike[str] | None) -> str:
     where = f" in {str(path)!r}" if path else ""
     lines = [f"invalid configuration{where}:"]
     for problem in err.errors():
-        loc = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in problem["loc"])
         msg = problem["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc}: {msg} (got {problem.get('input')!r})")
+        # a check across sections names its keys itself; its input would be the whole config
+        lines.append(f"  {loc}: {msg} (got {problem.get('input')!r})" if loc else f"  {msg}")
     lines.append("Fix the value in the file or override it with key.path=value; --help lists every key.")
     return "\n".join(lines)
 
