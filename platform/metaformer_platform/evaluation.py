@@ -54,6 +54,8 @@ class MetricSums:
         self.class_samples = torch.zeros(num_classes, dtype=torch.float64, device=self.device)
         self.class_top1 = torch.zeros(num_classes, dtype=torch.float64, device=self.device)
         self.seconds = 0.0
+        # what the pass ran with, once the worker has resolved ``auto`` (e.g. {"precision": "bf16"})
+        self.settings: dict[str, Any] = {}
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """Score one batch; targets equal to ``IGNORE_LABEL`` (stand-ins) are left out of every sum."""
@@ -135,6 +137,7 @@ class MetricSums:
             "class_samples": self.class_samples.tolist(),
             "class_top1": self.class_top1.tolist(),
             "seconds": self.seconds,
+            "settings": self.settings,
         }
 
     @classmethod
@@ -144,6 +147,7 @@ class MetricSums:
         sums.class_samples = torch.tensor(state["class_samples"], dtype=torch.float64)
         sums.class_top1 = torch.tensor(state["class_top1"], dtype=torch.float64)
         sums.seconds = float(state["seconds"])
+        sums.settings = dict(state.get("settings", {}))
         return sums
 
 
@@ -384,7 +388,9 @@ def build_report(
         "data_hash_of": digest_of,
         "img_size": cfg.data.img_size,
         "crop_pct": cfg.data.crop_pct,
-        "precision": cfg.trainer.precision,
+        # what the workers ran with (the config may say "auto")
+        "precision": sums.settings.get("precision", cfg.trainer.precision),
+        "channels_last": sums.settings.get("channels_last", cfg.trainer.channels_last),
         "num_workers": cfg.scaling.num_workers,
         **metrics,
         "expected_samples": expected_samples,

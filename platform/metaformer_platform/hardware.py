@@ -153,9 +153,10 @@ class Settings:
         return "\n".join(lines)
 
 
-def resolve_settings(trainer: TrainerConfig, caps: Capabilities, *, total_steps: int, cpus_per_worker: float | None = None) -> Settings:
-    """``trainer.precision/channels_last/compile/torch_threads`` for this device, ``auto`` (or null threads)
-    replaced by the fastest measured choice there."""
+def resolve_numerics(trainer: TrainerConfig, caps: Capabilities) -> tuple[Precision, bool, dict[str, str]]:
+    """``trainer.precision`` and ``trainer.channels_last`` for this device, ``auto`` made concrete, with the
+    reasons: the part of ``resolve_settings`` that the data loaders need before the run length is known (they
+    make their batches in the memory format the model trains in, so no batch is copied twice)."""
     reasons: dict[str, str] = {}
     precision: Precision
     if trainer.precision == "auto":
@@ -176,6 +177,13 @@ def resolve_settings(trainer: TrainerConfig, caps: Capabilities, *, total_steps:
             else "auto: bf16 on CPU runs NHWC kernels" if channels_last
             else "auto: fp32 on CPU gained nothing measurable from NHWC"
         )
+    return precision, bool(channels_last), reasons
+
+
+def resolve_settings(trainer: TrainerConfig, caps: Capabilities, *, total_steps: int, cpus_per_worker: float | None = None) -> Settings:
+    """``trainer.precision/channels_last/compile/torch_threads`` for this device, ``auto`` (or null threads)
+    replaced by the fastest measured choice there."""
+    precision, channels_last, reasons = resolve_numerics(trainer, caps)
 
     compile_ = trainer.compile
     if compile_ == "auto":

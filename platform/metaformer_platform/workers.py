@@ -260,14 +260,16 @@ def evaluate_worker(cfg: JobConfig, dist: DistContext, data_root: str | Path, we
     torch.set_num_threads(settings.torch_threads)
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     model = load_weights_model(cfg, weights).to(dist.device).to(memory_format=memory_format)
-    loader = build_split_loader(cfg, data_root, dist, split, training=False)
+    loader = build_split_loader(cfg, data_root, dist, split, training=False, channels_last=settings.channels_last)
 
     def autocast() -> AbstractContextManager[Any]:
         if settings.precision == "bf16":
             return torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    return evaluate_loader(
+    sums = evaluate_loader(
         model, loader, num_classes=num_classes, device=dist.device, memory_format=memory_format,
         autocast=autocast,
     )
+    sums.settings = {"precision": settings.precision, "channels_last": settings.channels_last}
+    return sums

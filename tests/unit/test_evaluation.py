@@ -132,6 +132,9 @@ def test_checkpoint_export_and_trainer_validation_agree(shards, trained):
             _cfg("stage=evaluate", "trainer.batch_size=7"), source, shards
         )
         sums = evaluate_worker(ecfg, DistContext(), shards, source)
+        # what the worker ran with travels to the driver's report (channels_last: auto resolved for fp32)
+        assert sums.settings == {"precision": "fp32", "channels_last": False}
+        assert MetricSums.from_dict(sums.to_dict()).settings == sums.settings
         m = sums.metrics("val")
         assert m["val/samples"] == 90 and m["val/skipped_samples"] == 0  # batch 7 leaves a partial batch
         assert m["val/top1"] == validated["val/top1"] and m["val/top5"] == validated["val/top5"]
@@ -187,6 +190,11 @@ def test_report_checks_the_total_and_shows_the_paper_beside_imagenet_results(sha
     report = build_report(sums, cfg=cfg, weights=weights, weights_uri="models:/poolformer_s12@champion",
                           manifest=manifest, expected_samples=90)
     assert report["eval/top1"] == 50.0 and report["paper_top1"] == 77.2
+    assert report["precision"] == "auto"  # no worker said what it resolved: the config's value
+    sums.settings = {"precision": "bf16", "channels_last": True}
+    report = build_report(sums, cfg=cfg, weights=weights, weights_uri="models:/poolformer_s12@champion",
+                          manifest=manifest, expected_samples=90)
+    assert (report["precision"], report["channels_last"]) == ("bf16", True)
     line = summary_line(report)
     assert "measured top-1 50.00% at 224 px, paper (ImageNet-1k, 224 px) 77.2%" in line
     with pytest.raises(RuntimeError, match="dropped or counted twice"):

@@ -71,6 +71,18 @@ def test_trains_and_validates_above_chance(shards):
     assert final["val/top5"] == 100.0  # only 4 classes
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_loaders_make_batches_in_the_memory_format_the_model_trains_in(shards, precision):
+    """channels_last=auto is resolved before the loaders are built: an fp32 CPU job gets NCHW batches (not NHWC
+    batches copied back to NCHW every step), a bf16 one channels_last."""
+    trainer = _trainer(_cfg(f"trainer.precision={precision}", "trainer.max_steps=1"), shards, Recorder())
+    assert trainer.cfg.trainer.channels_last is (precision == "bf16")
+    images, _ = next(iter(trainer.train_loader))
+    expected = torch.channels_last if precision == "bf16" else torch.contiguous_format
+    assert images.is_contiguous(memory_format=expected) and trainer.memory_format == expected
+    assert not (precision == "fp32" and images.is_contiguous(memory_format=torch.channels_last))
+
+
 def test_checkpoint_resume_gives_identical_losses(shards, tmp_path):
     cfg = _cfg("trainer.max_steps=20", "trainer.checkpoint_every_steps=6", "data.val_split=null")
     full = Recorder()

@@ -99,9 +99,10 @@ def build_model(cfg: JobConfig, num_classes: int) -> nn.Module:
 
 
 def build_split_loader(
-    cfg: JobConfig, data_root: Path | str, dist: DistContext, split: str, *, training: bool
+    cfg: JobConfig, data_root: Path | str, dist: DistContext, split: str, *, training: bool, channels_last: bool
 ) -> mdata.ShardLoader:
-    """This rank's loader of ``split`` with the configured transforms (shared with the evaluate job)."""
+    """This rank's loader of ``split`` with the configured transforms (shared with the evaluate job); its batches
+    come in the memory format the model runs in (``channels_last``, resolved), so none is copied again."""
     d, t = cfg.data, cfg.trainer
     # Decode JPEGs no larger than the transform needs (eval resizes to img_size / crop_pct first).
     decode_size = d.img_size if training else math.ceil(d.img_size / d.crop_pct)
@@ -110,7 +111,7 @@ def build_split_loader(
         d.img_size,
         is_training=training,
         device=dist.device,
-        memory_format=torch.channels_last if t.channels_last else torch.contiguous_format,
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
         crop_pct=d.crop_pct,
         auto_augment=d.auto_augment,
         re_prob=d.re_prob,
@@ -164,17 +165,21 @@ class Trainer:
         if num_classes is None:
             raise ValueError("model.num_classes must be set when the Trainer's data manifest names no num_classes")
         self.num_classes: int = num_classes
+        caps = hardware.probe(dist.device)
+        # the loaders make their batches in the model's memory format, resolved before the run length is known
+        _, channels_last, _ = hardware.resolve_numerics(cfg.trainer, caps)
         if loaders is not None:  # injected (benchmarks feed in-memory batches)
             self.train_loader, self.val_loader = loaders
         else:
-            self.train_loader = self._loader(cfg.data.train_split, training=True)
-            self.val_loader = self._loader(cfg.data.val_split, training=False) if cfg.data.val_split else None
+            self.train_loader = self._loader(cfg.data.train_split, training=True, channels_last=channels_last)
+            self.val_loader = (self._loader(cfg.data.val_split, training=False, channels_last=channels_last)
+                               if cfg.data.val_split else None)
         self.sample_log = self._open_sample_log()
         self.steps_per_epoch = max(len(self.train_loader) // cfg.trainer.grad_accum_steps, 1)
         self.total_steps = cfg.trainer.max_steps or math.ceil(cfg.trainer.epochs * self.steps_per_epoch)
         # `auto` settings become the fastest ones for this device (the run length decides compile)
         self.cfg, self.settings = hardware.resolve_for_worker(
-            cfg, dist.device, world_size=dist.world_size, total_steps=self.total_steps
+            cfg, dist.device, world_size=dist.world_size, total_steps=self.total_steps, caps=caps
         )
         cfg, t = self.cfg, self.cfg.trainer
 
@@ -254,10 +259,11 @@ class Trainer:
 
         return ModelEmaV3(model, decay=decay, use_warmup=self.cfg.trainer.ema_warmup, dtype=torch.float32)
 
-    def _loader(self, split: str, *, training: bool) -> mdata.ShardLoader:
+    def _loader(self, split: str, *, training: bool, channels_last: bool) -> mdata.ShardLoader:
         if self.data_root is None:
             raise ValueError("the Trainer was given neither data_root nor loaders: pass one of them")
-        return build_split_loader(self.cfg, self.data_root, self.dist, split, training=training)
+        return build_split_loader(self.cfg, self.data_root, self.dist, split, training=training,
+                                  channels_last=channels_last)
 
     def _autocast(self) -> Any:
         if self.settings.precision == "bf16":
