@@ -6,7 +6,8 @@ rand-m9-mstd0.5-inc1, normalize, random erasing 0.25) with the same number of Da
 size, from the same photos: ../shared/data/imagenet-sample (1000 real ImageNet JPEGs) linked repeatedly
 into an ImageFolder of at least --samples images. ImageFolder runs timm's float transform in its workers
 (`build_transforms`). The platform runs its split transform (`build_split_transforms`): uint8 from the
-workers, normalize + erasing batched in the main process, which is timed with the loader. It reads
+workers, normalize + erasing batched in the main process, which is timed with the loader; its crop is
+decoded by simplejpeg (and, for the "PIL decode (main)" row, by PIL as on main before it). It reads
 webdataset shards of the ORIGINAL JPEGs from a private SeaweedFS on 127.0.0.1 and from a local folder
 (to separate what the S3 server on the same cores costs), and with --max-side N also shards re-encoded by
 the builder to that maximum side. Each path is timed after a warm-up batch, one after the other so they
@@ -19,6 +20,7 @@ never share the CPU, in alternating rounds; the script prints the median samples
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import statistics
@@ -43,6 +45,33 @@ def _image_folder(tmp: Path, samples: int) -> Path:
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.symlink_to(src)
     return root
+
+
+@contextlib.contextmanager
+def main_decode():
+    """Within it, the workers' crop decode is main's (PIL draft + PIL resize), as for the JPEGs simplejpeg
+    refuses: the "before" rows of the loader benchmarks. Same boxes and draws; only the decoder differs."""
+    from metaformer_platform.data import augment
+
+    real = augment._jpeg_in_memory
+    augment._jpeg_in_memory = lambda _img: None
+    try:
+        yield
+    finally:
+        augment._jpeg_in_memory = real
+
+
+class _MainDecode:
+    """A worker transform run under `main_decode` (in the DataLoader worker that calls it)."""
+
+    lazy_decode = True
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    def __call__(self, img):
+        with main_decode():
+            return self.worker(img)
 
 
 def _in_processes(workers: int):
@@ -111,6 +140,10 @@ def main() -> None:
                     url, "train", batch_size=args.batch, rank=0, world_size=1, num_workers=args.workers,
                     transform=worker_tf, batch_transform=batch_tf, seed=0, shuffle=True,
                 )
+            paths["platform loader, S3 shards, original JPEGs, PIL decode (main)"] = build_loader(
+                "s3://bench/orig", "train", batch_size=args.batch, rank=0, world_size=1, num_workers=args.workers,
+                transform=_MainDecode(worker_tf), batch_transform=batch_tf, seed=0, shuffle=True,
+            )
             float_tf = build_transforms(224, is_training=True)
             # the loader as it was before the uint8 split: timm's float transform in the workers
             paths["platform loader, S3 shards, original, float transform (before)"] = build_loader(
