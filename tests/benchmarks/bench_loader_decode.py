@@ -65,6 +65,7 @@ def main() -> None:  # noqa: C901 - one method per closure
     if not SAMPLE.is_dir():
         raise SystemExit(f"needs the real photos at {SAMPLE}")
     import simplejpeg
+    import torch
     from timm.data.transforms import RandomResizedCropAndInterpolation
 
     from metaformer_platform.data.augment import DraftRandomResizedCrop
@@ -72,6 +73,7 @@ def main() -> None:  # noqa: C901 - one method per closure
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_loader import main_decode
 
+    torch.set_num_threads(1)  # as in a DataLoader worker (torch's resize would spread over the cores)
     files = sorted(SAMPLE.rglob("*.JPEG"))[: args.samples]
     blobs = [f.read_bytes() for f in files]
     rrc = RandomResizedCropAndInterpolation(OUT, interpolation="bicubic")
