@@ -12,7 +12,8 @@ webdataset shards of the ORIGINAL JPEGs from a private SeaweedFS on 127.0.0.1 an
 (to separate what the S3 server on the same cores costs), and with --max-side N also shards re-encoded by
 the builder to that maximum side. Each path is timed after a warm-up batch, one after the other so they
 never share the CPU, in alternating rounds; the script prints the median samples/s and ratios (goal
->= 1.5x). The machine is shared with other users: say so with the figures.
+>= 1.5x), and the CPU ms per sample of all the run's processes (main, workers, S3 server), which a
+machine shared with other users disturbs far less than wall time: say so with the figures.
 
     python tests/benchmarks/bench_loader.py [--samples 5000] [--workers 2] [--batch 64] [--max-side 0]
 """
@@ -82,16 +83,34 @@ def _in_processes(workers: int):
     return run
 
 
-def _rate(batches, limit: int) -> float:
-    """Samples/s over `limit` samples after the first (warm-up) batch."""
+def _tree_cpu() -> dict[int, float]:
+    """CPU seconds (user + system) of this process and each of its descendants (workers, the S3 server)."""
+    import psutil
+
+    me = psutil.Process()
+    out = {}
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            out[p.pid] = sum(p.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return out
+
+
+def _rate(batches, limit: int) -> tuple[float, float]:
+    """(samples/s, CPU ms per sample of this process tree) over `limit` samples after the first (warm-up)
+    batch. The CPU figure is what other users of a shared machine disturb least (processes that exit in
+    the window are left out: the previous path's workers)."""
     it = iter(batches)
     next(it)
-    seen, start = 0, time.perf_counter()
+    seen, start, cpu0 = 0, time.perf_counter(), _tree_cpu()
     for batch in it:
         seen += len(batch[1])
         if seen >= limit:
             break
-    return seen / (time.perf_counter() - start)
+    wall, cpu1 = time.perf_counter() - start, _tree_cpu()
+    spent = sum(v - cpu0.get(pid, 0.0) for pid, v in cpu1.items())
+    return seen / wall, 1000 * spent / seen
 
 
 def main() -> None:
@@ -154,19 +173,24 @@ def main() -> None:
             paths[BASELINE] = DataLoader(folder, batch_size=args.batch, shuffle=True, num_workers=args.workers)
             # Rounds alternate the paths, so a change in the machine's load hits them alike; medians reported.
             rates: dict[str, list[float]] = {name: [] for name in paths}
+            cpus: dict[str, list[float]] = {name: [] for name in paths}
             for r in range(args.rounds):
                 for name, batches in paths.items():
-                    rates[name].append(_rate(batches, args.measure))
-                    print(f"  round {r + 1}: {name:62s} {rates[name][-1]:7.1f} samples/s", flush=True)
+                    rate, cpu = _rate(batches, args.measure)
+                    rates[name].append(rate)
+                    cpus[name].append(cpu)
+                    print(f"  round {r + 1}: {name:62s} {rate:7.1f} samples/s {cpu:6.2f} CPU ms/sample", flush=True)
         finally:
             localstack.stop_service(svc)
 
     base = statistics.median(rates[BASELINE])
     print(f"{args.samples} samples, {args.workers} workers, batch {args.batch}, 224 px training transform, "
           f"median of {args.rounds} alternating rounds of {args.measure} samples")
+    base_cpu = statistics.median(cpus[BASELINE])
+    print(f"  {'':62s} samples/s (ratio)   CPU ms/sample, all processes (ImageFolder's / this)")
     for name, values in rates.items():
-        rate = statistics.median(values)
-        print(f"  {name:62s} {rate:7.1f} samples/s   {rate / base:.2f}x")
+        rate, cpu = statistics.median(values), statistics.median(cpus[name])
+        print(f"  {name:62s} {rate:7.1f} ({rate / base:.2f}x)   {cpu:6.2f} ({base_cpu / cpu:.2f}x)")
 
 
 if __name__ == "__main__":
