@@ -98,19 +98,22 @@ def _tree_cpu() -> dict[int, float]:
 
 
 def _rate(batches, limit: int) -> tuple[float, float]:
-    """(samples/s, CPU ms per sample of this process tree) over `limit` samples after the first (warm-up)
-    batch. The CPU figure is what other users of a shared machine disturb least (processes that exit in
-    the window are left out: the previous path's workers)."""
+    """(samples/s over `limit` samples after the first (warm-up) batch, CPU ms per sample of this process
+    tree from the loader's start). The CPU figure is what other users of a shared machine disturb least;
+    it is exact when the epoch ends within `limit` (--measure >= --samples): otherwise the workers' work
+    on batches prefetched past the window is charged to it too (processes that exit in the window, the
+    previous path's workers, are left out)."""
+    cpu0 = _tree_cpu()
     it = iter(batches)
-    next(it)
-    seen, start, cpu0 = 0, time.perf_counter(), _tree_cpu()
+    first = len(next(it)[1])
+    seen, start = 0, time.perf_counter()
     for batch in it:
         seen += len(batch[1])
         if seen >= limit:
             break
     wall, cpu1 = time.perf_counter() - start, _tree_cpu()
     spent = sum(v - cpu0.get(pid, 0.0) for pid, v in cpu1.items())
-    return seen / wall, 1000 * spent / seen
+    return seen / wall, 1000 * spent / (first + seen)
 
 
 def main() -> None:
