@@ -83,27 +83,32 @@ def _in_processes(workers: int):
     return run
 
 
-def _tree_cpu() -> dict[int, float]:
-    """CPU seconds (user + system) of this process and each of its descendants (workers, the S3 server)."""
+def _tree_cpu() -> tuple[float, dict[int, float]]:
+    """CPU seconds (user + system) of this process and its reaped children (DataLoader workers that have
+    exited), and per live descendant (the S3 server, workers still running)."""
+    import resource
+
     import psutil
 
-    me = psutil.Process()
-    out = {}
-    for p in [me, *me.children(recursive=True)]:
+    own = sum(
+        getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for f in ("ru_utime", "ru_stime")
+    )
+    live = {}
+    for p in psutil.Process().children(recursive=True):
         try:
-            out[p.pid] = sum(p.cpu_times()[:2])
+            live[p.pid] = sum(p.cpu_times()[:2])
         except psutil.Error:
             pass
-    return out
+    return own, live
 
 
 def _rate(batches, limit: int) -> tuple[float, float]:
     """(samples/s over `limit` samples after the first (warm-up) batch, CPU ms per sample of this process
     tree from the loader's start). The CPU figure is what other users of a shared machine disturb least;
-    it is exact when the epoch ends within `limit` (--measure >= --samples): otherwise the workers' work
-    on batches prefetched past the window is charged to it too (processes that exit in the window, the
-    previous path's workers, are left out)."""
-    cpu0 = _tree_cpu()
+    it is exact when the epoch ends within `limit` (--measure >= --samples; the workers have then exited
+    and been reaped inside the window): otherwise workers still running are left out."""
+    own0, live0 = _tree_cpu()
     it = iter(batches)
     first = len(next(it)[1])
     seen, start = 0, time.perf_counter()
@@ -111,8 +116,9 @@ def _rate(batches, limit: int) -> tuple[float, float]:
         seen += len(batch[1])
         if seen >= limit:
             break
-    wall, cpu1 = time.perf_counter() - start, _tree_cpu()
-    spent = sum(v - cpu0.get(pid, 0.0) for pid, v in cpu1.items())
+    wall = time.perf_counter() - start
+    own1, live1 = _tree_cpu()
+    spent = own1 - own0 + sum(v - live0[pid] for pid, v in live1.items() if pid in live0)
     return seen / wall, 1000 * spent / (first + seen)
 
 
