@@ -6,12 +6,14 @@ rand-m9-mstd0.5-inc1, normalize, random erasing 0.25) with the same number of Da
 size, from the same photos: ../shared/data/imagenet-sample (1000 real ImageNet JPEGs) linked repeatedly
 into an ImageFolder of at least --samples images. ImageFolder runs timm's float transform in its workers
 (`build_transforms`). The platform runs its split transform (`build_split_transforms`): uint8 from the
-workers, normalize + erasing batched in the main process, which is timed with the loader. It reads
+workers, normalize + erasing batched in the main process, which is timed with the loader; its crop is
+decoded by simplejpeg (and, for the "PIL decode (main)" row, by PIL as on main before it). It reads
 webdataset shards of the ORIGINAL JPEGs from a private SeaweedFS on 127.0.0.1 and from a local folder
 (to separate what the S3 server on the same cores costs), and with --max-side N also shards re-encoded by
 the builder to that maximum side. Each path is timed after a warm-up batch, one after the other so they
 never share the CPU, in alternating rounds; the script prints the median samples/s and ratios (goal
->= 1.5x). The machine is shared with other users: say so with the figures.
+>= 1.5x), and the CPU ms per sample of all the run's processes (main, workers, S3 server), which a
+machine shared with other users disturbs far less than wall time: say so with the figures.
 
     python tests/benchmarks/bench_loader.py [--samples 5000] [--workers 2] [--batch 64] [--max-side 0]
 """
@@ -19,6 +21,7 @@ never share the CPU, in alternating rounds; the script prints the median samples
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import statistics
@@ -45,6 +48,33 @@ def _image_folder(tmp: Path, samples: int) -> Path:
     return root
 
 
+@contextlib.contextmanager
+def main_decode():
+    """Within it, the workers' crop decode is main's (PIL draft + PIL resize), as for the JPEGs simplejpeg
+    refuses: the "before" rows of the loader benchmarks. Same boxes and draws; only the decoder differs."""
+    from metaformer_platform.data import augment
+
+    real = augment._jpeg_in_memory
+    augment._jpeg_in_memory = lambda _img: None
+    try:
+        yield
+    finally:
+        augment._jpeg_in_memory = real
+
+
+class _MainDecode:
+    """A worker transform run under `main_decode` (in the DataLoader worker that calls it)."""
+
+    lazy_decode = True
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    def __call__(self, img):
+        with main_decode():
+            return self.worker(img)
+
+
 def _in_processes(workers: int):
     def run(tasks, dest):
         with ProcessPoolExecutor(workers) as pool:
@@ -53,16 +83,43 @@ def _in_processes(workers: int):
     return run
 
 
-def _rate(batches, limit: int) -> float:
-    """Samples/s over `limit` samples after the first (warm-up) batch."""
+def _tree_cpu() -> tuple[float, dict[int, float]]:
+    """CPU seconds (user + system) of this process and its reaped children (DataLoader workers that have
+    exited), and per live descendant (the S3 server, workers still running)."""
+    import resource
+
+    import psutil
+
+    own = sum(
+        getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for f in ("ru_utime", "ru_stime")
+    )
+    live = {}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            live[p.pid] = sum(p.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return own, live
+
+
+def _rate(batches, limit: int) -> tuple[float, float]:
+    """(samples/s over `limit` samples after the first (warm-up) batch, CPU ms per sample of this process
+    tree from the loader's start). The CPU figure is what other users of a shared machine disturb least;
+    it is exact when the epoch ends within `limit` (--measure >= --samples; the workers have then exited
+    and been reaped inside the window): otherwise workers still running are left out."""
+    own0, live0 = _tree_cpu()
     it = iter(batches)
-    next(it)
+    first = len(next(it)[1])
     seen, start = 0, time.perf_counter()
     for batch in it:
         seen += len(batch[1])
         if seen >= limit:
             break
-    return seen / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    own1, live1 = _tree_cpu()
+    spent = own1 - own0 + sum(v - live0[pid] for pid, v in live1.items() if pid in live0)
+    return seen / wall, 1000 * spent / (first + seen)
 
 
 def main() -> None:
@@ -111,6 +168,10 @@ def main() -> None:
                     url, "train", batch_size=args.batch, rank=0, world_size=1, num_workers=args.workers,
                     transform=worker_tf, batch_transform=batch_tf, seed=0, shuffle=True,
                 )
+            paths["platform loader, S3 shards, original JPEGs, PIL decode (main)"] = build_loader(
+                "s3://bench/orig", "train", batch_size=args.batch, rank=0, world_size=1, num_workers=args.workers,
+                transform=_MainDecode(worker_tf), batch_transform=batch_tf, seed=0, shuffle=True,
+            )
             float_tf = build_transforms(224, is_training=True)
             # the loader as it was before the uint8 split: timm's float transform in the workers
             paths["platform loader, S3 shards, original, float transform (before)"] = build_loader(
@@ -121,19 +182,24 @@ def main() -> None:
             paths[BASELINE] = DataLoader(folder, batch_size=args.batch, shuffle=True, num_workers=args.workers)
             # Rounds alternate the paths, so a change in the machine's load hits them alike; medians reported.
             rates: dict[str, list[float]] = {name: [] for name in paths}
+            cpus: dict[str, list[float]] = {name: [] for name in paths}
             for r in range(args.rounds):
                 for name, batches in paths.items():
-                    rates[name].append(_rate(batches, args.measure))
-                    print(f"  round {r + 1}: {name:62s} {rates[name][-1]:7.1f} samples/s", flush=True)
+                    rate, cpu = _rate(batches, args.measure)
+                    rates[name].append(rate)
+                    cpus[name].append(cpu)
+                    print(f"  round {r + 1}: {name:62s} {rate:7.1f} samples/s {cpu:6.2f} CPU ms/sample", flush=True)
         finally:
             localstack.stop_service(svc)
 
     base = statistics.median(rates[BASELINE])
     print(f"{args.samples} samples, {args.workers} workers, batch {args.batch}, 224 px training transform, "
           f"median of {args.rounds} alternating rounds of {args.measure} samples")
+    base_cpu = statistics.median(cpus[BASELINE])
+    print(f"  {'':62s} samples/s (ratio)   CPU ms/sample, all processes (ImageFolder's / this)")
     for name, values in rates.items():
-        rate = statistics.median(values)
-        print(f"  {name:62s} {rate:7.1f} samples/s   {rate / base:.2f}x")
+        rate, cpu = statistics.median(values), statistics.median(cpus[name])
+        print(f"  {name:62s} {rate:7.1f} ({rate / base:.2f}x)   {cpu:6.2f} ({base_cpu / cpu:.2f}x)")
 
 
 if __name__ == "__main__":

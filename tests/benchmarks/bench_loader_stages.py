@@ -6,8 +6,9 @@ shards of the ORIGINAL JPEGs built into a temporary folder), the paper's 224 px 
 - "float": the platform loader as it was before the uint8 split: full JPEG decode (draft only for short
   sides >= 448), timm's float transform in the worker (crop, flip, RandAugment, ToTensor, Normalize,
   RandomErasing), float32 batches through the worker queue;
-- "uint8": the split path (data/augment.py): crop box from the JPEG header, draft decode + crop, flip,
-  RandAugment, uint8 HWC in the worker; normalize + erasing batched in the main process;
+- "uint8": the split path (data/augment.py): crop box from the JPEG header, decode + crop, flip,
+  RandAugment, uint8 HWC in the worker; normalize + erasing batched in the main process; twice: with
+  main's decode (PIL draft + PIL resize, "PIL decode") and with this one (simplejpeg + torch's resize);
 - "ImageFolder": torchvision's ImageFolder + the float transform, reading the JPEG files.
 
 Stages: read (shard bytes from storage / file bytes), tar parse (iter_shard over in-memory shards),
@@ -25,6 +26,7 @@ sample, i.e. the ceiling of a loader on one core (2 workers on 2 cores: at best 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import statistics
 import sys
@@ -88,13 +90,18 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from metaformer_platform.data import build_split_transforms, build_transforms, builder, load_manifest
+    from metaformer_platform.data import (
+        build_split_transforms,
+        build_transforms,
+        builder,
+        load_manifest,
+    )
     from metaformer_platform.data.augment import to_hwc_tensor
     from metaformer_platform.data.loader import _sample_seed, _seed_sample
     from metaformer_platform.data.reader import decode_image, iter_shard, open_image
 
     sys.path.insert(0, str(BENCH))
-    from bench_loader import _image_folder
+    from bench_loader import _image_folder, main_decode
 
     torch.set_num_threads(1)
     float_tf = build_transforms(224, is_training=True)
@@ -115,7 +122,12 @@ def main() -> None:
         names = list(manifest.split("train").filenames)
         files = sorted(p for p in folder.rglob("*.JPEG"))
 
-        def platform_round(split: bool, start: int) -> dict[str, float]:  # noqa: C901 - one stage per block
+        def platform_round(split: bool, start: int, pil_decode: bool = False) -> dict[str, float]:  # noqa: C901
+            # pil_decode: main's crop decode (what the loader still does for JPEGs simplejpeg refuses)
+            with main_decode() if pil_decode else contextlib.nullcontext():
+                return _platform_round(split, start)
+
+        def _platform_round(split: bool, start: int) -> dict[str, float]:  # noqa: C901 - one stage per block
             t: dict[str, float] = defaultdict(float)
             n, images, seeds = 0, [], []
             shard_i = start // 500 % len(names)
@@ -149,7 +161,7 @@ def main() -> None:
                     for label, step in uint8_steps if split else float_steps:
                         t0 = _clock()
                         img = step(img)
-                        t[label if label != "DraftRandomResizedCrop" else "decode + crop (draft)"] += (
+                        t[label if label != "DraftRandomResizedCrop" else "decode + crop"] += (
                             _clock() - t0
                         )
                     if split:
@@ -195,11 +207,14 @@ def main() -> None:
                     images = []
             return {k: 1000 * v / args.measure for k, v in t.items()}
 
-        rounds: dict[str, list[dict[str, float]]] = {"float (before)": [], "uint8 (after)": [], "ImageFolder": []}
+        rounds: dict[str, list[dict[str, float]]] = {
+            "float": [], "uint8, PIL decode (main)": [], "uint8, simplejpeg": [], "ImageFolder": []
+        }
         for r in range(args.rounds):
             start = r * args.measure
-            rounds["float (before)"].append(platform_round(False, start))
-            rounds["uint8 (after)"].append(platform_round(True, start))
+            rounds["float"].append(platform_round(False, start))
+            rounds["uint8, PIL decode (main)"].append(platform_round(True, start, pil_decode=True))
+            rounds["uint8, simplejpeg"].append(platform_round(True, start))
             rounds["ImageFolder"].append(folder_round(start))
             print(f"  round {r + 1}: " + ", ".join(f"{p} {sum(v[-1].values()):.2f} ms" for p, v in rounds.items()),
                   flush=True)
@@ -212,9 +227,10 @@ def main() -> None:
         )
 
     med = {p: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for p, rs in rounds.items()}
-    med["float (before)"]["IPC, float32 batch"] = ipc_float
+    med["float"]["IPC, float32 batch"] = ipc_float
     med["ImageFolder"]["IPC, float32 batch"] = ipc_float
-    med["uint8 (after)"]["IPC, uint8 batch"] = ipc_uint8
+    med["uint8, PIL decode (main)"]["IPC, uint8 batch"] = ipc_uint8
+    med["uint8, simplejpeg"]["IPC, uint8 batch"] = ipc_uint8
     stages: list[str] = []
     for p in med.values():
         stages += [k for k in p if k not in stages]

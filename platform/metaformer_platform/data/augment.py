@@ -5,11 +5,14 @@ ship uint8 HWC images (a quarter of float32's bytes through the worker queues, a
 float maths). The main process then converts a whole batch at once on the training device: uint8 ->
 float, normalize, random erasing (`BatchTransform`); mixup/cutmix follow in the Trainer, as before.
 
-Two more savings in the workers:
+Three more savings in the workers (`DraftRandomResizedCrop`):
 * the crop box is drawn from the JPEG header's size before anything is decoded, and the JPEG is then
-  decoded at the largest reduced DCT scale (PIL's draft: 1/2, 1/4, 1/8) whose crop still covers the
-  output size (`DraftRandomResizedCrop`); the box comes from timm's own `get_params`, so the crops are
-  distributed exactly as timm's RandomResizedCrop (same draws, same boxes);
+  decoded at the largest reduced DCT scale (1/2, 1/4, 1/8) whose crop still covers the output size; the
+  box comes from timm's own `get_params`, so the crops are distributed exactly as timm's
+  RandomResizedCrop (same draws, same boxes);
+* the decode is simplejpeg's (libjpeg-turbo, accurate IDCT, no PIL plumbing), and the crop's bicubic or
+  bilinear resize is torch's antialiased uint8 kernel (the same filter as PIL's to rounding, 2-4x
+  faster); measured side by side in tests/benchmarks/bench_loader_decode.py;
 * images are shipped HWC, so the batch is channels_last NCHW without a copy.
 
 Random erasing is seeded per sample from the seed the worker used for that sample's augmentation
@@ -19,13 +22,16 @@ exactly what the uninterrupted one did, whatever the batch order or the process 
 
 from __future__ import annotations
 
+import io
 import math
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import simplejpeg
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, check_transform_args, patch_timm_posterize
@@ -33,6 +39,10 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD, check_transform_args, patch
 __all__ = ["BatchTransform", "DraftRandomResizedCrop", "WorkerTransform", "build_split_transforms", "to_hwc_tensor"]
 
 _DRAFT_SCALES = (8, 4, 2)
+# Only the power-of-two DCT scales: libjpeg-turbo's other k/8 scales (3/8, 3/4, 7/8, ...) run a scalar
+# IDCT that is slower than the full-size SIMD decode (measured in bench_loader_decode.py).
+# Resize filters torch computes as PIL does (antialiased, PIL's kernels); others stay on PIL.
+_TORCH_RESIZE = {"bilinear": "bilinear", "bicubic": "bicubic"}
 
 
 def to_hwc_tensor(img: Image.Image) -> torch.Tensor:
@@ -50,8 +60,12 @@ class DraftRandomResizedCrop:
     Given a lazily opened image (`Image.open`, header read, pixels not yet decoded), the box is drawn
     by timm's `get_params` from the header's size, the JPEG is decoded at the largest DCT scale 1/s
     (s in 8, 4, 2) that still leaves the box at least the output size, and the scaled box is resized to
-    the output (PIL resize with a fractional box). At s == 1 (and for decoded or non-JPEG images) it is
-    exactly timm's crop-then-resize.
+    the output (PIL resize with a fractional box). At s == 1 the box is cut out of the full decode and
+    resized by torch's antialiased kernel (PIL's filter, to rounding).
+
+    JPEGs in memory (the loader's) decode with simplejpeg; anything it refuses (CMYK, a corrupt or
+    truncated stream, a warning in strict mode) and non-JPEG or already decoded images take the PIL
+    path, which decodes what PIL can and raises for the rest as before (a bad sample to the loader).
     """
 
     def __init__(self, rrc: Any):
@@ -61,6 +75,7 @@ class DraftRandomResizedCrop:
         from torchvision.transforms.functional import pil_modes_mapping
 
         self.resample = pil_modes_mapping[rrc.interpolation]
+        self.torch_mode = _TORCH_RESIZE.get(rrc.interpolation.value)
 
     def box(self, img: Image.Image) -> tuple[int, int, int, int]:
         """(top, left, height, width): timm's draw for an image of `img.size` (the JPEG header's size)."""
@@ -69,20 +84,59 @@ class DraftRandomResizedCrop:
     def __call__(self, img: Image.Image) -> Image.Image:
         i, j, h, w = self.box(img)
         out_w, out_h = self.rrc.size[1], self.rrc.size[0]
-        scale = 1
-        if _is_undecoded_jpeg(img):
-            scale = next((s for s in _DRAFT_SCALES if w >= s * out_w and h >= s * out_h), 1)
-            if scale > 1:
-                # PIL picks the largest power of two <= min(W // req_w, H // req_h): this request gives `scale`
-                full_w = img.size[0]
-                drafted = img.draft("RGB", (img.size[0] // scale, img.size[1] // scale))
-                scale = 1 if drafted is None else round(full_w / drafted[1][2])  # box: (0, 0, W/s, H/s)
+        scale = next((s for s in _DRAFT_SCALES if w >= s * out_w and h >= s * out_h), 1)
+        data = _jpeg_in_memory(img)
+        if data is not None:
+            try:
+                return self._turbo(data, img.size, (i, j, h, w), scale)
+            except ValueError:
+                pass  # libjpeg-turbo refused it: PIL decodes what it can below, and raises for the rest
+        if scale > 1 and _is_undecoded_jpeg(img):
+            # PIL picks the largest power of two <= min(W // req_w, H // req_h): this request gives `scale`
+            full_w = img.size[0]
+            drafted = img.draft("RGB", (img.size[0] // scale, img.size[1] // scale))
+            scale = 1 if drafted is None else round(full_w / drafted[1][2])  # box: (0, 0, W/s, H/s)
+        else:
+            scale = 1
         if img.mode != "RGB":
             img = img.convert("RGB")
         if scale == 1:
             return img.crop((j, i, j + w, i + h)).resize((out_w, out_h), self.resample)
-        box = (j / scale, i / scale, (j + w) / scale, (i + h) / scale)
-        return img.resize((out_w, out_h), self.resample, box=box)
+        return self._resize_scaled(img, (i, j, h, w), scale)
+
+    def _turbo(self, data: bytes, size: tuple[int, int], box: tuple[int, int, int, int], scale: int) -> Image.Image:
+        """Decode with simplejpeg at 1/scale, then crop and resize; ValueError when libjpeg-turbo refuses."""
+        full_w, full_h = size
+        # simplejpeg decodes at the smallest k/8 whose size reaches these: k = 8 / scale, a SIMD scale
+        pixels = simplejpeg.decode_jpeg(
+            data, "RGB", min_width=-(-full_w // scale), min_height=-(-full_h // scale)
+        )
+        scale = round(full_w / pixels.shape[1])
+        i, j, h, w = box
+        if scale > 1:
+            return self._resize_scaled(Image.fromarray(pixels), box, scale)
+        crop = pixels[i : i + h, j : j + w]
+        out_h, out_w = self.rrc.size
+        if self.torch_mode is None:
+            return Image.fromarray(crop).resize((out_w, out_h), self.resample)
+        nchw = torch.from_numpy(crop).permute(2, 0, 1)[None]
+        resized = F.interpolate(nchw, size=(out_h, out_w), mode=self.torch_mode, antialias=True)
+        return Image.fromarray(resized[0].permute(1, 2, 0).contiguous().numpy())
+
+    def _resize_scaled(self, img: Image.Image, box: tuple[int, int, int, int], scale: int) -> Image.Image:
+        """The box, in full-size pixels, out of an image decoded at 1/scale, resized to the output (PIL
+        resize with a fractional box: the scaled box rarely falls on whole pixels)."""
+        i, j, h, w = box
+        scaled = (j / scale, i / scale, (j + w) / scale, (i + h) / scale)
+        return img.resize((self.rrc.size[1], self.rrc.size[0]), self.resample, box=scaled)
+
+
+def _jpeg_in_memory(img: Image.Image) -> bytes | None:
+    """The bytes of an undecoded RGB or grayscale JPEG opened from memory (the loader's), else None."""
+    fp = getattr(img, "fp", None)
+    if _is_undecoded_jpeg(img) and img.mode in ("RGB", "L") and isinstance(fp, io.BytesIO):
+        return fp.getvalue()
+    return None
 
 
 class WorkerTransform:
