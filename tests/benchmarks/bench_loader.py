@@ -105,9 +105,9 @@ def _tree_cpu() -> tuple[float, dict[int, float]]:
 
 def _rate(batches, limit: int) -> tuple[float, float]:
     """(samples/s over `limit` samples after the first (warm-up) batch, CPU ms per sample of this process
-    tree from the loader's start). The CPU figure is what other users of a shared machine disturb least;
-    it is exact when the epoch ends within `limit` (--measure >= --samples; the workers have then exited
-    and been reaped inside the window): otherwise workers still running are left out."""
+    tree from the loader's start: this process, the workers reaped inside the window, and every live
+    descendant, those started inside the window (the loader's workers) counted whole). The CPU figure is what
+    other users of a shared machine disturb least."""
     own0, live0 = _tree_cpu()
     it = iter(batches)
     first = len(next(it)[1])
@@ -118,7 +118,7 @@ def _rate(batches, limit: int) -> tuple[float, float]:
             break
     wall = time.perf_counter() - start
     own1, live1 = _tree_cpu()
-    spent = own1 - own0 + sum(v - live0[pid] for pid, v in live1.items() if pid in live0)
+    spent = own1 - own0 + sum(v - live0.get(pid, 0.0) for pid, v in live1.items())
     return seen / wall, 1000 * spent / (first + seen)
 
 
