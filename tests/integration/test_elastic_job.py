@@ -35,7 +35,9 @@ from metaformer_platform.training import checkpoint as ckpt
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 SECOND_NODE_IP = "127.0.0.2"  # as the session's ray_cluster fixture starts it
-SAMPLES, GLOBAL_BATCH, MAX_STEPS = 256, 32, 96  # 8 steps per epoch, 12 epochs
+# 8 steps per epoch, 16 epochs: the one-worker group must still have steps left when the node is back (its
+# checkpoints no longer wait ~1 s each for MLflow, so the steps, not the stalls, give the runway)
+SAMPLES, GLOBAL_BATCH, MAX_STEPS = 256, 32, 128
 KILL_AFTER = 12  # the kill follows checkpoint 12: mid-epoch (epoch 2 is steps 9-16)
 
 
