@@ -20,6 +20,12 @@ _SESSION_ENV = {
     "HF_HUB_OFFLINE": "1",  # no model hub is reachable: fail fast instead of retrying
     "AWS_EC2_METADATA_DISABLED": "true",  # boto3 must never probe the instance-metadata address
     "PYTHONUNBUFFERED": "1",
+    # Ray Train's controller polls its workers every 2 s: a job's end (and each change of state) is seen up to
+    # 2 s late. The suite runs ~40 short jobs; at 0.5 s the polls cost nothing measurable on 2 cores.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Every job starts a PreemptionWatcher actor (one more Python process per job) that polls Ray's node drain
+    # state: no test drains a node, and on 2 cores the process start delays the job's workers.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 # A developer's exported local stack (see infra/local) must not leak into the tests: each test that needs a
 # server gets its own from a fixture, and the others use local defaults.

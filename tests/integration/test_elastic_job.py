@@ -35,7 +35,10 @@ from metaformer_platform.training import checkpoint as ckpt
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 SECOND_NODE_IP = "127.0.0.2"  # as the session's ray_cluster fixture starts it
-SAMPLES, GLOBAL_BATCH, MAX_STEPS = 256, 32, 96  # 8 steps per epoch, 12 epochs
+# 8 steps per epoch, 32 epochs: the job must still have steps left when Ray has noticed the dead node (seconds),
+# restarted with one worker and grown back. Its checkpoints no longer wait ~1 s each for MLflow, so the steps
+# alone give that runway (measured: 128 steps ended before the regrow on an idle machine).
+SAMPLES, GLOBAL_BATCH, MAX_STEPS = 256, 32, 256
 KILL_AFTER = 12  # the kill follows checkpoint 12: mid-epoch (epoch 2 is steps 9-16)
 
 

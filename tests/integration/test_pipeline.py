@@ -26,7 +26,9 @@ from metaformer_platform.pipelines import run_pipeline, runner
 
 REPO = Path(__file__).resolve().parents[2]
 MEMBERS = ["poolformer_debug", "poolformer_debug_m"]
-PRETRAIN_STEPS = 12
+# The pretrains must still be training when the test sees their first registered checkpoint and kills the
+# driver: 24 steps with a checkpoint every 2 leave them seconds of runway.
+PRETRAIN_STEPS = 24
 
 
 def _upload(s3_server: Any, folder: Path, prefix: str) -> str:
