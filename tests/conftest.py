@@ -26,6 +26,11 @@ _SESSION_ENV = {
     # Every job starts a PreemptionWatcher actor (one more Python process per job) that polls Ray's node drain
     # state: no test drains a node, and on 2 cores the process start delays the job's workers.
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # The GCS declares a node dead after `failure_threshold` failed health checks `period_ms` apart: 5 x 3 s by
+    # default, 15 s the elastic test waits after it kills a node's raylet. 5 x 1 s here; a slow but live raylet
+    # still has each check's 10 s timeout.
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_failure_threshold": "5",
 }
 # A developer's exported local stack (see infra/local) must not leak into the tests: each test that needs a
 # server gets its own from a fixture, and the others use local defaults.

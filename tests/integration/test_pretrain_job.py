@@ -210,7 +210,8 @@ def test_the_console_shows_progress_and_no_ray_noise(cli_run):
     # one line per log cadence (trainer.log_every_steps=5), the ETA falling to 0 at the end
     assert [int(m[1]) for m in steps] == [5, 10, 15, 20, 25, 30], out
     etas = [_seconds(m[3]) for m in steps]
-    assert etas[0] > etas[-2] > etas[-1] == 0, etas
+    # whole seconds of a short job: it may tick up by one between two lines, but starts highest and ends at 0
+    assert etas[0] == max(etas) > 0 and etas[-1] == 0, etas
     vals = [line for line in lines if line.startswith("val ")]
     assert [re.match(r"val +step (\d+) \| top-1 ([\d.]+)% \| top-5 ([\d.]+)% \| loss [\d.]+ \| 100 images$", v)[1]
             for v in vals] == ["15", "30"], vals

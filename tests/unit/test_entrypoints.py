@@ -29,22 +29,59 @@ def test_help_lists_every_config_key():
         assert key in out.stdout, key
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["model.name=poolformer_s13"], "poolformer_s12"),
-        (["trainer.batchsize=8"], "unknown config key 'trainer.batchsize'"),
-        (["trainer.max_steps=-1"], "trainer.max_steps: Input should be greater than or equal to 1"),
-        (["--config", "nope.yaml"], "config file 'nope.yaml' does not exist"),
-        (["model.kwargs.no_such_arg=1", "data.source={empty}"], "no shards found"),
-    ],
-)
-def test_bad_input_exits_2_with_the_fix(args, message, tmp_path):
-    args = [a.replace("{empty}", str(tmp_path)) for a in args]
-    out = _run(*args, cwd=tmp_path)
-    assert out.returncode == 2, out.stderr
-    assert message in out.stderr
-    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was opened
+# Every bad input below is run by jobs/pretrain.py's own `run_main`, in ONE child process for all of them (each
+# process start imports torch and timm, ~4.5 s): argv and working folder per case, exit code and stderr back.
+# RAY_ADDRESS names a dead port: were Ray reached, the case would hang, then fail. The exit path of a real
+# process (`sys.exit(run_main(...))`) is the --help test's.
+RUN_CASES = """
+import contextlib, io, json, os, runpy, sys
+main = runpy.run_path(sys.argv[1], run_name="not_main")
+out = []
+for args, cwd in json.load(sys.stdin):
+    os.chdir(cwd)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main["run_main"]("pretrain", main["__doc__"], argv=args, default_config=main["DEFAULT_CONFIG"])
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code
+    out.append([code, err.getvalue()])
+print(json.dumps(out))
+"""
+
+
+def _run_cases(cases: list[tuple[list[str], Path]]) -> list[tuple[int, str]]:
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_CASES, str(PRETRAIN)], input=json.dumps([[a, str(c)] for a, c in cases]),
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [(code, err) for code, err in json.loads(proc.stdout.strip().splitlines()[-1])]
+
+
+BAD_INPUT = [
+    (["model.name=poolformer_s13"], "poolformer_s12"),
+    (["trainer.batchsize=8"], "unknown config key 'trainer.batchsize'"),
+    (["trainer.max_steps=-1"], "trainer.max_steps: Input should be greater than or equal to 1"),
+    (["--config", "nope.yaml"], "config file 'nope.yaml' does not exist"),
+    (["model.kwargs.no_such_arg=1", "data.source={empty}"], "no shards found"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_outcomes(tmp_path_factory) -> list[tuple[Path, int, str]]:
+    folders = [tmp_path_factory.mktemp(f"bad-input-{i}") for i in range(len(BAD_INPUT))]
+    cases = [([a.replace("{empty}", str(f)) for a in args], f) for (args, _), f in zip(BAD_INPUT, folders, strict=True)]
+    return [(f, *outcome) for f, outcome in zip(folders, _run_cases(cases), strict=True)]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[str(args) for args, _ in BAD_INPUT])
+def test_bad_input_exits_2_with_the_fix(case, bad_input_outcomes):
+    folder, code, err = bad_input_outcomes[case]
+    assert code == 2, err
+    assert BAD_INPUT[case][1] in err
+    assert not (folder / "mlflow.db").exists()  # no MLflow run was opened
 
 
 def _tiny_shards(root: Path) -> Path:
@@ -55,26 +92,36 @@ def _tiny_shards(root: Path) -> Path:
 
 
 def test_malformed_manifest_and_bad_model_kwargs_are_refused_before_ray(tmp_path):
+    import shutil
+
     shards = _tiny_shards(tmp_path / "data")
-    common = [f"data.source={shards}", f"run.storage_path={tmp_path / 'runs'}", "model.name=poolformer_debug",
-              "trainer.batch_size=8"]
-
-    out = _run(*common, "model.kwargs.no_such_arg=1", cwd=tmp_path)
-    assert out.returncode == 2 and "does not build with model.kwargs={'no_such_arg': 1}" in out.stderr
-
-    out = _run(*common, "trainer.batch_size=64", cwd=tmp_path)
-    assert out.returncode == 2 and "fewer than one step of trainer.batch_size=64" in out.stderr
-
-    out = _run(*common, "data.val_split=test", cwd=tmp_path)
-    assert out.returncode == 2 and "unknown split 'test'" in out.stderr
-
-    info = shards / "_info.json"
-    body = json.loads(info.read_text())
+    # the manifest's two ways of being wrong, each in a copy of the shards folder
+    miscounted, unreadable = tmp_path / "miscounted", tmp_path / "unreadable"
+    shutil.copytree(shards, miscounted)
+    shutil.copytree(shards, unreadable)
+    body = json.loads((shards / "_info.json").read_text())
     body["splits"]["train"]["num_samples"] += 1
-    info.write_text(json.dumps(body))
-    out = _run(*common, cwd=tmp_path)
-    assert out.returncode == 2 and "_info.json" in out.stderr and "num_samples" in out.stderr
-    info.write_text("{not json")
-    out = _run(*common, cwd=tmp_path)
-    assert out.returncode == 2 and "_info.json" in out.stderr
+    (miscounted / "_info.json").write_text(json.dumps(body))
+    (unreadable / "_info.json").write_text("{not json")
+
+    def common(source: Path) -> list[str]:
+        return [f"data.source={source}", f"run.storage_path={tmp_path / 'runs'}", "model.name=poolformer_debug",
+                "trainer.batch_size=8"]
+
+    outcomes = _run_cases([
+        ([*common(shards), "model.kwargs.no_such_arg=1"], tmp_path),
+        ([*common(shards), "trainer.batch_size=64"], tmp_path),
+        ([*common(shards), "data.val_split=test"], tmp_path),
+        (common(miscounted), tmp_path),
+        (common(unreadable), tmp_path),
+    ])
+    expected = [
+        ["does not build with model.kwargs={'no_such_arg': 1}"],
+        ["fewer than one step of trainer.batch_size=64"],
+        ["unknown split 'test'"],
+        ["_info.json", "num_samples"],
+        ["_info.json"],
+    ]
+    for (code, err), needles in zip(outcomes, expected, strict=True):
+        assert code == 2 and all(n in err for n in needles), (needles, err)
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs" / "poolformer_debug-pretrain").exists()
