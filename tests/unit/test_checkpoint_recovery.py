@@ -55,6 +55,21 @@ def test_the_marker_lists_every_ranks_files_and_a_partial_upload_is_incomplete(t
     assert ckpt.incomplete_reason(partial) == "no COMPLETE marker"
 
 
+def test_another_ranks_scratch_files_in_a_shared_folder_are_not_described(tmp_path, monkeypatch):
+    """Two ranks saving into one folder: what the other is still writing under a hidden temporary name (ours,
+    DCP's, tempfile's) is left out, a file gone between the listing and its hash too; DCP's .metadata is kept."""
+    for name in ("model.pt", ".metadata", ".model.pt.tmp-123", ".metadata.tmp", ".tmplvmoxh"):
+        (tmp_path / name).write_bytes(b"x" * 3)
+    assert sorted(ckpt.list_files(tmp_path)) == [".metadata", "model.pt"]
+
+    listing = ckpt.list_files
+    monkeypatch.setattr(ckpt, "list_files", lambda d: {**listing(d), "renamed-away.tmp": 3})
+    described = ckpt.describe_files(tmp_path)
+    assert sorted(described) == [".metadata", "model.pt"] and described["model.pt"][0] == 3
+    with pytest.raises(FileNotFoundError):  # a file the caller names must exist
+        ckpt.describe_files(tmp_path, ["renamed-away.tmp"])
+
+
 def test_a_single_writer_marks_its_own_files(tmp_path):
     _rank_part(tmp_path / "one", 0)
     ckpt.mark_complete(tmp_path / "one")

@@ -49,9 +49,11 @@ class S3AccessError(ValueError):
     """An S3 request was refused for a reason the user has to fix (bucket, credentials, endpoint)."""
 
 
-def _is_temporary(name: str) -> bool:
-    """A file still being written under a temporary name (``.NAME.tmp-PID``), renamed when done."""
-    return name.startswith(".") and ".tmp-" in name
+def is_temporary(name: str) -> bool:
+    """A file still being written under a hidden temporary name, renamed when done: ours (``.NAME.tmp-PID``),
+    DCP's (``.metadata.tmp``) and ``tempfile``-style ones (``.tmpXXXX``) another rank's library may write into
+    a shared checkpoint folder. Never part of a listing (DCP's finished ``.metadata`` is)."""
+    return name.startswith(".") and ".tmp" in name
 
 
 def s3_refusal(err: BaseException, what: str, bucket: str | None) -> BaseException:
@@ -158,7 +160,7 @@ def _finished_files(loc: Location) -> list[Any]:
     with _wrap(loc, "list"):
         infos = loc.filesystem().get_file_info(pafs.FileSelector(loc.fs_path, recursive=True, allow_not_found=True))
     return [pafs.FileInfo(info.path.removeprefix(prefix), info.type, mtime_ns=info.mtime_ns, size=info.size)
-            for info in infos if info.type == pafs.FileType.File and not _is_temporary(info.base_name)]
+            for info in infos if info.type == pafs.FileType.File and not is_temporary(info.base_name)]
 
 
 def list_files(location: LocationLike) -> dict[str, int]:

@@ -113,18 +113,13 @@ def model_weights(directory: Path) -> dict[str, torch.Tensor]:
     return {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items()}
 
 
-def _is_temporary(name: str) -> bool:
-    """A file ``save_tensors`` (or the marker) is still writing: ``.NAME.tmp-PID``, renamed when done."""
-    return name.startswith(".") and ".tmp-" in name
-
-
 def list_files(directory: Path) -> dict[str, int]:
     """Every finished file under ``directory`` (relative POSIX path -> size in bytes), the marker excepted.
 
     Files another rank is still writing into a shared folder (temporary names) are not part of it."""
     listing: dict[str, int] = {}
     for p in directory.rglob("*"):
-        if p.name == COMPLETE_MARKER or _is_temporary(p.name):
+        if p.name == COMPLETE_MARKER or storage.is_temporary(p.name):
             continue
         try:
             if p.is_file():
@@ -138,7 +133,16 @@ def describe_files(directory: Path, names: Iterable[str] | None = None) -> dict[
     """``list_files`` (or only ``names`` of it) with each file's sha256: name -> (size, sha256), for the marker."""
     listing = list_files(directory)
     chosen = listing if names is None else {n: listing[n] for n in names}
-    return {name: (size, storage.file_sha256(str(directory / name))) for name, size in chosen.items()}
+    described = {}
+    for name, size in chosen.items():
+        try:
+            described[name] = (size, storage.file_sha256(str(directory / name)))
+        except FileNotFoundError:
+            # gone since the listing: another rank's scratch file in a shared folder, not a checkpoint file (a
+            # finished file is never removed during a save); a name asked for by `names` must exist
+            if names is not None:
+                raise
+    return described
 
 
 def mark_complete(directory: Path, parts: Iterable[Mapping[str, tuple[int, str]]] | None = None) -> None:
