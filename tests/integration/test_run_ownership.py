@@ -23,9 +23,10 @@ from metaformer_platform.training import ownership
 REPO = Path(__file__).resolve().parents[2]
 RUN = "it-owned"
 # The first job must still be training when the second one (a cold Python driver: seconds, tens on a loaded
-# machine) reaches its claim: 120 steps with a checkpoint every 4 leave it ~15 s of runway after checkpoint 8 on an
-# idle 2-core machine (80 were too few on a loaded one: checkpoints no longer stall ~1 s each for MLflow).
-STEPS = 120
+# machine) reaches its claim and the test reads the run status: steps with a checkpoint every 4 give it runway after checkpoint 8 on an
+# idle 2-core machine (80 were too few on a loaded one: checkpoints no longer stall ~1 s each for MLflow; at 120 a
+# fresh clone's run saw the first job FINISHED before the run-status check after the refusal: 200).
+STEPS = 200
 
 
 def _overrides(tmp: Path, mlflow_uri: str) -> list[str]:
