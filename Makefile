@@ -10,6 +10,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Two pytest processes (pytest-xdist): the tests on the session's Ray cluster run in order in one of them (one
+# cluster, see tests/conftest.py), everything else in the other meanwhile. `make test TEST_PROCS=0` runs one.
+TEST_PROCS ?= 2
 ARGS ?=
 
 # Ray binds the machine's own address even when told 127.0.0.1. Where we may (root, and unshare works here),
@@ -39,7 +42,7 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 
 # Exit status 5 is pytest's "no tests ran": a failure here, said plainly.
 test: $(STAMP)
-	@rc=0; $(ISOLATE) $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(ISOLATE) $(PY) -m pytest -n $(TEST_PROCS) --dist loadgroup $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest ran no tests" >&2; fi; exit $$rc
 
 # The embedded default: synthetic data, a local Ray with 2 CPU workers. `make pretrain ARGS='--config ...'`.

@@ -54,11 +54,24 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 INTEGRATION_DIR = Path(__file__).parent / "integration"
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's hook, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark everything under tests/integration as `integration`; skip `gpu` tests where CUDA is missing."""
+    """Mark everything under tests/integration as `integration`; skip `gpu` tests where CUDA is missing; keep
+    the tests on the session's Ray cluster in one pytest-xdist group.
+
+    Under ``pytest -n 2 --dist loadgroup`` (``make test``) that group runs, in file order, in one process, which
+    starts the one Ray cluster of the session; the other process meanwhile takes the rest a module at a time
+    (module fixtures start once): the unit tests, and the integration modules marked ``beside_cluster`` (no
+    job on the session's cluster: servers of their own, the local stack) except their tests that ask for it."""
     for item in items:
-        if INTEGRATION_DIR in item.path.parents:
+        integration = INTEGRATION_DIR in item.path.parents
+        if integration:
             item.add_marker(pytest.mark.integration)
+        on_cluster = "ray_cluster" in getattr(item, "fixturenames", ())
+        if on_cluster or (integration and not item.get_closest_marker("beside_cluster")):
+            item.add_marker(pytest.mark.xdist_group("ray-cluster"))
+        else:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return  # keep collection free of the torch import

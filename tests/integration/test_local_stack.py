@@ -17,6 +17,8 @@ import pytest
 
 from metaformer_platform import localstack
 
+pytestmark = pytest.mark.beside_cluster  # no job on the session's Ray cluster (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[2]
 # The embedded default, shrunk to a few steps of the debug model on a small generated data set.
 TINY_JOB = [

@@ -20,6 +20,8 @@ import pytest
 from metaformer_platform import localstack
 from metaformer_platform.data import Sample, build_loader, open_storage, write_dataset
 
+pytestmark = pytest.mark.beside_cluster  # no job on the session's Ray cluster (tests/conftest.py)
+
 BUCKET = "faults"
 
 

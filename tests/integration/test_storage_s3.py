@@ -18,6 +18,8 @@ from metaformer_platform import storage
 from metaformer_platform.storage import Location
 from metaformer_platform.storage import weights as W
 
+pytestmark = pytest.mark.beside_cluster  # no job on the session's Ray cluster (tests/conftest.py)
+
 
 @pytest.fixture
 def s3_env(s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:

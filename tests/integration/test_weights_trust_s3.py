@@ -14,6 +14,8 @@ from metaformer_platform import storage
 from metaformer_platform.config import load_config
 from metaformer_platform.training import ownership
 
+pytestmark = pytest.mark.beside_cluster  # no job on the session's Ray cluster (tests/conftest.py)
+
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 
 
