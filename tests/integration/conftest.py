@@ -4,7 +4,9 @@
 - ``mlflow_server``: the tracking URI of an ``mlflow server`` (sqlite + served artifacts);
 - ``ray_cluster``: a local Ray cluster of two 1-CPU nodes whose workers import the installed package;
 - ``small_job`` and ``ddp_reference``: the suite's small 2-worker job and its one uninterrupted DDP run, which
-  the strategy tests and the fault-tolerance test both compare their losses with (one reference job, not two).
+  the strategy tests and the fault-tolerance test both compare their losses with (one reference job, not two);
+- ``s3_checkpoint_job``: a 2-worker job checkpointing to the S3 server with a password in its tracking URI,
+  which test_checkpoint_storage (the checkpoints, a restart) and test_secrets (no secret leaked) both read.
 
 On a shared host the session runs in a loopback-only network namespace (``make test`` does that), since Ray
 binds the machine's own address too.
@@ -188,3 +190,31 @@ def small_job(ray_cluster: Any, mlflow_server: str, tmp_path_factory: pytest.Tem
 def ddp_reference(small_job: SmallJob) -> Any:
     """The small job's uninterrupted DDP run (its ``JobResult``), run once per session."""
     return small_job.run("it-ddp", "strategy.name=ddp")
+
+
+@pytest.fixture(scope="session")
+def s3_checkpoint_job(ray_cluster: Any, mlflow_server: str, s3_server: S3Server,
+                      tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The job run once, with the S3 credentials in the driver's environment (as in a user's shell; the nodes
+    have their own) and a tracking URI that carries a password."""
+    import glob
+    import os
+    import tempfile
+
+    from s3_checkpoint_job import TRACKING_PASSWORD, CmdlineWatch, S3CheckpointJob, s3_checkpoint_config
+
+    from metaformer_platform.launch import run_job
+
+    workdir = tmp_path_factory.mktemp("s3ckpt")
+
+    def scratch() -> set[str]:  # each rank's local checkpoint folder before Ray uploads it
+        return {p for step in (7, 14) for p in glob.glob(os.path.join(tempfile.gettempdir(), f"ckpt-{step:08d}-*"))}
+
+    before = scratch()
+    tracking = f"http://metaformer:{TRACKING_PASSWORD}@{mlflow_server.removeprefix('http://')}"
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in s3_server.env.items():
+            mp.setenv(key, value)
+        with CmdlineWatch([s3_server.secret_key, TRACKING_PASSWORD]) as watch:
+            result = run_job(s3_checkpoint_config(workdir, tracking, s3_server.bucket))
+    return S3CheckpointJob(workdir, result, scratch() - before, watch)

@@ -8,35 +8,20 @@ checkpoint; a missing bucket or refused credentials stop the job before any work
 
 from __future__ import annotations
 
-import glob
-import os
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow import MlflowClient
+from s3_checkpoint_job import S3_CKPT_PREFIX as PREFIX
+from s3_checkpoint_job import S3_CKPT_RUN as RUN
+from s3_checkpoint_job import s3_checkpoint_config
 
-from metaformer_platform.config import load_config
 from metaformer_platform.launch import check_resume_from, resolve_data_root, run_job
-
-CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
-PREFIX = "ckpt-runs"
-RUN = "it-s3-ckpt"
 
 
 def _cfg(tmp: Path, mlflow_uri: str, bucket: str, *extra: str):
-    return load_config(CONFIGS / "default.yaml", [
-        "model.name=poolformer_debug",
-        "data.synthetic.num_classes=4", "data.synthetic.train_samples=512", "data.synthetic.val_samples=64",
-        "data.synthetic.samples_per_shard=64", f"data.cache_dir={tmp / 'cache'}", "data.num_workers=0",
-        "trainer.batch_size=16", "trainer.max_steps=14", "trainer.log_every_steps=7", "trainer.val_every_steps=14",
-        "trainer.checkpoint_every_steps=7", "trainer.precision=fp32", "trainer.ema_decay=0.9",
-        "optim.lr=3e-3", "optim.warmup_epochs=0", "run.checkpoint_upload=async",
-        f"run.storage_path=s3://{bucket}/{PREFIX}", f"run.name={RUN}", "run.num_to_keep=null",
-        f"tracking.tracking_uri={mlflow_uri}", "tracking.experiment=it-s3-ckpt", "tracking.system_metrics=false",
-        *extra,
-    ])
+    return s3_checkpoint_config(tmp, mlflow_uri, bucket, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +33,10 @@ def s3_env(s3_server):
 
 
 @pytest.fixture(scope="module")
-def first_run(ray_cluster, mlflow_server, s3_env, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("s3ckpt")
-    def scratch() -> set[str]:
-        return {p for step in (7, 14) for p in glob.glob(os.path.join(tempfile.gettempdir(), f"ckpt-{step:08d}-*"))}
-
-    before = scratch()
-    result = run_job(_cfg(tmp, mlflow_server, s3_env.bucket))
-    return tmp, result, scratch() - before
+def first_run(s3_checkpoint_job, s3_env):
+    """The session's S3 checkpoint job (conftest.s3_checkpoint_job, which test_secrets reads too)."""
+    job = s3_checkpoint_job
+    return job.workdir, job.result, job.scratch_left
 
 
 def _keys(s3_server, prefix: str) -> dict[str, int]:
