@@ -131,7 +131,8 @@ def ray_cluster(s3_server: S3Server) -> Iterator[Any]:
 
 # The small job: poolformer_debug at 32 px on synthetic data, fp32, no augmentation, 2 micro-batches of 8 per
 # step (accumulation is compared too), a loss logged every step. DDP, FSDP2 and ZeRO compute the same losses
-# from it, and so does a run that was killed and resumed.
+# from it, and so does a run that was killed and resumed. Its 150 validation samples lie in uneven shards of
+# 40/40/40/30, split mid-shard between the 2 ranks: test_finetune_evaluate evaluates its DDP run's checkpoint.
 SMALL_JOB_STEPS = 30
 
 
@@ -146,8 +147,8 @@ class SmallJob:
         """The job's dotted overrides for run ``name``; ``extra`` ones come last and win."""
         return [
             "model.name=poolformer_debug",
-            "data.synthetic.num_classes=4", "data.synthetic.train_samples=1024", "data.synthetic.val_samples=200",
-            "data.synthetic.samples_per_shard=100", f"data.cache_dir={self.workdir / 'cache'}", "data.num_workers=0",
+            "data.synthetic.num_classes=4", "data.synthetic.train_samples=1024", "data.synthetic.val_samples=150",
+            "data.synthetic.samples_per_shard=40", f"data.cache_dir={self.workdir / 'cache'}", "data.num_workers=0",
             "data.img_size=32", "data.auto_augment=null", "data.re_prob=0", "data.mixup_alpha=0",
             "data.cutmix_alpha=0", "data.label_smoothing=0",
             f"trainer.max_steps={SMALL_JOB_STEPS}", "trainer.batch_size=8", "trainer.grad_accum_steps=2",
@@ -160,6 +161,10 @@ class SmallJob:
             "tracking.system_metrics=false",
             *extra,
         ]
+
+    def data_overrides(self) -> list[str]:
+        """The small job's data set (``data.*``), without its image size (an evaluate job takes the weights')."""
+        return [o for o in self.overrides("-") if o.startswith("data.") and not o.startswith("data.img_size=")]
 
     def config(self, name: str, *extra: str) -> Any:
         from metaformer_platform.config import load_config

@@ -1,9 +1,10 @@
 """Fine-tune and evaluate jobs on Ray Train (2 CPU workers) against the session's MLflow server.
 
-A short pretrain run gives a checkpoint and its validation top-1. Evaluating that checkpoint, and its export
-through the model registry (``models:/NAME@champion``), must give the same top-1 with every one of the 150
-validation samples (uneven shards of 40/40/40/30, split mid-shard between the ranks) counted exactly once;
-fine-tuning the checkpoint on another label set at another resolution (a new head) must learn.
+The suite's small DDP run (``ddp_reference`` in conftest.py, which the strategy and fault tests compare with)
+gives a checkpoint and its validation top-1. Evaluating that checkpoint, and its export through the model
+registry (``models:/NAME@champion``), must give the same top-1 with every one of the 150 validation samples
+(uneven shards of 40/40/40/30, split mid-shard between the ranks) counted exactly once; fine-tuning the
+checkpoint on another label set at another resolution (a new head) must learn.
 """
 
 from __future__ import annotations
@@ -43,22 +44,18 @@ def _run(tmp: Path, mlflow_uri: str, name: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def pretrained(ray_cluster, mlflow_server, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ft-eval")
-    cfg = load_config(CONFIGS / "default.yaml", [
-        *_data(tmp), *_run(tmp, mlflow_server, "it-fe-pretrain"), "trainer.batch_size=16", "trainer.max_steps=40",
-        "trainer.val_every_steps=40", "trainer.checkpoint_every_steps=40", "trainer.log_every_steps=10",
-        "optim.lr=3e-3", "optim.warmup_epochs=0",
-    ])
-    result = run_job(cfg)
-    assert result.metrics["val/samples"] == VAL_SAMPLES and result.metrics["val/top1"] > 40.0  # chance: 25%
-    return tmp, cfg, result
+def pretrained(small_job, ddp_reference, tmp_path_factory):
+    """(this module's folder, the small job's config and data overrides, its DDP run's ``JobResult``)."""
+    cfg = small_job.config("it-ddp")
+    assert cfg.data.synthetic.val_samples == VAL_SAMPLES and cfg.data.synthetic.samples_per_shard == 40
+    assert ddp_reference.metrics["val/samples"] == VAL_SAMPLES and ddp_reference.metrics["val/top1"] > 40.0  # chance 25%
+    return tmp_path_factory.mktemp("ft-eval"), cfg, small_job.data_overrides(), ddp_reference
 
 
-def _evaluate(tmp: Path, mlflow_uri: str, name: str, weights: str, *extra: str):
+def _evaluate(tmp: Path, mlflow_uri: str, name: str, weights: str, data: list[str], *extra: str):
     # No model.name, img_size or crop_pct: the weights decide them.
     return run_job(load_config(None, [
-        "stage=evaluate", f"model.init_from={weights}", *_data(tmp), *_run(tmp, mlflow_uri, name)[1:],
+        "stage=evaluate", f"model.init_from={weights}", *data, *_run(tmp, mlflow_uri, name)[1:],
         "scaling.num_workers=2", *extra,
     ]))
 
@@ -77,7 +74,8 @@ def _check_report(result, tmp: Path, cfg, mlflow_uri: str) -> dict:
     assert math.isclose(100 * hits / VAL_SAMPLES, m["eval/top1"], rel_tol=1e-9)
     assert report["data_hash"] == data_hash(manifest, "val")[0]
     assert report["class_names"] == list(manifest.class_names) and report["paper_top1"] is None  # not ImageNet
-    assert (report["img_size"], report["crop_pct"]) == (32, 1.0)  # the pretrain run's, from the weights
+    # the pretrain run's (32 px, crop 0.9), from the weights
+    assert (report["img_size"], report["crop_pct"]) == (cfg.data.img_size, cfg.data.crop_pct) == (32, 0.9)
     # the JSON on disk and in MLflow is the report
     assert json.loads((Path(result.run_dir) / "eval.json").read_text()) == report
     client = MlflowClient(mlflow_uri)
@@ -90,14 +88,14 @@ def _check_report(result, tmp: Path, cfg, mlflow_uri: str) -> dict:
 
 
 def test_evaluate_checkpoint_and_registered_export_match_trainer_validation(pretrained, mlflow_server, monkeypatch):
-    tmp, cfg, trained = pretrained
+    tmp, cfg, data, trained = pretrained
     checkpoint = trained.checkpoint_path
-    result = _evaluate(tmp, mlflow_server, "it-fe-eval-ckpt", checkpoint, "trainer.batch_size=16")
+    result = _evaluate(tmp, mlflow_server, "it-fe-eval-ckpt", checkpoint, data, "trainer.batch_size=16")
     report = _check_report(result, tmp, cfg, mlflow_server)
     assert result.metrics["eval/top1"] == trained.metrics["val/top1"]
     assert result.metrics["eval/top5"] == trained.metrics["val/top5"]
     assert math.isclose(result.metrics["eval/loss"], trained.metrics["val/loss"], rel_tol=1e-5)
-    assert report["weights_kind"] == "checkpoint" and report["weights_step"] == 40
+    assert report["weights_kind"] == "checkpoint" and report["weights_step"] == trained.metrics["step"]
 
     # the export, registered and promoted, evaluated through its models:/ URI (another batch size)
     monkeypatch.setenv("METAFORMER_WEIGHTS_CACHE", str(tmp / "model-cache"))
@@ -109,7 +107,7 @@ def test_evaluate_checkpoint_and_registered_export_match_trainer_validation(pret
     registry.promote("it_fe_debug", version, trained.metrics["val/top1"], eval_data_hash=report["data_hash"],
                      tracking_uri=mlflow_server)
     uri = "models:/it_fe_debug@champion"
-    result = _evaluate(tmp, mlflow_server, "it-fe-eval-export", uri, "trainer.batch_size=12")
+    result = _evaluate(tmp, mlflow_server, "it-fe-eval-export", uri, data, "trainer.batch_size=12")
     report = _check_report(result, tmp, cfg, mlflow_server)
     assert report["weights"] == uri and report["weights_kind"] == "export"
     assert Path(report["weights_path"]).is_relative_to(tmp / "model-cache")
@@ -117,7 +115,7 @@ def test_evaluate_checkpoint_and_registered_export_match_trainer_validation(pret
 
 
 def test_finetune_checkpoint_on_a_new_label_set_and_resolution_learns(pretrained, mlflow_server):
-    tmp, _, trained = pretrained
+    tmp, _, _, trained = pretrained
     cfg = load_config(CONFIGS / "default.yaml", [
         "stage=finetune", f"model.init_from={trained.checkpoint_path}", *_data(tmp, num_classes=3, seed=1),
         *_run(tmp, mlflow_server, "it-fe-finetune"), "run.name=null", "data.img_size=48",
@@ -142,7 +140,7 @@ def test_weights_on_s3_are_fetched_once_and_checked(pretrained, s3_server, monke
     from metaformer_platform.launch import resolve_init_from
     from metaformer_platform.storage.weights import FETCHED_MARKER, resolve
 
-    _, _, trained = pretrained
+    _, _, _, trained = pretrained
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("METAFORMER_WEIGHTS_CACHE", str(tmp_path / "weights"))
@@ -150,8 +148,8 @@ def test_weights_on_s3_are_fetched_once_and_checked(pretrained, s3_server, monke
     checkpoint = Path(trained.checkpoint_path)
     files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
     for path in files:
-        client.upload_file(str(path), s3_server.bucket, f"runs/ft/checkpoint-00000040/{path.relative_to(checkpoint)}")
-    url = f"s3://{s3_server.bucket}/runs/ft/checkpoint-00000040"
+        client.upload_file(str(path), s3_server.bucket, f"runs/ft/{checkpoint.name}/{path.relative_to(checkpoint)}")
+    url = f"s3://{s3_server.bucket}/runs/ft/{checkpoint.name}"
     cfg = load_config(None, ["stage=finetune", "model.name=poolformer_debug", f"model.init_from={url}"])
     local = resolve_init_from(cfg)
     assert local.parent == tmp_path / "weights" / "s3"
@@ -159,11 +157,11 @@ def test_weights_on_s3_are_fetched_once_and_checked(pretrained, s3_server, monke
     assert fetched == [p.relative_to(checkpoint) for p in files]  # the checkpoint's files, plus the cache's marker
     assert (local / FETCHED_MARKER).is_file()
     assert all((local / p.relative_to(checkpoint)).read_bytes() == p.read_bytes() for p in files)
-    assert read_weights_info(local).step == 40
+    assert read_weights_info(local).step == trained.metrics["step"]
     (local / "COMPLETE").unlink()  # a damaged cache entry is fetched again
     assert resolve(url) == local and (local / "COMPLETE").is_file()
     # a prefix without a complete checkpoint or an export is refused before downloading anything
-    client.delete_object(Bucket=s3_server.bucket, Key="runs/ft/checkpoint-00000040/COMPLETE")
+    client.delete_object(Bucket=s3_server.bucket, Key=f"runs/ft/{checkpoint.name}/COMPLETE")
     with pytest.raises(ValueError, match="neither an export .* nor a complete checkpoint"):
         resolve(url, cache_dir=tmp_path / "other")
     assert not (tmp_path / "other").exists()
