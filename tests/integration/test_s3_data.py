@@ -1,7 +1,7 @@
-"""The data plane on a real S3 server (SeaweedFS checking SigV4): build shards straight to s3:// with Ray
-tasks, read them back through the loader under TorchTrainer, through timm's wds reader, and through a
-pretrain job; wrong credentials, a missing bucket and a missing prefix are refused with a clear message
-before anything starts."""
+"""The data plane on a real S3 server (SeaweedFS checking SigV4) and the session's two Ray nodes: build shards
+straight to s3:// with Ray tasks, read them back through the loader under TorchTrainer (one worker per node,
+local data split by global rank too), through timm's wds reader, and through a pretrain job; wrong
+credentials, a missing bucket and a missing prefix are refused with a clear message before anything starts."""
 
 from __future__ import annotations
 
@@ -138,54 +138,110 @@ def test_brace_patterns_and_manifest_urls_on_s3(s3_shards, s3_server, monkeypatc
     assert keys == [s.key for s in iter_shard(picked.storage, "val-000000.tar")]
 
 
-def test_loader_under_torchtrainer_reads_each_val_sample_once_from_s3(s3_shards, s3_server, tmp_path):
+def test_two_workers_run_one_per_node_and_split_local_and_s3_data_by_global_rank(s3_shards, s3_server, tmp_path):
+    """One TorchTrainer run of 2 workers on the session's two nodes (one job for both reads):
+
+    - each worker runs on its own node (node ranks 0 and 1, local rank 0 on both, as on a real multi-node
+      cluster): the job's own ``DistContext`` (``launch._dist_context``) and the Trainer's own loaders split one
+      training epoch and the whole validation split of local data by global rank, not local rank;
+    - the loader (2 loader workers per rank) reads the S3 shards: each validation sample exactly once, and
+      training keys with no overlap between the ranks.
+    """
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    url, _ = s3_shards
+    from metaformer_platform.config import load_config
+    from metaformer_platform.launch import resolve_data_root
 
-    def read_split(config):  # nested: Ray pickles it by value (the test module is not importable there)
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    assert len(nodes) == 2 and all(n["Resources"]["CPU"] == 1 for n in nodes)
+    url, _ = s3_shards
+    cfg = load_config(REPO / "jobs" / "configs" / "default.yaml", [
+        "model.name=poolformer_debug", "data.img_size=32", "data.auto_augment=null", "data.num_workers=1",
+        "data.synthetic.num_classes=4", "data.synthetic.train_samples=1000", "data.synthetic.val_samples=203",
+        "data.synthetic.samples_per_shard=100", f"data.cache_dir={tmp_path / 'cache'}", "trainer.batch_size=16",
+        "trainer.precision=fp32", "trainer.torch_threads=1", "scaling.num_workers=2",
+    ])
+    root = resolve_data_root(cfg)  # generated once here; the workers find it in the cache
+
+    def read(config: dict) -> None:  # nested: Ray pickles it by value (the test module is not importable there)
         import json as _json
         from pathlib import Path as _Path
 
+        import ray as _ray
         import ray.train as _train
 
+        from metaformer_platform.config import JobConfig
         from metaformer_platform.data import build_loader
+        from metaformer_platform.launch import _dist_context, resolve_data_root
+        from metaformer_platform.training.trainer import Trainer
 
+        job = JobConfig.model_validate(config["job"])
+        dist = _dist_context()
+        trainer = Trainer(job, dist, data_root=resolve_data_root(job))
+        local = {}
+        for split, loader in (("train", trainer.train_loader), ("val", trainer.val_loader)):
+            loader.with_keys = True
+            local[split] = [key for _, _, batch_keys in loader for key in batch_keys]
         ctx = _train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
-        out = {}
+        s3 = {}
         for split, shuffle, drop_last in (("val", False, False), ("train", True, True)):
             loader = build_loader(
                 config["url"], split, batch_size=4, rank=rank, world_size=world, num_workers=2, transform=None,
                 seed=0, shuffle=shuffle, shuffle_buffer=8, drop_last=drop_last, with_keys=True,
             )
             batches = [(keys, labels.tolist(), tuple(images.shape)) for images, labels, keys in loader]
-            out[split] = {"batches": len(batches), "keys": [k for b in batches for k in b[0]],
-                          "labels": [lab for b in batches for lab in b[1]], "shapes": sorted({b[2][1:] for b in batches})}
-        _Path(config["out"], f"rank{rank}.json").write_text(_json.dumps(out))
+            s3[split] = {"batches": len(batches), "keys": [k for b in batches for k in b[0]],
+                         "labels": [lab for b in batches for lab in b[1]], "shapes": sorted({b[2][1:] for b in batches})}
+        record = {
+            "rank": dist.rank, "world_size": dist.world_size, "node_rank": dist.node_rank, "local_rank": dist.local_rank,
+            "node_id": _ray.get_runtime_context().get_node_id(), "steps_per_epoch": trainer.steps_per_epoch,
+            "local": local, "s3": s3,
+        }
+        _Path(config["out"], f"rank{rank}.json").write_text(_json.dumps(record))
         _train.report({"rank": rank})
 
-    trainer = TorchTrainer(
-        read_split,
-        train_loop_config={"url": url, "out": str(tmp_path)},
+    out = tmp_path / "out"
+    out.mkdir()
+    result = TorchTrainer(
+        read,
+        train_loop_config={"job": cfg.model_dump(mode="json"), "url": url, "out": str(out)},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(
-            name="s3-read", storage_path=str(tmp_path / "runs"),
+            name="it-two-nodes", storage_path=str(tmp_path / "runs"),
             # the endpoint only: the credentials are in the nodes' environment (conftest.ray_cluster)
             worker_runtime_env={"env_vars": {"AWS_ENDPOINT_URL": s3_server.endpoint_url}}
         ),
-    )
-    result = trainer.fit()
+    ).fit()
     assert result.error is None
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    val_keys = ranks[0]["val"]["keys"] + ranks[1]["val"]["keys"]
+    ranks = sorted((json.loads(p.read_text()) for p in out.glob("rank*.json")), key=lambda r: r["rank"])
+
+    # one worker per node: node ranks 0 and 1, local rank 0 on both
+    assert [(r["rank"], r["world_size"], r["node_rank"], r["local_rank"]) for r in ranks] == [(0, 2, 0, 0), (1, 2, 1, 0)]
+    assert ranks[0]["node_id"] != ranks[1]["node_id"]
+    assert {r["node_id"] for r in ranks} == {n["NodeID"] for n in nodes}
+
+    # local data, the Trainer's loaders. Training: 1000 samples, 2 ranks x 31 full batches of 16 (8 dropped), no
+    # sample on both ranks. Validation: all 203 (an odd count: the ranks' shares differ), each scored once.
+    train = [r["local"]["train"] for r in ranks]
+    assert [len(t) for t in train] == [31 * 16, 31 * 16] and [r["steps_per_epoch"] for r in ranks] == [31, 31]
+    assert len(set(train[0])) == len(train[0]) and len(set(train[1])) == len(train[1])
+    assert not set(train[0]) & set(train[1])
+    val = ranks[0]["local"]["val"] + ranks[1]["local"]["val"]
+    assert load_manifest(root).split("val").num_samples == 203
+    assert len(val) == 203 and len(set(val)) == 203 and len(ranks[0]["local"]["val"]) != len(ranks[1]["local"]["val"])
+
+    # S3 shards, the loader with 2 workers per rank
+    s3 = [r["s3"] for r in ranks]
+    val_keys = s3[0]["val"]["keys"] + s3[1]["val"]["keys"]
     assert sorted(val_keys) == [f"ILSVRC2012_val_{i + 1:08d}" for i in range(VAL)]  # each exactly once
-    assert ranks[0]["val"]["batches"] == ranks[1]["val"]["batches"] == 4  # 15 per rank in batches of 4
-    for r in ranks:
+    assert s3[0]["val"]["batches"] == s3[1]["val"]["batches"] == 4  # 15 per rank in batches of 4
+    for r in s3:
         assert r["val"]["labels"] == [(int(k[-8:]) - 1) % 4 for k in r["val"]["keys"]]
         assert r["train"]["batches"] == 12 and r["val"]["shapes"] == [[3, 32, 32]]
-    train_keys = ranks[0]["train"]["keys"] + ranks[1]["train"]["keys"]
+    train_keys = s3[0]["train"]["keys"] + s3[1]["train"]["keys"]
     assert len(train_keys) == len(set(train_keys)) == 96  # 48 per rank, no overlap
 
 
