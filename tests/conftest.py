@@ -54,6 +54,23 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 INTEGRATION_DIR = Path(__file__).parent / "integration"
 
 
+# Ray starts its worker processes at nice 15 (RAY_worker_niceness): a test process at nice 0 beside them takes
+# the CPU from the Ray cluster's jobs, the suite's critical path. The process running the other tests drops to 19.
+BESIDE_NICENESS = 19
+CLUSTER_GROUP = "ray-cluster"
+
+
+def _in_cluster_group(item: pytest.Item) -> bool:
+    return any(m.args[:1] == (CLUSTER_GROUP,) for m in item.iter_markers("xdist_group"))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Under pytest-xdist, a test outside the cluster group runs at nice 19 (see BESIDE_NICENESS)."""
+    if (os.environ.get("PYTEST_XDIST_WORKER") and not _in_cluster_group(item)
+            and not item.get_closest_marker("skip") and os.getpriority(os.PRIO_PROCESS, 0) < BESIDE_NICENESS):
+        os.setpriority(os.PRIO_PROCESS, 0, BESIDE_NICENESS)
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's hook, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark everything under tests/integration as `integration`; skip `gpu` tests where CUDA is missing; keep
@@ -69,7 +86,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
         on_cluster = "ray_cluster" in getattr(item, "fixturenames", ())
         if on_cluster or (integration and not item.get_closest_marker("beside_cluster")):
-            item.add_marker(pytest.mark.xdist_group("ray-cluster"))
+            item.add_marker(pytest.mark.xdist_group(CLUSTER_GROUP))
         else:
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
