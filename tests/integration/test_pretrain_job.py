@@ -58,7 +58,8 @@ class CliRun:
 def first_run(ray_cluster, mlflow_server, tmp_path_factory) -> CliRun:
     """The entry point as a user runs it (its own process, joining the session cluster through RAY_ADDRESS):
     100 steps on 2 workers, in an experiment that exists already without the training mark (made by an
-    older version, say). One job serves every test of the module (each job costs ~16 s to start and stop)."""
+    older version, say). It serves the checks of a fresh run, the console's and MLflow's, and is the run
+    the later tests resume: each Ray Train job costs ~16 s to start and stop."""
     import os
     import subprocess
     import sys
