@@ -6,7 +6,8 @@
 - ``small_job`` and ``ddp_reference``: the suite's small 2-worker job and its one uninterrupted DDP run, which
   the strategy tests and the fault-tolerance test both compare their losses with (one reference job, not two);
 - ``s3_checkpoint_job``: a 2-worker job checkpointing to the S3 server with a password in its tracking URI,
-  which test_checkpoint_storage (the checkpoints, a restart) and test_secrets (no secret leaked) both read.
+  which test_checkpoint_storage (the checkpoints, a restart) and test_secrets (no secret leaked) both read;
+- ``train_worker_pids``: the PIDs of a running job's Ray Train workers, to kill or freeze them from outside.
 
 On a shared host the session runs in a loopback-only network namespace (``make test`` does that), since Ray
 binds the machine's own address too.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,32 @@ def ray_cluster(s3_server: S3Server) -> Iterator[Any]:
             ray.shutdown()
     finally:
         cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def train_worker_pids(ray_cluster: Any) -> Callable[[float], dict[int, int]]:
+    """``pids(since)``: {rank: pid} of the live Ray Train workers of the job started after ``since`` (a
+    ``time.time()``), from the line each worker logs at start (workers.py: ``rank R of W on node N (local
+    rank L), pid P``) in the session cluster's logs."""
+    import re
+
+    import psutil
+
+    logs = Path(ray_cluster.address_info["session_dir"]) / "logs"
+    line = re.compile(r"rank (\d+) of \d+ on node \d+ \(local rank \d+\), pid (\d+)")
+
+    def pids(since: float) -> dict[int, int]:
+        found = {}
+        for path in logs.glob("worker-*.err"):
+            if path.stat().st_mtime < since:
+                continue
+            for match in line.finditer(path.read_text(errors="replace")):
+                rank, pid = int(match[1]), int(match[2])
+                if psutil.pid_exists(pid) and "RayTrainWorker" in " ".join(psutil.Process(pid).cmdline()):
+                    found[rank] = pid
+        return found
+
+    return pids
 
 
 # The small job: poolformer_debug at 32 px on synthetic data, fp32, no augmentation, 2 micro-batches of 8 per

@@ -13,11 +13,11 @@ strategy tests compare with too. The job ends at 30, so the partial 30 is remove
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -29,24 +29,12 @@ from metaformer_platform.training import checkpoint as ckpt
 KILL_AFTER, STEPS = 20, 30  # the small job runs 30 steps (tests/integration/conftest.py)
 
 
-def _rank0_pid(logs: Path, since: float) -> int | None:
-    """The live rank-0 worker of the current job, from the line each worker logs at start (in Ray's logs)."""
-    for path in logs.glob("worker-*.err"):
-        if path.stat().st_mtime < since:
-            continue
-        for match in re.finditer(r"rank 0 of 2 on node \d+ \(local rank \d+\), pid (\d+)", path.read_text(errors="replace")):
-            pid = int(match.group(1))
-            if psutil.pid_exists(pid) and "RayTrainWorker" in " ".join(psutil.Process(pid).cmdline()):
-                return pid
-    return None
-
-
 class Killer(threading.Thread):
     """Waits for checkpoint KILL_AFTER to be complete on storage, SIGKILLs rank 0, and leaves a partial upload."""
 
-    def __init__(self, run_dir: Path, logs: Path) -> None:
+    def __init__(self, run_dir: Path, worker_pids: Callable[[float], dict[int, int]]) -> None:
         super().__init__(daemon=True)
-        self.run_dir, self.logs, self.since = run_dir, logs, time.time()
+        self.run_dir, self.worker_pids, self.since = run_dir, worker_pids, time.time()
         self.killed_pid: int | None = None
         self.complete_at_kill: list[str] = []
         self.error: str | None = None
@@ -59,7 +47,7 @@ class Killer(threading.Thread):
                 self.error = f"{target} never became complete"
                 return
             time.sleep(0.01)
-        pid = _rank0_pid(self.logs, self.since)
+        pid = self.worker_pids(self.since).get(0)
         if pid is None:
             self.error = "no live rank-0 worker found in Ray's logs"
             return
@@ -78,14 +66,14 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, flo
 
 
 def test_a_worker_killed_mid_run_resumes_from_the_newest_complete_checkpoint(
-    ray_cluster, mlflow_server, small_job, ddp_reference
+    ray_cluster, mlflow_server, small_job, ddp_reference, train_worker_pids
 ):
     client = MlflowClient(mlflow_server)
     reference = ddp_reference  # the same job, never killed
 
     logs = Path(ray_cluster.address_info["session_dir"]) / "logs"
     run_dir = small_job.workdir / "runs" / "it-faults"
-    killer = Killer(run_dir, logs)
+    killer = Killer(run_dir, train_worker_pids)
     killer.start()
     result = run_job(small_job.config(
         "it-faults", "strategy.name=ddp", "trainer.checkpoint_every_steps=10", "run.num_to_keep=2",

@@ -1,12 +1,20 @@
 """A run is owned (issue 10, item 5): while a job trains under a run name, a second job under that name exits
 2 before anything starts; the first job's checkpoints stay byte-identical, its MLflow run is the only one of
-that name and the second job never reopens it; every checkpoint folder is stamped with the run's id."""
+that name and the second job never reopens it; every checkpoint folder is stamped with the run's id.
+
+"While it trains" is made certain, not raced against the machine's speed: once checkpoint 8 is on storage the
+first job's two Ray Train workers are frozen (SIGSTOP; its driver, which holds the lease, runs on), the second
+job and every check that needs the first one live run, and then the workers go on (SIGCONT) and the first job
+finishes. The freeze lasts seconds, far below Ray Train's worker health-check timeout (10 min) and gloo's (30 min).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -22,11 +30,7 @@ from metaformer_platform.training import ownership
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = "it-owned"
-# The first job must still be training when the second one (a cold Python driver: seconds, tens on a loaded
-# machine) reaches its claim and the test reads the run status: steps with a checkpoint every 4 give it runway after checkpoint 8 on an
-# idle 2-core machine (80 were too few on a loaded one: checkpoints no longer stall ~1 s each for MLflow; at 120 a
-# fresh clone's run saw the first job FINISHED before the run-status check after the refusal: 200).
-STEPS = 200
+STEPS = 20  # a checkpoint every 4: the workers are frozen once 8 is complete; 12, 16 and 20 come after
 
 
 def _overrides(tmp: Path, mlflow_uri: str) -> list[str]:
@@ -45,35 +49,48 @@ def _tree(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_a_second_job_under_a_live_run_name_exits_2_and_touches_nothing(ray_cluster, mlflow_server, tmp_path):
+def test_a_second_job_under_a_live_run_name_exits_2_and_touches_nothing(
+    ray_cluster, mlflow_server, tmp_path, train_worker_pids
+):
     overrides = _overrides(tmp_path, mlflow_server)
     results: dict[str, object] = {}
+    since = time.time()
     first = threading.Thread(target=lambda: results.update(first=run_job(load_config(REPO / "jobs/configs/default.yaml", overrides))))
     first.start()
     run_dir = tmp_path / "runs" / RUN
     deadline = time.monotonic() + 240
     while not (run_dir / "checkpoint-00000008" / "COMPLETE").is_file():  # the first job is training
         assert first.is_alive() and time.monotonic() < deadline, "the first job did not reach step 8"
-        time.sleep(0.2)
-    folders = ["checkpoint-00000004", "checkpoint-00000008"]
-    before = {name: _tree(run_dir / name) for name in folders}
+        time.sleep(0.01)
+    workers = train_worker_pids(since)
+    assert sorted(workers) == [0, 1], f"the first job's 2 workers are not in Ray's logs (or ended): {workers}"
     client = MlflowClient(mlflow_server)
-    (exp_id,) = [e.experiment_id for e in client.search_experiments() if e.name == "it-owned"]
-    (mlrun,) = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{RUN}'")
-    assert mlrun.info.status == "RUNNING"
+    try:
+        for pid in workers.values():
+            os.kill(pid, signal.SIGSTOP)
+        folders = ["checkpoint-00000004", "checkpoint-00000008"]
+        before = {name: _tree(run_dir / name) for name in folders}
+        (exp_id,) = [e.experiment_id for e in client.search_experiments() if e.name == "it-owned"]
+        (mlrun,) = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{RUN}'")
+        assert first.is_alive() and mlrun.info.status == "RUNNING"
 
-    env = {**os.environ, "PYTHONPATH": str(REPO / "platform")}
-    second = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "pretrain.py"), "--config", str(REPO / "jobs/configs/default.yaml"),
-         *overrides], capture_output=True, text=True, env=env, timeout=120,
-    )
-    assert second.returncode == 2, ("the second job was not refused (did the first end before? then give it "
-                                    "more steps): " + second.stderr[-3000:])
-    assert f"run.name='{RUN}'" in second.stderr and "in use by a live job" in second.stderr
-    assert {name: _tree(run_dir / name) for name in folders} == before  # untouched while it was refused
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{RUN}'")
-    assert [r.info.run_id for r in runs] == [mlrun.info.run_id]
-    assert client.get_run(mlrun.info.run_id).info.status == "RUNNING"  # not reopened, not closed by the second
+        # A driver of its own joining the same cluster, as a second submission would: the lease lives on
+        # storage, so the refusal does not depend on the cluster (a private one would cost ~12 s to start).
+        env = {**os.environ, "PYTHONPATH": str(REPO / "platform"), "RAY_ADDRESS": ray_cluster.address_info["address"]}
+        second = subprocess.run(
+            [sys.executable, str(REPO / "jobs" / "pretrain.py"), "--config", str(REPO / "jobs/configs/default.yaml"),
+             *overrides], capture_output=True, text=True, env=env, timeout=120,
+        )
+        assert second.returncode == 2, "the second job was not refused: " + second.stderr[-3000:]
+        assert f"run.name='{RUN}'" in second.stderr and "in use by a live job" in second.stderr
+        assert {name: _tree(run_dir / name) for name in folders} == before  # untouched while it was refused
+        runs = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{RUN}'")
+        assert [r.info.run_id for r in runs] == [mlrun.info.run_id]
+        assert client.get_run(mlrun.info.run_id).info.status == "RUNNING"  # not reopened, not closed by the second
+    finally:
+        for pid in workers.values():  # every one goes on, even if another has gone meanwhile
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
     first.join(timeout=600)
     assert results["first"].metrics["step"] == STEPS  # type: ignore[attr-defined]
@@ -83,3 +100,4 @@ def test_a_second_job_under_a_live_run_name_exits_2_and_touches_nothing(ray_clus
     for folder in sorted(run_dir.glob("checkpoint-*")):  # each rank stamped every folder with the run's id
         stamps = [json.loads(p.read_text()) for p in sorted(folder.glob(f"{ownership.STAMP_PREFIX}*"))]
         assert [s["run_id"] for s in stamps] == [owner["run_id"]] * 2, folder
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == [f"checkpoint-{s:08d}" for s in range(4, STEPS + 1, 4)]
