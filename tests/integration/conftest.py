@@ -149,8 +149,11 @@ def train_worker_pids(ray_cluster: Any) -> Callable[[float], dict[int, int]]:
                 continue
             for match in line.finditer(path.read_text(errors="replace")):
                 rank, pid = int(match[1]), int(match[2])
-                if psutil.pid_exists(pid) and "RayTrainWorker" in " ".join(psutil.Process(pid).cmdline()):
-                    found[rank] = pid
+                try:
+                    if "RayTrainWorker" in " ".join(psutil.Process(pid).cmdline()):
+                        found[rank] = pid
+                except psutil.Error:  # gone (an earlier job's worker), or gone while being read
+                    continue
         return found
 
     return pids
