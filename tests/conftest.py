@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -55,9 +56,12 @@ INTEGRATION_DIR = Path(__file__).parent / "integration"
 
 
 # Ray starts its worker processes at nice 15 (RAY_worker_niceness): a test process at nice 0 beside them takes
-# the CPU from the Ray cluster's jobs, the suite's critical path. The process running the other tests drops to 19.
+# the CPU from the Ray cluster's jobs, the suite's critical path. Under pytest-xdist the other tests run at nice
+# 19 and the cluster group at the niceness the session started with (restored, where the OS allows, when one
+# process runs both: the cluster's processes inherit the niceness of the process that starts them).
 BESIDE_NICENESS = 19
 CLUSTER_GROUP = "ray-cluster"
+_START_NICENESS = os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def _in_cluster_group(item: pytest.Item) -> bool:
@@ -65,10 +69,13 @@ def _in_cluster_group(item: pytest.Item) -> bool:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Under pytest-xdist, a test outside the cluster group runs at nice 19 (see BESIDE_NICENESS)."""
-    if (os.environ.get("PYTEST_XDIST_WORKER") and not _in_cluster_group(item)
-            and not item.get_closest_marker("skip") and os.getpriority(os.PRIO_PROCESS, 0) < BESIDE_NICENESS):
-        os.setpriority(os.PRIO_PROCESS, 0, BESIDE_NICENESS)
+    """Under pytest-xdist: the cluster group at the session's niceness, every other test at nice 19."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    want = _START_NICENESS if _in_cluster_group(item) else max(_START_NICENESS, BESIDE_NICENESS)
+    if os.getpriority(os.PRIO_PROCESS, 0) != want:
+        with contextlib.suppress(PermissionError):  # only root may lower it again
+            os.setpriority(os.PRIO_PROCESS, 0, want)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's hook, which reads the groups
@@ -89,6 +96,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(CLUSTER_GROUP))
         else:
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    # The cluster group first (a stable sort: file order within it): pytest-xdist hands it to a process that has
+    # run nothing yet, so no server of that process started at the other tests' nice 19 (see BESIDE_NICENESS).
+    items.sort(key=lambda item: not _in_cluster_group(item))
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return  # keep collection free of the torch import
