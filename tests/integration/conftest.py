@@ -105,6 +105,19 @@ def local_cluster(env: dict[str, str], extra_node_ips: tuple[str, ...] = ("127.0
     return cluster
 
 
+def node_env(s3_server: S3Server) -> dict[str, str]:
+    """The environment of the session cluster's nodes: the S3 server's credentials, and Ray's workers at the
+    session's own priority (Ray's default is nice 15: under make test, the test process beside the cluster runs
+    at nice 19, and the jobs on the cluster are the suite's critical path)."""
+    return {**s3_server.env, "RAY_worker_niceness": "0"}
+
+
+@pytest.fixture(scope="session")
+def ray_node_env(s3_server: S3Server) -> dict[str, str]:
+    """``node_env``: for a node a test adds to the session cluster."""
+    return node_env(s3_server)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server: S3Server) -> Iterator[Any]:
     """A Ray cluster of two nodes with 1 CPU each, on this machine, for the whole session.
@@ -118,7 +131,7 @@ def ray_cluster(s3_server: S3Server) -> Iterator[Any]:
     """
     import ray
 
-    cluster = local_cluster(s3_server.env)
+    cluster = local_cluster(node_env(s3_server))
     try:
         cluster.wait_for_nodes()
         context = ray.init(address=cluster.address, log_to_driver=True)

@@ -112,8 +112,8 @@ def _refresh_coordinator() -> None:
 
 
 def _add_node(env: dict[str, str]):
-    """A new Ray node like the session's second one (``ray.cluster_utils.Cluster.add_node``'s settings), its
-    processes stopped at exit."""
+    """A new Ray node like the session's second one (``ray.cluster_utils.Cluster.add_node``'s settings, ``env``:
+    conftest.ray_node_env), its processes stopped at exit."""
     import ray
     from ray._private.node import Node
     from ray._private.parameter import RayParams
@@ -124,7 +124,7 @@ def _add_node(env: dict[str, str]):
         include_log_monitor=False, node_manager_port=0,
     )
     params.dashboard_agent_listen_port = None
-    with pytest.MonkeyPatch.context() as mp:  # the node's environment: the S3 credentials, as the fixture's nodes
+    with pytest.MonkeyPatch.context() as mp:  # the node's environment, as the fixture's nodes have it
         for key, value in env.items():
             mp.setenv(key, value)
         # and, as they have, RAY_ADDRESS naming this cluster (conftest.local_cluster: Ray Train's cleaner would
@@ -149,7 +149,7 @@ class Job(threading.Thread):
 
 
 def test_an_elastic_job_shrinks_when_a_node_dies_grows_back_and_sees_every_sample_once(
-    ray_cluster, mlflow_server, s3_server, tmp_path, monkeypatch
+    ray_cluster, mlflow_server, ray_node_env, tmp_path, monkeypatch
 ):
     import ray
 
@@ -188,7 +188,7 @@ def test_an_elastic_job_shrinks_when_a_node_dies_grows_back_and_sees_every_sampl
         wait("the node's death", lambda: sum(n["Alive"] for n in ray.nodes()) == 1, note_checkpoints)
         _refresh_coordinator()
         wait("one worker", lambda: 1 in _world_sizes_seen(keys), note_checkpoints)
-        _add_node(s3_server.env)
+        _add_node(ray_node_env)
         wait("the node's return", lambda: sum(n["Alive"] for n in ray.nodes()) == 2)
         _refresh_coordinator()
         wait("two workers again", lambda: _world_sizes_seen(keys)[-1] == 2)
