@@ -8,20 +8,14 @@ checkpoint; a missing bucket or refused credentials stop the job before any work
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from mlflow import MlflowClient
 from s3_checkpoint_job import S3_CKPT_PREFIX as PREFIX
 from s3_checkpoint_job import S3_CKPT_RUN as RUN
-from s3_checkpoint_job import s3_checkpoint_config
+from s3_checkpoint_job import s3_checkpoint_config as _cfg
 
 from metaformer_platform.launch import check_resume_from, resolve_data_root, run_job
-
-
-def _cfg(tmp: Path, mlflow_uri: str, bucket: str, *extra: str):
-    return s3_checkpoint_config(tmp, mlflow_uri, bucket, *extra)
 
 
 @pytest.fixture(scope="module")
