@@ -263,8 +263,9 @@ def _launch(
 
     On failure (it exits, or does not answer in ``timeout`` s) stop what it started, then raise.
     """
-    proc = _spawn(name, cmd, env, log_dir, cwd)
     log = log_dir / f"{name}.log"
+    offset = log.stat().st_size if log.exists() else 0
+    proc = _spawn(name, cmd, env, log_dir, cwd)
     svc = Service(name, proc.pid, _start_ticks(proc.pid), url, ports, str(log))
     deadline = time.monotonic() + timeout
     while not _http_ok(url + ready_path, check, headers):
@@ -275,9 +276,32 @@ def _launch(
             problem = f"did not answer within {timeout:.0f} s"
         if problem:
             stop_service(svc, timeout=10)  # nothing it started may outlive the failure unrecorded
-            raise StackError(f"{name} {problem}:\n{_tail(log)}")
+            clash = any(sign in _read_from(log, offset) for sign in _PORT_CLASH_SIGNS)
+            raise (PortInUse if clash else StackError)(f"{name} {problem}:\n{_tail(log)}")
         time.sleep(0.2)
     return svc
+
+
+# What the servers log when a port they were given is bound by then: weed's "Port allocation failed: port N
+# for Volume ... is not available", uvicorn's and Ray's "[Errno 98] Address already in use".
+_PORT_CLASH_SIGNS = (b"is not available", b"Address already in use", b"address already in use")
+
+
+class PortInUse(StackError):
+    """A server exited because a port that was free when chosen was bound by another process meanwhile."""
+
+
+def _retry_on_port_clash(start: Callable[[], Service], attempts: int = 3) -> Service:
+    """``start()`` again when it lost a port race. ``Ports`` can only check that a port is free *now*, and any
+    process on the host (a Ray worker, another test process) may bind it before the server does; ``start``
+    draws its unpinned ports afresh at every call. A pinned port that stays taken fails every attempt."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return start()
+        except PortInUse:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -401,33 +425,37 @@ def start_s3(
     if len(str(data_dir / "filer.sock")) > MAX_SOCKET_PATH:
         raise ValueError(f"S3 data dir {data_dir} is too long for its Unix sockets: use a shorter --state-dir")
     ports = ports or Ports()
-    p = {"http": port or ports.get(), "s3_grpc": ports.get(), "master": ports.get(), "master_grpc": ports.get(),
-         "volume": ports.get(), "volume_grpc": ports.get(), "filer": ports.get(), "filer_grpc": ports.get(),
-         "admin": ports.get_pair(10000)}
-    cmd = [
-        str(weed_binary()), "mini", f"-dir={data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
-        "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
-        f"-s3.port={p['http']}", f"-s3.port.grpc={p['s3_grpc']}",
-        f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
-        f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
-        f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
-        f"-admin.port={p['admin']}", f"-admin.port.grpc={p['admin'] + 10000}",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
-        f"-s3.localSocket={data_dir / 's3.sock'}", f"-filer.localSocket={data_dir / 'filer.sock'}",
-    ]
-    if bucket:
-        cmd.append(f"-bucket={bucket}")
-    _write_weed_security(data_dir)
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
-    env.pop("S3_BUCKET", None)  # weed mini would create that bucket too
-    url = f"http://{HOST}:{p['http']}"
-    log = log_dir / "s3.log"
-    offset = log.stat().st_size if log.exists() else 0
-    svc = _launch("s3", cmd, env, data_dir, log_dir, url, p, "/healthz", timeout)
-    # /healthz answers while `weed mini` is still starting its admin component, which reloads the S3
-    # identities: requests in that window are refused with InvalidAccessKeyId. Its banner marks the end.
-    _wait(lambda: _S3_READY_BANNER not in _read_from(log, offset), 15.0)
-    return svc
+
+    def start() -> Service:
+        p = {"http": port or ports.get(), "s3_grpc": ports.get(), "master": ports.get(), "master_grpc": ports.get(),
+             "volume": ports.get(), "volume_grpc": ports.get(), "filer": ports.get(), "filer_grpc": ports.get(),
+             "admin": ports.get_pair(10000)}
+        cmd = [
+            str(weed_binary()), "mini", f"-dir={data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
+            "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
+            f"-s3.port={p['http']}", f"-s3.port.grpc={p['s3_grpc']}",
+            f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
+            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
+            f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
+            f"-admin.port={p['admin']}", f"-admin.port.grpc={p['admin'] + 10000}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-s3.localSocket={data_dir / 's3.sock'}", f"-filer.localSocket={data_dir / 'filer.sock'}",
+        ]
+        if bucket:
+            cmd.append(f"-bucket={bucket}")
+        _write_weed_security(data_dir)
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
+        env.pop("S3_BUCKET", None)  # weed mini would create that bucket too
+        url = f"http://{HOST}:{p['http']}"
+        log = log_dir / "s3.log"
+        offset = log.stat().st_size if log.exists() else 0
+        svc = _launch("s3", cmd, env, data_dir, log_dir, url, p, "/healthz", timeout)
+        # /healthz answers while `weed mini` is still starting its admin component, which reloads the S3
+        # identities: requests in that window are refused with InvalidAccessKeyId. Its banner marks the end.
+        _wait(lambda: _S3_READY_BANNER not in _read_from(log, offset), 15.0)
+        return svc
+
+    return _retry_on_port_clash(start)
 
 
 _S3_READY_BANNER = b"All enabled components are running"
@@ -463,16 +491,22 @@ def start_mlflow(
     store_dir = Path(store_dir).resolve()
     store_dir.mkdir(parents=True, exist_ok=True)
     log_dir = Path(log_dir) if log_dir else store_dir.parent / "logs"
-    port = port or (ports or Ports()).get()
-    cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{store_dir / 'mlflow.db'}",
-        "--artifacts-destination", str(store_dir / "artifacts"), "--serve-artifacts",
-        "--host", HOST, "--port", str(port), "--workers", "1",
-    ]
+    ports = ports or Ports()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    url = f"http://{HOST}:{port}"
-    return _launch("mlflow", cmd, env, store_dir, log_dir, url, {"http": port}, "/health", timeout, check=_says_ok)
+
+    def start() -> Service:
+        http = port or ports.get()
+        cmd = [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{store_dir / 'mlflow.db'}",
+            "--artifacts-destination", str(store_dir / "artifacts"), "--serve-artifacts",
+            "--host", HOST, "--port", str(http), "--workers", "1",
+        ]
+        url = f"http://{HOST}:{http}"
+        return _launch("mlflow", cmd, env, store_dir, log_dir, url, {"http": http}, "/health", timeout,
+                       check=_says_ok)
+
+    return _retry_on_port_clash(start)
 
 
 # -------------------------------------------------------------------------------------------------- Ray
@@ -492,38 +526,42 @@ def start_ray_head(
     ``ray.init``) must present that token, and the jobs it runs inherit where to find it.
     """
     ports = ports or Ports()
-    p = {"gcs": gcs_port or ports.get(), "dashboard": dashboard_port or ports.get(),
-         "client": ports.get(), "agent": ports.get(), "autoscaler_metrics": ports.get(),
-         "dashboard_metrics": ports.get()}
-    cmd = [
-        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-        "--node-ip-address", HOST, "--port", str(p["gcs"]),
-        "--include-dashboard", "true", "--dashboard-host", HOST, "--dashboard-port", str(p["dashboard"]),
-        "--ray-client-server-port", str(p["client"]), "--dashboard-agent-listen-port", str(p["agent"]),
-        "--num-cpus", str(num_cpus), "--disable-usage-stats",
-    ]
-    env = {
-        **os.environ, **(extra_env or {}),
-        # A job's entrypoint says `python ...`: make that this interpreter even when the venv is not activated.
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        # Draining on SIGTERM (for Serve on Kubernetes) waits 30 s for idle workers here: nothing to hand over.
-        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-        # Fixed defaults (44217, 44227) in Ray: a second head on the host would fail to export metrics.
-        "AUTOSCALER_METRIC_PORT": str(p["autoscaler_metrics"]),
-        "DASHBOARD_METRIC_PORT": str(p["dashboard_metrics"]),
-    }
-    env.pop("RAY_ADDRESS", None)  # `ray start --head` must not try to join another cluster
-    if auth_token_path is not None:
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(auth_token_path))
-        env.pop("RAY_AUTH_TOKEN", None)  # the file is the one source of the token
-    else:
-        # Ray turns token auth on by itself when ~/.ray/auth_token exists: off means off on every machine.
-        env["RAY_AUTH_MODE"] = "disabled"
     log_dir = Path(log_dir)
-    url = f"http://{HOST}:{p['dashboard']}"
-    return _launch("ray", cmd, env, log_dir, log_dir, url, p, "/api/v0/nodes", timeout, check=_has_alive_node,
-                   headers=_ray_auth_headers(env))
+
+    def start() -> Service:
+        p = {"gcs": gcs_port or ports.get(), "dashboard": dashboard_port or ports.get(),
+             "client": ports.get(), "agent": ports.get(), "autoscaler_metrics": ports.get(),
+             "dashboard_metrics": ports.get()}
+        cmd = [
+            sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+            "--node-ip-address", HOST, "--port", str(p["gcs"]),
+            "--include-dashboard", "true", "--dashboard-host", HOST, "--dashboard-port", str(p["dashboard"]),
+            "--ray-client-server-port", str(p["client"]), "--dashboard-agent-listen-port", str(p["agent"]),
+            "--num-cpus", str(num_cpus), "--disable-usage-stats",
+        ]
+        env = {
+            **os.environ, **(extra_env or {}),
+            # A job's entrypoint says `python ...`: make that this interpreter even when the venv is not activated.
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # Draining on SIGTERM (for Serve on Kubernetes) waits 30 s for idle workers here: nothing to hand over.
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            # Fixed defaults (44217, 44227) in Ray: a second head on the host would fail to export metrics.
+            "AUTOSCALER_METRIC_PORT": str(p["autoscaler_metrics"]),
+            "DASHBOARD_METRIC_PORT": str(p["dashboard_metrics"]),
+        }
+        env.pop("RAY_ADDRESS", None)  # `ray start --head` must not try to join another cluster
+        if auth_token_path is not None:
+            env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(auth_token_path))
+            env.pop("RAY_AUTH_TOKEN", None)  # the file is the one source of the token
+        else:
+            # Ray turns token auth on by itself when ~/.ray/auth_token exists: off means off on every machine.
+            env["RAY_AUTH_MODE"] = "disabled"
+        url = f"http://{HOST}:{p['dashboard']}"
+        return _launch("ray", cmd, env, log_dir, log_dir, url, p, "/api/v0/nodes", timeout, check=_has_alive_node,
+                       headers=_ray_auth_headers(env))
+
+    return _retry_on_port_clash(start)
 
 
 def _ray_auth_headers(env: dict[str, str]) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import stat
 import subprocess
 import sys
@@ -300,3 +301,30 @@ def test_session_fixtures_give_working_s3_mlflow_and_ray(s3_server, mlflow_serve
     assert Path(package_file).resolve().is_relative_to(REPO / "platform")
     assert Path(python).resolve() == Path(sys.executable).resolve()
     assert ray.cluster_resources()["CPU"] == 2
+
+
+def test_a_server_that_loses_a_port_race_is_started_again_on_fresh_ports(tmp_path: Path) -> None:
+    """`Ports` can only see that a port is free now: another process (a Ray worker, the other test process) may
+    bind it before `weed` does. Here the volume port is taken between the choice and the start."""
+
+    class VolumePortTaken(localstack.Ports):
+        def __init__(self, port: int) -> None:
+            super().__init__()
+            self.port, self.calls = port, 0
+
+        def get(self, preferred: int | None = None) -> int:
+            self.calls += 1
+            return self.port if self.calls == 5 else super().get(preferred)  # 5th: the volume port
+
+    with socket.socket() as held:
+        held.bind((localstack.HOST, 0))
+        held.listen()
+        ports = VolumePortTaken(held.getsockname()[1])
+        svc = localstack.start_s3(tmp_path / "s3", "AKIDRACE", "race-secret-key", ports=ports)
+        try:
+            log = Path(svc.log).read_text()
+            assert f"port {ports.port} for Volume" in log and "is not available" in log  # the first start lost
+            assert ports.port not in svc.ports.values() and ports.calls > 10  # the second drew new ports
+            assert localstack._http_ok(svc.url + "/healthz")
+        finally:
+            localstack.stop_service(svc)
