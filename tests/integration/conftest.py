@@ -5,7 +5,8 @@
 - ``ray_cluster``: a local Ray cluster of two 1-CPU nodes whose workers import the installed package;
 - ``small_job`` and ``ddp_reference``: the suite's small 2-worker job and its one uninterrupted DDP run, which
   the strategy tests and the fault-tolerance test both compare their losses with (one reference job, not two);
-- ``s3_checkpoint_job``: a 2-worker job checkpointing to the S3 server with a password in its tracking URI,
+- ``s3_checkpoint_job``: a 2-worker job reading its shards from and checkpointing to the S3 server, with a
+  password in its tracking URI,
   which test_checkpoint_storage (the checkpoints, a restart) and test_secrets (no secret leaked) both read;
 - ``train_worker_pids``: the PIDs of a running job's Ray Train workers, to kill or freeze them from outside.
 
@@ -49,6 +50,13 @@ class S3Server:
             "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
             aws_access_key_id=access_key or self.access_key, aws_secret_access_key=secret_key or self.secret_key,
         )
+
+    def upload(self, folder: Path, prefix: str) -> str:
+        """Every file under ``folder`` to ``s3://bucket/prefix/...`` (same relative keys); the prefix's URL."""
+        client = self.client()
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            client.upload_file(str(path), self.bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+        return f"s3://{self.bucket}/{prefix}"
 
 
 @pytest.fixture(scope="session")
@@ -249,11 +257,21 @@ def s3_checkpoint_job(ray_cluster: Any, mlflow_server: str, s3_server: S3Server,
     import os
     import tempfile
 
-    from s3_checkpoint_job import TRACKING_PASSWORD, CmdlineWatch, S3CheckpointJob, s3_checkpoint_config
+    from s3_checkpoint_job import (
+        S3_CKPT_DATA,
+        TRACKING_PASSWORD,
+        CmdlineWatch,
+        S3CheckpointJob,
+        s3_checkpoint_config,
+    )
 
+    from metaformer_platform.data import ensure_synthetic_shards
     from metaformer_platform.launch import run_job
 
     workdir = tmp_path_factory.mktemp("s3ckpt")
+    shards = ensure_synthetic_shards(workdir / "data", num_classes=4, train_samples=512, val_samples=64,
+                                     image_size=32, samples_per_shard=64)
+    s3_server.upload(shards, S3_CKPT_DATA)
 
     def scratch() -> set[str]:  # each rank's local checkpoint folder before Ray uploads it
         return {p for step in (7, 14) for p in glob.glob(os.path.join(tempfile.gettempdir(), f"ckpt-{step:08d}-*"))}

@@ -1,7 +1,8 @@
 """The S3 checkpoint job (the session fixture ``s3_checkpoint_job`` in conftest.py runs it once).
 
-One job for two modules: test_checkpoint_storage checks its checkpoints on S3 and restarts it, test_secrets
-checks that neither the S3 secret nor the tracking password left the driver while it ran.
+One job for two modules: test_checkpoint_storage checks its checkpoints on S3, that it read every validation
+sample of its shards on S3 once, and restarts it; test_secrets checks that neither the S3 secret nor the
+tracking password left the driver while it ran.
 """
 
 from __future__ import annotations
@@ -12,19 +13,20 @@ from pathlib import Path
 from typing import Any
 
 S3_CKPT_PREFIX, S3_CKPT_RUN = "ckpt-runs", "it-s3-ckpt"
+S3_CKPT_DATA = "ckpt-data"  # its shards: 4 classes, 512 train and 64 val samples in shards of 64
 TRACKING_PASSWORD = "tr4ck1ng-pa55w0rd-do-not-log"  # the MLflow server checks none: the URI is the point
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 
 
 def s3_checkpoint_config(workdir: Path, mlflow_uri: str, bucket: str, *extra: str) -> Any:
-    """The S3 checkpoint job's config: a 2-worker DDP job with an EMA, 14 steps, a checkpoint every 7 uploaded
-    asynchronously to ``s3://bucket/ckpt-runs/it-s3-ckpt``; ``extra`` overrides come last and win."""
+    """The S3 checkpoint job's config: a 2-worker DDP job with an EMA, 14 steps, its shards streamed from
+    ``s3://bucket/ckpt-data`` (one loader process per rank), a checkpoint every 7 uploaded asynchronously to
+    ``s3://bucket/ckpt-runs/it-s3-ckpt``; ``extra`` overrides come last and win."""
     from metaformer_platform.config import load_config
 
     return load_config(CONFIGS / "default.yaml", [
         "model.name=poolformer_debug",
-        "data.synthetic.num_classes=4", "data.synthetic.train_samples=512", "data.synthetic.val_samples=64",
-        "data.synthetic.samples_per_shard=64", f"data.cache_dir={workdir / 'cache'}", "data.num_workers=0",
+        f"data.source=s3://{bucket}/{S3_CKPT_DATA}", f"data.cache_dir={workdir / 'cache'}", "data.num_workers=1",
         "trainer.batch_size=16", "trainer.max_steps=14", "trainer.log_every_steps=7", "trainer.val_every_steps=14",
         "trainer.checkpoint_every_steps=7", "trainer.precision=fp32", "trainer.ema_decay=0.9",
         "optim.lr=3e-3", "optim.warmup_epochs=0", "run.checkpoint_upload=async",

@@ -1,7 +1,7 @@
 """Checkpoints on a real S3 server (the session's SeaweedFS, checking SigV4) through Ray Train.
 
-A 2-worker DDP job with an EMA writes its checkpoints to s3:// with asynchronous uploads: each one complete
-(every rank's part, COMPLETE last), the scratch folders gone; started again under its name it resumes from
+A 2-worker DDP job with an EMA streams its shards from s3:// and writes its checkpoints there with asynchronous
+uploads: each one complete (every rank's part, COMPLETE last), the scratch folders gone; started again under its name it resumes from
 S3 (the same MLflow run, no step twice); export, ``model.init_from`` and ``run.resume_from`` take the s3://
 checkpoint; a missing bucket or refused credentials stop the job before any worker starts.
 """
@@ -16,6 +16,10 @@ from s3_checkpoint_job import S3_CKPT_RUN as RUN
 from s3_checkpoint_job import s3_checkpoint_config as _cfg
 
 from metaformer_platform.launch import check_resume_from, resolve_data_root, run_job
+
+# A small local data set for the refusals: they must be about the checkpoint storage alone.
+LOCAL_DATA = ("data.source=synthetic", "data.synthetic.num_classes=4", "data.synthetic.train_samples=64",
+              "data.synthetic.val_samples=16", "data.synthetic.samples_per_shard=64")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +45,8 @@ def _keys(s3_server, prefix: str) -> dict[str, int]:
 def test_checkpoints_are_uploaded_complete_to_s3(first_run, s3_env, mlflow_server):
     tmp, result, scratch_left = first_run
     assert result.metrics["step"] == 14
+    # its shards on S3 reached the workers (their loader processes): every validation sample scored once
+    assert result.metrics["val/samples"] == 64
     assert result.checkpoint_path == f"s3://{s3_env.bucket}/{PREFIX}/{RUN}/checkpoint-00000014"
     assert result.run_dir == f"s3://{s3_env.bucket}/{PREFIX}/{RUN}"
     for step in (7, 14):
@@ -97,9 +103,9 @@ def test_unwritable_storage_is_refused_before_any_worker_starts(s3_env, mlflow_s
     client = MlflowClient(mlflow_server)
     with pytest.raises(ValueError, match=r"run.storage_path='s3://no-such-bucket/runs' cannot be written: .*does not "
                                          r"exist.*create it"):
-        run_job(_cfg(tmp_path, mlflow_server, "no-such-bucket", "run.storage_path=s3://no-such-bucket/runs",
-                     "tracking.experiment=it-s3-refused"))
+        run_job(_cfg(tmp_path, mlflow_server, s3_env.bucket, "run.storage_path=s3://no-such-bucket/runs",
+                     *LOCAL_DATA, "tracking.experiment=it-s3-refused"))
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(ValueError, match="refused the credentials"):
-        run_job(_cfg(tmp_path, mlflow_server, s3_env.bucket, "tracking.experiment=it-s3-refused"))
+        run_job(_cfg(tmp_path, mlflow_server, s3_env.bucket, *LOCAL_DATA, "tracking.experiment=it-s3-refused"))
     assert client.get_experiment_by_name("it-s3-refused") is None  # no MLflow run was opened

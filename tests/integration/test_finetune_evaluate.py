@@ -144,12 +144,9 @@ def test_weights_on_s3_are_fetched_once_and_checked(pretrained, s3_server, monke
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("METAFORMER_WEIGHTS_CACHE", str(tmp_path / "weights"))
-    client = s3_server.client()
     checkpoint = Path(trained.checkpoint_path)
     files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
-    for path in files:
-        client.upload_file(str(path), s3_server.bucket, f"runs/ft/{checkpoint.name}/{path.relative_to(checkpoint)}")
-    url = f"s3://{s3_server.bucket}/runs/ft/{checkpoint.name}"
+    url = s3_server.upload(checkpoint, f"runs/ft/{checkpoint.name}")
     cfg = load_config(None, ["stage=finetune", "model.name=poolformer_debug", f"model.init_from={url}"])
     local = resolve_init_from(cfg)
     assert local.parent == tmp_path / "weights" / "s3"
@@ -161,7 +158,7 @@ def test_weights_on_s3_are_fetched_once_and_checked(pretrained, s3_server, monke
     (local / "COMPLETE").unlink()  # a damaged cache entry is fetched again
     assert resolve(url) == local and (local / "COMPLETE").is_file()
     # a prefix without a complete checkpoint or an export is refused before downloading anything
-    client.delete_object(Bucket=s3_server.bucket, Key=f"runs/ft/{checkpoint.name}/COMPLETE")
+    s3_server.client().delete_object(Bucket=s3_server.bucket, Key=f"runs/ft/{checkpoint.name}/COMPLETE")
     with pytest.raises(ValueError, match="neither an export .* nor a complete checkpoint"):
         resolve(url, cache_dir=tmp_path / "other")
     assert not (tmp_path / "other").exists()

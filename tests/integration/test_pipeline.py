@@ -31,14 +31,6 @@ MEMBERS = ["poolformer_debug", "poolformer_debug_m"]
 PRETRAIN_STEPS = 24
 
 
-def _upload(s3_server: Any, folder: Path, prefix: str) -> str:
-    client = s3_server.client()
-    for path in sorted(folder.iterdir()):
-        if path.is_file():
-            client.upload_file(str(path), s3_server.bucket, f"{prefix}/{path.name}")
-    return f"s3://{s3_server.bucket}/{prefix}"
-
-
 @pytest.fixture(scope="module")
 def family_pipeline(s3_server, mlflow_server, ray_cluster, tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("pipeline")
@@ -47,7 +39,7 @@ def family_pipeline(s3_server, mlflow_server, ray_cluster, tmp_path_factory) -> 
                                   samples_per_shard=32, seed=0)
     ft = ensure_synthetic_shards(root / "ft", num_classes=3, train_samples=32, val_samples=24, image_size=32,
                                  samples_per_shard=16, seed=1)
-    pre_url, ft_url = _upload(s3_server, pre, "pipe/pre"), _upload(s3_server, ft, "pipe/ft")
+    pre_url, ft_url = s3_server.upload(pre, "pipe/pre"), s3_server.upload(ft, "pipe/ft")
     default = str(REPO / "jobs" / "configs" / "default.yaml")
     spec = {
         "name": "tiny-family",

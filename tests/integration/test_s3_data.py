@@ -1,7 +1,8 @@
 """The data plane on a real S3 server (SeaweedFS checking SigV4) and the session's two Ray nodes: build shards
 straight to s3:// with Ray tasks, read them back through the loader under TorchTrainer (one worker per node,
-local data split by global rank too), through timm's wds reader, and through a pretrain job; wrong
-credentials, a missing bucket and a missing prefix are refused with a clear message before anything starts."""
+local data split by global rank too) and through timm's wds reader; wrong credentials, a missing bucket and a
+missing prefix are refused with a clear message before anything starts. (A whole job streaming its shards from
+S3 is the session's S3 checkpoint job, test_checkpoint_storage; the pipeline's stages read S3 shards too.)"""
 
 from __future__ import annotations
 
@@ -243,25 +244,6 @@ def test_two_workers_run_one_per_node_and_split_local_and_s3_data_by_global_rank
         assert r["train"]["batches"] == 12 and r["val"]["shapes"] == [[3, 32, 32]]
     train_keys = s3[0]["train"]["keys"] + s3[1]["train"]["keys"]
     assert len(train_keys) == len(set(train_keys)) == 96  # 48 per rank, no overlap
-
-
-def test_pretrain_job_trains_from_s3(s3_shards, s3_server, tmp_path, monkeypatch):
-    """data.source=s3://... flows through the driver's checks and into the workers (endpoint + credentials)."""
-    from metaformer_platform.config import load_config
-    from metaformer_platform.launch import run_job
-
-    url, _ = s3_shards
-    for key, value in s3_server.env.items():
-        monkeypatch.setenv(key, value)
-    cfg = load_config(REPO / "jobs" / "configs" / "default.yaml", [
-        "model.name=poolformer_debug", f"data.source={url}", "data.img_size=32", "data.num_workers=1",
-        "trainer.batch_size=8", "trainer.max_steps=6", "trainer.val_every_steps=6",
-        "trainer.checkpoint_every_steps=6", "trainer.log_every_steps=3", "trainer.precision=fp32",
-        f"run.storage_path={tmp_path / 'runs'}", "run.name=s3-pretrain", "tracking.enabled=false",
-    ])
-    result = run_job(cfg)
-    assert result.metrics["step"] == 6
-    assert result.metrics["val/samples"] == VAL  # every validation image of the S3 shards, once
 
 
 def test_refusals_are_clear_and_come_before_any_work(s3_shards, s3_server, tmp_path, monkeypatch):
