@@ -32,12 +32,15 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # Needs the network (PyPI), so it runs outside the namespace; re-runs when pyproject.toml or constraints.txt
-# change. DeepSpeed's setup imports torch: no build isolation; its C++/CUDA ops are built on first use.
+# change. DeepSpeed's setup imports torch: no build isolation; its C++/CUDA ops are built on first use, except
+# the one every DeepSpeed job on a CPU machine needs, built here into the jobs' cache (a fresh machine's first
+# DeepSpeed job would otherwise compile it for ~40 s).
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PIP) install -c constraints.txt --upgrade pip setuptools wheel
 	$(PIP) install -c constraints.txt torch torchvision
 	$(PIP) install -c constraints.txt -e '.[test]'
 	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation -c constraints.txt deepspeed
+	$(PY) -c 'from metaformer_platform.strategies.deepspeed import build_ops; build_ops()'
 	touch $@
 
 # Exit status 5 is pytest's "no tests ran": a failure here, said plainly.

@@ -48,9 +48,19 @@ def deepspeed_config(job: JobConfig) -> dict[str, Any]:
     }
 
 
-def _extensions_dir(job: JobConfig) -> str:
-    configured = job.strategy.extensions_dir or os.environ.get("TORCH_EXTENSIONS_DIR") or DEFAULT_EXTENSIONS_DIR
+def _extensions_dir(configured: str | None) -> str:
+    configured = configured or os.environ.get("TORCH_EXTENSIONS_DIR") or DEFAULT_EXTENSIONS_DIR
     return str(Path(configured).expanduser())
+
+
+def build_ops(extensions_dir: str | None = None) -> None:
+    """Compile the op DeepSpeed's comm backend JIT-builds on its first start (its shared-memory collectives on a
+    CPU machine: about 40 s on 2 cores) into the cache jobs use, so that no job pays it. ``make install`` runs
+    this; on an accelerator that has no such op it does nothing."""
+    os.environ["TORCH_EXTENSIONS_DIR"] = _extensions_dir(extensions_dir)
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
 
 
 class DeepSpeedStrategy(Strategy):
@@ -62,8 +72,8 @@ class DeepSpeedStrategy(Strategy):
         self.engine: Any = None
 
     def setup(self, model: nn.Module, build_optimizer: OptimizerFactory) -> None:
-        # DeepSpeed JIT-compiles a shared-memory op when its comm backend starts (about 2 minutes): cache it.
-        os.environ["TORCH_EXTENSIONS_DIR"] = _extensions_dir(self.job)
+        # DeepSpeed JIT-compiles a shared-memory op when its comm backend starts: in the cache build_ops fills.
+        os.environ["TORCH_EXTENSIONS_DIR"] = _extensions_dir(self.job.strategy.extensions_dir)
         import deepspeed
 
         # The engine broadcasts and flattens parameters as contiguous bytes; inputs may still be channels_last.
