@@ -7,7 +7,8 @@ checkpoint, token-auth warnings). Each is switched off where Ray emits it, throu
 - worker, controller and helper-actor output reaches the driver only through Ray's log streaming:
   ``ray.init(log_to_driver=False)``. That covers the PlacementGroupCleaner, which polls Ray's state API
   (served by the dashboard, which the local cluster does not start) and warns or dies with a traceback on
-  every poll, and has no setting of its own. The job's progress and its workers' warnings reach the driver
+  every poll, and has no setting of its own (where no State API is served the jobs now leave it out:
+  ``launch.build_trainer``). The job's progress and its workers' warnings reach the driver
   through ``console`` instead;
 - the driver's ``ray`` logger (connection, token-auth notices): ``ray.init(logging_level=...)``;
 - Ray Train's own INFO records (the per-rank ``Reporting training result N: TrainingReport(...)``, worker

@@ -120,6 +120,10 @@ def test_ray_job_submit_runs_pretrain_and_logs_to_the_stack_mlflow(stack, tmp_pa
     assert not (unpacked / ".venv").exists() and not (unpacked / ".git").exists()
     upload_mib = sum(p.stat().st_size for p in files) / 2**20
     assert upload_mib < 5, f"the working dir upload holds {upload_mib:.1f} MiB in {len(files)} files"
+    # The stack's head serves Ray's State API (its dashboard): the job kept Ray Train's placement-group cleaner.
+    cleaners = [p for p in (Path(get_default_ray_temp_dir()) / session / "logs").glob("worker-*.err")
+                if ":actor_name:PlacementGroupCleaner" in p.read_text(errors="replace")[:300]]
+    assert cleaners, "no PlacementGroupCleaner ran on the stack's cluster"
 
     client = mlflow.MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name(experiment)

@@ -222,6 +222,21 @@ def test_mlflow_shows_a_training_experiment_with_data_source_and_model(first_run
     assert [(o["model_id"], int(o["step"])) for o in outputs] == [(model_id, 100)]
 
 
+def _cleaner_logs(logs: Path) -> list[str]:
+    """Ray's log files of PlacementGroupCleaner actors under a Ray session's ``logs`` folder."""
+    return [p.name for p in logs.glob("worker-*.err") if ":actor_name:PlacementGroupCleaner" in p.read_text(errors="replace")[:300]]
+
+
+def test_no_placement_group_cleaner_where_no_state_api_is_served(first_run, ray_cluster):
+    """The session's cluster has no dashboard, so no State API: the jobs left Ray Train's placement-group
+    cleaner out (launch.build_trainer), and no such actor started (test_local_stack sees one where the head
+    serves the API)."""
+    from metaformer_platform.launch import state_api_served
+
+    assert state_api_served() is False
+    assert _cleaner_logs(Path(ray_cluster.address_info["session_dir"]) / "logs") == []
+
+
 # -- the same run name again: resumed; too big for the cluster: refused; failing in its workers: FAILED -------
 
 def test_restart_with_the_same_name_resumes_the_latest_checkpoint(first_run, mlflow_server):
