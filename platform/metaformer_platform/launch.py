@@ -132,17 +132,19 @@ def _connect_and_open_run(cfg: JobConfig, storage_path: str) -> tuple[Any, Any]:
 
 
 def state_api_served() -> bool:
-    """Whether the connected Ray cluster serves Ray's State API (its dashboard does), asked as Ray Train's
-    placement-group cleaner asks it; at a cluster without one the call fails at once (connection refused)."""
+    """Whether the connected Ray cluster's own dashboard serves Ray's State API, asked as Ray Train's
+    placement-group cleaner asks it. The cluster's GCS names the dashboard's default address even when none
+    started, and another cluster's dashboard on this host may answer there (the suite's local stack beside the
+    session cluster, say): an answer counts only if it lists this cluster's nodes."""
     import ray
     from ray.util.state import list_nodes
-    from ray.util.state.exception import RayStateApiException
 
     try:
-        list_nodes(address=ray.get_runtime_context().gcs_address, limit=1, timeout=5, raise_on_missing_output=False)
-    except (RayStateApiException, ConnectionError, ValueError):
+        listed = list_nodes(address=ray.get_runtime_context().gcs_address, timeout=5, raise_on_missing_output=False)
+    except Exception:  # refused (no dashboard), unauthorized (another's), timed out: not an API to rely on
         return False
-    return True
+    ours = {node["NodeID"] for node in ray.nodes()}
+    return bool(listed) and {node.node_id for node in listed} <= ours
 
 
 def build_trainer(

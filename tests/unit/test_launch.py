@@ -29,3 +29,32 @@ def test_the_job_trainer_starts_no_ray_data_actor_and_keeps_rays_other_callbacks
     assert {"BackendSetupCallback", "AcceleratorSetupCallback"} <= kinds, kinds
     trainer.datasets = {"train": object()}
     assert any(isinstance(c, DatasetsCallback) for c in trainer._create_default_callbacks())
+
+
+def test_the_state_api_counts_only_when_this_clusters_dashboard_serves_it(monkeypatch):
+    """``state_api_served``: no dashboard (refused), another cluster's dashboard at the default address the GCS
+    names (unauthorized, or listing other nodes): not served; this cluster's own nodes listed: served."""
+    from types import SimpleNamespace
+
+    import ray
+    import ray.util.state
+
+    from metaformer_platform import launch
+
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address="127.0.0.1:6379"))
+    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeID": "a"}, {"NodeID": "b"}])
+
+    def answer(result):
+        def list_nodes(**kwargs):
+            assert kwargs["address"] == "127.0.0.1:6379"
+            if isinstance(result, Exception):
+                raise result
+            return [SimpleNamespace(node_id=n) for n in result]
+        return list_nodes
+
+    from ray.util.state.exception import ServerUnavailable
+
+    for result, served in [(ServerUnavailable("refused"), False), (RuntimeError("Unauthorized"), False),
+                           (["x"], False), ([], False), (["a", "b"], True)]:
+        monkeypatch.setattr(ray.util.state, "list_nodes", answer(result))
+        assert launch.state_api_served() is served, result
