@@ -32,6 +32,7 @@ from metaformer_platform.checks import (  # noqa: F401  (re-exported: jobs, pipe
 )
 from metaformer_platform.config import JobConfig
 from metaformer_platform.storage import Location
+from metaformer_platform.training.ownership import check_run_free
 from metaformer_platform.workers import (  # noqa: F401  (re-exported, as above)
     _dist_context,
     _eval_worker,
@@ -104,7 +105,8 @@ def connect_ray(cfg: JobConfig) -> None:
 
 def _claim_run(storage_path: str, cfg: JobConfig) -> Any:
     """Hold ``run.name`` for this job (a ``RunLease``): a second job under a live run name is refused here,
-    before anything starts, so it can neither touch the first's checkpoints nor reopen its MLflow run."""
+    before anything starts, so it can neither touch the first's checkpoints nor reopen its MLflow run (the
+    read-only ``check_run_free`` with the input checks refuses it earlier still, before Ray is joined)."""
     from metaformer_platform.training.ownership import claim_run
 
     return claim_run(storage_path, cfg.run_name)
@@ -253,6 +255,7 @@ def run_job(cfg: JobConfig) -> JobResult:
     check_init_from(cfg, init_from_local)
     resume_from = check_resume_from(cfg)
     storage_path = resolve_storage_path(cfg.run.storage_path)
+    check_run_free(storage_path, cfg.run_name)
     # The layout needs the cluster, so it is chosen only once every check of the input has passed.
     cfg = resolve_scaling(cfg)
     check_data(cfg, data_root)
@@ -328,6 +331,7 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
     cfg, weights, manifest = prepare_evaluation(cfg, weights_folder, data_root)
     check_model(cfg, cfg.model.num_classes)
     storage_path = resolve_storage_path(cfg.run.storage_path)
+    check_run_free(storage_path, cfg.run_name)
     cfg = resolve_scaling(cfg)
     check_eval_batches(cfg, manifest)  # again, with the number of workers the layout chose
     cfg = with_default_threads(cfg)

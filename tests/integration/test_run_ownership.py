@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from metaformer_platform import localstack
 from metaformer_platform.config import load_config
 from metaformer_platform.launch import run_job
 from metaformer_platform.tracking import RUN_NAME_TAG
@@ -74,9 +75,10 @@ def test_a_second_job_under_a_live_run_name_exits_2_and_touches_nothing(
         (mlrun,) = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{RUN}'")
         assert first.is_alive() and mlrun.info.status == "RUNNING"
 
-        # A driver of its own joining the same cluster, as a second submission would: the lease lives on
-        # storage, so the refusal does not depend on the cluster (a private one would cost ~12 s to start).
-        env = {**os.environ, "PYTHONPATH": str(REPO / "platform"), "RAY_ADDRESS": ray_cluster.address_info["address"]}
+        # A driver of its own, as a second submission would be, given a Ray address where nothing listens: the
+        # lease lives on storage and the driver reads it with its other checks, before it joins Ray (joining
+        # that address would fail, or hang, instead of the refusal).
+        env = {**os.environ, "PYTHONPATH": str(REPO / "platform"), "RAY_ADDRESS": f"{localstack.HOST}:{localstack.Ports().get()}"}
         second = subprocess.run(
             [sys.executable, str(REPO / "jobs" / "pretrain.py"), "--config", str(REPO / "jobs/configs/default.yaml"),
              *overrides], capture_output=True, text=True, env=env, timeout=120,

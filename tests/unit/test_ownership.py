@@ -33,6 +33,23 @@ def test_a_live_run_name_is_refused_a_released_or_stale_one_taken_over(tmp_path)
     assert json.loads((tmp_path / "r1" / ownership.OWNER_FILE).read_text())["released"] is True
 
 
+def test_the_read_only_check_refuses_a_live_name_and_writes_nothing(tmp_path):
+    """``check_run_free`` (the driver's check before Ray): a live lease refused with claim_run's message, a free
+    or released name passes, and nothing is written either way."""
+    ownership.check_run_free(str(tmp_path), "r1")  # never used
+    assert list(tmp_path.iterdir()) == []
+    lease = ownership.claim_run(str(tmp_path), "r1")
+    try:
+        before = (tmp_path / "r1" / ownership.OWNER_FILE).read_bytes()
+        with pytest.raises(ValueError, match=r"run.name='r1'.*in use by a live job.*another run.name"):
+            ownership.check_run_free(str(tmp_path), "r1")
+        assert (tmp_path / "r1" / ownership.OWNER_FILE).read_bytes() == before
+        assert sorted(p.name for p in (tmp_path / "r1").iterdir()) == [ownership.OWNER_FILE]
+    finally:
+        lease.release()
+    ownership.check_run_free(str(tmp_path), "r1")  # released
+
+
 def _folder(run: str, name: str, owner: dict | None) -> None:
     from pathlib import Path
 

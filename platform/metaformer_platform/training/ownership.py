@@ -118,6 +118,14 @@ class RunLease:
             _write_json(self.fs, f"{self.run_path}/{OWNER_FILE}", self._body(False))
 
 
+def check_run_free(storage_path: str, run_name: str, *, ttl_s: float = LEASE_TTL_S) -> None:
+    """Raise ``claim_run``'s ValueError if a live job holds ``<storage_path>/<run_name>``, reading only: the
+    driver asks this with its other checks, before Ray is joined, so a second job under a live name costs no
+    cluster time. ``claim_run`` still decides (a job may take the name in between)."""
+    fs, root = _filesystem(storage_path)
+    _refuse_if_live(_read_json(fs, f"{root.rstrip('/')}/{run_name}/{OWNER_FILE}"), run_name, storage_path, ttl_s, None)
+
+
 def claim_run(storage_path: str, run_name: str, *, ttl_s: float = LEASE_TTL_S, now: float | None = None) -> RunLease:
     """Take the lease on ``<storage_path>/<run_name>`` for this job, or raise ValueError naming the live job
     that holds it. The lease is renewed in a thread until ``release()``."""
