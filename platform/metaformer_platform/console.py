@@ -220,7 +220,8 @@ class Console:
         s.total_steps, s.last_step, s.global_batch = int(e["total_steps"]), int(e["step"]), int(e["global_batch"])
         resumed = f", resuming at step {e['step']}" if e["step"] else ""
         self._print(
-            f"training {e['model']} ({e['strategy']}, {e['workers']} workers): {s.total_steps} steps, "
+            f"training {e['model']} ({e['strategy']}, {e['workers']} worker{'' if e['workers'] == 1 else 's'}): "
+            f"{s.total_steps} steps, "
             f"{e['steps_per_epoch']} per epoch, global batch {e['global_batch']}, lr {e['lr']:.3g}{resumed}"
         )
         if self.use_bar and self._bar is None:

@@ -83,6 +83,10 @@ def test_lines_eta_and_summary():
     console.close(succeeded=True)
     lines = out.getvalue().splitlines()
     assert lines[0] == "training m (ddp, 2 workers): 100 steps, 50 per epoch, global batch 10, lr 0.001"
+    one = io.StringIO()
+    Console(one).handle({"kind": "start", "time": 0.0, "model": "m", "strategy": "ddp", "workers": 1,
+                         "total_steps": 4, "steps_per_epoch": 2, "global_batch": 8, "lr": 1e-3, "step": 0})
+    assert one.getvalue().startswith("training m (ddp, 1 worker): 4 steps,")
     assert lines[1] == "step  10/100 | epoch 0.20 | loss 1.9000 | lr 1.00e-03 |   100 img/s | data 25% | eta 9s"
     assert lines[2].endswith("| eta 1m20s")
     assert lines[3] == "val    step 20 | top-1 61.50% | top-5 97.00% | loss 1.0234 | 500 images"
