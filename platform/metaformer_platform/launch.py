@@ -277,9 +277,9 @@ def run_job(cfg: JobConfig) -> JobResult:
     from metaformer_platform.console import ProgressPrinter, failure_notice
 
     # rank 0's progress lines, printed by this process (see console.py)
+    count = _worker_count(cfg)
     printer = ProgressPrinter(
-        f"run {cfg.run_name}: starting {_worker_count(cfg)} Ray Train "
-        f"worker{'' if _worker_count(cfg) == '1' else 's'} ({cfg.strategy.name})"
+        f"run {cfg.run_name}: starting {count} Ray Train worker{'' if count == '1' else 's'} ({cfg.strategy.name})"
     )
     payload["progress_queue"] = printer.queue
     payload["run_dir"] = storage.join(str(cfg.run_name)).uri

@@ -45,11 +45,12 @@ LEASE_TTL_S = 120.0  # 8 missed heartbeats: a driver that stopped renewing is go
 SETTLE_S = 0.5
 
 
-def _filesystem(storage_path: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path) of a run storage location: a local folder or s3://bucket/prefix."""
+def _run_path(storage_path: str, run_name: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) of a run folder, whose lease is ``<run folder>/_owner.json``, under a run
+    storage location (a local folder or s3://bucket/prefix)."""
     from metaformer_platform.storage import Location
 
-    loc = Location.parse(storage_path)
+    loc = Location.parse(storage_path).join(run_name)
     return loc.filesystem(), loc.fs_path
 
 
@@ -122,15 +123,14 @@ def check_run_free(storage_path: str, run_name: str, *, ttl_s: float = LEASE_TTL
     """Raise ``claim_run``'s ValueError if a live job holds ``<storage_path>/<run_name>``, reading only: the
     driver asks this with its other checks, before Ray is joined, so a second job under a live name costs no
     cluster time. ``claim_run`` still decides (a job may take the name in between)."""
-    fs, root = _filesystem(storage_path)
-    _refuse_if_live(_read_json(fs, f"{root.rstrip('/')}/{run_name}/{OWNER_FILE}"), run_name, storage_path, ttl_s, None)
+    fs, run_path = _run_path(storage_path, run_name)
+    _refuse_if_live(_read_json(fs, f"{run_path}/{OWNER_FILE}"), run_name, storage_path, ttl_s, None)
 
 
 def claim_run(storage_path: str, run_name: str, *, ttl_s: float = LEASE_TTL_S, now: float | None = None) -> RunLease:
     """Take the lease on ``<storage_path>/<run_name>`` for this job, or raise ValueError naming the live job
     that holds it. The lease is renewed in a thread until ``release()``."""
-    fs, root = _filesystem(storage_path)
-    run_path = f"{root.rstrip('/')}/{run_name}"
+    fs, run_path = _run_path(storage_path, run_name)
     path = f"{run_path}/{OWNER_FILE}"
     fs.create_dir(run_path)
     current = _read_json(fs, path)
