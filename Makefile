@@ -61,14 +61,16 @@ stack-down:
 stack-status:
 	PYTHON=$(PY) infra/local/stack.sh status
 
-# ruff, then mypy over platform/metaformer_platform, jobs/ and pipelines/ (configured in pyproject.toml).
+# ruff, mypy over platform/metaformer_platform, jobs/ and pipelines/, and the layers contract (lint-imports),
+# all configured in pyproject.toml.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # Each benchmark prints ratios measured in one run; nothing is asserted.
 benchmark: $(STAMP)
-	@set -e; for bench in tests/benchmarks/bench_*.py; do echo "== $$bench"; $(ISOLATE) $(PY) $$bench $(ARGS); done
+	@set -e; for bench in tests/benchmarks/bench_*.py; do echo "== $$bench"; PYTHONPATH=infra/local $(ISOLATE) $(PY) $$bench $(ARGS); done
 
 # Re-pin constraints.txt to what the venv holds now (after changing pyproject.toml and testing).
 constraints: $(STAMP)

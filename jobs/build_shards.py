@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 
-from metaformer_platform.data import builder
+from metaformer_platform.data.build import builder
 from metaformer_platform.data.s3 import aws_env
 
 

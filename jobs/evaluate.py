@@ -11,7 +11,7 @@ data.crop_pct are given. Shards of another label set than the weights' are refus
 
 import sys
 
-from metaformer_platform.cli import run_main
+from metaformer_platform.launch.cli import run_main
 
 if __name__ == "__main__":
     sys.exit(run_main("evaluate", __doc__))

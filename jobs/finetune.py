@@ -13,7 +13,7 @@ model (models:/NAME@ALIAS or models:/NAME/VERSION, resolved on the driver before
 import sys
 from pathlib import Path
 
-from metaformer_platform.cli import run_main
+from metaformer_platform.launch.cli import run_main
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune_384.yaml"
 

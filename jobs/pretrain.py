@@ -8,7 +8,7 @@
 import sys
 from pathlib import Path
 
-from metaformer_platform.cli import run_main
+from metaformer_platform.launch.cli import run_main
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The local stack (S3 + MLflow + Ray head on 127.0.0.1): a thin wrapper over
-# `python -m metaformer_platform.localstack`, plus the network namespace a shared host needs.
+# `python -m devstack` (infra/local/devstack.py), plus the network namespace a shared host needs.
 #
 #   infra/local/stack.sh up [--no-ray] [--num-cpus N]   start what is not running; prints the exports
 #   infra/local/stack.sh status | env | down
@@ -35,7 +35,7 @@ in_ns() {  # run "$@" inside the namespace (or directly)
 }
 
 localstack() {
-  in_ns "$PYTHON" -m metaformer_platform.localstack "$1" --state-dir "$STATE_DIR" "${@:2}"
+  in_ns env PYTHONPATH="infra/local${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m devstack "$1" --state-dir "$STATE_DIR" "${@:2}"
 }
 
 cmd=${1:-}

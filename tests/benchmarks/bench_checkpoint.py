@@ -1,6 +1,6 @@
 """Benchmark: a full-state checkpoint of poolformer_m48 to S3, and how long it stalls training.
 
-A private SeaweedFS on 127.0.0.1 (``localstack.start_s3``). Two parts, each measured side by side in one run:
+A private SeaweedFS on 127.0.0.1 (``devstack.start_s3``). Two parts, each measured side by side in one run:
 
 1. Upload bytes/s. The Trainer writes a full-state checkpoint of poolformer_m48 (model, AdamW state, EMA,
    schedule, RNG) once; then, rounds alternating, the same folder goes up (a) through the platform's path,
@@ -31,9 +31,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import devstack  # noqa: E402
 from common import InMemoryLoader, make_batches  # noqa: E402
-
-from metaformer_platform import localstack  # noqa: E402
 
 MODEL = "poolformer_m48"
 
@@ -98,7 +97,7 @@ def _stall_worker(payload: dict[str, Any]) -> None:
     import ray.train
 
     from metaformer_platform.config import JobConfig
-    from metaformer_platform.launch import checkpoint_reporter
+    from metaformer_platform.launch.driver import checkpoint_reporter
     from metaformer_platform.strategies.base import DistContext
     from metaformer_platform.training.trainer import Trainer
 
@@ -169,9 +168,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-s3-") as tmp_name:
         tmp = Path(tmp_name)
         key, secret = "bench" + secrets.token_hex(4), secrets.token_hex(16)
-        svc = localstack.start_s3(tmp / "s3", key, secret, log_dir=tmp)
+        svc = devstack.start_s3(tmp / "s3", key, secret, log_dir=tmp)
         try:
-            os.environ.update(localstack.s3_env(svc.url, key, secret))
+            os.environ.update(devstack.s3_env(svc.url, key, secret))
             boto3.client("s3").create_bucket(Bucket="bench")
             total, rates = upload_rates(args, "bench")
             stalls: dict[tuple[str, str], dict[str, Any]] = {}
@@ -186,7 +185,7 @@ def main() -> None:
                 finally:
                     ray.shutdown()
         finally:
-            localstack.stop_service(svc)
+            devstack.stop_service(svc)
 
     print(f"{MODEL} full-state checkpoint (model + AdamW state + EMA + schedule + RNG): {total / 2**20:.0f} MiB, "
           f"{args.rounds} rounds, SeaweedFS on 127.0.0.1")

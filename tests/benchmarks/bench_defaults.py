@@ -51,7 +51,7 @@ def platform_job(shards: Path, tmp: Path, *, steps: int, batch: int, size: int, 
     from mlflow import MlflowClient
 
     from metaformer_platform.config import load_config
-    from metaformer_platform.launch import run_job
+    from metaformer_platform.launch.driver import run_job
 
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     cfg = load_config(None, [
@@ -207,7 +207,7 @@ def main() -> None:
     if args.eval_every % WINDOW:
         parser.error(f"--eval-every must be a multiple of the log window, {WINDOW}: got {args.eval_every}")
 
-    from metaformer_platform import hardware
+    from metaformer_platform.training import hardware
 
     caps = hardware.probe(__import__("torch").device("cpu"))
     print(f"machine: {caps.device_name}, {caps.cpus} CPUs, bf16 flags: {','.join(sorted(caps.cpu_flags)) or 'none'}",

@@ -138,7 +138,8 @@ def data_path(batch: int, samples: int, workers: int, steps: int) -> None:
     import tempfile
 
     from metaformer_platform.config import load_config
-    from metaformer_platform.data import build_loader, build_split_transforms, builder
+    from metaformer_platform.data import build_loader, build_split_transforms
+    from metaformer_platform.data.build import builder
     from metaformer_platform.strategies.base import DistContext
     from metaformer_platform.training.trainer import Trainer
 

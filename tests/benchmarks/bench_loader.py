@@ -30,8 +30,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from metaformer_platform import localstack
-from metaformer_platform.data import build_loader, build_split_transforms, build_transforms, builder
+import devstack
+
+from metaformer_platform.data import build_loader, build_split_transforms, build_transforms
+from metaformer_platform.data.build import builder
 
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenet-sample"
 BASELINE = "torchvision ImageFolder, local JPEGs"
@@ -144,9 +146,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp_name:
         tmp = Path(tmp_name)
         key, secret = "bench" + secrets.token_hex(4), secrets.token_hex(16)
-        svc = localstack.start_s3(tmp / "s3", key, secret, log_dir=tmp)
+        svc = devstack.start_s3(tmp / "s3", key, secret, log_dir=tmp)
         try:
-            os.environ.update(localstack.s3_env(svc.url, key, secret))
+            os.environ.update(devstack.s3_env(svc.url, key, secret))
             import boto3
 
             boto3.client("s3").create_bucket(Bucket="bench")
@@ -190,7 +192,7 @@ def main() -> None:
                     cpus[name].append(cpu)
                     print(f"  round {r + 1}: {name:62s} {rate:7.1f} samples/s {cpu:6.2f} CPU ms/sample", flush=True)
         finally:
-            localstack.stop_service(svc)
+            devstack.stop_service(svc)
 
     base = statistics.median(rates[BASELINE])
     print(f"{args.samples} samples, {args.workers} workers, batch {args.batch}, 224 px training transform, "

@@ -90,13 +90,9 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from metaformer_platform.data import (
-        build_split_transforms,
-        build_transforms,
-        builder,
-        load_manifest,
-    )
+    from metaformer_platform.data import build_split_transforms, build_transforms, load_manifest
     from metaformer_platform.data.augment import to_hwc_tensor
+    from metaformer_platform.data.build import builder
     from metaformer_platform.data.loader import _sample_seed, _seed_sample
     from metaformer_platform.data.reader import decode_image, iter_shard, open_image
 

@@ -27,8 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from metaformer_platform import localstack
-from metaformer_platform.data import builder, open_storage, register_webdataset_s3
+import devstack
+
+from metaformer_platform.data import open_storage, register_webdataset_s3
+from metaformer_platform.data.build import builder
 from metaformer_platform.data.loader import _Prefetcher
 from metaformer_platform.data.reader import iter_shard, read_shard
 
@@ -77,9 +79,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp_name:
         tmp = Path(tmp_name)
         key, secret = "bench" + secrets.token_hex(4), secrets.token_hex(16)
-        svc = localstack.start_s3(tmp / "s3", key, secret, log_dir=tmp)
+        svc = devstack.start_s3(tmp / "s3", key, secret, log_dir=tmp)
         try:
-            env = localstack.s3_env(svc.url, key, secret)
+            env = devstack.s3_env(svc.url, key, secret)
             os.environ.update(env)
             s3 = boto3.client("s3")
             s3.create_bucket(Bucket="bench")
@@ -139,7 +141,7 @@ def main() -> None:
                     fn()
                     rates[name].append(total / (time.perf_counter() - start) / 2**20)
         finally:
-            localstack.stop_service(svc)
+            devstack.stop_service(svc)
 
     med = {p: statistics.median(r) for p, r in rates.items()}
     print(f"{len(names)} shards, {total / 2**20:.0f} MiB (original JPEGs), {args.rounds} rounds, SeaweedFS on 127.0.0.1")

@@ -18,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from metaformer_platform.data import BatchTransform, Sample, build_split_transforms, write_dataset
+from metaformer_platform.data import BatchTransform, build_split_transforms
+from metaformer_platform.data.build.writer import Sample, write_dataset
 from metaformer_platform.data.device_decode import DeviceDecodeTransform, EncodedJpeg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))

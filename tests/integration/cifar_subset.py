@@ -34,7 +34,7 @@ def extract(dest: Path, split: str, per_class: int) -> Path:
 
 def shards(dest: Path, train_dir: Path, val_dir: Path, samples_per_shard: int = 500) -> Path:
     """``train_dir`` and ``val_dir`` (ImageFolders of the same classes) as shards + _info.json in ``dest``."""
-    from metaformer_platform.data.builder import (
+    from metaformer_platform.data.build.builder import (
         BuildOptions,
         build_dataset,
         load_classes,

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import devstack
 import pytest
-
-from metaformer_platform import localstack
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class S3Server:
     @property
     def env(self) -> dict[str, str]:
         """boto3's environment variables for this server (for ``monkeypatch.setenv`` or a subprocess)."""
-        return localstack.s3_env(self.endpoint_url, self.access_key, self.secret_key)
+        return devstack.s3_env(self.endpoint_url, self.access_key, self.secret_key)
 
     def client(self, access_key: str | None = None, secret_key: str | None = None) -> Any:
         """A boto3 S3 client for this server (other credentials to test refusals)."""
@@ -64,24 +63,24 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A SeaweedFS S3 server on a free 127.0.0.1 port, with a fresh bucket; stopped at the end of the session."""
     root = tmp_path_factory.mktemp("s3")
     access_key, secret_key = "test" + secrets.token_hex(6), secrets.token_hex(20)
-    svc = localstack.start_s3(root / "data", access_key, secret_key, log_dir=root)
+    svc = devstack.start_s3(root / "data", access_key, secret_key, log_dir=root)
     try:
         server = S3Server(svc.url, access_key, secret_key, bucket="test-bucket")
         server.client().create_bucket(Bucket=server.bucket)
         yield server
     finally:
-        localstack.stop_service(svc)
+        devstack.stop_service(svc)
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The tracking URI (``http://127.0.0.1:PORT``) of an MLflow server; stopped at the end of the session."""
     root = tmp_path_factory.mktemp("mlflow")
-    svc = localstack.start_mlflow(root / "store", log_dir=root)
+    svc = devstack.start_mlflow(root / "store", log_dir=root)
     try:
         yield svc.url
     finally:
-        localstack.stop_service(svc)
+        devstack.stop_service(svc)
 
 
 def local_cluster(env: dict[str, str], extra_node_ips: tuple[str, ...] = ("127.0.0.2",)) -> Any:
@@ -91,7 +90,7 @@ def local_cluster(env: dict[str, str], extra_node_ips: tuple[str, ...] = ("127.0
     The caller connects (``ray.init(address=cluster.address)``) and shuts it down."""
     from ray.cluster_utils import Cluster
 
-    gcs_port = localstack.Ports().get()
+    gcs_port = devstack.Ports().get()
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
@@ -100,11 +99,11 @@ def local_cluster(env: dict[str, str], extra_node_ips: tuple[str, ...] = ("127.0
         # address there (on a shared host, so does any other session's). Ray Train's PlacementGroupCleaner asks
         # that address about the job's controller every second; at a dead one the call hangs, and every job's
         # shutdown waits the cleaner's 12 s stop timeout for it (measured: 14 s instead of 2.5 s per job).
-        mp.setenv("RAY_ADDRESS", f"{localstack.HOST}:{gcs_port}")
+        mp.setenv("RAY_ADDRESS", f"{devstack.HOST}:{gcs_port}")
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 1, "include_dashboard": False, "gcs_server_port": gcs_port})
         try:
-            assert cluster.address == f"{localstack.HOST}:{gcs_port}", (cluster.address, gcs_port)
+            assert cluster.address == f"{devstack.HOST}:{gcs_port}", (cluster.address, gcs_port)
             for ip in extra_node_ips:
                 cluster.add_node(num_cpus=1, node_ip_address=ip)
         except BaseException:
@@ -223,7 +222,7 @@ class SmallJob:
         return load_config(None, self.overrides(name, *extra))
 
     def run(self, name: str, *extra: str) -> Any:
-        from metaformer_platform.launch import run_job
+        from metaformer_platform.launch.driver import run_job
 
         start = time.perf_counter()
         result = run_job(self.config(name, *extra))
@@ -265,8 +264,8 @@ def s3_checkpoint_job(ray_cluster: Any, mlflow_server: str, s3_server: S3Server,
         s3_checkpoint_config,
     )
 
-    from metaformer_platform.data import ensure_synthetic_shards
-    from metaformer_platform.launch import run_job
+    from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
+    from metaformer_platform.launch.driver import run_job
 
     workdir = tmp_path_factory.mktemp("s3ckpt")
     shards = ensure_synthetic_shards(workdir / "data", num_classes=4, train_samples=512, val_samples=64,

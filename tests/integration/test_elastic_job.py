@@ -30,7 +30,7 @@ import pytest
 from mlflow import MlflowClient
 
 from metaformer_platform.config import load_config
-from metaformer_platform.launch import run_job
+from metaformer_platform.launch.driver import run_job
 from metaformer_platform.training import checkpoint as ckpt
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"

@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 from mlflow import MlflowClient
 
-from metaformer_platform.launch import run_job
+from metaformer_platform.launch.driver import run_job
 from metaformer_platform.training import checkpoint as ckpt
 
 KILL_AFTER, STEPS = 20, 30  # the small job runs 30 steps (tests/integration/conftest.py)

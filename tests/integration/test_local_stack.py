@@ -1,4 +1,4 @@
-"""The local stack as a user runs it: S3 + MLflow + Ray head from `localstack`, and a real `ray job submit`."""
+"""The local stack as a user runs it: S3 + MLflow + Ray head from `devstack` (infra/local/devstack.py), and a real `ray job submit`."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import devstack
 import pytest
-
-from metaformer_platform import localstack
 
 pytestmark = pytest.mark.beside_cluster  # no job on the session's Ray cluster (tests/conftest.py)
 
@@ -38,12 +37,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     state_dir = tmp_path_factory.mktemp("stack")
     address_file = Path(get_ray_address_file(None))
     try:
-        stack = localstack.up(state_dir, ray=True, num_cpus=2)
+        stack = devstack.up(state_dir, ray=True, num_cpus=2)
         yield stack
     finally:
-        localstack.down(state_dir)
+        devstack.down(state_dir)
     # the stopped head's address is not left behind for every later Ray job on the host to hang on
-    head = f"{localstack.HOST}:{stack.services['ray'].ports['gcs']}"
+    head = f"{devstack.HOST}:{stack.services['ray'].ports['gcs']}"
     assert not (address_file.is_file() and address_file.read_text().strip() == head)
 
 
@@ -140,8 +139,8 @@ def test_cli_down_stops_everything_and_up_restores_ports_and_data(tmp_path: Path
     state = tmp_path / "st"
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "metaformer_platform.localstack", *args,
-                               "--state-dir", str(state)], capture_output=True, text=True, timeout=300)
+        return subprocess.run([sys.executable, "-m", "devstack", *args, "--state-dir", str(state)],
+                              capture_output=True, text=True, timeout=300, cwd=REPO / "infra" / "local")
 
     first = cli("up", "--no-ray")
     assert first.returncode == 0, first.stdout + first.stderr
@@ -157,7 +156,7 @@ def test_cli_down_stops_everything_and_up_restores_ports_and_data(tmp_path: Path
         status = cli("status")
         assert status.returncode == 3 and "running" not in status.stdout, status.stdout
         for svc in state_before["services"].values():
-            assert not localstack.Service(**svc).is_running()
+            assert not devstack.Service(**svc).is_running()
 
         again = cli("up", "--no-ray")
         assert again.returncode == 0, again.stdout + again.stderr
@@ -168,7 +167,7 @@ def test_cli_down_stops_everything_and_up_restores_ports_and_data(tmp_path: Path
     assert cli("status").returncode == 3
 
 
-def _bearer(stack: localstack.Stack, token: str | None = None) -> dict[str, str]:
+def _bearer(stack: devstack.Stack, token: str | None = None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token or stack.ray_token_path.read_text().strip()}"}
 
 
@@ -207,8 +206,8 @@ def test_state_files_are_private_from_creation(stack) -> None:
     """stack.json (S3 keys), the Ray token and SeaweedFS's JWT keys: owner-only, in an owner-only folder."""
     state = stack.state_dir
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
-    for path in (state / localstack.STATE_FILE, state / localstack.RAY_TOKEN_FILE,
-                 state / "s3" / localstack.WEED_SECURITY_FILE):
+    for path in (state / devstack.STATE_FILE, state / devstack.RAY_TOKEN_FILE,
+                 state / "s3" / devstack.WEED_SECURITY_FILE):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert stack.ray_token_path.read_text().strip() not in stack.exports()  # exports name the file, not the token
 
@@ -311,7 +310,7 @@ def test_a_server_that_loses_a_port_race_is_started_again_on_fresh_ports(tmp_pat
     """`Ports` can only see that a port is free now: another process (a Ray worker, the other test process) may
     bind it before `weed` does. Here the volume port is taken between the choice and the start."""
 
-    class VolumePortTaken(localstack.Ports):
+    class VolumePortTaken(devstack.Ports):
         def __init__(self, port: int) -> None:
             super().__init__()
             self.port, self.calls = port, 0
@@ -321,14 +320,14 @@ def test_a_server_that_loses_a_port_race_is_started_again_on_fresh_ports(tmp_pat
             return self.port if self.calls == 5 else super().get(preferred)  # 5th: the volume port
 
     with socket.socket() as held:
-        held.bind((localstack.HOST, 0))
+        held.bind((devstack.HOST, 0))
         held.listen()
         ports = VolumePortTaken(held.getsockname()[1])
-        svc = localstack.start_s3(tmp_path / "s3", "AKIDRACE", "race-secret-key", ports=ports)
+        svc = devstack.start_s3(tmp_path / "s3", "AKIDRACE", "race-secret-key", ports=ports)
         try:
             log = Path(svc.log).read_text()
             assert f"port {ports.port} for Volume" in log and "is not available" in log  # the first start lost
             assert ports.port not in svc.ports.values() and ports.calls > 10  # the second drew new ports
-            assert localstack._http_ok(svc.url + "/healthz")
+            assert devstack._http_ok(svc.url + "/healthz")
         finally:
-            localstack.stop_service(svc)
+            devstack.stop_service(svc)

@@ -17,7 +17,7 @@ def test_a_worker_larger_than_any_node_is_refused_before_it_starts(ray_cluster, 
     """2 CPUs in the cluster, but 1 per node: a 2-CPU worker would wait for a node forever."""
     import pytest
 
-    from metaformer_platform.launch import run_job
+    from metaformer_platform.launch.driver import run_job
 
     cfg = load_config(CONFIGS / "default.yaml", [
         "model.name=poolformer_debug", "data.img_size=32", f"data.cache_dir={tmp_path / 'cache'}",

@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 import yaml
 
-from metaformer_platform import registry, storage
-from metaformer_platform.data import ensure_synthetic_shards
+from metaformer_platform import storage
+from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
 from metaformer_platform.pipelines import run_pipeline, runner
+from metaformer_platform.tracking import registry
 
 REPO = Path(__file__).resolve().parents[2]
 MEMBERS = ["poolformer_debug", "poolformer_debug_m"]

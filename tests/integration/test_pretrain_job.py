@@ -18,8 +18,8 @@ import pytest
 from mlflow import MlflowClient
 
 from metaformer_platform.config import load_config
-from metaformer_platform.launch import run_job
-from metaformer_platform.tracking import RUN_NAME_TAG
+from metaformer_platform.launch.driver import run_job
+from metaformer_platform.tracking.runs import RUN_NAME_TAG
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 RUN = "it-console"  # the run name and the experiment of the module's job
@@ -172,7 +172,7 @@ def test_mlflow_shows_a_training_experiment_with_data_source_and_model(first_run
 
     import requests
 
-    from metaformer_platform import registry
+    from metaformer_platform.tracking import registry
     from metaformer_platform.training.export import export_checkpoint
 
     tmp = first_run.tmp
@@ -231,7 +231,7 @@ def test_no_placement_group_cleaner_where_no_state_api_is_served(first_run, ray_
     """The session's cluster has no dashboard, so no State API: the jobs left Ray Train's placement-group
     cleaner out (launch.build_trainer), and no such actor started (test_local_stack sees one where the head
     serves the API)."""
-    from metaformer_platform.launch import state_api_served
+    from metaformer_platform.launch.driver import state_api_served
 
     assert state_api_served() is False
     assert _cleaner_logs(Path(ray_cluster.address_info["session_dir"]) / "logs") == []
@@ -291,7 +291,7 @@ def test_a_job_on_shards_gone_bad_counts_them_in_mlflow(ray_cluster, mlflow_serv
     scores the 150 readable samples and reports the 50 skipped."""
     import os
 
-    from metaformer_platform.data import ensure_synthetic_shards
+    from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
 
     root = ensure_synthetic_shards(
         tmp_path / "data", num_classes=4, train_samples=1024, val_samples=200, image_size=32, samples_per_shard=50

@@ -10,9 +10,9 @@ import cifar_subset
 import pytest
 from mlflow import MlflowClient
 
-from metaformer_platform import hardware
 from metaformer_platform.config import load_config
-from metaformer_platform.launch import run_job
+from metaformer_platform.launch.driver import run_job
+from metaformer_platform.training import hardware
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metaformer_platform import registry
+from metaformer_platform.tracking import registry
 from metaformer_platform.training.export import META_FILE, WEIGHTS_FILE
 
 pytestmark = pytest.mark.beside_cluster  # no job on the session's Ray cluster (tests/conftest.py)

@@ -21,12 +21,12 @@ import threading
 import time
 from pathlib import Path
 
+import devstack
 from mlflow import MlflowClient
 
-from metaformer_platform import localstack
 from metaformer_platform.config import load_config
-from metaformer_platform.launch import run_job
-from metaformer_platform.tracking import RUN_NAME_TAG
+from metaformer_platform.launch.driver import run_job
+from metaformer_platform.tracking.runs import RUN_NAME_TAG
 from metaformer_platform.training import ownership
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def test_a_second_job_under_a_live_run_name_exits_2_and_touches_nothing(
         # A driver of its own, as a second submission would be, given a Ray address where nothing listens: the
         # lease lives on storage and the driver reads it with its other checks, before it joins Ray (joining
         # that address would fail, or hang, instead of the refusal).
-        env = {**os.environ, "PYTHONPATH": str(REPO / "platform"), "RAY_ADDRESS": f"{localstack.HOST}:{localstack.Ports().get()}"}
+        env = {**os.environ, "PYTHONPATH": str(REPO / "platform"), "RAY_ADDRESS": f"{devstack.HOST}:{devstack.Ports().get()}"}
         second = subprocess.run(
             [sys.executable, str(REPO / "jobs" / "pretrain.py"), "--config", str(REPO / "jobs/configs/default.yaml"),
              *overrides], capture_output=True, text=True, env=env, timeout=120,

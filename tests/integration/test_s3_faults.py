@@ -15,10 +15,11 @@ import signal
 import time
 from pathlib import Path
 
+import devstack
 import pytest
 
-from metaformer_platform import localstack
-from metaformer_platform.data import Sample, build_loader, open_storage, write_dataset
+from metaformer_platform.data import build_loader, open_storage
+from metaformer_platform.data.build.writer import Sample, write_dataset
 
 pytestmark = pytest.mark.beside_cluster  # no job on the session's Ray cluster (tests/conftest.py)
 
@@ -29,16 +30,16 @@ class _Server:
     def __init__(self, root: Path):
         self.root = root
         self.access_key, self.secret_key = "fault" + secrets.token_hex(4), secrets.token_hex(16)
-        self.svc = localstack.start_s3(root / "data", self.access_key, self.secret_key, log_dir=root)
+        self.svc = devstack.start_s3(root / "data", self.access_key, self.secret_key, log_dir=root)
         self.port = self.svc.ports["http"]
         self.wait_until_signed_requests_work()
 
     def crash(self) -> None:
         os.killpg(self.svc.pid, signal.SIGKILL)  # the group this fixture started, by its id
-        localstack.stop_service(self.svc, timeout=10)  # reaps it and cleans its sockets
+        devstack.stop_service(self.svc, timeout=10)  # reaps it and cleans its sockets
 
     def start(self) -> None:
-        self.svc = localstack.start_s3(
+        self.svc = devstack.start_s3(
             self.root / "data", self.access_key, self.secret_key, port=self.port, log_dir=self.root
         )
         self.wait_until_signed_requests_work()
@@ -75,13 +76,13 @@ def server(tmp_path_factory):
     srv = _Server(tmp_path_factory.mktemp("s3-faults"))
     patch = pytest.MonkeyPatch()
     try:
-        for key, value in localstack.s3_env(srv.svc.url, srv.access_key, srv.secret_key).items():
+        for key, value in devstack.s3_env(srv.svc.url, srv.access_key, srv.secret_key).items():
             patch.setenv(key, value)
         patch.setenv("AWS_MAX_ATTEMPTS", "10")  # a restart takes about a second; allow for a slow one
         yield srv
     finally:
         patch.undo()
-        localstack.stop_service(srv.svc)
+        devstack.stop_service(srv.svc)
 
 
 def test_a_stream_survives_a_server_crash_and_restart(server):

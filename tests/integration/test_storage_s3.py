@@ -101,7 +101,7 @@ def test_refusals_name_the_location_and_the_fix(s3_env: Any, monkeypatch: pytest
 
 
 def test_bad_storage_stops_the_job_before_any_worker_with_exit_2(s3_env: Any, tmp_path: Path, capsys: Any) -> None:
-    from metaformer_platform.cli import run_main
+    from metaformer_platform.launch.cli import run_main
 
     before = storage.list_files(f"s3://{s3_env.bucket}")
     common = ["model.name=poolformer_debug", "trainer.max_steps=1", "trainer.batch_size=4", "tracking.enabled=false",

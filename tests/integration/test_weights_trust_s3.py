@@ -64,8 +64,8 @@ def test_a_crafted_s3_checkpoint_is_refused_by_every_load_path(s3_env, tmp_path,
     import timm
 
     import metaformer_platform.models  # noqa: F401
-    from metaformer_platform.checks import check_init_from, check_resume_from, resolve_init_from
-    from metaformer_platform.launch import run_job
+    from metaformer_platform.launch.checks import check_init_from, check_resume_from, resolve_init_from
+    from metaformer_platform.launch.driver import run_job
     from metaformer_platform.training.export import export_checkpoint, init_from
 
     bucket = s3_env.bucket

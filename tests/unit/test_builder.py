@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from metaformer_platform.data import INFO_NAME, build_loader, builder, load_manifest, verify_checksums
+from metaformer_platform.data import INFO_NAME, build_loader, load_manifest, verify_checksums
+from metaformer_platform.data.build import builder
 from metaformer_platform.data.reader import iter_shard
 
 REPO = Path(__file__).resolve().parents[2]

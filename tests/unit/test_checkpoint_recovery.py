@@ -81,7 +81,7 @@ def test_a_single_writer_marks_its_own_files(tmp_path):
 def test_an_incomplete_checkpoint_is_never_resumed_from(tmp_path):
     """The Trainer refuses a folder whose marker lists a missing rank part, naming it."""
     from metaformer_platform.config import load_config
-    from metaformer_platform.data import ensure_synthetic_shards
+    from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
     from metaformer_platform.strategies.base import DistContext
     from metaformer_platform.training.trainer import Trainer
 

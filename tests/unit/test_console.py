@@ -9,7 +9,7 @@ import io
 import logging
 from types import SimpleNamespace
 
-from metaformer_platform.console import (
+from metaformer_platform.tracking.console import (
     Console,
     ForwardHandler,
     ProgressSender,

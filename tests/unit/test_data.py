@@ -20,20 +20,18 @@ from PIL import Image
 from metaformer_platform.data import (
     INFO_NAME,
     DataFaultError,
-    Sample,
     ShardSet,
     batch_schedule,
     build_loader,
     build_mixup,
     build_transforms,
-    ensure_synthetic_shards,
     load_manifest,
     open_storage,
     verify_checksums,
-    write_dataset,
     write_manifest,
-    write_shard,
 )
+from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
+from metaformer_platform.data.build.writer import Sample, write_dataset, write_shard
 from metaformer_platform.data.manifest import manifest_dict
 from metaformer_platform.data.reader import RawSample, decode_image, decode_label, iter_shard
 

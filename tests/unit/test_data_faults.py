@@ -19,12 +19,11 @@ from metaformer_platform.data import (
     IGNORE_LABEL,
     INFO_NAME,
     DataFaultError,
-    Sample,
     build_transforms,
     load_manifest,
     write_manifest,
-    write_shard,
 )
+from metaformer_platform.data.build.writer import Sample, write_shard
 from metaformer_platform.data.manifest import manifest_dict
 
 PER_SHARD = 8

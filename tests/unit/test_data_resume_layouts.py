@@ -12,7 +12,7 @@ import pytest
 from loader_helpers import make_loader
 from PIL import Image
 
-from metaformer_platform.data import Sample, write_dataset
+from metaformer_platform.data.build.writer import Sample, write_dataset
 
 # 157 samples in shards of 7 (the last one shorter): no global batch below divides it
 NUM_SAMPLES, PER_SHARD = 157, 7

@@ -11,8 +11,9 @@ import torch
 from loader_helpers import RandomBatches
 
 from metaformer_platform.config import ConfigError, JobConfig, load_config
-from metaformer_platform.elastic import check_resume_world_size, fit_to_world, note_resume, split_global_batch
+from metaformer_platform.config.batch import split_global_batch
 from metaformer_platform.strategies.base import DistContext
+from metaformer_platform.training.elastic import check_resume_world_size, fit_to_world, note_resume
 from metaformer_platform.training.trainer import Trainer
 
 BASE = [
@@ -173,7 +174,7 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_with_its_weights_optimizer_and
 def test_the_sample_log_lists_each_steps_keys_and_an_epoch_holds_the_split_once(tmp_path):
     import json
 
-    from metaformer_platform.data import ensure_synthetic_shards
+    from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
 
     root = ensure_synthetic_shards(tmp_path / "data", num_classes=4, train_samples=64, val_samples=8, image_size=32,
                                    samples_per_shard=16, seed=0)

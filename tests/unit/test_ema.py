@@ -12,7 +12,7 @@ from dist_helpers import run_ranks
 from loader_helpers import RandomBatches
 
 from metaformer_platform.config import ConfigError, load_config
-from metaformer_platform.data import ensure_synthetic_shards
+from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
 from metaformer_platform.strategies.base import DistContext
 from metaformer_platform.training import checkpoint as ckpt
 from metaformer_platform.training.export import export_checkpoint

@@ -85,7 +85,7 @@ def test_bad_input_exits_2_with_the_fix(case, bad_input_outcomes):
 
 
 def _tiny_shards(root: Path) -> Path:
-    from metaformer_platform.data import ensure_synthetic_shards
+    from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
 
     return ensure_synthetic_shards(root, num_classes=4, train_samples=40, val_samples=8, image_size=16,
                                    samples_per_shard=20)

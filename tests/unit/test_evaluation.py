@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from metaformer_platform.config import load_config
-from metaformer_platform.data import IGNORE_LABEL, ensure_synthetic_shards, load_manifest
-from metaformer_platform.evaluation import (
-    MetricSums,
+from metaformer_platform.data import IGNORE_LABEL, load_manifest
+from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
+from metaformer_platform.evaluation.metrics import MetricSums
+from metaformer_platform.evaluation.report import (
     build_report,
     check_eval_batches,
     check_label_set,
@@ -26,10 +27,10 @@ from metaformer_platform.evaluation import (
     read_weights_info,
     summary_line,
 )
+from metaformer_platform.launch.workers import evaluate_worker
 from metaformer_platform.strategies.base import DistContext
 from metaformer_platform.training.export import export_checkpoint
 from metaformer_platform.training.trainer import Trainer
-from metaformer_platform.workers import evaluate_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -208,7 +209,7 @@ def test_report_checks_the_total_and_shows_the_paper_beside_imagenet_results(sha
 
 
 def read_weights_info_stub():
-    from metaformer_platform.evaluation import WeightsInfo
+    from metaformer_platform.evaluation.report import WeightsInfo
 
     return WeightsInfo("export", Path("/nowhere"), "poolformer_s12", 1000, {}, (), 224, 0.9, 10)
 
@@ -222,8 +223,8 @@ def sqlite_registry(tmp_path_factory) -> str:
 def test_registry_uri_resolves_on_the_driver_and_in_workers(trained, sqlite_registry, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from metaformer_platform import registry
-    from metaformer_platform.launch import _with_local_init_from, check_init_from, resolve_init_from
+    from metaformer_platform.launch.driver import _with_local_init_from, check_init_from, resolve_init_from
+    from metaformer_platform.tracking import registry
 
     _, export, _ = trained
     monkeypatch.setenv("METAFORMER_WEIGHTS_CACHE", str(tmp_path / "cache"))
@@ -266,7 +267,7 @@ def test_data_hash_follows_the_split_and_labels(shards, tmp_path):
 
 
 def test_bad_input_to_finetune_and_evaluate_exits_2(shards, sqlite_registry, tmp_path, monkeypatch, capsys):
-    from metaformer_platform.cli import run_main
+    from metaformer_platform.launch.cli import run_main
 
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # were Ray reached, the job would hang, then fail
     monkeypatch.chdir(tmp_path)

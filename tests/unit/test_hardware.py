@@ -12,10 +12,10 @@ import pytest
 import torch
 from loader_helpers import RandomBatches
 
-from metaformer_platform import hardware
 from metaformer_platform.config import load_config
-from metaformer_platform.hardware import Capabilities
 from metaformer_platform.strategies.base import DistContext
+from metaformer_platform.training import hardware
+from metaformer_platform.training.hardware import Capabilities
 from metaformer_platform.training.trainer import Trainer
 
 AMX_CPU = Capabilities("cpu", "fake AMX Xeon", 2, frozenset({"amx_bf16", "avx512_bf16"}))

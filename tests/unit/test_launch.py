@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from metaformer_platform.config import load_config
-from metaformer_platform.launch import build_trainer
+from metaformer_platform.launch.driver import build_trainer
 from metaformer_platform.storage import Location
 
 
@@ -14,7 +14,7 @@ def test_the_job_trainer_starts_no_ray_data_actor_and_keeps_rays_other_callbacks
     State API is served the cleaner is left out too (it could only fail to ask)."""
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 
-    from metaformer_platform import launch
+    from metaformer_platform.launch import driver as launch
 
     cfg = load_config(None, ["model.name=poolformer_debug", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
                              "scaling.use_gpu=false", f"run.storage_path={tmp_path}", "run.name=assembly"])
@@ -39,7 +39,7 @@ def test_the_state_api_counts_only_when_this_clusters_dashboard_serves_it(monkey
     import ray
     import ray.util.state
 
-    from metaformer_platform import launch
+    from metaformer_platform.launch import driver as launch
 
     monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address="127.0.0.1:6379"))
     monkeypatch.setattr(ray, "nodes", lambda: [{"NodeID": "a"}, {"NodeID": "b"}])

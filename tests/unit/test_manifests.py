@@ -115,7 +115,7 @@ def validate_job_command(script: str, argv: list[str]):
 
     Raises ``ValueError`` (a ``ConfigError`` naming the key) for arguments the job would refuse.
     """
-    from metaformer_platform.cli import parse_job_config
+    from metaformer_platform.launch.cli import parse_job_config
 
     stage = _job_stage(script)
     assert stage is not None, f"{script} does not use the shared command line"

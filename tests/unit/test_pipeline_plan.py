@@ -282,7 +282,7 @@ def test_family_report_table_and_plot(tmp_path: Path) -> None:
 
 def test_a_member_that_fails_stops_only_its_own_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The runner's bookkeeping around jobs (Ray jobs stubbed here; the integration test runs real ones)."""
-    from metaformer_platform import launch
+    from metaformer_platform.launch import driver as launch
 
     started: list[str] = []
 

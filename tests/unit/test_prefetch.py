@@ -8,7 +8,8 @@ import threading
 import torch
 from PIL import Image
 
-from metaformer_platform.data import LocalStorage, Sample, build_loader, load_manifest, write_dataset
+from metaformer_platform.data import LocalStorage, build_loader, load_manifest
+from metaformer_platform.data.build.writer import Sample, write_dataset
 from metaformer_platform.data.loader import _Prefetcher
 
 

@@ -62,7 +62,7 @@ def test_zero_stage_out_of_range_is_refused_with_the_fix(stage):
 
 
 def test_fsdp_refuses_a_model_it_cannot_wrap():
-    from metaformer_platform.launch import check_model
+    from metaformer_platform.launch.driver import check_model
     from metaformer_platform.strategies.fsdp import FSDPStrategy, shard_units
 
     with pytest.raises(ValueError, match=r"fsdp shards a MetaFormer .* Sequential has no `stages\[i\].blocks`"):
@@ -92,7 +92,7 @@ def test_export_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
 
 
 def test_ddp_export_loads_strictly_into_plain_timm_with_the_same_logits(tmp_path):
-    from metaformer_platform.data import ensure_synthetic_shards
+    from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
     from metaformer_platform.strategies.base import DistContext
     from metaformer_platform.training import checkpoint as ckpt
     from metaformer_platform.training.export import export_checkpoint, load_export
@@ -130,7 +130,7 @@ def test_init_from_an_export_or_checkpoint_keeps_the_trunk_and_makes_a_new_head(
     import timm
 
     import metaformer_platform.models  # noqa: F401
-    from metaformer_platform.launch import check_init_from
+    from metaformer_platform.launch.driver import check_init_from
     from metaformer_platform.training import checkpoint as ckpt
     from metaformer_platform.training.export import export_checkpoint, init_from
 

@@ -9,7 +9,7 @@ import torch
 from dist_helpers import run_ranks
 
 from metaformer_platform.config import load_config
-from metaformer_platform.data import ensure_synthetic_shards
+from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
 from metaformer_platform.strategies.base import DistContext
 from metaformer_platform.training import checkpoint as ckpt
 from metaformer_platform.training.trainer import Trainer

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from metaformer_platform.config import ConfigError, load_config
-from metaformer_platform.redact import redact, redact_tree
+from metaformer_platform.storage.redact import redact, redact_tree
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 DEBUG = ["model.name=poolformer_debug"]
@@ -104,7 +104,7 @@ def test_config_dumps_are_redacted():
 
 
 def test_printed_mlflow_hint_is_redacted():
-    from metaformer_platform.tracking import RunHandle
+    from metaformer_platform.tracking.runs import RunHandle
 
     handle = RunHandle.__new__(RunHandle)  # the hint needs no server: only what it prints
     handle.cfg = load_config(None, DEBUG)

@@ -88,7 +88,7 @@ def test_init_from_refuses_a_crafted_checkpoint_unread(strategy, tmp_path, marke
     import timm
 
     import metaformer_platform.models  # noqa: F401
-    from metaformer_platform.checks import check_init_from
+    from metaformer_platform.launch.checks import check_init_from
     from metaformer_platform.training.export import init_from
 
     folder = craft(tmp_path / "checkpoint-00000003", strategy, marker)
@@ -129,7 +129,7 @@ def _run_folder(storage: Path, run: str, run_id: str) -> Path:
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
 def test_resume_from_reads_native_files_only_of_this_storages_own_runs(strategy, tmp_path, marker):
-    from metaformer_platform.checks import check_resume_from
+    from metaformer_platform.launch.checks import check_resume_from
 
     storage = tmp_path / "runs"
 
@@ -158,7 +158,7 @@ def test_resume_from_reads_native_files_only_of_this_storages_own_runs(strategy,
 
 
 def test_ddp_resume_reads_weights_only_and_refuses_a_pickle(tmp_path, marker):
-    from metaformer_platform.checks import check_resume_from
+    from metaformer_platform.launch.checks import check_resume_from
     from metaformer_platform.strategies.base import DistContext
     from metaformer_platform.strategies.ddp import DDPStrategy
 
@@ -196,8 +196,8 @@ def test_recovery_never_resumes_a_foreign_folder_dropped_into_the_run(tmp_path, 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed", "ddp"])
 def test_evaluate_refuses_a_crafted_checkpoint(strategy, tmp_path, marker):
-    from metaformer_platform.evaluation import prepare_evaluation
-    from metaformer_platform.workers import load_weights_model
+    from metaformer_platform.evaluation.report import prepare_evaluation
+    from metaformer_platform.launch.workers import load_weights_model
 
     folder = craft(tmp_path / "checkpoint-00000003", strategy, marker)
     cfg = load_config(None, ["stage=evaluate", "model.name=poolformer_debug", "model.num_classes=4",
@@ -212,8 +212,8 @@ def test_evaluate_refuses_a_crafted_checkpoint(strategy, tmp_path, marker):
 def test_a_registered_version_whose_weights_are_a_pickle_is_refused(tmp_path, marker, monkeypatch):
     from mlflow import MlflowClient
 
-    from metaformer_platform import registry
     from metaformer_platform.storage.weights import resolve
+    from metaformer_platform.tracking import registry
     from metaformer_platform.training.export import read_weights
 
     export = tmp_path / "export"
@@ -251,7 +251,7 @@ def _trained_ddp_checkpoint(folder: Path) -> Path:
 
 
 def test_a_file_changed_after_the_marker_same_size_is_refused_by_its_sha256(tmp_path):
-    from metaformer_platform.evaluation import read_weights_info
+    from metaformer_platform.evaluation.report import read_weights_info
     from metaformer_platform.storage.weights import resolve
     from metaformer_platform.training.export import export_checkpoint
 

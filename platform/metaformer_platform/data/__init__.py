@@ -6,10 +6,10 @@ resumable position), `transforms` (the paper's augmentation via timm), `augment`
 No Ray, MLflow or config imports here: callers pass plain arguments.
 """
 
-from .augment import BatchTransform, build_split_transforms
-from .faults import IGNORE_LABEL, DataFaultError
-from .loader import ShardLoader, build_loader
-from .manifest import (
+from metaformer_platform.data.augment import BatchTransform, build_split_transforms
+from metaformer_platform.data.faults import IGNORE_LABEL, DataFaultError
+from metaformer_platform.data.loader import ShardLoader, build_loader
+from metaformer_platform.data.manifest import (
     INFO_NAME,
     Manifest,
     ShardInfo,
@@ -18,12 +18,17 @@ from .manifest import (
     verify_checksums,
     write_manifest,
 )
+from metaformer_platform.data.shardset import RankPlan, ShardSet, WorkerPlan, batch_schedule
+from metaformer_platform.data.storage import (
+    LocalStorage,
+    Storage,
+    WritableStorage,
+    open_storage,
+    register_scheme,
+)
+from metaformer_platform.data.transforms import build_mixup, build_transforms
+
 from .s3 import S3AccessError, S3Storage, register_webdataset_s3
-from .shardset import RankPlan, ShardSet, WorkerPlan, batch_schedule
-from .storage import LocalStorage, Storage, WritableStorage, open_storage, register_scheme
-from .synthetic import ensure_synthetic_shards
-from .transforms import build_mixup, build_transforms
-from .writer import Sample, ShardWriter, shard_name, write_dataset, write_shard
 
 __all__ = [
     "BatchTransform",
@@ -35,11 +40,9 @@ __all__ = [
     "RankPlan",
     "S3AccessError",
     "S3Storage",
-    "Sample",
     "ShardInfo",
     "ShardLoader",
     "ShardSet",
-    "ShardWriter",
     "SplitInfo",
     "Storage",
     "WritableStorage",
@@ -49,14 +52,10 @@ __all__ = [
     "build_mixup",
     "build_split_transforms",
     "build_transforms",
-    "ensure_synthetic_shards",
     "load_manifest",
     "open_storage",
     "register_scheme",
     "register_webdataset_s3",
-    "shard_name",
     "verify_checksums",
-    "write_dataset",
     "write_manifest",
-    "write_shard",
 ]

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from .augment import BatchTransform
+from metaformer_platform.data.batch import BatchTransform
 
 __all__ = ["DeviceDecodeTransform", "EncodedJpeg"]
 

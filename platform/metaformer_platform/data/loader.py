@@ -63,7 +63,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .faults import (
+from metaformer_platform.data.faults import (
     IGNORE_LABEL,
     SAMPLE_ERRORS,
     SHARD_ERRORS,
@@ -73,10 +73,17 @@ from .faults import (
     describe_shards,
     shard_fault_kind,
 )
-from .manifest import Manifest, load_manifest
-from .reader import RawSample, decode_image, decode_label, iter_shard, open_image, read_shard
-from .shardset import RankPlan, ShardSet, WorkerPlan
-from .storage import LocalStorage, Storage
+from metaformer_platform.data.manifest import Manifest, load_manifest
+from metaformer_platform.data.reader import (
+    RawSample,
+    decode_image,
+    decode_label,
+    iter_shard,
+    open_image,
+    read_shard,
+)
+from metaformer_platform.data.shardset import RankPlan, ShardSet, WorkerPlan
+from metaformer_platform.data.storage import LocalStorage, Storage
 
 __all__ = ["ShardLoader", "build_loader"]
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .storage import ListingStorage, Storage, open_storage, split_url
+from metaformer_platform.data.storage import ListingStorage, Storage, open_storage, split_url
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ def _manifest_of_pattern(pattern: str, *, check_files: bool) -> Manifest:
             _check_files(manifest)
         return manifest
 
-    from .reader import count_samples
+    from metaformer_platform.data.reader import count_samples
 
     grouped: dict[str, list[str]] = {}
     for name in names:

@@ -21,8 +21,8 @@ from typing import BinaryIO
 
 from PIL import Image
 
-from .faults import ShortShardError
-from .storage import Storage
+from metaformer_platform.data.faults import ShortShardError
+from metaformer_platform.data.storage import Storage
 
 __all__ = ["IMAGE_EXTS", "RawSample", "count_samples", "decode_image", "decode_label", "iter_shard", "open_image", "read_shard"]
 

@@ -28,11 +28,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from metaformer_platform.data.storage import register_scheme
 from metaformer_platform.storage.files import S3AccessError, no_bucket, s3_refusal
 from metaformer_platform.storage.location import Location
 from metaformer_platform.storage.settings import AWS_ENV_VARS, S3Settings, aws_env
-
-from .storage import register_scheme
 
 __all__ = [
     "AWS_ENV_VARS",

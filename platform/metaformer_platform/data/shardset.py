@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .manifest import Manifest
+from metaformer_platform.data.manifest import Manifest
 
 __all__ = ["RankPlan", "ShardSet", "WorkerPlan", "batch_schedule"]
 

@@ -39,7 +39,7 @@ def plan_pipeline(
     path: str | Path, overrides: Sequence[str] = (), out: Callable[[str], None] = print
 ) -> PipelineRunner:
     """Load, expand and resolve a pipeline file (reads data manifests and the registry, writes nothing)."""
-    from metaformer_platform.tracking import resolve_tracking_uri
+    from metaformer_platform.tracking.runs import resolve_tracking_uri
 
     spec, base = load_pipeline(path)
     plans = expand(spec, base, list(overrides))

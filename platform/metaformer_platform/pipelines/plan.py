@@ -153,8 +153,8 @@ def expand(spec: PipelineSpec, base_dir: Path, extra_overrides: list[str] | None
 def data_hash(cfg: JobConfig) -> tuple[str, int | None]:
     """sha256 of the data's ``_info.json`` (which lists every shard's sha256), the data set's identity, and its
     number of classes."""
-    from metaformer_platform.checks import check_data, resolve_data_root
     from metaformer_platform.data import INFO_NAME, load_manifest
+    from metaformer_platform.launch.checks import check_data, resolve_data_root
 
     root = resolve_data_root(cfg)
     manifest = load_manifest(root)
@@ -169,7 +169,7 @@ def data_hash(cfg: JobConfig) -> tuple[str, int | None]:
 
 def check_input(stage: StagePlan, tracking_uri: str | None) -> str:
     """Check an explicit input and return its identity for the key; ``ValueError`` names what is wrong."""
-    from metaformer_platform import registry
+    from metaformer_platform.tracking import registry
 
     source = str(stage.init_from)
     where = f"stage {stage.name!r}: init_from={source!r}"
@@ -183,7 +183,7 @@ def check_input(stage: StagePlan, tracking_uri: str | None) -> str:
             )
         return f"{mv.name}/v{mv.version}:{mv.tags.get(registry.TAG_WEIGHTS_SHA256, '')}"
     from metaformer_platform import storage
-    from metaformer_platform.checks import check_init_from
+    from metaformer_platform.launch.checks import check_init_from
 
     loc = storage.check_access(source, what=where)
     if not storage.exists(loc):

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 from metaformer_platform.pipelines.plan import MemberPlan, StagePlan, digest, pipeline_key, stable_config
 from metaformer_platform.pipelines.spec import PipelineSpec
-from metaformer_platform.redact import redact, redact_tree
+from metaformer_platform.storage.redact import redact, redact_tree
 
 if TYPE_CHECKING:
     from metaformer_platform.config import JobConfig
-    from metaformer_platform.launch import JobResult
-    from metaformer_platform.registry import Promotion
+    from metaformer_platform.launch.driver import JobResult
+    from metaformer_platform.tracking.registry import Promotion
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def resumable_checkpoint(run_dir: str) -> str | None:
 
 
 def _experiment_id(client: Any, name: str, create: bool) -> str | None:
-    from metaformer_platform.tracking import training_experiment
+    from metaformer_platform.tracking.runs import training_experiment
 
     return training_experiment(client, name, create=create)
 
@@ -230,7 +230,7 @@ class PipelineRunner:
     # -- running ---------------------------------------------------------------------------------------
 
     def run(self) -> PipelineResult:
-        from metaformer_platform.launch import connect_ray
+        from metaformer_platform.launch.driver import connect_ray
         from metaformer_platform.pipelines import report
 
         experiment_id = _experiment_id(self.client, self.spec.experiment, create=True)
@@ -258,7 +258,7 @@ class PipelineRunner:
         return result
 
     def _open_parent(self, experiment_id: str) -> str:
-        from metaformer_platform.tracking import source_tags
+        from metaformer_platform.tracking.runs import source_tags
 
         found = self.client.search_runs(
             [experiment_id], filter_string=f"tags.`{TAG_PIPELINE_KEY}` = '{self.key}'", max_results=1,
@@ -323,7 +323,7 @@ class PipelineRunner:
     def _run_stage(
         self, plan: MemberPlan, stage: StagePlan, outputs: dict[str, StageOutcome], experiment_id: str, parent: str
     ) -> StageOutcome:
-        from metaformer_platform.launch import run_job
+        from metaformer_platform.launch.driver import run_job
 
         # A models:/ URI is passed on as it is: the job resolves it (on every node) and records it as the input.
         stage.cfg.model.init_from = outputs[stage.upstream].checkpoint if stage.upstream is not None else stage.init_from
@@ -372,7 +372,7 @@ class PipelineRunner:
             self.client.log_dict(run_id, report_, "pipeline/eval_report.json")
 
     def _register(self, plan: MemberPlan, stage: StagePlan, outputs: dict[str, StageOutcome], member: MemberOutcome) -> None:
-        from metaformer_platform import registry
+        from metaformer_platform.tracking import registry
         from metaformer_platform.training.export import export_checkpoint
 
         trained = plan.stage(str(stage.upstream))

@@ -25,14 +25,14 @@ import torch.distributed as tdist
 from torch import nn
 
 from metaformer_platform import data as mdata
-from metaformer_platform import elastic, hardware
 from metaformer_platform.config import JobConfig
 from metaformer_platform.data.faults import FaultCheckpointing, FaultCounting
-from metaformer_platform.evaluation import evaluate_loader
+from metaformer_platform.evaluation.metrics import evaluate_loader
 from metaformer_platform.models import create_model
 from metaformer_platform.strategies import get_strategy_class
 from metaformer_platform.strategies.base import DistContext
 from metaformer_platform.training import checkpoint as ckpt
+from metaformer_platform.training import elastic, hardware
 from metaformer_platform.training.optim import build_optimizer, build_scheduler, use_fused
 from metaformer_platform.training.steptime import StepTimer, watch_allreduce
 
@@ -44,7 +44,7 @@ ReportFn = Callable[[dict[str, float], "Path | None"], "bool | None"]
 
 
 class Tracker(Protocol):
-    """What the Trainer needs from experiment tracking (see ``metaformer_platform.tracking``)."""
+    """What the Trainer needs from experiment tracking (see ``metaformer_platform.tracking.runs``)."""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from metaformer_platform.checks import (  # noqa: F401  (re-exported: jobs, pipelines and tests import them here)
+from metaformer_platform.config import JobConfig
+from metaformer_platform.launch.checks import (  # noqa: F401  (re-exported: jobs, pipelines and tests import them here)
     check_cluster,
     check_data,
     check_init_from,
@@ -30,16 +31,15 @@ from metaformer_platform.checks import (  # noqa: F401  (re-exported: jobs, pipe
     resolve_storage_path,
     with_default_threads,
 )
-from metaformer_platform.config import JobConfig
-from metaformer_platform.storage import Location
-from metaformer_platform.training.ownership import check_run_free
-from metaformer_platform.workers import (  # noqa: F401  (re-exported, as above)
+from metaformer_platform.launch.workers import (  # noqa: F401  (re-exported, as above)
     _dist_context,
     _eval_worker,
     _train_worker,
     _with_local_init_from,
     checkpoint_reporter,
 )
+from metaformer_platform.storage import Location
+from metaformer_platform.training.ownership import check_run_free
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,12 @@ class JobResult:
 
 def resolve_scaling(cfg: JobConfig) -> JobConfig:
     """``scaling.*: auto`` made concrete: the fastest worker layout for the cluster the job runs on (see
-    ``metaformer_platform.hardware.resolve_layout``). A local Ray is not started for it: it would take this
+    ``metaformer_platform.training.hardware.resolve_layout``). A local Ray is not started for it: it would take this
     machine's CPUs and GPUs, which are probed directly."""
     s = cfg.scaling
     if "auto" not in (s.num_workers, s.cpus_per_worker, s.use_gpu):
         return cfg
-    from metaformer_platform import hardware
+    from metaformer_platform.training import hardware
 
     if (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
             or ("ray" in sys.modules and sys.modules["ray"].is_initialized())):
@@ -93,7 +93,7 @@ def connect_ray(cfg: JobConfig) -> None:
 
     if ray.is_initialized():
         return
-    from metaformer_platform.ray_logs import ray_init_options
+    from metaformer_platform.launch.ray_logs import ray_init_options
 
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -122,7 +122,7 @@ def _connect_and_open_run(cfg: JobConfig, storage_path: str) -> tuple[Any, Any]:
     try:
         if not cfg.tracking.enabled:
             return lease, None
-        from metaformer_platform.tracking import RunHandle
+        from metaformer_platform.tracking.runs import RunHandle
 
         return lease, RunHandle(cfg)
     except BaseException:
@@ -167,9 +167,9 @@ def build_trainer(
     from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.torch.torch_trainer import TorchTrainer
 
-    from metaformer_platform.hardware import Layout
-    from metaformer_platform.ray_logs import train_logging_config
+    from metaformer_platform.launch.ray_logs import train_logging_config
     from metaformer_platform.storage import aws_env
+    from metaformer_platform.training.hardware import Layout
 
     class Trainer(TorchTrainer):
         """Ray's TorchTrainer without the helper actors that can do nothing for these jobs:
@@ -274,7 +274,7 @@ def run_job(cfg: JobConfig) -> JobResult:
     }
     storage = Location.parse(storage_path)
     remote_inputs = _any_remote(str(data_root), cfg.run.resume_from, cfg.model.init_from)
-    from metaformer_platform.console import ProgressPrinter, failure_notice
+    from metaformer_platform.tracking.console import ProgressPrinter, failure_notice
 
     # rank 0's progress lines, printed by this process (see console.py)
     count = _worker_count(cfg)
@@ -315,9 +315,9 @@ def run_evaluate(cfg: JobConfig) -> JobResult:
     import tempfile
     import time
 
-    from metaformer_platform.evaluation import (
+    from metaformer_platform.evaluation.metrics import MetricSums
+    from metaformer_platform.evaluation.report import (
         NO_WEIGHTS,
-        MetricSums,
         build_report,
         check_eval_batches,
         prepare_evaluation,

@@ -34,7 +34,7 @@ def run_main(stage: str, description: str, argv: Sequence[str] | None = None, de
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = parse_job_config(stage, description, argv, default_config)
-        from metaformer_platform.launch import run_job
+        from metaformer_platform.launch.driver import run_job
 
         result = run_job(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as err:
@@ -45,7 +45,7 @@ def run_main(stage: str, description: str, argv: Sequence[str] | None = None, de
         return 1
     m = result.metrics
     if result.report is not None:  # evaluate
-        from metaformer_platform.evaluation import summary_line
+        from metaformer_platform.evaluation.report import summary_line
 
         print(f"\n{stage} finished: {result.report['model_name']} from {result.report['weights']}")
         print(summary_line(result.report))

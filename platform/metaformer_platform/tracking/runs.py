@@ -76,7 +76,7 @@ def entry_point() -> str:
     """The script this process runs (``mlflow.source.name``): relative to the repository when it is one of
     its entry points (``jobs/pretrain.py``), else as given."""
     script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     try:
         return script.resolve().relative_to(repo).as_posix()
     except ValueError:
@@ -187,7 +187,7 @@ class RunHandle:
         self.client.set_terminated(self.run_id, status=status)
 
     def ui_hint(self) -> str:
-        from metaformer_platform.redact import redact
+        from metaformer_platform.storage.redact import redact
 
         uri = redact(self.tracking_uri)  # printed: a database password in the URI must not be
         if uri.startswith(("http://", "https://")):

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metaformer_platform import hardware, storage
+from metaformer_platform import storage
 from metaformer_platform.config import JobConfig
 from metaformer_platform.storage import Location
+from metaformer_platform.training import hardware
 
 
 def resolve_data_root(cfg: JobConfig) -> str | Path:
     """Where the job's shards are: a local folder (the synthetic set is generated there on first use), or
     the URL itself for object storage (s3://...), which the loader and `load_manifest` read directly."""
-    from metaformer_platform import data as mdata
+    from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
 
     if cfg.data.source == "synthetic":
         s = cfg.data.synthetic
-        return mdata.ensure_synthetic_shards(
+        return ensure_synthetic_shards(
             Path(cfg.data.cache_dir).expanduser() / "synthetic",
             num_classes=s.num_classes,
             train_samples=s.train_samples,
@@ -83,7 +84,7 @@ def check_model(cfg: JobConfig, num_classes: int | None) -> None:
 
 def registry_uri(cfg: JobConfig) -> str:
     """Where ``models:/`` URIs are looked up: the driver's tracking URI (an absolute default)."""
-    from metaformer_platform.tracking import resolve_tracking_uri
+    from metaformer_platform.tracking.runs import resolve_tracking_uri
 
     return resolve_tracking_uri(cfg.tracking.tracking_uri)
 
@@ -111,7 +112,7 @@ def check_init_from(cfg: JobConfig, folder: Path | None = None) -> None:
                 "export folder or a registered model (models:/NAME@ALIAS)"
             )
         return
-    from metaformer_platform.evaluation import read_weights_info
+    from metaformer_platform.evaluation.report import read_weights_info
 
     name = read_weights_info(folder or cfg.model.init_from).model_name
     if name != cfg.model.name:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .manifest import ShardInfo, manifest_dict, write_manifest
+from metaformer_platform.data.manifest import ShardInfo, manifest_dict, write_manifest
 
 __all__ = ["Sample", "ShardWriter", "shard_name", "write_dataset", "write_shard"]
 

@@ -65,7 +65,7 @@ def lineage_tags(
     checkpoint_uri: str, data_manifest_hash: str, git_commit: str | None = None, **extra: str
 ) -> dict[str, str]:
     """The lineage tags ``register_export`` expects; ``git_commit`` defaults to the code being run."""
-    from metaformer_platform.tracking import git_commit as current_commit
+    from metaformer_platform.tracking.runs import git_commit as current_commit
 
     tags = {
         TAG_CHECKPOINT: str(checkpoint_uri),
@@ -79,7 +79,7 @@ def lineage_tags(
 def _client(tracking_uri: str | None) -> Any:
     import mlflow
 
-    from metaformer_platform.tracking import resolve_tracking_uri
+    from metaformer_platform.tracking.runs import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     # The registry lives beside the runs: never a different default registry (e.g. a Databricks UC one).
@@ -148,7 +148,7 @@ def register_export(
 
     from mlflow.exceptions import MlflowException
 
-    from metaformer_platform.tracking import log_export_model
+    from metaformer_platform.tracking.runs import log_export_model
 
     client.get_run(run_id)  # MlflowException (RESOURCE_DOES_NOT_EXIST) before anything is written
     logged = log_export_model(
@@ -270,7 +270,7 @@ def promote(
 
 def get_model_version(uri: str, *, tracking_uri: str | None = None) -> Any:
     """The ``ModelVersion`` that ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names (ValueError if none)."""
-    from metaformer_platform.tracking import resolve_tracking_uri
+    from metaformer_platform.tracking.runs import resolve_tracking_uri
 
     return weights.model_version(uri, resolve_tracking_uri(tracking_uri))
 
@@ -280,7 +280,7 @@ def resolve_model_uri(
 ) -> Path:
     """A local folder with the export that a registry URI names: the storage core's weights resolver (fetched
     once per version into the weights cache, checked against the sha256 recorded at registration)."""
-    from metaformer_platform.tracking import resolve_tracking_uri
+    from metaformer_platform.tracking.runs import resolve_tracking_uri
 
     if not is_registry_uri(uri):  # a path or another URL is the resolver's business, not the registry's
         raise ValueError(f"{uri!r} is not a registry URI: use models:/NAME@ALIAS or models:/NAME/VERSION")

@@ -1,9 +1,9 @@
 """The local stack: an S3 server (SeaweedFS), an MLflow tracking server and a Ray head, all on 127.0.0.1.
 
-    python -m metaformer_platform.localstack up     [--state-dir .stack] [--no-ray] [--num-cpus 2]
-    python -m metaformer_platform.localstack status [--state-dir .stack]   (exit 3: something is not running)
-    python -m metaformer_platform.localstack env    [--state-dir .stack]   (the export lines alone)
-    python -m metaformer_platform.localstack down   [--state-dir .stack]
+    python -m devstack up     [--state-dir .stack] [--no-ray] [--num-cpus 2]
+    python -m devstack status [--state-dir .stack]   (exit 3: something is not running)
+    python -m devstack env    [--state-dir .stack]   (the export lines alone)
+    python -m devstack down   [--state-dir .stack]
 
 ``up`` starts each server in a session of its own (so it outlives the command and can be stopped as a
 process group), waits until it answers, and records PIDs, ports and credentials in ``<state-dir>/stack.json``;
@@ -637,8 +637,8 @@ def _print_stack(stack: Stack) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``python -m metaformer_platform.localstack`` command line."""
-    parser = argparse.ArgumentParser(prog="python -m metaformer_platform.localstack", description=__doc__,
+    """The ``python -m devstack`` command line."""
+    parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["up", "down", "status", "env"])
     parser.add_argument("--state-dir", default=os.environ.get("STACK_STATE_DIR", ".stack"), type=Path)

@@ -37,9 +37,9 @@ from typing import Any
 
 from PIL import Image
 
-from .manifest import INFO_NAME, ShardInfo, manifest_dict
-from .storage import LocalStorage, WritableStorage, open_storage
-from .writer import Sample, shard_name, write_shard
+from metaformer_platform.data.manifest import INFO_NAME, ShardInfo, manifest_dict
+from metaformer_platform.data.storage import LocalStorage, WritableStorage, open_storage
+from metaformer_platform.data.build.writer import Sample, shard_name, write_shard
 
 __all__ = [
     "BuildOptions",

@@ -239,7 +239,7 @@ def resolved(value: T | Literal["auto"], name: str) -> T:
     worker): the narrowing the code after those steps relies on, with a clear error where a caller skipped them."""
     if isinstance(value, str) and value == "auto":
         raise ValueError(
-            f"{name}=auto has not been resolved yet: run the job through metaformer_platform.launch (which resolves "
+            f"{name}=auto has not been resolved yet: run the job through metaformer_platform.launch.driver (which resolves "
             f"it for the cluster), or set {name} to a concrete value"
         )
     return value

@@ -13,17 +13,17 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from metaformer_platform.checks import resolve_data_root
 from metaformer_platform.config import JobConfig
+from metaformer_platform.launch.checks import resolve_data_root
 from metaformer_platform.storage import Location
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from metaformer_platform.evaluation import MetricSums
+    from metaformer_platform.evaluation.metrics import MetricSums
     from metaformer_platform.strategies.base import DistContext
 
-log = logging.getLogger("metaformer_platform.launch")
+log = logging.getLogger("metaformer_platform.launch.driver")
 
 
 def _with_local_init_from(cfg: JobConfig, payload: dict[str, Any]) -> JobConfig:
@@ -168,11 +168,11 @@ def _train_worker(payload: dict[str, Any]) -> None:
              dist.local_rank, os.getpid())
     tracker: RunTracker = NullTracker()
     if dist.is_main and payload.get("run_id"):
-        from metaformer_platform.tracking import MlflowTracker
+        from metaformer_platform.tracking.runs import MlflowTracker
 
         tracker = MlflowTracker(payload["tracking_uri"], payload["run_id"], system_metrics=cfg.tracking.system_metrics)
     run_tracker = tracker  # the MLflow tracker itself (tags), before the progress wrapper
-    from metaformer_platform.console import worker_progress
+    from metaformer_platform.tracking.console import worker_progress
 
     progress, tracker = worker_progress(payload, dist, tracker, forward_warnings=not cfg.run.verbose)
 
@@ -202,7 +202,7 @@ def _train_worker(payload: dict[str, Any]) -> None:
         if checkpoint is not None:
             tracker.log_metrics({"run/resumed_from_step": float(trainer.step)}, step=trainer.step)
         if cfg.scaling.elastic or trainer.resized:
-            from metaformer_platform.elastic import record_world_size
+            from metaformer_platform.training.elastic import record_world_size
 
             record_world_size(run_tracker, trainer.step, dist.world_size, trainer.resizes,
                               changed=checkpoint is None or trainer.resized)
@@ -235,7 +235,7 @@ def _eval_worker(payload: dict[str, Any]) -> dict[str, Any]:
 def load_weights_model(cfg: JobConfig, source: str | Path) -> nn.Module:
     """The configured model with the weights in ``source`` (export or any strategy's checkpoint), loaded
     strictly: an evaluation never runs with a freshly initialised layer."""
-    from metaformer_platform.evaluation import split_and_classes
+    from metaformer_platform.evaluation.report import split_and_classes
     from metaformer_platform.training.export import read_weights
     from metaformer_platform.training.trainer import build_model
 
@@ -251,8 +251,9 @@ def evaluate_worker(cfg: JobConfig, dist: DistContext, data_root: str | Path, we
     """On one rank: load the weights, read this rank's share of ``cfg.data.val_split``, return the reduced sums."""
     import torch
 
-    from metaformer_platform import hardware
-    from metaformer_platform.evaluation import evaluate_loader, split_and_classes
+    from metaformer_platform.evaluation.metrics import evaluate_loader
+    from metaformer_platform.evaluation.report import split_and_classes
+    from metaformer_platform.training import hardware
     from metaformer_platform.training.trainer import build_split_loader
 
     cfg, settings = hardware.resolve_for_worker(cfg, dist.device, world_size=dist.world_size, total_steps=0)

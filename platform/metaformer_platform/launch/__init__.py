@@ -1,0 +1,1 @@
+"""Launch: the job plan, the driver-side checks, the Ray TorchTrainer around the workers, the CLI."""
