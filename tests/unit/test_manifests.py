@@ -68,11 +68,18 @@ def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
+def _rayjob_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The RayJob specs a document holds: a RayJob's own, or the one a RayCronJob creates RayJobs from."""
+    if doc.get("kind") == "RayJob":
+        return [doc["spec"]]
+    if doc.get("kind") == "RayCronJob":
+        return [doc["spec"]["jobTemplate"]]
+    return []
+
+
 def _commands(doc: dict[str, Any]) -> list[str]:
     """The shell commands a document runs: RayJob entrypoints, container command+args, launcher commands."""
-    out = []
-    if doc.get("kind") == "RayJob":
-        out.append(" ".join(doc["spec"]["entrypoint"].split()))
+    out = [" ".join(spec["entrypoint"].split()) for spec in _rayjob_specs(doc)]
     for container in _containers(doc):
         argv = [*container.get("command", []), *container.get("args", [])]
         out.append(" ".join(argv))
@@ -240,13 +247,14 @@ def kuberay_errors(doc: dict[str, Any], validators: dict[tuple[str, str], Any]) 
 def test_the_manifests_are_all_there() -> None:
     names = {p.relative_to(REPO / "infra").as_posix() for p in MANIFESTS}
     assert names == {
-        "k8s/raycluster.yaml", "k8s/rayjob-pretrain.yaml", "k8s/cronjob-family.yaml", "k8s/mlflow.yaml",
-        "k8s/secrets.example.yaml", "k8s/networkpolicy.yaml", "aws/ray-cluster.yaml",
+        "k8s/raycluster.yaml", "k8s/rayjob-pretrain.yaml", "k8s/cronjob-family.yaml", "k8s/raycronjob-family.yaml",
+        "k8s/mlflow.yaml", "k8s/secrets.example.yaml", "k8s/networkpolicy.yaml", "aws/ray-cluster.yaml",
     }
     kinds = {name: sorted(d["kind"] for d in docs if "kind" in d) for name, docs in ALL_DOCS.items()}
     assert kinds["raycluster.yaml"] == ["RayCluster"]
     assert kinds["rayjob-pretrain.yaml"] == ["RayJob"]
     assert kinds["cronjob-family.yaml"] == ["ConfigMap", "CronJob", "RayJob", "Role", "RoleBinding", "ServiceAccount"]
+    assert kinds["raycronjob-family.yaml"] == ["RayCronJob"]
     assert kinds["mlflow.yaml"] == ["Deployment", "Service"]
     assert kinds["secrets.example.yaml"] == ["Secret", "Secret", "Secret"]
     assert kinds["networkpolicy.yaml"] == ["NetworkPolicy", "NetworkPolicy"]
@@ -261,7 +269,7 @@ def test_kubernetes_documents_name_their_api_kind_and_object(path: Path) -> None
         # A template that a job creates again and again gets a fresh name each time.
         name = meta.get("generateName") if doc.get("_embedded") else meta.get("name")
         assert name and re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9-])?", name), (path.name, doc["kind"], meta)
-        if doc["kind"] in {"RayCluster", "RayJob"}:
+        if doc["kind"] in KUBERAY_CRDS:
             assert doc["apiVersion"] == "ray.io/v1"
 
 
@@ -362,12 +370,12 @@ def test_ray_runs_with_token_auth_from_a_secret() -> None:
     for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
         for container in group["template"]["spec"]["containers"]:
             assert _has_ray_token(container), container["name"]
-    rayjobs = [doc for docs in ALL_DOCS.values() for doc in docs if doc.get("kind") == "RayJob"]
-    assert len(rayjobs) == 2
-    for job in rayjobs:
-        template = job["spec"]["submitterPodTemplate"]
-        assert template["metadata"]["labels"].items() >= RAY_CLIENT_LABEL.items()
-        assert [c for c in template["spec"]["containers"] if _has_ray_token(c)], job["metadata"]
+    rayjobs = [(name, spec) for name, docs in ALL_DOCS.items() for doc in docs for spec in _rayjob_specs(doc)]
+    assert sorted(name for name, _ in rayjobs) == ["cronjob-family.yaml", "raycronjob-family.yaml", "rayjob-pretrain.yaml"]
+    for name, spec in rayjobs:
+        template = spec["submitterPodTemplate"]
+        assert template["metadata"]["labels"].items() >= RAY_CLIENT_LABEL.items(), name
+        assert [c for c in template["spec"]["containers"] if _has_ray_token(c)], name
 
 
 def _policies() -> dict[str, dict[str, Any]]:
@@ -461,18 +469,23 @@ def validate_pipeline_command(script: str, argv: list[str]) -> list:
     return expand(spec, base, args.overrides)
 
 
+SCHEDULED_RETRAINS = ("cronjob-family.yaml", "raycronjob-family.yaml")  # the two ways to run it weekly on KubeRay
+
+
 def test_pipeline_commands_plan_every_member(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
-    checked = 0
+    checked, scheduled = 0, []
     for where, script, argv in _all_entry_points():
         if script.startswith("pipelines/"):
             plans = validate_pipeline_command(script, argv)
             assert [p.error for p in plans] == [None] * len(plans), (where, [p.error for p in plans])
             checked += 1
-            if where == "cronjob-family.yaml":
+            if where in SCHEDULED_RETRAINS:
                 assert [p.model for p in plans] == [f"poolformer_{s}" for s in ("s12", "s24", "s36", "m36", "m48")]
                 assert [s.kind for s in plans[0].stages] == ["pretrain", "finetune", "evaluate"]
-    assert checked >= 2  # the CronJob's RayJob and infra/README.md's cron line
+                scheduled.append(where)
+    assert sorted(scheduled) == sorted(SCHEDULED_RETRAINS)
+    assert checked >= 3  # the CronJob's RayJob, the RayCronJob's and infra/README.md's cron line
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -499,11 +512,16 @@ def test_entry_point_parsing() -> None:
     ]
 
 
+def _assert_weekly(schedule: str) -> None:
+    """A cron schedule that fires once a week: a fixed minute, hour and weekday."""
+    minute, hour, dom, month, dow = schedule.split()
+    assert (dom, month) == ("*", "*") and re.fullmatch(r"[0-6]", dow) and minute.isdigit() and hour.isdigit(), schedule
+
+
 def test_cronjob_is_weekly_and_submits_the_family_rayjob() -> None:
     docs = ALL_DOCS["cronjob-family.yaml"]
     cron = next(d for d in docs if d["kind"] == "CronJob")
-    minute, hour, dom, month, dow = cron["spec"]["schedule"].split()
-    assert (dom, month) == ("*", "*") and re.fullmatch(r"[0-6]", dow) and minute.isdigit() and hour.isdigit()
+    _assert_weekly(cron["spec"]["schedule"])
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     config_map = next(d for d in docs if d["kind"] == "ConfigMap")
@@ -518,6 +536,20 @@ def test_cronjob_is_weekly_and_submits_the_family_rayjob() -> None:
     assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"],
                               "verbs": ["create", "get", "list", "watch"]}]
     assert pod["serviceAccountName"] == next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]["name"]
+
+
+def test_raycronjob_runs_the_cronjobs_rayjob_on_the_same_schedule() -> None:
+    """The RayCronJob alternative: the operator creates, on the CronJob's weekly schedule, the very RayJob that
+    the CronJob's submitter creates (same entry point, image, token Secret, client label, cluster)."""
+    (raycron,) = ALL_DOCS["raycronjob-family.yaml"]
+    cron_docs = ALL_DOCS["cronjob-family.yaml"]
+    cron = next(d for d in cron_docs if d["kind"] == "CronJob")
+    rayjob = next(d for d in cron_docs if d["kind"] == "RayJob")
+    _assert_weekly(raycron["spec"]["schedule"])
+    assert (raycron["spec"]["schedule"], raycron["spec"]["timeZone"]) == (cron["spec"]["schedule"], cron["spec"]["timeZone"])
+    assert raycron["spec"]["jobTemplate"] == rayjob["spec"]
+    assert raycron["spec"]["jobTemplate"]["clusterSelector"] == {"ray.io/cluster": _ray_cluster()["metadata"]["name"]}
+    assert not raycron["spec"].get("suspend")
 
 
 def test_aws_launcher_config() -> None:
@@ -565,7 +597,7 @@ def test_every_kuberay_document_is_held_to_its_crd() -> None:
     found = sorted((name, doc["kind"], bool(doc.get("_embedded"))) for name, doc in KUBERAY_DOCS)
     assert found == [
         ("cronjob-family.yaml", "RayJob", True), ("raycluster.yaml", "RayCluster", False),
-        ("rayjob-pretrain.yaml", "RayJob", False),
+        ("raycronjob-family.yaml", "RayCronJob", False), ("rayjob-pretrain.yaml", "RayJob", False),
     ]
 
 
@@ -606,6 +638,11 @@ BROKEN_COPIES = [
                  id="unknown-container-field"),
     pytest.param("rayjob-pretrain.yaml", _set("metadata.label", {"a": "b"}),
                  "$.metadata: Additional properties are not allowed ('label' was unexpected)", id="unknown-metadata-field"),
+    pytest.param("raycronjob-family.yaml", _set("spec.schedule", 6),
+                 "$.spec.schedule: 6 is not of type 'string'", id="type-raycronjob-schedule"),
+    pytest.param("raycronjob-family.yaml", _set("spec.concurrencyPolicy", "Forbid"),
+                 "$.spec: Additional properties are not allowed ('concurrencyPolicy' was unexpected)",
+                 id="unknown-raycronjob-field"),
     # an apiVersion KubeRay does not serve
     pytest.param("raycluster.yaml", _set("apiVersion", "ray.io/v2"),
                  "$: apiVersion 'ray.io/v2' / kind 'RayCluster' is not served", id="unserved-api-version"),
