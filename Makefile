@@ -48,7 +48,9 @@ test: $(STAMP)
 	@rc=0; $(ISOLATE) $(PY) -m pytest -n $(TEST_PROCS) --dist loadgroup $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest ran no tests" >&2; fi; exit $$rc
 
-# The embedded default: synthetic data, a local Ray with 2 CPU workers. `make pretrain ARGS='--config ...'`.
+# The embedded default (jobs/configs/default.yaml): synthetic data on a local Ray of its own (RAY_ADDRESS's if set),
+# the worker layout left to the hardware (resolve_layout in metaformer_platform/training/hardware.py): one worker
+# per GPU, or on a CPU-only machine one worker holding all its CPUs. `make pretrain ARGS='--config ...'`.
 pretrain: $(STAMP)
 	$(ISOLATE) $(PY) jobs/pretrain.py $(ARGS)
 

@@ -4,7 +4,8 @@
 #
 #   infra/local/stack.sh up [--no-ray] [--num-cpus N]   start what is not running; prints the exports
 #   infra/local/stack.sh status | env | down
-#   infra/local/stack.sh exec CMD [ARGS...]              run a client (ray job submit, python, a shell) beside it
+#   infra/local/stack.sh exec CMD [ARGS...]              run a client (ray job submit, python, a shell) beside it,
+#                                                        with the venv's bin (PYTHON's folder) first on PATH
 #
 # Ray binds the machine's own address even when told 127.0.0.1. As root with `ip netns` (a shared host, CI
 # sandbox) the whole stack runs in a named, loopback-only namespace that outlives this script; its servers are
@@ -63,8 +64,13 @@ case "$cmd" in
     ;;
   exec)
     [ $# -gt 0 ] || { echo "usage: $0 exec CMD [ARGS...]" >&2; exit 2; }
-    # The stack's variables are exported for the command: `stack.sh exec ray job submit -- python ...` works.
-    eval "$(localstack env)"
+    # The stack's variables are exported for the command, and the venv's tools (ray, mlflow, python) come first
+    # on PATH without an activated venv: `stack.sh exec ray job submit -- python ...` works.
+    python_path=$(command -v "$PYTHON") || { echo "PYTHON=$PYTHON: not found (make install creates .venv)" >&2; exit 1; }
+    exports=$(localstack env)  # a failure stops here (inside `eval "$(...)"` it would go unnoticed)
+    eval "$exports"
+    PATH="$(cd "$(dirname "$python_path")" && pwd):$PATH"
+    export PATH
     in_ns "$@"
     ;;
   *)

@@ -1,11 +1,15 @@
 """Cluster manifests (infra/k8s, infra/aws): what can be checked without a cluster.
 
 They parse, name what Kubernetes needs, run the project's image, keep credentials in Secrets, and run entry
-points that exist with arguments the job's own command line accepts.
+points that exist with arguments the job's own command line accepts. The KubeRay documents (RayCluster,
+RayJob, RayCronJob, also those embedded in ConfigMaps) validate against KubeRay's own CRD schemas.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import os
 import re
 import shlex
 from collections.abc import Iterator
@@ -64,11 +68,18 @@ def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
+def _rayjob_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The RayJob specs a document holds: a RayJob's own, or the one a RayCronJob creates RayJobs from."""
+    if doc.get("kind") == "RayJob":
+        return [doc["spec"]]
+    if doc.get("kind") == "RayCronJob":
+        return [doc["spec"]["jobTemplate"]]
+    return []
+
+
 def _commands(doc: dict[str, Any]) -> list[str]:
     """The shell commands a document runs: RayJob entrypoints, container command+args, launcher commands."""
-    out = []
-    if doc.get("kind") == "RayJob":
-        out.append(" ".join(doc["spec"]["entrypoint"].split()))
+    out = [" ".join(spec["entrypoint"].split()) for spec in _rayjob_specs(doc)]
     for container in _containers(doc):
         argv = [*container.get("command", []), *container.get("args", [])]
         out.append(" ".join(argv))
@@ -125,19 +136,125 @@ def validate_job_command(script: str, argv: list[str]):
         raise ValueError(f"{script} {shlex.join(argv)}: refused by the command line") from err
 
 
+# KubeRay's CRDs (v1.7.0; about 3 MB together) are not copied into the repo: CI and the project's machines keep
+# them beside the checkout, in ../shared/schemas/kuberay/, and the schemas are extracted from them at test time.
+KUBERAY_SCHEMAS = Path(os.environ.get("METAFORMER_KUBERAY_SCHEMAS", REPO.parent / "shared" / "schemas" / "kuberay"))
+KUBERAY_CRDS = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
+                "RayCronJob": "ray.io_raycronjobs.yaml"}
+KUBERAY_MISSING = (
+    f"KubeRay's CRD schemas not found in {KUBERAY_SCHEMAS}: the checks use KubeRay v1.7.0's CRD files "
+    f"({', '.join(KUBERAY_CRDS.values())}, from ray-operator/config/crd/bases/ in github.com/ray-project/kuberay), "
+    "which CI keeps in ../shared/schemas/kuberay/ beside the checkout; set METAFORMER_KUBERAY_SCHEMAS to a folder "
+    "holding them to run these checks"
+)
+# The CRDs say only `metadata: {type: object}` (the API server checks ObjectMeta itself): the fields a manifest
+# may set, with labels and annotations mapping names to strings.
+OBJECT_META = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string"},
+        "generateName": {"type": "string"},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+        "finalizers": {"type": "array", "items": {"type": "string"}},
+    },
+}
+KUBERAY_DOCS = [
+    (path.name, doc) for path in MANIFESTS if path.parent == K8S
+    for doc in ALL_DOCS[path.name] if doc.get("kind") in KUBERAY_CRDS
+]
+
+
+def strict_schema(node: Any) -> Any:
+    """A CRD's OpenAPI v3 (structural) schema as a Draft 7 JSON schema that refuses what Kubernetes would drop.
+
+    The API server prunes unknown fields silently; here they fail: every object schema with ``properties`` gets
+    ``additionalProperties: false`` unless it says what other keys may hold or keeps unknown fields
+    (``x-kubernetes-preserve-unknown-fields: true``). ``x-kubernetes-int-or-string`` is an integer or a string,
+    ``nullable`` admits null; the other ``x-kubernetes-*`` keys (list and map types) are annotations. CEL rules
+    (``x-kubernetes-validations``) are not evaluated: in v1.7.0 they concern fields these manifests do not set
+    (managedBy, deletionStrategy, gcsFaultToleranceOptions) or updates (``self == oldSelf``).
+    """
+    if isinstance(node, list):
+        return [strict_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key == "properties":  # field name -> schema
+            out[key] = {name: strict_schema(sub) for name, sub in value.items()}
+        elif key in ("default", "enum", "example", "description", "x-kubernetes-validations"):  # values, not schemas
+            out[key] = value
+        else:
+            out[key] = strict_schema(value)
+    if out.get("x-kubernetes-int-or-string") and "anyOf" not in out:
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if out.get("nullable") and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def _load_kuberay_validators() -> dict[tuple[str, str], Any]:
+    """(apiVersion, kind) -> a Draft 7 validator, for every served version of KubeRay's three CRDs."""
+    from jsonschema import Draft7Validator
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 3 MB of YAML in about 1 s, not 15
+    validators = {}
+    for kind, filename in KUBERAY_CRDS.items():
+        crd = yaml.load((KUBERAY_SCHEMAS / filename).read_text(), Loader=loader)
+        assert crd["kind"] == "CustomResourceDefinition" and crd["spec"]["names"]["kind"] == kind, filename
+        for version in crd["spec"]["versions"]:
+            if not version.get("served"):
+                continue
+            api_version = f"{crd['spec']['group']}/{version['name']}"
+            schema = strict_schema(version["schema"]["openAPIV3Schema"])
+            schema["properties"].update(apiVersion={"const": api_version}, kind={"const": kind}, metadata=OBJECT_META)
+            schema["required"] = sorted({*schema.get("required", []), "apiVersion", "kind", "metadata", "spec"})
+            validators[(api_version, kind)] = Draft7Validator(schema)
+    return validators
+
+
+@pytest.fixture(scope="session")
+def kuberay_validators() -> dict[tuple[str, str], Any]:
+    """The CRD validators, loaded once per session; skipped (failed in CI) where the CRD files are absent."""
+    if not all((KUBERAY_SCHEMAS / name).is_file() for name in KUBERAY_CRDS.values()):
+        if os.environ.get("CI"):
+            pytest.fail(f"{KUBERAY_MISSING} (CI must run these checks)")
+        pytest.skip(KUBERAY_MISSING)
+    return _load_kuberay_validators()
+
+
+def kuberay_errors(doc: dict[str, Any], validators: dict[tuple[str, str], Any]) -> list[str]:
+    """What KubeRay's CRD schema (the served version named by the doc's apiVersion) refuses in ``doc``."""
+    doc = {k: v for k, v in doc.items() if not k.startswith("_")}  # _embedded: a marker of _load, not a field
+    key = (doc.get("apiVersion"), doc.get("kind"))
+    if key not in validators:
+        served = sorted(v for v, k in validators if k == doc.get("kind"))
+        return [f"$: apiVersion {key[0]!r} / kind {key[1]!r} is not served by KubeRay's CRDs (served: {served})"]
+    return sorted(f"{err.json_path}: {err.message}" for err in validators[key].iter_errors(doc))
+
+
 # ----------------------------------------------------------------------------------------------- the tests
 
 
 def test_the_manifests_are_all_there() -> None:
     names = {p.relative_to(REPO / "infra").as_posix() for p in MANIFESTS}
     assert names == {
-        "k8s/raycluster.yaml", "k8s/rayjob-pretrain.yaml", "k8s/cronjob-family.yaml", "k8s/mlflow.yaml",
-        "k8s/secrets.example.yaml", "k8s/networkpolicy.yaml", "aws/ray-cluster.yaml",
+        "k8s/raycluster.yaml", "k8s/rayjob-pretrain.yaml", "k8s/cronjob-family.yaml", "k8s/raycronjob-family.yaml",
+        "k8s/mlflow.yaml", "k8s/secrets.example.yaml", "k8s/networkpolicy.yaml", "aws/ray-cluster.yaml",
     }
     kinds = {name: sorted(d["kind"] for d in docs if "kind" in d) for name, docs in ALL_DOCS.items()}
     assert kinds["raycluster.yaml"] == ["RayCluster"]
     assert kinds["rayjob-pretrain.yaml"] == ["RayJob"]
     assert kinds["cronjob-family.yaml"] == ["ConfigMap", "CronJob", "RayJob", "Role", "RoleBinding", "ServiceAccount"]
+    assert kinds["raycronjob-family.yaml"] == ["RayCronJob"]
     assert kinds["mlflow.yaml"] == ["Deployment", "Service"]
     assert kinds["secrets.example.yaml"] == ["Secret", "Secret", "Secret"]
     assert kinds["networkpolicy.yaml"] == ["NetworkPolicy", "NetworkPolicy"]
@@ -152,7 +269,7 @@ def test_kubernetes_documents_name_their_api_kind_and_object(path: Path) -> None
         # A template that a job creates again and again gets a fresh name each time.
         name = meta.get("generateName") if doc.get("_embedded") else meta.get("name")
         assert name and re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9-])?", name), (path.name, doc["kind"], meta)
-        if doc["kind"] in {"RayCluster", "RayJob"}:
+        if doc["kind"] in KUBERAY_CRDS:
             assert doc["apiVersion"] == "ray.io/v1"
 
 
@@ -253,12 +370,12 @@ def test_ray_runs_with_token_auth_from_a_secret() -> None:
     for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
         for container in group["template"]["spec"]["containers"]:
             assert _has_ray_token(container), container["name"]
-    rayjobs = [doc for docs in ALL_DOCS.values() for doc in docs if doc.get("kind") == "RayJob"]
-    assert len(rayjobs) == 2
-    for job in rayjobs:
-        template = job["spec"]["submitterPodTemplate"]
-        assert template["metadata"]["labels"].items() >= RAY_CLIENT_LABEL.items()
-        assert [c for c in template["spec"]["containers"] if _has_ray_token(c)], job["metadata"]
+    rayjobs = [(name, spec) for name, docs in ALL_DOCS.items() for doc in docs for spec in _rayjob_specs(doc)]
+    assert sorted(name for name, _ in rayjobs) == ["cronjob-family.yaml", "raycronjob-family.yaml", "rayjob-pretrain.yaml"]
+    for name, spec in rayjobs:
+        template = spec["submitterPodTemplate"]
+        assert template["metadata"]["labels"].items() >= RAY_CLIENT_LABEL.items(), name
+        assert [c for c in template["spec"]["containers"] if _has_ray_token(c)], name
 
 
 def _policies() -> dict[str, dict[str, Any]]:
@@ -352,18 +469,23 @@ def validate_pipeline_command(script: str, argv: list[str]) -> list:
     return expand(spec, base, args.overrides)
 
 
+SCHEDULED_RETRAINS = ("cronjob-family.yaml", "raycronjob-family.yaml")  # the two ways to run it weekly on KubeRay
+
+
 def test_pipeline_commands_plan_every_member(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
-    checked = 0
+    checked, scheduled = 0, []
     for where, script, argv in _all_entry_points():
         if script.startswith("pipelines/"):
             plans = validate_pipeline_command(script, argv)
             assert [p.error for p in plans] == [None] * len(plans), (where, [p.error for p in plans])
             checked += 1
-            if where == "cronjob-family.yaml":
+            if where in SCHEDULED_RETRAINS:
                 assert [p.model for p in plans] == [f"poolformer_{s}" for s in ("s12", "s24", "s36", "m36", "m48")]
                 assert [s.kind for s in plans[0].stages] == ["pretrain", "finetune", "evaluate"]
-    assert checked >= 2  # the CronJob's RayJob and infra/README.md's cron line
+                scheduled.append(where)
+    assert sorted(scheduled) == sorted(SCHEDULED_RETRAINS)
+    assert checked >= 3  # the CronJob's RayJob, the RayCronJob's and infra/README.md's cron line
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -390,11 +512,16 @@ def test_entry_point_parsing() -> None:
     ]
 
 
+def _assert_weekly(schedule: str) -> None:
+    """A cron schedule that fires once a week: a fixed minute, hour and weekday."""
+    minute, hour, dom, month, dow = schedule.split()
+    assert (dom, month) == ("*", "*") and re.fullmatch(r"[0-6]", dow) and minute.isdigit() and hour.isdigit(), schedule
+
+
 def test_cronjob_is_weekly_and_submits_the_family_rayjob() -> None:
     docs = ALL_DOCS["cronjob-family.yaml"]
     cron = next(d for d in docs if d["kind"] == "CronJob")
-    minute, hour, dom, month, dow = cron["spec"]["schedule"].split()
-    assert (dom, month) == ("*", "*") and re.fullmatch(r"[0-6]", dow) and minute.isdigit() and hour.isdigit()
+    _assert_weekly(cron["spec"]["schedule"])
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     config_map = next(d for d in docs if d["kind"] == "ConfigMap")
@@ -409,6 +536,20 @@ def test_cronjob_is_weekly_and_submits_the_family_rayjob() -> None:
     assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"],
                               "verbs": ["create", "get", "list", "watch"]}]
     assert pod["serviceAccountName"] == next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]["name"]
+
+
+def test_raycronjob_runs_the_cronjobs_rayjob_on_the_same_schedule() -> None:
+    """The RayCronJob alternative: the operator creates, on the CronJob's weekly schedule, the very RayJob that
+    the CronJob's submitter creates (same entry point, image, token Secret, client label, cluster)."""
+    (raycron,) = ALL_DOCS["raycronjob-family.yaml"]
+    cron_docs = ALL_DOCS["cronjob-family.yaml"]
+    cron = next(d for d in cron_docs if d["kind"] == "CronJob")
+    rayjob = next(d for d in cron_docs if d["kind"] == "RayJob")
+    _assert_weekly(raycron["spec"]["schedule"])
+    assert (raycron["spec"]["schedule"], raycron["spec"]["timeZone"]) == (cron["spec"]["schedule"], cron["spec"]["timeZone"])
+    assert raycron["spec"]["jobTemplate"] == rayjob["spec"]
+    assert raycron["spec"]["jobTemplate"]["clusterSelector"] == {"ray.io/cluster": _ray_cluster()["metadata"]["name"]}
+    assert not raycron["spec"].get("suspend")
 
 
 def test_aws_launcher_config() -> None:
@@ -450,3 +591,81 @@ def test_mlflow_server_uses_postgres_and_s3_from_secrets() -> None:
     head = _ray_cluster()["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     uri = next(e["value"] for e in head["env"] if e["name"] == "MLFLOW_TRACKING_URI")
     assert uri == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+
+
+def test_every_kuberay_document_is_held_to_its_crd() -> None:
+    found = sorted((name, doc["kind"], bool(doc.get("_embedded"))) for name, doc in KUBERAY_DOCS)
+    assert found == [
+        ("cronjob-family.yaml", "RayJob", True), ("raycluster.yaml", "RayCluster", False),
+        ("raycronjob-family.yaml", "RayCronJob", False), ("rayjob-pretrain.yaml", "RayJob", False),
+    ]
+
+
+@pytest.mark.parametrize("name, doc", KUBERAY_DOCS, ids=[f"{n}:{d['kind']}" for n, d in KUBERAY_DOCS])
+def test_kuberay_documents_validate_against_the_crd_schemas(
+    kuberay_validators: dict[tuple[str, str], Any], name: str, doc: dict[str, Any]
+) -> None:
+    assert kuberay_errors(doc, kuberay_validators) == [], name
+
+
+def _set(path: str, value: Any) -> Any:
+    """A change to a copy of a document: ``path`` is dotted, with [i] for list items; ``value`` is set there."""
+    def change(doc: dict[str, Any]) -> None:
+        *parents, last = re.findall(r"[^.\[\]]+", path)
+        node = doc
+        for part in parents:
+            node = node[int(part)] if part.isdigit() else node[part]
+        node[int(last) if last.isdigit() else last] = value
+    return change
+
+
+BROKEN_COPIES = [
+    # wrong types
+    pytest.param("rayjob-pretrain.yaml", _set("spec.activeDeadlineSeconds", "two weeks"),
+                 "$.spec.activeDeadlineSeconds: 'two weeks' is not of type 'integer'", id="type-rayjob-deadline"),
+    pytest.param("raycluster.yaml", _set("spec.workerGroupSpecs[0].replicas", "8"),
+                 "$.spec.workerGroupSpecs[0].replicas: '8' is not of type 'integer'", id="type-raycluster-replicas"),
+    pytest.param("raycluster.yaml", _set("spec.workerGroupSpecs[0].template.spec.containers[0].resources.limits.cpu", [8]),
+                 "$.spec.workerGroupSpecs[0].template.spec.containers[0].resources.limits.cpu: [8] is not valid under any",
+                 id="type-int-or-string"),
+    pytest.param("rayjob-pretrain.yaml", _set("metadata.labels.broken", True),
+                 "$.metadata.labels.broken: True is not of type 'string'", id="type-label-value"),
+    # unknown fields, at the top of a spec and deep in a pod template
+    pytest.param("cronjob-family.yaml", _set("spec.entryPoint", "python pipelines/poolformer_family.py"),
+                 "$.spec: Additional properties are not allowed ('entryPoint' was unexpected)", id="unknown-rayjob-field"),
+    pytest.param("raycluster.yaml", _set("spec.headGroupSpec.template.spec.containers[0].imagePulPolicy", "Always"),
+                 "$.spec.headGroupSpec.template.spec.containers[0]: Additional properties are not allowed ('imagePulPolicy'",
+                 id="unknown-container-field"),
+    pytest.param("rayjob-pretrain.yaml", _set("metadata.label", {"a": "b"}),
+                 "$.metadata: Additional properties are not allowed ('label' was unexpected)", id="unknown-metadata-field"),
+    pytest.param("raycronjob-family.yaml", _set("spec.schedule", 6),
+                 "$.spec.schedule: 6 is not of type 'string'", id="type-raycronjob-schedule"),
+    pytest.param("raycronjob-family.yaml", _set("spec.concurrencyPolicy", "Forbid"),
+                 "$.spec: Additional properties are not allowed ('concurrencyPolicy' was unexpected)",
+                 id="unknown-raycronjob-field"),
+    # an apiVersion KubeRay does not serve
+    pytest.param("raycluster.yaml", _set("apiVersion", "ray.io/v2"),
+                 "$: apiVersion 'ray.io/v2' / kind 'RayCluster' is not served", id="unserved-api-version"),
+]
+
+
+@pytest.mark.parametrize("name, change, expected", BROKEN_COPIES)
+def test_the_crd_validation_refuses_broken_copies(
+    kuberay_validators: dict[tuple[str, str], Any], name: str, change: Any, expected: str
+) -> None:
+    (original,) = [doc for n, doc in KUBERAY_DOCS if n == name]
+    broken = copy.deepcopy(original)
+    change(broken)
+    assert broken != original
+    errors = kuberay_errors(broken, kuberay_validators)
+    assert errors, f"{name}: the broken copy was accepted"
+    assert any(e.startswith(expected) for e in errors), errors
+    assert kuberay_errors(original, kuberay_validators) == []
+
+
+def test_int_or_string_fields_take_both(kuberay_validators: dict[tuple[str, str], Any]) -> None:
+    (cluster,) = [doc for n, doc in KUBERAY_DOCS if n == "raycluster.yaml"]
+    for cpu in (8, "8", "7500m"):
+        copy_ = copy.deepcopy(cluster)
+        copy_["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] = cpu
+        assert kuberay_errors(copy_, kuberay_validators) == [], cpu
