@@ -280,13 +280,7 @@ class MlflowTracker:
 
 
 def log_export_model(
-    client: MlflowClient,
-    run_id: str,
-    export_dir: Path,
-    files: list[str],
-    *,
-    name: str,
-    tags: dict[str, str],
+    client: MlflowClient, run_id: str, export_dir: Path, files: list[str], *, name: str, tags: dict[str, str],
     step: int | None,
 ) -> LoggedModel:
     """``files`` of the export in ``export_dir`` as an MLflow 3 LoggedModel of ``run_id`` (the runs table's
