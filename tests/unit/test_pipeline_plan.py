@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from metaformer_platform import pipelines as P
-from metaformer_platform.pipelines import report, runner
+from metaformer_platform.pipelines import outcome, report, runner
 from metaformer_platform.tracking.runs import training_experiment
 from metaformer_platform.training import checkpoint as ckpt
 
@@ -261,13 +261,13 @@ def test_family_report_table_and_plot(tmp_path: Path) -> None:
 
     members = []
     for name, top1 in (("poolformer_debug", 40.0), ("poolformer_s12", 70.0)):
-        m = runner.MemberOutcome(name, eval_cfg=load_config(DEFAULT, ["data.img_size=32"]), num_classes=10)
-        m.stages.append(runner.StageOutcome(name, "evaluate", "run", metrics={
+        m = outcome.MemberOutcome(name, eval_cfg=load_config(DEFAULT, ["data.img_size=32"]), num_classes=10)
+        m.stages.append(outcome.StageOutcome(name, "evaluate", "run", metrics={
             "eval/top1": top1, "eval/top5": 90.0, "eval/images_per_s": 1234.0, "eval/samples": 64}))
         m.registered = f"{name} v1"
         members.append(m)
-    members.append(runner.MemberOutcome("poolformer_debug_m", error="stage 'pretrain' failed: boom"))
-    result = runner.PipelineResult("fam", members)
+    members.append(outcome.MemberOutcome("poolformer_debug_m", error="stage 'pretrain' failed: boom"))
+    result = outcome.PipelineResult("fam", members)
     data = report.rows(result)
     assert [r["model"] for r in data] == ["poolformer_debug", "poolformer_s12"]
     s12 = data[1]

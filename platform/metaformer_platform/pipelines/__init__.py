@@ -13,8 +13,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from metaformer_platform.pipelines.outcome import PipelineResult
 from metaformer_platform.pipelines.plan import MemberPlan, StagePlan, expand, resolve
-from metaformer_platform.pipelines.runner import PipelineResult, PipelineRunner
+from metaformer_platform.pipelines.runner import PipelineRunner
 from metaformer_platform.pipelines.spec import PipelineError, PipelineSpec, load_pipeline, parse_pipeline
 
 __all__ = [

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from metaformer_platform.pipelines.runner import PipelineResult
+    from metaformer_platform.pipelines.outcome import PipelineResult
 
 COLUMNS = ("model", "params (M)", "MACs (G)", "top-1", "top-5", "images/s", "paper top-1", "vs paper", "registry")
 

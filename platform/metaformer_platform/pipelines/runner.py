@@ -20,10 +20,10 @@ import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
+from metaformer_platform.pipelines.outcome import MemberOutcome, PipelineResult, StageOutcome
 from metaformer_platform.pipelines.plan import MemberPlan, StagePlan, digest, pipeline_key, stable_config
 from metaformer_platform.pipelines.spec import PipelineSpec
 from metaformer_platform.storage.redact import redact, redact_tree
@@ -32,9 +32,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
-    from metaformer_platform.config import JobConfig
     from metaformer_platform.launch.driver import JobResult
-    from metaformer_platform.tracking.registry import Promotion
 
 log = logging.getLogger(__name__)
 
@@ -51,56 +49,6 @@ TAG_OUTPUT = "metaformer.output_checkpoint"
 TAG_EVAL_DATA_HASH = "metaformer.eval_data_hash"
 TAG_FAILED = "metaformer.failed_members"
 EVAL_METRICS = ("eval/top1", "eval/top5", "eval/loss", "eval/samples", "eval/images_per_s")
-
-
-@dataclass
-class StageOutcome:
-    """What happened to one stage: ``skip`` (done before), ``run``, ``resume`` (continued a checkpoint),
-    ``failed`` or ``blocked`` (an earlier stage failed); in a dry run, what would happen."""
-
-    member: str
-    stage: str
-    action: str
-    run_name: str | None = None
-    run_id: str | None = None
-    checkpoint: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    detail: str = ""
-
-
-@dataclass
-class MemberOutcome:
-    model: str
-    stages: list[StageOutcome] = field(default_factory=list)
-    error: str | None = None
-    registered: str | None = None  # "NAME vN"
-    promotion: Promotion | None = None
-    eval_cfg: JobConfig | None = None  # the evaluate stage's config (resolution, classes) for the report
-    num_classes: int | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def eval_metrics(self) -> dict[str, float]:
-        for stage in reversed(self.stages):
-            if "eval/top1" in stage.metrics:
-                return stage.metrics
-        return {}
-
-
-@dataclass
-class PipelineResult:
-    name: str
-    members: list[MemberOutcome]
-    parent_run_id: str | None = None
-    report: str = ""
-    dry_run: bool = False
-
-    @property
-    def failed(self) -> list[MemberOutcome]:
-        return [m for m in self.members if not m.ok]
 
 
 # -- MLflow lookups --------------------------------------------------------------------------------
