@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from metaformer_platform import pipelines as P
-from metaformer_platform.pipelines import report, runner
+from metaformer_platform.pipelines import outcome, report, runner
+from metaformer_platform.tracking.runs import training_experiment
 from metaformer_platform.training import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -173,7 +174,7 @@ def _complete_checkpoint(folder: Path) -> Path:
 
 def _finished_run(planned: P.PipelineRunner, stage: P.StagePlan, status: str = "FINISHED", **tags: str) -> str:
     client = planned.client
-    exp = runner._experiment_id(client, planned.spec.experiment, create=True)
+    exp = training_experiment(client, planned.spec.experiment, create=True)
     run = client.create_run(exp, tags={runner.TAG_STAGE_KEY: str(stage.key), **tags})
     if not stage.trains:
         client.log_metric(run.info.run_id, "eval/top1", 50.0)
@@ -247,7 +248,7 @@ def test_dry_run_prints_the_plan_with_skips_and_resumes(tmp_path: Path) -> None:
     assert "ERROR  member 'poolformer_s13': unknown model name 'poolformer_s13'" in text
     assert "register   poolformer_debug_m (champion if top-1 >= champion's)" in text
     # Nothing was written: no parent run, no run folder for what would run.
-    runs = planned.client.search_runs([runner._experiment_id(planned.client, "pipe-unit", create=False)])
+    runs = planned.client.search_runs([training_experiment(planned.client, "pipe-unit", create=False)])
     assert len(runs) == 1 and not Path(planned.plans[2].stage("pretrain").run_dir).exists()
     assert P.main(["--pipeline", str(path), "--dry-run"]) == 0  # the plan names the invalid member; nothing failed
 
@@ -260,13 +261,13 @@ def test_family_report_table_and_plot(tmp_path: Path) -> None:
 
     members = []
     for name, top1 in (("poolformer_debug", 40.0), ("poolformer_s12", 70.0)):
-        m = runner.MemberOutcome(name, eval_cfg=load_config(DEFAULT, ["data.img_size=32"]), num_classes=10)
-        m.stages.append(runner.StageOutcome(name, "evaluate", "run", metrics={
+        m = outcome.MemberOutcome(name, eval_cfg=load_config(DEFAULT, ["data.img_size=32"]), num_classes=10)
+        m.stages.append(outcome.StageOutcome(name, "evaluate", "run", metrics={
             "eval/top1": top1, "eval/top5": 90.0, "eval/images_per_s": 1234.0, "eval/samples": 64}))
         m.registered = f"{name} v1"
         members.append(m)
-    members.append(runner.MemberOutcome("poolformer_debug_m", error="stage 'pretrain' failed: boom"))
-    result = runner.PipelineResult("fam", members)
+    members.append(outcome.MemberOutcome("poolformer_debug_m", error="stage 'pretrain' failed: boom"))
+    result = outcome.PipelineResult("fam", members)
     data = report.rows(result)
     assert [r["model"] for r in data] == ["poolformer_debug", "poolformer_s12"]
     s12 = data[1]
@@ -299,7 +300,7 @@ def test_a_member_that_fails_stops_only_its_own_chain(tmp_path: Path, monkeypatc
     tree = _spec(tmp_path, stages=[{"name": "pretrain", "kind": "pretrain", "config": DEFAULT},
                                    {"name": "finetune", "kind": "finetune", "config": DEFAULT}])
     planned = _planned(tmp_path, tree)
-    exp = runner._experiment_id(planned.client, "pipe-unit", create=True)
+    exp = training_experiment(planned.client, "pipe-unit", create=True)
     result = planned.run()
     by_model = {m.model: m for m in result.members}
     assert by_model["poolformer_debug"].ok and [s.action for s in by_model["poolformer_debug"].stages] == ["run", "run"]

@@ -174,7 +174,9 @@ def _train_worker(payload: dict[str, Any]) -> None:
     run_tracker = tracker  # the MLflow tracker itself (tags), before the progress wrapper
     from metaformer_platform.tracking.console import worker_progress
 
-    progress, tracker = worker_progress(payload, dist, tracker, forward_warnings=not cfg.run.verbose)
+    progress, tracker = worker_progress(
+        payload.get("progress_queue"), payload.get("run_dir", ""), dist, tracker, forward_warnings=not cfg.run.verbose
+    )
 
     report = checkpoint_reporter(cfg, dist, flush=tracker.flush, owner=payload.get("owner"))
 

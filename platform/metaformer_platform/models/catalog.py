@@ -8,7 +8,8 @@ module imports neither torch nor timm, so configs and reports can read it cheapl
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TypedDict
 
 # Stage depths and widths shared by PoolFormer (v1 and v2), IdentityFormer and RandFormer.
 SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -22,16 +23,42 @@ DEBUG_SIZE: tuple[tuple[int, ...], tuple[int, ...]] = ((1, 1, 1, 1), (8, 16, 32,
 # A second tiny size, so tests can run a family of two (pipelines: params, MACs and top-1 per member).
 DEBUG_SIZE_M: tuple[tuple[int, ...], tuple[int, ...]] = ((1, 1, 2, 1), (16, 32, 64, 128))
 
-_S12 = {"depths": SIZES["s12"][0], "dims": SIZES["s12"][1]}
 
 
-def _row(
-    group: str, row: str, top1: float, params_m: float, macs_g: float, **overrides: Any
-) -> dict[str, Any]:
+class ArchArgs(TypedDict, total=False):
+    """`build_metaformer`'s architecture arguments as plain data (see `builder.MetaFormerSpec`); left out = default."""
+
+    depths: Sequence[int]
+    dims: Sequence[int]
+    token_mixers: str | Sequence[str]
+    pool_size: int
+    norm: str
+    act: str
+    head_norm: str
+    mlp_bias: bool
+    downsample_norm: str | None
+    layer_scale_init_value: float | None
+    res_scale_init_values: float | Sequence[float | None] | None
+
+
+class AblationRow(TypedDict):
+    """One row of PoolFormer's Table 5: where it sits, how to build it, what the paper reports."""
+
+    group: str
+    row: str
+    kwargs: ArchArgs
+    paper_top1: float
+    paper_params_m: float
+    paper_macs_g: float
+
+
+def _row(group: str, row: str, top1: float, params_m: float, macs_g: float, **overrides: object) -> AblationRow:
+    kwargs: ArchArgs = {"depths": SIZES["s12"][0], "dims": SIZES["s12"][1]}
+    kwargs.update(overrides)  # type: ignore[typeddict-item]
     return {
         "group": group,
         "row": row,
-        "kwargs": {**_S12, **overrides},
+        "kwargs": kwargs,
         "paper_top1": top1,
         "paper_params_m": params_m,
         "paper_macs_g": macs_g,
@@ -42,7 +69,7 @@ def _row(
 # arguments (its defaults are the PoolFormer-S12 settings), so `build_metaformer(**ABLATIONS[n]["kwargs"])` builds
 # the row; each name is also registered with timm. Paper params exclude the random matrix's frozen values.
 _P, _A, _F = "pooling", "attention", "spatial_mlp"
-ABLATIONS: dict[str, dict[str, Any]] = {
+ABLATIONS: dict[str, AblationRow] = {
     "poolformer_s12_ablation_baseline": _row("Baseline", "None (PoolFormer-S12)", 77.2, 11.9, 1.8),
     "poolformer_s12_ablation_identity": _row(
         "Token mixers", "Pooling -> Identity mapping", 74.3, 11.9, 1.8, token_mixers="identity"

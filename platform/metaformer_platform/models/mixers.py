@@ -12,7 +12,6 @@ the channel-first norms (GroupNorm1, LayerNorm2d, BatchNorm2d) used by the ablat
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from timm.models.metaformer import Attention
@@ -56,7 +55,7 @@ class RandomMixing(nn.Module):
         token_counts: Mapping[int, int] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        **kwargs: Any,
+        **kwargs: object,  # MetaFormer's kwargs for the other mixers
     ) -> None:
         super().__init__()
         self.num_tokens = _stage_tokens("RandomMixing", dim, token_counts)
@@ -90,7 +89,7 @@ class SpatialMlp(nn.Module):
         token_counts: Mapping[int, int] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        **kwargs: Any,
+        **kwargs: object,  # MetaFormer's kwargs for the other mixers
     ) -> None:
         super().__init__()
         self.num_tokens = _stage_tokens("SpatialMlp", dim, token_counts)
@@ -115,7 +114,7 @@ class DepthwiseConv(nn.Conv2d):
         pool_size: int = 3,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        **kwargs: Any,
+        **kwargs: object,  # MetaFormer's kwargs for the other mixers
     ) -> None:
         super().__init__(
             dim, dim, kernel_size=pool_size, padding=pool_size // 2, groups=dim, device=device, dtype=dtype
@@ -138,7 +137,7 @@ class Attention2d(nn.Module):
         proj_drop: float = 0.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        **kwargs: Any,
+        **kwargs: object,  # MetaFormer's kwargs for the other mixers
     ) -> None:
         super().__init__()
         if dim % head_dim:

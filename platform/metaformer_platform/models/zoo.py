@@ -14,18 +14,19 @@ timm's own poolformer/poolformerv2/convformer/caformer are used as they are.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from .builder import POOLFORMER_V2_STYLE, build_metaformer, default_pretrained_cfg, needs_fixed_input
-from .catalog import ABLATIONS, DEBUG_SIZE, DEBUG_SIZE_M, SIZES, paper_recipe
+from .catalog import ABLATIONS, DEBUG_SIZE, DEBUG_SIZE_M, SIZES, ArchArgs, paper_recipe
 
 _RAND_MIXERS = ("identity", "identity", "random", "random")
 
 # Registered name -> complete build_metaformer arguments.
-MODEL_SPECS: dict[str, dict[str, Any]] = {
+MODEL_SPECS: dict[str, ArchArgs] = {
     **{
         f"identityformer_{s}": {"depths": d, "dims": w, "token_mixers": "identity", **POOLFORMER_V2_STYLE}
         for s, (d, w) in SIZES.items()
@@ -34,13 +35,13 @@ MODEL_SPECS: dict[str, dict[str, Any]] = {
         f"randformer_{s}": {"depths": d, "dims": w, "token_mixers": _RAND_MIXERS, **POOLFORMER_V2_STYLE}
         for s, (d, w) in SIZES.items()
     },
-    **{name: dict(row["kwargs"]) for name, row in ABLATIONS.items()},
+    **{name: ArchArgs(**row["kwargs"]) for name, row in ABLATIONS.items()},
     "poolformer_debug": {"depths": DEBUG_SIZE[0], "dims": DEBUG_SIZE[1], "token_mixers": "pooling"},
     "poolformer_debug_m": {"depths": DEBUG_SIZE_M[0], "dims": DEBUG_SIZE_M[1], "token_mixers": "pooling"},
 }
 
 
-def _cfg_for(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+def _cfg_for(name: str, spec: ArchArgs) -> dict[str, object]:
     size = 32 if name.startswith("poolformer_debug") else 224
     return default_pretrained_cfg(
         input_size=(3, size, size),
@@ -54,7 +55,7 @@ def _cfg_for(name: str, spec: dict[str, Any]) -> dict[str, Any]:
 default_cfgs = generate_default_cfgs({name: _cfg_for(name, spec) for name, spec in MODEL_SPECS.items()})
 
 
-def _make_entrypoint(name: str, spec: dict[str, Any]):
+def _make_entrypoint(name: str, spec: ArchArgs) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
         # Like timm's own entrypoints, an argument that repeats the spec is an error rather than an override.
         return build_metaformer(**spec, variant=name, pretrained=pretrained, **kwargs)

@@ -13,8 +13,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from metaformer_platform.pipelines.outcome import PipelineResult
 from metaformer_platform.pipelines.plan import MemberPlan, StagePlan, expand, resolve
-from metaformer_platform.pipelines.runner import PipelineResult, PipelineRunner
+from metaformer_platform.pipelines.runner import PipelineRunner
 from metaformer_platform.pipelines.spec import PipelineError, PipelineSpec, load_pipeline, parse_pipeline
 
 __all__ = [
@@ -52,10 +53,10 @@ def run_pipeline(
     path: str | Path, overrides: Sequence[str] = (), *, dry_run: bool = False, out: Callable[[str], None] = print
 ) -> PipelineResult:
     """Plan, print the plan, and (unless ``dry_run``) run it; returns what happened to every member."""
-    from metaformer_platform.pipelines.runner import _experiment_id
+    from metaformer_platform.tracking.runs import training_experiment
 
     runner = plan_pipeline(path, overrides, out)
-    experiment_id = _experiment_id(runner.client, runner.spec.experiment, create=False)
+    experiment_id = training_experiment(runner.client, runner.spec.experiment, create=False)
     preview = runner.preview(experiment_id)
     out(runner.describe(preview))
     if dry_run:

@@ -11,7 +11,12 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from metaformer_platform.pipelines.outcome import PipelineResult
 
 COLUMNS = ("model", "params (M)", "MACs (G)", "top-1", "top-5", "images/s", "paper top-1", "vs paper", "registry")
 
@@ -27,11 +32,30 @@ def complexity(model: str, num_classes: int | None, img_size: int, kwargs: dict[
     return model_complexity(net, img_size)
 
 
-def rows(result: Any) -> list[dict[str, Any]]:
+class ReportRow(TypedDict):
+    """One evaluated member: measured size, our top-1/top-5/speed, the paper's numbers, its registry version."""
+
+    model: str
+    params_m: float
+    macs_g: float
+    img_size: int
+    top1: float
+    top5: float
+    images_per_s: float
+    samples: int
+    paper_top1: float | None
+    paper_params_m: float | None
+    paper_macs_g: float | None
+    vs_paper: float | None
+    registry: str
+    alias: str
+
+
+def rows(result: PipelineResult) -> list[ReportRow]:
     """One row per member that was evaluated (in the pipeline's order)."""
     from metaformer_platform.models import PAPER_MACS_G, PAPER_PARAMS_M, PAPER_TOP1
 
-    out = []
+    out: list[ReportRow] = []
     for member in result.members:
         metrics = member.eval_metrics
         if not metrics or member.eval_cfg is None:
@@ -59,9 +83,9 @@ def rows(result: Any) -> list[dict[str, Any]]:
     return out
 
 
-def table(data: list[dict[str, Any]]) -> str:
+def table(data: list[ReportRow]) -> str:
     """A Markdown table (it also reads as plain text in a job's log)."""
-    def fmt(row: dict[str, Any]) -> list[str]:
+    def fmt(row: ReportRow) -> list[str]:
         paper = "n/a" if row["paper_top1"] is None else f"{row['paper_top1']:.1f}"
         delta = "n/a" if row["vs_paper"] is None else f"{row['vs_paper']:+.1f}"
         reg = f"{row['registry']} @{row['alias']}" if row["registry"] else ""
@@ -78,7 +102,7 @@ def table(data: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(data: list[dict[str, Any]], path: Path, title: str) -> Path:
+def plot(data: list[ReportRow], path: Path, title: str) -> Path:
     """Top-1 against MACs (log scale), ours and the paper's, as the paper's Figure 1 draws it."""
     import matplotlib
 
@@ -90,9 +114,12 @@ def plot(data: list[dict[str, Any]], path: Path, title: str) -> Path:
     ax.plot([r["macs_g"] for r in ours], [r["top1"] for r in ours], "o-", label=f"this run ({ours[0]['img_size']} px)")
     for r in ours:
         ax.annotate(r["model"], (r["macs_g"], r["top1"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    paper = sorted((r for r in data if r["paper_top1"] is not None and r["paper_macs_g"]), key=lambda r: r["paper_macs_g"])
+    paper = sorted(
+        ((r["paper_macs_g"], r["paper_top1"]) for r in data if r["paper_top1"] is not None and r["paper_macs_g"]),
+        key=lambda point: point[0],
+    )
     if paper:
-        ax.plot([r["paper_macs_g"] for r in paper], [r["paper_top1"] for r in paper], "s--", label="paper (224 px)")
+        ax.plot([macs for macs, _ in paper], [top1 for _, top1 in paper], "s--", label="paper (224 px)")
     ax.set_xscale("log")
     ax.set_xlabel("MACs (G)")
     ax.set_ylabel("ImageNet top-1 (%)" if paper else "top-1 (%)")
@@ -105,7 +132,8 @@ def plot(data: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
-def status_lines(result: Any) -> list[str]:
+def status_lines(result: PipelineResult) -> list[str]:
+    """A line per member: ok or FAILED, what each stage did, and the error."""
     lines = []
     for m in result.members:
         stages = ", ".join(f"{s.stage}: {s.action}" for s in m.stages)
@@ -113,7 +141,7 @@ def status_lines(result: Any) -> list[str]:
     return lines
 
 
-def family_report(runner: Any, result: Any) -> str:
+def family_report(client: MlflowClient, result: PipelineResult) -> str:
     """Build the report, log it (table, JSON, plot) to the pipeline's parent run, and return its text."""
     data = rows(result)
     text = [f"Family report: pipeline {result.name}"]
@@ -127,5 +155,5 @@ def family_report(runner: Any, result: Any) -> str:
             (folder / "family_report.json").write_text(json.dumps(data, indent=2))
             if data:
                 plot(data, folder / "family_top1_vs_macs.png", f"{result.name}: top-1 vs MACs")
-            runner.client.log_artifacts(result.parent_run_id, str(folder), "report")
+            client.log_artifacts(result.parent_run_id, str(folder), "report")
     return report

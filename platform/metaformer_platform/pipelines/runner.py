@@ -20,18 +20,19 @@ import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from metaformer_platform.pipelines.outcome import MemberOutcome, PipelineResult, StageOutcome
 from metaformer_platform.pipelines.plan import MemberPlan, StagePlan, digest, pipeline_key, stable_config
 from metaformer_platform.pipelines.spec import PipelineSpec
 from metaformer_platform.storage.redact import redact, redact_tree
 
 if TYPE_CHECKING:
-    from metaformer_platform.config import JobConfig
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
     from metaformer_platform.launch.driver import JobResult
-    from metaformer_platform.tracking.registry import Promotion
 
 log = logging.getLogger(__name__)
 
@@ -50,56 +51,6 @@ TAG_FAILED = "metaformer.failed_members"
 EVAL_METRICS = ("eval/top1", "eval/top5", "eval/loss", "eval/samples", "eval/images_per_s")
 
 
-@dataclass
-class StageOutcome:
-    """What happened to one stage: ``skip`` (done before), ``run``, ``resume`` (continued a checkpoint),
-    ``failed`` or ``blocked`` (an earlier stage failed); in a dry run, what would happen."""
-
-    member: str
-    stage: str
-    action: str
-    run_name: str | None = None
-    run_id: str | None = None
-    checkpoint: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    detail: str = ""
-
-
-@dataclass
-class MemberOutcome:
-    model: str
-    stages: list[StageOutcome] = field(default_factory=list)
-    error: str | None = None
-    registered: str | None = None  # "NAME vN"
-    promotion: Promotion | None = None
-    eval_cfg: JobConfig | None = None  # the evaluate stage's config (resolution, classes) for the report
-    num_classes: int | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def eval_metrics(self) -> dict[str, float]:
-        for stage in reversed(self.stages):
-            if "eval/top1" in stage.metrics:
-                return stage.metrics
-        return {}
-
-
-@dataclass
-class PipelineResult:
-    name: str
-    members: list[MemberOutcome]
-    parent_run_id: str | None = None
-    report: str = ""
-    dry_run: bool = False
-
-    @property
-    def failed(self) -> list[MemberOutcome]:
-        return [m for m in self.members if not m.ok]
-
-
 # -- MLflow lookups --------------------------------------------------------------------------------
 
 
@@ -116,7 +67,7 @@ def _name(location: str | None) -> str:
     return Location.parse(location).name if location else ""
 
 
-def find_completed(client: Any, experiment_id: str | None, stage: StagePlan) -> Any | None:
+def find_completed(client: MlflowClient, experiment_id: str | None, stage: StagePlan) -> Run | None:
     """The FINISHED run of this stage key whose output is still there (checkpoint, or eval metrics), or None."""
     if experiment_id is None or stage.key is None:
         return None
@@ -155,12 +106,6 @@ def resumable_checkpoint(run_dir: str) -> str | None:
         return None
     latest = loc.join(PurePosixPath(result.checkpoint.path).name)
     return latest.uri if storage.is_complete(latest) else None
-
-
-def _experiment_id(client: Any, name: str, create: bool) -> str | None:
-    from metaformer_platform.tracking.runs import training_experiment
-
-    return training_experiment(client, name, create=create)
 
 
 # -- the runner ------------------------------------------------------------------------------------
@@ -232,11 +177,11 @@ class PipelineRunner:
     def run(self) -> PipelineResult:
         from metaformer_platform.launch.driver import connect_ray
         from metaformer_platform.pipelines import report
+        from metaformer_platform.tracking.runs import training_experiment
 
-        experiment_id = _experiment_id(self.client, self.spec.experiment, create=True)
+        experiment_id = training_experiment(self.client, self.spec.experiment, create=True)
         assert experiment_id is not None  # create=True makes it
         parent = self._open_parent(experiment_id)
-        result = PipelineResult(self.spec.name, [], parent)
         runnable = [p for p in self.plans if not p.error]
         if runnable:
             connect_ray(runnable[0].stages[0].cfg)  # once, here: ray.init from several threads would race
@@ -244,18 +189,24 @@ class PipelineRunner:
         for plan in self.plans:
             if plan.error:
                 self.say(f"[{plan.model}] not run: {plan.error}")
-        workers = min(len(runnable), self.spec.max_parallel or len(runnable)) or 1
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="member") as pool:
-            futures = {p.model: pool.submit(self._run_member, p, outcomes[p.model], experiment_id, parent) for p in runnable}
-            for future in futures.values():
-                future.result()  # _run_member records its own failures
-        result.members = [outcomes[p.model] for p in self.plans]
-        result.report = report.family_report(self, result)
+        self._run_members(runnable, outcomes, experiment_id, parent)
+        result = PipelineResult(self.spec.name, [outcomes[p.model] for p in self.plans], parent)
+        result.report = report.family_report(self.client, result)
         failed = result.failed
         if failed:
             self.client.set_tag(parent, TAG_FAILED, ", ".join(m.model for m in failed))
         self.client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
         return result
+
+    def _run_members(
+        self, runnable: list[MemberPlan], outcomes: dict[str, MemberOutcome], experiment_id: str, parent: str
+    ) -> None:
+        """Each member's chain in its own thread, ``max_parallel`` at once; each records its own outcome."""
+        workers = min(len(runnable), self.spec.max_parallel or len(runnable)) or 1
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="member") as pool:
+            futures = [pool.submit(self._run_member, p, outcomes[p.model], experiment_id, parent) for p in runnable]
+            for future in futures:
+                future.result()  # _run_member records its own failures
 
     def _open_parent(self, experiment_id: str) -> str:
         from metaformer_platform.tracking.runs import source_tags
@@ -286,27 +237,40 @@ class PipelineRunner:
                 outcome = self._run_stage(plan, stage, outputs, experiment_id, parent)
             except Exception as err:  # recorded, reported, and the exit status says so: the other members go on
                 log.exception("%s: stage %s failed", plan.model, stage.name)
-                member.error = f"stage {stage.name!r} failed: {type(err).__name__}: {err}"
-                member.stages.append(StageOutcome(plan.model, stage.name, "failed", stage.run_name, detail=member.error))
-                member.stages += [
-                    StageOutcome(plan.model, s.name, "blocked", s.run_name, detail=f"after {stage.name} failed")
-                    for s in plan.stages[i + 1 :]
-                ]
-                self.say(f"[{plan.model}] {member.error}")
+                self._stop_chain(plan, member, i, f"stage {stage.name!r} failed: {type(err).__name__}: {err}")
                 return
             outputs[stage.name] = outcome
             member.stages.append(outcome)
             self.say(f"[{plan.model}] {stage.name}: {outcome.action} {outcome.run_name} {outcome.detail}".rstrip())
-            if stage.kind == "evaluate":
-                member.eval_cfg, member.num_classes = stage.cfg, stage.num_classes
-                if self.spec.registry.enabled and stage.upstream is not None:
-                    try:
-                        self._register(plan, stage, outputs, member)
-                    except Exception as err:  # as above: this member fails, the others go on
-                        log.exception("%s: registering failed", plan.model)
-                        member.error = f"registering {self._registered_name(plan.model)} failed: {type(err).__name__}: {err}"
-                        self.say(f"[{plan.model}] {member.error}")
-                        return
+            if stage.kind == "evaluate" and not self._after_evaluation(plan, stage, outputs, member):
+                return
+
+    def _stop_chain(self, plan: MemberPlan, member: MemberOutcome, failed: int, error: str) -> None:
+        """Stage ``failed`` failed with ``error``: the member's later stages are blocked."""
+        stage = plan.stages[failed]
+        member.error = error
+        member.stages.append(StageOutcome(plan.model, stage.name, "failed", stage.run_name, detail=error))
+        member.stages += [
+            StageOutcome(plan.model, s.name, "blocked", s.run_name, detail=f"after {stage.name} failed")
+            for s in plan.stages[failed + 1 :]
+        ]
+        self.say(f"[{plan.model}] {error}")
+
+    def _after_evaluation(
+        self, plan: MemberPlan, stage: StagePlan, outputs: dict[str, StageOutcome], member: MemberOutcome
+    ) -> bool:
+        """Keep what the report needs and register the evaluated weights; False when registering failed."""
+        member.eval_cfg, member.num_classes = stage.cfg, stage.num_classes
+        if not self.spec.registry.enabled or stage.upstream is None:
+            return True
+        try:
+            self._register(plan, stage, outputs, member)
+        except Exception as err:  # as for a stage: this member fails, the others go on
+            log.exception("%s: registering failed", plan.model)
+            member.error = f"registering {self._registered_name(plan.model)} failed: {type(err).__name__}: {err}"
+            self.say(f"[{plan.model}] {member.error}")
+            return False
+        return True
 
     def _stage_tags(self, stage: StagePlan, parent: str) -> dict[str, str]:
         return {
@@ -323,18 +287,21 @@ class PipelineRunner:
     def _run_stage(
         self, plan: MemberPlan, stage: StagePlan, outputs: dict[str, StageOutcome], experiment_id: str, parent: str
     ) -> StageOutcome:
-        from metaformer_platform.launch.driver import run_job
-
         # A models:/ URI is passed on as it is: the job resolves it (on every node) and records it as the input.
         stage.cfg.model.init_from = outputs[stage.upstream].checkpoint if stage.upstream is not None else stage.init_from
 
         done = find_completed(self.client, experiment_id, stage)
         if done is not None:
-            tags = done.data.tags
             return StageOutcome(
-                plan.model, stage.name, "skip", stage.run_name, done.info.run_id, tags.get(TAG_OUTPUT),
+                plan.model, stage.name, "skip", stage.run_name, done.info.run_id, done.data.tags.get(TAG_OUTPUT),
                 dict(done.data.metrics), detail="(done before: same config, data and input)",
             )
+        return self._launch_stage(plan, stage, parent)
+
+    def _launch_stage(self, plan: MemberPlan, stage: StagePlan, parent: str) -> StageOutcome:
+        """Run the stage's job (resuming its latest checkpoint, if any) and record its output on its run."""
+        from metaformer_platform.launch.driver import run_job
+
         previous = resumable_checkpoint(stage.run_dir)
         action = "resume" if previous else "run"
         stage.cfg.tracking.tags = {**stage.cfg.tracking.tags, **self._stage_tags(stage, parent)}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -143,7 +142,7 @@ def load_pipeline(path: str | os.PathLike[str]) -> tuple[PipelineSpec, Path]:
     return parse_pipeline(tree, where=str(file)), file.resolve().parent
 
 
-def parse_pipeline(tree: Any, where: str = "pipeline") -> PipelineSpec:
+def parse_pipeline(tree: object, where: str = "pipeline") -> PipelineSpec:
     """Validate a pipeline given as a dict; ``PipelineError`` lists each wrong key with the fix."""
     if not isinstance(tree, dict):
         raise PipelineError(f"{where} must hold a mapping (name, family/members, stages), got {type(tree).__name__}")

@@ -25,11 +25,17 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO, TypedDict
 
 if TYPE_CHECKING:
-    from metaformer_platform.training.trainer import RunTracker
+    from ray.train import UserCallback
+    from ray.util.queue import Queue
+    from tqdm import tqdm
+
+    from metaformer_platform.strategies.base import DistContext
+    from metaformer_platform.training.trainer import RunTracker, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,55 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+class EventQueue(Protocol):
+    """Where a worker puts its events: the driver's ``ray.util.queue.Queue`` (a list in tests)."""
+
+    def put_nowait(self, item: Mapping[str, object]) -> None: ...
+
+
+# The events, as ``ProgressSender`` sends them and ``Console`` reads them; each has ``kind`` and ``time``.
+class _Event(TypedDict):
+    kind: str
+    time: float
+
+
+class StartEvent(_Event):
+    model: str
+    strategy: str
+    workers: int
+    total_steps: int
+    steps_per_epoch: int
+    global_batch: int
+    lr: float
+    step: int
+
+
+class MetricsEvent(_Event):
+    """A training window (kind ``step``) or a validation (``val``)."""
+
+    step: int
+    metrics: dict[str, float]
+
+
+class CheckpointEvent(_Event):
+    step: int
+    where: str
+    stall_s: float
+
+
+class LogEvent(_Event):
+    rank: int
+    level: str
+    message: str
+
+
+class FinishEvent(_Event):
+    step: int
+
+
+Event = StartEvent | MetricsEvent | CheckpointEvent | LogEvent | FinishEvent
+
+
 # -- worker side -----------------------------------------------------------------------------------
 
 
@@ -59,14 +114,16 @@ class ProgressSender:
     A lost channel (driver gone) never stops training: the first failure is logged and sending stops.
     """
 
-    def __init__(self, queue: Any, checkpoint_root: str, inner: RunTracker | None = None, *, main: bool = True) -> None:
+    def __init__(
+        self, queue: EventQueue | None, checkpoint_root: str, inner: RunTracker | None = None, *, main: bool = True
+    ) -> None:
         self.queue = queue
         self.checkpoint_root = checkpoint_root.rstrip("/")
         self.inner = inner
         self.main = main
         self._broken = False
 
-    def send(self, kind: str, **payload: Any) -> None:
+    def send(self, kind: str, **payload: object) -> None:
         """Put one event on the queue (a round trip to the queue actor; events come at the log cadence)."""
         if self._broken or self.queue is None:
             return
@@ -76,7 +133,7 @@ class ProgressSender:
             self._broken = True
             log.warning("progress lines stop: the driver's queue is gone (%s)", err)
 
-    def start(self, trainer: Any) -> None:
+    def start(self, trainer: Trainer) -> None:
         """The job's shape, from the built Trainer: model, strategy, workers, steps, batch, lr, first step."""
         if not self.main:
             return
@@ -101,10 +158,10 @@ class ProgressSender:
             where = f"{self.checkpoint_root}/checkpoint-{step:08d}"  # launch.checkpoint_reporter's names
             self.send("checkpoint", step=step, where=where, stall_s=float(metrics["checkpoint/stall_s"]))
 
-    def log_params(self, params: dict[str, Any]) -> None:
+    def log_params(self, params: Mapping[str, object]) -> None:
         """The inner tracker's params (the settings a worker resolved for its device)."""
         if self.inner is not None:
-            self.inner.log_params(params)
+            self.inner.log_params(dict(params))
 
     def finish(self, step: int) -> None:
         """Training ended at ``step`` (the driver prints the summary)."""
@@ -123,11 +180,12 @@ class ProgressSender:
 
 
 def worker_progress(
-    payload: dict[str, Any], dist: Any, tracker: RunTracker, *, forward_warnings: bool
+    queue: EventQueue | None, run_dir: str, dist: DistContext, tracker: RunTracker, *, forward_warnings: bool
 ) -> tuple[ProgressSender, RunTracker]:
     """In a Ray Train worker: ``(progress, tracker)``, where rank 0's tracker also feeds the driver's console
-    and, when ``forward_warnings`` (Ray's log streaming is off), every rank's platform warnings go there too."""
-    sender = ProgressSender(payload.get("progress_queue"), payload.get("run_dir", ""), tracker, main=dist.is_main)
+    (through ``queue``, the driver's; None: no console) and, when ``forward_warnings`` (Ray's log streaming is
+    off), every rank's platform warnings go there too."""
+    sender = ProgressSender(queue, run_dir, tracker, main=dist.is_main)
     if forward_warnings and sender.queue is not None:
         logging.getLogger(PLATFORM_LOGGER).addHandler(ForwardHandler(sender, dist.rank))
     return sender, sender if dist.is_main else tracker
@@ -150,13 +208,13 @@ class ForwardHandler(logging.Handler):
         self.sender.send("log", rank=self.rank, level=record.levelname, message=self.format(record))
 
 
-def failure_notice(queue: Any) -> Any:
+def failure_notice(queue: EventQueue) -> UserCallback:
     """A Ray Train ``UserCallback`` (it runs in the controller) that puts each worker failure on the console:
     with Ray's log streaming off, a restart from the latest checkpoint would otherwise go unseen."""
     from ray.train import UserCallback
 
     class FailureNotice(UserCallback):
-        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        def after_exception(self, run_context: object, worker_exceptions: dict[int, Exception]) -> None:
             sender = ProgressSender(queue, "")
             for rank, err in sorted(worker_exceptions.items()):
                 first = str(err).strip().splitlines()[-1:] or [""]
@@ -187,6 +245,15 @@ class _Stats:
     checkpoints: int = 0
     stall_s: float = 0.0
 
+    def add_window(self, step: int, now: float, images_per_s: float, data_wait: float | None) -> None:
+        """A training window's step, time and speed."""
+        if self.first_step is None:
+            self.first_step, self.first_time = step, now
+        self.last_step, self.last_time = step, now
+        self.images_per_s.append(images_per_s)
+        if data_wait is not None:
+            self.data_wait.append(data_wait)
+
 
 class Console:
     """Formats events into lines on ``out``; with a terminal, a tqdm bar stays below them."""
@@ -195,7 +262,7 @@ class Console:
         self.out = out or sys.stdout
         self.use_bar = bar if bar is not None else self.out.isatty()
         self.stats = _Stats()
-        self._bar: Any = None
+        self._bar: tqdm | None = None
 
     def print_line(self, line: str) -> None:
         """A line of the driver's own (above the bar, if there is one)."""
@@ -208,13 +275,13 @@ class Console:
             self.out.write(line + "\n")
             self.out.flush()
 
-    def handle(self, event: dict[str, Any]) -> None:
+    def handle(self, event: Event) -> None:
         """Print what ``event`` (from ``ProgressSender``) says."""
         handler = getattr(self, f"_on_{event['kind']}", None)
         if handler is not None:
             handler(event)
 
-    def _on_start(self, e: dict[str, Any]) -> None:
+    def _on_start(self, e: StartEvent) -> None:
         s = self.stats
         s.first_step = None  # a restarted worker group: the ETA starts over
         s.total_steps, s.last_step, s.global_batch = int(e["total_steps"]), int(e["step"]), int(e["global_batch"])
@@ -238,17 +305,12 @@ class Console:
             return left * (now - s.first_time) / (step - s.first_step)
         return left * s.global_batch / images_per_s if images_per_s > 0 else 0.0
 
-    def _on_step(self, e: dict[str, Any]) -> None:
+    def _on_step(self, e: MetricsEvent) -> None:
         s, m, step = self.stats, e["metrics"], int(e["step"])
         ips = float(m.get("train/images_per_s", 0.0))
         eta = self.eta_s(step, e["time"], ips)
-        if s.first_step is None:
-            s.first_step, s.first_time = step, e["time"]
-        s.last_step, s.last_time = step, e["time"]
-        s.images_per_s.append(ips)
         wait = m.get("train/data_wait_frac")
-        if wait is not None:
-            s.data_wait.append(float(wait))
+        s.add_window(step, e["time"], ips, None if wait is None else float(wait))
         width = len(str(s.total_steps))
         parts = [
             f"step {step:>{width}}/{s.total_steps}",
@@ -265,7 +327,7 @@ class Console:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix_str(f"loss {m['train/loss']:.3f}")
 
-    def _on_val(self, e: dict[str, Any]) -> None:
+    def _on_val(self, e: MetricsEvent) -> None:
         m = e["metrics"]
         self.stats.last_val = dict(m)
         line = (
@@ -276,15 +338,15 @@ class Console:
             line += f" | ema top-1 {m['val/ema_top1']:.2f}%"
         self._print(line)
 
-    def _on_checkpoint(self, e: dict[str, Any]) -> None:
+    def _on_checkpoint(self, e: CheckpointEvent) -> None:
         self.stats.checkpoints += 1
         self.stats.stall_s += e["stall_s"]
         self._print(f"checkpoint step {e['step']} -> {e['where']} | stall {e['stall_s']:.2f} s")
 
-    def _on_log(self, e: dict[str, Any]) -> None:
+    def _on_log(self, e: LogEvent) -> None:
         self._print(f"[rank {e['rank']}] {e['level']}: {e['message']}")
 
-    def _on_finish(self, e: dict[str, Any]) -> None:
+    def _on_finish(self, e: FinishEvent) -> None:
         self.stats.last_step = int(e["step"])
 
     def summary(self) -> str:
@@ -322,7 +384,7 @@ class ProgressPrinter:
         self.greeting = greeting  # printed as training starts up: workers can take a while to come up
         self.console = console or Console()
         # num_cpus=0: the queue must never take a CPU a worker is waiting for
-        self.queue: Any = Queue(actor_options={"num_cpus": 0})
+        self.queue: Queue = Queue(actor_options={"num_cpus": 0})
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -346,7 +408,7 @@ class ProgressPrinter:
                 return
             self.console.handle(event)
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -356,6 +418,4 @@ class ProgressPrinter:
         except Exception as err:
             log.warning("the last progress lines were lost: %s", err)
         self.console.close(succeeded=exc[0] is None)
-        import ray
-
-        ray.kill(self.queue.actor)
+        self.queue.shutdown(force=True)

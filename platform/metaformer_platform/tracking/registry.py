@@ -21,11 +21,16 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 from metaformer_platform.storage import file_sha256, weights
 from metaformer_platform.storage.weights import TAG_WEIGHTS_SHA256, is_registry_uri  # noqa: F401  (re-exported)
 from metaformer_platform.training.export import META_FILE, WEIGHTS_FILE
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModel
+    from mlflow.entities.model_registry import ModelVersion
 
 CHAMPION = "champion"
 CANDIDATE = "candidate"
@@ -76,7 +81,14 @@ def lineage_tags(
     return tags
 
 
-def _client(tracking_uri: str | None) -> Any:
+class ExportInfo(TypedDict):
+    """What the registry uses of an export's ``model.json`` (``training.export`` writes more)."""
+
+    model_name: str
+    step: int | None
+
+
+def _client(tracking_uri: str | None) -> MlflowClient:
     import mlflow
 
     from metaformer_platform.tracking.runs import resolve_tracking_uri
@@ -86,7 +98,7 @@ def _client(tracking_uri: str | None) -> Any:
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _read_export(export_dir: Path) -> dict[str, Any]:
+def _read_export(export_dir: Path) -> ExportInfo:
     missing = [n for n in (WEIGHTS_FILE, META_FILE) if not (export_dir / n).is_file()]
     if missing:
         raise ValueError(
@@ -96,14 +108,14 @@ def _read_export(export_dir: Path) -> dict[str, Any]:
     info = json.loads((export_dir / META_FILE).read_text())
     if not isinstance(info, dict) or "model_name" not in info or "num_classes" not in info:
         raise ValueError(f"{str(export_dir / META_FILE)!r} lacks model_name/num_classes: re-export the checkpoint")
-    return info
+    return ExportInfo(model_name=str(info["model_name"]), step=info.get("step"))
 
 
 def _lineage_key(run_id: str, checkpoint_uri: str) -> str:
     return hashlib.sha256(f"{run_id}\n{checkpoint_uri}".encode()).hexdigest()
 
 
-def _find_registered(client: Any, model_name: str, key: str) -> Any | None:
+def _find_registered(client: MlflowClient, model_name: str, key: str) -> ModelVersion | None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -112,6 +124,45 @@ def _find_registered(client: Any, model_name: str, key: str) -> Any | None:
         return None
     found = client.search_model_versions(f"name = '{model_name}' and tags.`{TAG_LINEAGE_KEY}` = '{key}'")
     return min(found, key=lambda mv: int(mv.version)) if found else None
+
+
+def _checked_tags(model_name: str, lineage_tags: Mapping[str, str]) -> dict[str, str]:
+    if not model_name or any(c in model_name for c in "/@'`"):
+        raise ValueError(f"registered model name {model_name!r} must be non-empty, without / @ ' or `")
+    tags = {str(k): str(v) for k, v in lineage_tags.items()}
+    if not tags.get(TAG_CHECKPOINT):
+        raise ValueError(
+            f"lineage_tags needs {TAG_CHECKPOINT!r} (the checkpoint the export came from); build them with "
+            "registry.lineage_tags(checkpoint_uri, data_manifest_hash)"
+        )
+    return tags
+
+
+def _ensure_registered_model(client: MlflowClient, model_name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def _link_or_drop(client: MlflowClient, mv: ModelVersion, logged: LoggedModel, key: str) -> str:
+    """The version that stays registered for this export: ``mv``, linked to its LoggedModel, or an earlier one."""
+    # Two processes registering the same export at once both get past the first search: the lowest version
+    # wins and the other is deleted (with its logged model), so either way one version remains.
+    first = _find_registered(client, mv.name, key)
+    if first is not None and int(first.version) < int(mv.version):
+        client.delete_model_version(mv.name, mv.version)
+        client.delete_logged_model(logged.model_id)
+        return str(first.version)
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    client.set_logged_model_tags(
+        logged.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([{"name": mv.name, "version": str(mv.version)}])}
+    )
+    return str(mv.version)
 
 
 def register_export(
@@ -132,62 +183,36 @@ def register_export(
     """
     folder = Path(export_dir).expanduser().resolve()
     info = _read_export(folder)
-    if not model_name or any(c in model_name for c in "/@'`"):
-        raise ValueError(f"registered model name {model_name!r} must be non-empty, without / @ ' or `")
-    tags = {str(k): str(v) for k, v in lineage_tags.items()}
-    if not tags.get(TAG_CHECKPOINT):
-        raise ValueError(
-            f"lineage_tags needs {TAG_CHECKPOINT!r} (the checkpoint the export came from); build them with "
-            "registry.lineage_tags(checkpoint_uri, data_manifest_hash)"
-        )
+    tags = _checked_tags(model_name, lineage_tags)
     client = _client(tracking_uri)
     key = _lineage_key(run_id, tags[TAG_CHECKPOINT])
     existing = _find_registered(client, model_name, key)
     if existing is not None:
         return str(existing.version)
 
-    from mlflow.exceptions import MlflowException
-
     from metaformer_platform.tracking.runs import log_export_model
 
     client.get_run(run_id)  # MlflowException (RESOURCE_DOES_NOT_EXIST) before anything is written
     logged = log_export_model(
-        client, run_id, folder, [WEIGHTS_FILE, META_FILE], name=model_name, step=info.get("step"),
+        client, run_id, folder, [WEIGHTS_FILE, META_FILE], name=model_name, step=info["step"],
         tags={**tags, TAG_LINEAGE_KEY: key},
     )
-    source = logged.artifact_location
-    try:
-        client.create_registered_model(model_name)
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
+    _ensure_registered_model(client, model_name)
     tags.update({
         TAG_RUN_ID: run_id,
         TAG_LINEAGE_KEY: key,
-        TAG_ARCHITECTURE: str(info["model_name"]),
+        TAG_ARCHITECTURE: info["model_name"],
         TAG_WEIGHTS_SHA256: file_sha256(str(folder / WEIGHTS_FILE)),
         TAG_MODEL_ID: logged.model_id,
     })
     mv = client.create_model_version(
-        model_name, source=source, run_id=run_id, tags=tags, description=description or None,
+        model_name, source=logged.artifact_location, run_id=run_id, tags=tags, description=description or None,
         model_id=logged.model_id,
     )
-    # Two processes registering the same export at once both get past the search above: the lowest version
-    # wins and the other is deleted (with its logged model), so either way one version remains.
-    first = _find_registered(client, model_name, key)
-    if first is not None and int(first.version) < int(mv.version):
-        client.delete_model_version(model_name, mv.version)
-        client.delete_logged_model(logged.model_id)
-        return str(first.version)
-    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
-
-    client.set_logged_model_tags(
-        logged.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([{"name": model_name, "version": str(mv.version)}])}
-    )
-    return str(mv.version)
+    return _link_or_drop(client, mv, logged, key)
 
 
-def _champion(client: Any, model_name: str) -> Any | None:
+def _champion(client: MlflowClient, model_name: str) -> ModelVersion | None:
     from mlflow.exceptions import MlflowException
 
     aliases = client.get_registered_model(model_name).aliases
@@ -204,6 +229,40 @@ def _with_reason(description: str | None, reason: str) -> str:
     return f"{base}{_PROMOTION_MARK}{reason}" if base else f"Promotion: {reason}"
 
 
+def _check_evaluation(top1: float, eval_data_hash: str) -> None:
+    if isinstance(top1, bool) or not isinstance(top1, int | float) or not math.isfinite(top1) or not 0 <= top1 <= 100:
+        raise ValueError(f"top1 must be a percentage in [0, 100], got {top1!r}")
+    if not eval_data_hash:
+        raise ValueError("eval_data_hash must name the validation data the top-1 was measured on")
+
+
+def _decide(champion: ModelVersion | None, version: str, top1: float, eval_data_hash: str) -> tuple[bool, str]:
+    """Whether ``version`` (top-1 ``top1`` on ``eval_data_hash``) takes ``champion``, and why."""
+    if champion is None:
+        return True, f"first evaluated version: top-1 {top1:.4f} on data {eval_data_hash}"
+    previous = str(champion.version)
+    if previous == version:
+        return True, f"already champion: top-1 {top1:.4f} on data {eval_data_hash}"
+    their_hash = champion.tags.get(TAG_EVAL_DATA_HASH)
+    their_top1 = champion.tags.get(TAG_EVAL_TOP1)
+    if their_hash is None or their_top1 is None:
+        return False, (
+            f"champion v{previous} has no recorded evaluation ({TAG_EVAL_DATA_HASH}/{TAG_EVAL_TOP1} tags): "
+            f"cannot compare, champion kept; top-1 {top1:.4f} on data {eval_data_hash}"
+        )
+    if their_hash != eval_data_hash:
+        return False, (
+            f"champion v{previous} was evaluated on other validation data ({their_hash}, this version on "
+            f"{eval_data_hash}): top-1 not comparable, champion kept; evaluate both on the same data"
+        )
+    if float(top1) >= float(their_top1):
+        return True, f"top-1 {top1:.4f} >= champion v{previous}'s {float(their_top1):.4f} on data {eval_data_hash}"
+    return False, (
+        f"top-1 {top1:.4f} < champion v{previous}'s {float(their_top1):.4f} on data {eval_data_hash}: "
+        "champion kept"
+    )
+
+
 def promote(
     model_name: str,
     version: str | int,
@@ -218,10 +277,7 @@ def promote(
     evaluated on other data, or with no recorded top-1, is kept, and this version becomes ``candidate``. A
     version that does not take ``champion`` gets alias ``candidate`` and the reason in its description.
     """
-    if isinstance(top1, bool) or not isinstance(top1, int | float) or not math.isfinite(top1) or not 0 <= top1 <= 100:
-        raise ValueError(f"top1 must be a percentage in [0, 100], got {top1!r}")
-    if not eval_data_hash:
-        raise ValueError("eval_data_hash must name the validation data the top-1 was measured on")
+    _check_evaluation(top1, eval_data_hash)
     client = _client(tracking_uri)
     version = str(version)
     mv = client.get_model_version(model_name, version)
@@ -229,34 +285,7 @@ def promote(
     client.set_model_version_tag(model_name, version, TAG_EVAL_TOP1, repr(float(top1)))
 
     champion = _champion(client, model_name)
-    previous = str(champion.version) if champion is not None else None
-    if champion is None:
-        promoted, reason = True, f"first evaluated version: top-1 {top1:.4f} on data {eval_data_hash}"
-    elif previous == version:
-        promoted, reason = True, f"already champion: top-1 {top1:.4f} on data {eval_data_hash}"
-    else:
-        their_hash = champion.tags.get(TAG_EVAL_DATA_HASH)
-        their_top1 = champion.tags.get(TAG_EVAL_TOP1)
-        if their_hash is None or their_top1 is None:
-            promoted, reason = False, (
-                f"champion v{previous} has no recorded evaluation ({TAG_EVAL_DATA_HASH}/{TAG_EVAL_TOP1} tags): "
-                f"cannot compare, champion kept; top-1 {top1:.4f} on data {eval_data_hash}"
-            )
-        elif their_hash != eval_data_hash:
-            promoted, reason = False, (
-                f"champion v{previous} was evaluated on other validation data ({their_hash}, this version on "
-                f"{eval_data_hash}): top-1 not comparable, champion kept; evaluate both on the same data"
-            )
-        elif float(top1) >= float(their_top1):
-            promoted, reason = True, (
-                f"top-1 {top1:.4f} >= champion v{previous}'s {float(their_top1):.4f} on data {eval_data_hash}"
-            )
-        else:
-            promoted, reason = False, (
-                f"top-1 {top1:.4f} < champion v{previous}'s {float(their_top1):.4f} on data {eval_data_hash}: "
-                "champion kept"
-            )
-
+    promoted, reason = _decide(champion, version, top1, eval_data_hash)
     alias = CHAMPION if promoted else CANDIDATE
     client.set_registered_model_alias(model_name, alias, version)
     if promoted:
@@ -265,10 +294,11 @@ def promote(
             client.delete_registered_model_alias(model_name, CANDIDATE)
     client.set_model_version_tag(model_name, version, TAG_PROMOTION, alias)
     client.update_model_version(model_name, version, description=_with_reason(mv.description, reason))
+    previous = str(champion.version) if champion is not None else None
     return Promotion(model_name, version, promoted, alias, previous, reason)
 
 
-def get_model_version(uri: str, *, tracking_uri: str | None = None) -> Any:
+def get_model_version(uri: str, *, tracking_uri: str | None = None) -> ModelVersion:
     """The ``ModelVersion`` that ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names (ValueError if none)."""
     from metaformer_platform.tracking.runs import resolve_tracking_uri
 

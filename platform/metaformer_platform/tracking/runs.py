@@ -13,10 +13,16 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from metaformer_platform.config import JobConfig
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModel
+    from mlflow.utils.async_logging.run_operations import RunOperations
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +66,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def training_experiment(client: Any, name: str, *, create: bool = True) -> str | None:
+def training_experiment(client: MlflowClient, name: str, *, create: bool = True) -> str | None:
     """The id of experiment ``name``, marked as a model-training experiment (created when missing and
     ``create``; None otherwise). An experiment the platform uses that lacks the mark (made by an older
     version, or by hand) gets it; a kind someone set explicitly is left alone."""
@@ -143,7 +149,7 @@ class RunHandle:
             path.write_text(self.cfg.to_yaml())
             self.client.log_artifact(self.run_id, str(path))
 
-    def log_data(self, cfg: JobConfig, data_root: Any) -> None:
+    def log_data(self, cfg: JobConfig, data_root: str | Path) -> None:
         """The data the job reads, as MLflow dataset inputs (the runs table's Dataset column and lineage):
         one per split with context ``train`` / ``validation``, its digest the manifest's sha256 (the data
         set's identity, as the pipeline's ``metaformer.data_manifest_hash``), its source ``data.source``."""
@@ -173,7 +179,7 @@ class RunHandle:
             inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
         self.client.log_inputs(self.run_id, datasets=inputs)
 
-    def log_params(self, params: dict[str, Any]) -> None:
+    def log_params(self, params: Mapping[str, object]) -> None:
         """Extra derived params (e.g. total steps, resolved lr), logged once."""
         from mlflow.entities import Param
 
@@ -199,7 +205,7 @@ class RunHandle:
         return f"MLflow run {self.run_id} (experiment {self.cfg.tracking.experiment!r}): {where}"
 
 
-def _param_value(value: Any) -> str:
+def _param_value(value: object) -> str:
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."
 
@@ -224,7 +230,7 @@ class MlflowTracker:
             for key in client.get_run(run_id).data.metrics
             if not key.startswith("system/")  # the system metrics monitor keeps its own step
         }
-        self._pending: list[Any] = []  # the RunOperations of the metrics not yet known to be stored
+        self._pending: list[RunOperations] = []  # the RunOperations of the metrics not yet known to be stored
         self._monitor = None
         if system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -235,9 +241,11 @@ class MlflowTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         new = {k: float(v) for k, v in metrics.items() if step > self.logged_up_to.get(k, -1)}
         if new:
-            self._pending.append(self._mlflow.log_metrics(new, step=step, run_id=self.run_id, synchronous=False))
+            operations = self._mlflow.log_metrics(new, step=step, run_id=self.run_id, synchronous=False)
+            if operations is not None:  # always, when asynchronous
+                self._pending.append(operations)
 
-    def log_params(self, params: dict[str, Any]) -> None:
+    def log_params(self, params: Mapping[str, object]) -> None:
         """Params the worker decides (the settings resolved for its device); kept as they were on a resume
         (MLflow params cannot change)."""
         client = self._mlflow.MlflowClient()
@@ -272,8 +280,9 @@ class MlflowTracker:
 
 
 def log_export_model(
-    client: Any, run_id: str, export_dir: Path, files: list[str], *, name: str, tags: dict[str, str], step: int | None
-) -> Any:
+    client: MlflowClient, run_id: str, export_dir: Path, files: list[str], *, name: str, tags: dict[str, str],
+    step: int | None,
+) -> LoggedModel:
     """``files`` of the export in ``export_dir`` as an MLflow 3 LoggedModel of ``run_id`` (the runs table's
     Model column): plain files, no flavour (``mlflow.pytorch`` would pickle or need an input example),
     listed as the run's output at ``step``, with the run's metrics of that step linked to it. Returns the

@@ -1,0 +1,60 @@
+"""What a pipeline run did, member by member and stage by stage: the runner fills it in, the report reads it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from metaformer_platform.config import JobConfig
+    from metaformer_platform.tracking.registry import Promotion
+
+
+@dataclass
+class StageOutcome:
+    """What happened to one stage: ``skip`` (done before), ``run``, ``resume`` (continued a checkpoint),
+    ``failed`` or ``blocked`` (an earlier stage failed); in a dry run, what would happen."""
+
+    member: str
+    stage: str
+    action: str
+    run_name: str | None = None
+    run_id: str | None = None
+    checkpoint: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    detail: str = ""
+
+
+@dataclass
+class MemberOutcome:
+    model: str
+    stages: list[StageOutcome] = field(default_factory=list)
+    error: str | None = None
+    registered: str | None = None  # "NAME vN"
+    promotion: Promotion | None = None
+    eval_cfg: JobConfig | None = None  # the evaluate stage's config (resolution, classes) for the report
+    num_classes: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def eval_metrics(self) -> dict[str, float]:
+        for stage in reversed(self.stages):
+            if "eval/top1" in stage.metrics:
+                return stage.metrics
+        return {}
+
+
+@dataclass
+class PipelineResult:
+    name: str
+    members: list[MemberOutcome]
+    parent_run_id: str | None = None
+    report: str = ""
+    dry_run: bool = False
+
+    @property
+    def failed(self) -> list[MemberOutcome]:
+        return [m for m in self.members if not m.ok]
