@@ -1,4 +1,4 @@
-"""The storage core: locations, S3 settings, files (list/read/write/delete/download), completeness, weights.
+"""The storage core: locations, S3 settings, the one storage API (local and S3 stores), completeness, weights.
 
 Every layer above (data, training, evaluation, registry, launch, pipelines) reaches local folders and object
 storage through this package; it imports nothing of the platform above it (the weights resolver's
@@ -15,7 +15,8 @@ from metaformer_platform.storage.completeness import (
     missing_files,
 )
 from metaformer_platform.storage.files import (
-    S3AccessError,
+    LocalStore,
+    Store,
     atomic_write,
     check_access,
     check_writable,
@@ -25,21 +26,27 @@ from metaformer_platform.storage.files import (
     is_temporary,
     list_files,
     local_folder,
+    open_store,
     read_bytes,
-    s3_refusal,
     safe_member,
     write_bytes,
 )
 from metaformer_platform.storage.location import Location, LocationLike
+from metaformer_platform.storage.s3 import S3AccessError, S3Store, register_webdataset_s3, s3_refusal
 from metaformer_platform.storage.settings import AWS_ENV_VARS, S3Settings, aws_env
+from metaformer_platform.storage.types import FileStat
 
 __all__ = [
     "AWS_ENV_VARS",
     "COMPLETE_MARKER",
+    "FileStat",
+    "LocalStore",
     "Location",
     "LocationLike",
     "S3AccessError",
     "S3Settings",
+    "S3Store",
+    "Store",
     "atomic_write",
     "aws_env",
     "check_access",
@@ -55,7 +62,9 @@ __all__ = [
     "local_folder",
     "marker_text",
     "missing_files",
+    "open_store",
     "read_bytes",
+    "register_webdataset_s3",
     "s3_refusal",
     "weights",
     "safe_member",

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from metaformer_platform.data.manifest import INFO_NAME, load_manifest
 from metaformer_platform.data.build.writer import Sample, write_dataset
+from metaformer_platform.data.manifest import INFO_NAME, load_manifest
 
 __all__ = ["SHAPES", "ensure_synthetic_shards", "synthetic_samples"]
 
