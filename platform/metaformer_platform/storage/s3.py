@@ -114,9 +114,9 @@ def check_bucket(client: S3Client, bucket: str, what: str) -> None:
         raise mapped from None
 
 
-def default_client() -> S3Client:
-    """A boto3 S3 client from the one S3 settings resolver, with timeouts suited to streaming shards."""
-    return S3Settings.from_env().boto3_client(connect_timeout=10, read_timeout=60, max_pool_connections=32)
+def _client_for(settings: S3Settings) -> S3Client:
+    """A boto3 S3 client with these settings and timeouts suited to streaming shards."""
+    return settings.boto3_client(connect_timeout=10, read_timeout=60, max_pool_connections=32)
 
 
 def _transient_stream_errors() -> tuple[type[BaseException], ...]:
@@ -139,7 +139,8 @@ class _Connection:
     bucket_checked: bool = False
 
 
-_SHARED: dict[tuple[int, str], _Connection] = {}
+# keyed by the settings too: a process whose environment changes (new keys, another endpoint) gets a new client
+_SHARED: dict[tuple[int, str, S3Settings], _Connection] = {}
 _SHARED_LOCK = threading.Lock()
 
 
@@ -192,10 +193,11 @@ class S3Store:
     def _new_connection(self, pid: int) -> _Connection:
         if self.client_factory is not None:
             return _Connection(self.client_factory(), pid)
+        settings = S3Settings.from_env()
         with _SHARED_LOCK:
-            conn = _SHARED.get((pid, self.bucket))
+            conn = _SHARED.get((pid, self.bucket, settings))
             if conn is None:
-                conn = _SHARED[(pid, self.bucket)] = _Connection(default_client(), pid)
+                conn = _SHARED[(pid, self.bucket, settings)] = _Connection(_client_for(settings), pid)
         return conn
 
     @property
