@@ -11,7 +11,7 @@ from PIL import Image
 from metaformer_platform.data import build_loader, load_manifest
 from metaformer_platform.data.build.writer import Sample, write_dataset
 from metaformer_platform.data.stream import _Prefetcher
-from metaformer_platform.storage import LocalStore
+from metaformer_platform.storage.files import LocalStore
 
 
 def _jpeg(i: int) -> bytes:

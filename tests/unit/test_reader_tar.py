@@ -8,7 +8,7 @@ import tarfile
 import pytest
 
 from metaformer_platform.data.reader import iter_shard
-from metaformer_platform.storage import LocalStore
+from metaformer_platform.storage.files import LocalStore
 
 
 def _tar(path, members, fmt, dirs=()):

@@ -15,7 +15,8 @@ from botocore.exceptions import ClientError, NoCredentialsError
 from urllib3.exceptions import ProtocolError
 
 from metaformer_platform.data import load_manifest
-from metaformer_platform.storage import Location, S3AccessError, S3Store, open_store
+from metaformer_platform.storage import Location, S3AccessError, open_store
+from metaformer_platform.storage.s3 import S3Store
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
 _MTIME = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)

@@ -1,11 +1,7 @@
-"""The data read path: webdataset shards + `_info.json` manifest -> ShardSet plan -> batches.
-
-Modules, bottom up: `manifest` (what the shards are), `shardset` (who reads what in an epoch), `reader`
-(tar -> samples -> images), `faults` (bad shards and samples: skipped, counted), `stream` (one rank's epoch:
-what each loader worker reads, decodes and batches), `loader` (the DataLoader around it, resumable
-position), `transforms` (the paper's augmentation via timm), `augment` (its worker/batch split).
-Bytes come through the one storage API (`metaformer_platform.storage`); building shards is `data.build`.
-No Ray, MLflow or config imports here: callers pass plain arguments.
+"""The data read path: `manifest` (what the shards are) -> `shardset` (who reads what in an epoch) -> `reader`
+(tar -> samples) -> `stream` (a rank's epoch: decode, augment, stand-ins for `faults`) -> `loader` (the
+DataLoader, resumable position); `transforms`/`augment` are the paper's augmentation. Bytes come through
+`metaformer_platform.storage`; building shards is `data.build`. No Ray, MLflow or config imports here.
 """
 
 from metaformer_platform.data.augment import BatchTransform, build_split_transforms

@@ -51,6 +51,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ _ORDER_KEYS = ("split", "num_samples", "seed", "shuffle", "shuffle_buffer", "dro
 STATE_VERSION = 2
 
 
+@dataclass(eq=False, repr=False)
 class ShardLoader:
     """Batches of one split for one rank, epoch after epoch, with a resumable position.
 
@@ -82,64 +84,41 @@ class ShardLoader:
     rest of the current epoch. `len()` is the number of batches per epoch, identical on every rank.
     """
 
-    def __init__(
-        self,
-        manifest: Manifest,
-        split: str,
-        *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        num_workers: int,
-        transform: Transform | None,
-        seed: int,
-        epoch: int,
-        shuffle: bool,
-        shuffle_buffer: int,
-        drop_last: bool,
-        decode_size: int | None,
-        with_keys: bool,
-        pin_memory: bool,
-        prefetch_factor: int | None,
-        multiprocessing_context: str | None,
-        timeout: float,
-        prefetch_shards: int = 0,
-        max_bad_fraction: float | None = None,
-        batch_transform: BatchTransformFn | None = None,
-    ):
-        self.batch_transform = batch_transform
-        self.prefetch_shards = prefetch_shards
-        self.max_bad_fraction = max_bad_fraction
+    manifest: Manifest
+    split: str
+    batch_size: int
+    rank: int
+    world_size: int
+    num_workers: int
+    transform: Transform | None
+    seed: int
+    epoch: int
+    shuffle: bool
+    shuffle_buffer: int
+    drop_last: bool
+    decode_size: int | None
+    with_keys: bool
+    pin_memory: bool
+    prefetch_factor: int | None
+    multiprocessing_context: str | None
+    timeout: float
+    prefetch_shards: int = 0
+    max_bad_fraction: float | None = None
+    batch_transform: BatchTransformFn | None = None
+
+    def __post_init__(self) -> None:
         self._faults = FaultStats()  # since this loader was made
         self._epoch_skipped = 0
-        self.manifest = manifest
-        self.split = split
-        self.shards = ShardSet.from_manifest(manifest, split)
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.num_workers = num_workers
-        self.transform = transform
-        self.seed = seed
-        self.shuffle = shuffle
-        self.shuffle_buffer = shuffle_buffer
-        self.drop_last = drop_last
-        self.decode_size = decode_size
-        self.with_keys = with_keys
-        self.pin_memory = pin_memory
-        self.prefetch_factor = prefetch_factor
-        self.multiprocessing_context = multiprocessing_context
-        self.timeout = timeout
-        self.epoch = epoch
+        self.shards = ShardSet.from_manifest(self.manifest, self.split)
         # This epoch's earlier passes at other layouts, [world_size, num_workers, batch_size, steps] each (a
         # resumed job with another layout starts a new pass over what they left), and this pass's batches.
         self._history: list[list[int]] = []
         self.batches_yielded = 0
         self._pass: tuple[tuple, RankPlan] | None = None  # the plan of the current pass (cached)
         try:
-            self._layout = self.plan(epoch)  # raises the ValueErrors (zero batches...) up front
+            self._layout = self.plan(self.epoch)  # raises the ValueErrors (zero batches...) up front
         except ValueError as err:
-            raise ValueError(f"{manifest.url} split {split!r}: {err}") from None
+            raise ValueError(f"{self.manifest.url} split {self.split!r}: {err}") from None
 
     def plan(self, epoch: int | None = None, history: Sequence[Sequence[int]] = ()) -> RankPlan:
         """This rank's reading plan for `epoch` (default: the current one) after the passes `history`."""

@@ -375,6 +375,7 @@ def _check_files(manifest: Manifest) -> None:
 
 
 def sha256_of(storage: Store, name: str) -> str:
+    """A hash of the file's bytes as they are now (never a recorded digest)."""
     digest = hashlib.sha256()
     with storage.open(name) as stream:
         while chunk := stream.read(1 << 20):

@@ -29,15 +29,12 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 class ShardSource(Protocol):
-    """Where shards are read from: a ``storage.Store``, or the loader's prefetching view of one."""
+    """Where shards are read from (``open``: a stream read front to back; ``describe``: the full location, for
+    messages): a ``storage.Store``, or the loader's prefetching view of one."""
 
-    def open(self, name: str) -> BinaryIO:
-        """Shard ``name`` as a stream, read front to back."""
-        ...
+    def open(self, name: str) -> BinaryIO: ...
 
-    def describe(self, name: str) -> str:
-        """The shard's full location, for messages."""
-        ...
+    def describe(self, name: str) -> str: ...
 
 
 @dataclass

@@ -1,11 +1,6 @@
-"""One rank's epoch as a torch IterableDataset: what each DataLoader worker reads, decodes and batches.
-
-Each worker walks its `WorkerPlan` (see `shardset`) through the shards, one slot per planned sample
-(`_slots`), optionally with the next shards fetched in a background thread (`_Prefetcher`); each sample is
-decoded and augmented under a seed fixed by (seed, epoch, sample key), so a resumed run repeats it. A bad
-sample is counted and its place filled by a stand-in (see `loader` for the whole contract); the DataLoader
-wiring, the resumable position and the argument checks are in `loader`.
-"""
+"""One rank's epoch as a torch IterableDataset: what each DataLoader worker reads, decodes and batches, with
+per-sample seeds and stand-ins for bad samples. The contract, the DataLoader wiring and the resumable position
+are in `loader`."""
 
 from __future__ import annotations
 
@@ -378,9 +373,7 @@ class _Cursor:
     rank: int
     worker: int
     recent: collections.deque[RawSample] = field(default_factory=collections.deque)
-    earlier: collections.deque[RawSample] = field(
-        default_factory=lambda: collections.deque(maxlen=_EARLIER_STAND_INS)
-    )
+    earlier: collections.deque[RawSample] = field(default_factory=lambda: collections.deque(maxlen=_EARLIER_STAND_INS))
     known_bad: set[str] = field(default_factory=set)
 
     def next_batch(self) -> None:

@@ -15,7 +15,6 @@ from metaformer_platform.storage.completeness import (
     missing_files,
 )
 from metaformer_platform.storage.files import (
-    LocalStore,
     Store,
     atomic_write,
     check_access,
@@ -32,20 +31,16 @@ from metaformer_platform.storage.files import (
     write_bytes,
 )
 from metaformer_platform.storage.location import Location, LocationLike
-from metaformer_platform.storage.s3 import S3AccessError, S3Store, register_webdataset_s3, s3_refusal
+from metaformer_platform.storage.s3 import S3AccessError, register_webdataset_s3, s3_refusal
 from metaformer_platform.storage.settings import AWS_ENV_VARS, S3Settings, aws_env
-from metaformer_platform.storage.types import FileStat
 
 __all__ = [
     "AWS_ENV_VARS",
     "COMPLETE_MARKER",
-    "FileStat",
-    "LocalStore",
     "Location",
     "LocationLike",
     "S3AccessError",
     "S3Settings",
-    "S3Store",
     "Store",
     "atomic_write",
     "aws_env",

@@ -55,11 +55,7 @@ class Store(Protocol):
     """A folder of files, local or on S3; every name is relative to ``root`` (POSIX, ``/``-separated)."""
 
     root: Location
-
-    @property
-    def url(self) -> str:
-        """The root, for messages."""
-        ...
+    url: str  # the root, for messages
 
     def describe(self, name: str) -> str:
         """The full location of ``name``, for messages."""
@@ -102,12 +98,8 @@ class LocalStore:
 
     def __init__(self, root: LocationLike):
         self.root = Location.parse(root)
+        self.url = self.root.uri  # for messages
         self.path = self.root.path
-
-    @property
-    def url(self) -> str:
-        """The root, for messages."""
-        return self.root.uri
 
     def describe(self, name: str) -> str:
         """The full path of ``name``."""
@@ -141,11 +133,8 @@ class LocalStore:
 
     def sha256(self, name: str) -> str:
         """A hash of the file's bytes."""
-        digest = hashlib.sha256()
         with open(self.path / name, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        return digest.hexdigest()
+            return hashlib.file_digest(f, "sha256").hexdigest()
 
     def upload_file(self, name: str, path: str | Path, *, sha256: str | None = None) -> None:
         """Renamed into place when on the same file system (the file is then gone from ``path``), else copied;

@@ -150,54 +150,37 @@ class S3Store:
     ``client_factory`` replaces the default boto3 client (tests script one); without it, every store of a
     bucket in a process shares one client and one bucket check."""
 
-    def __init__(
-        self,
-        root: LocationLike,
-        *,
-        client_factory: Callable[[], S3Client] | None = None,
-        max_resumes: int = 5,
-        backoff: float = 0.5,
-    ):
+    def __init__(self, root: LocationLike, *, client_factory: Callable[[], S3Client] | None = None,
+                 max_resumes: int = 5, backoff: float = 0.5):
         loc = Location.parse(root)
         if loc.bucket is None:
             raise ValueError(f"{loc.uri} is a local path, not an s3:// location")
         self.root = loc
+        self.url = loc.uri  # for messages
         self.bucket: str = loc.bucket
         self.client_factory = client_factory
         self.max_resumes = max_resumes
         self.backoff = backoff
         self._conn: _Connection | None = None
-        self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, object]:
-        return {**self.__dict__, "_conn": None, "_lock": None}
-
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        """The root, for messages."""
-        return self.root.uri
+        return {**self.__dict__, "_conn": None}  # a client (its connection pool) must not cross processes
 
     def _connection(self) -> _Connection:
         """This process's connection (a forked child builds its own)."""
         pid = os.getpid()
-        if self._conn is None or self._conn.pid != pid:
-            with self._lock:
-                if self._conn is None or self._conn.pid != pid:
-                    self._conn = self._new_connection(pid)
-        return self._conn
+        with _SHARED_LOCK:  # the loader's prefetch thread and its reader ask at once
+            if self._conn is None or self._conn.pid != pid:
+                self._conn = self._new_connection(pid)
+            return self._conn
 
     def _new_connection(self, pid: int) -> _Connection:
         if self.client_factory is not None:
             return _Connection(self.client_factory(), pid)
         settings = S3Settings.from_env()
-        with _SHARED_LOCK:
-            conn = _SHARED.get((pid, self.bucket, settings))
-            if conn is None:
-                conn = _SHARED[(pid, self.bucket, settings)] = _Connection(_client_for(settings), pid)
+        conn = _SHARED.get((pid, self.bucket, settings))
+        if conn is None:
+            conn = _SHARED[(pid, self.bucket, settings)] = _Connection(_client_for(settings), pid)
         return conn
 
     @property
@@ -374,16 +357,11 @@ class _ResumableBody(io.RawIOBase):
     def _reopen(self) -> Body:
         from botocore.exceptions import ClientError
 
+        with_etag = {"IfMatch": self.etag} if self.etag else {}
         try:
-            if self.etag:
-                response = self.store.client.get_object(
-                    Bucket=self.store.bucket, Key=self.store.key(self.name), Range=f"bytes={self.pos}-",
-                    IfMatch=self.etag,
-                )
-            else:
-                response = self.store.client.get_object(
-                    Bucket=self.store.bucket, Key=self.store.key(self.name), Range=f"bytes={self.pos}-"
-                )
+            response = self.store.client.get_object(
+                Bucket=self.store.bucket, Key=self.store.key(self.name), Range=f"bytes={self.pos}-", **with_etag
+            )
         except ClientError as err:
             if _error_code(err) == "PreconditionFailed":
                 raise OSError(
