@@ -13,18 +13,19 @@ import argparse
 import logging
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from metaformer_platform.data.build import builder
-from metaformer_platform.data.s3 import aws_env
+from metaformer_platform.storage import aws_env
 
 
-def run_on_ray(tasks: Sequence[builder.ShardTask], dest: str) -> Iterator[builder.ShardResult]:
+def run_on_ray(tasks: Sequence[builder.ShardTask], dest: str | Path) -> Iterator[builder.ShardResult]:
     """One Ray task per shard; results come back in completion order."""
     import ray
 
     remote = ray.remote(num_cpus=1, max_retries=3)(builder.build_shard)
     # Workers of a cluster started earlier do not inherit this shell's S3 endpoint (credentials they take
-    # from their node, never from runtime_env: see data/s3.py AWS_ENV_VARS).
+    # from their node, never from runtime_env: see storage/settings.py AWS_ENV_VARS).
     env = {"env_vars": aws_env()} if aws_env() else None
     pending = [remote.options(runtime_env=env).remote(task, dest) for task in tasks]
     while pending:

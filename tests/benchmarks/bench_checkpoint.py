@@ -67,7 +67,7 @@ def upload_rates(args: argparse.Namespace, bucket: str) -> tuple[int, dict[str, 
     import boto3
 
     from metaformer_platform.storage import Location
-    from metaformer_platform.training.storage import upload_checkpoint_part
+    from metaformer_platform.storage.upload import upload_checkpoint_part
 
     s3 = boto3.client("s3")
     upload = Location.parse(f"s3://{bucket}/upload")

@@ -93,8 +93,8 @@ def main() -> None:
     from metaformer_platform.data import build_split_transforms, build_transforms, load_manifest
     from metaformer_platform.data.augment import to_hwc_tensor
     from metaformer_platform.data.build import builder
-    from metaformer_platform.data.loader import _sample_seed, _seed_sample
     from metaformer_platform.data.reader import decode_image, iter_shard, open_image
+    from metaformer_platform.data.stream import _sample_seed, _seed_sample
 
     sys.path.insert(0, str(BENCH))
     from bench_loader import _image_folder, main_decode

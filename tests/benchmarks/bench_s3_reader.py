@@ -5,11 +5,11 @@ A private SeaweedFS on 127.0.0.1 holds shards built by the shard builder from th
 every shard once per path, the paths alternating, and the script prints the medians and their ratios:
 
 - raw:     boto3 `get_object(...)["Body"].read()` of each whole shard;
-- storage: `S3Storage.open()` read to the end (the resumable, large-buffer stream);
+- storage: `S3Store.open()` read to the end (the resumable, large-buffer stream);
 - reader:  `iter_shard()` over the same stream (tar parsing into samples, read and parsed serially);
 - fetched: `read_shard()` of the whole shard, then `iter_shard()` over it in memory (what the loader's
            shard prefetcher does on S3, here without the overlap it has there);
-- loader:  `iter_shard()` through the loader's own shard prefetcher (`loader._Prefetcher`, 1 shard ahead in
+- loader:  `iter_shard()` through the loader's own shard prefetcher (`stream._Prefetcher`, 1 shard ahead in
            a background thread): samples out as a loader worker gets them, download and parsing overlapped;
 - wds:     webdataset's own tar iterator through our registered s3:// gopen handler.
 
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import devstack
 
-from metaformer_platform.data import open_storage, register_webdataset_s3
 from metaformer_platform.data.build import builder
-from metaformer_platform.data.loader import _Prefetcher
 from metaformer_platform.data.reader import iter_shard, read_shard
+from metaformer_platform.data.stream import _Prefetcher
+from metaformer_platform.storage import open_store, register_webdataset_s3
 
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenet-sample"
 
@@ -93,7 +93,7 @@ def main() -> None:
             )
             url = "s3://bench/imagenet"
             builder.build_dataset(url, tasks, classes=classes, log=lambda _: None)
-            storage = open_storage(url)
+            storage = open_store(url)
             names = [t.filename for t in tasks["train"]]
             total = sum(storage.size(n) for n in names)
             register_webdataset_s3()

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from metaformer_platform.data import S3AccessError, load_manifest, register_webdataset_s3, verify_checksums
+from metaformer_platform.data import load_manifest, verify_checksums
 from metaformer_platform.data.build import builder
 from metaformer_platform.data.reader import iter_shard
+from metaformer_platform.storage import S3AccessError, register_webdataset_s3
 
 REPO = Path(__file__).resolve().parents[2]
 WNIDS = ["n00000001", "n00000002", "n00000003", "n00000004"]

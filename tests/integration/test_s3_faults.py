@@ -18,8 +18,9 @@ from pathlib import Path
 import devstack
 import pytest
 
-from metaformer_platform.data import build_loader, open_storage
+from metaformer_platform.data import build_loader
 from metaformer_platform.data.build.writer import Sample, write_dataset
+from metaformer_platform.storage import open_store
 
 pytestmark = pytest.mark.beside_cluster  # no job on the session's Ray cluster (tests/conftest.py)
 
@@ -90,7 +91,7 @@ def test_a_stream_survives_a_server_crash_and_restart(server):
 
     data = os.urandom(48 << 20)
     boto3.client("s3").put_object(Bucket=BUCKET, Key="big/blob", Body=data)
-    storage = open_storage(f"s3://{BUCKET}/big")
+    storage = open_store(f"s3://{BUCKET}/big")
     with storage.open("blob") as stream:
         head = stream.read(1 << 20)
         server.crash()  # the rest of the object is still on the server side of the connection

@@ -19,7 +19,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from metaformer_platform.data import augment, build_transforms
 from metaformer_platform.data.augment import BatchTransform, DraftRandomResizedCrop, build_split_transforms
 from metaformer_platform.data.build.writer import Sample, write_dataset
-from metaformer_platform.data.loader import _sample_seed, _seed_sample
+from metaformer_platform.data.stream import _sample_seed, _seed_sample
 from metaformer_platform.data.transforms import IMAGENET_STD
 
 

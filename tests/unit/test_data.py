@@ -20,20 +20,19 @@ from PIL import Image
 from metaformer_platform.data import (
     INFO_NAME,
     DataFaultError,
-    ShardSet,
     batch_schedule,
     build_loader,
     build_mixup,
     build_transforms,
     load_manifest,
-    open_storage,
     verify_checksums,
-    write_manifest,
 )
 from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
 from metaformer_platform.data.build.writer import Sample, write_dataset, write_shard
-from metaformer_platform.data.manifest import manifest_dict
+from metaformer_platform.data.manifest import manifest_dict, write_manifest
 from metaformer_platform.data.reader import RawSample, decode_image, decode_label, iter_shard
+from metaformer_platform.data.shardset import ShardSet
+from metaformer_platform.storage import open_store
 
 NUM_CLASSES = 4
 
@@ -533,7 +532,7 @@ def test_manifest_errors_name_the_file_and_the_fix(tmp_path, uneven):
     with pytest.raises(ValueError, match=r"unknown split 'test'; this manifest has \['train', 'val'\]"):
         _loader(uneven, "test")
     with pytest.raises(ValueError, match="unsupported URL scheme 'gs'"):
-        open_storage("gs://bucket/x")
+        open_store("gs://bucket/x")
 
 
 def test_loader_argument_errors(uneven):

@@ -21,10 +21,9 @@ from metaformer_platform.data import (
     DataFaultError,
     build_transforms,
     load_manifest,
-    write_manifest,
 )
 from metaformer_platform.data.build.writer import Sample, write_shard
-from metaformer_platform.data.manifest import manifest_dict
+from metaformer_platform.data.manifest import manifest_dict, write_manifest
 
 PER_SHARD = 8
 

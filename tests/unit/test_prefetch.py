@@ -8,9 +8,10 @@ import threading
 import torch
 from PIL import Image
 
-from metaformer_platform.data import LocalStorage, build_loader, load_manifest
+from metaformer_platform.data import build_loader, load_manifest
 from metaformer_platform.data.build.writer import Sample, write_dataset
-from metaformer_platform.data.loader import _Prefetcher
+from metaformer_platform.data.stream import _Prefetcher
+from metaformer_platform.storage.files import LocalStore
 
 
 def _jpeg(i: int) -> bytes:
@@ -39,7 +40,7 @@ def test_prefetch_gives_the_same_batches_and_resumes_the_same(tmp_path):
     assert [k for k, _, _ in _batches(resumed)] == [k for k, _, _ in plain][3:]
 
 
-class _Slow(LocalStorage):
+class _Slow(LocalStore):
     """Records which shards were read and lets the test hold the reads back."""
 
     def __init__(self, root):

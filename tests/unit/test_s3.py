@@ -1,10 +1,11 @@
-"""S3Storage against a scripted client: resumed streams, refusals translated, per-process clients.
+"""The S3 store against a scripted client: resumed streams, refusals translated, per-process clients.
 
 The real server (SeaweedFS with SigV4) is exercised in tests/integration/test_s3_data.py.
 """
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import pickle
@@ -13,10 +14,12 @@ import pytest
 from botocore.exceptions import ClientError, NoCredentialsError
 from urllib3.exceptions import ProtocolError
 
-from metaformer_platform.data import S3AccessError, S3Storage, load_manifest, open_storage
-from metaformer_platform.data.s3 import parse_s3_url
+from metaformer_platform.data import load_manifest
+from metaformer_platform.storage import Location, S3AccessError, open_store
+from metaformer_platform.storage.s3 import S3Store
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
+_MTIME = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 
 
 class _Body:
@@ -69,17 +72,17 @@ class _Client:
 
 
 def test_url_parsing_and_registration():
-    assert parse_s3_url("s3://bucket/a/b/") == ("bucket", "a/b")
-    assert parse_s3_url("s3://bucket") == ("bucket", "")
-    storage = open_storage("s3://bucket/imagenet/")
-    assert isinstance(storage, S3Storage) and storage.describe("x.tar") == "s3://bucket/imagenet/x.tar"
+    assert (Location.parse("s3://bucket/a/b/").bucket, Location.parse("s3://bucket/a/b/").key) == ("bucket", "a/b")
+    assert (Location.parse("s3://bucket").bucket, Location.parse("s3://bucket").key) == ("bucket", "")
+    storage = open_store("s3://bucket/imagenet/")
+    assert isinstance(storage, S3Store) and storage.describe("x.tar") == "s3://bucket/imagenet/x.tar"
     with pytest.raises(ValueError, match="names no bucket"):
-        parse_s3_url("s3:///prefix")
+        Location.parse("s3:///prefix")
 
 
 def test_a_stream_that_breaks_mid_object_resumes_at_the_byte_it_reached():
     client = _Client(breaks=[300_000, 100_000])  # the first two connections drop
-    storage = S3Storage("s3://bkt/pre", client_factory=lambda: client, backoff=0.001)
+    storage = S3Store("s3://bkt/pre", client_factory=lambda: client, backoff=0.001)
     assert storage.read_bytes("shard.tar") == DATA
     assert [g["Range"] for g in client.gets] == [None, "bytes=300000-", "bytes=400000-"]
     assert [g["IfMatch"] for g in client.gets] == [
@@ -91,7 +94,7 @@ def test_a_stream_that_breaks_mid_object_resumes_at_the_byte_it_reached():
 
 def test_a_stream_that_keeps_breaking_gives_up_with_the_object_name():
     client = _Client(breaks=[1000] * 10)
-    storage = S3Storage("s3://bkt/pre", client_factory=lambda: client, max_resumes=2, backoff=0.001)
+    storage = S3Store("s3://bkt/pre", client_factory=lambda: client, max_resumes=2, backoff=0.001)
     with pytest.raises(OSError, match=r"s3://bkt/pre/shard.tar: the read broke 3 times"):
         storage.read_bytes("shard.tar")
 
@@ -108,7 +111,7 @@ def test_a_stream_that_keeps_breaking_gives_up_with_the_object_name():
     ],
 )
 def test_refusals_say_what_to_fix(error, expected):
-    storage = S3Storage("s3://bkt/pre", client_factory=lambda: _Client(head_bucket_error=error))
+    storage = S3Store("s3://bkt/pre", client_factory=lambda: _Client(head_bucket_error=error))
     with pytest.raises(S3AccessError, match=expected):
         storage.exists("_info.json")
 
@@ -123,13 +126,13 @@ def _factory() -> _Client:
 
 def test_missing_objects_and_client_per_process():
     _MADE.clear()
-    storage = S3Storage("s3://bkt/pre", client_factory=_factory)
+    storage = S3Store("s3://bkt/pre", client_factory=_factory)
     assert storage.exists("shard.tar") and not storage.exists("_info.json")
     assert storage.size("shard.tar") == len(DATA)
     assert len(_MADE) == 1  # one client, reused
     clone = pickle.loads(pickle.dumps(storage))  # what a Ray task or spawned worker receives
-    assert clone._client is None and clone.exists("shard.tar") and len(_MADE) == 2
-    storage._pid = -1  # as seen from a forked child: the parent's client must not be reused
+    assert clone._conn is None and clone.exists("shard.tar") and len(_MADE) == 2
+    storage._conn.pid = -1  # as seen from a forked child: the parent's client must not be reused
     storage.exists("shard.tar")
     assert len(_MADE) == 3
 
@@ -151,7 +154,7 @@ class _ListingClient(_Client):
             def paginate(self, Bucket, Prefix):
                 client.lists += 1
                 items = [
-                    {"Key": k, "Size": n or 0} for k, n in client.OBJECTS.items() if k.startswith(Prefix)
+                    {"Key": k, "Size": n or 0, "LastModified": _MTIME} for k, n in client.OBJECTS.items() if k.startswith(Prefix)
                 ]
                 yield {"Contents": items[:2]}  # two pages, as S3 pages at 1000
                 yield {"Contents": items[2:]}
@@ -180,9 +183,11 @@ class _ListingClient(_Client):
 
 def test_s3_sizes_come_from_a_listing_and_a_gone_object_is_file_not_found(monkeypatch):
     client = _ListingClient()
-    storage = S3Storage("s3://bkt/pre", client_factory=lambda: client)
+    storage = S3Store("s3://bkt/pre", client_factory=lambda: client)
     monkeypatch.setattr(storage, "exists", lambda name: name == "_info.json")
-    assert storage.list_sizes() == {"_info.json": 0, "train-000000.tar": 100, "train-000001.tar": 90}
+    listed = storage.listing()
+    assert listed is not None
+    assert {name: stat.size for name, stat in listed.items()} == {"_info.json": 0, "train-000000.tar": 100, "train-000001.tar": 90}
     with pytest.raises(
         ValueError,
         match=r"shard size differs from the manifest: s3://bkt/pre/train-000001.tar \(90 bytes, manifest says 100\)",
@@ -209,8 +214,8 @@ def test_without_list_permission_the_sizes_come_from_heads(monkeypatch):
         return {"ContentLength": sizes[Key], "Metadata": {}}
 
     monkeypatch.setattr(client, "head_object", head)
-    storage = S3Storage("s3://bkt/pre", client_factory=lambda: client)
-    assert storage.list_sizes() is None
+    storage = S3Store("s3://bkt/pre", client_factory=lambda: client)
+    assert storage.listing() is None
     monkeypatch.setattr(storage, "exists", lambda name: name == "_info.json" or f"pre/{name}" in sizes)
     with pytest.raises(ValueError, match=r"s3://bkt/pre/train-000001.tar \(90 bytes, manifest says 100\)"):
         load_manifest(storage)

@@ -186,9 +186,6 @@ def build_split_transforms(
     `decode_device="cuda"`: the workers ship JPEG bytes and the batch half decodes, crops, flips, resizes,
     normalizes and erases on the (CUDA) training device (data/device_decode.py; no RandAugment there).
     """
-    from timm.data import create_transform
-    from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
-
     check_transform_args(img_size, crop_pct=crop_pct, re_prob=re_prob, hflip=hflip, mean=mean, std=std)
     if decode_device not in ("cpu", "cuda"):
         raise ValueError(f"decode_device must be 'cpu' or 'cuda', got {decode_device!r}")
@@ -198,29 +195,41 @@ def build_split_transforms(
             crop_pct=crop_pct, auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
             interpolation=interpolation, mean=mean, std=std, hflip=hflip, scale=scale, ratio=ratio,
         )
-    # timm's create_transform arguments shared by both splits (each keyword type-checked where it is passed on)
-    common: dict[str, Any] = dict(interpolation=interpolation, mean=tuple(mean), std=tuple(std), use_prefetcher=True)
-    if is_training:
-        if auto_augment:
-            patch_timm_posterize()
-        primary, secondary, _final = create_transform(
-            img_size, is_training=True, scale=scale, ratio=ratio, hflip=hflip,
-            auto_augment=auto_augment or None, separate=True, **common,
-        )
-        first, *rest = primary.transforms
-        assert isinstance(first, RandomResizedCropAndInterpolation), first
-        steps = [DraftRandomResizedCrop(first), *rest, *secondary.transforms]
-        worker = WorkerTransform(steps, lazy_decode=True)
-    else:
-        evaluation = create_transform(img_size, is_training=False, crop_pct=crop_pct, **common)
-        steps = [t for t in evaluation.transforms if not isinstance(t, MaybePILToTensor)]
-        worker = WorkerTransform(steps, lazy_decode=False)
-        re_prob = 0.0
+    worker = _worker_transform(
+        img_size, is_training=is_training, crop_pct=crop_pct, auto_augment=auto_augment,
+        interpolation=interpolation, mean=mean, std=std, hflip=hflip, scale=scale, ratio=ratio,
+    )
     batch = BatchTransform(
-        device=device, mean=mean, std=std, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
-        memory_format=memory_format,
+        device=device, mean=mean, std=std, re_prob=re_prob if is_training else 0.0, re_mode=re_mode,
+        re_count=re_count, memory_format=memory_format,
     )
     return worker, batch
+
+
+def _worker_transform(
+    img_size: int, *, is_training: bool, crop_pct: float, auto_augment: str | None, interpolation: str,
+    mean: Sequence[float], std: Sequence[float], hflip: float, scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> WorkerTransform:
+    """The worker half of timm's transform: its PIL steps (the crop made lazy in training), no tensor step."""
+    from timm.data import create_transform
+    from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
+
+    # timm's create_transform arguments shared by both splits (each keyword type-checked where it is passed on)
+    common: dict[str, Any] = dict(interpolation=interpolation, mean=tuple(mean), std=tuple(std), use_prefetcher=True)
+    if not is_training:
+        evaluation = create_transform(img_size, is_training=False, crop_pct=crop_pct, **common)
+        return WorkerTransform([t for t in evaluation.transforms if not isinstance(t, MaybePILToTensor)],
+                               lazy_decode=False)
+    if auto_augment:
+        patch_timm_posterize()
+    primary, secondary, _final = create_transform(
+        img_size, is_training=True, scale=scale, ratio=ratio, hflip=hflip,
+        auto_augment=auto_augment or None, separate=True, **common,
+    )
+    first, *rest = primary.transforms
+    assert isinstance(first, RandomResizedCropAndInterpolation), first
+    return WorkerTransform([DraftRandomResizedCrop(first), *rest, *secondary.transforms], lazy_decode=True)
 
 
 def _device_decode_transforms(

@@ -48,9 +48,6 @@ What the Trainer does with it:
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import io
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -58,38 +55,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
-from metaformer_platform.data.faults import (
-    IGNORE_LABEL,
-    SAMPLE_ERRORS,
-    SHARD_ERRORS,
-    DataFaultError,
-    FaultStats,
-    ShortShardError,
-    describe_shards,
-    shard_fault_kind,
-)
+from metaformer_platform.data.faults import IGNORE_LABEL, DataFaultError, FaultStats, describe_shards
 from metaformer_platform.data.manifest import Manifest, load_manifest
-from metaformer_platform.data.reader import (
-    RawSample,
-    decode_image,
-    decode_label,
-    iter_shard,
-    open_image,
-    read_shard,
-)
-from metaformer_platform.data.shardset import RankPlan, ShardSet, WorkerPlan
-from metaformer_platform.data.storage import LocalStorage, Storage
+from metaformer_platform.data.shardset import RankPlan, ShardSet
+from metaformer_platform.data.stream import EpochStream, Transform
 
 __all__ = ["ShardLoader", "build_loader"]
 
 _log = logging.getLogger(__name__)
 
-Transform = Callable[[Image.Image], Any]
 # The main process's half of the transform: (uint8 batch, per-sample seeds) -> batch (see data/augment.py).
 BatchTransformFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -97,356 +74,9 @@ BatchTransformFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # The layout (world_size, num_workers, batch_size) may change: a new pass deals the rest of the epoch over it.
 _ORDER_KEYS = ("split", "num_samples", "seed", "shuffle", "shuffle_buffer", "drop_last")
 STATE_VERSION = 2
-# Readable samples of its earlier batches each worker remembers (undecoded), the last resort for a stand-in.
-_EARLIER_STAND_INS = 16
 
 
-@dataclass(frozen=True)
-class _Lost:
-    """A planned sample that could not be read: sample `index` of `shard` (missing, not a tar, cut short)."""
-
-    shard: str  # as the storage describes it
-    index: int
-    kind: str
-    detail: str
-
-    @property
-    def key(self) -> str:
-        return f"{self.shard}#{self.index}"
-
-
-Slot = RawSample | _Lost
-# What ends a shard's read early: a fault of the shard, or its stream running dry before the planned sample.
-_SHARD_ENDS: tuple[type[BaseException], ...] = (*SHARD_ERRORS, StopIteration)
-
-
-def _slots(storage: Any, filenames: Sequence[str], wplan: WorkerPlan) -> Iterator[Slot]:
-    """One item per planned sample of the worker, in plan order: the sample, or a `_Lost` placeholder
-    for each sample a bad shard did not deliver, so positions (and with them resume) never shift.
-
-    Each shard is opened when its first sample is due (the prefetcher's order, `WorkerPlan.shard_order`)
-    and read up to its last sample this worker needs; the worker's other samples met on the way are held
-    (undecoded) until their turn, the rest is read past. What is held is bounded by the shuffle window."""
-    need: dict[int, set[int]] = collections.defaultdict(set)
-    for shard, index in wplan.samples:
-        need[shard].add(index)
-    readers: dict[int, tuple[Iterator[RawSample], list[int]]] = {}  # shard -> (samples, [next index])
-    held: dict[tuple[int, int], Slot] = {}
-
-    def advance(shard: int, wanted: int) -> None:
-        if shard not in readers:
-            first, last = min(need[shard]), max(need[shard])
-            readers[shard] = (iter_shard(storage, filenames[shard], first, last + 1), [first])
-        samples, cursor = readers[shard]
-        try:
-            while (shard, wanted) not in held:
-                sample = next(samples)
-                index, cursor[0] = cursor[0], cursor[0] + 1
-                if index in need[shard]:
-                    held[shard, index] = sample
-        except _SHARD_ENDS as err:
-            if isinstance(err, StopIteration):  # iter_shard raises ShortShardError first; be safe anyway
-                err = ShortShardError(f"{storage.describe(filenames[shard])} ended early")
-            where, kind = storage.describe(filenames[shard]), shard_fault_kind(err)
-            for index in sorted(need[shard]):
-                if index >= cursor[0]:
-                    held[shard, index] = _Lost(where, index, kind, str(err))
-            cursor[0] = max(need[shard]) + 1
-        if cursor[0] > max(need[shard]):
-            samples.close()  # type: ignore[attr-defined]  # a generator: closes the shard's stream
-
-    try:
-        for shard, index in wplan.samples:
-            if (shard, index) not in held:
-                advance(shard, index)
-            yield held.pop((shard, index))
-    finally:
-        for samples, _ in readers.values():
-            samples.close()  # type: ignore[attr-defined]
-
-
-class _Lookahead:
-    """An iterator that can be searched ahead without consuming (for a stand-in when nothing earlier is good)."""
-
-    def __init__(self, items: Iterator[Slot]):
-        self.items = items
-        self.peeked: collections.deque[Slot] = collections.deque()
-
-    def __next__(self) -> Slot:
-        return self.peeked.popleft() if self.peeked else next(self.items)
-
-    def ahead(self) -> Iterator[Slot]:
-        yield from list(self.peeked)
-        for item in self.items:
-            self.peeked.append(item)
-            yield item
-
-
-def _sample_seed(seed: int, epoch: int, key: str) -> int:
-    """The augmentation seed of one sample: a function of (seed, epoch, sample key) only.
-
-    A sample's augmentation then depends on nothing else: not on the worker count, the timing, or where a
-    resumed job picked the epoch up, so a resumed job sees exactly the tensors the uninterrupted one saw.
-    The loader ships it with the batch, for the augmentation done batched in the main process (erasing).
-    """
-    return random.Random(f"augment:{seed}:{epoch}:{key}").getrandbits(63)
-
-
-def _seed_sample(value: int) -> None:
-    """Seed the RNGs the worker-side transforms draw from with a sample's seed (`_sample_seed`)."""
-    random.seed(value)
-    np.random.seed(value % 2**32)
-    # The CPU generator only: transforms run on the CPU, and torch.manual_seed (which also seeds every
-    # accelerator, through a dynamo wrapper) cost about 0.7 ms per sample, 12% of a 224 px training sample.
-    torch.default_generator.manual_seed(value)
-
-
-@contextlib.contextmanager
-def _rng_preserved() -> Iterator[None]:
-    """Keep the caller's RNG streams untouched (loading in the main process, num_workers=0)."""
-    py, nps, pt = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    try:
-        yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(nps)
-        torch.set_rng_state(pt)
-
-
-def _to_tensor(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-class _Prefetcher:
-    """A read-only view of a storage that fetches the next shards of a worker's plan in a background
-    thread while the current one is parsed and decoded, so the network and the CPU work at once.
-
-    Each fetched shard is held whole in memory: at most `depth` + 1 shards per loader worker.
-    """
-
-    def __init__(self, storage: Storage, names: list[str], depth: int):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.storage = storage
-        self.url = storage.url
-        self.pending = list(names)
-        self.depth = depth
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch")
-        self.futures: list[tuple[str, Any]] = []
-        self._top_up()
-
-    def _top_up(self) -> None:
-        while self.pending and len(self.futures) < self.depth:
-            name = self.pending.pop(0)
-            self.futures.append((name, self.pool.submit(read_shard, self.storage, name)))
-
-    def open(self, name: str) -> io.BytesIO:
-        if not self.futures or self.futures[0][0] != name:  # off the plan: read it directly
-            return io.BytesIO(read_shard(self.storage, name))
-        _, future = self.futures.pop(0)
-        self._top_up()  # start the next download before this shard is parsed
-        return io.BytesIO(future.result())
-
-    def describe(self, name: str) -> str:
-        return self.storage.describe(name)
-
-    def close(self) -> None:
-        for _, future in self.futures:
-            future.cancel()
-        self.pool.shutdown(wait=False)
-
-
-class _EpochStream(IterableDataset):
-    """One rank's epoch as a torch IterableDataset; each DataLoader worker reads its own `WorkerPlan`."""
-
-    def __init__(
-        self,
-        storage: Storage,
-        plan: RankPlan,
-        *,
-        skip_batches: int,
-        seed: int,
-        transform: Transform | None,
-        decode_size: int | None,
-        with_keys: bool,
-        prefetch_shards: int = 0,
-        stand_in_label: int | None = None,
-    ):
-        super().__init__()
-        self.prefetch_shards = prefetch_shards
-        self.stand_in_label = stand_in_label
-        self.storage = storage
-        self.plan = plan
-        self.skip_batches = skip_batches
-        self.seed = seed
-        self.transform = transform
-        self.decode_size = decode_size
-        self.with_keys = with_keys
-        # the transform decodes itself (DraftRandomResizedCrop): hand it the image with only its header read
-        self.lazy_decode = bool(getattr(transform, "lazy_decode", False))
-        # the transform takes the image's bytes and returns them as a tensor (decode_device=cuda): batches
-        # are lists of byte tensors, decoded in the main process (data/device_decode.py)
-        self.encoded = bool(getattr(transform, "encoded", False))
-
-    def __iter__(self) -> Iterator[tuple]:
-        info = get_worker_info()
-        loader_worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # The DataLoader asks its workers round-robin starting at worker 0, while after skipping k batches
-        # the rank's next batch belongs to plan worker k % num_workers: rotate so the order still holds.
-        worker = (loader_worker + self.skip_batches) % num_workers
-        assert num_workers == len(self.plan.workers), "the plan was made for another worker count"
-        wplan = self.plan.workers[worker]
-        done = len(range(worker, self.skip_batches, num_workers))  # this worker's batches already yielded
-        skip = wplan.samples_before(self.skip_batches, num_workers)  # not even read
-        wplan = WorkerPlan(worker, wplan.samples[skip:], wplan.batch_sizes[done:])
-        storage: Any = self.storage
-        if self.prefetch_shards > 0 and wplan.samples:
-            names = [self.plan.filenames[shard] for shard in wplan.shard_order()]
-            storage = _Prefetcher(self.storage, names, self.prefetch_shards)
-        try:
-            yield from self._batches(storage, wplan, worker, in_main=info is None)
-        finally:
-            if isinstance(storage, _Prefetcher):
-                storage.close()
-
-    def _decode(self, sample: Slot, faults: FaultStats | None) -> tuple[Image.Image, int] | None:
-        """(image, label), or None for a bad sample (counted in `faults` when given)."""
-        if isinstance(sample, _Lost):
-            if faults is not None:
-                faults.add(sample.shard, sample.kind, 1, sample.detail)
-            return None
-        try:
-            label = decode_label(sample)
-            if label < 0:
-                raise ValueError(f"negative label {label}")
-        except SAMPLE_ERRORS as err:
-            if faults is not None:
-                faults.add(self.storage.describe(sample.shard), "bad_label", 1, f"{sample.key}: {err}")
-            return None
-        try:
-            if self.encoded:
-                img = open_image(sample)  # the header is read: garbage is a bad sample here, in the worker
-                return img.fp.getvalue(), label  # type: ignore[attr-defined]  # the sample's bytes (an ImageFile's)
-            return (open_image(sample) if self.lazy_decode else decode_image(sample, self.decode_size)), label
-        except SAMPLE_ERRORS as err:
-            if faults is not None:
-                faults.add(self.storage.describe(sample.shard), "bad_image", 1, f"{sample.key}: {err!r}")
-            return None
-
-    def _stand_in(
-        self,
-        bad: Slot,
-        recent: collections.deque[RawSample],
-        stream: _Lookahead,
-        known_bad: set[str],
-        earlier: collections.deque[RawSample],
-    ) -> tuple[RawSample, Image.Image, int]:
-        """The sample that fills a bad sample's place: the nearest earlier good sample of the same batch
-        (`recent`), else the nearest later one of this worker's stream. Only the plan decides (a batch's
-        samples, and the worker's later batches, are the same in a run resumed at the same layout), so a
-        resumed worker picks the same one. Only when nothing later is readable either (a bad end of the
-        epoch) does it take one of the worker's `earlier` batches, which a resumed worker may not have."""
-
-        def good(candidate: Slot) -> tuple[Image.Image, int] | None:
-            if not isinstance(candidate, RawSample) or candidate is bad or candidate.key in known_bad:
-                return None
-            if self.lazy_decode or self.encoded:  # stand-ins are decoded in full here: known to decode
-                try:
-                    img = decode_image(candidate)
-                    return (open_image(candidate).fp.getvalue() if self.encoded else img), decode_label(candidate)  # type: ignore[attr-defined]
-                except SAMPLE_ERRORS:
-                    known_bad.add(candidate.key)
-                    return None
-            decoded = self._decode(candidate, None)
-            if decoded is None:
-                known_bad.add(candidate.key)
-            return decoded
-
-        for candidate in (*reversed(recent), *stream.ahead(), *reversed(earlier)):
-            decoded = good(candidate)
-            if decoded is not None:
-                return candidate, *decoded  # type: ignore[return-value]
-        raise DataFaultError(
-            f"rank {self.plan.rank}: a loader worker found no readable sample in its share of epoch "
-            f"{self.plan.epoch} to stand in for {bad.key}; the shards under {self.storage.url} are unreadable",
-            [bad.shard if isinstance(bad, _Lost) else self.storage.describe(bad.shard)],
-        )
-
-    def _transform(self, img: Any, seed: int, in_main: bool) -> torch.Tensor:
-        if self.transform is None:
-            return _to_tensor(img.convert("RGB") if self.lazy_decode else img)
-        # Worker processes own their RNGs; in the main process the trainer's RNG streams must not move.
-        with _rng_preserved() if in_main else contextlib.nullcontext():
-            _seed_sample(seed)
-            return self.transform(img)
-
-    def _batches(
-        self, storage: Any, wplan: WorkerPlan, worker: int, in_main: bool
-    ) -> Iterator[tuple]:
-        """Batches of exactly the planned sizes. A bad sample (see data/faults.py) is counted and its
-        place filled by a stand-in (`_stand_in`), so every rank still yields the same batches and a
-        resume skips the same positions; stand-ins are augmented afresh (seeded by the bad slot), and in
-        evaluation (`stand_in_label`) carry IGNORE_LABEL so they are not scored. Each batch carries the
-        faults found since the previous one (a list of (shard, kind, samples, detail))."""
-        stream = _Lookahead(_slots(storage, self.plan.filenames, wplan))
-        recent: collections.deque[RawSample] = collections.deque()  # this batch's readable samples so far
-        earlier: collections.deque[RawSample] = collections.deque(maxlen=_EARLIER_STAND_INS)
-        known_bad: set[str] = set()
-
-        def take() -> Slot:
-            try:
-                item = next(stream)
-            except StopIteration:
-                raise RuntimeError(
-                    f"rank {self.plan.rank} worker {worker}: ran out of samples mid-epoch (a loader bug: "
-                    "bad shards are replaced by stand-ins)"
-                ) from None
-            if isinstance(item, RawSample):
-                recent.append(item)
-            return item
-
-        for size in wplan.batch_sizes:
-            earlier.extend(recent)
-            recent.clear()
-            faults = FaultStats()
-            images, labels, keys, seeds = [], [], [], []
-            for _ in range(size):
-                sample = take()
-                decoded = self._decode(sample, faults)
-                seed = _sample_seed(self.seed, self.plan.epoch, sample.key)
-                image = None
-                if decoded is not None:
-                    img, label = decoded
-                    try:
-                        image = self._transform(img, seed, in_main)
-                    except SAMPLE_ERRORS as err:
-                        if not self.lazy_decode:
-                            raise
-                        # the lazily decoded image turned out truncated or corrupt: a bad sample after all
-                        faults.add(self.storage.describe(sample.shard), "bad_image", 1, f"{sample.key}: {err!r}")
-                if image is None:
-                    known_bad.add(sample.key)
-                    stand_in, img, label = self._stand_in(sample, recent, stream, known_bad, earlier)
-                    # fresh augmentation, still reproducible
-                    seed = _sample_seed(self.seed, self.plan.epoch, f"{stand_in.key}@{sample.key}")
-                    sample = stand_in
-                    if self.stand_in_label is not None:
-                        label = self.stand_in_label
-                    image = self._transform(img, seed, in_main)
-                images.append(image)
-                labels.append(label)
-                keys.append(sample.key)
-                seeds.append(seed)
-            stacked = images if self.encoded else torch.stack(images)  # encoded: byte strings of any length
-            batch = (stacked, torch.tensor(labels, dtype=torch.int64), torch.tensor(seeds))
-            found = [
-                (shard, kind, n, faults.details[shard])
-                for shard, kinds in faults.shards.items()
-                for kind, n in kinds.items()
-            ]
-            yield (*batch, keys, found) if self.with_keys else (*batch, found)
-
-
+@dataclass(eq=False, repr=False)
 class ShardLoader:
     """Batches of one split for one rank, epoch after epoch, with a resumable position.
 
@@ -454,64 +84,41 @@ class ShardLoader:
     rest of the current epoch. `len()` is the number of batches per epoch, identical on every rank.
     """
 
-    def __init__(
-        self,
-        manifest: Manifest,
-        split: str,
-        *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        num_workers: int,
-        transform: Transform | None,
-        seed: int,
-        epoch: int,
-        shuffle: bool,
-        shuffle_buffer: int,
-        drop_last: bool,
-        decode_size: int | None,
-        with_keys: bool,
-        pin_memory: bool,
-        prefetch_factor: int | None,
-        multiprocessing_context: str | None,
-        timeout: float,
-        prefetch_shards: int = 0,
-        max_bad_fraction: float | None = None,
-        batch_transform: BatchTransformFn | None = None,
-    ):
-        self.batch_transform = batch_transform
-        self.prefetch_shards = prefetch_shards
-        self.max_bad_fraction = max_bad_fraction
+    manifest: Manifest
+    split: str
+    batch_size: int
+    rank: int
+    world_size: int
+    num_workers: int
+    transform: Transform | None
+    seed: int
+    epoch: int
+    shuffle: bool
+    shuffle_buffer: int
+    drop_last: bool
+    decode_size: int | None
+    with_keys: bool
+    pin_memory: bool
+    prefetch_factor: int | None
+    multiprocessing_context: str | None
+    timeout: float
+    prefetch_shards: int = 0
+    max_bad_fraction: float | None = None
+    batch_transform: BatchTransformFn | None = None
+
+    def __post_init__(self) -> None:
         self._faults = FaultStats()  # since this loader was made
         self._epoch_skipped = 0
-        self.manifest = manifest
-        self.split = split
-        self.shards = ShardSet.from_manifest(manifest, split)
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.num_workers = num_workers
-        self.transform = transform
-        self.seed = seed
-        self.shuffle = shuffle
-        self.shuffle_buffer = shuffle_buffer
-        self.drop_last = drop_last
-        self.decode_size = decode_size
-        self.with_keys = with_keys
-        self.pin_memory = pin_memory
-        self.prefetch_factor = prefetch_factor
-        self.multiprocessing_context = multiprocessing_context
-        self.timeout = timeout
-        self.epoch = epoch
+        self.shards = ShardSet.from_manifest(self.manifest, self.split)
         # This epoch's earlier passes at other layouts, [world_size, num_workers, batch_size, steps] each (a
         # resumed job with another layout starts a new pass over what they left), and this pass's batches.
         self._history: list[list[int]] = []
         self.batches_yielded = 0
         self._pass: tuple[tuple, RankPlan] | None = None  # the plan of the current pass (cached)
         try:
-            self._layout = self.plan(epoch)  # raises the ValueErrors (zero batches...) up front
+            self._layout = self.plan(self.epoch)  # raises the ValueErrors (zero batches...) up front
         except ValueError as err:
-            raise ValueError(f"{manifest.url} split {split!r}: {err}") from None
+            raise ValueError(f"{self.manifest.url} split {self.split!r}: {err}") from None
 
     def plan(self, epoch: int | None = None, history: Sequence[Sequence[int]] = ()) -> RankPlan:
         """This rank's reading plan for `epoch` (default: the current one) after the passes `history`."""
@@ -631,7 +238,7 @@ class ShardLoader:
         if self.steps_remaining <= 0:
             self.set_epoch(self.epoch + 1)
         plan = self._current()
-        stream = _EpochStream(
+        stream = EpochStream(
             self.manifest.storage,
             plan,
             skip_batches=self.batches_yielded,
@@ -643,19 +250,7 @@ class ShardLoader:
             # evaluation promises each sample once: stand-ins are there for the shapes, not to be scored
             stand_in_label=None if self.drop_last else IGNORE_LABEL,
         )
-        # Seeds each worker's `random`/numpy/torch from (seed, epoch, rank). Passed even without workers:
-        # the DataLoader draws its base seed from this generator, not from the trainer's global RNG.
-        base = random.Random(f"workers:{self.seed}:{self.epoch}:{self.rank}").getrandbits(63)
-        extra: dict[str, Any] = {"generator": torch.Generator().manual_seed(base)}
-        if self.num_workers > 0:
-            extra.update(
-                prefetch_factor=self.prefetch_factor,
-                multiprocessing_context=self.multiprocessing_context,
-                timeout=self.timeout,
-            )
-        loader = DataLoader(
-            stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **extra
-        )
+        loader = self._data_loader(stream)
         for images, labels, seeds, *keys, found in loader:
             if found:
                 self._count_faults(found)
@@ -669,6 +264,20 @@ class ShardLoader:
                 f"{plan.num_batches} batches"
             )
         self.set_epoch(self.epoch + 1)
+
+    def _data_loader(self, stream: EpochStream) -> DataLoader[tuple]:
+        """The DataLoader over this epoch's stream; its workers seed `random`/numpy/torch from (seed, epoch,
+        rank). The generator is passed even without workers: the DataLoader draws its base seed from it, not
+        from the trainer's global RNG."""
+        base = random.Random(f"workers:{self.seed}:{self.epoch}:{self.rank}").getrandbits(63)
+        generator = torch.Generator().manual_seed(base)
+        if self.num_workers == 0:
+            return DataLoader(stream, batch_size=None, num_workers=0, pin_memory=self.pin_memory, generator=generator)
+        return DataLoader(
+            stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, generator=generator,
+            prefetch_factor=self.prefetch_factor, multiprocessing_context=self.multiprocessing_context,
+            timeout=self.timeout,
+        )
 
     def _layout_key(self) -> list[int]:
         return [self.world_size, self.num_workers, self.batch_size]
@@ -788,38 +397,48 @@ class ShardLoader:
         return history
 
 
-def _positive(name: str, value: Any) -> None:
+def _positive(name: str, value: object) -> None:
     if type(value) is not int or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _non_negative(name: str, value: Any) -> None:
+def _non_negative(name: str, value: object) -> None:
     if type(value) is not int or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
 
 
+def _check_arguments(
+    *, batch_size: int, rank: int, world_size: int, num_workers: int, seed: int, epoch: int, shuffle: bool,
+    shuffle_buffer: int, decode_size: int | None, max_bad_fraction: float | None,
+    transform: Transform | None, batch_transform: BatchTransformFn | None,
+) -> None:
+    """Refuse, with the argument's name and value, what no loader can be built from."""
+    _positive("batch_size", batch_size)
+    _positive("world_size", world_size)
+    _non_negative("rank", rank)
+    if rank >= world_size:
+        raise ValueError(f"rank must be < world_size ({world_size}), got {rank}")
+    _non_negative("num_workers", num_workers)
+    _non_negative("seed", seed)
+    _non_negative("epoch", epoch)
+    if shuffle:
+        _positive("shuffle_buffer", shuffle_buffer)
+    if decode_size is not None:
+        _positive("decode_size", decode_size)
+    if transform is not None and not callable(transform):
+        raise TypeError(f"transform must be callable (PIL image -> tensor), got {type(transform).__name__}")
+    if batch_transform is not None and not callable(batch_transform):
+        raise TypeError(f"batch_transform must be callable (images, seeds -> images), got {type(batch_transform).__name__}")
+    if max_bad_fraction is not None and not 0 <= max_bad_fraction <= 1:
+        raise ValueError(f"max_bad_fraction must be between 0 and 1 (or None), got {max_bad_fraction!r}")
+
+
 def build_loader(
-    source: str | Path | Manifest,
-    split: str,
-    *,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    num_workers: int,
-    transform: Transform | None,
-    seed: int,
-    epoch: int = 0,
-    shuffle: bool,
-    shuffle_buffer: int = 1000,
-    drop_last: bool = True,
-    decode_size: int | None = None,
-    with_keys: bool = False,
-    pin_memory: bool = False,
-    prefetch_factor: int | None = 2,
-    multiprocessing_context: str | None = None,
-    timeout: float = 0,
-    prefetch_shards: int | None = None,
-    max_bad_fraction: float | None = None,
+    source: str | Path | Manifest, split: str, *, batch_size: int, rank: int, world_size: int, num_workers: int,
+    transform: Transform | None, seed: int, epoch: int = 0, shuffle: bool, shuffle_buffer: int = 1000,
+    drop_last: bool = True, decode_size: int | None = None, with_keys: bool = False, pin_memory: bool = False,
+    prefetch_factor: int | None = 2, multiprocessing_context: str | None = None, timeout: float = 0,
+    prefetch_shards: int | None = None, max_bad_fraction: float | None = None,
     batch_transform: BatchTransformFn | None = None,
 ) -> ShardLoader:
     """A loader over split `split` of the shards under `source` (a folder or file:// URL with `_info.json`).
@@ -839,48 +458,19 @@ def build_loader(
     when more than this fraction of the rank's samples in one epoch are bad, iterating raises
     DataFaultError naming the bad shards (None: never).
     """
-    _positive("batch_size", batch_size)
-    _positive("world_size", world_size)
-    _non_negative("rank", rank)
-    if rank >= world_size:
-        raise ValueError(f"rank must be < world_size ({world_size}), got {rank}")
-    _non_negative("num_workers", num_workers)
-    _non_negative("seed", seed)
-    _non_negative("epoch", epoch)
-    if shuffle:
-        _positive("shuffle_buffer", shuffle_buffer)
-    if decode_size is not None:
-        _positive("decode_size", decode_size)
-    if transform is not None and not callable(transform):
-        raise TypeError(f"transform must be callable (PIL image -> tensor), got {type(transform).__name__}")
-    if batch_transform is not None and not callable(batch_transform):
-        raise TypeError(f"batch_transform must be callable (images, seeds -> images), got {type(batch_transform).__name__}")
+    _check_arguments(
+        batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed, epoch=epoch,
+        shuffle=shuffle, shuffle_buffer=shuffle_buffer, decode_size=decode_size, max_bad_fraction=max_bad_fraction,
+        transform=transform, batch_transform=batch_transform,
+    )
     manifest = source if isinstance(source, Manifest) else load_manifest(source)
     if prefetch_shards is None:
-        prefetch_shards = 0 if isinstance(manifest.storage, LocalStorage) else 1
+        prefetch_shards = 1 if manifest.storage.root.remote else 0
     _non_negative("prefetch_shards", prefetch_shards)
-    if max_bad_fraction is not None and not 0 <= max_bad_fraction <= 1:
-        raise ValueError(f"max_bad_fraction must be between 0 and 1 (or None), got {max_bad_fraction!r}")
     return ShardLoader(
-        manifest,
-        split,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        num_workers=num_workers,
-        transform=transform,
-        seed=seed,
-        epoch=epoch,
-        shuffle=shuffle,
-        shuffle_buffer=shuffle_buffer,
-        drop_last=drop_last,
-        decode_size=decode_size,
-        with_keys=with_keys,
-        pin_memory=pin_memory,
-        prefetch_factor=prefetch_factor,
-        multiprocessing_context=multiprocessing_context,
-        timeout=timeout,
-        prefetch_shards=prefetch_shards,
-        max_bad_fraction=max_bad_fraction,
-        batch_transform=batch_transform,
+        manifest, split, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
+        transform=transform, seed=seed, epoch=epoch, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
+        drop_last=drop_last, decode_size=decode_size, with_keys=with_keys, pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context, timeout=timeout,
+        prefetch_shards=prefetch_shards, max_bad_fraction=max_bad_fraction, batch_transform=batch_transform,
     )

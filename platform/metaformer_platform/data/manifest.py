@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metaformer_platform.data.storage import ListingStorage, Storage, open_storage, split_url
+from metaformer_platform.storage.files import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Manifest:
 
     name: str
     splits: Mapping[str, SplitInfo]
-    storage: Storage
+    storage: Store
     class_names: tuple[str, ...] = ()
     num_classes: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -132,7 +132,7 @@ def _fail(where: str, problem: str, fix: str) -> ValueError:
     return ValueError(f"{where}: {problem}; {fix}")
 
 
-def _parse_split(where: str, key: str, raw: Any) -> SplitInfo:
+def _parse_split(where: str, key: str, raw: object) -> SplitInfo:
     fix = "rebuild the shards (the manifest is written by the shard writer, not by hand)"
     if not isinstance(raw, Mapping):
         raise _fail(where, f"split {key!r} must be an object, got {type(raw).__name__}", fix)
@@ -182,8 +182,8 @@ def _parse_split(where: str, key: str, raw: Any) -> SplitInfo:
     )
 
 
-def load_manifest(source: str | Path | Storage, *, check_files: bool = True) -> Manifest:
-    """Read and validate the manifest of `source`: a folder, URL or `Storage` holding `_info.json`, the
+def load_manifest(source: str | Path | Store, *, check_files: bool = True) -> Manifest:
+    """Read and validate the manifest of `source`: a folder, URL or `Store` holding `_info.json`, the
     manifest file itself (`*.json`), or a brace pattern of shards (see the module docstring).
 
     With `check_files` (the default) every listed shard must exist (and have the listed size, when the
@@ -197,9 +197,9 @@ def load_manifest(source: str | Path | Storage, *, check_files: bool = True) -> 
         if text.endswith(".json"):
             parent, _, info_name = text.rstrip("/").rpartition("/")
             source = parent if isinstance(source, str) else Path(parent or ".")
-            if isinstance(source, str) and not split_url(source)[1]:
+            if isinstance(source, str) and not _has_path(source):
                 raise ValueError(f"data source {text!r}: a manifest URL needs a bucket or folder before the file name")
-        storage = open_storage(source or ".")
+        storage = open_store(source or ".")
     else:
         storage = source
     where = storage.describe(info_name)
@@ -247,13 +247,18 @@ def load_manifest(source: str | Path | Storage, *, check_files: bool = True) -> 
 _SHARD_NAME = re.compile(r"^(?P<split>.+)-\d+\.tar$")
 
 
+def _has_path(source: str) -> bool:
+    """Whether a source names a folder or bucket (``s3://`` alone does not)."""
+    return bool(source.partition("://")[2] if "://" in source else source)
+
+
 def _manifest_of_pattern(pattern: str, *, check_files: bool) -> Manifest:
     """The shards a brace pattern names, as a manifest: a subset of the manifest beside them when there is
     one, else one split per `{split}-NNNNNN.tar` prefix with lengths counted by reading each shard."""
     from braceexpand import braceexpand
 
     root, _, _ = pattern[: pattern.index("{")].rpartition("/")
-    if not root or not split_url(root)[1]:
+    if not root or not _has_path(root):
         raise ValueError(
             f"data source {pattern!r}: put the brace pattern after a folder or bucket prefix, e.g. "
             "s3://bucket/imagenet/train-{000000..000099}.tar"
@@ -261,48 +266,56 @@ def _manifest_of_pattern(pattern: str, *, check_files: bool) -> Manifest:
     names = [url[len(root) + 1 :] for url in braceexpand(pattern)]
     if len(set(names)) != len(names):
         raise ValueError(f"data source {pattern!r} names a shard more than once; fix the pattern")
-    storage = open_storage(root)
-    if storage.exists(INFO_NAME):
-        full = load_manifest(storage, check_files=False)
-        listed = {name for split in full.splits.values() for name in split.filenames}
-        unknown = [name for name in names if name not in listed]
-        if unknown:
-            raise ValueError(
-                f"data source {pattern!r}: {len(unknown)} shard(s) are not listed in "
-                f"{storage.describe(INFO_NAME)}: {_listing(unknown)}; fix the pattern or rebuild the manifest"
-            )
-        wanted = set(names)
-        splits: dict[str, SplitInfo] = {}
-        for split in full.splits.values():
-            picked = [i for i, name in enumerate(split.filenames) if name in wanted]
-            if picked:
-                splits[split.name] = SplitInfo(
-                    name=split.name,
-                    filenames=tuple(split.filenames[i] for i in picked),
-                    shard_lengths=tuple(split.shard_lengths[i] for i in picked),
-                    shard_sha256=tuple(split.shard_sha256[i] for i in picked) if split.shard_sha256 else (),
-                    shard_bytes=tuple(split.shard_bytes[i] for i in picked) if split.shard_bytes else (),
-                )
-        manifest = Manifest(
-            name=full.name, splits=splits, storage=storage, class_names=full.class_names,
-            num_classes=full.num_classes, extra={**full.extra, "pattern": pattern},
-        )
-        if check_files:
-            _check_files(manifest)
-        return manifest
+    storage = open_store(root)
+    if not storage.exists(INFO_NAME):
+        return _counted_manifest(pattern, root.rpartition("/")[2], names, storage)
+    manifest = _subset_manifest(pattern, names, load_manifest(storage, check_files=False))
+    if check_files:
+        _check_files(manifest)
+    return manifest
 
+
+def _subset_manifest(pattern: str, names: Sequence[str], full: Manifest) -> Manifest:
+    """The part of ``full`` (the manifest beside the shards) that the pattern's shard ``names`` cover."""
+    listed = {name for split in full.splits.values() for name in split.filenames}
+    unknown = [name for name in names if name not in listed]
+    if unknown:
+        raise ValueError(
+            f"data source {pattern!r}: {len(unknown)} shard(s) are not listed in "
+            f"{full.storage.describe(INFO_NAME)}: {_listing(unknown)}; fix the pattern or rebuild the manifest"
+        )
+    wanted = set(names)
+    splits: dict[str, SplitInfo] = {}
+    for split in full.splits.values():
+        picked = [i for i, name in enumerate(split.filenames) if name in wanted]
+        if picked:
+            splits[split.name] = SplitInfo(
+                name=split.name,
+                filenames=tuple(split.filenames[i] for i in picked),
+                shard_lengths=tuple(split.shard_lengths[i] for i in picked),
+                shard_sha256=tuple(split.shard_sha256[i] for i in picked) if split.shard_sha256 else (),
+                shard_bytes=tuple(split.shard_bytes[i] for i in picked) if split.shard_bytes else (),
+            )
+    return Manifest(
+        name=full.name, splits=splits, storage=full.storage, class_names=full.class_names,
+        num_classes=full.num_classes, extra={**full.extra, "pattern": pattern},
+    )
+
+
+def _counted_manifest(pattern: str, name: str, names: Sequence[str], storage: Store) -> Manifest:
+    """A manifest for shards with none beside them: split from each shard's name, lengths counted by reading."""
     from metaformer_platform.data.reader import count_samples
 
     grouped: dict[str, list[str]] = {}
-    for name in names:
-        match = _SHARD_NAME.match(name.rpartition("/")[2])
+    for shard in names:
+        match = _SHARD_NAME.match(shard.rpartition("/")[2])
         if match is None:
             raise ValueError(
-                f"data source {pattern!r}: shard {name!r} is not named {{split}}-NNNNNN.tar and there is no "
+                f"data source {pattern!r}: shard {shard!r} is not named {{split}}-NNNNNN.tar and there is no "
                 f"{storage.describe(INFO_NAME)} to say its split; rename the shards or build a manifest"
             )
-        grouped.setdefault(match["split"], []).append(name)
-    missing = [name for name in names if not storage.exists(name)]
+        grouped.setdefault(match["split"], []).append(shard)
+    missing = [shard for shard in names if not storage.exists(shard)]
     if missing:
         raise ValueError(
             f"data source {pattern!r}: {len(missing)} shard(s) do not exist in {storage.url}: "
@@ -316,20 +329,22 @@ def _manifest_of_pattern(pattern: str, *, check_files: bool) -> Manifest:
         split: SplitInfo(
             name=split,
             filenames=tuple(files),
-            shard_lengths=tuple(count_samples(storage, name) for name in files),
-            shard_bytes=tuple(storage.size(name) for name in files),
+            shard_lengths=tuple(count_samples(storage, shard) for shard in files),
+            shard_bytes=tuple(storage.size(shard) for shard in files),
         )
         for split, files in grouped.items()
     }
-    return Manifest(name=root.rpartition("/")[2], splits=splits, storage=storage, extra={"pattern": pattern})
+    return Manifest(name=name, splits=splits, storage=storage, extra={"pattern": pattern})
 
 
 def _check_files(manifest: Manifest) -> None:
     """Every listed shard exists with its listed size: a cheap check (a stat per file, or one S3 list
     request per 1000 objects), so a manifest that disagrees with its shards is refused before training."""
     storage = manifest.storage
-    # one listing where the storage has it (S3); None also when listing is not allowed
-    listed: dict[str, int] | None = storage.list_sizes() if isinstance(storage, ListingStorage) else None
+    # one listing on S3 (where a HEAD per shard costs a request each; locally a stat per file is as cheap);
+    # None also when listing is not allowed
+    stats = storage.listing() if storage.root.remote else None
+    listed = None if stats is None else {name: stat.size for name, stat in stats.items()}
 
     def size_of(name: str) -> int | None:
         if listed is not None:
@@ -359,7 +374,8 @@ def _check_files(manifest: Manifest) -> None:
         )
 
 
-def sha256_of(storage: Storage, name: str) -> str:
+def sha256_of(storage: Store, name: str) -> str:
+    """A hash of the file's bytes as they are now (never a recorded digest)."""
     digest = hashlib.sha256()
     with storage.open(name) as stream:
         while chunk := stream.read(1 << 20):

@@ -17,16 +17,24 @@ import tarfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from PIL import Image
 
 from metaformer_platform.data.faults import ShortShardError
-from metaformer_platform.data.storage import Storage
 
-__all__ = ["IMAGE_EXTS", "RawSample", "count_samples", "decode_image", "decode_label", "iter_shard", "open_image", "read_shard"]
+__all__ = ["IMAGE_EXTS", "RawSample", "ShardSource", "count_samples", "decode_image", "decode_label", "iter_shard", "open_image", "read_shard"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class ShardSource(Protocol):
+    """Where shards are read from (``open``: a stream read front to back; ``describe``: the full location, for
+    messages): a ``storage.Store``, or the loader's prefetching view of one."""
+
+    def open(self, name: str) -> BinaryIO: ...
+
+    def describe(self, name: str) -> str: ...
 
 
 @dataclass
@@ -179,7 +187,7 @@ def _pax_path(records: bytes) -> str | None:
     return None
 
 
-def read_shard(storage: Storage, filename: str) -> bytes:
+def read_shard(storage: ShardSource, filename: str) -> bytes:
     """A whole shard's bytes (for the loader's shard prefetcher), read through `storage.open` so a broken S3
     connection resumes: one request for the rest of the object (`_ResumableBody.readall`), or one read of a
     local file's size."""
@@ -188,7 +196,7 @@ def read_shard(storage: Storage, filename: str) -> bytes:
 
 
 def iter_shard(
-    storage: Storage, filename: str, start: int = 0, stop: int | None = None
+    storage: ShardSource, filename: str, start: int = 0, stop: int | None = None
 ) -> Iterator[RawSample]:
     """Yield samples [start, stop) of one shard; the data of members before `start` is read past, not kept.
 
@@ -223,7 +231,7 @@ def iter_shard(
         )
 
 
-def count_samples(storage: Storage, filename: str) -> int:
+def count_samples(storage: ShardSource, filename: str) -> int:
     """How many samples one shard holds, by walking its tar headers (member data is read past, not kept).
 
     For shards that no manifest lists (a brace pattern over bare tars): it reads the whole shard.

@@ -8,7 +8,11 @@ timm is imported inside the functions, so importing the data package stays cheap
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "build_mixup", "build_transforms", "patch_timm_posterize"]
 
@@ -16,7 +20,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
+def _posterize(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
     """timm's posterize, with 0 bits meaning what it meant before Pillow 13: every channel 0 (black)."""
     from PIL import ImageOps
 
@@ -81,7 +85,7 @@ def build_transforms(
     color_jitter: float = 0.4,
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> Callable[[Any], Any]:
+) -> Callable[[Image.Image], torch.Tensor]:
     """PIL image -> normalized float CHW tensor of `img_size` px, via `timm.data.create_transform`.
 
     Training: random-resized crop, flip, RandAugment (`auto_augment`; timm ignores `color_jitter` when it

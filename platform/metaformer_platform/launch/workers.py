@@ -50,7 +50,7 @@ def checkpoint_reporter(
     import ray.train
 
     def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
-        from metaformer_platform.training.storage import upload_checkpoint_part
+        from metaformer_platform.storage.upload import upload_checkpoint_part
 
         storage = ray.train.get_context().get_storage()
         dest = storage.build_checkpoint_path_from_name(dir_name)

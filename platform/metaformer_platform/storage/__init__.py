@@ -1,4 +1,4 @@
-"""The storage core: locations, S3 settings, files (list/read/write/delete/download), completeness, weights.
+"""The storage core: locations, S3 settings, the one storage API (local and S3 stores), completeness, weights.
 
 Every layer above (data, training, evaluation, registry, launch, pipelines) reaches local folders and object
 storage through this package; it imports nothing of the platform above it (the weights resolver's
@@ -15,7 +15,7 @@ from metaformer_platform.storage.completeness import (
     missing_files,
 )
 from metaformer_platform.storage.files import (
-    S3AccessError,
+    Store,
     atomic_write,
     check_access,
     check_writable,
@@ -25,12 +25,13 @@ from metaformer_platform.storage.files import (
     is_temporary,
     list_files,
     local_folder,
+    open_store,
     read_bytes,
-    s3_refusal,
     safe_member,
     write_bytes,
 )
 from metaformer_platform.storage.location import Location, LocationLike
+from metaformer_platform.storage.s3 import S3AccessError, register_webdataset_s3, s3_refusal
 from metaformer_platform.storage.settings import AWS_ENV_VARS, S3Settings, aws_env
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "LocationLike",
     "S3AccessError",
     "S3Settings",
+    "Store",
     "atomic_write",
     "aws_env",
     "check_access",
@@ -55,7 +57,9 @@ __all__ = [
     "local_folder",
     "marker_text",
     "missing_files",
+    "open_store",
     "read_bytes",
+    "register_webdataset_s3",
     "s3_refusal",
     "weights",
     "safe_member",

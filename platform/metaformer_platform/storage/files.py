@@ -1,10 +1,15 @@
-"""One interface for listing, reading, writing, deleting and fetching files, local and on S3 alike.
+"""The one storage API: list, read, write, delete and fetch files, local and on S3 alike.
 
-Everything goes through the pyarrow filesystem of a ``Location`` (``pyarrow.fs.LocalFileSystem`` or an
-``S3FileSystem`` built from ``S3Settings``). ``download`` is the one function that turns object keys into local
-paths: every name is checked to stay inside the destination first (object keys come from whoever wrote the
-bucket). S3 errors a user can fix (missing bucket, refused key, endpoint down) become ``S3AccessError``
-(a ValueError) naming the location and the fix.
+A ``Store`` is a folder (a local path or ``s3://bucket/prefix``) with the same methods on both backends:
+``LocalStore`` here, ``S3Store`` (boto3: the fast client for shards and every file the platform moves) in
+``storage/s3.py``. The functions below take a ``Location`` (or anything ``Location.parse`` takes) and go
+through the store of its folder. pyarrow appears only where Ray Train needs a filesystem
+(``Location.filesystem()``, ``storage/upload.py``), built from the same ``S3Settings``.
+
+``download`` is the one function that turns object keys into local paths: every name is checked to stay
+inside the destination first (object keys come from whoever wrote the bucket). S3 errors a user can fix
+(missing bucket, refused key, endpoint down) are ``S3AccessError`` (a ValueError) naming the location and
+the fix; a missing file is a ``FileNotFoundError`` on both backends.
 """
 
 from __future__ import annotations
@@ -18,35 +23,152 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, BinaryIO, Protocol
 
 from metaformer_platform.storage.location import Location, LocationLike
-from metaformer_platform.storage.settings import CREDENTIAL_VARS, S3Settings
+from metaformer_platform.storage.s3 import S3AccessError, S3Store, check_bucket
+from metaformer_platform.storage.settings import S3Settings
+from metaformer_platform.storage.types import FileStat
 
 __all__ = [
-    "S3AccessError",
+    "FileStat",
+    "LocalStore",
+    "Store",
     "atomic_write",
     "check_access",
     "check_writable",
     "delete",
     "download",
     "exists",
+    "fingerprint",
+    "is_temporary",
     "list_files",
-    "no_bucket",
+    "local_folder",
+    "open_store",
     "read_bytes",
-    "s3_refusal",
     "safe_member",
     "write_bytes",
 ]
 
-_CREDENTIAL_CODES = {
-    "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "TokenRefreshRequired",
-    "AccessDenied", "AuthorizationHeaderMalformed", "403", "Forbidden",
-}
+
+class Store(Protocol):
+    """A folder of files, local or on S3; every name is relative to ``root`` (POSIX, ``/``-separated)."""
+
+    root: Location
+    url: str  # the root, for messages
+
+    def describe(self, name: str) -> str:
+        """The full location of ``name``, for messages."""
+        ...
+
+    def open(self, name: str) -> BinaryIO:
+        """A binary stream of file ``name``, to be read front to back (FileNotFoundError when absent)."""
+        ...
+
+    def read_bytes(self, name: str) -> bytes: ...
+
+    def exists(self, name: str) -> bool:
+        """Whether the file ``name`` is there."""
+        ...
+
+    def size(self, name: str) -> int: ...
+
+    def listing(self, name: str = "") -> dict[str, FileStat] | None:
+        """Every file under the folder ``name``: relative name -> stat; ``{}`` for a folder that does not
+        exist; None when the store refuses to list (an S3 key without s3:ListBucket)."""
+        ...
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write a whole file, all-or-nothing."""
+        ...
+
+    def upload_file(self, name: str, path: str | Path, *, sha256: str | None = None) -> None:
+        """Place a finished local file at ``name``, all-or-nothing (``sha256`` is recorded where it can be)."""
+        ...
+
+    def delete(self, name: str, *, folder: bool = False) -> None:
+        """Remove a file (or, with ``folder=True``, everything under the folder); absent is fine."""
+        ...
+
+    def sha256(self, name: str) -> str: ...
 
 
-class S3AccessError(ValueError):
-    """An S3 request was refused for a reason the user has to fix (bucket, credentials, endpoint)."""
+class LocalStore:
+    """A folder on a local (or mounted) file system."""
+
+    def __init__(self, root: LocationLike):
+        self.root = Location.parse(root)
+        self.url = self.root.uri  # for messages
+        self.path = self.root.path
+
+    def describe(self, name: str) -> str:
+        """The full path of ``name``."""
+        return str(self.path / name)
+
+    def open(self, name: str) -> BinaryIO:
+        """The file, with a large buffer: shards are read sequentially, and small reads dominate tar parsing."""
+        return open(self.path / name, "rb", buffering=1 << 20)
+
+    def read_bytes(self, name: str) -> bytes:
+        """The whole file."""
+        return (self.path / name).read_bytes()
+
+    def exists(self, name: str) -> bool:
+        """Whether the file ``name`` is there."""
+        return (self.path / name).is_file()
+
+    def size(self, name: str) -> int:
+        """The file's size in bytes."""
+        return (self.path / name).stat().st_size
+
+    def listing(self, name: str = "") -> dict[str, FileStat]:
+        """Every file under the folder ``name`` (``{}`` when it does not exist)."""
+        folder = self.path / name
+        stats = {}
+        for path in folder.rglob("*") if folder.is_dir() else ():
+            if path.is_file():
+                st = path.stat()
+                stats[path.relative_to(folder).as_posix()] = FileStat(st.st_size, st.st_mtime_ns)
+        return stats
+
+    def sha256(self, name: str) -> str:
+        """A hash of the file's bytes."""
+        with open(self.path / name, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    def upload_file(self, name: str, path: str | Path, *, sha256: str | None = None) -> None:
+        """Renamed into place when on the same file system (the file is then gone from ``path``), else copied;
+        either way atomically."""
+        target = self.path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(path, target)
+        except OSError:  # another file system (EXDEV)
+            with atomic_write(target) as out, open(path, "rb") as src:
+                shutil.copyfileobj(src, out, 8 << 20)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Written through ``atomic_write``: a reader (or a re-run) never sees half a file."""
+        with atomic_write(self.path / name) as out:
+            out.write(data)
+
+    def delete(self, name: str, *, folder: bool = False) -> None:
+        """Remove a file (or a whole folder with ``folder=True``); absent is fine."""
+        target = self.path / name
+        if target.is_dir() and not target.is_symlink():
+            if folder:
+                shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.url!r})"
+
+
+def open_store(location: LocationLike) -> Store:
+    """The store of the folder at ``location``: a plain path, ``file://`` URL or ``s3://bucket/prefix``."""
+    loc = Location.parse(location)
+    return S3Store(loc) if loc.remote else LocalStore(loc)
 
 
 def is_temporary(name: str) -> bool:
@@ -56,60 +178,13 @@ def is_temporary(name: str) -> bool:
     return name.startswith(".") and ".tmp" in name
 
 
-def s3_refusal(err: BaseException, what: str, bucket: str | None) -> BaseException:
-    """A user-facing ``S3AccessError`` for a botocore error ``err``, or ``err`` itself when the user cannot fix it."""
-    from botocore import exceptions as be
-
-    endpoint = S3Settings.from_env().endpoint_label
-    if isinstance(err, be.NoCredentialsError | be.PartialCredentialsError):
-        return S3AccessError(
-            f"{what}: no usable S3 credentials were found ({err}); set {CREDENTIAL_VARS} for the endpoint "
-            f"{endpoint} (AWS_ENDPOINT_URL)"
-        )
-    if isinstance(err, be.EndpointConnectionError | be.ConnectTimeoutError):
-        return S3AccessError(
-            f"{what}: cannot reach the S3 endpoint {endpoint} ({err}); check AWS_ENDPOINT_URL and that the "
-            "server is running"
-        )
-    if isinstance(err, be.ClientError):
-        code = str(err.response.get("Error", {}).get("Code", ""))
-        if code in _CREDENTIAL_CODES:
-            return S3AccessError(
-                f"{what}: the S3 server at {endpoint} refused the credentials ({code}: "
-                f"{err.response.get('Error', {}).get('Message', '')}); check {CREDENTIAL_VARS} and "
-                "AWS_ENDPOINT_URL, and that this key may use the bucket"
-            )
-        if code == "NoSuchBucket" and bucket is not None:  # (a bare 404 is a missing object, except on HeadBucket)
-            return no_bucket(bucket, what)
-    return err
-
-
-def no_bucket(bucket: str, what: str) -> S3AccessError:
-    """The error for a bucket that does not exist, with the fix."""
-    return S3AccessError(
-        f"{what}: bucket {bucket!r} does not exist at {S3Settings.from_env().endpoint_label}; create it (e.g. "
-        f"`aws s3 mb s3://{bucket}`) or fix the bucket in the URL / AWS_ENDPOINT_URL"
-    )
-
-
 def check_access(location: LocationLike, *, what: str | None = None) -> Location:
     """Refuse, before anything is written, an S3 location whose bucket is missing, whose credentials are refused
     or whose endpoint does not answer (one HEAD of the bucket, retried at most twice). Local: nothing to check."""
     loc = Location.parse(location)
-    if loc.remote:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        settings = S3Settings.from_env()
-        client = settings.boto3_client(max_attempts=2, connect_timeout=5, read_timeout=10)
-        try:
-            client.head_bucket(Bucket=loc.bucket)
-        except (ClientError, BotoCoreError) as err:
-            if isinstance(err, ClientError) and str(err.response.get("Error", {}).get("Code")) in ("404", "NotFound"):
-                raise no_bucket(str(loc.bucket), what or loc.uri) from None
-            mapped = s3_refusal(err, what or loc.uri, loc.bucket)
-            if mapped is err:
-                raise ValueError(f"{what or loc.uri}: S3 refused the bucket check ({err})") from None
-            raise mapped from None
+    if loc.bucket is not None:
+        client = S3Settings.from_env().boto3_client(max_attempts=2, connect_timeout=5, read_timeout=10)
+        check_bucket(client, loc.bucket, what or loc.uri)
     return loc
 
 
@@ -134,87 +209,54 @@ def check_writable(location: LocationLike, what: str = "run.storage_path") -> Lo
     return loc
 
 
-def _wrap(location: Location, action: str) -> contextlib.AbstractContextManager[None]:
-    @contextlib.contextmanager
-    def wrapped() -> Iterator[None]:
-        try:
-            yield
-        except FileNotFoundError:
-            raise
-        except OSError as err:  # pyarrow maps S3 errors to OSError with the server's message
-            if not location.remote:
-                raise
-            raise S3AccessError(
-                f"cannot {action} {location.uri}: {err}; check the URI, AWS_ENDPOINT_URL and the credentials"
-            ) from None
-
-    return wrapped()
-
-
-def _finished_files(loc: Location) -> list[Any]:
-    """pyarrow ``FileInfo`` of every finished file under a folder (files still being written excepted; none for
-    a folder that does not exist), with ``path`` made relative (POSIX) to the folder."""
-    from pyarrow import fs as pafs
-
-    prefix = loc.fs_path.rstrip("/") + "/"
-    with _wrap(loc, "list"):
-        infos = loc.filesystem().get_file_info(pafs.FileSelector(loc.fs_path, recursive=True, allow_not_found=True))
-    return [pafs.FileInfo(info.path.removeprefix(prefix), info.type, mtime_ns=info.mtime_ns, size=info.size)
-            for info in infos if info.type == pafs.FileType.File and not is_temporary(info.base_name)]
+def _finished_files(location: LocationLike) -> dict[str, FileStat]:
+    """Every finished file under a folder (files still being written excepted; none for a folder that does not
+    exist), by relative POSIX name."""
+    loc = Location.parse(location)
+    stats = open_store(loc).listing()
+    if stats is None:
+        raise S3AccessError(f"cannot list {loc.uri}: AccessDenied; this key needs s3:ListBucket on the bucket")
+    return {name: stat for name, stat in stats.items() if not is_temporary(PurePosixPath(name).name)}
 
 
 def list_files(location: LocationLike) -> dict[str, int]:
     """Every finished file under a folder: relative POSIX name -> size (files still being written excepted;
     ``{}`` for a folder that does not exist)."""
-    return {info.path: int(info.size) for info in _finished_files(Location.parse(location))}
+    return {name: stat.size for name, stat in _finished_files(location).items()}
 
 
 def fingerprint(location: LocationLike) -> str:
     """A digest of what is under a folder now: every finished file's name, size and modification time. Any
     rewrite changes it (an object store sets a new modification time on every PUT), even one of the same size."""
-    rows = sorted((info.path, int(info.size), int(info.mtime_ns or 0)) for info in _finished_files(Location.parse(location)))
+    rows = sorted((name, stat.size, stat.mtime_ns) for name, stat in _finished_files(location).items())
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
 def exists(location: LocationLike) -> bool:
-    """Whether a file or folder is there."""
-    from pyarrow import fs as pafs
-
+    """Whether a file or folder is there (on S3, a folder is a prefix with objects under it)."""
     loc = Location.parse(location)
-    with _wrap(loc, "look up"):
-        return loc.filesystem().get_file_info(loc.fs_path).type != pafs.FileType.NotFound
+    if not loc.remote:
+        return loc.path.exists()
+    return open_store(loc.parent).exists(loc.name) or bool(open_store(loc).listing())
 
 
 def read_bytes(location: LocationLike) -> bytes:
     """The whole file (FileNotFoundError when absent)."""
     loc = Location.parse(location)
-    with _wrap(loc, "read"), loc.filesystem().open_input_stream(loc.fs_path) as stream:
-        return stream.read()
+    return open_store(loc.parent).read_bytes(loc.name)
 
 
 def write_bytes(location: LocationLike, data: bytes) -> None:
-    """Write a whole file: locally through ``atomic_write``; on S3 an object appears only once complete."""
+    """Write a whole file: a reader never sees half of it (locally a rename; on S3 an object appears only once
+    complete)."""
     loc = Location.parse(location)
-    if not loc.remote:
-        with atomic_write(loc.path) as out:
-            out.write(data)
-        return
-    with _wrap(loc, "write"), loc.filesystem().open_output_stream(loc.fs_path) as out:
-        out.write(data)
+    open_store(loc.parent).write_bytes(loc.name, data)
 
 
 def delete(location: LocationLike, *, folder: bool = False) -> None:
     """Remove a file (or, with ``folder=True``, a folder and everything in it); absent is fine."""
-    from pyarrow import fs as pafs
-
     loc = Location.parse(location)
-    fs = loc.filesystem()
-    with _wrap(loc, "delete"):
-        kind = fs.get_file_info(loc.fs_path).type
-        if kind == pafs.FileType.Directory and folder:
-            fs.delete_dir(loc.fs_path)
-        elif kind == pafs.FileType.File:
-            fs.delete_file(loc.fs_path)
+    open_store(loc.parent).delete(loc.name, folder=folder)
 
 
 @contextlib.contextmanager
@@ -270,11 +312,11 @@ def download(
         wanted = set(names)
         files = {n: s for n, s in files.items() if n in wanted}
     paths = {name: safe_member(target, name, source=loc.uri) for name in files}  # all refused before any write
-    fs = loc.filesystem()
+    store = open_store(loc)
     for name, size in files.items():
         out_path = paths[name]
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        with _wrap(loc, "read"), fs.open_input_stream(loc.join(name).fs_path) as src, open(out_path, "wb") as out:
+        with store.open(name) as src, open(out_path, "wb") as out:
             shutil.copyfileobj(src, out, 8 << 20)
         got = out_path.stat().st_size
         if got != size:
@@ -296,3 +338,4 @@ def local_folder(location: LocationLike, names: Iterable[str] | None = None) -> 
     with tempfile.TemporaryDirectory(prefix="metaformer-fetch-") as tmp:
         download(loc, tmp, names)
         yield Path(tmp)
+

@@ -78,6 +78,13 @@ class Location:
         return self.key.rstrip("/").rsplit("/", 1)[-1]
 
     @property
+    def parent(self) -> Location:
+        """The folder this file or folder is in (a bucket's root is its own parent)."""
+        if self.bucket is None:
+            return Location(None, str(Path(self.key).parent))
+        return Location(self.bucket, self.key.rpartition("/")[0])
+
+    @property
     def path(self) -> Path:
         """The local path; a ValueError for an S3 location (callers that need local files use ``download``)."""
         if self.bucket is not None:

@@ -1,6 +1,6 @@
 """The one source of S3 settings: endpoint, region, credentials and retries, read from the standard environment.
 
-boto3 (the shard stream in ``data/s3.py``) and pyarrow (Ray Train's checkpoint filesystem) are both built
+boto3 (``storage/s3.py``: shards and every file the platform moves) and pyarrow (Ray Train's checkpoint filesystem) are both built
 from ``S3Settings.from_env()``, so they always reach the same server with the same keys and retry policy:
 AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_REGION / AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID /
 AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN (without static keys, each SDK walks the rest of the chain:
@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import pyarrow.fs
+
+    from metaformer_platform.storage.types import S3Client
 
 __all__ = ["AWS_ENV_VARS", "AWS_SECRET_VARS", "CREDENTIAL_VARS", "S3Settings", "aws_env"]
 
@@ -84,15 +86,15 @@ class S3Settings:
         """The endpoint for messages."""
         return self.endpoint or "AWS's default endpoint"
 
-    def boto3_client(self, *, max_attempts: int | None = None, **config: Any) -> Any:
+    def boto3_client(self, *, max_attempts: int | None = None, **config: float | int) -> S3Client:
         """A boto3 S3 client with these settings (``max_attempts`` lowers the attempts for a quick check);
         ``config`` adds botocore ``Config`` options (timeouts, pool)."""
         import boto3
         from botocore.config import Config
 
         # AWS_MAX_ATTEMPTS counts the first try too: botocore's total_max_attempts (its max_attempts would not)
-        retries: Any = {"mode": self.retry_mode, "total_max_attempts": max_attempts or self.max_attempts}
-        keys = {}
+        retries: dict[str, str | int] = {"mode": self.retry_mode, "total_max_attempts": max_attempts or self.max_attempts}
+        keys: dict[str, str | None] = {}
         if self.access_key:  # else boto3 walks its own chain (profiles, roles)
             keys = {"aws_access_key_id": self.access_key, "aws_secret_access_key": self.secret_key,
                     "aws_session_token": self.session_token}
@@ -107,7 +109,7 @@ class S3Settings:
         controller actor does not inherit the job's environment."""
         from pyarrow import fs as pafs
 
-        kwargs: dict[str, Any] = {
+        kwargs: dict[str, object] = {
             "region": self.region,
             # the bucket must exist (the driver checks it); a typo must not create a new one
             "allow_bucket_creation": False,

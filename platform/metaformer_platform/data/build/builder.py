@@ -37,9 +37,9 @@ from typing import Any
 
 from PIL import Image
 
-from metaformer_platform.data.manifest import INFO_NAME, ShardInfo, manifest_dict
-from metaformer_platform.data.storage import LocalStorage, WritableStorage, open_storage
 from metaformer_platform.data.build.writer import Sample, shard_name, write_shard
+from metaformer_platform.data.manifest import INFO_NAME, ShardInfo, manifest_dict
+from metaformer_platform.storage.files import Store, open_store
 
 __all__ = [
     "BuildOptions",
@@ -429,7 +429,7 @@ def _receipt_name(filename: str) -> str:
     return f"{RECEIPTS}/{Path(filename).stem}.json"
 
 
-def _existing(task: ShardTask, storage: WritableStorage) -> ShardInfo | None:
+def _existing(task: ShardTask, storage: Store) -> ShardInfo | None:
     """The shard as a previous run left it, when it is complete and was built from this same task."""
     name = _receipt_name(task.filename)
     if not storage.exists(name) or not storage.exists(task.filename):
@@ -447,17 +447,17 @@ def _existing(task: ShardTask, storage: WritableStorage) -> ShardInfo | None:
     return ShardInfo(task.filename, receipt["num_samples"], receipt["sha256"], receipt["num_bytes"])
 
 
-def build_shard(task: ShardTask, dest: str | Path | WritableStorage) -> ShardResult:
+def build_shard(task: ShardTask, dest: str | Path | Store) -> ShardResult:
     """Build one shard into `dest` (a folder, file:// or s3:// URL), unless it is already there intact."""
     start = time.perf_counter()
-    storage: WritableStorage = open_storage(dest) if isinstance(dest, (str, Path)) else dest  # type: ignore[assignment]
+    storage = open_store(dest) if isinstance(dest, (str, Path)) else dest
     done = _existing(task, storage)
     if done is not None:
         return ShardResult(done, True, time.perf_counter() - start)
     # A local destination gets the tar written next to it (then renamed); others via a temp folder + upload.
     scratch = (
-        tempfile.TemporaryDirectory(dir=storage.root, prefix=".build-")
-        if isinstance(storage, LocalStorage)
+        tempfile.TemporaryDirectory(dir=storage.root.path, prefix=".build-")
+        if not storage.root.remote
         else tempfile.TemporaryDirectory(prefix="shard-build-")
     )
     with scratch as tmp:
@@ -472,7 +472,7 @@ def build_shard(task: ShardTask, dest: str | Path | WritableStorage) -> ShardRes
 # -- the whole build ------------------------------------------------------------------------------
 
 
-def run_serially(tasks: Sequence[ShardTask], dest: Any) -> Iterator[ShardResult]:
+def run_serially(tasks: Sequence[ShardTask], dest: str | Path) -> Iterator[ShardResult]:
     """The default executor: one shard after another in this process."""
     for task in tasks:
         yield build_shard(task, dest)
@@ -483,15 +483,16 @@ def build_id(name: str, tasks: Sequence[ShardTask]) -> str:
     return hashlib.sha256(json.dumps([name, sorted(t.fingerprint for t in tasks)]).encode()).hexdigest()
 
 
-def _contents(storage: Any) -> list[str] | None:
+def _contents(storage: Store) -> list[str] | None:
     """The names under a destination (None: the key may not list it)."""
-    if isinstance(storage, LocalStorage):
-        return [p.name for p in storage.root.iterdir()] if storage.root.is_dir() else []
-    sizes = storage.list_sizes()
-    return None if sizes is None else list(sizes)
+    if not storage.root.remote:
+        folder = storage.root.path
+        return [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    stats = storage.listing()
+    return None if stats is None else list(stats)
 
 
-def claim_destination(storage: Any, build: str, *, overwrite: bool = False) -> None:
+def claim_destination(storage: Store, build: str, *, overwrite: bool = False) -> None:
     """Make `storage` this build's destination: fine when it is empty or holds this same build (a re-run
     resumes); a folder of other files, or another build's shards, is refused unless `overwrite`, since
     the build replaces `_info.json` and same-named shards."""
@@ -506,8 +507,8 @@ def claim_destination(storage: Any, build: str, *, overwrite: bool = False) -> N
             f"the destination {storage.url} is not empty: it holds {what}; building there would replace its "
             "_info.json and same-named shards. Choose an empty destination, or pass --overwrite to replace it"
         )
-    if isinstance(storage, LocalStorage):
-        storage.root.mkdir(parents=True, exist_ok=True)
+    if not storage.root.remote:
+        storage.root.path.mkdir(parents=True, exist_ok=True)
     storage.write_bytes(OWNER, json.dumps({"build": build}).encode())
 
 
@@ -518,7 +519,7 @@ def build_dataset(
     classes: ClassList,
     name: str = "imagenet",
     extra: Mapping[str, Any] | None = None,
-    run: Callable[[Sequence[ShardTask], Any], Iterable[ShardResult]] = run_serially,
+    run: Callable[[Sequence[ShardTask], str | Path], Iterable[ShardResult]] = run_serially,
     log: Callable[[str], None] = _log.info,
     overwrite: bool = False,
 ) -> dict[str, Any]:
@@ -527,10 +528,10 @@ def build_dataset(
 
     `dest` must be empty, or hold this same build (then intact shards are kept): anything else is refused
     with a ValueError before a byte is written, unless `overwrite`."""
-    storage = open_storage(dest)
+    storage = open_store(dest)
     everything = [t for split in tasks.values() for t in split]
     claim_destination(storage, build_id(name, everything), overwrite=overwrite)
-    storage.delete(INFO_NAME)  # type: ignore[attr-defined]  # until the new build is complete
+    storage.delete(INFO_NAME)  # until the new build is complete
     total = sum(len(t.images) for t in everything)
     results: dict[str, ShardInfo] = {}
     done_samples = built_samples = skipped = 0
@@ -563,7 +564,7 @@ def build_dataset(
         class_names=classes.names or classes.wnids,
         extra={"wnids": list(classes.wnids), **(extra or {})},
     )
-    storage.write_bytes(INFO_NAME, (json.dumps(body, indent=1) + "\n").encode())  # type: ignore[attr-defined]
+    storage.write_bytes(INFO_NAME, (json.dumps(body, indent=1) + "\n").encode())
     log(
         f"wrote {storage.describe(INFO_NAME)}: {len(everything)} shards ({skipped} already present), {total} samples "
         f"in {time.perf_counter() - start:.1f} s"

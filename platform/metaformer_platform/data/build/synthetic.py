@@ -19,13 +19,14 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from metaformer_platform.data.manifest import INFO_NAME, load_manifest
 from metaformer_platform.data.build.writer import Sample, write_dataset
+from metaformer_platform.data.manifest import INFO_NAME, load_manifest
 
 __all__ = ["SHAPES", "ensure_synthetic_shards", "synthetic_samples"]
 
@@ -134,6 +135,41 @@ def _is_complete(folder: Path, params: dict) -> bool:
     return manifest.extra.get("params") == params
 
 
+@dataclass(frozen=True)
+class _SyntheticParams:
+    """What a synthetic set is made from (checked on construction); its manifest records them."""
+
+    num_classes: int
+    train_samples: int
+    val_samples: int
+    image_size: int
+    samples_per_shard: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        if type(self.num_classes) is not int or not 2 <= self.num_classes <= len(SHAPES):
+            raise ValueError(
+                f"num_classes must be an integer in [2, {len(SHAPES)}] (one shape each), got {self.num_classes!r}"
+            )
+        if type(self.image_size) is not int or not 16 <= self.image_size <= 256:
+            raise ValueError(f"image_size must be an integer in [16, 256], got {self.image_size!r}")
+        for name in ("train_samples", "val_samples", "samples_per_shard"):
+            value = getattr(self, name)
+            if type(value) is not int or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if type(self.seed) is not int or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    def recorded(self) -> dict[str, object]:
+        """The parameters as the manifest records them (with the generator's version)."""
+        return {"generator": GENERATOR, **asdict(self)}
+
+    def folder_name(self) -> str:
+        """A name derived from the parameters: changing one gives a new set."""
+        digest = hashlib.sha256(json.dumps(self.recorded(), sort_keys=True).encode()).hexdigest()[:12]
+        return f"synthetic-c{self.num_classes}-{self.image_size}px-{digest}"
+
+
 def ensure_synthetic_shards(
     root: str | Path,
     *,
@@ -151,63 +187,41 @@ def ensure_synthetic_shards(
     jobs) are serialised by a lock file, and the set is built in a temporary folder and renamed into
     place, so nobody ever sees half a set. Returns the folder that holds `_info.json`.
     """
-    if type(num_classes) is not int or not 2 <= num_classes <= len(SHAPES):
-        raise ValueError(
-            f"num_classes must be an integer in [2, {len(SHAPES)}] (one shape each), got {num_classes!r}"
-        )
-    if type(image_size) is not int or not 16 <= image_size <= 256:
-        raise ValueError(f"image_size must be an integer in [16, 256], got {image_size!r}")
-    for name, value in (
-        ("train_samples", train_samples),
-        ("val_samples", val_samples),
-        ("samples_per_shard", samples_per_shard),
-    ):
-        if type(value) is not int or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if type(seed) is not int or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-
-    params = {
-        "generator": GENERATOR,
-        "num_classes": num_classes,
-        "train_samples": train_samples,
-        "val_samples": val_samples,
-        "image_size": image_size,
-        "samples_per_shard": samples_per_shard,
-        "seed": seed,
-    }
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    params = _SyntheticParams(num_classes, train_samples, val_samples, image_size, samples_per_shard, seed)
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
-    folder = root / f"synthetic-c{num_classes}-{image_size}px-{digest}"
-    if _is_complete(folder, params):  # the common case: no lock needed to read a finished set
+    folder = root / params.folder_name()
+    if _is_complete(folder, params.recorded()):  # the common case: no lock needed to read a finished set
         return folder
-
     with open(root / f".{folder.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _is_complete(folder, params):  # another process built it while we waited
-            return folder
-        tmp = root / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            tmp.mkdir()
-            common = {"num_classes": num_classes, "image_size": image_size, "seed": seed}
-            write_dataset(
-                tmp,
-                {
-                    "train": synthetic_samples("train", train_samples, **common),
-                    "val": synthetic_samples("val", val_samples, **common),
-                },
-                name=f"synthetic-{GENERATOR}",
-                samples_per_shard=samples_per_shard,
-                class_names=SHAPES[:num_classes],
-                extra={"params": params},
-            )
-            if folder.exists():  # a broken leftover (crash, manual edit): replace it
-                stale = root / f".{folder.name}.stale-{uuid.uuid4().hex[:8]}"
-                folder.rename(stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.rename(folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_complete(folder, params.recorded()):  # else another process built it while we waited
+            _build(folder, params)
     return folder
+
+
+def _build(folder: Path, params: _SyntheticParams) -> None:
+    """Write the set into a temporary folder beside ``folder``, then rename it into place."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir()
+        common = {"num_classes": params.num_classes, "image_size": params.image_size, "seed": params.seed}
+        write_dataset(
+            tmp,
+            {
+                "train": synthetic_samples("train", params.train_samples, **common),
+                "val": synthetic_samples("val", params.val_samples, **common),
+            },
+            name=f"synthetic-{GENERATOR}",
+            samples_per_shard=params.samples_per_shard,
+            class_names=SHAPES[: params.num_classes],
+            extra={"params": params.recorded()},
+        )
+        if folder.exists():  # a broken leftover (crash, manual edit): replace it
+            stale = folder.with_name(f".{folder.name}.stale-{uuid.uuid4().hex[:8]}")
+            folder.rename(stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,58 @@
+"""How a rank uploads its part of a checkpoint so that ``COMPLETE`` is the last object written.
+
+This is the one storage path that goes through pyarrow: the folder is written onto Ray Train's own
+filesystem (``Location.filesystem()``, built from the same ``S3Settings`` as the boto3 client), as Ray
+itself would upload it. Nothing here imports Ray: the Ray-side glue is in ``launch/workers.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from metaformer_platform.storage.completeness import COMPLETE_MARKER
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+__all__ = ["PART_PREFIX", "upload_checkpoint_part"]
+
+PART_PREFIX = "PART-rank"
+
+
+def upload_checkpoint_part(
+    local_dir: Path, fs: pyarrow.fs.FileSystem, dest: str, *, rank: int, world_size: int, timeout_s: float = 3600.0
+) -> None:
+    """Upload this rank's part of a checkpoint into ``dest`` on Ray Train's filesystem ``fs``, so that
+    ``COMPLETE`` is the last object written there: each rank writes ``PART-rankNNNNN`` after its files, and
+    rank 0 writes ``COMPLETE`` once every rank's part is in. A reader that sees the marker sees every file.
+
+    The files are copied as Ray would (pyarrow, threaded, multipart), the marker held back out of the folder
+    while it is copied.
+    """
+    from pyarrow import fs as pafs
+
+    marker = local_dir / COMPLETE_MARKER
+    held = local_dir.parent / f".{local_dir.name}.{COMPLETE_MARKER}"
+    if marker.is_file():
+        os.replace(marker, held)
+    try:
+        fs.create_dir(dest)
+        pafs.copy_files(str(local_dir), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs,
+                        use_threads=True)
+        with fs.open_output_stream(f"{dest}/{PART_PREFIX}{rank:05d}") as out:
+            out.write(b"ok\n")
+        if held.is_file():
+            parts = [f"{dest}/{PART_PREFIX}{r:05d}" for r in range(world_size)]
+            deadline = time.monotonic() + timeout_s
+            while any(info.type == pafs.FileType.NotFound for info in fs.get_file_info(parts)):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{dest}: not every rank uploaded its part within {timeout_s:.0f} s")
+                time.sleep(0.1)
+            with fs.open_output_stream(f"{dest}/{COMPLETE_MARKER}") as out:
+                out.write(held.read_bytes())
+    finally:
+        if held.is_file():
+            os.replace(held, marker)
