@@ -31,7 +31,7 @@ from mlflow import MlflowClient
 
 from metaformer_platform.config import load_config
 from metaformer_platform.launch.driver import run_job
-from metaformer_platform.training import checkpoint as ckpt
+from metaformer_platform.storage import checkpoint_format as fmt
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 SECOND_NODE_IP = "127.0.0.2"  # as the session's ray_cluster fixture starts it
@@ -173,7 +173,7 @@ def test_an_elastic_job_shrinks_when_a_node_dies_grows_back_and_sees_every_sampl
     job.start()
     try:
         target = run_dir / f"checkpoint-{KILL_AFTER:08d}"
-        wait("checkpoint 12 of two workers", lambda: target.is_dir() and ckpt.is_complete(target))
+        wait("checkpoint 12 of two workers", lambda: target.is_dir() and fmt.is_complete(target))
         os.kill(_raylet_pid(SECOND_NODE_IP), signal.SIGKILL)
         # The lost node's worker runs on until Ray notices its raylet is gone (seconds): until the one-worker
         # group has taken a step, every complete checkpoint is the two-worker group's.
@@ -182,7 +182,7 @@ def test_an_elastic_job_shrinks_when_a_node_dies_grows_back_and_sees_every_sampl
         def note_checkpoints() -> None:
             for folder in run_dir.glob("checkpoint-*"):
                 with contextlib.suppress(OSError):  # a partial folder deleted by the recovery meanwhile
-                    if ckpt.is_complete(folder):
+                    if fmt.is_complete(folder):
                         complete_by_two.add(int(folder.name.removeprefix("checkpoint-")))
 
         wait("the node's death", lambda: sum(n["Alive"] for n in ray.nodes()) == 1, note_checkpoints)

@@ -24,7 +24,7 @@ import psutil
 from mlflow import MlflowClient
 
 from metaformer_platform.launch.driver import run_job
-from metaformer_platform.training import checkpoint as ckpt
+from metaformer_platform.storage import checkpoint_format as fmt
 
 KILL_AFTER, STEPS = 20, 30  # the small job runs 30 steps (tests/integration/conftest.py)
 
@@ -42,7 +42,7 @@ class Killer(threading.Thread):
     def run(self) -> None:
         target = self.run_dir / f"checkpoint-{KILL_AFTER:08d}"
         deadline = time.monotonic() + 600  # generous: a loaded 2-core machine starts jobs slowly
-        while not (target.is_dir() and ckpt.is_complete(target)):
+        while not (target.is_dir() and fmt.is_complete(target)):
             if time.monotonic() > deadline:
                 self.error = f"{target} never became complete"
                 return
@@ -53,12 +53,12 @@ class Killer(threading.Thread):
             return
         os.kill(pid, signal.SIGKILL)
         self.killed_pid = pid
-        self.complete_at_kill = sorted(p.name for p in self.run_dir.glob("checkpoint-*") if ckpt.is_complete(p))
+        self.complete_at_kill = sorted(p.name for p in self.run_dir.glob("checkpoint-*") if fmt.is_complete(p))
         # What a death halfway through the next upload leaves: rank 0's part (marker and all), not rank 1's.
         partial = self.run_dir / f"checkpoint-{KILL_AFTER + 10:08d}"
         shutil.copytree(target, partial, ignore=shutil.ignore_patterns("*rank00001*"))
-        state = ckpt.load_tensors(partial / ckpt.TRAINER_FILE)
-        ckpt.save_tensors({**state, "step": KILL_AFTER + 10}, partial / ckpt.TRAINER_FILE)
+        state = fmt.load_tensors(partial / fmt.TRAINER_FILE)
+        fmt.save_tensors({**state, "step": KILL_AFTER + 10}, partial / fmt.TRAINER_FILE)
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -108,6 +108,6 @@ def test_a_worker_killed_mid_run_resumes_from_the_newest_complete_checkpoint(
     # No orphans: exactly the 2 checkpoints Ray keeps, both complete, with both ranks' parts.
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint-")) == [
         "checkpoint-00000020", "checkpoint-00000030"]
-    assert all(ckpt.is_complete(run_dir / name) for name in ("checkpoint-00000020", "checkpoint-00000030"))
+    assert all(fmt.is_complete(run_dir / name) for name in ("checkpoint-00000020", "checkpoint-00000030"))
     assert (run_dir / "checkpoint-00000030" / "rng-rank00001.pt").is_file()
     assert result.checkpoint_path == str(run_dir / "checkpoint-00000030")

@@ -136,9 +136,8 @@ def test_finetune_checkpoint_on_a_new_label_set_and_resolution_learns(pretrained
 
 def test_weights_on_s3_are_fetched_once_and_checked(pretrained, s3_server, monkeypatch, tmp_path):
     """model.init_from=s3://.../checkpoint-N (a run stored on S3) becomes a local copy before any worker starts."""
-    from metaformer_platform.evaluation.report import read_weights_info
     from metaformer_platform.launch.driver import resolve_init_from
-    from metaformer_platform.storage.weights import FETCHED_MARKER, resolve
+    from metaformer_platform.storage.weights import FETCHED_MARKER, read_weights_info, resolve
 
     _, _, _, trained = pretrained
     for key, value in s3_server.env.items():

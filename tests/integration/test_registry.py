@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from metaformer_platform.storage.checkpoint_format import META_FILE, WEIGHTS_FILE
 from metaformer_platform.tracking import registry
-from metaformer_platform.training.export import META_FILE, WEIGHTS_FILE
 
 pytestmark = pytest.mark.beside_cluster  # no job on the session's Ray cluster (tests/conftest.py)
 

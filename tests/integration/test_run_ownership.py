@@ -26,8 +26,8 @@ from mlflow import MlflowClient
 
 from metaformer_platform.config import load_config
 from metaformer_platform.launch.driver import run_job
+from metaformer_platform.storage import checkpoint_format as fmt
 from metaformer_platform.tracking.runs import RUN_NAME_TAG
-from metaformer_platform.training import ownership
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = "it-owned"
@@ -97,9 +97,9 @@ def test_a_second_job_under_a_live_run_name_exits_2_and_touches_nothing(
     first.join(timeout=600)
     assert results["first"].metrics["step"] == STEPS  # type: ignore[attr-defined]
     assert client.get_run(mlrun.info.run_id).info.status == "FINISHED"
-    owner = json.loads((run_dir / ownership.OWNER_FILE).read_text())
+    owner = json.loads((run_dir / fmt.OWNER_FILE).read_text())
     assert owner["released"] is True
     for folder in sorted(run_dir.glob("checkpoint-*")):  # each rank stamped every folder with the run's id
-        stamps = [json.loads(p.read_text()) for p in sorted(folder.glob(f"{ownership.STAMP_PREFIX}*"))]
+        stamps = [json.loads(p.read_text()) for p in sorted(folder.glob(f"{fmt.STAMP_PREFIX}*"))]
         assert [s["run_id"] for s in stamps] == [owner["run_id"]] * 2, folder
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == [f"checkpoint-{s:08d}" for s in range(4, STEPS + 1, 4)]

@@ -16,6 +16,7 @@ import pytest
 
 from metaformer_platform import storage
 from metaformer_platform.storage import Location
+from metaformer_platform.storage import checkpoint_format as fmt
 from metaformer_platform.storage import weights as W
 
 pytestmark = pytest.mark.beside_cluster  # no job on the session's Ray cluster (tests/conftest.py)
@@ -146,13 +147,13 @@ def test_weights_on_s3_are_fetched_once_even_by_two_processes_at_once(s3_env: An
     (entry / "big.bin").write_bytes(b"short")
     again = W.resolve_weights(url, cache_dir=cache)
     assert again.fetched and (entry / "big.bin").read_bytes() == files["big.bin"]
-    export = _put(s3_env, "core/exports/debug", {W.EXPORT_WEIGHTS: b"w" * 100, W.EXPORT_META: b"{}"})
+    export = _put(s3_env, "core/exports/debug", {fmt.WEIGHTS_FILE: b"w" * 100, fmt.META_FILE: b"{}"})
     got = W.resolve_weights(export, cache_dir=cache)
-    assert got.kind == "export" and (got.path / W.EXPORT_WEIGHTS).read_bytes() == b"w" * 100
+    assert got.kind == "export" and (got.path / fmt.WEIGHTS_FILE).read_bytes() == b"w" * 100
     # rewritten on S3 with other bytes of the same size (a re-created export, another server with this bucket
     # name): the cache does not hand back the old copy
     time.sleep(1.1)  # S3 modification times have one-second resolution
-    _put(s3_env, "core/exports/debug", {W.EXPORT_WEIGHTS: b"v" * 100, W.EXPORT_META: b"{}"})
+    _put(s3_env, "core/exports/debug", {fmt.WEIGHTS_FILE: b"v" * 100, fmt.META_FILE: b"{}"})
     fresh = W.resolve_weights(export, cache_dir=cache)
-    assert fresh.fetched and (fresh.path / W.EXPORT_WEIGHTS).read_bytes() == b"v" * 100
+    assert fresh.fetched and (fresh.path / fmt.WEIGHTS_FILE).read_bytes() == b"v" * 100
     assert W.resolve_weights(export, cache_dir=cache).fetched is False  # and that copy is reused

@@ -12,6 +12,7 @@ import pytest
 
 from metaformer_platform import storage
 from metaformer_platform.config import load_config
+from metaformer_platform.storage import checkpoint_format as fmt
 from metaformer_platform.training import ownership
 
 pytestmark = pytest.mark.beside_cluster  # no job on the session's Ray cluster (tests/conftest.py)
@@ -88,11 +89,11 @@ def test_a_crafted_s3_checkpoint_is_refused_by_every_load_path(s3_env, tmp_path,
         check_resume_from(_cfg(tmp_path, bucket, f"run.resume_from={uri}"))
     with pytest.raises(ValueError, match="refused, unread"):
         run_job(_cfg(tmp_path, bucket, f"run.resume_from={uri}"))  # the whole job stops before Ray starts
-    assert not storage.exists(f"s3://{bucket}/trust-runs/trust-job/{ownership.OWNER_FILE}")  # nothing claimed
+    assert not storage.exists(f"s3://{bucket}/trust-runs/trust-job/{fmt.OWNER_FILE}")  # nothing claimed
 
     # dropped into a run folder on the job's storage: the stamps name another run than the folder's owner
     run = f"s3://{bucket}/trust-runs/victim"
-    storage.write_bytes(storage.Location.parse(f"{run}/{ownership.OWNER_FILE}"), json.dumps({"run_id": "v"}).encode())
+    storage.write_bytes(storage.Location.parse(f"{run}/{fmt.OWNER_FILE}"), json.dumps({"run_id": "v"}).encode())
     dropped = _upload(tmp_path / "crafted", f"{run}/checkpoint-00000009")
     with pytest.raises(ValueError, match="stamps do not name run v"):
         check_resume_from(_cfg(tmp_path, bucket, f"run.resume_from={dropped}"))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow.fs
 import pytest
 
+from metaformer_platform.storage import checkpoint_format as fmt
 from metaformer_platform.training import checkpoint as ckpt
 
 
@@ -20,13 +21,13 @@ def _rank_part(folder: Path, rank: int, payload: bytes = b"x" * 100) -> dict[str
         (folder / "model.pt").write_bytes(payload * 3)
         (folder / "dcp").mkdir()
         (folder / "dcp" / "__0_0.distcp").write_bytes(payload)
-    return ckpt.describe_files(folder)
+    return fmt.describe_files(folder)
 
 
 def _merged(tmp_path: Path, name: str = "merged", *, upload_rank1: bool = True) -> Path:
     """Both ranks' parts copied into one folder, as Ray's per-rank uploads do; rank 0 holds the marker."""
     parts = [_rank_part(tmp_path / f"{name}-scratch0", 0), _rank_part(tmp_path / f"{name}-scratch1", 1)]
-    ckpt.mark_complete(tmp_path / f"{name}-scratch0", parts)
+    fmt.mark_complete(tmp_path / f"{name}-scratch0", parts)
     dest = tmp_path / name
     shutil.copytree(tmp_path / f"{name}-scratch0", dest)
     if upload_rank1:
@@ -36,23 +37,23 @@ def _merged(tmp_path: Path, name: str = "merged", *, upload_rank1: bool = True) 
 
 def test_the_marker_lists_every_ranks_files_and_a_partial_upload_is_incomplete(tmp_path):
     folder = _merged(tmp_path)
-    listed = json.loads((folder / ckpt.COMPLETE_MARKER).read_text())["files"]
+    listed = json.loads((folder / fmt.COMPLETE_MARKER).read_text())["files"]
     assert listed == {"dcp/__0_0.distcp": 100, "model.pt": 300, "rng-rank00000.pt": 100, "rng-rank00001.pt": 100}
-    assert ckpt.is_complete(folder) and ckpt.incomplete_reason(folder) is None
+    assert fmt.is_complete(folder) and fmt.incomplete_reason(folder) is None
 
     # rank 1 died before its upload: rank 0's marker is there, but its part is not
     partial = _merged(tmp_path, "partial", upload_rank1=False)
-    assert (partial / ckpt.COMPLETE_MARKER).is_file() and not ckpt.is_complete(partial)
-    assert ckpt.incomplete_reason(partial) == "COMPLETE lists files that are missing or short: rng-rank00001.pt"
+    assert (partial / fmt.COMPLETE_MARKER).is_file() and not fmt.is_complete(partial)
+    assert fmt.incomplete_reason(partial) == "COMPLETE lists files that are missing or short: rng-rank00001.pt"
 
     # a file cut short by a dying upload, and a marker that is not one
     (folder / "model.pt").write_bytes(b"x" * 10)
-    assert ckpt.incomplete_reason(folder) == "COMPLETE lists files that are missing or short: model.pt (10 of 300 bytes)"
-    (folder / ckpt.COMPLETE_MARKER).write_text("ok\n")
-    assert not ckpt.is_complete(folder)
+    assert fmt.incomplete_reason(folder) == "COMPLETE lists files that are missing or short: model.pt (10 of 300 bytes)"
+    (folder / fmt.COMPLETE_MARKER).write_text("ok\n")
+    assert not fmt.is_complete(folder)
     shutil.rmtree(partial / "dcp")
-    (partial / ckpt.COMPLETE_MARKER).unlink()
-    assert ckpt.incomplete_reason(partial) == "no COMPLETE marker"
+    (partial / fmt.COMPLETE_MARKER).unlink()
+    assert fmt.incomplete_reason(partial) == "no COMPLETE marker"
 
 
 def test_another_ranks_scratch_files_in_a_shared_folder_are_not_described(tmp_path, monkeypatch):
@@ -60,22 +61,22 @@ def test_another_ranks_scratch_files_in_a_shared_folder_are_not_described(tmp_pa
     DCP's, tempfile's) is left out, a file gone between the listing and its hash too; DCP's .metadata is kept."""
     for name in ("model.pt", ".metadata", ".model.pt.tmp-123", ".metadata.tmp", ".tmplvmoxh"):
         (tmp_path / name).write_bytes(b"x" * 3)
-    assert sorted(ckpt.list_files(tmp_path)) == [".metadata", "model.pt"]
+    assert sorted(fmt.finished_files(tmp_path)) == [".metadata", "model.pt"]
 
-    listing = ckpt.list_files
-    monkeypatch.setattr(ckpt, "list_files", lambda d: {**listing(d), "renamed-away.tmp": 3})
-    described = ckpt.describe_files(tmp_path)
+    listing = fmt.finished_files
+    monkeypatch.setattr(fmt, "finished_files", lambda d: {**listing(d), "renamed-away.tmp": 3})
+    described = fmt.describe_files(tmp_path)
     assert sorted(described) == [".metadata", "model.pt"] and described["model.pt"][0] == 3
     with pytest.raises(FileNotFoundError):  # a file the caller names must exist
-        ckpt.describe_files(tmp_path, ["renamed-away.tmp"])
+        fmt.describe_files(tmp_path, ["renamed-away.tmp"])
 
 
 def test_a_single_writer_marks_its_own_files(tmp_path):
     _rank_part(tmp_path / "one", 0)
-    ckpt.mark_complete(tmp_path / "one")
-    assert ckpt.is_complete(tmp_path / "one")
+    fmt.mark_complete(tmp_path / "one")
+    assert fmt.is_complete(tmp_path / "one")
     (tmp_path / "one" / "rng-rank00000.pt").unlink()
-    assert not ckpt.is_complete(tmp_path / "one")
+    assert not fmt.is_complete(tmp_path / "one")
 
 
 def test_an_incomplete_checkpoint_is_never_resumed_from(tmp_path):
@@ -94,7 +95,7 @@ def test_an_incomplete_checkpoint_is_never_resumed_from(tmp_path):
     trainer.train()
     folder = tmp_path / "ckpt"
     trainer.save_checkpoint(folder)
-    assert ckpt.is_complete(folder)
+    assert fmt.is_complete(folder)
     Trainer(cfg, DistContext(), data_root=shards, resume_from=folder)  # loads
     (folder / "optimizer.pt").unlink()
     with pytest.raises(ValueError, match=r"not a complete checkpoint \(COMPLETE lists files that are missing .*optimizer.pt"):

@@ -13,8 +13,8 @@ from loader_helpers import RandomBatches
 
 from metaformer_platform.config import ConfigError, load_config
 from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
+from metaformer_platform.storage import checkpoint_format as fmt
 from metaformer_platform.strategies.base import DistContext
-from metaformer_platform.training import checkpoint as ckpt
 from metaformer_platform.training.export import export_checkpoint
 from metaformer_platform.training.trainer import Trainer
 
@@ -82,10 +82,10 @@ def test_resume_with_ema_is_exact(shards, tmp_path):
     args = ("trainer.max_steps=10", "trainer.ema_decay=0.9", "trainer.checkpoint_every_steps=4", "data.val_split=null")
     full = _trainer(shards, *args, keep=tmp_path)
     full.train()
-    assert (tmp_path / "step-4" / ckpt.EMA_FILE).is_file()
+    assert (tmp_path / "step-4" / fmt.EMA_FILE).is_file()
     resumed = _trainer(shards, *args, resume_from=tmp_path / "step-4")
     assert resumed.step == 4
-    saved = ckpt.load_tensors(tmp_path / "step-4" / ckpt.EMA_FILE)
+    saved = fmt.load_tensors(tmp_path / "step-4" / fmt.EMA_FILE)
     for k, v in resumed.ema.module.state_dict().items():
         assert torch.equal(v, saved[k]), k
     resumed.train()

@@ -24,10 +24,10 @@ from metaformer_platform.evaluation.report import (
     check_label_set,
     data_hash,
     prepare_evaluation,
-    read_weights_info,
     summary_line,
 )
 from metaformer_platform.launch.workers import evaluate_worker
+from metaformer_platform.storage.weights import read_weights_info
 from metaformer_platform.strategies.base import DistContext
 from metaformer_platform.training.export import export_checkpoint
 from metaformer_platform.training.trainer import Trainer
@@ -209,7 +209,7 @@ def test_report_checks_the_total_and_shows_the_paper_beside_imagenet_results(sha
 
 
 def read_weights_info_stub():
-    from metaformer_platform.evaluation.report import WeightsInfo
+    from metaformer_platform.storage.weights import WeightsInfo
 
     return WeightsInfo("export", Path("/nowhere"), "poolformer_s12", 1000, {}, (), 224, 0.9, 10)
 

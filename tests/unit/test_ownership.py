@@ -9,6 +9,7 @@ import time
 import pytest
 from pyarrow import fs as pafs
 
+from metaformer_platform.storage import checkpoint_format as fmt
 from metaformer_platform.training import ownership
 
 
@@ -30,7 +31,7 @@ def test_a_live_run_name_is_refused_a_released_or_stale_one_taken_over(tmp_path)
     third = ownership.claim_run(str(tmp_path), "r1", now=time.time() + ownership.LEASE_TTL_S + 1)
     assert third.run_id == first.run_id
     third.release()
-    assert json.loads((tmp_path / "r1" / ownership.OWNER_FILE).read_text())["released"] is True
+    assert json.loads((tmp_path / "r1" / fmt.OWNER_FILE).read_text())["released"] is True
 
 
 def test_the_read_only_check_refuses_a_live_name_and_writes_nothing(tmp_path):
@@ -40,11 +41,11 @@ def test_the_read_only_check_refuses_a_live_name_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
     lease = ownership.claim_run(str(tmp_path), "r1")
     try:
-        before = (tmp_path / "r1" / ownership.OWNER_FILE).read_bytes()
+        before = (tmp_path / "r1" / fmt.OWNER_FILE).read_bytes()
         with pytest.raises(ValueError, match=r"run.name='r1'.*in use by a live job.*another run.name"):
             ownership.check_run_free(str(tmp_path), "r1")
-        assert (tmp_path / "r1" / ownership.OWNER_FILE).read_bytes() == before
-        assert sorted(p.name for p in (tmp_path / "r1").iterdir()) == [ownership.OWNER_FILE]
+        assert (tmp_path / "r1" / fmt.OWNER_FILE).read_bytes() == before
+        assert sorted(p.name for p in (tmp_path / "r1").iterdir()) == [fmt.OWNER_FILE]
     finally:
         lease.release()
     ownership.check_run_free(str(tmp_path), "r1")  # released
@@ -57,7 +58,7 @@ def _folder(run: str, name: str, owner: dict | None) -> None:
     path.mkdir(parents=True)
     (path / "model.pt").write_bytes(b"weights of " + name.encode())
     if owner is not None:
-        ownership.stamp(path, owner, 0)
+        fmt.stamp(path, owner, 0)
 
 
 def test_recovery_quarantines_what_its_run_did_not_write(tmp_path):

@@ -12,8 +12,8 @@ import yaml
 
 from metaformer_platform import pipelines as P
 from metaformer_platform.pipelines import outcome, report, runner
+from metaformer_platform.storage import checkpoint_format as fmt
 from metaformer_platform.tracking.runs import training_experiment
-from metaformer_platform.training import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT = str(REPO / "jobs" / "configs" / "default.yaml")
@@ -168,7 +168,7 @@ def test_a_stage_whose_data_is_missing_blocks_its_member(tmp_path: Path) -> None
 
 def _complete_checkpoint(folder: Path) -> Path:
     folder.mkdir(parents=True)
-    ckpt.mark_complete(folder)
+    fmt.mark_complete(folder)
     return folder
 
 

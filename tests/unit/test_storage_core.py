@@ -12,6 +12,7 @@ import pytest
 
 from metaformer_platform import storage
 from metaformer_platform.storage import Location, S3Settings
+from metaformer_platform.storage import checkpoint_format as fmt
 from metaformer_platform.storage import weights as W
 
 
@@ -123,8 +124,8 @@ def test_the_resolver_returns_local_weights_as_they_are_and_refuses_other_folder
     ckpt = _checkpoint(tmp_path / "ckpt", {"trainer.pt": b"t"})
     export = tmp_path / "export"
     export.mkdir()
-    (export / W.EXPORT_WEIGHTS).write_bytes(b"w")
-    (export / W.EXPORT_META).write_text("{}")
+    (export / fmt.WEIGHTS_FILE).write_bytes(b"w")
+    (export / fmt.META_FILE).write_text("{}")
     assert W.resolve_weights(ckpt) == W.Weights(ckpt, "checkpoint", str(ckpt))
     assert W.resolve_weights(f"file://{export}").kind == "export"
     (tmp_path / "other").mkdir()

@@ -93,8 +93,8 @@ def test_export_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
 
 def test_ddp_export_loads_strictly_into_plain_timm_with_the_same_logits(tmp_path):
     from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
+    from metaformer_platform.storage import checkpoint_format as fmt
     from metaformer_platform.strategies.base import DistContext
-    from metaformer_platform.training import checkpoint as ckpt
     from metaformer_platform.training.export import export_checkpoint, load_export
     from metaformer_platform.training.trainer import Trainer
 
@@ -118,9 +118,9 @@ def test_ddp_export_loads_strictly_into_plain_timm_with_the_same_logits(tmp_path
         export_checkpoint(tmp_path / "ckpt", tmp_path / "export")
 
     # A checkpoint whose weights do not fit the model it names: the keys are listed, nothing is written.
-    state = ckpt.load_tensors(tmp_path / "ckpt" / ckpt.TRAINER_FILE)
-    ckpt.save_tensors({**state, "num_classes": 7}, tmp_path / "ckpt" / ckpt.TRAINER_FILE)
-    ckpt.mark_complete(tmp_path / "ckpt")  # re-marked: the sha256 of the changed trainer.pt is recorded anew
+    state = fmt.load_tensors(tmp_path / "ckpt" / fmt.TRAINER_FILE)
+    fmt.save_tensors({**state, "num_classes": 7}, tmp_path / "ckpt" / fmt.TRAINER_FILE)
+    fmt.mark_complete(tmp_path / "ckpt")  # re-marked: the sha256 of the changed trainer.pt is recorded anew
     with pytest.raises(ValueError, match=r"does not match poolformer_debug with 7 classes: .*wrong shape \['head.fc"):
         export_checkpoint(tmp_path / "ckpt", tmp_path / "export2")
     assert not (tmp_path / "export2").exists()
@@ -131,16 +131,16 @@ def test_init_from_an_export_or_checkpoint_keeps_the_trunk_and_makes_a_new_head(
 
     import metaformer_platform.models  # noqa: F401
     from metaformer_platform.launch.driver import check_init_from
-    from metaformer_platform.training import checkpoint as ckpt
+    from metaformer_platform.storage import checkpoint_format as fmt
     from metaformer_platform.training.export import export_checkpoint, init_from
 
     # A checkpoint folder as the DDP strategy writes it, for a 4-class model.
     source = timm.create_model("poolformer_debug", num_classes=4)
     folder = tmp_path / "ckpt"
-    ckpt.save_tensors(source.state_dict(), folder / "model.pt")
-    ckpt.save_tensors({"step": 3, "model_name": "poolformer_debug", "num_classes": 4}, folder / ckpt.TRAINER_FILE)
-    (folder / ckpt.CONFIG_FILE).write_text(load_config(None, ["model.name=poolformer_debug"]).to_yaml())
-    ckpt.mark_complete(folder)
+    fmt.save_tensors(source.state_dict(), folder / "model.pt")
+    fmt.save_tensors({"step": 3, "model_name": "poolformer_debug", "num_classes": 4}, folder / fmt.TRAINER_FILE)
+    (folder / fmt.CONFIG_FILE).write_text(load_config(None, ["model.name=poolformer_debug"]).to_yaml())
+    fmt.mark_complete(folder)
     export_checkpoint(folder, tmp_path / "export")
 
     for where in (folder, tmp_path / "export"):

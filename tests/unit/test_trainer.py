@@ -10,6 +10,7 @@ from dist_helpers import run_ranks
 
 from metaformer_platform.config import load_config
 from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
+from metaformer_platform.storage import checkpoint_format as fmt
 from metaformer_platform.strategies.base import DistContext
 from metaformer_platform.training import checkpoint as ckpt
 from metaformer_platform.training.trainer import Trainer
@@ -88,7 +89,7 @@ def test_checkpoint_resume_gives_identical_losses(shards, tmp_path):
     full = Recorder()
     _trainer(cfg, shards, full, reported=tmp_path).train()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-12", "step-18", "step-20", "step-6"]
-    assert ckpt.is_complete(tmp_path / "step-12")
+    assert fmt.is_complete(tmp_path / "step-12")
 
     resumed = Recorder()
     trainer = _trainer(cfg, shards, resumed, resume_from=tmp_path / "step-12")

@@ -15,6 +15,7 @@ import torch
 from pyarrow import fs as pafs
 
 from metaformer_platform.config import load_config
+from metaformer_platform.storage import checkpoint_format as fmt
 from metaformer_platform.training import checkpoint as ckpt
 from metaformer_platform.training import ownership
 
@@ -42,8 +43,8 @@ def _config(strategy: str) -> str:
 def craft(folder: Path, strategy: str, marker: Path, *, run_id: str | None = "someone-else") -> Path:
     """A folder that looks like a complete checkpoint of ``strategy`` whose native files run the payload."""
     folder.mkdir(parents=True)
-    ckpt.save_tensors({"step": 3, "model_name": "poolformer_debug", "num_classes": 4}, folder / ckpt.TRAINER_FILE)
-    (folder / ckpt.CONFIG_FILE).write_text(_config(strategy))
+    fmt.save_tensors({"step": 3, "model_name": "poolformer_debug", "num_classes": 4}, folder / fmt.TRAINER_FILE)
+    (folder / fmt.CONFIG_FILE).write_text(_config(strategy))
     evil = _payload_bytes(marker)
     if strategy == "fsdp":  # torch.distributed.checkpoint's FileSystemReader unpickles .metadata
         (folder / "fsdp").mkdir()
@@ -54,10 +55,10 @@ def craft(folder: Path, strategy: str, marker: Path, *, run_id: str | None = "so
         torch.save(Payload(marker), folder / "deepspeed" / "mp_rank_00_model_states.pt")
         torch.save(Payload(marker), folder / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     else:  # ddp: model.pt itself is the pickle
-        (folder / ckpt.DDP_MODEL_FILE).write_bytes(evil)
-    ckpt.mark_complete(folder)
+        (folder / fmt.DDP_MODEL_FILE).write_bytes(evil)
+    fmt.mark_complete(folder)
     if run_id is not None:
-        ownership.stamp(folder, {"run_id": run_id, "attempt": "a"}, 0)
+        fmt.stamp(folder, {"run_id": run_id, "attempt": "a"}, 0)
     return folder
 
 
@@ -123,7 +124,7 @@ def test_export_entry_point_exits_2_on_a_crafted_checkpoint(tmp_path, marker, ca
 
 def _run_folder(storage: Path, run: str, run_id: str) -> Path:
     (storage / run).mkdir(parents=True)
-    (storage / run / ownership.OWNER_FILE).write_text(json.dumps({"run_id": run_id, "released": True}))
+    (storage / run / fmt.OWNER_FILE).write_text(json.dumps({"run_id": run_id, "released": True}))
     return storage / run
 
 
@@ -180,9 +181,9 @@ def test_recovery_never_resumes_a_foreign_folder_dropped_into_the_run(tmp_path, 
     fs = pafs.LocalFileSystem()
     mine = run / "checkpoint-00000010"
     mine.mkdir()
-    ckpt.save_tensors({"w": torch.ones(2)}, mine / ckpt.DDP_MODEL_FILE)
-    ckpt.mark_complete(mine)
-    ownership.stamp(mine, {"run_id": "run-1", "attempt": "a"}, 0)
+    fmt.save_tensors({"w": torch.ones(2)}, mine / fmt.DDP_MODEL_FILE)
+    fmt.mark_complete(mine)
+    fmt.stamp(mine, {"run_id": "run-1", "attempt": "a"}, 0)
     dropped = craft(run / "checkpoint-00000020", "fsdp", marker, run_id="intruder")
     with pytest.raises(ValueError, match=r"stamps do not name run run-1.*export them first"):
         ownership.check_native_checkpoint("fsdp", fs, str(dropped), str(storage), "resuming")
@@ -243,32 +244,31 @@ def _trained_ddp_checkpoint(folder: Path) -> Path:
     import metaformer_platform.models  # noqa: F401
 
     model = timm.create_model("poolformer_debug", num_classes=4)
-    ckpt.save_tensors(model.state_dict(), folder / ckpt.DDP_MODEL_FILE)
-    ckpt.save_tensors({"step": 3, "model_name": "poolformer_debug", "num_classes": 4}, folder / ckpt.TRAINER_FILE)
-    (folder / ckpt.CONFIG_FILE).write_text(_config("ddp"))
-    ckpt.mark_complete(folder)
+    fmt.save_tensors(model.state_dict(), folder / fmt.DDP_MODEL_FILE)
+    fmt.save_tensors({"step": 3, "model_name": "poolformer_debug", "num_classes": 4}, folder / fmt.TRAINER_FILE)
+    (folder / fmt.CONFIG_FILE).write_text(_config("ddp"))
+    fmt.mark_complete(folder)
     return folder
 
 
 def test_a_file_changed_after_the_marker_same_size_is_refused_by_its_sha256(tmp_path):
-    from metaformer_platform.evaluation.report import read_weights_info
-    from metaformer_platform.storage.weights import resolve
+    from metaformer_platform.storage.weights import read_weights_info, resolve
     from metaformer_platform.training.export import export_checkpoint
 
     folder = _trained_ddp_checkpoint(tmp_path / "checkpoint-00000003")
-    recorded = json.loads((folder / ckpt.COMPLETE_MARKER).read_text())["sha256"]
-    assert set(recorded) == {ckpt.DDP_MODEL_FILE, ckpt.TRAINER_FILE, ckpt.CONFIG_FILE}
-    assert resolve(folder) == folder and ckpt.is_complete(folder)
+    recorded = json.loads((folder / fmt.COMPLETE_MARKER).read_text())["sha256"]
+    assert set(recorded) == {fmt.DDP_MODEL_FILE, fmt.TRAINER_FILE, fmt.CONFIG_FILE}
+    assert resolve(folder) == folder and fmt.is_complete(folder)
 
     # The classifier's weights overwritten in place: same size, other bytes, a perfectly loadable file.
-    data = (folder / ckpt.DDP_MODEL_FILE).read_bytes()
-    weight = ckpt.load_tensors(folder / ckpt.DDP_MODEL_FILE)["head.fc.weight"].numpy().tobytes()
+    data = (folder / fmt.DDP_MODEL_FILE).read_bytes()
+    weight = fmt.load_tensors(folder / fmt.DDP_MODEL_FILE)["head.fc.weight"].numpy().tobytes()
     assert data.count(weight) == 1
-    (folder / ckpt.DDP_MODEL_FILE).write_bytes(data.replace(weight, bytes(len(weight))))
-    assert torch.count_nonzero(ckpt.load_tensors(folder / ckpt.DDP_MODEL_FILE)["head.fc.weight"]) == 0
+    (folder / fmt.DDP_MODEL_FILE).write_bytes(data.replace(weight, bytes(len(weight))))
+    assert torch.count_nonzero(fmt.load_tensors(folder / fmt.DDP_MODEL_FILE)["head.fc.weight"]) == 0
     assert storage_reason(folder, verify=False) is None  # by sizes alone it would pass
     changed = r"model.pt changed after the folder was written: its sha256 is not the one COMPLETE records"
-    assert not ckpt.is_complete(folder)
+    assert not fmt.is_complete(folder)
     for load in (resolve, read_weights_info, lambda f: export_checkpoint(f, tmp_path / "out")):
         with pytest.raises(ValueError, match=changed):
             load(folder)
@@ -284,8 +284,8 @@ def test_fsdp_and_deepspeed_checkpoints_carry_pickle_free_weights_that_export_re
     model = timm.create_model("poolformer_debug", num_classes=4)
     folder = tmp_path / "checkpoint-00000003"
     craft(folder, "fsdp", tmp_path / "never")  # native files that would run the payload
-    ckpt.save_weights(model.state_dict(), folder / ckpt.WEIGHTS_FILE)
-    ckpt.mark_complete(folder)
+    fmt.save_weights(model.state_dict(), folder / fmt.WEIGHTS_FILE)
+    fmt.mark_complete(folder)
     export_checkpoint(folder, tmp_path / "out")
     target = timm.create_model("poolformer_debug", num_classes=4)
     assert init_from(target, folder) == [] and init_from(target, tmp_path / "out") == []

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from metaformer_platform.evaluation.metrics import MetricSums
+from metaformer_platform.storage.weights import WeightsInfo, read_weights_info
 
 if TYPE_CHECKING:
     from metaformer_platform.config import JobConfig
@@ -30,58 +30,6 @@ NO_WEIGHTS = (
     "registered model (models:/NAME@ALIAS)"
 )
 # -- what the weights are ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WeightsInfo:
-    """What an export or checkpoint folder says about the model in it (read without loading weights)."""
-
-    kind: str  # "export" or "checkpoint"
-    path: Path
-    model_name: str
-    num_classes: int
-    model_kwargs: dict[str, Any]
-    class_names: tuple[str, ...]  # empty when the weights do not record them
-    img_size: int | None
-    crop_pct: float | None
-    step: int | None
-
-
-def read_weights_info(source: str | Path) -> WeightsInfo:
-    """Read ``model.json`` of an export, or ``trainer.pt`` + ``config.yaml`` of a complete checkpoint.
-
-    Raises ``ValueError`` for a folder that is neither.
-    """
-    import yaml
-
-    from metaformer_platform.training import checkpoint as ckpt
-    from metaformer_platform.training.export import META_FILE, WEIGHTS_FILE
-
-    folder = Path(str(source).removeprefix("file://")).expanduser().resolve()
-    if (folder / META_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
-        info = json.loads((folder / META_FILE).read_text())
-        pcfg = info.get("pretrained_cfg") or {}
-        return WeightsInfo(
-            "export", folder, info["model_name"], int(info["num_classes"]), dict(info.get("model_kwargs") or {}),
-            tuple(info.get("class_names") or ()), info.get("img_size"), info.get("crop_pct", pcfg.get("crop_pct")),
-            info.get("step"),
-        )
-    if (folder / ckpt.COMPLETE_MARKER).is_file() and (folder / ckpt.TRAINER_FILE).is_file():
-        if (why := ckpt.incomplete_reason(folder)) is not None:  # sizes and sha256 digests
-            raise ValueError(f"model.init_from={str(source)!r} is not a complete checkpoint ({why})")
-        ckpt.weights_file(folder)  # weights readable without running code, or "export it first"
-        state = ckpt.load_tensors(folder / ckpt.TRAINER_FILE)
-        config = yaml.safe_load((folder / ckpt.CONFIG_FILE).read_text()) if (folder / ckpt.CONFIG_FILE).is_file() else {}
-        data, model = config.get("data") or {}, config.get("model") or {}
-        return WeightsInfo(
-            "checkpoint", folder, state["model_name"], int(state["num_classes"]), dict(model.get("kwargs") or {}),
-            tuple(state.get("class_names") or ()), data.get("img_size"), data.get("crop_pct"), int(state["step"]),
-        )
-    raise ValueError(
-        f"model.init_from={str(source)!r} is neither an export (model.json + model.safetensors) nor a complete "
-        "checkpoint folder (checkpoint-NNNNNNNN with a COMPLETE marker); point it at one of those, or at a "
-        "registered model (models:/NAME@ALIAS)"
-    )
 
 
 def check_label_set(weights: WeightsInfo, num_classes: int | None, class_names: tuple[str, ...], where: str) -> None:

@@ -112,7 +112,7 @@ def check_init_from(cfg: JobConfig, folder: Path | None = None) -> None:
                 "export folder or a registered model (models:/NAME@ALIAS)"
             )
         return
-    from metaformer_platform.evaluation.report import read_weights_info
+    from metaformer_platform.storage.weights import read_weights_info
 
     name = read_weights_info(folder or cfg.model.init_from).model_name
     if name != cfg.model.name:
@@ -127,7 +127,7 @@ def check_resume_from(cfg: JobConfig) -> Path | str | None:
     a complete checkpoint of this model (judged where the files are, by the marker's file list)."""
     if cfg.run.resume_from is None:
         return None
-    from metaformer_platform.training import checkpoint as ckpt
+    from metaformer_platform.storage.checkpoint_format import TRAINER_FILE, load_tensors
     from metaformer_platform.training.ownership import check_native_checkpoint
 
     where = f"run.resume_from={cfg.run.resume_from!r}"
@@ -137,8 +137,8 @@ def check_resume_from(cfg: JobConfig) -> Path | str | None:
         raise ValueError(f"{where} is not a complete checkpoint folder ({why}); point it at a run's checkpoint-NNNNNNNN folder")
     check_native_checkpoint(cfg.strategy.name, loc.filesystem(), loc.fs_path,
                             Location.parse(cfg.run.storage_path).fs_path, where)
-    with storage.local_folder(loc, [ckpt.TRAINER_FILE]) as folder:
-        state = ckpt.load_tensors(folder / ckpt.TRAINER_FILE)
+    with storage.local_folder(loc, [TRAINER_FILE]) as folder:
+        state = load_tensors(folder / TRAINER_FILE)
     if state["model_name"] != cfg.model.name:
         raise ValueError(
             f"{where} holds {state['model_name']}, but this job trains "

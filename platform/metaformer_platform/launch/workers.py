@@ -66,7 +66,7 @@ def checkpoint_reporter(
         if flush is not None:
             flush()
         if owner is not None:
-            from metaformer_platform.training.ownership import stamp
+            from metaformer_platform.storage.checkpoint_format import stamp
 
             stamp(checkpoint_dir, owner, dist.rank)
         async_upload = cfg.run.checkpoint_upload == "async"

@@ -1,4 +1,4 @@
-"""The storage core: locations, S3 settings, the one storage API (local and S3 stores), completeness, weights.
+"""The storage core: locations, S3 settings, the one storage API (local and S3 stores), checkpoint format, weights.
 
 Every layer above (data, training, evaluation, registry, launch, pipelines) reaches local folders and object
 storage through this package; it imports nothing of the platform above it (the weights resolver's
@@ -6,7 +6,7 @@ storage through this package; it imports nothing of the platform above it (the w
 """
 
 from metaformer_platform.storage import weights  # the resolver: storage.weights.resolve
-from metaformer_platform.storage.completeness import (
+from metaformer_platform.storage.checkpoint_format import (
     COMPLETE_MARKER,
     file_sha256,
     incomplete_reason,

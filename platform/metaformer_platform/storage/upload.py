@@ -12,14 +12,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from metaformer_platform.storage.completeness import COMPLETE_MARKER
+from metaformer_platform.storage.checkpoint_format import COMPLETE_MARKER, PART_FILE
 
 if TYPE_CHECKING:
     import pyarrow.fs
 
-__all__ = ["PART_PREFIX", "upload_checkpoint_part"]
-
-PART_PREFIX = "PART-rank"
+__all__ = ["upload_checkpoint_part"]
 
 
 def upload_checkpoint_part(
@@ -42,10 +40,10 @@ def upload_checkpoint_part(
         fs.create_dir(dest)
         pafs.copy_files(str(local_dir), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs,
                         use_threads=True)
-        with fs.open_output_stream(f"{dest}/{PART_PREFIX}{rank:05d}") as out:
+        with fs.open_output_stream(f"{dest}/{PART_FILE.format(rank)}") as out:
             out.write(b"ok\n")
         if held.is_file():
-            parts = [f"{dest}/{PART_PREFIX}{r:05d}" for r in range(world_size)]
+            parts = [f"{dest}/{PART_FILE.format(r)}" for r in range(world_size)]
             deadline = time.monotonic() + timeout_s
             while any(info.type == pafs.FileType.NotFound for info in fs.get_file_info(parts)):
                 if time.monotonic() > deadline:

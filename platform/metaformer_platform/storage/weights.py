@@ -13,7 +13,8 @@ file with its size and sha256 (recorded at download), checked each time the entr
 A checkpoint's files are checked against the sha256 digests its ``COMPLETE`` marker records (a local folder
 where it lies, a remote one in the fetched copy before it enters the cache): a file changed after its run
 wrote it is refused. What the resolver hands over is only ever read pickle-free (an export's safetensors, a
-checkpoint's ``model.safetensors`` or ``weights_only`` files); see ``training/checkpoint.model_weights``.
+checkpoint's ``model.safetensors`` or ``weights_only`` files); see ``checkpoint_format.model_weights``.
+``read_weights_info`` says what a resolved folder holds (model, classes, resolution) without loading weights.
 """
 
 from __future__ import annotations
@@ -24,33 +25,35 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from metaformer_platform.storage import completeness
+from metaformer_platform.storage import checkpoint_format as fmt
 from metaformer_platform.storage.files import download, fingerprint, list_files
 from metaformer_platform.storage.location import Location
 
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
 __all__ = [
     "CACHE_ENV",
-    "EXPORT_META",
-    "EXPORT_WEIGHTS",
     "FETCHED_MARKER",
     "TAG_WEIGHTS_SHA256",
     "Weights",
+    "WeightsInfo",
     "default_cache_dir",
     "is_registry_uri",
     "model_version",
+    "read_weights_info",
     "resolve",
     "resolve_weights",
 ]
 
 CACHE_ENV = "METAFORMER_WEIGHTS_CACHE"
-FETCHED_MARKER = "FETCHED"
-EXPORT_WEIGHTS = "model.safetensors"  # what training/export.py writes
-EXPORT_META = "model.json"
-CHECKPOINT_STATE = "trainer.pt"  # what every strategy's checkpoint holds beside its weights
+FETCHED_MARKER = "FETCHED"  # a cache entry's marker, in the checkpoint marker's format
 TAG_WEIGHTS_SHA256 = "metaformer.weights_sha256"  # set on every registered version
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))/?$")
 
@@ -76,13 +79,13 @@ def is_registry_uri(value: object) -> bool:
 
 
 def _kind(names: set[str], where: str) -> str:
-    if completeness.COMPLETE_MARKER in names and CHECKPOINT_STATE in names:
+    if fmt.COMPLETE_MARKER in names and fmt.TRAINER_FILE in names:
         return "checkpoint"
-    if {EXPORT_WEIGHTS, EXPORT_META} <= names:
+    if {fmt.WEIGHTS_FILE, fmt.META_FILE} <= names:
         return "export"
     raise ValueError(
-        f"{where} is neither an export ({EXPORT_META} + {EXPORT_WEIGHTS}) nor a complete checkpoint folder "
-        f"(checkpoint-NNNNNNNN with a {completeness.COMPLETE_MARKER} marker and {CHECKPOINT_STATE}); point it at "
+        f"{where} is neither an export ({fmt.META_FILE} + {fmt.WEIGHTS_FILE}) nor a complete checkpoint folder "
+        f"(checkpoint-NNNNNNNN with a {fmt.COMPLETE_MARKER} marker and {fmt.TRAINER_FILE}); point it at "
         "one of those, or at a registered model (models:/NAME@ALIAS)"
     )
 
@@ -90,7 +93,7 @@ def _kind(names: set[str], where: str) -> str:
 # -- models:/ lookups --------------------------------------------------------------------------------
 
 
-def _explain_missing(client: Any, registry: str, uri: str, name: str, alias: str | None, version: str | None) -> str:
+def _explain_missing(client: MlflowClient, registry: str, uri: str, name: str, alias: str | None, version: str | None) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -110,7 +113,7 @@ def _explain_missing(client: Any, registry: str, uri: str, name: str, alias: str
     )
 
 
-def model_version(uri: str, tracking_uri: str) -> Any:
+def model_version(uri: str, tracking_uri: str) -> ModelVersion:
     """The MLflow ``ModelVersion`` that ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names in the registry
     at ``tracking_uri``; a ValueError listing what the registry has when it names nothing."""
     import mlflow
@@ -136,19 +139,19 @@ def model_version(uri: str, tracking_uri: str) -> Any:
 
 
 def _cached(entry: Path) -> bool:
-    return entry.is_dir() and completeness.incomplete_reason(entry, marker=FETCHED_MARKER) is None
+    return entry.is_dir() and fmt.incomplete_reason(entry, marker=FETCHED_MARKER) is None
 
 
 def _mark_fetched(folder: Path, source: str) -> None:
     files = {n: s for n, s in list_files(folder).items() if n != FETCHED_MARKER}
-    digests = {n: completeness.file_sha256(str(folder / n)) for n in files}
-    text = json.loads(completeness.marker_text([files], digests))
+    digests = {n: fmt.file_sha256(str(folder / n)) for n in files}
+    text = json.loads(fmt.marker_text([files], digests))
     text["source"] = source
     text["fetched_by_pid"] = os.getpid()
     (folder / FETCHED_MARKER).write_text(json.dumps(text, indent=0))
 
 
-def _fill_entry(entry: Path, source: str, fill: Any) -> bool:
+def _fill_entry(entry: Path, source: str, fill: Callable[[Path], None]) -> bool:
     """Make ``entry`` a complete copy (``fill(tmp_folder)`` downloads into a fresh folder); True when this call
     downloaded it, False when it was (or meanwhile became) cached. One process downloads; the others wait."""
     from filelock import FileLock
@@ -175,19 +178,22 @@ def _resolve_registered(uri: str, tracking_uri: str, cache: Path) -> Weights:
     import mlflow.artifacts
 
     mv = model_version(uri, tracking_uri)
+    if not mv.source:
+        raise ValueError(f"{uri} (v{mv.version}) records no artifact source: register the export again")
+    source = mv.source
     expected = mv.tags.get(TAG_WEIGHTS_SHA256)
     # a name and version can mean other weights on another tracking server (or a re-created registry)
     identity = hashlib.sha256(f"{mv.source}|{expected}".encode()).hexdigest()[:16]
     entry = cache / "models" / mv.name / f"v{mv.version}-{identity}"
 
     def fill(tmp: Path) -> None:
-        for name in (EXPORT_WEIGHTS, EXPORT_META):  # exactly the two files an export holds: no other name is written
+        for name in (fmt.WEIGHTS_FILE, fmt.META_FILE):  # exactly the two files an export holds: no other name is written
             mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{mv.source.rstrip('/')}/{name}", dst_path=str(tmp), tracking_uri=tracking_uri
+                artifact_uri=f"{source.rstrip('/')}/{name}", dst_path=str(tmp), tracking_uri=tracking_uri
             )
-        if expected is not None and completeness.file_sha256(str(tmp / EXPORT_WEIGHTS)) != expected:
+        if expected is not None and fmt.file_sha256(str(tmp / fmt.WEIGHTS_FILE)) != expected:
             raise ValueError(
-                f"{uri} (v{mv.version}): the downloaded {EXPORT_WEIGHTS} does not match the sha256 recorded at "
+                f"{uri} (v{mv.version}): the downloaded {fmt.WEIGHTS_FILE} does not match the sha256 recorded at "
                 f"registration ({expected}); the artifacts at {mv.source} were changed"
             )
         _kind(set(os.listdir(tmp)), f"{uri} (v{mv.version}, {mv.source})")
@@ -202,7 +208,7 @@ def _resolve_remote(loc: Location, cache: Path) -> Weights:
         raise ValueError(f"{loc.uri}: nothing is stored there; point it at a checkpoint-NNNNNNNN folder or an export")
     kind = _kind(set(listing), loc.uri)
     if kind == "checkpoint":
-        why = completeness.incomplete_reason(loc)
+        why = fmt.incomplete_reason(loc)
         if why is not None:
             raise ValueError(f"{loc.uri} is not a complete checkpoint ({why}); choose a complete checkpoint folder")
     # Keyed by what is there now, not only by the URI: a folder rewritten since (a run re-created under its name,
@@ -219,7 +225,7 @@ def _resolve_remote(loc: Location, cache: Path) -> Weights:
 
 
 def _check_checkpoint(folder: Path, where: str) -> None:
-    why = completeness.incomplete_reason(folder)
+    why = fmt.incomplete_reason(folder)
     if why is not None:
         raise ValueError(f"{where} is not a complete checkpoint ({why}); choose a complete, unaltered checkpoint folder")
 
@@ -253,3 +259,56 @@ def resolve(uri: str | os.PathLike[str], *, tracking_uri: str | None = None,
     downloaded once into the cache. A ValueError names the source and the fix when it holds neither kind,
     the checkpoint is incomplete, or the registry has no such version."""
     return resolve_weights(uri, tracking_uri=tracking_uri, cache_dir=cache_dir).path
+
+
+# -- what the weights are ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """What an export or checkpoint folder says about the model in it (read without loading weights)."""
+
+    kind: str  # "export" or "checkpoint"
+    path: Path
+    model_name: str
+    num_classes: int
+    model_kwargs: dict[str, Any]
+    class_names: tuple[str, ...]  # empty when the weights do not record them
+    img_size: int | None
+    crop_pct: float | None
+    step: int | None
+
+
+def read_weights_info(source: str | Path) -> WeightsInfo:
+    """Read ``model.json`` of an export, or ``trainer.pt`` + ``config.yaml`` of a complete checkpoint.
+
+    Raises ``ValueError`` for a folder that is neither.
+    """
+    import yaml
+
+    folder = Path(str(source).removeprefix("file://")).expanduser().resolve()
+    if (folder / fmt.META_FILE).is_file() and (folder / fmt.WEIGHTS_FILE).is_file():
+        info = json.loads((folder / fmt.META_FILE).read_text())
+        pcfg = info.get("pretrained_cfg") or {}
+        return WeightsInfo(
+            "export", folder, info["model_name"], int(info["num_classes"]), dict(info.get("model_kwargs") or {}),
+            tuple(info.get("class_names") or ()), info.get("img_size"), info.get("crop_pct", pcfg.get("crop_pct")),
+            info.get("step"),
+        )
+    if (folder / fmt.COMPLETE_MARKER).is_file() and (folder / fmt.TRAINER_FILE).is_file():
+        if (why := fmt.incomplete_reason(folder)) is not None:  # sizes and sha256 digests
+            raise ValueError(f"model.init_from={str(source)!r} is not a complete checkpoint ({why})")
+        fmt.weights_file(folder)  # weights readable without running code, or "export it first"
+        state = fmt.load_tensors(folder / fmt.TRAINER_FILE)
+        config_file = folder / fmt.CONFIG_FILE
+        config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+        data, model = config.get("data") or {}, config.get("model") or {}
+        return WeightsInfo(
+            "checkpoint", folder, state["model_name"], int(state["num_classes"]), dict(model.get("kwargs") or {}),
+            tuple(state.get("class_names") or ()), data.get("img_size"), data.get("crop_pct"), int(state["step"]),
+        )
+    raise ValueError(
+        f"model.init_from={str(source)!r} is neither an export ({fmt.META_FILE} + {fmt.WEIGHTS_FILE}) nor a "
+        f"complete checkpoint folder (checkpoint-NNNNNNNN with a {fmt.COMPLETE_MARKER} marker); point it at one of those, or at a "
+        "registered model (models:/NAME@ALIAS)"
+    )

@@ -9,9 +9,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from metaformer_platform.storage.checkpoint_format import DDP_MODEL_FILE, load_tensors, save_tensors
 from metaformer_platform.strategies.base import OptimizerFactory, Strategy
-from metaformer_platform.training.checkpoint import DDP_MODEL_FILE as MODEL_FILE
-from metaformer_platform.training.checkpoint import load_tensors, save_tensors
 
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -45,15 +44,15 @@ class DDPStrategy(Strategy):
         # Replicas are identical, so rank 0 alone writes model and optimizer state.
         if self.dist.is_main:
             assert self.optimizer is not None
-            save_tensors(self.module.state_dict(), directory / MODEL_FILE)
+            save_tensors(self.module.state_dict(), directory / DDP_MODEL_FILE)
             save_tensors(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
 
     def load(self, directory: Path) -> None:
         assert self.optimizer is not None
-        state = load_tensors(directory / MODEL_FILE, map_location=self.dist.device)
+        state = load_tensors(directory / DDP_MODEL_FILE, map_location=self.dist.device)
         self.module.load_state_dict(state, strict=True)
         self.optimizer.load_state_dict(load_tensors(directory / OPTIMIZER_FILE, map_location=self.dist.device))
 
     @staticmethod
     def consolidate(directory: Path) -> dict[str, torch.Tensor]:
-        return load_tensors(directory / MODEL_FILE)
+        return load_tensors(directory / DDP_MODEL_FILE)

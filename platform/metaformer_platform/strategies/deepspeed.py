@@ -122,7 +122,7 @@ class DeepSpeedStrategy(Strategy):
         # The fp32 master weights again, whole and pickle-free, for every reader but this run's resume.
         full = self._full_fp32_state()
         if full is not None:
-            from metaformer_platform.training.checkpoint import WEIGHTS_FILE, save_weights
+            from metaformer_platform.storage.checkpoint_format import WEIGHTS_FILE, save_weights
 
             save_weights(full, directory / WEIGHTS_FILE)
 

@@ -131,7 +131,7 @@ class FSDPStrategy(Strategy):
     def save(self, directory: Path) -> None:
         import torch.distributed.checkpoint as dcp
 
-        from metaformer_platform.training.checkpoint import WEIGHTS_FILE, save_weights
+        from metaformer_platform.storage.checkpoint_format import WEIGHTS_FILE, save_weights
 
         # Each rank saves into its own scratch folder; only rank 0 would create it otherwise.
         (directory / DCP_DIR).mkdir(parents=True, exist_ok=True)

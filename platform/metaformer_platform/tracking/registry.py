@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict
 
 from metaformer_platform.storage import file_sha256, weights
+from metaformer_platform.storage.checkpoint_format import META_FILE, WEIGHTS_FILE
 from metaformer_platform.storage.weights import TAG_WEIGHTS_SHA256, is_registry_uri  # noqa: F401  (re-exported)
-from metaformer_platform.training.export import META_FILE, WEIGHTS_FILE
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

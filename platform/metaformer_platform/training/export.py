@@ -4,7 +4,7 @@ The export holds the full fp32 weights under timm's own parameter names, so
 ``timm.create_model(name, num_classes=n).load_state_dict(load_file("model.safetensors"), strict=True)`` works in
 one process, with no process group and without the training strategy (DeepSpeed) installed. Reading an export
 never unpickles anything (safetensors + JSON), and neither does writing one: a checkpoint's weights are read
-from its pickle-free copy (``checkpoint.model_weights``: FSDP2/DeepSpeed's ``model.safetensors``, DDP's
+from its pickle-free copy (``checkpoint_format.model_weights``: FSDP2/DeepSpeed's ``model.safetensors``, DDP's
 ``model.pt`` with ``weights_only``), never from the strategy's native files, which can run code. Only
 ``trust_native=True`` (``jobs/export.py --trust-native-checkpoint``, for a run's own older checkpoints that lack
 the safetensors copy) reads those, and says so.
@@ -22,11 +22,7 @@ import torch
 import yaml
 
 from metaformer_platform.storage import Location
-from metaformer_platform.storage.weights import EXPORT_META as META_FILE  # the two files of an export: the
-from metaformer_platform.storage.weights import (
-    EXPORT_WEIGHTS as WEIGHTS_FILE,  # resolver tells exports by them
-)
-from metaformer_platform.training import checkpoint as ckpt
+from metaformer_platform.storage import checkpoint_format as fmt
 
 
 @dataclass(frozen=True)
@@ -44,16 +40,16 @@ def _read_checkpoint_info(directory: Path) -> tuple[dict[str, Any], dict[str, An
     """(trainer state, job config as a dict) of a complete checkpoint, or a ValueError saying why not."""
     if not directory.is_dir():
         raise ValueError(f"{str(directory)!r} is not a folder: export needs a checkpoint folder")
-    missing = [n for n in (ckpt.COMPLETE_MARKER, ckpt.TRAINER_FILE, ckpt.CONFIG_FILE) if not (directory / n).is_file()]
+    missing = [n for n in (fmt.COMPLETE_MARKER, fmt.TRAINER_FILE, fmt.CONFIG_FILE) if not (directory / n).is_file()]
     if missing:
         raise ValueError(
             f"{str(directory)!r} is not a complete checkpoint (missing {', '.join(missing)}): point export at a "
             "run's checkpoint-NNNNNNNN folder"
         )
-    if (why := ckpt.incomplete_reason(directory)) is not None:  # sizes and sha256 digests
+    if (why := fmt.incomplete_reason(directory)) is not None:  # sizes and sha256 digests
         raise ValueError(f"{str(directory)!r} is not a complete checkpoint ({why})")
-    state = ckpt.load_tensors(directory / ckpt.TRAINER_FILE)
-    config = yaml.safe_load((directory / ckpt.CONFIG_FILE).read_text())
+    state = fmt.load_tensors(directory / fmt.TRAINER_FILE)
+    config = yaml.safe_load((directory / fmt.CONFIG_FILE).read_text())
     return state, config
 
 
@@ -83,7 +79,7 @@ def export_checkpoint(
     from metaformer_platform import storage
 
     target = storage.check_access(out_dir, what=f"export destination {str(out_dir)!r}")
-    if not overwrite and (storage.exists(target.join(WEIGHTS_FILE)) or storage.exists(target.join(META_FILE))):
+    if not overwrite and (storage.exists(target.join(fmt.WEIGHTS_FILE)) or storage.exists(target.join(fmt.META_FILE))):
         raise ValueError(f"{target.uri!r} already holds an export; choose another folder or pass overwrite=True")
     source = Location.parse(directory)
     src = source.path if not source.remote else storage.weights.resolve(source.uri)  # fetched once, cached
@@ -92,31 +88,31 @@ def export_checkpoint(
                        trust_native=trust_native)
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         done = _export(src, Path(tmp), ema=ema, source=source.uri, trust_native=trust_native)
-        for name in (WEIGHTS_FILE, META_FILE):  # model.json last: a reader that sees it sees the weights
+        for name in (fmt.WEIGHTS_FILE, fmt.META_FILE):  # model.json last: a reader that sees it sees the weights
             storage.write_bytes(target.join(name), (Path(tmp) / name).read_bytes())
-    return Export(target.join(WEIGHTS_FILE).uri, target.join(META_FILE).uri, done.model_name,
+    return Export(target.join(fmt.WEIGHTS_FILE).uri, target.join(fmt.META_FILE).uri, done.model_name,
                   done.num_classes, done.num_tensors)
 
 
 def _export(src: Path, out: Path, *, ema: bool, source: str, trust_native: bool = False) -> Export:
     state, config = _read_checkpoint_info(src)
-    weights, meta = out / WEIGHTS_FILE, out / META_FILE
+    weights, meta = out / fmt.WEIGHTS_FILE, out / fmt.META_FILE
     name, num_classes = state["model_name"], int(state["num_classes"])
     strategy = config.get("strategy", {}).get("name", "ddp")
     model_kwargs = dict(config.get("model", {}).get("kwargs") or {})
     if ema:
-        if not (src / ckpt.EMA_FILE).is_file():
+        if not (src / fmt.EMA_FILE).is_file():
             raise ValueError(
-                f"{source!r} holds no EMA ({ckpt.EMA_FILE}): it was trained with trainer.ema_decay=null; "
+                f"{source!r} holds no EMA ({fmt.EMA_FILE}): it was trained with trainer.ema_decay=null; "
                 "export it without --ema"
             )
-        tensors = ckpt.load_tensors(src / ckpt.EMA_FILE)  # full fp32 weights for every strategy
-    elif trust_native and not (src / ckpt.WEIGHTS_FILE).is_file():
+        tensors = fmt.load_tensors(src / fmt.EMA_FILE)  # full fp32 weights for every strategy
+    elif trust_native and not (src / fmt.WEIGHTS_FILE).is_file():
         from metaformer_platform.strategies import get_strategy_class
 
         tensors = get_strategy_class(strategy).consolidate(src)  # the caller vouched for this checkpoint
     else:
-        tensors = ckpt.model_weights(src)  # pickle-free, whatever the strategy
+        tensors = fmt.model_weights(src)  # pickle-free, whatever the strategy
 
     reference = _reference_model(name, num_classes, model_kwargs)
     expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
@@ -143,7 +139,7 @@ def _export(src: Path, out: Path, *, ema: bool, source: str, trust_native: bool 
         "weights": "ema" if ema else "trained",
         "source": source,
     }
-    ckpt.save_weights(tensors, weights, metadata={"model_name": name, "num_classes": str(num_classes)})
+    fmt.save_weights(tensors, weights, metadata={"model_name": name, "num_classes": str(num_classes)})
     tmp_meta = meta.with_name(f".{meta.name}.tmp-{os.getpid()}")
     tmp_meta.write_text(json.dumps(info, indent=2, default=str) + "\n")
     os.replace(tmp_meta, meta)
@@ -157,11 +153,11 @@ def load_export(out_dir: str | os.PathLike[str]) -> torch.nn.Module:
     import metaformer_platform.models  # noqa: F401  (registers the platform's extra timm names)
 
     folder = Path(out_dir).expanduser()
-    if not (folder / WEIGHTS_FILE).is_file() or not (folder / META_FILE).is_file():
-        raise ValueError(f"{str(folder)!r} is not an export (needs {WEIGHTS_FILE} and {META_FILE})")
-    info = json.loads((folder / META_FILE).read_text())
+    if not (folder / fmt.WEIGHTS_FILE).is_file() or not (folder / fmt.META_FILE).is_file():
+        raise ValueError(f"{str(folder)!r} is not an export (needs {fmt.WEIGHTS_FILE} and {fmt.META_FILE})")
+    info = json.loads((folder / fmt.META_FILE).read_text())
     model = timm.create_model(info["model_name"], num_classes=info["num_classes"], **info.get("model_kwargs", {}))
-    model.load_state_dict(ckpt.load_weights(folder / WEIGHTS_FILE), strict=True)
+    model.load_state_dict(fmt.load_weights(folder / fmt.WEIGHTS_FILE), strict=True)
     return model.eval()
 
 
@@ -177,10 +173,10 @@ def read_weights(source: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor
 def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
     """Pickle-free reads only: an export's safetensors, or a checkpoint's ``model_weights`` (whatever strategy
     its config.yaml names: that file comes with the weights and must not pick a reader that runs code)."""
-    if (folder / WEIGHTS_FILE).is_file() and (folder / META_FILE).is_file():
-        return ckpt.load_weights(folder / WEIGHTS_FILE), json.loads((folder / META_FILE).read_text())["model_name"]
+    if (folder / fmt.WEIGHTS_FILE).is_file() and (folder / fmt.META_FILE).is_file():
+        return fmt.load_weights(folder / fmt.WEIGHTS_FILE), json.loads((folder / fmt.META_FILE).read_text())["model_name"]
     state, _ = _read_checkpoint_info(folder)  # ValueError: neither an export nor a complete checkpoint
-    return ckpt.model_weights(folder), state["model_name"]
+    return fmt.model_weights(folder), state["model_name"]
 
 
 def init_from(model: torch.nn.Module, source: str | os.PathLike[str]) -> list[str]:

@@ -6,8 +6,8 @@ renews every ``HEARTBEAT_S``). A second job under a live run name is refused (Va
 anything starts; a job whose driver died leaves a lease that goes stale after ``LEASE_TTL_S``, and the
 next job under that name takes it over (and resumes). A finished job releases its lease.
 
-Every rank stamps each checkpoint folder it uploads with ``OWNER-rankNNNNN.json`` (run id and attempt), next
-to the completion marker. Recovery (``launch._recover_checkpoint``) deletes or adopts only unregistered
+Every rank stamps each checkpoint folder it uploads with ``OWNER-rankNNNNN.json`` (run id and attempt, see
+``storage/checkpoint_format.py``), next to the completion marker. Recovery (``launch._recover_checkpoint``) deletes or adopts only unregistered
 folders stamped with its own run's id; any other (a copy a person dropped in, a folder of another run or of
 a version before stamps) is moved to ``_quarantine/`` instead: moved, never deleted, never resumed from.
 
@@ -30,22 +30,39 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+from metaformer_platform.storage.checkpoint_format import (
+    OWNER_FILE,
+    STAMP_PREFIX,
+    Stamp,
+    read_json,
+    written_by,
+)
+
+if TYPE_CHECKING:
+    import pyarrow.fs
 
 log = logging.getLogger(__name__)
 
-OWNER_FILE = "_owner.json"
-STAMP_PREFIX = "OWNER-rank"
 QUARANTINE = "_quarantine"
 HEARTBEAT_S = 15.0
 LEASE_TTL_S = 120.0  # 8 missed heartbeats: a driver that stopped renewing is gone, not slow
 SETTLE_S = 0.5
 
 
-def _run_path(storage_path: str, run_name: str) -> tuple[Any, str]:
+class Lease(Stamp):
+    """A run folder's ``_owner.json``: the run and the job that holds it now, and that job's heartbeat."""
+
+    host: str
+    pid: int
+    heartbeat: float
+    released: bool
+
+
+def _run_path(storage_path: str, run_name: str) -> tuple[pyarrow.fs.FileSystem, str]:
     """(pyarrow filesystem, path) of a run folder, whose lease is ``<run folder>/_owner.json``, under a run
     storage location (a local folder or s3://bucket/prefix)."""
     from metaformer_platform.storage import Location
@@ -54,21 +71,7 @@ def _run_path(storage_path: str, run_name: str) -> tuple[Any, str]:
     return loc.filesystem(), loc.fs_path
 
 
-def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
-    """The JSON object at ``path``, None when absent; an unreadable file reads as ``{}``."""
-    from pyarrow import fs as pafs
-
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    try:
-        with fs.open_input_stream(path) as stream:
-            body = json.loads(stream.read())
-    except (OSError, ValueError):
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
-def _write_json(fs: Any, path: str, body: dict[str, Any]) -> None:
+def _write_json(fs: pyarrow.fs.FileSystem, path: str, body: Lease) -> None:
     """Write ``path`` whole: a temporary name, then a rename (atomic locally; S3 puts are atomic anyway)."""
     tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     with fs.open_output_stream(tmp) as out:
@@ -80,7 +83,7 @@ def _write_json(fs: Any, path: str, body: dict[str, Any]) -> None:
 class RunLease:
     """The driver's hold on a run folder while its job runs; ``owner`` goes to the workers."""
 
-    fs: Any
+    fs: pyarrow.fs.FileSystem
     run_path: str
     run_id: str
     attempt: str
@@ -89,11 +92,11 @@ class RunLease:
     _thread: threading.Thread | None = None
 
     @property
-    def owner(self) -> dict[str, str]:
+    def owner(self) -> Stamp:
         """What every checkpoint folder of this job is stamped with."""
         return {"run_id": self.run_id, "attempt": self.attempt}
 
-    def _body(self, live: bool) -> dict[str, Any]:
+    def _body(self, live: bool) -> Lease:
         return {**self.owner, "host": socket.gethostname(), "pid": os.getpid(),
                 "heartbeat": time.time() if live else 0.0, "released": not live}
 
@@ -114,7 +117,7 @@ class RunLease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        current = _read_json(self.fs, f"{self.run_path}/{OWNER_FILE}") or {}
+        current = read_json(self.fs, f"{self.run_path}/{OWNER_FILE}") or {}
         if current.get("attempt") == self.attempt:  # never release a lease someone else has since taken
             _write_json(self.fs, f"{self.run_path}/{OWNER_FILE}", self._body(False))
 
@@ -124,7 +127,7 @@ def check_run_free(storage_path: str, run_name: str, *, ttl_s: float = LEASE_TTL
     driver asks this with its other checks, before Ray is joined, so a second job under a live name costs no
     cluster time. ``claim_run`` still decides (a job may take the name in between)."""
     fs, run_path = _run_path(storage_path, run_name)
-    _refuse_if_live(_read_json(fs, f"{run_path}/{OWNER_FILE}"), run_name, storage_path, ttl_s, None)
+    _refuse_if_live(read_json(fs, f"{run_path}/{OWNER_FILE}"), run_name, storage_path, ttl_s, None)
 
 
 def claim_run(storage_path: str, run_name: str, *, ttl_s: float = LEASE_TTL_S, now: float | None = None) -> RunLease:
@@ -133,25 +136,28 @@ def claim_run(storage_path: str, run_name: str, *, ttl_s: float = LEASE_TTL_S, n
     fs, run_path = _run_path(storage_path, run_name)
     path = f"{run_path}/{OWNER_FILE}"
     fs.create_dir(run_path)
-    current = _read_json(fs, path)
+    current = read_json(fs, path)
     _refuse_if_live(current, run_name, storage_path, ttl_s, now)
-    lease = RunLease(fs, run_path, (current or {}).get("run_id") or uuid.uuid4().hex, uuid.uuid4().hex, ttl_s)
+    run_id = (current or {}).get("run_id")
+    lease = RunLease(fs, run_path, run_id if isinstance(run_id, str) and run_id else uuid.uuid4().hex,
+                     uuid.uuid4().hex, ttl_s)
     _write_json(fs, path, lease._body(True))
     time.sleep(SETTLE_S)  # two jobs that both read an empty lease: the last writer wins, the other refuses
-    after = _read_json(fs, path) or {}
+    after = read_json(fs, path) or {}
     if after.get("attempt") != lease.attempt:
         _refuse_if_live(after, run_name, storage_path, ttl_s, None)
         raise ValueError(f"run {run_name!r} under {storage_path} was claimed by another job at the same moment")
     return lease.start()
 
 
-def _died_here(lease: dict[str, Any]) -> bool:
+def _died_here(lease: Mapping[str, object]) -> bool:
     """Whether the lease's driver ran on this host and is gone: its name is free at once (a re-run right after
     a crash or a kill), not only once the heartbeat goes stale."""
-    if lease.get("host") != socket.gethostname() or not isinstance(lease.get("pid"), int):
+    pid = lease.get("pid")
+    if lease.get("host") != socket.gethostname() or not isinstance(pid, int):
         return False
     try:
-        os.kill(lease["pid"], 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:  # alive, under another user
@@ -159,11 +165,12 @@ def _died_here(lease: dict[str, Any]) -> bool:
     return False
 
 
-def _refuse_if_live(current: dict[str, Any] | None, run_name: str, storage_path: str, ttl_s: float,
+def _refuse_if_live(current: Mapping[str, object] | None, run_name: str, storage_path: str, ttl_s: float,
                     now: float | None) -> None:
     if not current or current.get("released") or _died_here(current):
         return
-    age = (time.time() if now is None else now) - float(current.get("heartbeat", 0.0))
+    heartbeat = current.get("heartbeat")
+    age = (time.time() if now is None else now) - (float(heartbeat) if isinstance(heartbeat, int | float) else 0.0)
     if age < ttl_s:
         raise ValueError(
             f"run.name={run_name!r} under {storage_path} is in use by a live job (host {current.get('host')!r}, "
@@ -173,22 +180,7 @@ def _refuse_if_live(current: dict[str, Any] | None, run_name: str, storage_path:
         )
 
 
-def stamp(checkpoint_dir: Path, owner: dict[str, str], rank: int) -> None:
-    """Record in a checkpoint folder, before it is uploaded, which run and job wrote this rank's part."""
-    (checkpoint_dir / f"{STAMP_PREFIX}{rank:05d}.json").write_text(json.dumps(owner, sort_keys=True))
-
-
-def written_by(fs: Any, folder: str, run_id: str) -> bool:
-    """True when some rank's stamp in ``folder`` names ``run_id`` (and none names another run)."""
-    from pyarrow import fs as pafs
-
-    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-    stamps = [i.path for i in infos if i.base_name.startswith(STAMP_PREFIX)]
-    runs = {(_read_json(fs, p) or {}).get("run_id") for p in stamps}
-    return runs == {run_id}
-
-
-def quarantine_foreign(fs: Any, run_path: str, registered: Iterable[str], run_id: str) -> list[str]:
+def quarantine_foreign(fs: pyarrow.fs.FileSystem, run_path: str, registered: Iterable[str], run_id: str) -> list[str]:
     """Move every checkpoint folder under ``run_path`` that Ray has not registered and this run did not write
     into ``_quarantine/``; returns their names. Recovery then sees only its own run's folders."""
     from pyarrow import fs as pafs
@@ -210,7 +202,7 @@ def quarantine_foreign(fs: Any, run_path: str, registered: Iterable[str], run_id
     return moved
 
 
-def _move_dir(fs: Any, src: str, dest: str) -> None:
+def _move_dir(fs: pyarrow.fs.FileSystem, src: str, dest: str) -> None:
     """Rename a folder locally; on object storage (no folder renames) copy it, then delete the source."""
     from pyarrow import fs as pafs
 
@@ -221,7 +213,7 @@ def _move_dir(fs: Any, src: str, dest: str) -> None:
     fs.delete_dir(src)
 
 
-def native_checkpoint_refusal(fs: Any, folder: str, storage_root: str) -> str | None:
+def native_checkpoint_refusal(fs: pyarrow.fs.FileSystem, folder: str, storage_root: str) -> str | None:
     """Why the job whose runs live in ``storage_root`` may not read the native files of the checkpoint at
     ``folder`` (paths on ``fs``), or None when it may: it lies in ``<storage_root>/<run>/`` and every stamp in it
     names the run id that run folder's ``_owner.json`` records (a folder copied in carries another run's
@@ -229,8 +221,8 @@ def native_checkpoint_refusal(fs: Any, folder: str, storage_root: str) -> str | 
     run_path = folder.rstrip("/").rpartition("/")[0]
     if run_path.rpartition("/")[0] != storage_root.rstrip("/"):
         return f"it does not lie in a run folder of this job's run.storage_path ({storage_root})"
-    run_id = (_read_json(fs, f"{run_path}/{OWNER_FILE}") or {}).get("run_id")
-    if not run_id:
+    run_id = (read_json(fs, f"{run_path}/{OWNER_FILE}") or {}).get("run_id")
+    if not isinstance(run_id, str) or not run_id:
         return f"its run folder has no {OWNER_FILE} naming the run that owns it"
     if not written_by(fs, folder, run_id):
         return (f"its {STAMP_PREFIX}NNNNN.json stamps do not name run {run_id}, which owns its run folder "
@@ -238,7 +230,7 @@ def native_checkpoint_refusal(fs: Any, folder: str, storage_root: str) -> str | 
     return None
 
 
-def check_native_checkpoint(strategy: str, fs: Any, folder: str, storage_root: str, where: str) -> None:
+def check_native_checkpoint(strategy: str, fs: pyarrow.fs.FileSystem, folder: str, storage_root: str, where: str) -> None:
     """Raise ValueError when ``strategy`` would resume from ``folder`` through a reader that can run code and
     the folder is not a checkpoint of this storage's own runs (``native_checkpoint_refusal``). DDP's reads are
     ``weights_only`` and need no such check."""

@@ -29,6 +29,7 @@ from metaformer_platform.config import JobConfig
 from metaformer_platform.data.faults import FaultCheckpointing, FaultCounting
 from metaformer_platform.evaluation.metrics import evaluate_loader
 from metaformer_platform.models import create_model
+from metaformer_platform.storage import checkpoint_format as fmt
 from metaformer_platform.strategies import get_strategy_class
 from metaformer_platform.strategies.base import DistContext
 from metaformer_platform.training import checkpoint as ckpt
@@ -463,29 +464,29 @@ class Trainer:
         if self.ema is not None:
             ema_state = self.strategy.ema_state_dict(self.ema.module)  # every rank (FSDP gathers)
             if ema_state is not None:
-                ckpt.save_tensors(ema_state, directory / ckpt.EMA_FILE)
-        ckpt.save_tensors(ckpt.rng_state(), directory / f"rng-rank{self.dist.rank:05d}.pt")
+                fmt.save_tensors(ema_state, directory / fmt.EMA_FILE)
+        fmt.save_tensors(ckpt.rng_state(), directory / fmt.RNG_FILE.format(self.dist.rank))
         faults = {split: loader.fault_state() for split, loader in self._fault_counting_loaders().items()}
-        (directory / f"data-faults-rank{self.dist.rank:05d}.json").write_text(json.dumps(faults))
+        (directory / fmt.DATA_FAULTS_FILE.format(self.dist.rank)).write_text(json.dumps(faults))
         # The marker lists every rank's files: under Ray each rank uploads its own part, so the marker
         # alone does not prove the other parts arrived.
-        parts: list[Any] = [ckpt.describe_files(directory)]  # sizes and sha256 digests
+        parts: list[Any] = [fmt.describe_files(directory)]  # sizes and sha256 digests
         if self.dist.distributed:
             parts = [None] * self.dist.world_size
-            tdist.all_gather_object(parts, ckpt.describe_files(directory))
+            tdist.all_gather_object(parts, fmt.describe_files(directory))
         if self.dist.is_main:
-            ckpt.save_tensors(self.state_dict(), directory / ckpt.TRAINER_FILE)
-            (directory / ckpt.CONFIG_FILE).write_text(self.cfg.to_yaml())
-            ckpt.mark_complete(directory, [*parts, ckpt.describe_files(directory, [ckpt.TRAINER_FILE, ckpt.CONFIG_FILE])])
+            fmt.save_tensors(self.state_dict(), directory / fmt.TRAINER_FILE)
+            (directory / fmt.CONFIG_FILE).write_text(self.cfg.to_yaml())
+            fmt.mark_complete(directory, [*parts, fmt.describe_files(directory, [fmt.TRAINER_FILE, fmt.CONFIG_FILE])])
 
     def load_checkpoint(self, directory: Path) -> None:
         """Restore model, optimizer, schedule, data position and this rank's RNG from ``directory``."""
-        if (why := ckpt.incomplete_reason(directory)) is not None:
+        if (why := fmt.incomplete_reason(directory)) is not None:
             raise ValueError(
                 f"{str(directory)!r} is not a complete checkpoint ({why}): "
                 "it was written by a process that died mid-save, or is not a checkpoint folder"
             )
-        state = ckpt.load_tensors(directory / ckpt.TRAINER_FILE)
+        state = fmt.load_tensors(directory / fmt.TRAINER_FILE)
         if state["model_name"] != self.cfg.model.name or state["num_classes"] != self.num_classes:
             raise ValueError(
                 f"checkpoint {str(directory)!r} holds {state['model_name']} with {state['num_classes']} classes, "
@@ -496,17 +497,17 @@ class Trainer:
                                         str(directory))
         self.strategy.load(directory)
         if self.ema is not None:
-            if (directory / ckpt.EMA_FILE).is_file():
-                self.strategy.load_ema_state_dict(self.ema.module, ckpt.load_tensors(directory / ckpt.EMA_FILE))
+            if (directory / fmt.EMA_FILE).is_file():
+                self.strategy.load_ema_state_dict(self.ema.module, fmt.load_tensors(directory / fmt.EMA_FILE))
             else:  # EMA switched on for a run whose checkpoints have none: it starts at the resumed weights
                 log.warning("%s holds no EMA: the EMA starts from the resumed weights", directory)
                 self.ema.set(self.strategy.module)
         self.load_state_dict(state)
-        rng_file = directory / f"rng-rank{self.dist.rank:05d}.pt"
+        rng_file = directory / fmt.RNG_FILE.format(self.dist.rank)
         if rng_file.is_file():
-            ckpt.set_rng_state(ckpt.load_tensors(rng_file))
+            ckpt.set_rng_state(fmt.load_tensors(rng_file))
         # this rank's skipped-sample counts go on, so a restarted job cannot slip under max_bad_fraction
-        faults_file = directory / f"data-faults-rank{self.dist.rank:05d}.json"
+        faults_file = directory / fmt.DATA_FAULTS_FILE.format(self.dist.rank)
         if faults_file.is_file():
             loaders = self._fault_counting_loaders()
             for split, saved in json.loads(faults_file.read_text()).items():
