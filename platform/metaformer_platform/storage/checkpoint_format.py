@@ -1,22 +1,13 @@
 """The checkpoint and export folder format: file names, the completion marker, digests, tensor files, stamps.
 
-This module is the one owner of what a checkpoint folder (``checkpoint-NNNNNNNN``, any strategy) and an export
-folder hold, by name; every other module uses these names. A strategy's native files (DDP's optimizer state,
-FSDP2's ``torch.distributed.checkpoint`` folder, DeepSpeed's engine folder) are read only by that strategy and
-named there.
-
-Completeness, one rule for checkpoints and fetched weights, local or on S3: a folder is complete when its
-marker is there and every file the marker lists is there with the listed size and, where the marker records
-one, the listed sha256: checked on every local folder (a remote one is checked on the local copy it is fetched
-into, before anything reads it), so a file changed after the marker was written (same size, other bytes) is
-never loaded. ``COMPLETE`` is the marker a checkpoint's rank 0 writes last (``mark_complete``): under Ray each
-rank uploads its own part into the run folder, in no set order, so the marker lists every rank's files; the
-weights cache writes ``FETCHED`` in the same format into each folder it downloads.
-
-Tensor files are written to a temporary name and renamed, so a process that dies mid-write never leaves a file
-that looks complete, and are read without running code (safetensors, or ``torch.load(weights_only=True)``).
-Each rank stamps the checkpoint folder it uploads with ``OWNER-rankNNNNN.json`` (which run and job wrote it);
-``training/ownership.py`` decides what a stamp allows.
+Every module names a checkpoint's or an export's files through this one; a strategy's native files (DDP's
+optimizer state, FSDP2's DCP folder, DeepSpeed's engine folder) are read only by that strategy and named there.
+One completeness rule, local or on S3: a folder is complete when its marker lists every file that is there
+with the listed size and, where the marker records one, the listed sha256 (checked on every local folder, a
+fetched copy included), so a file changed after the marker was written is never loaded. Rank 0 writes
+``COMPLETE`` last, listing every rank's files (each rank uploads its own part, in no set order); the weights
+cache writes ``FETCHED`` in the same format. Tensor files are written under a temporary name and renamed, and
+read without running code. ``training/ownership.py`` decides what an ``OWNER-rankNNNNN.json`` stamp allows.
 """
 
 from __future__ import annotations
@@ -56,16 +47,8 @@ NATIVE_ONLY = (
 )
 
 
-class Marker(TypedDict, total=False):
-    """A marker's JSON: each file's size (None where two ranks wrote it with other sizes) and sha256."""
-
-    files: dict[str, int | None]
-    sha256: dict[str, str]
-
-
 class Stamp(TypedDict):
     """What a rank stamps a checkpoint folder with: the run (kept across the jobs that resume it) and the job."""
-
     run_id: str
     attempt: str
 
@@ -85,7 +68,7 @@ def marker_text(parts: Iterable[Mapping[str, int]], sha256: Mapping[str, str] | 
     for part in parts:
         for name, size in part.items():
             files[name] = size if files.get(name, size) == size else None
-    body: Marker = {"files": dict(sorted(files.items()))}
+    body: dict[str, object] = {"files": dict(sorted(files.items()))}
     if sha256:
         body["sha256"] = dict(sorted(sha256.items()))
     return json.dumps(body, indent=0)

@@ -38,20 +38,6 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-__all__ = [
-    "CACHE_ENV",
-    "FETCHED_MARKER",
-    "TAG_WEIGHTS_SHA256",
-    "Weights",
-    "WeightsInfo",
-    "default_cache_dir",
-    "is_registry_uri",
-    "model_version",
-    "read_weights_info",
-    "resolve",
-    "resolve_weights",
-]
-
 CACHE_ENV = "METAFORMER_WEIGHTS_CACHE"
 FETCHED_MARKER = "FETCHED"  # a cache entry's marker, in the checkpoint marker's format
 TAG_WEIGHTS_SHA256 = "metaformer.weights_sha256"  # set on every registered version
@@ -93,7 +79,8 @@ def _kind(names: set[str], where: str) -> str:
 # -- models:/ lookups --------------------------------------------------------------------------------
 
 
-def _explain_missing(client: MlflowClient, registry: str, uri: str, name: str, alias: str | None, version: str | None) -> str:
+def _explain_missing(client: MlflowClient, registry: str, uri: str, name: str, alias: str | None,
+                     version: str | None) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -178,9 +165,6 @@ def _resolve_registered(uri: str, tracking_uri: str, cache: Path) -> Weights:
     import mlflow.artifacts
 
     mv = model_version(uri, tracking_uri)
-    if not mv.source:
-        raise ValueError(f"{uri} (v{mv.version}) records no artifact source: register the export again")
-    source = mv.source
     expected = mv.tags.get(TAG_WEIGHTS_SHA256)
     # a name and version can mean other weights on another tracking server (or a re-created registry)
     identity = hashlib.sha256(f"{mv.source}|{expected}".encode()).hexdigest()[:16]
@@ -189,7 +173,7 @@ def _resolve_registered(uri: str, tracking_uri: str, cache: Path) -> Weights:
     def fill(tmp: Path) -> None:
         for name in (fmt.WEIGHTS_FILE, fmt.META_FILE):  # exactly the two files an export holds: no other name is written
             mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{source.rstrip('/')}/{name}", dst_path=str(tmp), tracking_uri=tracking_uri
+                artifact_uri=f"{str(mv.source).rstrip('/')}/{name}", dst_path=str(tmp), tracking_uri=tracking_uri
             )
         if expected is not None and fmt.file_sha256(str(tmp / fmt.WEIGHTS_FILE)) != expected:
             raise ValueError(
@@ -309,6 +293,6 @@ def read_weights_info(source: str | Path) -> WeightsInfo:
         )
     raise ValueError(
         f"model.init_from={str(source)!r} is neither an export ({fmt.META_FILE} + {fmt.WEIGHTS_FILE}) nor a "
-        f"complete checkpoint folder (checkpoint-NNNNNNNN with a {fmt.COMPLETE_MARKER} marker); point it at one of those, or at a "
-        "registered model (models:/NAME@ALIAS)"
+        f"complete checkpoint folder (checkpoint-NNNNNNNN with a {fmt.COMPLETE_MARKER} marker); point it at one "
+        "of those, or at a registered model (models:/NAME@ALIAS)"
     )

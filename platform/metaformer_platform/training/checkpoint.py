@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 class NumpyRngState(TypedDict):
     """NumPy's legacy MT19937 state, its key array as a tensor (``weights_only`` loading refuses arrays)."""
-
     kind: str
     keys: torch.Tensor
     pos: int
@@ -37,7 +36,6 @@ class NumpyRngState(TypedDict):
 
 class RngState(TypedDict):
     """Every RNG a rank draws from, as one rank's ``rng-rankNNNNN.pt`` holds it."""
-
     python: tuple[int, tuple[int, ...], float | None]  # random.getstate()
     numpy: NumpyRngState
     torch: torch.Tensor

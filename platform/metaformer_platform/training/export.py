@@ -163,16 +163,13 @@ def load_export(out_dir: str | os.PathLike[str]) -> torch.nn.Module:
 
 def read_weights(source: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], str]:
     """Full fp32 weights and the model name from an export folder or a checkpoint folder of any strategy
-    (local, or s3:// fetched once into the weights cache)."""
+    (local, or s3:// fetched once into the weights cache). Pickle-free reads only: an export's safetensors, or a
+    checkpoint's ``model_weights`` (whatever strategy its config.yaml names: that file comes with the weights
+    and must not pick a reader that runs code)."""
     from metaformer_platform.storage.weights import resolve
 
     loc = Location.parse(source)
-    return _read_weights(resolve(loc.uri) if loc.remote else loc.path)
-
-
-def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """Pickle-free reads only: an export's safetensors, or a checkpoint's ``model_weights`` (whatever strategy
-    its config.yaml names: that file comes with the weights and must not pick a reader that runs code)."""
+    folder = resolve(loc.uri) if loc.remote else loc.path
     if (folder / fmt.WEIGHTS_FILE).is_file() and (folder / fmt.META_FILE).is_file():
         return fmt.load_weights(folder / fmt.WEIGHTS_FILE), json.loads((folder / fmt.META_FILE).read_text())["model_name"]
     state, _ = _read_checkpoint_info(folder)  # ValueError: neither an export nor a complete checkpoint

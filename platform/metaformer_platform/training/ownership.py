@@ -6,8 +6,8 @@ renews every ``HEARTBEAT_S``). A second job under a live run name is refused (Va
 anything starts; a job whose driver died leaves a lease that goes stale after ``LEASE_TTL_S``, and the
 next job under that name takes it over (and resumes). A finished job releases its lease.
 
-Every rank stamps each checkpoint folder it uploads with ``OWNER-rankNNNNN.json`` (run id and attempt, see
-``storage/checkpoint_format.py``), next to the completion marker. Recovery (``launch._recover_checkpoint``) deletes or adopts only unregistered
+Every rank stamps each checkpoint folder it uploads with ``OWNER-rankNNNNN.json`` (run id and attempt), next
+to the completion marker. Recovery (``launch._recover_checkpoint``) deletes or adopts only unregistered
 folders stamped with its own run's id; any other (a copy a person dropped in, a folder of another run or of
 a version before stamps) is moved to ``_quarantine/`` instead: moved, never deleted, never resumed from.
 
@@ -34,13 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from metaformer_platform.storage.checkpoint_format import (
-    OWNER_FILE,
-    STAMP_PREFIX,
-    Stamp,
-    read_json,
-    written_by,
-)
+from metaformer_platform.storage import checkpoint_format as fmt
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -53,9 +47,8 @@ LEASE_TTL_S = 120.0  # 8 missed heartbeats: a driver that stopped renewing is go
 SETTLE_S = 0.5
 
 
-class Lease(Stamp):
+class Lease(fmt.Stamp):
     """A run folder's ``_owner.json``: the run and the job that holds it now, and that job's heartbeat."""
-
     host: str
     pid: int
     heartbeat: float
@@ -92,7 +85,7 @@ class RunLease:
     _thread: threading.Thread | None = None
 
     @property
-    def owner(self) -> Stamp:
+    def owner(self) -> fmt.Stamp:
         """What every checkpoint folder of this job is stamped with."""
         return {"run_id": self.run_id, "attempt": self.attempt}
 
@@ -103,7 +96,7 @@ class RunLease:
     def _renew(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                _write_json(self.fs, f"{self.run_path}/{OWNER_FILE}", self._body(True))
+                _write_json(self.fs, f"{self.run_path}/{fmt.OWNER_FILE}", self._body(True))
             except OSError as err:  # storage hiccup: the next beat retries; the TTL is 8 beats long
                 log.warning("could not renew the lease on %s: %s", self.run_path, err)
 
@@ -117,9 +110,9 @@ class RunLease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        current = read_json(self.fs, f"{self.run_path}/{OWNER_FILE}") or {}
+        current = fmt.read_json(self.fs, f"{self.run_path}/{fmt.OWNER_FILE}") or {}
         if current.get("attempt") == self.attempt:  # never release a lease someone else has since taken
-            _write_json(self.fs, f"{self.run_path}/{OWNER_FILE}", self._body(False))
+            _write_json(self.fs, f"{self.run_path}/{fmt.OWNER_FILE}", self._body(False))
 
 
 def check_run_free(storage_path: str, run_name: str, *, ttl_s: float = LEASE_TTL_S) -> None:
@@ -127,23 +120,23 @@ def check_run_free(storage_path: str, run_name: str, *, ttl_s: float = LEASE_TTL
     driver asks this with its other checks, before Ray is joined, so a second job under a live name costs no
     cluster time. ``claim_run`` still decides (a job may take the name in between)."""
     fs, run_path = _run_path(storage_path, run_name)
-    _refuse_if_live(read_json(fs, f"{run_path}/{OWNER_FILE}"), run_name, storage_path, ttl_s, None)
+    _refuse_if_live(fmt.read_json(fs, f"{run_path}/{fmt.OWNER_FILE}"), run_name, storage_path, ttl_s, None)
 
 
 def claim_run(storage_path: str, run_name: str, *, ttl_s: float = LEASE_TTL_S, now: float | None = None) -> RunLease:
     """Take the lease on ``<storage_path>/<run_name>`` for this job, or raise ValueError naming the live job
     that holds it. The lease is renewed in a thread until ``release()``."""
     fs, run_path = _run_path(storage_path, run_name)
-    path = f"{run_path}/{OWNER_FILE}"
+    path = f"{run_path}/{fmt.OWNER_FILE}"
     fs.create_dir(run_path)
-    current = read_json(fs, path)
+    current = fmt.read_json(fs, path)
     _refuse_if_live(current, run_name, storage_path, ttl_s, now)
     run_id = (current or {}).get("run_id")
     lease = RunLease(fs, run_path, run_id if isinstance(run_id, str) and run_id else uuid.uuid4().hex,
                      uuid.uuid4().hex, ttl_s)
     _write_json(fs, path, lease._body(True))
     time.sleep(SETTLE_S)  # two jobs that both read an empty lease: the last writer wins, the other refuses
-    after = read_json(fs, path) or {}
+    after = fmt.read_json(fs, path) or {}
     if after.get("attempt") != lease.attempt:
         _refuse_if_live(after, run_name, storage_path, ttl_s, None)
         raise ValueError(f"run {run_name!r} under {storage_path} was claimed by another job at the same moment")
@@ -193,7 +186,7 @@ def quarantine_foreign(fs: pyarrow.fs.FileSystem, run_path: str, registered: Ite
                      and checkpoint_step(i.base_name) is not None and i.base_name not in known)
     moved = []
     for name in orphans:
-        if written_by(fs, f"{run_path}/{name}", run_id):
+        if fmt.written_by(fs, f"{run_path}/{name}", run_id):
             continue
         dest = f"{run_path}/{QUARANTINE}/{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         fs.create_dir(f"{run_path}/{QUARANTINE}")
@@ -221,11 +214,11 @@ def native_checkpoint_refusal(fs: pyarrow.fs.FileSystem, folder: str, storage_ro
     run_path = folder.rstrip("/").rpartition("/")[0]
     if run_path.rpartition("/")[0] != storage_root.rstrip("/"):
         return f"it does not lie in a run folder of this job's run.storage_path ({storage_root})"
-    run_id = (read_json(fs, f"{run_path}/{OWNER_FILE}") or {}).get("run_id")
+    run_id = (fmt.read_json(fs, f"{run_path}/{fmt.OWNER_FILE}") or {}).get("run_id")
     if not isinstance(run_id, str) or not run_id:
-        return f"its run folder has no {OWNER_FILE} naming the run that owns it"
-    if not written_by(fs, folder, run_id):
-        return (f"its {STAMP_PREFIX}NNNNN.json stamps do not name run {run_id}, which owns its run folder "
+        return f"its run folder has no {fmt.OWNER_FILE} naming the run that owns it"
+    if not fmt.written_by(fs, folder, run_id):
+        return (f"its {fmt.STAMP_PREFIX}NNNNN.json stamps do not name run {run_id}, which owns its run folder "
                 "(it was copied in, or written by another run or an older version)")
     return None
 
