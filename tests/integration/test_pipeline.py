@@ -23,6 +23,7 @@ import yaml
 from metaformer_platform import storage
 from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
 from metaformer_platform.pipelines import run_pipeline, runner
+from metaformer_platform.storage import checkpoint_format as fmt
 from metaformer_platform.tracking import registry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -132,7 +133,7 @@ def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, mo
             assert pre.detail == f"(continued from checkpoint-{interrupted[pre.run_name]:08d})"
         assert (ft.action, ev.action) == ("run", "run")
         assert pre.metrics["step"] == PRETRAIN_STEPS and pre.checkpoint == f"{runs}/{pre.run_name}/checkpoint-{PRETRAIN_STEPS:08d}"
-        assert storage.is_complete(pre.checkpoint) and storage.is_complete(ft.checkpoint)
+        assert fmt.is_complete(pre.checkpoint) and fmt.is_complete(ft.checkpoint)
         assert storage.exists(f"{runs}/{ev.run_name}/eval.json")  # the evaluate job's report, on S3 too
         assert 0 <= ev.metrics["eval/top1"] <= 100 and ev.metrics["eval/samples"] == 24
     assert any(a.action == "resume" for a in actions.values())

@@ -38,7 +38,7 @@ def _put(s3_server: Any, prefix: str, files: dict[str, bytes]) -> str:
 
 def _checkpoint_files(step: int = 10) -> dict[str, bytes]:
     files = {"trainer.pt": os.urandom(3000 + step), "dcp/__0_0.distcp": os.urandom(5000), "config.yaml": b"model: {}\n"}
-    files[storage.COMPLETE_MARKER] = storage.marker_text([{n: len(d) for n, d in files.items()}]).encode()
+    files[fmt.COMPLETE_MARKER] = fmt.marker_text([{n: len(d) for n, d in files.items()}]).encode()
     return files
 
 
@@ -87,7 +87,7 @@ def test_refusals_name_the_location_and_the_fix(s3_env: Any, monkeypatch: pytest
         W.resolve(url, cache_dir=tmp_path / "cache")
     files = _checkpoint_files()
     del files["dcp/__0_0.distcp"]  # the marker lists it: an upload cut short
-    partial = _put(s3_env, "core/partial/checkpoint-00000010", {**files, storage.COMPLETE_MARKER: _checkpoint_files()[storage.COMPLETE_MARKER]})
+    partial = _put(s3_env, "core/partial/checkpoint-00000010", {**files, fmt.COMPLETE_MARKER: _checkpoint_files()[fmt.COMPLETE_MARKER]})
     with pytest.raises(ValueError, match="not a complete checkpoint .*dcp/__0_0.distcp"):
         W.resolve(partial, cache_dir=tmp_path / "cache")
     with pytest.raises(ValueError, match="nothing is stored there"):
@@ -125,7 +125,7 @@ def _resolve_in_child(url: str, cache: str, env: dict[str, str], out: str) -> No
 
 def test_weights_on_s3_are_fetched_once_even_by_two_processes_at_once(s3_env: Any, tmp_path: Path) -> None:
     files = {**_checkpoint_files(), "big.bin": os.urandom(4 << 20)}
-    files[storage.COMPLETE_MARKER] = storage.marker_text([{n: len(d) for n, d in files.items() if n != storage.COMPLETE_MARKER}]).encode()
+    files[fmt.COMPLETE_MARKER] = fmt.marker_text([{n: len(d) for n, d in files.items() if n != fmt.COMPLETE_MARKER}]).encode()
     url = _put(s3_env, "core/concurrent/checkpoint-00000020", files)
     cache = tmp_path / "cache"
     ctx = multiprocessing.get_context("spawn")
@@ -141,7 +141,7 @@ def test_weights_on_s3_are_fetched_once_even_by_two_processes_at_once(s3_env: An
     assert first["path"] == second["path"] and first["files"] == second["files"]
     assert {n: bytes.fromhex(h) for n, h in first["files"].items() if n != W.FETCHED_MARKER} == files  # byte-identical
     entry = Path(first["path"])
-    assert storage.incomplete_reason(entry, marker=W.FETCHED_MARKER, verify_sha256=True) is None
+    assert fmt.incomplete_reason(entry, marker=W.FETCHED_MARKER, verify_sha256=True) is None
     assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name, entry.name + ".lock"]  # no temp folder left
     # a damaged entry (a file cut short) is fetched again; an export on S3 resolves the same way
     (entry / "big.bin").write_bytes(b"short")

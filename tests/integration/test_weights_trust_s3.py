@@ -110,7 +110,7 @@ def test_a_file_changed_on_s3_after_its_run_wrote_it_never_reaches_the_cache(s3_
     key = storage.Location.parse(uri).join("model.pt")
     data = storage.read_bytes(key)
     storage.write_bytes(key, data[:-64] + bytes(64))  # same size, other bytes
-    assert storage.is_complete(uri)  # by sizes (all S3 lists) it looks whole
+    assert fmt.is_complete(uri)  # by sizes (all S3 lists) it looks whole
     with pytest.raises(ValueError, match="model.pt changed after the folder was written"):
         resolve(uri)
     assert not any((tmp_path / "cache").rglob("model.pt"))  # refused before it entered the cache

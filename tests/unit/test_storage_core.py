@@ -106,18 +106,18 @@ def _checkpoint(folder: Path, files: dict[str, bytes]) -> Path:
     for name, data in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
-    (folder / storage.COMPLETE_MARKER).write_text(storage.marker_text([{n: len(d) for n, d in files.items()}]))
+    (folder / fmt.COMPLETE_MARKER).write_text(fmt.marker_text([{n: len(d) for n, d in files.items()}]))
     return folder
 
 
 def test_one_completeness_rule(tmp_path: Path) -> None:
     folder = _checkpoint(tmp_path / "checkpoint-00000004", {"trainer.pt": b"t" * 10, "dcp/0.distcp": b"d" * 4})
-    assert storage.is_complete(folder) and storage.is_complete(str(folder))
+    assert fmt.is_complete(folder) and fmt.is_complete(str(folder))
     (folder / "dcp" / "0.distcp").write_bytes(b"d")
-    assert storage.incomplete_reason(folder) == "COMPLETE lists files that are missing or short: dcp/0.distcp (1 of 4 bytes)"
-    (folder / storage.COMPLETE_MARKER).write_text("not json")
-    assert "unreadable" in str(storage.incomplete_reason(folder))
-    assert storage.incomplete_reason(tmp_path / "nothing") == "no COMPLETE marker"
+    assert fmt.incomplete_reason(folder) == "COMPLETE lists files that are missing or short: dcp/0.distcp (1 of 4 bytes)"
+    (folder / fmt.COMPLETE_MARKER).write_text("not json")
+    assert "unreadable" in str(fmt.incomplete_reason(folder))
+    assert fmt.incomplete_reason(tmp_path / "nothing") == "no COMPLETE marker"
 
 
 def test_the_resolver_returns_local_weights_as_they_are_and_refuses_other_folders(tmp_path: Path) -> None:
@@ -156,5 +156,5 @@ def test_the_cache_entry_is_filled_once_by_two_processes(tmp_path: Path) -> None
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0]
     assert sorted(json.loads((tmp_path / f"out{i}").read_text()) for i in range(2)) == [False, True]
-    assert storage.incomplete_reason(entry, marker=W.FETCHED_MARKER, verify_sha256=True) is None
+    assert fmt.incomplete_reason(entry, marker=W.FETCHED_MARKER, verify_sha256=True) is None
     assert sorted(p.name for p in entry.parent.iterdir()) == ["e", "e.lock"]  # no temp folder left

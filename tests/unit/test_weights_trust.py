@@ -233,7 +233,7 @@ def test_a_registered_version_whose_weights_are_a_pickle_is_refused(tmp_path, ma
 
 
 def storage_reason(folder: Path, *, verify: bool) -> str | None:
-    from metaformer_platform.storage import incomplete_reason
+    from metaformer_platform.storage.checkpoint_format import incomplete_reason
 
     return incomplete_reason(folder, verify_sha256=verify)
 

@@ -127,12 +127,12 @@ def check_resume_from(cfg: JobConfig) -> Path | str | None:
     a complete checkpoint of this model (judged where the files are, by the marker's file list)."""
     if cfg.run.resume_from is None:
         return None
-    from metaformer_platform.storage.checkpoint_format import TRAINER_FILE, load_tensors
+    from metaformer_platform.storage.checkpoint_format import TRAINER_FILE, incomplete_reason, load_tensors
     from metaformer_platform.training.ownership import check_native_checkpoint
 
     where = f"run.resume_from={cfg.run.resume_from!r}"
     loc = storage.check_access(cfg.run.resume_from, what=where)
-    why = storage.incomplete_reason(loc)  # reads the listing and the marker (JSON) only
+    why = incomplete_reason(loc)  # reads the listing and the marker (JSON) only
     if why is not None:
         raise ValueError(f"{where} is not a complete checkpoint folder ({why}); point it at a run's checkpoint-NNNNNNNN folder")
     check_native_checkpoint(cfg.strategy.name, loc.filesystem(), loc.fs_path,

@@ -56,9 +56,9 @@ EVAL_METRICS = ("eval/top1", "eval/top5", "eval/loss", "eval/samples", "eval/ima
 
 def _complete_checkpoint(path: str | None) -> bool:
     """The stage's recorded output is still a complete checkpoint where it was written (local or s3://)."""
-    from metaformer_platform import storage
+    from metaformer_platform.storage.checkpoint_format import is_complete
 
-    return bool(path) and storage.is_complete(str(path))
+    return bool(path) and is_complete(str(path))
 
 
 def _name(location: str | None) -> str:
@@ -92,6 +92,7 @@ def resumable_checkpoint(run_dir: str) -> str | None:
     run folder (local or s3://, through the storage core's filesystem); the latest one counts when complete.
     """
     from metaformer_platform import storage
+    from metaformer_platform.storage.checkpoint_format import is_complete
 
     loc = storage.Location.parse(run_dir)
     if not storage.exists(loc):
@@ -105,7 +106,7 @@ def resumable_checkpoint(run_dir: str) -> str | None:
     if result.checkpoint is None:
         return None
     latest = loc.join(PurePosixPath(result.checkpoint.path).name)
-    return latest.uri if storage.is_complete(latest) else None
+    return latest.uri if is_complete(latest) else None
 
 
 # -- the runner ------------------------------------------------------------------------------------

@@ -6,14 +6,6 @@ storage through this package; it imports nothing of the platform above it (the w
 """
 
 from metaformer_platform.storage import weights  # the resolver: storage.weights.resolve
-from metaformer_platform.storage.checkpoint_format import (
-    COMPLETE_MARKER,
-    file_sha256,
-    incomplete_reason,
-    is_complete,
-    marker_text,
-    missing_files,
-)
 from metaformer_platform.storage.files import (
     Store,
     atomic_write,
@@ -36,7 +28,6 @@ from metaformer_platform.storage.settings import AWS_ENV_VARS, S3Settings, aws_e
 
 __all__ = [
     "AWS_ENV_VARS",
-    "COMPLETE_MARKER",
     "Location",
     "LocationLike",
     "S3AccessError",
@@ -49,14 +40,9 @@ __all__ = [
     "delete",
     "download",
     "exists",
-    "file_sha256",
-    "incomplete_reason",
-    "is_complete",
     "is_temporary",
     "list_files",
     "local_folder",
-    "marker_text",
-    "missing_files",
     "open_store",
     "read_bytes",
     "register_webdataset_s3",

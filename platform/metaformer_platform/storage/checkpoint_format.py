@@ -2,8 +2,8 @@
 
 Every module names a checkpoint's or an export's files through this one; a strategy's native files (DDP's
 optimizer state, FSDP2's DCP folder, DeepSpeed's engine folder) are read only by that strategy and named there.
-One completeness rule, local or on S3: a folder is complete when its marker lists every file that is there
-with the listed size and, where the marker records one, the listed sha256 (checked on every local folder, a
+One completeness rule, local or on S3: a folder is complete when its marker is there and every file it lists is
+there with the listed size and, where it records one, the listed sha256 (checked on every local folder, a
 fetched copy included), so a file changed after the marker was written is never loaded. Rank 0 writes
 ``COMPLETE`` last, listing every rank's files (each rank uploads its own part, in no set order); the weights
 cache writes ``FETCHED`` in the same format. Tensor files are written under a temporary name and renamed, and
@@ -33,7 +33,7 @@ WEIGHTS_FILE = "model.safetensors"  # full weights, pickle-free: an export's, an
 META_FILE = "model.json"  # an export's model name, classes, kwargs and provenance
 DDP_MODEL_FILE = "model.pt"  # DDP's full weights (torch.save, read with weights_only)
 EMA_FILE = "ema.pt"  # the EMA's full fp32 weights (timm names), written by rank 0 for every strategy
-RNG_FILE = "rng-rank{:05d}.pt"  # per rank: .format(rank)
+RNG_FILE = "rng-rank{:05d}.pt"  # per rank (.format(rank)): its Python, NumPy and torch RNG states
 DATA_FAULTS_FILE = "data-faults-rank{:05d}.json"  # per rank: the skipped-sample counts
 PART_FILE = "PART-rank{:05d}"  # per rank: its part of the folder is uploaded
 STAMP_PREFIX = "OWNER-rank"
@@ -54,6 +54,8 @@ class Stamp(TypedDict):
 
 
 # -- digests and the marker ----------------------------------------------------------------------------------
+
+
 def file_sha256(path: str) -> str:
     """sha256 (hex) of a local file, streamed."""
     with open(path, "rb") as f:

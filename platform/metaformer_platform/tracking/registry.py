@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict
 
-from metaformer_platform.storage import file_sha256, weights
-from metaformer_platform.storage.checkpoint_format import META_FILE, WEIGHTS_FILE
+from metaformer_platform.storage import weights
+from metaformer_platform.storage.checkpoint_format import META_FILE, WEIGHTS_FILE, file_sha256
 from metaformer_platform.storage.weights import TAG_WEIGHTS_SHA256, is_registry_uri  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
