@@ -7,8 +7,8 @@
 Remote weights are fetched once into one cache (``$METAFORMER_WEIGHTS_CACHE``, default
 ``~/.cache/metaformer-platform/weights``): under a file lock per entry (two processes fetching the same thing
 at once download it once), into a temporary folder beside the entry, checked, marked and renamed into place.
-A cache entry counts only when complete by the one rule (``completeness``): its ``FETCHED`` marker lists every
-file with its size and sha256 (recorded at download), checked each time the entry is used.
+A cache entry counts only when complete by the one rule (``checkpoint_format``): its ``FETCHED`` marker lists
+every file with its size and sha256 (recorded at download), checked each time the entry is used.
 
 A checkpoint's files are checked against the sha256 digests its ``COMPLETE`` marker records (a local folder
 where it lies, a remote one in the fetched copy before it enters the cache): a file changed after its run

@@ -68,7 +68,7 @@ class Strategy(ABC):
     def consolidate(directory: Path) -> dict[str, torch.Tensor]:
         """The full fp32 model state dict of the checkpoint in ``directory``, in one process, no process group,
         read from the strategy's native files (which may run code when ``native_format_runs_code``: only for
-        checkpoints the caller trusts; ``checkpoint.model_weights`` reads the pickle-free copy)."""
+        checkpoints the caller trusts; ``checkpoint_format.model_weights`` reads the pickle-free copy)."""
 
     @abstractmethod
     def setup(self, model: nn.Module, build_optimizer: OptimizerFactory) -> None:
