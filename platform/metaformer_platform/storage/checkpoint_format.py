@@ -39,12 +39,6 @@ PART_FILE = "PART-rank{:05d}"  # per rank: its part of the folder is uploaded
 STAMP_PREFIX = "OWNER-rank"
 STAMP_FILE = STAMP_PREFIX + "{:05d}.json"  # per rank: which run and job wrote the folder
 OWNER_FILE = "_owner.json"  # in a run folder: the run's id and the lease of the job that holds it
-NATIVE_ONLY = (
-    "{where} holds its weights only in a strategy's native format (FSDP2's torch.distributed.checkpoint, "
-    "DeepSpeed's engine files), which can run code when read: such files are read only to resume the run "
-    "that wrote them. Export it first (python jobs/export.py CHECKPOINT OUT, on checkpoints written with "
-    f"{WEIGHTS_FILE}, or --trust-native-checkpoint on your own run's older ones) and use the export"
-)
 
 
 class Stamp(TypedDict):
@@ -227,7 +221,12 @@ def weights_file(directory: Path) -> Path:
     for name in (WEIGHTS_FILE, DDP_MODEL_FILE):
         if (directory / name).is_file():
             return directory / name
-    raise ValueError(NATIVE_ONLY.format(where=repr(str(directory))))
+    raise ValueError(
+        f"{str(directory)!r} holds its weights only in a strategy's native format (FSDP2's torch.distributed."
+        "checkpoint, DeepSpeed's engine files), which can run code when read: such files are read only to resume "
+        "the run that wrote them. Export it first (python jobs/export.py CHECKPOINT OUT, on checkpoints written "
+        f"with {WEIGHTS_FILE}, or --trust-native-checkpoint on your own run's older ones) and use the export"
+    )
 
 
 def model_weights(directory: Path) -> dict[str, torch.Tensor]:
