@@ -1,7 +1,7 @@
 """The checkpoint and export folder format: file names, the completion marker, digests, tensor files, stamps.
 
-Every module names a checkpoint's or an export's files through this one; a strategy's native files (DDP's
-optimizer state, FSDP2's DCP folder, DeepSpeed's engine folder) are read only by that strategy and named there.
+Every module names a checkpoint's or an export's files through this one; the folders of a strategy's own
+format (FSDP2's DCP folder, DeepSpeed's engine folder) are read only by that strategy and named there.
 One completeness rule, local or on S3: a folder is complete when its marker is there and every file it lists is
 there with the listed size and, where it records one, the listed sha256 (checked on every local folder, a
 fetched copy included), so a file changed after the marker was written is never loaded. Rank 0 writes
@@ -32,6 +32,7 @@ CONFIG_FILE = "config.yaml"  # the job config the checkpoint was written by
 WEIGHTS_FILE = "model.safetensors"  # full weights, pickle-free: an export's, and FSDP2/DeepSpeed checkpoints'
 META_FILE = "model.json"  # an export's model name, classes, kwargs and provenance
 DDP_MODEL_FILE = "model.pt"  # DDP's full weights (torch.save, read with weights_only)
+DDP_OPTIMIZER_FILE = "optimizer.pt"  # DDP's optimizer state, rank 0's (replicas are identical)
 EMA_FILE = "ema.pt"  # the EMA's full fp32 weights (timm names), written by rank 0 for every strategy
 RNG_FILE = "rng-rank{:05d}.pt"  # per rank (.format(rank)): its Python, NumPy and torch RNG states
 DATA_FAULTS_FILE = "data-faults-rank{:05d}.json"  # per rank: the skipped-sample counts

@@ -9,10 +9,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from metaformer_platform.storage.checkpoint_format import DDP_MODEL_FILE, load_tensors, save_tensors
+from metaformer_platform.storage.checkpoint_format import (
+    DDP_MODEL_FILE,
+    DDP_OPTIMIZER_FILE,
+    load_tensors,
+    save_tensors,
+)
 from metaformer_platform.strategies.base import OptimizerFactory, Strategy
-
-OPTIMIZER_FILE = "optimizer.pt"
 
 
 class DDPStrategy(Strategy):
@@ -45,13 +48,13 @@ class DDPStrategy(Strategy):
         if self.dist.is_main:
             assert self.optimizer is not None
             save_tensors(self.module.state_dict(), directory / DDP_MODEL_FILE)
-            save_tensors(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+            save_tensors(self.optimizer.state_dict(), directory / DDP_OPTIMIZER_FILE)
 
     def load(self, directory: Path) -> None:
         assert self.optimizer is not None
         state = load_tensors(directory / DDP_MODEL_FILE, map_location=self.dist.device)
         self.module.load_state_dict(state, strict=True)
-        self.optimizer.load_state_dict(load_tensors(directory / OPTIMIZER_FILE, map_location=self.dist.device))
+        self.optimizer.load_state_dict(load_tensors(directory / DDP_OPTIMIZER_FILE, map_location=self.dist.device))
 
     @staticmethod
     def consolidate(directory: Path) -> dict[str, torch.Tensor]:
