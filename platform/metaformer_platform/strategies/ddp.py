@@ -9,12 +9,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from metaformer_platform.storage.checkpoint_format import (
-    DDP_MODEL_FILE,
-    DDP_OPTIMIZER_FILE,
-    load_tensors,
-    save_tensors,
-)
+from metaformer_platform.storage import checkpoint_format as fmt
 from metaformer_platform.strategies.base import OptimizerFactory, Strategy
 
 
@@ -47,15 +42,15 @@ class DDPStrategy(Strategy):
         # Replicas are identical, so rank 0 alone writes model and optimizer state.
         if self.dist.is_main:
             assert self.optimizer is not None
-            save_tensors(self.module.state_dict(), directory / DDP_MODEL_FILE)
-            save_tensors(self.optimizer.state_dict(), directory / DDP_OPTIMIZER_FILE)
+            fmt.save_tensors(self.module.state_dict(), directory / fmt.DDP_MODEL_FILE)
+            fmt.save_tensors(self.optimizer.state_dict(), directory / fmt.DDP_OPTIMIZER_FILE)
 
     def load(self, directory: Path) -> None:
         assert self.optimizer is not None
-        state = load_tensors(directory / DDP_MODEL_FILE, map_location=self.dist.device)
+        state = fmt.load_tensors(directory / fmt.DDP_MODEL_FILE, map_location=self.dist.device)
         self.module.load_state_dict(state, strict=True)
-        self.optimizer.load_state_dict(load_tensors(directory / DDP_OPTIMIZER_FILE, map_location=self.dist.device))
+        self.optimizer.load_state_dict(fmt.load_tensors(directory / fmt.DDP_OPTIMIZER_FILE, map_location=self.dist.device))
 
     @staticmethod
     def consolidate(directory: Path) -> dict[str, torch.Tensor]:
-        return load_tensors(directory / DDP_MODEL_FILE)
+        return fmt.load_tensors(directory / fmt.DDP_MODEL_FILE)
