@@ -113,12 +113,12 @@ def build_plan(cfg: JobConfig) -> JobPlan:
     inputs = _evaluate_inputs(cfg) if cfg.stage == "evaluate" else _training_inputs(cfg)
     storage_path = checks.resolve_storage_path(cfg.run.storage_path)
     check_run_free(storage_path, cfg.run_name)
+    # `auto` workers are judged as one until the layout is chosen, then (when it chose more) with its count.
     configured = cfg.scaling.num_workers
-    if configured != "auto":
-        _check_batches(inputs, _most(configured))
+    _check_batches(inputs, 1 if configured == "auto" else _most(configured))
     # The layout needs the cluster, so it is chosen only once every check of the input has passed.
     layout = resolve_layout(inputs.cfg)
-    if configured == "auto":
+    if configured == "auto" and _most(layout.num_workers) > 1:
         _check_batches(inputs, _most(layout.num_workers))
     threads = checks.default_threads(cfg, layout)
     cfg = _resolved(inputs.cfg, scaling={"num_workers": layout.num_workers,
