@@ -234,7 +234,7 @@ class ScalingSettings(_Section):
 
     @field_validator("num_workers", mode="before")
     @classmethod
-    def _worker_range(cls, value: Any) -> Any:
+    def _worker_range(cls, value: object) -> object:
         # YAML carries a range as a list; an int or "auto" goes on to the other checks.
         if not isinstance(value, list | tuple):
             return value

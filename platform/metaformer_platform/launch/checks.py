@@ -202,11 +202,6 @@ def check_cluster(cfg: JobConfig, layout: hardware.Layout) -> None:
         )
 
 
-def default_threads(cfg: JobConfig, layout: hardware.Layout) -> int:
-    """``trainer.torch_threads``, unset meaning one torch thread per CPU the worker is given (not all of the node's)."""
-    return cfg.trainer.torch_threads or max(1, int(layout.cpus_per_worker))
-
-
 def connect_ray(cfg: JobConfig) -> None:
     """Join the configured cluster (``run.ray_address`` or RAY_ADDRESS), or start a local one."""
     import ray

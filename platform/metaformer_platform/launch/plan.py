@@ -102,6 +102,7 @@ class _Inputs:
     cfg: JobConfig  # an evaluate job's set to its weights' model
     data_root: str | Path
     manifest: Manifest
+    num_classes: int | None  # the head's: model.num_classes, else the data's (evaluate: the weights')
     local: Path | None  # the driver's copy of model.init_from
     weights: WeightsInfo | None
     resume_from: Path | str | None
@@ -113,18 +114,22 @@ def build_plan(cfg: JobConfig) -> JobPlan:
     inputs = _evaluate_inputs(cfg) if cfg.stage == "evaluate" else _training_inputs(cfg)
     storage_path = checks.resolve_storage_path(cfg.run.storage_path)
     check_run_free(storage_path, cfg.run_name)
+    registry = checks.registry_uri(cfg)
     # `auto` workers are judged as one until the layout is chosen, then (when it chose more) with its count.
     configured = cfg.scaling.num_workers
     _check_batches(inputs, 1 if configured == "auto" else _most(configured))
+    # The launch layer's checks come first, then those of lower layers (the model on the meta device, the
+    # layout): the config goes down once instead of down and up again for each check.
+    checks.check_model(inputs.cfg, inputs.num_classes)
     # The layout needs the cluster, so it is chosen only once every check of the input has passed.
     layout = resolve_layout(inputs.cfg)
     if configured == "auto" and _most(layout.num_workers) > 1:
         _check_batches(inputs, _most(layout.num_workers))
-    threads = checks.default_threads(cfg, layout)
+    # unset threads: one torch thread per CPU the worker is given (not all of the node's)
+    threads = cfg.trainer.torch_threads or max(1, int(layout.cpus_per_worker))
     cfg = _resolved(inputs.cfg, scaling={"num_workers": layout.num_workers,
                                          "cpus_per_worker": layout.cpus_per_worker, "use_gpu": layout.use_gpu},
                     trainer={"torch_threads": threads})
-    registry = checks.registry_uri(cfg)
     initial = None
     if inputs.local is not None and inputs.weights is not None:
         initial = InitialWeights(str(cfg.model.init_from), inputs.local, inputs.weights, registry)
@@ -141,10 +146,10 @@ def _training_inputs(cfg: JobConfig) -> _Inputs:
     data_root = checks.resolve_data_root(cfg)
     manifest = load_manifest(data_root)
     checks.check_data(cfg, manifest, data_root)
-    checks.check_model(cfg, cfg.model.num_classes or manifest.num_classes)
     local = checks.resolve_init_from(cfg)
     weights = checks.check_init_from(cfg, local)
-    return _Inputs(cfg, data_root, manifest, local, weights, checks.check_resume_from(cfg))
+    num_classes = cfg.model.num_classes or manifest.num_classes
+    return _Inputs(cfg, data_root, manifest, num_classes, local, weights, checks.check_resume_from(cfg))
 
 
 def _evaluate_inputs(cfg: JobConfig) -> _Inputs:
@@ -153,9 +158,7 @@ def _evaluate_inputs(cfg: JobConfig) -> _Inputs:
         raise ValueError(checks.NO_WEIGHTS)
     data_root = checks.resolve_data_root(cfg)
     weights, manifest = checks.prepare_evaluation(cfg, local, data_root)
-    cfg = evaluation_config(cfg, weights)
-    checks.check_model(cfg, cfg.model.num_classes)
-    return _Inputs(cfg, data_root, manifest, local, weights, None)
+    return _Inputs(evaluation_config(cfg, weights), data_root, manifest, weights.num_classes, local, weights, None)
 
 
 def evaluation_config(cfg: JobConfig, weights: WeightsInfo) -> JobConfig:
@@ -187,8 +190,8 @@ def resolve_layout(cfg: JobConfig) -> hardware.Layout:
     import logging
 
     s = cfg.scaling
-    if "auto" not in (s.num_workers, s.cpus_per_worker, s.use_gpu):
-        return hardware.Layout.of(s)
+    if not isinstance(s.num_workers, str) and not isinstance(s.cpus_per_worker, str) and not isinstance(s.use_gpu, str):
+        return hardware.Layout(s.num_workers, s.cpus_per_worker, s.use_gpu, "set in the config")
     if (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
             or ("ray" in sys.modules and sys.modules["ray"].is_initialized())):
         import ray
