@@ -36,9 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JobResult", "build_trainer", "connect_ray", "run_evaluate", "run_job", "state_api_served"]
-
-
 @dataclass
 class JobResult:
     """What a finished job hands back to its entry point."""
@@ -258,7 +255,7 @@ def _report_evaluation(plan: JobPlan, result: Result, handle: RunHandle | None) 
         raise RuntimeError(f"the evaluation workers returned {type(sums).__name__}, not their metric sums")
     report = build_report(
         MetricSums.from_dict(sums), cfg=cfg, weights=weights, weights_uri=str(cfg.model.init_from),
-        manifest=load_manifest(plan.data.root), expected_samples=plan.data.samples[plan.eval_split],
+        manifest=load_manifest(plan.data.root), expected_samples=plan.data.samples[str(cfg.data.val_split)],
     )
     report["mlflow_run_id"] = handle.run_id if handle else None
     report_path = write_report(report, plan.run_dir)

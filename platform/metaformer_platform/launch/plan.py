@@ -37,11 +37,6 @@ class DataSummary:
     num_classes: int | None
     samples: dict[str, int]  # per split
 
-    @classmethod
-    def of(cls, root: str | Path, manifest: Manifest) -> DataSummary:
-        """The summary of ``manifest``, read from ``root``."""
-        return cls(root, manifest.num_classes, {name: s.num_samples for name, s in manifest.splits.items()})
-
 
 @dataclass(frozen=True)
 class InitialWeights:
@@ -84,11 +79,6 @@ class JobPlan:
         return Location.parse(self.storage_path).join(self.run_name).uri
 
     @property
-    def eval_split(self) -> str:
-        """The split an evaluate job scores (the plan refused a job without one)."""
-        return str(self.cfg.data.val_split)
-
-    @property
     def worker_count(self) -> str:
         """The number of workers as a person reads it: ``2``, or ``1-2 (elastic)``."""
         n = self.layout.num_workers
@@ -97,7 +87,7 @@ class JobPlan:
 
 @dataclass(frozen=True)
 class _Inputs:
-    """An input check's findings, before the layout is chosen."""
+    """What the input checks found, before the layout is chosen."""
 
     cfg: JobConfig  # an evaluate job's set to its weights' model
     data_root: str | Path
@@ -134,7 +124,9 @@ def build_plan(cfg: JobConfig) -> JobPlan:
     if inputs.local is not None and inputs.weights is not None:
         initial = InitialWeights(str(cfg.model.init_from), inputs.local, inputs.weights, registry)
     return JobPlan(
-        cfg=cfg, layout=layout, data=DataSummary.of(inputs.data_root, inputs.manifest), init_from=initial,
+        cfg=cfg, layout=layout, init_from=initial,
+        data=DataSummary(inputs.data_root, inputs.manifest.num_classes,
+                         {name: split.num_samples for name, split in inputs.manifest.splits.items()}),
         resume_from=inputs.resume_from, storage_path=storage_path, registry_uri=registry,
         remote_inputs=_any_remote(str(inputs.data_root), cfg.run.resume_from, cfg.model.init_from),
     )
