@@ -165,7 +165,7 @@ def _train_worker(plan: JobPlan, launch: Launch) -> None:
     """Runs in every Ray Train worker: builds the Trainer from the plan (resuming from the newest complete
     checkpoint) and trains."""
     from metaformer_platform.tracking.console import worker_progress
-    from metaformer_platform.training.trainer import NullTracker
+    from metaformer_platform.training.trainer import NullTracker, Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg, dist = plan.cfg, _dist_context()
