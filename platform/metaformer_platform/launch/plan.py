@@ -12,6 +12,7 @@ Order: every check of the input runs before Ray is joined; the layout, which nee
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from metaformer_platform.training.ownership import check_run_free
 if TYPE_CHECKING:
     from metaformer_platform.data import Manifest
     from metaformer_platform.evaluation.report import WeightsInfo
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,8 @@ def build_plan(cfg: JobConfig) -> JobPlan:
     # layout): the config goes down once instead of down and up again for each check.
     checks.check_model(inputs.cfg, inputs.num_classes)
     # The layout needs the cluster, so it is chosen only once every check of the input has passed.
-    layout = resolve_layout(inputs.cfg)
+    s = inputs.cfg.scaling
+    layout = _cluster_layout(inputs.cfg) if "auto" in (s.num_workers, s.cpus_per_worker, s.use_gpu) else hardware.Layout.of(s)
     if configured == "auto" and _most(layout.num_workers) > 1:
         _check_batches(inputs, _most(layout.num_workers))
     # unset threads: one torch thread per CPU the worker is given (not all of the node's)
@@ -175,15 +179,11 @@ def _resolved(cfg: JobConfig, **sections: dict[str, object]) -> JobConfig:
     return cfg.model_copy(update=update) if update else cfg
 
 
-def resolve_layout(cfg: JobConfig) -> hardware.Layout:
+def _cluster_layout(cfg: JobConfig) -> hardware.Layout:
     """``scaling.*: auto`` made concrete: the fastest worker layout for the cluster the job runs on (see
-    ``training.hardware.resolve_layout``); a config without ``auto`` is read as it is. A local Ray is not
-    started for it: it would take this machine's CPUs and GPUs, which are probed directly."""
-    import logging
-
+    ``training.hardware.resolve_layout``). A local Ray is not started for it: it would take this machine's CPUs
+    and GPUs, which are probed directly."""
     s = cfg.scaling
-    if not isinstance(s.num_workers, str) and not isinstance(s.cpus_per_worker, str) and not isinstance(s.use_gpu, str):
-        return hardware.Layout(s.num_workers, s.cpus_per_worker, s.use_gpu, "set in the config")
     if (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
             or ("ray" in sys.modules and sys.modules["ray"].is_initialized())):
         import ray
@@ -195,7 +195,7 @@ def resolve_layout(cfg: JobConfig) -> hardware.Layout:
 
         nodes = [{"CPU": float(hardware.available_cpus()), "GPU": float(torch.cuda.device_count())}]
     layout = hardware.resolve_layout(s, nodes)
-    logging.getLogger("metaformer_platform.launch.driver").info(
+    log.info(
         "worker layout: %s worker(s) x %g CPU%s (%s)", layout.num_workers, layout.cpus_per_worker,
         " + 1 GPU" if layout.use_gpu else "", layout.reason)
     return layout
