@@ -97,7 +97,7 @@ def _stall_worker(payload: dict[str, Any]) -> None:
     import ray.train
 
     from metaformer_platform.config import JobConfig
-    from metaformer_platform.launch.driver import checkpoint_reporter
+    from metaformer_platform.launch.workers import checkpoint_reporter
     from metaformer_platform.strategies.base import DistContext
     from metaformer_platform.training.trainer import Trainer
 
@@ -117,7 +117,7 @@ def _stall_worker(payload: dict[str, Any]) -> None:
             last[0] = now
 
     batches = make_batches(cfg.trainer.max_steps, cfg.trainer.batch_size, cfg.data.img_size, seed=0, num_classes=1000)
-    trainer = Trainer(cfg, dist, data_root=None, tracker=StepClock(), report=checkpoint_reporter(cfg, dist),
+    trainer = Trainer(cfg, dist, data_root=None, tracker=StepClock(), report=checkpoint_reporter(cfg.run.checkpoint_upload, dist),
                       loaders=(InMemoryLoader(batches), None))
     start = time.perf_counter()
     trainer.train()

@@ -15,7 +15,8 @@ from s3_checkpoint_job import S3_CKPT_PREFIX as PREFIX
 from s3_checkpoint_job import S3_CKPT_RUN as RUN
 from s3_checkpoint_job import s3_checkpoint_config as _cfg
 
-from metaformer_platform.launch.driver import check_resume_from, resolve_data_root, run_job
+from metaformer_platform.launch.checks import check_resume_from, resolve_data_root
+from metaformer_platform.launch.driver import run_job
 
 # A small local data set for the refusals: they must be about the checkpoint storage alone.
 LOCAL_DATA = ("data.source=synthetic", "data.synthetic.num_classes=4", "data.synthetic.train_samples=64",

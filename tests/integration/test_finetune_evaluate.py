@@ -19,7 +19,8 @@ from mlflow import MlflowClient
 from metaformer_platform.config import load_config
 from metaformer_platform.data import load_manifest
 from metaformer_platform.evaluation.report import data_hash
-from metaformer_platform.launch.driver import resolve_data_root, run_job
+from metaformer_platform.launch.checks import resolve_data_root
+from metaformer_platform.launch.driver import run_job
 from metaformer_platform.tracking import registry
 from metaformer_platform.training.export import export_checkpoint
 
@@ -136,7 +137,7 @@ def test_finetune_checkpoint_on_a_new_label_set_and_resolution_learns(pretrained
 
 def test_weights_on_s3_are_fetched_once_and_checked(pretrained, s3_server, monkeypatch, tmp_path):
     """model.init_from=s3://.../checkpoint-N (a run stored on S3) becomes a local copy before any worker starts."""
-    from metaformer_platform.launch.driver import resolve_init_from
+    from metaformer_platform.launch.checks import resolve_init_from
     from metaformer_platform.storage.weights import FETCHED_MARKER, read_weights_info, resolve
 
     _, _, _, trained = pretrained

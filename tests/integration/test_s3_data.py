@@ -149,7 +149,7 @@ def test_two_workers_run_one_per_node_and_split_local_and_s3_data_by_global_rank
     from ray.train.torch import TorchTrainer
 
     from metaformer_platform.config import load_config
-    from metaformer_platform.launch.driver import resolve_data_root
+    from metaformer_platform.launch.checks import resolve_data_root
 
     nodes = [n for n in ray.nodes() if n["Alive"]]
     assert len(nodes) == 2 and all(n["Resources"]["CPU"] == 1 for n in nodes)
@@ -171,7 +171,8 @@ def test_two_workers_run_one_per_node_and_split_local_and_s3_data_by_global_rank
 
         from metaformer_platform.config import JobConfig
         from metaformer_platform.data import build_loader
-        from metaformer_platform.launch.driver import _dist_context, resolve_data_root
+        from metaformer_platform.launch.checks import resolve_data_root
+        from metaformer_platform.launch.workers import _dist_context
         from metaformer_platform.training.trainer import Trainer
 
         job = JobConfig.model_validate(config["job"])

@@ -33,7 +33,7 @@ def ddp_losses(small_job, ddp_reference) -> dict[int, float]:
 
 def _val_loss_of_export(small_job, export_dir: Path) -> float:
     """Validation loss of the exported weights on the job's validation split, in this process, one rank."""
-    from metaformer_platform.launch.driver import resolve_data_root
+    from metaformer_platform.launch.checks import resolve_data_root
     from metaformer_platform.strategies.base import DistContext
     from metaformer_platform.training.export import load_export
     from metaformer_platform.training.trainer import Trainer
@@ -134,7 +134,7 @@ def test_zero3_checkpoint_initialises_fsdp_with_a_new_head(small_job, workdir, t
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from metaformer_platform.launch.driver import resolve_data_root
+    from metaformer_platform.launch.checks import resolve_data_root
     from metaformer_platform.strategies.base import DistContext
     from metaformer_platform.training.trainer import Trainer
 

@@ -29,7 +29,7 @@ def test_a_worker_range_is_a_tuple_that_round_trips_and_keeps_the_global_batch_o
     s = cfg.scaling
     assert (s.num_workers, s.elastic, s.min_workers, s.max_workers) == ((2, 4), True, 2, 4)
     assert cfg.global_batch == 12 * 2 * 4  # at 3 workers: 32 each, as 8 x 4 (12 does not divide 32)
-    assert fit_to_world(cfg, 3).trainer.batch_size == 8
+    assert fit_to_world(cfg.scaling, cfg.trainer, 3, even=cfg.data.uses_mixup).micro_batch == 8
     assert JobConfig.model_validate(cfg.model_dump(mode="json")).scaling.num_workers == (2, 4)  # the worker payload
     fixed = load_config(None, ["scaling.num_workers=[3, 3]"]).scaling
     assert (fixed.num_workers, fixed.elastic) == (3, False)  # a range of one size is that size
@@ -69,15 +69,17 @@ def test_the_global_batch_is_split_into_the_largest_micro_batch_that_fits():
 def test_each_world_size_of_a_range_trains_with_the_same_global_batch_and_learning_rate():
     cfg = load_config(None, ["scaling.num_workers=[1, 4]", "trainer.batch_size=12", "trainer.grad_accum_steps=1",
                              "optim.lr=null"])
-    fitted = {w: fit_to_world(cfg, w) for w in (1, 2, 3, 4)}
-    assert {w: (c.scaling.num_workers, c.trainer.batch_size, c.trainer.grad_accum_steps) for w, c in fitted.items()} == {
+    fitted = {w: fit_to_world(cfg.scaling, cfg.trainer, w, even=cfg.data.uses_mixup) for w in (1, 2, 3, 4)}
+    assert {w: (b.world_size, b.micro_batch, b.grad_accum_steps) for w, b in fitted.items()} == {
         1: (1, 12, 4), 2: (2, 12, 2), 3: (3, 8, 2), 4: (4, 12, 1)}
-    assert {c.global_batch for c in fitted.values()} == {48}
-    assert len({c.optim.resolved_lr(c.global_batch) for c in fitted.values()}) == 1
+    assert {b.global_batch for b in fitted.values()} == {48}
+    assert len({cfg.optim.resolved_lr(b.global_batch) for b in fitted.values()}) == 1
     with pytest.raises(ValueError, match="outside scaling.num_workers=\\[1, 4\\]"):
-        fit_to_world(cfg, 5)
+        fit_to_world(cfg.scaling, cfg.trainer, 5, even=False)
     fixed = load_config(None, ["scaling.num_workers=2"])
-    assert fit_to_world(fixed, 1) is fixed  # a fixed count is never rescaled
+    kept = fit_to_world(fixed.scaling, fixed.trainer, 1, even=fixed.data.uses_mixup)  # a fixed count is never rescaled
+    assert (kept.micro_batch, kept.grad_accum_steps, kept.global_batch) == (
+        fixed.trainer.batch_size, fixed.trainer.grad_accum_steps, fixed.global_batch)
 
 
 def test_a_resize_is_noted_with_its_step_and_sizes():
@@ -150,7 +152,7 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_with_its_weights_optimizer_and
         one = Trainer(cfg, DistContext(rank=0, world_size=1), data_root=None, loaders=(RandomBatches(8, 8), None),
                       resume_from=directory)
         assert (one.step, one.resized, one.resizes) == (4, True, [{"step": 4, "from": 2, "to": 1}])
-        assert (one.cfg.trainer.batch_size, one.cfg.trainer.grad_accum_steps, one.cfg.global_batch) == (8, 2, 16)
+        assert (one.batch.micro_batch, one.batch.grad_accum_steps, one.batch.global_batch) == (8, 2, 16)
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,

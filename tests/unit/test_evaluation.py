@@ -18,14 +18,9 @@ from metaformer_platform.config import load_config
 from metaformer_platform.data import IGNORE_LABEL, load_manifest
 from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
 from metaformer_platform.evaluation.metrics import MetricSums
-from metaformer_platform.evaluation.report import (
-    build_report,
-    check_eval_batches,
-    check_label_set,
-    data_hash,
-    prepare_evaluation,
-    summary_line,
-)
+from metaformer_platform.evaluation.report import build_report, data_hash, summary_line
+from metaformer_platform.launch.checks import check_eval_batches, check_label_set, prepare_evaluation
+from metaformer_platform.launch.plan import InitialWeights, evaluation_config
 from metaformer_platform.launch.workers import evaluate_worker
 from metaformer_platform.storage.weights import read_weights_info
 from metaformer_platform.strategies.base import DistContext
@@ -129,9 +124,9 @@ def test_checkpoint_export_and_trainer_validation_agree(shards, trained):
             "poolformer_debug", 4, names, 32,
         )
         # a config that names no model: the weights decide it
-        ecfg, weights, manifest = prepare_evaluation(
-            _cfg("stage=evaluate", "trainer.batch_size=7"), source, shards
-        )
+        cfg = _cfg("stage=evaluate", "trainer.batch_size=7")
+        weights, manifest = prepare_evaluation(cfg, source, shards)
+        ecfg = evaluation_config(cfg, weights)
         sums = evaluate_worker(ecfg, DistContext(), shards, source)
         # what the worker ran with travels to the driver's report (channels_last: auto resolved for fp32)
         assert sums.settings == {"precision": "fp32", "channels_last": False}
@@ -149,7 +144,9 @@ def test_an_evaluate_job_with_auto_workers_is_checked_before_and_after_the_layou
     _, export, _ = trained
     # scaling.num_workers=auto (the default) reaches the driver's checks before the layout is chosen: judged as
     # one worker (it used to divide the sample count by "auto", a TypeError)
-    ecfg, _, manifest = prepare_evaluation(_cfg("stage=evaluate", "scaling.num_workers=auto"), export, shards)
+    cfg = _cfg("stage=evaluate", "scaling.num_workers=auto")
+    weights, manifest = prepare_evaluation(cfg, export, shards)
+    ecfg = evaluation_config(cfg, weights)
     assert ecfg.scaling.num_workers == "auto"
     # the launcher checks again with the number it chose: 90 samples cannot give 91 workers a batch each
     chosen = ecfg.model_copy(update={"scaling": ecfg.scaling.model_copy(update={"num_workers": 91})})
@@ -223,7 +220,7 @@ def sqlite_registry(tmp_path_factory) -> str:
 def test_registry_uri_resolves_on_the_driver_and_in_workers(trained, sqlite_registry, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from metaformer_platform.launch.driver import _with_local_init_from, check_init_from, resolve_init_from
+    from metaformer_platform.launch.checks import check_init_from, resolve_init_from
     from metaformer_platform.tracking import registry
 
     _, export, _ = trained
@@ -238,11 +235,12 @@ def test_registry_uri_resolves_on_the_driver_and_in_workers(trained, sqlite_regi
     local = resolve_init_from(cfg)
     assert local.parent == tmp_path / "cache" / "models" / "unit_debug" and local.name.startswith("v1-")
     assert (local / "model.safetensors").is_file()
-    check_init_from(cfg, local)  # same architecture: accepted
+    info = check_init_from(cfg, local)  # same architecture: accepted
+    assert info is not None
     # a worker that cannot see the driver's copy (another node) fetches its own
-    elsewhere = {"registry_uri": uri, "init_from_local": str(tmp_path / "on-the-driver-node")}
-    assert _with_local_init_from(cfg, elsewhere).model.init_from == str(local)
-    assert _with_local_init_from(cfg, {**elsewhere, "init_from_local": str(export)}).model.init_from == str(export)
+    elsewhere = InitialWeights(str(cfg.model.init_from), tmp_path / "on-the-driver-node", info, uri)
+    assert elsewhere.on_this_node() == local
+    assert InitialWeights(str(cfg.model.init_from), export, info, uri).on_this_node() == export
     with pytest.raises(ValueError, match="holds poolformer_debug, but this job trains poolformer_s12"):
         check_init_from(_cfg("stage=finetune", "model.name=poolformer_s12", "model.init_from=models:/x@y"), local)
 

@@ -108,7 +108,7 @@ def test_layout_one_worker_per_cpu_node_and_one_per_gpu():
 def test_code_after_the_launcher_reads_a_resolved_layout_and_an_unresolved_auto_is_named():
     resolved = _scaling("scaling.num_workers=3", "scaling.cpus_per_worker=2", "scaling.use_gpu=false")
     assert hardware.Layout.of(resolved) == hardware.Layout(3, 2.0, False, "read from the resolved config")
-    # the launcher's own result reads back unchanged (resolve_scaling copies it into the config)
+    # the launcher's own result reads back unchanged (the job plan copies it into the config)
     chosen = hardware.resolve_layout(_scaling(), [{"CPU": 4.0}])
     copied = _scaling().model_copy(update={"num_workers": chosen.num_workers,
                                            "cpus_per_worker": chosen.cpus_per_worker, "use_gpu": chosen.use_gpu})
@@ -154,12 +154,12 @@ def test_the_trainer_prints_and_logs_the_settings_it_resolved(caplog):
         trainer = Trainer(_cfg("trainer.max_steps=8", "data.val_split=null"), DistContext(), data_root=None,
                           tracker=rec, loaders=(_Batches(), None))
     expected = hardware.resolve_settings(_cfg().trainer, hardware.probe(torch.device("cpu")), total_steps=8)
-    assert rec.params["resolved.precision"] == expected.precision == trainer.cfg.trainer.precision
+    assert rec.params["resolved.precision"] == expected.precision == trainer.settings.precision
     assert rec.params["resolved.channels_last"] == expected.channels_last
     assert rec.params["resolved.compile"] is False  # 8 steps never pay for a compile
     assert rec.params["resolved.torch_threads"] == 1
     assert rec.params["resolved.fused_optimizer"] is True  # AdamW on the CPU: torch's fused kernel (auto)
-    assert trainer.cfg.scaling.num_workers == 1  # auto: the world the Trainer runs in
+    assert (trainer.batch.world_size, trainer.batch.global_batch) == (1, 8)  # auto: the world the Trainer runs in
     assert f"precision = {expected.precision}  (auto: " in caplog.text
     assert "torch_threads = 1  (set in the config)" in caplog.text
 

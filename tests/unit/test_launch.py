@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from metaformer_platform.config import load_config
 from metaformer_platform.launch.driver import build_trainer
-from metaformer_platform.storage import Location
+from metaformer_platform.launch.plan import DataSummary, JobPlan
+from metaformer_platform.training.hardware import Layout
 
 
 def test_the_job_trainer_starts_no_ray_data_actor_and_keeps_rays_other_callbacks(tmp_path, monkeypatch):
@@ -18,7 +19,9 @@ def test_the_job_trainer_starts_no_ray_data_actor_and_keeps_rays_other_callbacks
 
     cfg = load_config(None, ["model.name=poolformer_debug", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
                              "scaling.use_gpu=false", f"run.storage_path={tmp_path}", "run.name=assembly"])
-    trainer = build_trainer(cfg, lambda config: None, {}, Location.parse(str(tmp_path)), remote_inputs=False)
+    plan = JobPlan(cfg=cfg, layout=Layout.of(cfg.scaling), data=DataSummary(tmp_path, 4, {}), init_from=None,
+                   resume_from=None, storage_path=str(tmp_path), registry_uri="", remote_inputs=False)
+    trainer = build_trainer(plan, lambda: None)
     monkeypatch.setattr(launch, "state_api_served", lambda: True)
     kinds = {type(c).__name__ for c in trainer._create_default_callbacks()}
     assert "DatasetsCallback" not in kinds

@@ -35,11 +35,11 @@ def test_reading_the_config_or_the_registry_does_not_import_deepspeed():
 
 
 def test_deepspeed_config_is_generated_from_the_job():
+    from metaformer_platform.strategies.config import StepSettings
     from metaformer_platform.strategies.deepspeed import deepspeed_config
 
-    cfg = load_config(None, ["strategy.name=deepspeed", "strategy.zero_stage=3", "trainer.batch_size=16",
-                             "trainer.grad_accum_steps=4", "trainer.precision=bf16", "optim.clip_grad=2.5"])
-    ds = deepspeed_config(cfg)
+    cfg = load_config(None, ["strategy.name=deepspeed", "strategy.zero_stage=3"])
+    ds = deepspeed_config(cfg.strategy, StepSettings(micro_batch=16, grad_accum_steps=4, clip_grad=2.5, precision="bf16"))
     assert ds["train_micro_batch_size_per_gpu"] == 16
     assert ds["gradient_accumulation_steps"] == 4
     assert ds["gradient_clipping"] == 2.5
@@ -47,8 +47,8 @@ def test_deepspeed_config_is_generated_from_the_job():
     assert ds["zero_optimization"] == {"stage": 3}
     assert "optimizer" not in ds and "scheduler" not in ds  # timm's optimizer and schedule are passed in
 
-    off = deepspeed_config(load_config(None, ["strategy.name=deepspeed", "trainer.precision=fp32",
-                                              "strategy.offload_optimizer=true"]))
+    offload = load_config(None, ["strategy.name=deepspeed", "strategy.offload_optimizer=true"]).strategy
+    off = deepspeed_config(offload, StepSettings(micro_batch=16, grad_accum_steps=1, clip_grad=None, precision="fp32"))
     # DeepSpeed clips at 1.0 when the key is absent: "off" must be written as 0.0.
     assert off["gradient_clipping"] == 0.0 and "gradient_clipping" in off
     assert off["bf16"] == {"enabled": False}
@@ -62,7 +62,7 @@ def test_zero_stage_out_of_range_is_refused_with_the_fix(stage):
 
 
 def test_fsdp_refuses_a_model_it_cannot_wrap():
-    from metaformer_platform.launch.driver import check_model
+    from metaformer_platform.launch.checks import check_model
     from metaformer_platform.strategies.fsdp import FSDPStrategy, shard_units
 
     with pytest.raises(ValueError, match=r"fsdp shards a MetaFormer .* Sequential has no `stages\[i\].blocks`"):
@@ -130,7 +130,7 @@ def test_init_from_an_export_or_checkpoint_keeps_the_trunk_and_makes_a_new_head(
     import timm
 
     import metaformer_platform.models  # noqa: F401
-    from metaformer_platform.launch.driver import check_init_from
+    from metaformer_platform.launch.checks import check_init_from
     from metaformer_platform.storage import checkpoint_format as fmt
     from metaformer_platform.training.export import export_checkpoint, init_from
 

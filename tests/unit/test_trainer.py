@@ -77,7 +77,7 @@ def test_the_loaders_make_batches_in_the_memory_format_the_model_trains_in(shard
     """channels_last=auto is resolved before the loaders are built: an fp32 CPU job gets NCHW batches (not NHWC
     batches copied back to NCHW every step), a bf16 one channels_last."""
     trainer = _trainer(_cfg(f"trainer.precision={precision}", "trainer.max_steps=1"), shards, Recorder())
-    assert trainer.cfg.trainer.channels_last is (precision == "bf16")
+    assert trainer.settings.channels_last is (precision == "bf16")
     images, _ = next(iter(trainer.train_loader))
     expected = torch.channels_last if precision == "bf16" else torch.contiguous_format
     assert images.is_contiguous(memory_format=expected) and trainer.memory_format == expected

@@ -161,13 +161,14 @@ def test_resume_from_reads_native_files_only_of_this_storages_own_runs(strategy,
 def test_ddp_resume_reads_weights_only_and_refuses_a_pickle(tmp_path, marker):
     from metaformer_platform.launch.checks import check_resume_from
     from metaformer_platform.strategies.base import DistContext
+    from metaformer_platform.strategies.config import StepSettings
     from metaformer_platform.strategies.ddp import DDPStrategy
 
     folder = craft(tmp_path / "shared" / "checkpoint-00000003", "ddp", marker)
     cfg = load_config(None, ["model.name=poolformer_debug", f"run.storage_path={tmp_path / 'runs'}",
                              f"run.resume_from={folder}"])
     assert check_resume_from(cfg) == folder  # DDP's reads are weights_only: any complete checkpoint
-    strategy = DDPStrategy(cfg, DistContext())
+    strategy = DDPStrategy(cfg.strategy, DistContext(), StepSettings(8, 1, None, "fp32"))
     strategy.setup(torch.nn.Linear(2, 2), lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="objects other than tensors"):
         strategy.load(folder)
@@ -197,7 +198,7 @@ def test_recovery_never_resumes_a_foreign_folder_dropped_into_the_run(tmp_path, 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed", "ddp"])
 def test_evaluate_refuses_a_crafted_checkpoint(strategy, tmp_path, marker):
-    from metaformer_platform.evaluation.report import prepare_evaluation
+    from metaformer_platform.launch.checks import prepare_evaluation
     from metaformer_platform.launch.workers import load_weights_model
 
     folder = craft(tmp_path / "checkpoint-00000003", strategy, marker)

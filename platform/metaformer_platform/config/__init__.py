@@ -9,21 +9,19 @@ from metaformer_platform.config.loading import (
     read_yaml,
 )
 from metaformer_platform.config.schema import (
-    STRATEGY_NAMES,
     DataConfig,
     JobConfig,
     ModelConfig,
     OptimConfig,
     RunSettings,
     ScalingSettings,
-    StrategyConfig,
     SyntheticDataConfig,
     TrackingConfig,
     TrainerConfig,
 )
 
 __all__ = [
-    "STRATEGY_NAMES", "ConfigError", "DataConfig", "JobConfig", "ModelConfig", "OptimConfig", "RunSettings",
-    "ScalingSettings", "StrategyConfig", "SyntheticDataConfig", "TrackingConfig", "TrainerConfig", "config_keys",
+    "ConfigError", "DataConfig", "JobConfig", "ModelConfig", "OptimConfig", "RunSettings",
+    "ScalingSettings", "SyntheticDataConfig", "TrackingConfig", "TrainerConfig", "config_keys",
     "describe_keys", "load_config", "parse_override", "read_yaml",
 ]

@@ -7,10 +7,10 @@ import difflib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from metaformer_platform.config.schema import JobConfig, flatten
 
@@ -19,9 +19,9 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message says which key and how to fix it."""
 
 
-def _field_paths(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+def _field_paths(model: type[BaseModel], prefix: str = "") -> dict[str, FieldInfo]:
     """Every settable dotted key of ``model`` with its field info (sections included)."""
-    paths: dict[str, Any] = {}
+    paths: dict[str, FieldInfo] = {}
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
         paths[path] = field
@@ -31,7 +31,7 @@ def _field_paths(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
     return paths
 
 
-def config_keys() -> dict[str, Any]:
+def config_keys() -> dict[str, FieldInfo]:
     """All dotted config keys (leaves and sections) and their pydantic field infos."""
     return _field_paths(JobConfig)
 
@@ -56,7 +56,7 @@ def _check_key(path: str, free_form: bool) -> None:
     )
 
 
-def _walk_keys(tree: dict[str, Any], prefix: str = "") -> None:
+def _walk_keys(tree: dict[str, object], prefix: str = "") -> None:
     for key, value in tree.items():
         path = f"{prefix}{key}"
         free_form = _is_free_form(prefix.rstrip("."))
@@ -72,7 +72,7 @@ def _is_free_form(path: str) -> bool:
     )
 
 
-def parse_override(item: str) -> tuple[str, Any]:
+def parse_override(item: str) -> tuple[str, object]:
     """``"a.b=value"`` -> ``("a.b", parsed)``; the value is read as YAML (numbers, booleans, lists, null)."""
     key, sep, raw = item.partition("=")
     key = key.strip()
@@ -85,7 +85,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
+def _set_path(tree: dict[str, object], path: str, value: object) -> None:
     node = tree
     *parents, leaf = path.split(".")
     for part in parents:
@@ -97,7 +97,7 @@ def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
     node[leaf] = value
 
 
-def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, object]:
     """Read a config file into a dict, with errors that name the file."""
     file = Path(path)
     if not file.is_file():
@@ -120,7 +120,7 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
 PRESETS = Path(__file__).resolve().parents[3] / "jobs" / "configs"
 
 
-def _base_file(config: Path, base: Any) -> Path:
+def _base_file(config: Path, base: object) -> Path:
     """The file a config's ``base:`` names: a file beside the config, else a preset of jobs/configs. Nothing
     else: a shared config must not read (and log) an arbitrary file of the machine it runs on."""
     if not isinstance(base, str) or not base or Path(base).name != base or base in (".", ".."):
@@ -136,11 +136,12 @@ def _base_file(config: Path, base: Any) -> Path:
     )
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, object], top: dict[str, object]) -> dict[str, object]:
     merged = dict(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+        current = merged.get(key)
+        if isinstance(value, dict) and isinstance(current, dict):
+            merged[key] = _merge(current, value)
         else:
             merged[key] = value
     return merged
@@ -151,7 +152,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
 
     Raises ``ConfigError`` (a ``ValueError``) naming the file, key or value that is wrong and the fix.
     """
-    tree = read_yaml(path) if path is not None else {}
+    tree: dict[str, object] = read_yaml(path) if path is not None else {}
     _walk_keys(tree)
     for item in overrides:
         key, value = parse_override(item)
@@ -188,8 +189,8 @@ def describe_keys() -> str:
     return "\n".join(lines)
 
 
-def _nested_defaults(model: type[BaseModel]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _nested_defaults(model: type[BaseModel]) -> dict[str, object]:
+    out: dict[str, object] = {}
     for name, field in model.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):

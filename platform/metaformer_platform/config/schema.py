@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from metaformer_platform.storage.location import Location
+from metaformer_platform.strategies.config import StrategyConfig
 
 
 class _Section(BaseModel):
@@ -171,50 +172,6 @@ class OptimConfig(_Section):
         return self.lr if self.lr is not None else self.base_lr * global_batch / 1024
 
 
-# The strategies' names (``strategies.STRATEGIES`` maps each to its class): the config names them without
-# importing the strategies package, which imports this module.
-STRATEGY_NAMES = ("ddp", "fsdp", "deepspeed")
-
-
-class StrategyConfig(_Section):
-    """How the model is distributed. Keys prefixed by a strategy's name apply to that strategy only."""
-
-    name: str = Field("ddp", description="how the model is distributed: one of metaformer_platform.strategies")
-    find_unused_parameters: bool = Field(False, description="ddp: allow parameters without gradients")
-    fsdp_reshard_after_forward: bool = Field(
-        True, description="fsdp: free gathered parameters after forward (less memory, one more all-gather)"
-    )
-    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep sharded parameters and optimizer state on CPU")
-    fsdp_param_dtype: Literal["bf16", "fp32"] | None = Field(
-        None, description="fsdp: dtype of gathered parameters for compute (null: bf16 when trainer.precision=bf16)"
-    )
-    fsdp_reduce_dtype: Literal["bf16", "fp32"] = Field("fp32", description="fsdp: dtype of gradient reduction")
-    zero_stage: int = Field(2, description="deepspeed: ZeRO stage 1 (optimizer), 2 (+gradients), 3 (+parameters)")
-    offload_optimizer: bool = Field(False, description="deepspeed: keep optimizer state in CPU memory (ZeRO-Offload)")
-    extensions_dir: str | None = Field(
-        None,
-        description="deepspeed: cache of its JIT-compiled ops (null: TORCH_EXTENSIONS_DIR, else "
-        "~/.cache/metaformer-platform/torch_extensions); a warm cache saves minutes per start",
-    )
-
-    @field_validator("zero_stage", mode="before")
-    @classmethod
-    def _zero_stage_in_range(cls, stage: Any) -> Any:
-        if isinstance(stage, int) and not isinstance(stage, bool) and stage not in (1, 2, 3):
-            raise ValueError(
-                f"strategy.zero_stage must be 1, 2 or 3, got {stage} (stage 0 is plain data parallel: "
-                "use strategy.name=ddp)"
-            )
-        return stage
-
-    @field_validator("name")
-    @classmethod
-    def _known_strategy(cls, name: str) -> str:
-        if name not in STRATEGY_NAMES:
-            raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGY_NAMES)}")
-        return name
-
-
 class TrainerConfig(_Section):
     epochs: float = Field(300, gt=0, le=MAX_EPOCHS, description="training length in epochs of the train split")
     max_steps: int | None = Field(None, ge=1, le=MAX_COUNT, description="training length in optimizer steps (overrides epochs)")
@@ -277,8 +234,8 @@ class ScalingSettings(_Section):
 
     @field_validator("num_workers", mode="before")
     @classmethod
-    def _worker_range(cls, value: Any) -> Any:
-        # YAML and the JSON payload carry a range as a list; an int or "auto" goes on to the other checks.
+    def _worker_range(cls, value: object) -> object:
+        # YAML carries a range as a list; an int or "auto" goes on to the other checks.
         if not isinstance(value, list | tuple):
             return value
         if len(value) != 2 or not all(type(n) is int for n in value):

@@ -18,37 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from metaformer_platform.evaluation.metrics import MetricSums
-from metaformer_platform.storage.weights import WeightsInfo, read_weights_info
+from metaformer_platform.storage.weights import WeightsInfo
 
 if TYPE_CHECKING:
     from metaformer_platform.config import JobConfig
     from metaformer_platform.data import Manifest
 
 REPORT_FILE = "eval.json"
-NO_WEIGHTS = (
-    "an evaluate job scores trained weights: set model.init_from to a checkpoint folder, an export folder or a "
-    "registered model (models:/NAME@ALIAS)"
-)
-# -- what the weights are ----------------------------------------------------------------------------
-
-
-def check_label_set(weights: WeightsInfo, num_classes: int | None, class_names: tuple[str, ...], where: str) -> None:
-    """The data's classes are the weights' classes (count, and names where both record them)."""
-    if num_classes is not None and num_classes != weights.num_classes:
-        raise ValueError(
-            f"{where} has {num_classes} classes but {weights.model_name} in {str(weights.path)!r} was trained "
-            f"with {weights.num_classes}: evaluate on shards of the label set the weights were trained on (or "
-            "fine-tune them on this data first: jobs/finetune.py)"
-        )
-    if class_names and weights.class_names and tuple(class_names) != tuple(weights.class_names):
-        first = next(
-            i for i, (a, b) in enumerate(zip(class_names, weights.class_names, strict=True)) if a != b
-        )
-        raise ValueError(
-            f"{where} names its classes differently from the weights in {str(weights.path)!r}: class {first} is "
-            f"{class_names[first]!r} in the data but {weights.class_names[first]!r} in the weights; evaluate on "
-            "shards with the same class order"
-        )
 
 
 def data_hash(manifest: Any, split: str) -> tuple[str, str]:
@@ -74,79 +50,6 @@ def data_hash(manifest: Any, split: str) -> tuple[str, str]:
     return hashlib.sha256(manifest.storage.read_bytes(INFO_NAME)).hexdigest(), INFO_NAME
 
 
-# -- the evaluate job's driver side ---------------------------------------------------------------------
-
-
-def prepare_evaluation(
-    cfg: JobConfig, weights_folder: Path | None, data_root: str | Path
-) -> tuple[JobConfig, WeightsInfo, Manifest]:
-    """Check an evaluate job on the driver; returns (config set to the weights' model, the weights, the manifest).
-
-    The weights decide the model (name, classes, kwargs) and, unless the config sets them, the resolution and
-    crop they were trained at. Raises ``ValueError`` for no ``model.init_from``, weights of another model than
-    a configured ``model.name``, no validation split, or shards of another label set than the weights'.
-    """
-    from metaformer_platform.data import load_manifest
-
-    if weights_folder is None:
-        raise ValueError(NO_WEIGHTS)
-    weights = read_weights_info(weights_folder)
-    m, d = cfg.model, cfg.data
-    if "name" in m.model_fields_set and m.name != weights.model_name:
-        raise ValueError(
-            f"model.init_from={m.init_from!r} holds {weights.model_name}, but model.name={m.name}: drop "
-            f"model.name (the weights decide it) or set model.name={weights.model_name}"
-        )
-    if m.num_classes is not None and m.num_classes != weights.num_classes:
-        raise ValueError(
-            f"model.num_classes={m.num_classes} but the weights in {m.init_from!r} have {weights.num_classes} "
-            "classes: set model.num_classes=null"
-        )
-    if d.val_split is None:
-        raise ValueError("an evaluate job scores data.val_split: set it to a split of the data (e.g. data.val_split=val)")
-    data_update: dict[str, Any] = {}
-    if "img_size" not in d.model_fields_set and weights.img_size:
-        data_update["img_size"] = int(weights.img_size)
-    if "crop_pct" not in d.model_fields_set and weights.crop_pct:
-        data_update["crop_pct"] = float(weights.crop_pct)
-    cfg = cfg.model_copy(update={
-        "model": m.model_copy(
-            update={"name": weights.model_name, "num_classes": weights.num_classes, "kwargs": weights.model_kwargs}
-        ),
-        "data": d.model_copy(update=data_update),
-    })
-    manifest = load_manifest(data_root)
-    from metaformer_platform.data import INFO_NAME
-
-    check_label_set(weights, manifest.num_classes, manifest.class_names, manifest.storage.describe(INFO_NAME))
-    check_eval_batches(cfg, manifest)
-    return cfg, weights, manifest
-
-
-def split_and_classes(cfg: JobConfig) -> tuple[str, int]:
-    """``(data.val_split, model.num_classes)`` of a config ``prepare_evaluation`` has set up (the weights decide
-    the classes): what the evaluation reads and scores. A ValueError names what is still unset."""
-    split, classes = cfg.data.val_split, cfg.model.num_classes
-    if split is None or classes is None:
-        raise ValueError(
-            "an evaluation needs data.val_split and model.num_classes (prepare_evaluation takes the classes from "
-            f"the weights), got data.val_split={split!r} model.num_classes={classes!r}"
-        )
-    return split, classes
-
-
-def check_eval_batches(cfg: JobConfig, manifest: Manifest) -> None:
-    """Every rank gets the same number of non-empty batches of ``data.val_split`` (raises naming the fix otherwise).
-
-    ``scaling.num_workers: auto`` is judged as one worker until the launcher has chosen the layout, which needs
-    the cluster (``launch.resolve_scaling``); the launcher checks again with the number it chose."""
-    from metaformer_platform.data import batch_schedule
-
-    split = manifest.split(split_and_classes(cfg)[0])  # raises, naming the splits there are
-    workers = cfg.scaling.num_workers if isinstance(cfg.scaling.num_workers, int) else 1
-    batch_schedule(split.num_samples, world_size=workers, batch_size=cfg.trainer.batch_size, drop_last=False)
-
-
 def build_report(
     sums: MetricSums,
     *,
@@ -168,7 +71,7 @@ def build_report(
             f"evaluation counted {sums.samples} samples + {sums.skipped} skipped, but split "
             f"{cfg.data.val_split!r} has {expected_samples}: samples were dropped or counted twice"
         )
-    digest, digest_of = data_hash(manifest, split_and_classes(cfg)[0])
+    digest, digest_of = data_hash(manifest, str(cfg.data.val_split))  # set: the job plan checked it
     # The paper's number is for ImageNet-1k at 224 px: shown beside ours only for a 1000-class label set.
     paper = PAPER_TOP1.get(cfg.model.name) if cfg.model.num_classes == 1000 else None
     return {

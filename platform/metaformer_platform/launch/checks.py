@@ -8,12 +8,18 @@ the fix (the entry points exit 2 on it).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from metaformer_platform import storage
 from metaformer_platform.config import JobConfig
 from metaformer_platform.storage import Location
+from metaformer_platform.storage.weights import WeightsInfo, read_weights_info
 from metaformer_platform.training import hardware
+
+if TYPE_CHECKING:
+    from metaformer_platform.data import Manifest
 
 
 def resolve_data_root(cfg: JobConfig) -> str | Path:
@@ -36,29 +42,29 @@ def resolve_data_root(cfg: JobConfig) -> str | Path:
     return loc.uri if loc.remote else loc.path
 
 
-def check_data(cfg: JobConfig, data_root: str | Path) -> None:
-    """The manifest is valid, has the splits the job uses, and each rank gets at least one batch."""
-    from metaformer_platform import data as mdata
-
-    manifest = mdata.load_manifest(data_root)
+def check_data(cfg: JobConfig, manifest: Manifest, data_root: str | Path) -> None:
+    """The manifest has the splits the job uses and says (or the config sets) how many classes there are."""
     if cfg.data.val_split:
         manifest.split(cfg.data.val_split)  # raises, naming the splits there are
-    train = manifest.split(cfg.data.train_split)
-    # `auto` is resolved once Ray is joined (launch.resolve_scaling); until then judge one worker's share.
-    workers = 1 if cfg.scaling.num_workers == "auto" else cfg.scaling.max_workers
-    per_rank = train.num_samples // workers
-    if per_rank < cfg.trainer.batch_size * cfg.trainer.grad_accum_steps:
-        raise ValueError(
-            f"the {cfg.data.train_split!r} split of {str(data_root)!r} has {train.num_samples} samples, "
-            f"{per_rank} per worker: fewer than one step of trainer.batch_size={cfg.trainer.batch_size} x "
-            f"grad_accum_steps={cfg.trainer.grad_accum_steps}; lower the batch size or scaling.num_workers"
-        )
+    manifest.split(cfg.data.train_split)
     if cfg.model.num_classes is None and manifest.num_classes is None:
         raise ValueError(f"{str(data_root)!r}/_info.json does not say num_classes: set model.num_classes")
     if cfg.model.num_classes is not None and manifest.num_classes and cfg.model.num_classes < manifest.num_classes:
         raise ValueError(
             f"model.num_classes={cfg.model.num_classes} but the data has {manifest.num_classes} classes; "
             "set model.num_classes=null to take it from the data"
+        )
+
+
+def check_rank_batches(cfg: JobConfig, manifest: Manifest, data_root: str | Path, workers: int) -> None:
+    """Each of ``workers`` ranks gets at least one optimizer step of the training split."""
+    train = manifest.split(cfg.data.train_split)
+    per_rank = train.num_samples // workers
+    if per_rank < cfg.trainer.batch_size * cfg.trainer.grad_accum_steps:
+        raise ValueError(
+            f"the {cfg.data.train_split!r} split of {str(data_root)!r} has {train.num_samples} samples, "
+            f"{per_rank} per worker: fewer than one step of trainer.batch_size={cfg.trainer.batch_size} x "
+            f"grad_accum_steps={cfg.trainer.grad_accum_steps}; lower the batch size or scaling.num_workers"
         )
 
 
@@ -102,24 +108,28 @@ def resolve_init_from(cfg: JobConfig) -> Path | None:
     return storage.weights.resolve(source, tracking_uri=tracking)
 
 
-def check_init_from(cfg: JobConfig, folder: Path | None = None) -> None:
+def check_init_from(cfg: JobConfig, folder: Path | None = None) -> WeightsInfo | None:
     """``model.init_from`` (resolved to ``folder``) is an export or a complete checkpoint of the same model
-    (read cheaply, on the driver); a fine-tune needs one."""
+    (read cheaply, on the driver); a fine-tune needs one. Returns what the weights say (None without any)."""
     if cfg.model.init_from is None:
         if cfg.stage == "finetune":
             raise ValueError(
                 "a finetune job starts from trained weights: set model.init_from to a checkpoint folder, an "
                 "export folder or a registered model (models:/NAME@ALIAS)"
             )
-        return
-    from metaformer_platform.storage.weights import read_weights_info
+        return None
+    return check_weights_model(cfg.model.init_from, folder or cfg.model.init_from, cfg.model.name)
 
-    name = read_weights_info(folder or cfg.model.init_from).model_name
-    if name != cfg.model.name:
+
+def check_weights_model(source: str, folder: str | Path, model_name: str) -> WeightsInfo:
+    """The weights of ``source`` (read from ``folder``) are of ``model_name``; returns what they say."""
+    info = read_weights_info(folder)
+    if info.model_name != model_name:
         raise ValueError(
-            f"model.init_from={cfg.model.init_from!r} holds {name}, but this job trains {cfg.model.name}: "
-            f"set model.name={name} or choose weights of {cfg.model.name}"
+            f"model.init_from={source!r} holds {info.model_name}, but this job trains {model_name}: "
+            f"set model.name={info.model_name} or choose weights of {model_name}"
         )
+    return info
 
 
 def check_resume_from(cfg: JobConfig) -> Path | str | None:
@@ -152,15 +162,14 @@ def resolve_storage_path(storage_path: str) -> str:
     return storage.check_writable(storage_path, what="run.storage_path").uri
 
 
-def check_cluster(cfg: JobConfig) -> None:
-    """The cluster has room for the worker group (Ray would otherwise wait for it forever); an elastic job's
-    for its smallest size."""
+def check_cluster(cfg: JobConfig, layout: hardware.Layout) -> None:
+    """The cluster has room for the worker group of ``layout`` (Ray would otherwise wait for it forever); an
+    elastic job's for its smallest size."""
     import ray
 
     resources = ray.cluster_resources()
     s = cfg.scaling
-    layout = hardware.Layout.of(s)  # resolved by launch.resolve_scaling
-    workers = s.min_workers  # an elastic job starts once its minimum fits
+    workers = layout.num_workers[0] if isinstance(layout.num_workers, tuple) else layout.num_workers
     need = {"CPU": workers * layout.cpus_per_worker}
     if layout.use_gpu:
         need["GPU"] = workers * s.resources_per_worker.get("GPU", 1.0)
@@ -192,9 +201,113 @@ def check_cluster(cfg: JobConfig) -> None:
         )
 
 
-def with_default_threads(cfg: JobConfig) -> JobConfig:
-    """``trainer.torch_threads`` unset means one torch thread per CPU the worker is given (not all of the node's)."""
-    if cfg.trainer.torch_threads is not None:
-        return cfg
-    threads = max(1, int(hardware.resolved(cfg.scaling.cpus_per_worker, "scaling.cpus_per_worker")))
-    return cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"torch_threads": threads})})
+def connect_ray(cfg: JobConfig) -> None:
+    """Join the configured cluster (``run.ray_address`` or RAY_ADDRESS), or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    from metaformer_platform.launch.ray_logs import ray_init_options
+
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **ray_init_options(cfg.run.verbose))
+    else:
+        # "local" starts a private cluster instead of attaching to whatever `ray start` left in /tmp/ray.
+        ray.init(address="local", include_dashboard=False, **ray_init_options(cfg.run.verbose))
+
+
+
+
+# -- the evaluate job ----------------------------------------------------------------------------------------
+
+NO_WEIGHTS = (
+    "an evaluate job scores trained weights: set model.init_from to a checkpoint folder, an export folder or a "
+    "registered model (models:/NAME@ALIAS)"
+)
+
+
+def prepare_evaluation(cfg: JobConfig, weights_folder: Path | None, data_root: str | Path) -> tuple[WeightsInfo, Manifest]:
+    """Check an evaluate job on the driver; returns (the weights, the manifest). The job plan then sets the
+    config to the weights' model (``evaluation_updates``).
+
+    Raises ``ValueError`` for no ``model.init_from``, weights of another model than a configured ``model.name``,
+    no validation split, or shards of another label set than the weights'.
+    """
+    from metaformer_platform.data import INFO_NAME, load_manifest
+
+    if weights_folder is None:
+        raise ValueError(NO_WEIGHTS)
+    weights = read_weights_info(weights_folder)
+    m, d = cfg.model, cfg.data
+    if "name" in m.model_fields_set and m.name != weights.model_name:
+        raise ValueError(
+            f"model.init_from={m.init_from!r} holds {weights.model_name}, but model.name={m.name}: drop "
+            f"model.name (the weights decide it) or set model.name={weights.model_name}"
+        )
+    if m.num_classes is not None and m.num_classes != weights.num_classes:
+        raise ValueError(
+            f"model.num_classes={m.num_classes} but the weights in {m.init_from!r} have {weights.num_classes} "
+            "classes: set model.num_classes=null"
+        )
+    if d.val_split is None:
+        raise ValueError("an evaluate job scores data.val_split: set it to a split of the data (e.g. data.val_split=val)")
+    manifest = load_manifest(data_root)
+    check_label_set(weights, manifest.num_classes, manifest.class_names, manifest.storage.describe(INFO_NAME))
+    check_eval_batches(cfg, manifest)
+    return weights, manifest
+
+
+def evaluation_updates(cfg: JobConfig, weights: WeightsInfo) -> dict[str, dict[str, object]]:
+    """What the weights decide in an evaluate job's config, by section: the model (name, classes, kwargs) and,
+    unless the config sets them, the resolution and crop they were trained at."""
+    d = cfg.data
+    data: dict[str, object] = {}
+    if "img_size" not in d.model_fields_set and weights.img_size:
+        data["img_size"] = int(weights.img_size)
+    if "crop_pct" not in d.model_fields_set and weights.crop_pct:
+        data["crop_pct"] = float(weights.crop_pct)
+    model = {"name": weights.model_name, "num_classes": weights.num_classes, "kwargs": weights.model_kwargs}
+    return {"model": model, "data": data}
+
+
+def check_label_set(weights: WeightsInfo, num_classes: int | None, class_names: tuple[str, ...], where: str) -> None:
+    """The data's classes are the weights' classes (count, and names where both record them)."""
+    if num_classes is not None and num_classes != weights.num_classes:
+        raise ValueError(
+            f"{where} has {num_classes} classes but {weights.model_name} in {str(weights.path)!r} was trained "
+            f"with {weights.num_classes}: evaluate on shards of the label set the weights were trained on (or "
+            "fine-tune them on this data first: jobs/finetune.py)"
+        )
+    if class_names and weights.class_names and tuple(class_names) != tuple(weights.class_names):
+        first = next(
+            i for i, (a, b) in enumerate(zip(class_names, weights.class_names, strict=True)) if a != b
+        )
+        raise ValueError(
+            f"{where} names its classes differently from the weights in {str(weights.path)!r}: class {first} is "
+            f"{class_names[first]!r} in the data but {weights.class_names[first]!r} in the weights; evaluate on "
+            "shards with the same class order"
+        )
+
+
+def split_and_classes(cfg: JobConfig) -> tuple[str, int]:
+    """``(data.val_split, model.num_classes)`` of an evaluate job's planned config (the weights decide the
+    classes): what the evaluation reads and scores. A ValueError names what is still unset."""
+    split, classes = cfg.data.val_split, cfg.model.num_classes
+    if split is None or classes is None:
+        raise ValueError(
+            "an evaluation needs data.val_split and model.num_classes (the job plan takes the classes from "
+            f"the weights), got data.val_split={split!r} model.num_classes={classes!r}"
+        )
+    return split, classes
+
+
+def check_eval_batches(cfg: JobConfig, manifest: Manifest, workers: int | None = None) -> None:
+    """Every rank of ``workers`` (by default the configured count, one while it is ``auto``) gets the same
+    number of non-empty batches of ``data.val_split`` (raises naming the fix otherwise)."""
+    from metaformer_platform.data import batch_schedule
+
+    split = manifest.split(str(cfg.data.val_split))  # raises, naming the splits there are
+    if workers is None:
+        workers = cfg.scaling.num_workers if isinstance(cfg.scaling.num_workers, int) else 1
+    batch_schedule(split.num_samples, world_size=workers, batch_size=cfg.trainer.batch_size, drop_last=False)

@@ -1,7 +1,9 @@
 """What runs inside the Ray Train workers: the training worker and the evaluation worker, and their glue
 (this rank's place in the group, the checkpoint reporter, recovery of checkpoints Ray never registered).
 
-The driver side (checks, job assembly) is in ``checks.py`` and ``launch.py``.
+Each worker is given the job plan (``plan.JobPlan``, resolved on the driver) and, for training, the launch's
+own facts (``Launch``: the run's lease, MLflow run and progress channel); it resolves only what depends on
+where it runs (its rank and device, and from the device its ``WorkerSettings``).
 """
 
 from __future__ import annotations
@@ -10,41 +12,45 @@ import logging
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Literal
 
 from metaformer_platform.config import JobConfig
-from metaformer_platform.launch.checks import resolve_data_root
+from metaformer_platform.launch.checks import split_and_classes
+from metaformer_platform.launch.plan import JobPlan
 from metaformer_platform.storage import Location
 
 if TYPE_CHECKING:
+    import ray.train
     from torch import nn
 
     from metaformer_platform.evaluation.metrics import MetricSums
+    from metaformer_platform.storage.checkpoint_format import Stamp
     from metaformer_platform.strategies.base import DistContext
+    from metaformer_platform.tracking.console import EventQueue
+    from metaformer_platform.training.trainer import RunTracker, Trainer
 
 log = logging.getLogger("metaformer_platform.launch.driver")
 
 
-def _with_local_init_from(cfg: JobConfig, payload: dict[str, Any]) -> JobConfig:
-    """In a worker: ``model.init_from`` becomes the driver's local copy when this node sees it, else this node's
-    own fetch through the weights resolver (the driver may run on another machine)."""
-    from metaformer_platform.storage.weights import resolve
+@dataclass(frozen=True)
+class Launch:
+    """What the driver did at launch time, after planning: the run name's lease (its owner stamp), the MLflow
+    run (None when tracking is off) and the channel to the driver's console."""
 
-    source = cfg.model.init_from
-    if source is None:
-        return cfg
-    driver_copy = payload.get("init_from_local")
-    local = (Path(driver_copy) if driver_copy and Path(driver_copy).exists()
-             else resolve(source, tracking_uri=payload["registry_uri"]))
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": str(local)})})
+    owner: Stamp
+    run_id: str | None
+    tracking_uri: str | None
+    progress_queue: EventQueue | None  # a Ray queue actor handle
 
 
 def checkpoint_reporter(
-    cfg: JobConfig, dist: Any, flush: Callable[[], None] | None = None, owner: dict[str, str] | None = None
+    upload_mode: Literal["sync", "async"], dist: DistContext, flush: Callable[[], None] | None = None,
+    owner: Stamp | None = None,
 ) -> Callable[[dict[str, float], Path | None], bool]:
     """The Trainer's ``report`` inside a Ray Train worker: ``ray.train.report`` with this rank's checkpoint
-    part, uploaded (asynchronously unless ``run.checkpoint_upload=sync``) so that COMPLETE lands last.
+    part, uploaded (``upload_mode``: ``run.checkpoint_upload``) so that COMPLETE lands last.
     ``flush`` runs before a checkpoint is reported: the metrics up to it are stored before anything can
     resume from it. ``owner`` (the run's lease) stamps each folder, so recovery knows what its run wrote."""
     import ray.train
@@ -69,7 +75,7 @@ def checkpoint_reporter(
             from metaformer_platform.storage.checkpoint_format import stamp
 
             stamp(checkpoint_dir, owner, dist.rank)
-        async_upload = cfg.run.checkpoint_upload == "async"
+        async_upload = upload_mode == "async"
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
@@ -103,7 +109,7 @@ def _dist_context() -> DistContext:
     )
 
 
-def _recover_checkpoint(dist: Any, owner: dict[str, str] | None = None) -> tuple[Any, bool]:
+def _recover_checkpoint(dist: DistContext, owner: Stamp | None = None) -> tuple[ray.train.Checkpoint | None, bool]:
     """The checkpoint to resume from, and whether Ray has yet to register it.
 
     ``ray.train.report`` uploads a checkpoint into the run folder and then only queues the report in the
@@ -123,7 +129,7 @@ def _recover_checkpoint(dist: Any, owner: dict[str, str] | None = None) -> tuple
 
     latest = ray.train.get_checkpoint()
     storage = ray.train.get_context().get_storage()  # the filesystem and run folder Ray itself writes to
-    plans: list[Any] = [None]
+    plans: list[ckpt.Recovery | None] = [None]
     if dist.is_main:
         reported = ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         if owner is not None:
@@ -133,17 +139,19 @@ def _recover_checkpoint(dist: Any, owner: dict[str, str] | None = None) -> tuple
                                        [Path(c.checkpoint.path).name for c in reported], owner["run_id"])
             if moved:
                 log.warning("moved checkpoint folders this run did not write to _quarantine/: %s", ", ".join(moved))
-        plans[0] = ckpt.recover_run_folder(
+        recovery = ckpt.recover_run_folder(
             storage.storage_filesystem,
             storage.experiment_fs_path,
             registered=[Path(c.checkpoint.path).name for c in reported],
             latest=Path(latest.path).name if latest else None,
         )
-        if plans[0].remove:
-            log.warning("removed checkpoint folders Ray never registered: %s", ", ".join(plans[0].remove))
+        if recovery.remove:
+            log.warning("removed checkpoint folders Ray never registered: %s", ", ".join(recovery.remove))
+        plans[0] = recovery
     if dist.distributed:
         tdist.broadcast_object_list(plans, src=0)
     plan = plans[0]
+    assert plan is not None, "rank 0 broadcast its plan"
     if not plan.adopt:
         return latest, False
     if dist.is_main:
@@ -155,61 +163,37 @@ def _recover_checkpoint(dist: Any, owner: dict[str, str] | None = None) -> tuple
     return ray.train.Checkpoint(path=path, filesystem=storage.storage_filesystem), True
 
 
-def _train_worker(payload: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker: builds the Trainer (resuming from the newest complete checkpoint) and trains."""
-    import ray.train
-
-    from metaformer_platform.training.trainer import NullTracker, RunTracker, Trainer
+def _train_worker(plan: JobPlan, launch: Launch) -> None:
+    """Runs in every Ray Train worker: builds the Trainer from the plan (resuming from the newest complete
+    checkpoint) and trains."""
+    from metaformer_platform.tracking.console import worker_progress
+    from metaformer_platform.training.trainer import NullTracker, Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = _with_local_init_from(JobConfig.model_validate(payload["config"]), payload)
-    dist = _dist_context()
+    cfg, dist = plan.cfg, _dist_context()
     log.info("rank %d of %d on node %d (local rank %d), pid %d", dist.rank, dist.world_size, dist.node_rank,
              dist.local_rank, os.getpid())
-    tracker: RunTracker = NullTracker()
-    if dist.is_main and payload.get("run_id"):
+    run_tracker: RunTracker = NullTracker()  # the MLflow tracker itself (tags), before the progress wrapper
+    if dist.is_main and launch.run_id and launch.tracking_uri:
         from metaformer_platform.tracking.runs import MlflowTracker
 
-        tracker = MlflowTracker(payload["tracking_uri"], payload["run_id"], system_metrics=cfg.tracking.system_metrics)
-    run_tracker = tracker  # the MLflow tracker itself (tags), before the progress wrapper
-    from metaformer_platform.tracking.console import worker_progress
-
-    progress, tracker = worker_progress(
-        payload.get("progress_queue"), payload.get("run_dir", ""), dist, tracker, forward_warnings=not cfg.run.verbose
-    )
-
-    report = checkpoint_reporter(cfg, dist, flush=tracker.flush, owner=payload.get("owner"))
-
-    data_root = resolve_data_root(cfg)  # a cache hit on the driver's node; generated alike elsewhere
-    checkpoint, adopted = _recover_checkpoint(dist, payload.get("owner"))
-    if checkpoint is None and payload.get("resume_from"):
-        # A new run that continues another run's checkpoint; once it has its own, Ray hands those.
-        loc = Location.parse(payload["resume_from"])
-        checkpoint = ray.train.Checkpoint(path=loc.fs_path, filesystem=loc.filesystem())
-    if checkpoint is not None:  # FSDP2/DeepSpeed read pickles on resume: only this storage's own runs' folders
-        from metaformer_platform.training.ownership import check_native_checkpoint
-
-        check_native_checkpoint(cfg.strategy.name, checkpoint.filesystem, checkpoint.path,
-                                ray.train.get_context().get_storage().storage_fs_path, f"resuming from {checkpoint.path}")
+        run_tracker = MlflowTracker(launch.tracking_uri, launch.run_id, system_metrics=cfg.tracking.system_metrics)
+    progress, tracker = worker_progress(launch.progress_queue, plan.run_dir, dist, run_tracker,
+                                         forward_warnings=not cfg.run.verbose)
+    report = checkpoint_reporter(cfg.run.checkpoint_upload, dist, flush=tracker.flush, owner=launch.owner)
+    checkpoint, adopted = _checkpoint_to_resume(plan, dist, launch.owner)
     try:
         with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
             trainer = Trainer(
-                cfg,
-                dist,
-                data_root=data_root,
-                tracker=tracker,
-                report=report,
+                cfg, dist, data_root=plan.data.root, tracker=tracker, report=report,
                 resume_from=Path(resume_dir) if resume_dir else None,
+                init_from=plan.init_from.on_this_node() if plan.init_from else None,
             )
-        if checkpoint is not None:
-            tracker.log_metrics({"run/resumed_from_step": float(trainer.step)}, step=trainer.step)
-        if cfg.scaling.elastic or trainer.resized:
-            from metaformer_platform.training.elastic import record_world_size
-
-            record_world_size(run_tracker, trainer.step, dist.world_size, trainer.resizes,
-                              changed=checkpoint is None or trainer.resized)
+        _record_start(trainer, run_tracker, tracker, resumed=checkpoint is not None, elastic=cfg.scaling.elastic)
         progress.start(trainer)
-        if adopted:
+        if adopted and checkpoint is not None:
+            import ray.train
+
             # Registered without copying: Ray then hands it on the next restart and prunes it in turn.
             ray.train.report(
                 {"step": float(trainer.step)},
@@ -223,21 +207,48 @@ def _train_worker(payload: dict[str, Any]) -> None:
         tracker.close()
 
 
-def _eval_worker(payload: dict[str, Any]) -> dict[str, Any]:
+def _checkpoint_to_resume(plan: JobPlan, dist: DistContext,
+                          owner: Stamp) -> tuple[ray.train.Checkpoint | None, bool]:
+    """The run's own newest complete checkpoint (and whether Ray has yet to register it), else the plan's
+    ``run.resume_from``; checked to be one this strategy may read."""
+    import ray.train
+
+    checkpoint, adopted = _recover_checkpoint(dist, owner)
+    if checkpoint is None and plan.resume_from:
+        # A new run that continues another run's checkpoint; once it has its own, Ray hands those.
+        loc = Location.parse(str(plan.resume_from))
+        checkpoint = ray.train.Checkpoint(path=loc.fs_path, filesystem=loc.filesystem())
+    if checkpoint is not None:  # FSDP2/DeepSpeed read pickles on resume: only this storage's own runs' folders
+        from metaformer_platform.training.ownership import check_native_checkpoint
+
+        check_native_checkpoint(plan.cfg.strategy.name, checkpoint.filesystem, checkpoint.path,
+                                ray.train.get_context().get_storage().storage_fs_path, f"resuming from {checkpoint.path}")
+    return checkpoint, adopted
+
+
+def _record_start(trainer: Trainer, run_tracker: RunTracker, tracker: RunTracker, *, resumed: bool,
+                  elastic: bool) -> None:
+    """Where the run (re)starts, in MLflow: the step it resumed from, and an elastic group's world size."""
+    if resumed:
+        tracker.log_metrics({"run/resumed_from_step": float(trainer.step)}, step=trainer.step)
+    if elastic or trainer.resized:
+        from metaformer_platform.training.elastic import record_world_size
+
+        record_world_size(run_tracker, trainer.step, trainer.dist.world_size, trainer.resizes,
+                          changed=not resumed or trainer.resized)
+
+
+def _eval_worker(plan: JobPlan) -> dict[str, object]:
     """Runs in every Ray Train worker: scores its share of the validation split and returns the sums over all
     ranks (Ray hands rank 0's return value to the driver as ``Result.return_value``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = JobConfig.model_validate(payload["config"])
-    dist = _dist_context()
-    weights = Path(_with_local_init_from(cfg, payload).model.init_from)  # type: ignore[arg-type]
-    data_root = resolve_data_root(cfg)
-    return evaluate_worker(cfg, dist, data_root, weights).to_dict()
+    assert plan.init_from is not None, "an evaluate plan has weights"
+    return evaluate_worker(plan.cfg, _dist_context(), plan.data.root, plan.init_from.on_this_node()).to_dict()
 
 
 def load_weights_model(cfg: JobConfig, source: str | Path) -> nn.Module:
     """The configured model with the weights in ``source`` (export or any strategy's checkpoint), loaded
     strictly: an evaluation never runs with a freshly initialised layer."""
-    from metaformer_platform.evaluation.report import split_and_classes
     from metaformer_platform.training.export import read_weights
     from metaformer_platform.training.trainer import build_model
 
@@ -254,18 +265,19 @@ def evaluate_worker(cfg: JobConfig, dist: DistContext, data_root: str | Path, we
     import torch
 
     from metaformer_platform.evaluation.metrics import evaluate_loader
-    from metaformer_platform.evaluation.report import split_and_classes
     from metaformer_platform.training import hardware
     from metaformer_platform.training.trainer import build_split_loader
 
-    cfg, settings = hardware.resolve_for_worker(cfg, dist.device, world_size=dist.world_size, total_steps=0)
+    settings = hardware.resolve_settings(cfg.trainer, hardware.probe(dist.device), total_steps=0,
+                                         cpus_per_worker=cfg.scaling.cpus_per_worker)
     split, num_classes = split_and_classes(cfg)
     torch.set_num_threads(settings.torch_threads)
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     model = load_weights_model(cfg, weights).to(dist.device).to(memory_format=memory_format)
-    loader = build_split_loader(cfg, data_root, dist, split, training=False, channels_last=settings.channels_last)
+    loader = build_split_loader(cfg, data_root, dist, split, training=False, channels_last=settings.channels_last,
+                                batch_size=cfg.trainer.batch_size)
 
-    def autocast() -> AbstractContextManager[Any]:
+    def autocast() -> AbstractContextManager[None]:
         if settings.precision == "bf16":
             return torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16)
         return nullcontext()

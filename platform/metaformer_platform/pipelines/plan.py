@@ -154,16 +154,18 @@ def data_hash(cfg: JobConfig) -> tuple[str, int | None]:
     """sha256 of the data's ``_info.json`` (which lists every shard's sha256), the data set's identity, and its
     number of classes."""
     from metaformer_platform.data import INFO_NAME, load_manifest
-    from metaformer_platform.launch.checks import check_data, resolve_data_root
+    from metaformer_platform.launch import checks
 
-    root = resolve_data_root(cfg)
+    root = checks.resolve_data_root(cfg)
     manifest = load_manifest(root)
     if cfg.stage == "evaluate":
         if cfg.data.val_split is None:
             raise ValueError("an evaluate stage scores data.val_split: set it (e.g. data.val_split=val)")
         manifest.split(cfg.data.val_split)  # evaluate reads only this split
-    else:
-        check_data(cfg, root)  # splits, batch per rank, num_classes: refused now rather than on the cluster
+    else:  # splits, num_classes, batch per rank: refused now rather than on the cluster (`auto`: one worker)
+        checks.check_data(cfg, manifest, root)
+        workers = cfg.scaling.num_workers
+        checks.check_rank_batches(cfg, manifest, root, 1 if workers == "auto" else cfg.scaling.max_workers)
     return hashlib.sha256(manifest.storage.read_bytes(INFO_NAME)).hexdigest(), manifest.num_classes
 
 
@@ -183,16 +185,14 @@ def check_input(stage: StagePlan, tracking_uri: str | None) -> str:
             )
         return f"{mv.name}/v{mv.version}:{mv.tags.get(registry.TAG_WEIGHTS_SHA256, '')}"
     from metaformer_platform import storage
-    from metaformer_platform.launch.checks import check_init_from
+    from metaformer_platform.launch.checks import check_weights_model
 
     loc = storage.check_access(source, what=where)
     if not storage.exists(loc):
         raise ValueError(f"{where}: the input checkpoint does not exist; run the stage that writes it, or fix the path")
-    probe = stage.cfg.model_copy(deep=True)
-    probe.model.init_from = loc.uri
     try:
         folder = storage.weights.resolve(loc.uri)  # a remote checkpoint is fetched once, into the weights cache
-        check_init_from(probe, folder)  # an export or complete checkpoint, of this architecture
+        check_weights_model(loc.uri, folder, stage.cfg.model.name)  # an export or complete checkpoint, of this architecture
     except ValueError as err:
         raise ValueError(f"stage {stage.name!r}: {err}") from None
     return loc.uri

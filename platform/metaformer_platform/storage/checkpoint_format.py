@@ -262,7 +262,7 @@ def read_json(fs: pyarrow.fs.FileSystem, path: str) -> dict[str, object] | None:
     return body if isinstance(body, dict) else {}
 
 
-def stamp(checkpoint_dir: Path, owner: Mapping[str, str], rank: int) -> None:
+def stamp(checkpoint_dir: Path, owner: Stamp, rank: int) -> None:
     """Record in a checkpoint folder, before it is uploaded, which run and job wrote this rank's part."""
     (checkpoint_dir / STAMP_FILE.format(rank)).write_text(json.dumps(owner, sort_keys=True))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from metaformer_platform.config import STRATEGY_NAMES
+from metaformer_platform.strategies.config import STRATEGY_NAMES
 
 if TYPE_CHECKING:
     from metaformer_platform.strategies.base import Strategy
@@ -15,7 +15,7 @@ STRATEGIES: dict[str, str] = {
     "fsdp": "metaformer_platform.strategies.fsdp:FSDPStrategy",
     "deepspeed": "metaformer_platform.strategies.deepspeed:DeepSpeedStrategy",
 }
-assert tuple(STRATEGIES) == STRATEGY_NAMES, "config.STRATEGY_NAMES names the strategies registered here"
+assert tuple(STRATEGIES) == STRATEGY_NAMES, "STRATEGY_NAMES names the strategies registered here"
 
 
 def get_strategy_class(name: str) -> type[Strategy]:

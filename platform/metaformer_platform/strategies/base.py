@@ -11,13 +11,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from metaformer_platform.config import JobConfig
+from metaformer_platform.strategies.config import StepSettings, StrategyConfig
 
 
 @dataclass(frozen=True)
@@ -49,11 +47,10 @@ class Strategy(ABC):
     # Whether load() reads files that can run code (pickles): then it reads only the job's own run's checkpoints.
     native_format_runs_code: bool = False
 
-    def __init__(self, job: JobConfig, dist: DistContext) -> None:
-        # The whole job config: DeepSpeed's own config is generated from batch, accumulation, clipping, precision.
-        self.job = job
-        self.options = job.strategy
+    def __init__(self, options: StrategyConfig, dist: DistContext, step: StepSettings) -> None:
+        self.options = options
         self.dist = dist
+        self.step_settings = step  # DeepSpeed's own config is generated from these
         self.model: nn.Module | None = None
         # The torch optimizer the LR schedule drives (DeepSpeed wraps it, but its param_groups stay these).
         self.optimizer: torch.optim.Optimizer | None = None

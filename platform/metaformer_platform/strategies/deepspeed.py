@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO stage 1, 2 or 3: the engine owns backward, gradient reduction, clipping and the optimizer step.
 
-Its config is generated from the typed job config (``deepspeed_config``), never kept by hand: batch,
+Its config is generated from the strategy options and the step settings (``deepspeed_config``), never kept by hand: batch,
 accumulation, clipping (DeepSpeed clips at 1.0 unless told otherwise, so it is always written), bf16 and
 ZeRO. The optimizer is the torch one the Trainer builds with timm (DeepSpeed's FusedAdam/CPUAdam would
 JIT-compile for minutes on CPU), and timm's LR schedule keeps driving its param_groups, which the ZeRO
@@ -18,26 +18,27 @@ import torch
 from torch import nn
 
 from metaformer_platform.strategies.base import OptimizerFactory, Strategy
+from metaformer_platform.strategies.config import StepSettings, StrategyConfig
 
 if TYPE_CHECKING:
-    from metaformer_platform.config import JobConfig
+    from metaformer_platform.strategies.base import DistContext
 
 TAG = "deepspeed"  # the engine's checkpoint tag: its files live in <checkpoint>/deepspeed/
 DEFAULT_EXTENSIONS_DIR = "~/.cache/metaformer-platform/torch_extensions"
 
 
-def deepspeed_config(job: JobConfig) -> dict[str, Any]:
-    """The DeepSpeed config for ``job`` (per-rank micro-batch; DeepSpeed derives the global batch)."""
-    s, t = job.strategy, job.trainer
+def deepspeed_config(s: StrategyConfig, step: StepSettings) -> dict[str, Any]:
+    """The DeepSpeed config of strategy options ``s`` for a worker stepping as ``step`` (per-rank micro-batch;
+    DeepSpeed derives the global batch)."""
     zero: dict[str, Any] = {"stage": s.zero_stage}
     if s.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     return {
-        "train_micro_batch_size_per_gpu": t.batch_size,
-        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_micro_batch_size_per_gpu": step.micro_batch,
+        "gradient_accumulation_steps": step.grad_accum_steps,
         # 0.0 turns clipping off; left out, DeepSpeed would clip at 1.0.
-        "gradient_clipping": float(job.optim.clip_grad or 0.0),
-        "bf16": {"enabled": t.precision == "bf16"},
+        "gradient_clipping": float(step.clip_grad or 0.0),
+        "bf16": {"enabled": step.precision == "bf16"},
         "fp16": {"enabled": False},
         "zero_optimization": zero,
         # The optimizer is timm's torch optimizer, not one of DeepSpeed's own.
@@ -67,13 +68,13 @@ class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
     native_format_runs_code = True  # the engine's loaders use torch.load(weights_only=False)
 
-    def __init__(self, job: JobConfig, dist: Any) -> None:
-        super().__init__(job, dist)
+    def __init__(self, options: StrategyConfig, dist: DistContext, step: StepSettings) -> None:
+        super().__init__(options, dist, step)
         self.engine: Any = None
 
     def setup(self, model: nn.Module, build_optimizer: OptimizerFactory) -> None:
         # DeepSpeed JIT-compiles a shared-memory op when its comm backend starts: in the cache build_ops fills.
-        os.environ["TORCH_EXTENSIONS_DIR"] = _extensions_dir(self.job.strategy.extensions_dir)
+        os.environ["TORCH_EXTENSIONS_DIR"] = _extensions_dir(self.options.extensions_dir)
         import deepspeed
 
         # The engine broadcasts and flattens parameters as contiguous bytes; inputs may still be channels_last.
@@ -81,7 +82,7 @@ class DeepSpeedStrategy(Strategy):
         optimizer = build_optimizer(model)
         # Ray Train has already created the process group: DeepSpeed must join it, not make its own.
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(self.job), dist_init_required=False
+            model=model, optimizer=optimizer, config=deepspeed_config(self.options, self.step_settings), dist_init_required=False
         )
         self.model = self.engine
         self.optimizer = optimizer
@@ -92,7 +93,7 @@ class DeepSpeedStrategy(Strategy):
         return self.engine.module
 
     def prepare_ema(self, ema_model: nn.Module) -> nn.Module:
-        if self.job.strategy.zero_stage == 3:  # JobConfig refuses this before launch; kept for direct callers
+        if self.options.zero_stage == 3:  # JobConfig refuses this before launch; kept for direct callers
             raise ValueError("an EMA needs whole parameters on every rank; DeepSpeed ZeRO-3 partitions them")
         # ZeRO-1/2 keep whole parameters in engine.module (bf16 ones when bf16 is on): the EMA stays fp32.
         return ema_model.to(self.dist.device)

@@ -57,7 +57,7 @@ class FSDPStrategy(Strategy):
     def _mp_policy(self) -> MixedPrecisionPolicy:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        param = self.options.fsdp_param_dtype or ("bf16" if self.job.trainer.precision == "bf16" else "fp32")
+        param = self.options.fsdp_param_dtype or ("bf16" if self.step_settings.precision == "bf16" else "fp32")
         return MixedPrecisionPolicy(param_dtype=_DTYPES[param], reduce_dtype=_DTYPES[self.options.fsdp_reduce_dtype])
 
     def setup(self, model: nn.Module, build_optimizer: OptimizerFactory) -> None:

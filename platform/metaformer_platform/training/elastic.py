@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from metaformer_platform.config.batch import split_global_batch
+
+if TYPE_CHECKING:
+    from metaformer_platform.config import ScalingSettings, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,27 +36,36 @@ RESIZES_TAG = "metaformer.elastic.resizes"
 WORLD_SIZE_METRIC = "elastic/world_size"
 
 
-def fit_to_world(cfg: Any, world_size: int) -> Any:
-    """The job config of one worker of an elastic group of ``world_size`` workers: ``scaling.num_workers`` set
-    to it, and ``trainer.batch_size``/``grad_accum_steps`` split so that the global batch stays the configured
-    one. A config with a fixed worker count is returned as it is."""
-    s, t = cfg.scaling, cfg.trainer
-    if not s.elastic:
-        return cfg
-    low, high = s.num_workers
+@dataclass(frozen=True)
+class BatchSplit:
+    """How one worker of a group of ``world_size`` steps: its micro-batch and accumulation steps, and the global
+    batch (images per optimizer step over the group) that the learning rate and schedule follow."""
+
+    world_size: int
+    micro_batch: int
+    grad_accum_steps: int
+    global_batch: int
+
+
+def fit_to_world(scaling: ScalingSettings, trainer: TrainerConfig, world_size: int, *, even: bool) -> BatchSplit:
+    """The batch split of one worker of a group of ``world_size``: an elastic job's ``trainer.batch_size`` and
+    ``grad_accum_steps`` split so that the global batch stays the configured one (``even``: mixup needs an even
+    micro-batch); a fixed worker count trains as configured (``auto``: the world it runs in)."""
+    batch, accum = trainer.batch_size, trainer.grad_accum_steps
+    if not scaling.elastic:
+        workers = world_size if scaling.num_workers == "auto" else scaling.max_workers
+        return BatchSplit(world_size, batch, accum, batch * accum * workers)
+    low, high = scaling.min_workers, scaling.max_workers
     if not low <= world_size <= high:
         raise ValueError(f"a worker group of {world_size} is outside scaling.num_workers=[{low}, {high}]")
-    global_batch = t.batch_size * t.grad_accum_steps * high
-    micro, accum = split_global_batch(global_batch, world_size, t.batch_size, even=cfg.data.uses_mixup)
-    if (micro, accum) != (t.batch_size, t.grad_accum_steps):
+    global_batch = batch * accum * high
+    micro, steps = split_global_batch(global_batch, world_size, batch, even=even)
+    if (micro, steps) != (batch, accum):
         log.warning(
             "elastic: %d of %d workers: %d images x %d micro-steps per worker (configured %d x %d) keep the "
-            "global batch at %d", world_size, high, micro, accum, t.batch_size, t.grad_accum_steps, global_batch,
+            "global batch at %d", world_size, high, micro, steps, batch, accum, global_batch,
         )
-    return cfg.model_copy(update={
-        "scaling": s.model_copy(update={"num_workers": world_size}),
-        "trainer": t.model_copy(update={"batch_size": micro, "grad_accum_steps": accum}),
-    })
+    return BatchSplit(world_size, micro, steps, global_batch)
 
 
 def note_resume(resizes: list[dict[str, int]], step: int, stored_world_size: int | None, world_size: int) -> bool:
@@ -78,7 +91,11 @@ def check_resume_world_size(strategy: str, stored_world_size: int | None, world_
     )
 
 
-def record_world_size(tracker: Any, step: int, world_size: int, resizes: list[dict[str, int]], *, changed: bool) -> None:
+class _MetricsTracker(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+def record_world_size(tracker: _MetricsTracker, step: int, world_size: int, resizes: list[dict[str, int]], *, changed: bool) -> None:
     """In MLflow: ``elastic/world_size`` at ``step`` when a group of another size (or a fresh run) starts
     there (``changed``), and the list of resizes so far as the tag ``metaformer.elastic.resizes``."""
     if changed:

@@ -6,8 +6,8 @@ Two places decide:
 - the driver, before any worker starts, picks the worker layout (``scaling.*: auto``) from the cluster's nodes
   (``resolve_layout``): one worker per GPU on GPU nodes; on CPU-only nodes one worker per node holding all of
   its CPUs (DDP between processes of one machine splits the same cores and adds the gradient all-reduce);
-- every worker resolves precision, memory format, compile and threads for the device it got
-  (``resolve_settings``), since the driver may run on another machine than the workers.
+- every worker resolves precision, memory format and compile for the device it got (``resolve_settings``,
+  its ``WorkerSettings``), since the driver may run on another machine than the workers.
 
 The rules are data, not guesses: each says which measurement it rests on.
 """
@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 if TYPE_CHECKING:
-    from metaformer_platform.config import JobConfig, ScalingSettings, TrainerConfig
+    import torch
+
+    from metaformer_platform.config import ScalingSettings, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def probe(device: Any) -> Capabilities:
+def probe(device: torch.device) -> Capabilities:
     """The capabilities of ``device`` (a ``torch.device``) as seen from this process."""
     import torch
 
@@ -126,8 +128,9 @@ def bf16_fast(caps: Capabilities) -> tuple[bool, str]:
 
 
 @dataclass
-class Settings:
-    """The concrete settings a worker trains with, and why each was chosen (printed and logged)."""
+class WorkerSettings:
+    """What only a worker can resolve, from the device it got: the settings it trains with, and why each was
+    chosen (printed and logged)."""
 
     precision: Precision
     channels_last: bool
@@ -180,9 +183,11 @@ def resolve_numerics(trainer: TrainerConfig, caps: Capabilities) -> tuple[Precis
     return precision, bool(channels_last), reasons
 
 
-def resolve_settings(trainer: TrainerConfig, caps: Capabilities, *, total_steps: int, cpus_per_worker: float | None = None) -> Settings:
+def resolve_settings(trainer: TrainerConfig, caps: Capabilities, *, total_steps: int,
+                     cpus_per_worker: float | Literal["auto"] | None = None) -> WorkerSettings:
     """``trainer.precision/channels_last/compile/torch_threads`` for this device, ``auto`` (or null threads)
-    replaced by the fastest measured choice there."""
+    replaced by the fastest measured choice there. Threads: the plan sets them (one per CPU of the layout); a
+    Trainer built without one (tests, benchmarks) takes ``cpus_per_worker``, else the CPUs it may run on."""
     precision, channels_last, reasons = resolve_numerics(trainer, caps)
 
     compile_ = trainer.compile
@@ -196,9 +201,9 @@ def resolve_settings(trainer: TrainerConfig, caps: Capabilities, *, total_steps:
 
     threads = trainer.torch_threads
     if threads is None:
-        threads = max(1, int(cpus_per_worker)) if cpus_per_worker else caps.cpus
+        threads = max(1, int(cpus_per_worker)) if isinstance(cpus_per_worker, int | float) else caps.cpus
         reasons["torch_threads"] = "one per CPU the worker holds"
-    return Settings(
+    return WorkerSettings(
         precision=precision,
         channels_last=bool(channels_last),
         compile=bool(compile_),
@@ -209,34 +214,8 @@ def resolve_settings(trainer: TrainerConfig, caps: Capabilities, *, total_steps:
     )
 
 
-def resolve_for_worker(cfg: JobConfig, device: Any, *, world_size: int, total_steps: int,
-                       caps: Capabilities | None = None) -> tuple[JobConfig, Settings]:
-    """A worker's job config with every ``auto`` made concrete for ``device`` (``caps``: its probe, taken here
-    when not given), and the ``Settings`` that say what was chosen and why.
-
-    ``scaling.*: auto`` is normally resolved by the launcher; a Trainer built without it (tests, benchmarks)
-    takes the world it runs in."""
-    caps = caps or probe(device)
-    s = cfg.scaling
-    scaling = s.model_copy(update={
-        "num_workers": world_size if s.num_workers == "auto" else s.num_workers,
-        "cpus_per_worker": float(caps.cpus) if s.cpus_per_worker == "auto" else s.cpus_per_worker,
-        "use_gpu": caps.device_type == "cuda" if s.use_gpu == "auto" else s.use_gpu,
-    })
-    cpus = resolved(scaling.cpus_per_worker, "scaling.cpus_per_worker")  # made concrete just above
-    settings = resolve_settings(cfg.trainer, caps, total_steps=total_steps, cpus_per_worker=cpus)
-    trainer = cfg.trainer.model_copy(update={
-        "precision": settings.precision,
-        "channels_last": settings.channels_last,
-        "compile": settings.compile,
-        "torch_threads": settings.torch_threads,
-    })
-    return cfg.model_copy(update={"scaling": scaling, "trainer": trainer}), settings
-
-
 def resolved(value: T | Literal["auto"], name: str) -> T:
-    """``value`` once ``auto`` has been made concrete (``resolve_layout`` on the driver, ``resolve_for_worker`` in a
-    worker): the narrowing the code after those steps relies on, with a clear error where a caller skipped them."""
+    """``value`` once ``auto`` has been made concrete (``resolve_layout``, by the job plan): the narrowing the code after those steps relies on, with a clear error where a caller skipped them."""
     if isinstance(value, str) and value == "auto":
         raise ValueError(
             f"{name}=auto has not been resolved yet: run the job through metaformer_platform.launch.driver (which resolves "

@@ -15,9 +15,9 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TextIO, cast, runtime_checkable
 
 import numpy as np
 import torch
@@ -32,10 +32,14 @@ from metaformer_platform.models import create_model
 from metaformer_platform.storage import checkpoint_format as fmt
 from metaformer_platform.strategies import get_strategy_class
 from metaformer_platform.strategies.base import DistContext
+from metaformer_platform.strategies.config import StepSettings
 from metaformer_platform.training import checkpoint as ckpt
 from metaformer_platform.training import elastic, hardware
 from metaformer_platform.training.optim import build_optimizer, build_scheduler, use_fused
 from metaformer_platform.training.steptime import StepTimer, watch_allreduce
+
+if TYPE_CHECKING:
+    from timm.utils import ModelEmaV3
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +104,12 @@ def build_model(cfg: JobConfig, num_classes: int) -> nn.Module:
 
 
 def build_split_loader(
-    cfg: JobConfig, data_root: Path | str, dist: DistContext, split: str, *, training: bool, channels_last: bool
+    cfg: JobConfig, data_root: Path | str, dist: DistContext, split: str, *, training: bool, channels_last: bool,
+    batch_size: int,
 ) -> mdata.ShardLoader:
     """This rank's loader of ``split`` with the configured transforms (shared with the evaluate job); its batches
-    come in the memory format the model runs in (``channels_last``, resolved), so none is copied again."""
+    come in the memory format the model runs in (``channels_last``, resolved), so none is copied again, and
+    hold ``batch_size`` images (this world size's micro-batch)."""
     d, t = cfg.data, cfg.trainer
     # Decode JPEGs no larger than the transform needs (eval resizes to img_size / crop_pct first).
     decode_size = d.img_size if training else math.ceil(d.img_size / d.crop_pct)
@@ -123,7 +129,7 @@ def build_split_loader(
     return mdata.build_loader(
         data_root,
         split,
-        batch_size=t.batch_size,
+        batch_size=batch_size,
         rank=dist.rank,
         world_size=dist.world_size,
         num_workers=d.num_workers,
@@ -139,7 +145,11 @@ def build_split_loader(
 
 
 class Trainer:
-    """Builds model, strategy, data and schedule from a ``JobConfig`` and runs ``train()``."""
+    """Builds model, strategy, data and schedule from a ``JobConfig`` and runs ``train()``.
+
+    What depends on where it runs is resolved here, not copied into the config: ``batch`` (this world size's
+    split of the global batch, ``training.elastic``) and ``settings`` (precision, memory format, compile and
+    threads for this device, ``training.hardware``)."""
 
     def __init__(
         self,
@@ -151,68 +161,91 @@ class Trainer:
         report: ReportFn | None = None,
         resume_from: Path | None = None,
         checkpoint_scratch: Path | None = None,
-        loaders: tuple[Any, Any] | None = None,
+        loaders: tuple[mdata.ShardLoader, mdata.ShardLoader | None] | None = None,
+        init_from: Path | str | None = None,
     ) -> None:
-        cfg = elastic.fit_to_world(cfg, dist.world_size)  # an elastic job's batch split for this world size
-        self.cfg = cfg
-        self.dist = dist
+        """``init_from``: this node's copy of ``model.init_from`` (the launcher's); the config's otherwise."""
+        self.cfg, self.dist = cfg, dist
         self.tracker = tracker or NullTracker()
         self.report = report or _no_report
         self.scratch = checkpoint_scratch
-
+        self.batch = elastic.fit_to_world(cfg.scaling, cfg.trainer, dist.world_size, even=cfg.data.uses_mixup)
         self.data_root = data_root
         self.manifest = mdata.load_manifest(data_root) if data_root is not None else None
-        num_classes = cfg.model.num_classes or (self.manifest.num_classes if self.manifest is not None else None)
-        if num_classes is None:
-            raise ValueError("model.num_classes must be set when the Trainer's data manifest names no num_classes")
-        self.num_classes: int = num_classes
+        self.num_classes = self._num_classes()
         caps = hardware.probe(dist.device)
         # the loaders make their batches in the model's memory format, resolved before the run length is known
         _, channels_last, _ = hardware.resolve_numerics(cfg.trainer, caps)
-        if loaders is not None:  # injected (benchmarks feed in-memory batches)
-            self.train_loader, self.val_loader = loaders
-        else:
-            self.train_loader = self._loader(cfg.data.train_split, training=True, channels_last=channels_last)
-            self.val_loader = (self._loader(cfg.data.val_split, training=False, channels_last=channels_last)
-                               if cfg.data.val_split else None)
+        self._build_loaders(loaders, channels_last)
         self.sample_log = self._open_sample_log()
-        self.steps_per_epoch = max(len(self.train_loader) // cfg.trainer.grad_accum_steps, 1)
+        self.steps_per_epoch = max(len(self.train_loader) // self.batch.grad_accum_steps, 1)
         self.total_steps = cfg.trainer.max_steps or math.ceil(cfg.trainer.epochs * self.steps_per_epoch)
         # `auto` settings become the fastest ones for this device (the run length decides compile)
-        self.cfg, self.settings = hardware.resolve_for_worker(
-            cfg, dist.device, world_size=dist.world_size, total_steps=self.total_steps, caps=caps
-        )
-        cfg, t = self.cfg, self.cfg.trainer
+        self.settings = hardware.resolve_settings(cfg.trainer, caps, total_steps=self.total_steps,
+                                                  cpus_per_worker=cfg.scaling.cpus_per_worker)
+        self._seed()
+        self._build_model(init_from or cfg.model.init_from)
+        self.val_every = cfg.trainer.val_every_steps or self.steps_per_epoch
+        assert self.strategy.optimizer is not None
+        self.scheduler = build_scheduler(self.strategy.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch)
+        self._build_loss()
 
+        self.step = 0
+        self.resizes: list[dict[str, int]] = []  # (step, from, to) of every change of world size, carried on
+        self.resized = False  # whether this Trainer resumed a checkpoint of another world size
+        self._batches: Iterator[tuple[torch.Tensor, ...]] | None = None
+        self._step_keys: list[str] = []
+        self.last_val: dict[str, float] = {}
+        self.checkpoint_stalls: list[float] = []  # seconds training was blocked by each save_and_report
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+
+    # -- building blocks -------------------------------------------------------------------------
+
+    def _num_classes(self) -> int:
+        num_classes = self.cfg.model.num_classes or (self.manifest.num_classes if self.manifest is not None else None)
+        if num_classes is None:
+            raise ValueError("model.num_classes must be set when the Trainer's data manifest names no num_classes")
+        return num_classes
+
+    def _build_loaders(self, loaders: tuple[mdata.ShardLoader, mdata.ShardLoader | None] | None,
+                       channels_last: bool) -> None:
+        if loaders is not None:  # injected (benchmarks feed in-memory batches)
+            self.train_loader, self.val_loader = loaders
+            return
+        d = self.cfg.data
+        self.train_loader = self._loader(d.train_split, training=True, channels_last=channels_last)
+        self.val_loader = self._loader(d.val_split, training=False, channels_last=channels_last) if d.val_split else None
+
+    def _seed(self) -> None:
         torch.set_num_threads(self.settings.torch_threads)
+        seed = self.cfg.trainer.seed
         # Every rank draws the same initial weights; data and augmentation seeds are derived per rank.
-        torch.manual_seed(t.seed)
+        torch.manual_seed(seed)
         # Mixup/CutMix draw from NumPy's global RNG: seeded per rank, so that the same job repeats exactly.
-        random.seed(t.seed + dist.rank)
-        np.random.seed(t.seed + dist.rank)
+        random.seed(seed + self.dist.rank)
+        np.random.seed(seed + self.dist.rank)
 
+    def _build_model(self, init_from: Path | str | None) -> None:
+        """The model (with its initial weights), its EMA, the strategy around it and what runs its forward."""
+        cfg, t = self.cfg, self.cfg.trainer
         model = build_model(cfg, self.num_classes)
-        if cfg.model.init_from:  # fine-tuning: another run's weights, of any strategy; a resume overrides them
-            from metaformer_platform.training.export import init_from
+        if init_from:  # fine-tuning: another run's weights, of any strategy; a resume overrides them
+            from metaformer_platform.training.export import init_from as load_initial
 
-            new_head = init_from(model, cfg.model.init_from)
-            log.info("initialised from %s (new: %s)", cfg.model.init_from, ", ".join(new_head) or "nothing")
+            new_head = load_initial(model, init_from)
+            log.info("initialised from %s (new: %s)", init_from, ", ".join(new_head) or "nothing")
         self.memory_format = torch.channels_last if self.settings.channels_last else torch.contiguous_format
         model = model.to(memory_format=self.memory_format)
         # The EMA copies the plain model before the strategy wraps (FSDP2: shards) it, and is then placed
         # like it. fp32 whatever the training precision: a bf16 EMA could not hold (1 - decay) x update.
         self.ema = self._build_ema(model, t.ema_decay) if t.ema_decay is not None else None
-
-        self.lr = cfg.optim.resolved_lr(cfg.global_batch)
-        self.strategy = get_strategy_class(cfg.strategy.name)(cfg, dist)
+        self.lr = cfg.optim.resolved_lr(self.batch.global_batch)
+        step = StepSettings(self.batch.micro_batch, self.batch.grad_accum_steps, cfg.optim.clip_grad,
+                            self.settings.precision)
+        self.strategy = get_strategy_class(cfg.strategy.name)(cfg.strategy, self.dist, step)
         self.strategy.setup(model, lambda m: build_optimizer(m, cfg.optim, self.lr))
-        self.settings.fused_optimizer = use_fused(model, cfg.optim)
-        if cfg.optim.fused is None:
-            self.settings.reasons["fused_optimizer"] = "auto: torch's fused kernel for this optimizer and device"
-        if dist.is_main:
-            log.info("%s", self.settings.summary())
-            if isinstance(self.tracker, ParamsTracker):
-                self.tracker.log_params(self.settings.params())
+        self._log_settings(model)
         if self.ema is not None:
             self.ema.module = self.strategy.prepare_ema(self.ema.module)
         if self.settings.compile:
@@ -221,14 +254,20 @@ class Trainer:
         assert wrapped is not None, "Strategy.setup() sets the model"
         # torch.compile of a module returns a module (an OptimizedModule); its signature says only "a callable".
         self.forward_model: nn.Module = cast(nn.Module, torch.compile(wrapped)) if self.settings.compile else wrapped
-        self.timer = StepTimer(dist.device)
+        self.timer = StepTimer(self.dist.device)
         watch_allreduce(self.strategy.model, self.timer)
 
-        self.val_every = t.val_every_steps or self.steps_per_epoch
-        assert self.strategy.optimizer is not None
-        self.scheduler = build_scheduler(self.strategy.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch)
+    def _log_settings(self, model: nn.Module) -> None:
+        self.settings.fused_optimizer = use_fused(model, self.cfg.optim)
+        if self.cfg.optim.fused is None:
+            self.settings.reasons["fused_optimizer"] = "auto: torch's fused kernel for this optimizer and device"
+        if self.dist.is_main:
+            log.info("%s", self.settings.summary())
+            if isinstance(self.tracker, ParamsTracker):
+                self.tracker.log_params(self.settings.params())
 
-        d = cfg.data
+    def _build_loss(self) -> None:
+        d = self.cfg.data
         self.mixup = mdata.build_mixup(
             mixup_alpha=d.mixup_alpha,
             cutmix_alpha=d.cutmix_alpha,
@@ -243,19 +282,7 @@ class Trainer:
         else:
             self.train_loss = nn.CrossEntropyLoss(label_smoothing=d.label_smoothing)
 
-        self.step = 0
-        self.resizes: list[dict[str, int]] = []  # (step, from, to) of every change of world size, carried on
-        self.resized = False  # whether this Trainer resumed a checkpoint of another world size
-        self._batches: Iterator[tuple[Any, ...]] | None = None
-        self._step_keys: list[str] = []
-        self.last_val: dict[str, float] = {}
-        self.checkpoint_stalls: list[float] = []  # seconds training was blocked by each save_and_report
-        if resume_from is not None:
-            self.load_checkpoint(resume_from)
-
-    # -- building blocks -------------------------------------------------------------------------
-
-    def _build_ema(self, model: nn.Module, decay: float) -> Any:
+    def _build_ema(self, model: nn.Module, decay: float) -> ModelEmaV3:
         from timm.utils import ModelEmaV3
 
         return ModelEmaV3(model, decay=decay, use_warmup=self.cfg.trainer.ema_warmup, dtype=torch.float32)
@@ -264,14 +291,14 @@ class Trainer:
         if self.data_root is None:
             raise ValueError("the Trainer was given neither data_root nor loaders: pass one of them")
         return build_split_loader(self.cfg, self.data_root, self.dist, split, training=training,
-                                  channels_last=channels_last)
+                                  channels_last=channels_last, batch_size=self.batch.micro_batch)
 
-    def _autocast(self) -> Any:
+    def _autocast(self) -> AbstractContextManager[None]:
         if self.settings.precision == "bf16":
             return torch.autocast(device_type=self.dist.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def _open_sample_log(self) -> Any:
+    def _open_sample_log(self) -> TextIO | None:
         """``trainer.sample_log_dir``: this process's file of sample keys per optimizer step (None when unset)."""
         folder = self.cfg.trainer.sample_log_dir
         if folder is None:
@@ -303,7 +330,7 @@ class Trainer:
         t = self.cfg.trainer
         log.info(
             "training %s: %d steps (%d per epoch), global batch %d, lr %.3g, from step %d",
-            self.cfg.model.name, self.total_steps, self.steps_per_epoch, self.cfg.global_batch, self.lr, self.step,
+            self.cfg.model.name, self.total_steps, self.steps_per_epoch, self.batch.global_batch, self.lr, self.step,
         )
         if self.step >= self.total_steps:
             # A finished run started again under its name: nothing to train, report where it stands.
@@ -332,7 +359,7 @@ class Trainer:
                 metrics = {
                     "train/loss": self._mean_across_ranks(window_loss / window_steps),
                     "train/lr": self.strategy.optimizer.param_groups[0]["lr"],  # type: ignore[union-attr]
-                    "train/images_per_s": self.cfg.global_batch / times["time/step_s"],
+                    "train/images_per_s": self.batch.global_batch / times["time/step_s"],
                     "train/epoch": self.step / self.steps_per_epoch,
                     **times,
                     "train/data_wait_frac": min(times["time/data_s"] / times["time/step_s"], 1.0),  # rank 0
@@ -353,7 +380,7 @@ class Trainer:
 
     def _train_step(self) -> torch.Tensor:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss (a tensor)."""
-        accum = self.cfg.trainer.grad_accum_steps
+        accum = self.batch.grad_accum_steps
         self.timer.start()
         total = torch.zeros((), device=self.dist.device)
         for micro in range(accum):
@@ -401,9 +428,9 @@ class Trainer:
             tdist.all_reduce(total)
             skipped = int(total)
             if skipped:  # the same on every rank, so all or none of them gather
-                gathered: list[Any] = [None] * self.dist.world_size
+                gathered: list[list[str] | None] = [None] * self.dist.world_size
                 tdist.all_gather_object(gathered, sorted(shards))
-                shards = {name for names in gathered for name in names}
+                shards = {name for names in gathered for name in names or ()}
         return {"data/skipped_samples": float(skipped), "data/bad_shards": float(len(shards))}
 
     def validate(self) -> dict[str, float]:
