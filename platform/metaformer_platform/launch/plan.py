@@ -27,7 +27,7 @@ from metaformer_platform.training.ownership import check_run_free
 
 if TYPE_CHECKING:
     from metaformer_platform.data import Manifest
-    from metaformer_platform.evaluation.report import WeightsInfo
+    from metaformer_platform.storage.weights import WeightsInfo
 
 log = logging.getLogger(__name__)
 
