@@ -199,6 +199,16 @@ def test_s3_sizes_come_from_a_listing_and_a_gone_object_is_file_not_found(monkey
         storage.read_bytes("train-000000.tar")
 
 
+def test_directory_markers_are_not_files_of_the_folder():
+    """pyarrow's S3 filesystem (Ray Train's checkpoint writer) leaves zero-byte "folder/" objects: a listing that
+    took them for files handed the downloader a member named '' (refused as outside its folder)."""
+    client = _ListingClient()
+    client.OBJECTS = {**_ListingClient.OBJECTS, "pre/": 0, "pre/sub/": 0, "pre/sub/x.json": 3}
+    listed = S3Store("s3://bkt/pre", client_factory=lambda: client).listing()
+    assert listed is not None
+    assert sorted(listed) == ["_info.json", "sub/x.json", "train-000000.tar", "train-000001.tar"]
+
+
 def test_without_list_permission_the_sizes_come_from_heads(monkeypatch):
     client = _ListingClient()
     sizes = {"pre/train-000000.tar": 100, "pre/train-000001.tar": 90}

@@ -243,7 +243,10 @@ class S3Store:
         try:
             for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
                 for obj in page.get("Contents", ()):
-                    yield {**obj, "Key": obj["Key"][len(base):]}
+                    # "folder/" objects are directory markers (pyarrow's S3 filesystem, which Ray Train writes
+                    # checkpoints through, creates them): not files of the folder
+                    if not obj["Key"].endswith("/"):
+                        yield {**obj, "Key": obj["Key"][len(base):]}
         except (ClientError, BotoCoreError) as err:
             if _error_code(err) == "AccessDenied":  # s3:ListBucket not granted; reads may still be
                 raise PermissionError(f"{self.describe(name)}: listing refused (AccessDenied)") from None
