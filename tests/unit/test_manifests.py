@@ -669,3 +669,22 @@ def test_int_or_string_fields_take_both(kuberay_validators: dict[tuple[str, str]
         copy_ = copy.deepcopy(cluster)
         copy_["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] = cpu
         assert kuberay_errors(copy_, kuberay_validators) == [], cpu
+
+
+def test_pods_give_a_stopping_job_time_to_checkpoint() -> None:
+    """A SIGTERM'd job checkpoints within run.stop_grace_s (launch/stop.py): every Ray pod waits longer than that
+    (plus an upload's margin) before Kubernetes' SIGKILL, and `ray job stop` on the head waits longer too."""
+    from metaformer_platform.config.schema import RunSettings
+
+    grace = RunSettings().stop_grace_s
+    clusters = [doc for docs in ALL_DOCS.values() for doc in docs if doc.get("kind") == "RayCluster"]
+    assert clusters
+    for cluster in clusters:
+        spec = cluster["spec"]
+        pods = [spec["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in spec["workerGroupSpecs"])]
+        for pod in pods:
+            assert pod.get("terminationGracePeriodSeconds", 30) >= grace + 20, pod["containers"][0]["name"]
+        head = spec["headGroupSpec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for c in head["containers"] for e in c.get("env", [])}
+        wait = float(env.get("RAY_JOB_STOP_WAIT_TIME_S", 3))
+        assert grace < wait < head["terminationGracePeriodSeconds"]

@@ -185,3 +185,63 @@ def test_fault_metrics_are_reduced_over_ranks(tmp_path):
     for _, faults, clean in got:  # the same on both ranks: 3 + 4 samples, 2 distinct shards
         assert faults == {"data/skipped_samples": 7.0, "data/bad_shards": 2.0}
         assert clean == {"data/skipped_samples": 0.0, "data/bad_shards": 0.0}
+
+
+class _StopAt(Recorder):
+    """Asks the Trainer to stop once it has logged step ``at`` (as the worker's stop watcher would, mid-step)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+        self.trainer: Trainer | None = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        super().log_metrics(metrics, step)
+        if step == self.at and "train/loss" in metrics and self.trainer is not None:
+            self.trainer.request_stop()
+
+
+def test_request_stop_checkpoints_at_the_next_step_boundary_and_the_resume_loses_no_step(shards, tmp_path):
+    cfg = _cfg("trainer.max_steps=10", "trainer.checkpoint_every_steps=4", "data.val_split=null")
+    full = Recorder()
+    _trainer(cfg, shards, full).train()
+
+    stopping, reported = _StopAt(6), tmp_path / "reported"
+    trainer = _trainer(cfg, shards, stopping, reported)
+    stopping.trainer = trainer
+    out = trainer.train()
+    assert trainer.stopped and trainer.step == 6 and out["step"] == 6.0
+    assert sorted(p.name for p in reported.iterdir()) == ["step-4", "step-6"]  # the stop's own checkpoint
+    assert fmt.incomplete_reason(reported / "step-6") is None
+
+    resumed = Recorder()
+    again = _trainer(cfg, shards, resumed, resume_from=reported / "step-6")
+    assert again.step == 6
+    again.train()
+    assert not again.stopped and again.step == 10
+    losses = {**stopping.series("train/loss"), **resumed.series("train/loss")}
+    assert sorted(stopping.series("train/loss")) == list(range(1, 7))
+    assert sorted(resumed.series("train/loss")) == list(range(7, 11))  # no step lost or doubled
+    assert losses == pytest.approx(full.series("train/loss"), rel=1e-5)  # and exactly the uninterrupted run's
+
+
+def _stop_agreement_on_rank(rank: int, world: int, init_method: str, results) -> None:
+    import threading
+    from types import SimpleNamespace
+
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        dist = SimpleNamespace(distributed=True, device=torch.device("cpu"), world_size=world)
+        me = SimpleNamespace(dist=dist, _stop_requested=threading.Event(), _stop_group=None)
+        before = Trainer._stop_agreed(me)  # type: ignore[arg-type]
+        if rank == 1:  # only one rank's watcher saw the driver's flag
+            me._stop_requested.set()
+        results.put((rank, before, Trainer._stop_agreed(me)))  # type: ignore[arg-type]
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_one_ranks_stop_request_stops_every_rank_at_the_same_step(tmp_path):
+    assert run_ranks(_stop_agreement_on_rank, tmp_path) == [(0, False, True), (1, False, True)]

@@ -278,6 +278,11 @@ class RunSettings(_Section):
         description="async: training goes on while Ray uploads a checkpoint to storage_path (stall = the local "
         "save only); sync: each rank waits for its upload",
     )
+    stop_grace_s: float = Field(
+        20.0, gt=0, le=3600,
+        description="on SIGTERM/SIGINT the workers finish their step and checkpoint; after this many seconds "
+        "the driver stops at once instead (keep it under the pod's terminationGracePeriodSeconds: 30 by default)",
+    )
     ray_address: str | None = Field(None, description="Ray cluster address (null: RAY_ADDRESS or a local Ray)")
     verbose: bool = Field(
         False,

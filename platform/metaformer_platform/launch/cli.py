@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from metaformer_platform.config import ConfigError, JobConfig, describe_keys, load_config
+from metaformer_platform.launch.stop import JobStopped
 
 
 def parse_job_config(stage: str, description: str, argv: Sequence[str] | None, default_config: Path | None) -> JobConfig:
@@ -30,13 +31,19 @@ def parse_job_config(stage: str, description: str, argv: Sequence[str] | None, d
 
 
 def run_main(stage: str, description: str, argv: Sequence[str] | None = None, default_config: Path | None = None) -> int:
-    """Parse, run, print the outcome; returns the process exit code (2: bad input, 1: the job failed)."""
+    """Parse, run, print the outcome; returns the process exit code (2: bad input, 1: the job failed,
+    143/130: stopped by SIGTERM/SIGINT at a checkpoint, see ``stop.py``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = parse_job_config(stage, description, argv, default_config)
         from metaformer_platform.launch.driver import run_job
 
         result = run_job(cfg)
+    except JobStopped as stopped:  # SIGTERM/SIGINT: checkpointed, the MLflow run closed as stopped
+        print(f"\n{stage} {stopped.describe()}", flush=True)
+        if stopped.mlflow_hint:
+            print(stopped.mlflow_hint, flush=True)
+        return stopped.exit_code
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

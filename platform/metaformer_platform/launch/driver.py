@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 from metaformer_platform.config import JobConfig
 from metaformer_platform.launch.checks import check_cluster, connect_ray
 from metaformer_platform.launch.plan import JobPlan, build_plan
+from metaformer_platform.launch.stop import STOPS, JobStop, JobStopped, make_flag
 from metaformer_platform.launch.workers import Launch, _eval_worker, _train_worker
 from metaformer_platform.storage import Location
 
@@ -99,11 +100,13 @@ def build_trainer(
     worker: Callable[[], object],
     *,
     callbacks: list[Any] | None = None,
+    stop: JobStop | None = None,
 ) -> TorchTrainer:
     """The ``TorchTrainer`` of a job (pretrain, fine-tune and evaluate alike): its scaling, its run folder on
     ``plan.storage_path`` (for s3://, a filesystem built from the one S3 settings resolver: Ray's own URI
     resolution ignores AWS_ENDPOINT_URL), the failure and checkpoint policies, and the workers' environment.
-    ``worker`` takes no argument: it carries the plan (typed; Ray pickles it to every worker)."""
+    ``worker`` takes no argument: it carries the plan (typed; Ray pickles it to every worker). ``stop``: where
+    the job's Ray Train controller is noted for a graceful stop (see ``stop.py``)."""
     # After the checks: bad input is refused without paying for Ray's import. Train v2's classes from their own
     # modules: `ray.train.RunConfig` etc. pick v1 or v2 at run time (RAY_TRAIN_V2_ENABLED, on by default), which
     # a type checker cannot follow, and these jobs need v2's (worker_runtime_env, logging_config, return_value).
@@ -116,7 +119,7 @@ def build_trainer(
     # Workers of a cluster started before this job do not inherit the S3 endpoint and credentials the driver
     # just checked the data and storage with.
     env = aws_env() if (storage.remote or plan.remote_inputs) else {}
-    return _trainer_class()(
+    return _trainer_class(stop)(
         worker,
         scaling_config=ScalingConfig(
             num_workers=layout.num_workers, use_gpu=layout.use_gpu,
@@ -137,7 +140,7 @@ def build_trainer(
     )
 
 
-def _trainer_class() -> type[TorchTrainer]:
+def _trainer_class(stop: JobStop | None = None) -> type[TorchTrainer]:
     """The TorchTrainer class the jobs run (see its docstring)."""
     from ray.train.v2.torch.torch_trainer import TorchTrainer
 
@@ -150,7 +153,16 @@ def _trainer_class() -> type[TorchTrainer]:
         - its placement-group cleaner, on a cluster that serves no State API (no dashboard: the local cluster,
           ``ray start --include-dashboard=false``). The cleaner asks that API every second whether the controller
           lives and, when the call fails, only warns and asks again: there it can never clean anything up, and
-          its process costs every job's start ~1.4 s of CPU (measured on 2 cores)."""
+          its process costs every job's start ~1.4 s of CPU (measured on 2 cores);
+        - its SIGINT handler, which aborts the run without a checkpoint: ``stop.STOPS`` handles SIGINT and
+          SIGTERM alike, and is given the controller here (Ray calls this only when fit() runs in the main
+          thread), to abort a job that has nothing to save."""
+
+        def _register_sigint_handler(self, controller: Any) -> None:
+            if stop is not None:
+                stop.controller = controller
+                if STOPS.reason is not None and stop.flag is None:  # asked to stop before the controller was up
+                    stop.request(STOPS.reason)
 
         def _create_default_callbacks(self) -> list[Any]:
             from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
@@ -172,21 +184,51 @@ def _on(storage: Location, fs_path: str) -> str:
 
 
 def _fit(trainer: TorchTrainer, lease: RunLease, handle: RunHandle | None, report: Callable[[Result], None],
-         around: AbstractContextManager[object] | None = None) -> None:
-    """Fit (inside ``around``: the console's progress printer), raise a failed job's error or hand the result to
-    ``report``, then close the MLflow run with the outcome and release the run name."""
-    succeeded = False
+         stop: JobStop, around: AbstractContextManager[object] | None = None) -> None:
+    """Fit (inside ``around``: the console's progress printer), raise a failed job's error, raise ``JobStopped``
+    when a signal stopped it (``stop.py``), or hand the result to ``report``; then close the MLflow run with the
+    outcome and release the run name."""
+    succeeded, stopped = False, None
+    stop.on_force += [lambda tag: handle.close(False, stopped=tag)] if handle is not None else []
+    stop.on_force.append(lambda tag: lease.release())
     try:
-        with around or nullcontext():
-            result = cast("Result", trainer.fit())  # Train v2's Result (return_value): see build_trainer
-            if result.error is not None:
+        with STOPS.handling(), STOPS.job(stop), around or nullcontext():
+            try:
+                result: Result | None = cast("Result", trainer.fit())  # Train v2's Result: see build_trainer
+            except Exception:
+                if STOPS.reason is None:
+                    raise
+                result = None  # a job with nothing to save, aborted by Ray Train's own abort
+            if result is not None and result.error is not None:
                 raise result.error
+        if result is None or _stopped_early(result):
+            stopped = STOPS.reason or "sigterm"
+            raise _job_stopped(stopped, trainer, result, handle)
         report(result)
         succeeded = True
     finally:
         if handle is not None:
-            handle.close(succeeded)
+            handle.close(succeeded, stopped=stopped)
         lease.release()
+
+
+def _stopped_early(result: Result) -> bool:
+    """Whether the training workers returned on a stop request (``workers._train_worker``'s return value)."""
+    value = result.return_value
+    return isinstance(value, dict) and bool(value.get("stopped"))
+
+
+def _job_stopped(reason: str, trainer: TorchTrainer, result: Result | None, handle: RunHandle | None) -> JobStopped:
+    """Where a stopped job stopped: the step and checkpoint its workers reached (None for an evaluation)."""
+    run = trainer.run_config
+    step = checkpoint = None
+    if result is not None:
+        step = int(cast("dict[str, Any]", result.return_value)["step"])
+        if result.checkpoint is not None:  # a filesystem of its own: on S3 (build_trainer)
+            remote = run.storage_filesystem is not None
+            checkpoint = _on(Location.parse(f"s3://{run.storage_path}" if remote else str(run.storage_path)),
+                             result.checkpoint.path)
+    return JobStopped(reason, str(run.name), step, checkpoint, handle.ui_hint() if handle else None)
 
 
 # -- the jobs --------------------------------------------------------------------------------------
@@ -207,12 +249,14 @@ def run_job(cfg: JobConfig) -> JobResult:
     printer = ProgressPrinter(
         f"run {plan.run_name}: starting {count} Ray Train worker{'' if count == '1' else 's'} ({plan.cfg.strategy.name})"
     )
+    stop = JobStop(plan.run_name, plan.cfg.run.stop_grace_s, flag=make_flag())
     launch = Launch(owner=lease.owner, run_id=handle.run_id if handle else None,
-                    tracking_uri=handle.tracking_uri if handle else None, progress_queue=printer.queue)
+                    tracking_uri=handle.tracking_uri if handle else None, progress_queue=printer.queue,
+                    stop_flag=stop.flag)
     trainer = build_trainer(plan, functools.partial(_train_worker, plan, launch),
-                            callbacks=[failure_notice(printer.queue)])
+                            callbacks=[failure_notice(printer.queue)], stop=stop)
     results: list[Result] = []
-    _fit(trainer, lease, handle, results.append, around=printer)
+    _fit(trainer, lease, handle, results.append, stop, around=printer)
     storage, result = Location.parse(plan.storage_path), results[0]
     return JobResult(
         metrics={k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)},
@@ -228,9 +272,10 @@ def run_evaluate(plan: JobPlan) -> JobResult:
     ``data.val_split`` over the Ray Train workers; the report goes to ``<run dir>/eval.json``, its numbers and
     the file to the MLflow run."""
     lease, handle = _connect_and_open_run(plan)
-    trainer = build_trainer(plan, functools.partial(_eval_worker, plan))
+    stop = JobStop(plan.run_name, plan.cfg.run.stop_grace_s)  # nothing to save: Ray Train's abort stops it
+    trainer = build_trainer(plan, functools.partial(_eval_worker, plan), stop=stop)
     reports: list[dict[str, Any]] = []
-    _fit(trainer, lease, handle, lambda result: reports.append(_report_evaluation(plan, result, handle)))
+    _fit(trainer, lease, handle, lambda result: reports.append(_report_evaluation(plan, result, handle)), stop)
     report = reports[0]
     return JobResult(
         metrics={k: float(v) for k, v in report.items() if k.startswith("eval/")},

@@ -43,6 +43,7 @@ class Launch:
     run_id: str | None
     tracking_uri: str | None
     progress_queue: EventQueue | None  # a Ray queue actor handle
+    stop_flag: object = None  # the driver's stop.StopFlag actor: raised on SIGTERM/SIGINT
 
 
 def checkpoint_reporter(
@@ -163,9 +164,11 @@ def _recover_checkpoint(dist: DistContext, owner: Stamp | None = None) -> tuple[
     return ray.train.Checkpoint(path=path, filesystem=storage.storage_filesystem), True
 
 
-def _train_worker(plan: JobPlan, launch: Launch) -> None:
+def _train_worker(plan: JobPlan, launch: Launch) -> dict[str, object]:
     """Runs in every Ray Train worker: builds the Trainer from the plan (resuming from the newest complete
-    checkpoint) and trains."""
+    checkpoint) and trains until done or, once the driver raises the stop flag, until the next step boundary's
+    checkpoint. Returns the step it reached and whether it stopped early (rank 0's reaches the driver)."""
+    from metaformer_platform.launch.stop import watch_stop
     from metaformer_platform.tracking.console import worker_progress
     from metaformer_platform.training.trainer import NullTracker, Trainer
 
@@ -201,10 +204,16 @@ def _train_worker(plan: JobPlan, launch: Launch) -> None:
                 checkpoint_dir_name=Path(checkpoint.path).name,
                 checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
             )
-        trainer.train()
+        watching = watch_stop(launch.stop_flag, trainer) if launch.stop_flag is not None and dist.is_main else None
+        try:
+            trainer.train()
+        finally:
+            if watching is not None:
+                watching.set()
         progress.finish(trainer.step)
     finally:
         tracker.close()
+    return {"step": trainer.step, "stopped": trainer.stopped}
 
 
 def _checkpoint_to_resume(plan: JobPlan, dist: DistContext,

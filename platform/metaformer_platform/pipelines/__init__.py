@@ -83,7 +83,10 @@ def parse_command(argv: Sequence[str] | None, default_pipeline: Path | None = No
 
 def main(argv: Sequence[str] | None = None, default_pipeline: Path | None = None) -> int:
     """The pipelines' command line; exit status 0 (all members ok, or a dry run: the plan names what is wrong per
-    member, e.g. unreachable data or storage), 1 (a member failed), 2 (bad pipeline)."""
+    member, e.g. unreachable data or storage), 1 (a member failed), 2 (bad pipeline), 143/130 (stopped by
+    SIGTERM/SIGINT at the running stages' checkpoints)."""
+    from metaformer_platform.launch.stop import JobStopped
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_command(argv, default_pipeline)
     try:
@@ -92,6 +95,9 @@ def main(argv: Sequence[str] | None = None, default_pipeline: Path | None = None
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except JobStopped as stopped:  # SIGTERM/SIGINT: the running stages checkpointed; the same command continues
+        print(f"pipeline {stopped.describe()}", flush=True)
+        return stopped.exit_code
     sys.stdout.flush()
     if result.dry_run:
         return 0

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
 
     from metaformer_platform.launch.driver import JobResult
+    from metaformer_platform.launch.stop import JobStopped
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class PipelineRunner:
         self.client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.key = pipeline_key(spec, plans)
         self._print_lock = threading.Lock()
+        self.stopped: JobStopped | None = None  # a member's stage stopped by SIGTERM/SIGINT (launch/stop.py)
 
     def say(self, text: str) -> None:
         with self._print_lock:
@@ -190,7 +192,12 @@ class PipelineRunner:
         for plan in self.plans:
             if plan.error:
                 self.say(f"[{plan.model}] not run: {plan.error}")
-        self._run_members(runnable, outcomes, experiment_id, parent)
+        from metaformer_platform.launch.stop import STOPS
+
+        with STOPS.handling():  # a signal stops every running stage at a checkpoint; none starts after it
+            self._run_members(runnable, outcomes, experiment_id, parent)
+        if self.stopped is not None:
+            self._close_stopped(parent, self.stopped)
         result = PipelineResult(self.spec.name, [outcomes[p.model] for p in self.plans], parent)
         result.report = report.family_report(self.client, result)
         failed = result.failed
@@ -231,11 +238,27 @@ class PipelineRunner:
         self.client.log_text(run.info.run_id, json.dumps(redact_tree(self.spec.model_dump(mode="json")), indent=2), "pipeline.json")
         return run.info.run_id
 
+    def _close_stopped(self, parent: str, stopped: JobStopped) -> None:
+        """The parent run, like its stopped stages: KILLED with the signal's tag; re-running continues them."""
+        from metaformer_platform.tracking.runs import STOPPED_TAG
+
+        self.client.set_tag(parent, STOPPED_TAG, stopped.reason)
+        self.client.set_terminated(parent, status="KILLED")
+        raise stopped
+
     def _run_member(self, plan: MemberPlan, member: MemberOutcome, experiment_id: str, parent: str) -> None:
+        from metaformer_platform.launch.stop import STOPS, JobStopped
+
         outputs: dict[str, StageOutcome] = {}
         for i, stage in enumerate(plan.stages):
+            if STOPS.reason is not None:  # stopping: no stage starts
+                return
             try:
                 outcome = self._run_stage(plan, stage, outputs, experiment_id, parent)
+            except JobStopped as stopped:  # at a checkpoint: the same command continues it
+                self.stopped = stopped
+                self.say(f"[{plan.model}] {stage.name}: {stopped.describe()}")
+                return
             except Exception as err:  # recorded, reported, and the exit status says so: the other members go on
                 log.exception("%s: stage %s failed", plan.model, stage.name)
                 self._stop_chain(plan, member, i, f"stage {stage.name!r} failed: {type(err).__name__}: {err}")

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "metaformer.run_name"
 STAGE_TAG = "metaformer.stage"
+STOPPED_TAG = "metaformer.stopped"  # a run stopped by SIGTERM/SIGINT (status KILLED): the signal, "-forced" if cut short
 PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
 # MLflow 3's UI opens an experiment on its GenAI "Traces" overview unless it takes the experiment for model
 # training. Its bundle (mlflow/server/js) reads the kind from this experiment tag (MLflow's Python package
@@ -118,6 +119,8 @@ class RunHandle:
         if previous:
             self.run_id = previous[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
+            if STOPPED_TAG in previous[0].data.tags:  # stopped before, running again
+                self.client.delete_tag(self.run_id, STOPPED_TAG)
             # The configured tags hold for the run as it continues now (a pipeline's parent run, say).
             for key, value in cfg.tracking.tags.items():
                 self.client.set_tag(self.run_id, key, value)
@@ -188,8 +191,12 @@ class RunHandle:
         if new:
             self.client.log_batch(self.run_id, params=new)
 
-    def close(self, succeeded: bool) -> None:
-        status = "FINISHED" if succeeded else "FAILED"
+    def close(self, succeeded: bool, stopped: str | None = None) -> None:
+        """FINISHED or FAILED; KILLED with the tag ``metaformer.stopped`` = ``stopped`` (the signal) when the job
+        was stopped from outside (``launch/stop.py``): MLflow has no status of its own for a stopped run."""
+        if stopped is not None:
+            self.client.set_tag(self.run_id, STOPPED_TAG, stopped)
+        status = "KILLED" if stopped is not None else "FINISHED" if succeeded else "FAILED"
         self.client.set_terminated(self.run_id, status=status)
 
     def ui_hint(self) -> str:

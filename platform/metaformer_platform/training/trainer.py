@@ -13,6 +13,7 @@ import math
 import random
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -197,6 +198,12 @@ class Trainer:
         self._step_keys: list[str] = []
         self.last_val: dict[str, float] = {}
         self.checkpoint_stalls: list[float] = []  # seconds training was blocked by each save_and_report
+        self._stop_requested = threading.Event()  # set by request_stop(), from any thread
+        self.stopped = False  # whether train() returned early, on request_stop(), at a checkpointed step
+        # the stop flag is agreed over a CPU group: on NCCL a per-step collective would sync the device
+        self._stop_group: tdist.ProcessGroup | None = None
+        if dist.distributed and tdist.get_backend() != "gloo":
+            self._stop_group = cast(tdist.ProcessGroup, tdist.new_group(backend="gloo"))
         if resume_from is not None:
             self.load_checkpoint(resume_from)
 
@@ -374,9 +381,29 @@ class Trainer:
                 self.tracker.log_metrics(self.last_val, step=self.step)
                 self.strategy.model.train()
 
-            if self.step % t.checkpoint_every_steps == 0 or self.step == self.total_steps:
+            stopping = self._stop_agreed()  # every rank, every step: all ranks stop at the same step
+            if stopping or self.step % t.checkpoint_every_steps == 0 or self.step == self.total_steps:
                 self.save_and_report({**metrics, **self.last_val})
+            if stopping:
+                log.info("stopped on request at step %d, checkpointed", self.step)
+                self.stopped = True
+                break
         return {**metrics, **self.last_val, "step": float(self.step)}
+
+    def request_stop(self) -> None:
+        """Ask ``train()`` to checkpoint at the next step boundary and return (``stopped`` then says so).
+
+        Safe from any thread (a signal watcher). One rank's request is enough: the ranks agree on it each step."""
+        self._stop_requested.set()
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank has been asked to stop (a collective: every rank calls it once per step)."""
+        flag = self._stop_requested.is_set()
+        if not self.dist.distributed:
+            return flag
+        value = torch.tensor([1 if flag else 0], dtype=torch.int32)  # on the CPU: gloo, default or own group
+        tdist.all_reduce(value, op=tdist.ReduceOp.MAX, group=self._stop_group)
+        return bool(value.item())
 
     def _train_step(self) -> torch.Tensor:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss (a tensor)."""
