@@ -190,7 +190,8 @@ def _train_worker(payload: dict[str, Any]) -> None:
         from metaformer_platform.training.ownership import check_native_checkpoint
 
         check_native_checkpoint(cfg.strategy.name, checkpoint.filesystem, checkpoint.path,
-                                ray.train.get_context().get_storage().storage_fs_path, f"resuming from {checkpoint.path}")
+                                ray.train.get_context().get_storage().storage_fs_path, f"resuming from {checkpoint.path}",
+                                accept_unsigned=cfg.run.accept_unsigned_checkpoints)
     try:
         with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
             trainer = Trainer(
