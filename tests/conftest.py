@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,6 +33,9 @@ _SESSION_ENV = {
     # still has each check's 10 s timeout.
     "RAY_health_check_period_ms": "1000",
     "RAY_health_check_failure_threshold": "5",
+    # The deployment key checkpoint markers are signed with, the same in every process of the session (as a
+    # Kubernetes Secret is on every pod): never the developer's own key file.
+    "METAFORMER_CHECKPOINT_KEY": secrets.token_hex(32),
 }
 # A developer's exported local stack (see infra/local) must not leak into the tests: each test that needs a
 # server gets its own from a fixture, and the others use local defaults.

@@ -106,7 +106,7 @@ def _checkpoint(folder: Path, files: dict[str, bytes]) -> Path:
     for name, data in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
-    (folder / fmt.COMPLETE_MARKER).write_text(fmt.marker_text([{n: len(d) for n, d in files.items()}]))
+    fmt.mark_complete(folder)  # every file with its size and sha256 (the strict marker)
     return folder
 
 

@@ -40,8 +40,9 @@ def _config(strategy: str) -> str:
     return load_config(None, ["model.name=poolformer_debug", f"strategy.name={strategy}"]).to_yaml()
 
 
-def craft(folder: Path, strategy: str, marker: Path, *, run_id: str | None = "someone-else") -> Path:
-    """A folder that looks like a complete checkpoint of ``strategy`` whose native files run the payload."""
+def craft(folder: Path, strategy: str, marker: Path, *, run_id: str | None = "someone-else", signed: bool = False) -> Path:
+    """A folder that looks like a complete checkpoint of ``strategy`` whose native files run the payload; its strict
+    marker is unsigned (whoever can write the storage lacks the deployment key) unless ``signed``."""
     folder.mkdir(parents=True)
     fmt.save_tensors({"step": 3, "model_name": "poolformer_debug", "num_classes": 4}, folder / fmt.TRAINER_FILE)
     (folder / fmt.CONFIG_FILE).write_text(_config(strategy))
@@ -56,7 +57,7 @@ def craft(folder: Path, strategy: str, marker: Path, *, run_id: str | None = "so
         torch.save(Payload(marker), folder / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     else:  # ddp: model.pt itself is the pickle
         (folder / fmt.DDP_MODEL_FILE).write_bytes(evil)
-    fmt.mark_complete(folder)
+    fmt.mark_complete(folder, sign=signed)
     if run_id is not None:
         fmt.stamp(folder, {"run_id": run_id, "attempt": "a"}, 0)
     return folder
@@ -129,33 +130,35 @@ def _run_folder(storage: Path, run: str, run_id: str) -> Path:
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
-def test_resume_from_reads_native_files_only_of_this_storages_own_runs(strategy, tmp_path, marker):
+def test_resume_from_reads_native_files_only_when_signed_with_the_deployment_key(strategy, tmp_path, marker, monkeypatch,
+                                                                                  capsys):
     from metaformer_platform.launch.checks import check_resume_from
 
     storage = tmp_path / "runs"
 
-    def cfg(source: Path, name: str = "new-run", store: Path = storage):
-        return load_config(None, ["model.name=poolformer_debug", f"strategy.name={strategy}", f"run.name={name}",
-                                  f"run.storage_path={store}", f"run.resume_from={source}"])
+    def cfg(source: Path, *extra: str):
+        return load_config(None, ["model.name=poolformer_debug", f"strategy.name={strategy}", "run.name=new-run",
+                                  f"run.storage_path={storage}", f"run.resume_from={source}", *extra])
 
     # someone else's checkpoint, given by path
     foreign = craft(tmp_path / "shared" / "checkpoint-00000003", strategy, marker)
-    with pytest.raises(ValueError, match=r"native checkpoint reader, which can run code.*refused, unread.*export them"):
+    with pytest.raises(ValueError, match=r"native checkpoint reader, which can run code.*refused, unread.*not signed"):
         check_resume_from(cfg(foreign))
-    # dropped into a run folder of this storage: its stamps name another run than the folder's owner
-    dropped = craft(_run_folder(storage, "other", "run-1") / "checkpoint-00000003", strategy, marker, run_id="run-2")
-    with pytest.raises(ValueError, match="stamps do not name run run-1"):
-        check_resume_from(cfg(dropped))
-    # unstamped (a copy, or a checkpoint of a version before stamps)
-    unstamped = craft(_run_folder(storage, "old", "run-3") / "checkpoint-00000003", strategy, marker, run_id=None)
-    with pytest.raises(ValueError, match="stamps do not name run run-3"):
-        check_resume_from(cfg(unstamped))
-    # a checkpoint this storage's run wrote is this job's to resume (another run.name continuing it included) ...
-    own = craft(_run_folder(storage, "mine", "run-4") / "checkpoint-00000003", strategy, marker, run_id="run-4")
-    assert check_resume_from(cfg(own)) == own
-    # ... but not from a job whose runs live elsewhere
-    with pytest.raises(ValueError, match="does not lie in a run folder of this job's run.storage_path"):
-        check_resume_from(cfg(own, store=tmp_path / "elsewhere"))
+    # issue 24, finding 1: planted in a run folder of this storage, stamped with the run id its _owner.json records
+    forged = craft(_run_folder(storage, "victim", "run-1") / "checkpoint-00000003", strategy, marker, run_id="run-1")
+    with pytest.raises(ValueError, match="refused, unread: its marker is not signed"):
+        check_resume_from(cfg(forged))
+    # a signature made with another key (another deployment's, or a guessed one)
+    monkeypatch.setenv(fmt.KEY_ENV, "another-deployments-key-0123456789")
+    other = craft(tmp_path / "other" / "checkpoint-00000003", strategy, marker, signed=True)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="signed with another key .*same METAFORMER_CHECKPOINT_KEY on every node"):
+        check_resume_from(cfg(other))
+    own = craft(tmp_path / "mine" / "checkpoint-00000003", strategy, marker, signed=True)
+    assert check_resume_from(cfg(own)) == own  # signed with this deployment's key: wherever it lies
+    # an unsigned checkpoint of your own (written before signing) only with the explicit setting, said loudly
+    assert check_resume_from(cfg(forged, "run.accept_unsigned_checkpoints=true")) == forged
+    assert "SECURITY WARNING" in capsys.readouterr().out
 
 
 def test_ddp_resume_reads_weights_only_and_refuses_a_pickle(tmp_path, marker):
@@ -175,8 +178,9 @@ def test_ddp_resume_reads_weights_only_and_refuses_a_pickle(tmp_path, marker):
 
 
 def test_recovery_never_resumes_a_foreign_folder_dropped_into_the_run(tmp_path, marker):
-    """The newest complete folder of a run is resumed only when its run wrote it; a foreign one is moved to
-    _quarantine/ unread, and the native-format check refuses it even if it stayed."""
+    """The newest complete folder of a run is resumed only when its run wrote it (its stamps name the run and its
+    marker is signed); a foreign one is moved to _quarantine/ unread, forged stamps included, and the
+    native-format check refuses it even if it stayed."""
     storage = tmp_path / "runs"
     run = _run_folder(storage, "r", "run-1")
     fs = pafs.LocalFileSystem()
@@ -185,10 +189,10 @@ def test_recovery_never_resumes_a_foreign_folder_dropped_into_the_run(tmp_path, 
     fmt.save_tensors({"w": torch.ones(2)}, mine / fmt.DDP_MODEL_FILE)
     fmt.mark_complete(mine)
     fmt.stamp(mine, {"run_id": "run-1", "attempt": "a"}, 0)
-    dropped = craft(run / "checkpoint-00000020", "fsdp", marker, run_id="intruder")
-    with pytest.raises(ValueError, match=r"stamps do not name run run-1.*export them first"):
+    dropped = craft(run / "checkpoint-00000020", "fsdp", marker, run_id="run-1")  # stamps copied from the run
+    with pytest.raises(ValueError, match=r"its marker is not signed.*export them first"):
         ownership.check_native_checkpoint("fsdp", fs, str(dropped), str(storage), "resuming")
-    ownership.check_native_checkpoint("fsdp", fs, str(mine), str(storage), "resuming")  # its own: allowed
+    ownership.check_native_checkpoint("fsdp", fs, str(mine), str(storage), "resuming")  # signed: allowed
     ownership.check_native_checkpoint("ddp", fs, str(dropped), str(storage), "resuming")  # weights_only reader
 
     assert ownership.quarantine_foreign(fs, str(run), registered=[], run_id="run-1") == ["checkpoint-00000020"]

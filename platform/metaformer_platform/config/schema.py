@@ -294,6 +294,12 @@ class RunSettings(_Section):
         description="a complete checkpoint folder (same model and strategy) to continue from, with its whole "
         "training state, when the run has no checkpoint of its own yet",
     )
+    accept_unsigned_checkpoints: bool = Field(
+        False,
+        description="resume FSDP2/DeepSpeed checkpoints whose COMPLETE marker is not signed with the deployment key "
+        "(written before checkpoints were signed); their native files can run code when read: only for your own "
+        "runs' older checkpoints, and said loudly each time",
+    )
 
     @field_validator("name")
     @classmethod

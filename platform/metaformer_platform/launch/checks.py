@@ -146,7 +146,8 @@ def check_resume_from(cfg: JobConfig) -> Path | str | None:
     if why is not None:
         raise ValueError(f"{where} is not a complete checkpoint folder ({why}); point it at a run's checkpoint-NNNNNNNN folder")
     check_native_checkpoint(cfg.strategy.name, loc.filesystem(), loc.fs_path,
-                            Location.parse(cfg.run.storage_path).fs_path, where)
+                            Location.parse(cfg.run.storage_path).fs_path, where,
+                            accept_unsigned=cfg.run.accept_unsigned_checkpoints)
     with storage.local_folder(loc, [TRAINER_FILE]) as folder:
         state = load_tensors(folder / TRAINER_FILE)
     if state["model_name"] != cfg.model.name:

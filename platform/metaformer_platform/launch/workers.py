@@ -231,7 +231,8 @@ def _checkpoint_to_resume(plan: JobPlan, dist: DistContext,
         from metaformer_platform.training.ownership import check_native_checkpoint
 
         check_native_checkpoint(plan.cfg.strategy.name, checkpoint.filesystem, checkpoint.path,
-                                ray.train.get_context().get_storage().storage_fs_path, f"resuming from {checkpoint.path}")
+                                ray.train.get_context().get_storage().storage_fs_path, f"resuming from {checkpoint.path}",
+                                accept_unsigned=plan.cfg.run.accept_unsigned_checkpoints)
     return checkpoint, adopted
 
 

@@ -15,6 +15,9 @@ where it lies, a remote one in the fetched copy before it enters the cache): a f
 wrote it is refused. What the resolver hands over is only ever read pickle-free (an export's safetensors, a
 checkpoint's ``model.safetensors`` or ``weights_only`` files); see ``checkpoint_format.model_weights``.
 ``read_weights_info`` says what a resolved folder holds (model, classes, resolution) without loading weights.
+Weights carry weights, not instructions: the model kwargs an export's ``model.json`` (or a checkpoint's
+``config.yaml``) sets are only the architecture's (``ALLOWED_MODEL_KWARGS``, plain values): no ``pretrained*``,
+no URL, no path (``check_model_kwargs``).
 """
 
 from __future__ import annotations
@@ -39,8 +42,17 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 CACHE_ENV = "METAFORMER_WEIGHTS_CACHE"
-FETCHED_MARKER = "FETCHED"  # a cache entry's marker, in the checkpoint marker's format
+FETCHED_MARKER = fmt.FETCHED_MARKER  # a cache entry's marker, in the checkpoint marker's format
 TAG_WEIGHTS_SHA256 = "metaformer.weights_sha256"  # set on every registered version
+# The model kwargs weights may carry: the architecture's named parts (models.builder.MetaFormerSpec) and timm
+# MetaFormer's own. Nothing that fetches (pretrained, pretrained_cfg*, URLs), reads files (checkpoint_path) or
+# picks code (classes, callables): weights from storage must not choose what the reader does.
+ALLOWED_MODEL_KWARGS = frozenset({
+    "depths", "dims", "token_mixers", "pool_size", "norm", "act", "drop_path_rate", "drop_rate", "img_size",
+    "in_chans", "mlp_bias", "layer_scale_init_value", "res_scale_init_values", "downsample_norm", "head_norm",
+    "head", "head_dim", "global_pool", "proj_drop_rate", "layer_scale_init_values", "use_mlp_head",
+})
+_PLAIN_STRING = re.compile(r"[A-Za-z0-9_.-]{0,64}")
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))/?$")
 
 
@@ -74,6 +86,50 @@ def _kind(names: set[str], where: str) -> str:
         f"(checkpoint-NNNNNNNN with a {fmt.COMPLETE_MARKER} marker and {fmt.TRAINER_FILE}); point it at "
         "one of those, or at a registered model (models:/NAME@ALIAS)"
     )
+
+
+def _plain(value: object, depth: int = 0) -> bool:
+    if value is None or isinstance(value, bool | int):
+        return True
+    if isinstance(value, float):
+        return value == value and abs(value) != float("inf")
+    if isinstance(value, str):
+        return _PLAIN_STRING.fullmatch(value) is not None
+    if isinstance(value, list | tuple) and depth == 0:
+        return len(value) <= 64 and all(_plain(v, 1) for v in value)
+    return False
+
+
+def check_model_kwargs(kwargs: object, where: str) -> dict[str, Any]:
+    """``kwargs`` (from a model.json or a checkpoint's config.yaml) when they set only ``ALLOWED_MODEL_KWARGS``
+    to plain values (numbers, booleans, short names, flat lists of them); else a ValueError naming them."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{where}: model kwargs must be a mapping, got {type(kwargs).__name__}")
+    refused = sorted(str(k) for k in kwargs if k not in ALLOWED_MODEL_KWARGS)
+    odd = sorted(str(k) for k, v in kwargs.items() if k in ALLOWED_MODEL_KWARGS and not _plain(v))
+    if refused or odd:
+        raise ValueError(
+            f"{where} sets model kwargs that weights may not set: {', '.join(refused + odd)} (weights carry "
+            f"architecture settings only: {', '.join(sorted(ALLOWED_MODEL_KWARGS))}, as plain values; never "
+            "pretrained*, URLs or paths). Re-export the checkpoint, or set such options in your job's config"
+        )
+    return dict(kwargs)
+
+
+def check_folder(folder: Path, where: str) -> None:
+    """A local weights folder's own check: no symbolic links, and, when it has a ``COMPLETE`` marker (every
+    checkpoint, and exports written since exports have one), the strict completeness rule. An export without a
+    marker (an older one, or a registered version's two files) is read pickle-free only."""
+    if (folder / fmt.COMPLETE_MARKER).exists():
+        if (why := fmt.incomplete_reason(folder)) is not None:
+            raise ValueError(f"{where} is not a complete checkpoint or export ({why}); choose a complete, unaltered "
+                             "folder")
+        return
+    for name in os.listdir(folder):
+        if (folder / name).is_symlink():
+            raise ValueError(f"{where}: {name} is a symbolic link, refused (a folder's weights are its own files)")
 
 
 # -- models:/ lookups --------------------------------------------------------------------------------
@@ -191,7 +247,7 @@ def _resolve_remote(loc: Location, cache: Path) -> Weights:
     if not listing:
         raise ValueError(f"{loc.uri}: nothing is stored there; point it at a checkpoint-NNNNNNNN folder or an export")
     kind = _kind(set(listing), loc.uri)
-    if kind == "checkpoint":
+    if kind == "checkpoint" or fmt.COMPLETE_MARKER in listing:
         why = fmt.incomplete_reason(loc)
         if why is not None:
             raise ValueError(f"{loc.uri} is not a complete checkpoint ({why}); choose a complete checkpoint folder")
@@ -201,17 +257,10 @@ def _resolve_remote(loc: Location, cache: Path) -> Weights:
 
     def fill(tmp: Path) -> None:
         download(loc, tmp, listing=listing)
-        if kind == "checkpoint":  # the bytes fetched are the bytes its run wrote (sha256 in COMPLETE)
-            _check_checkpoint(tmp, loc.uri)
+        check_folder(tmp, loc.uri)  # the bytes fetched are the bytes its run wrote (sha256 in COMPLETE)
 
     fetched = _fill_entry(entry, loc.uri, fill)
     return Weights(entry, kind, loc.uri, fetched)
-
-
-def _check_checkpoint(folder: Path, where: str) -> None:
-    why = fmt.incomplete_reason(folder)
-    if why is not None:
-        raise ValueError(f"{where} is not a complete checkpoint ({why}); choose a complete, unaltered checkpoint folder")
 
 
 def resolve_weights(uri: str | os.PathLike[str], *, tracking_uri: str | None = None,
@@ -231,8 +280,7 @@ def resolve_weights(uri: str | os.PathLike[str], *, tracking_uri: str | None = N
     if not loc.path.is_dir():
         raise ValueError(f"{source!r}: no such folder; point it at a checkpoint-NNNNNNNN folder or an export folder")
     kind = _kind(set(os.listdir(loc.path)), repr(source))
-    if kind == "checkpoint":
-        _check_checkpoint(loc.path, repr(source))
+    check_folder(loc.path, repr(source))
     return Weights(loc.path, kind, source)
 
 
@@ -271,25 +319,28 @@ def read_weights_info(source: str | Path) -> WeightsInfo:
     import yaml
 
     folder = Path(str(source).removeprefix("file://")).expanduser().resolve()
-    if (folder / fmt.META_FILE).is_file() and (folder / fmt.WEIGHTS_FILE).is_file():
-        info = json.loads((folder / fmt.META_FILE).read_text())
-        pcfg = info.get("pretrained_cfg") or {}
-        return WeightsInfo(
-            "export", folder, info["model_name"], int(info["num_classes"]), dict(info.get("model_kwargs") or {}),
-            tuple(info.get("class_names") or ()), info.get("img_size"), info.get("crop_pct", pcfg.get("crop_pct")),
-            info.get("step"),
-        )
+    where = f"model.init_from={str(source)!r}"
+    if folder.is_dir():
+        check_folder(folder, where)  # strict marker first: a file added to a checkpoint never changes its kind
     if (folder / fmt.COMPLETE_MARKER).is_file() and (folder / fmt.TRAINER_FILE).is_file():
-        if (why := fmt.incomplete_reason(folder)) is not None:  # sizes and sha256 digests
-            raise ValueError(f"model.init_from={str(source)!r} is not a complete checkpoint ({why})")
         fmt.weights_file(folder)  # weights readable without running code, or "export it first"
         state = fmt.load_tensors(folder / fmt.TRAINER_FILE)
         config_file = folder / fmt.CONFIG_FILE
         config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
         data, model = config.get("data") or {}, config.get("model") or {}
         return WeightsInfo(
-            "checkpoint", folder, state["model_name"], int(state["num_classes"]), dict(model.get("kwargs") or {}),
+            "checkpoint", folder, state["model_name"], int(state["num_classes"]),
+            check_model_kwargs(model.get("kwargs"), f"{where} (its {fmt.CONFIG_FILE})"),
             tuple(state.get("class_names") or ()), data.get("img_size"), data.get("crop_pct"), int(state["step"]),
+        )
+    if (folder / fmt.META_FILE).is_file() and (folder / fmt.WEIGHTS_FILE).is_file():
+        info = json.loads((folder / fmt.META_FILE).read_text())
+        pcfg = info.get("pretrained_cfg") or {}
+        return WeightsInfo(
+            "export", folder, info["model_name"], int(info["num_classes"]),
+            check_model_kwargs(info.get("model_kwargs"), f"{where} (its {fmt.META_FILE})"),
+            tuple(info.get("class_names") or ()), info.get("img_size"), info.get("crop_pct", pcfg.get("crop_pct")),
+            info.get("step"),
         )
     raise ValueError(
         f"model.init_from={str(source)!r} is neither an export ({fmt.META_FILE} + {fmt.WEIGHTS_FILE}) nor a "

@@ -98,8 +98,10 @@ class Strategy(ABC):
         """Write model and optimizer state for this rank into ``directory`` (every rank calls it)."""
 
     @abstractmethod
-    def load(self, directory: Path) -> None:
-        """Restore what ``save`` wrote (every rank calls it)."""
+    def load(self, directory: Path, *, accept_unsigned: bool = False) -> None:
+        """Restore what ``save`` wrote (every rank calls it). A strategy whose files can run code when read
+        (pickles) reads only a folder signed with the deployment key, unless ``accept_unsigned``
+        (``run.accept_unsigned_checkpoints``, for checkpoints written before signing)."""
 
     # -- the EMA of the weights: it lives where the parameters live ----------------------------------
 

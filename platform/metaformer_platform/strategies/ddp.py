@@ -45,7 +45,7 @@ class DDPStrategy(Strategy):
             fmt.save_tensors(self.module.state_dict(), directory / fmt.DDP_MODEL_FILE)
             fmt.save_tensors(self.optimizer.state_dict(), directory / fmt.DDP_OPTIMIZER_FILE)
 
-    def load(self, directory: Path) -> None:
+    def load(self, directory: Path, *, accept_unsigned: bool = False) -> None:
         assert self.optimizer is not None
         state = fmt.load_tensors(directory / fmt.DDP_MODEL_FILE, map_location=self.dist.device)
         self.module.load_state_dict(state, strict=True)

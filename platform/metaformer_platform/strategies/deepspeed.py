@@ -140,9 +140,14 @@ class DeepSpeedStrategy(Strategy):
             state[name] = value.detach().to("cpu", torch.float32 if value.is_floating_point() else value.dtype)
         return state if self.dist.is_main else None
 
-    def load(self, directory: Path) -> None:
+    def load(self, directory: Path, *, accept_unsigned: bool = False) -> None:
+        from metaformer_platform.storage.checkpoint_format import verify_native
+
         if not (directory / TAG).is_dir():
             raise ValueError(f"{str(directory)!r} holds no DeepSpeed checkpoint (no {TAG}/ folder)")
+        # the engine's loaders use torch.load(weights_only=False): only a folder signed with the deployment key
+        verify_native(directory, accept_unsigned=accept_unsigned,
+                      what=f"resuming {self.name} from {directory}")
         path, _ = self.engine.load_checkpoint(
             str(directory), tag=TAG, load_module_strict=True, load_optimizer_states=True,
             load_lr_scheduler_states=False,

@@ -142,13 +142,18 @@ class FSDPStrategy(Strategy):
         if full is not None:
             save_weights(full, directory / WEIGHTS_FILE)
 
-    def load(self, directory: Path) -> None:
+    def load(self, directory: Path, *, accept_unsigned: bool = False) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        from metaformer_platform.storage.checkpoint_format import verify_native
 
         if not (directory / DCP_DIR / ".metadata").is_file():
             raise ValueError(f"{str(directory)!r} holds no FSDP checkpoint ({DCP_DIR}/.metadata is missing)")
         assert self.model is not None and self.optimizer is not None, "setup() first"
+        # DCP unpickles .metadata: only a folder signed with the deployment key, every file as signed
+        verify_native(directory, accept_unsigned=accept_unsigned,
+                      what=f"resuming {self.name} from {directory}")
         state = self._state()
         dcp.load(state, checkpoint_id=directory / DCP_DIR)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

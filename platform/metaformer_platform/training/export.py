@@ -5,9 +5,11 @@ The export holds the full fp32 weights under timm's own parameter names, so
 one process, with no process group and without the training strategy (DeepSpeed) installed. Reading an export
 never unpickles anything (safetensors + JSON), and neither does writing one: a checkpoint's weights are read
 from its pickle-free copy (``checkpoint_format.model_weights``: FSDP2/DeepSpeed's ``model.safetensors``, DDP's
-``model.pt`` with ``weights_only``), never from the strategy's native files, which can run code. Only
-``trust_native=True`` (``jobs/export.py --trust-native-checkpoint``, for a run's own older checkpoints that lack
-the safetensors copy) reads those, and says so.
+``model.pt`` with ``weights_only``), never from the strategy's native files, which can run code, unless the
+checkpoint lacks that copy and its marker is signed with the deployment key (``checkpoint_format.verify_native``),
+or ``trust_native=True`` (``jobs/export.py --trust-native-checkpoint``: your own run's older, unsigned
+checkpoints), which says so loudly. An export folder gets its own signed ``COMPLETE`` marker (its two files,
+sizes and sha256), and its ``model.json`` may set only architecture kwargs (``weights.check_model_kwargs``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import yaml
 
 from metaformer_platform.storage import Location
 from metaformer_platform.storage import checkpoint_format as fmt
+from metaformer_platform.storage.weights import check_folder, check_model_kwargs
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ def export_checkpoint(
                        trust_native=trust_native)
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         done = _export(src, Path(tmp), ema=ema, source=source.uri, trust_native=trust_native)
-        for name in (fmt.WEIGHTS_FILE, fmt.META_FILE):  # model.json last: a reader that sees it sees the weights
+        # model.json after the weights, the marker last: a reader that sees it sees the whole export
+        for name in (fmt.WEIGHTS_FILE, fmt.META_FILE, fmt.COMPLETE_MARKER):
             storage.write_bytes(target.join(name), (Path(tmp) / name).read_bytes())
     return Export(target.join(fmt.WEIGHTS_FILE).uri, target.join(fmt.META_FILE).uri, done.model_name,
                   done.num_classes, done.num_tensors)
@@ -99,7 +103,7 @@ def _export(src: Path, out: Path, *, ema: bool, source: str, trust_native: bool 
     weights, meta = out / fmt.WEIGHTS_FILE, out / fmt.META_FILE
     name, num_classes = state["model_name"], int(state["num_classes"])
     strategy = config.get("strategy", {}).get("name", "ddp")
-    model_kwargs = dict(config.get("model", {}).get("kwargs") or {})
+    model_kwargs = check_model_kwargs(config.get("model", {}).get("kwargs"), f"the checkpoint {source!r}")
     if ema:
         if not (src / fmt.EMA_FILE).is_file():
             raise ValueError(
@@ -107,10 +111,12 @@ def _export(src: Path, out: Path, *, ema: bool, source: str, trust_native: bool 
                 "export it without --ema"
             )
         tensors = fmt.load_tensors(src / fmt.EMA_FILE)  # full fp32 weights for every strategy
-    elif trust_native and not (src / fmt.WEIGHTS_FILE).is_file():
+    elif not (src / fmt.WEIGHTS_FILE).is_file() and (trust_native or fmt.native_refusal(src) is None):
         from metaformer_platform.strategies import get_strategy_class
 
-        tensors = get_strategy_class(strategy).consolidate(src)  # the caller vouched for this checkpoint
+        # signed with the deployment key (or, unsigned, vouched for by the caller: said loudly), all files as signed
+        fmt.verify_native(src, accept_unsigned=trust_native, what=f"exporting {source}")
+        tensors = get_strategy_class(strategy).consolidate(src)
     else:
         tensors = fmt.model_weights(src)  # pickle-free, whatever the strategy
 
@@ -143,6 +149,7 @@ def _export(src: Path, out: Path, *, ema: bool, source: str, trust_native: bool 
     tmp_meta = meta.with_name(f".{meta.name}.tmp-{os.getpid()}")
     tmp_meta.write_text(json.dumps(info, indent=2, default=str) + "\n")
     os.replace(tmp_meta, meta)
+    fmt.mark_complete(out, [fmt.describe_files(out, [fmt.WEIGHTS_FILE, fmt.META_FILE])])
     return Export(weights, meta, name, num_classes, len(tensors))
 
 
@@ -155,8 +162,10 @@ def load_export(out_dir: str | os.PathLike[str]) -> torch.nn.Module:
     folder = Path(out_dir).expanduser()
     if not (folder / fmt.WEIGHTS_FILE).is_file() or not (folder / fmt.META_FILE).is_file():
         raise ValueError(f"{str(folder)!r} is not an export (needs {fmt.WEIGHTS_FILE} and {fmt.META_FILE})")
+    check_folder(folder, repr(str(folder)))
     info = json.loads((folder / fmt.META_FILE).read_text())
-    model = timm.create_model(info["model_name"], num_classes=info["num_classes"], **info.get("model_kwargs", {}))
+    kwargs = check_model_kwargs(info.get("model_kwargs"), f"{str(folder)!r} (its {fmt.META_FILE})")
+    model = timm.create_model(info["model_name"], num_classes=info["num_classes"], **kwargs)
     model.load_state_dict(fmt.load_weights(folder / fmt.WEIGHTS_FILE), strict=True)
     return model.eval()
 
@@ -170,7 +179,10 @@ def read_weights(source: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor
 
     loc = Location.parse(source)
     folder = resolve(loc.uri) if loc.remote else loc.path
-    if (folder / fmt.WEIGHTS_FILE).is_file() and (folder / fmt.META_FILE).is_file():
+    if folder.is_dir():
+        check_folder(folder, repr(str(source)))  # strict marker first: an added file never changes the kind
+    is_checkpoint = (folder / fmt.COMPLETE_MARKER).is_file() and (folder / fmt.TRAINER_FILE).is_file()
+    if not is_checkpoint and (folder / fmt.WEIGHTS_FILE).is_file() and (folder / fmt.META_FILE).is_file():
         return fmt.load_weights(folder / fmt.WEIGHTS_FILE), json.loads((folder / fmt.META_FILE).read_text())["model_name"]
     state, _ = _read_checkpoint_info(folder)  # ValueError: neither an export nor a complete checkpoint
     return fmt.model_weights(folder), state["model_name"]

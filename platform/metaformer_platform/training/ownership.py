@@ -1,20 +1,25 @@
 """Who owns a run folder: one live job per ``run.name``, and recovery touches only what its run wrote.
 
-``<storage>/<run.name>/_owner.json`` holds the run's id (kept for the run's whole life, across jobs that
-resume it) and the lease of the job that holds it now (its attempt id, host, pid and a heartbeat the driver
+``<storage>/<run.name>/_owner.json`` holds the run's id and the lease of the job that holds it now (its attempt id, host, pid and a heartbeat the driver
 renews every ``HEARTBEAT_S``). A second job under a live run name is refused (ValueError: exit 2) before
 anything starts; a job whose driver died leaves a lease that goes stale after ``LEASE_TTL_S``, and the
 next job under that name takes it over (and resumes). A finished job releases its lease.
 
-Every rank stamps each checkpoint folder it uploads with ``OWNER-rankNNNNN.json`` (run id and attempt), next
-to the completion marker. Recovery (``launch._recover_checkpoint``) deletes or adopts only unregistered
-folders stamped with its own run's id; any other (a copy a person dropped in, a folder of another run or of
-a version before stamps) is moved to ``_quarantine/`` instead: moved, never deleted, never resumed from.
+The run id is never read from storage (anyone who can write the bucket could choose it): it is derived from
+the deployment key and the run folder's URI (``checkpoint_format.run_id_for``), so every job under one run name
+gets the same id, and ``_owner.json`` records it for people only.
 
-The stamps also decide which checkpoints a job may read in a strategy's native format (FSDP2's
-``torch.distributed.checkpoint`` unpickles its metadata; DeepSpeed's loaders use ``torch.load(weights_only=False)``):
-only one that lies in a run folder of the job's own ``run.storage_path`` and is stamped by the run that owns that
-folder (``check_native_checkpoint``). Anything else crosses a trust boundary in pickle-free files only.
+Every rank stamps each checkpoint folder it uploads with ``OWNER-rankNNNNN.json`` (run id and attempt), next
+to the completion marker. The stamps are bookkeeping, not trust: their run id is not secret (it is in every
+stamp), so they only tell recovery (``launch._recover_checkpoint``) which of the unregistered folders its run
+wrote. Recovery deletes or adopts only folders stamped with its run's id AND whose marker is signed with the
+deployment key; any other (a copy a person dropped in, a folder of another run, one with forged stamps, one of a
+version before signatures) is moved to ``_quarantine/``: moved, never deleted, never resumed from.
+
+What a job may read in a strategy's native format (FSDP2's ``torch.distributed.checkpoint`` unpickles its
+metadata; DeepSpeed's loaders use ``torch.load(weights_only=False)``) is decided by the signature alone: a
+folder whose ``COMPLETE`` is signed with the deployment key (a key never in the storage) and whose files all
+match it (``check_native_checkpoint`` early, ``checkpoint_format.verify_native`` right before the read).
 
 Written by hand because neither Ray Train (which keys runs by name alone) nor pyarrow's filesystems offer
 a lease; it is a heartbeat file, not a lock: two jobs started within ``SETTLE_S`` of each other on object
@@ -53,6 +58,13 @@ class Lease(fmt.Stamp):
     pid: int
     heartbeat: float
     released: bool
+
+
+def _location(fs: pyarrow.fs.FileSystem, path: str) -> str:
+    """The storage API's location of ``path`` on the pyarrow filesystem Ray stores runs on."""
+    import pyarrow.fs as pafs
+
+    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
 
 
 def _run_path(storage_path: str, run_name: str) -> tuple[pyarrow.fs.FileSystem, str]:
@@ -131,9 +143,9 @@ def claim_run(storage_path: str, run_name: str, *, ttl_s: float = LEASE_TTL_S, n
     fs.create_dir(run_path)
     current = fmt.read_json(fs, path)
     _refuse_if_live(current, run_name, storage_path, ttl_s, now)
-    run_id = (current or {}).get("run_id")
-    lease = RunLease(fs, run_path, run_id if isinstance(run_id, str) and run_id else uuid.uuid4().hex,
-                     uuid.uuid4().hex, ttl_s)
+    # never the run_id in _owner.json: whoever can write the bucket could have chosen it
+    run_id = fmt.run_id_for(_location(fs, run_path))
+    lease = RunLease(fs, run_path, run_id, uuid.uuid4().hex, ttl_s)
     _write_json(fs, path, lease._body(True))
     time.sleep(SETTLE_S)  # two jobs that both read an empty lease: the last writer wins, the other refuses
     after = fmt.read_json(fs, path) or {}
@@ -175,7 +187,8 @@ def _refuse_if_live(current: Mapping[str, object] | None, run_name: str, storage
 
 def quarantine_foreign(fs: pyarrow.fs.FileSystem, run_path: str, registered: Iterable[str], run_id: str) -> list[str]:
     """Move every checkpoint folder under ``run_path`` that Ray has not registered and this run did not write
-    into ``_quarantine/``; returns their names. Recovery then sees only its own run's folders."""
+    (its stamps name another run, or its marker is not signed with the deployment key) into ``_quarantine/``;
+    returns their names. Recovery then sees only its own run's folders."""
     from pyarrow import fs as pafs
 
     from metaformer_platform.training.checkpoint import checkpoint_step
@@ -186,7 +199,10 @@ def quarantine_foreign(fs: pyarrow.fs.FileSystem, run_path: str, registered: Ite
                      and checkpoint_step(i.base_name) is not None and i.base_name not in known)
     moved = []
     for name in orphans:
-        if fmt.written_by(fs, f"{run_path}/{name}", run_id):
+        folder = f"{run_path}/{name}"
+        # stamps are not secret: a marker that is there must be signed (a partial upload has none yet, and recovery
+        # deletes it); the digests are checked where the files are read
+        if fmt.written_by(fs, folder, run_id) and fmt.signature_reason(_location(fs, folder)) is None:
             continue
         dest = f"{run_path}/{QUARANTINE}/{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         fs.create_dir(f"{run_path}/{QUARANTINE}")
@@ -206,37 +222,35 @@ def _move_dir(fs: pyarrow.fs.FileSystem, src: str, dest: str) -> None:
     fs.delete_dir(src)
 
 
-def native_checkpoint_refusal(fs: pyarrow.fs.FileSystem, folder: str, storage_root: str) -> str | None:
-    """Why the job whose runs live in ``storage_root`` may not read the native files of the checkpoint at
-    ``folder`` (paths on ``fs``), or None when it may: it lies in ``<storage_root>/<run>/`` and every stamp in it
-    names the run id that run folder's ``_owner.json`` records (a folder copied in carries another run's
-    stamps, or none)."""
-    run_path = folder.rstrip("/").rpartition("/")[0]
-    if run_path.rpartition("/")[0] != storage_root.rstrip("/"):
-        return f"it does not lie in a run folder of this job's run.storage_path ({storage_root})"
-    run_id = (fmt.read_json(fs, f"{run_path}/{fmt.OWNER_FILE}") or {}).get("run_id")
-    if not isinstance(run_id, str) or not run_id:
-        return f"its run folder has no {fmt.OWNER_FILE} naming the run that owns it"
-    if not fmt.written_by(fs, folder, run_id):
-        return (f"its {fmt.STAMP_PREFIX}NNNNN.json stamps do not name run {run_id}, which owns its run folder "
-                "(it was copied in, or written by another run or an older version)")
-    return None
+def native_checkpoint_refusal(fs: pyarrow.fs.FileSystem, folder: str) -> str | None:
+    """Why the native files of the checkpoint at ``folder`` (a path on ``fs``) may not be read, or None when they
+    may: its ``COMPLETE`` is signed with the deployment key and lists every file (their digests are checked
+    here on a local folder, and again right before the read: ``checkpoint_format.verify_native``)."""
+    return fmt.native_refusal(_location(fs, folder))
 
 
-def check_native_checkpoint(strategy: str, fs: pyarrow.fs.FileSystem, folder: str, storage_root: str, where: str) -> None:
+def check_native_checkpoint(strategy: str, fs: pyarrow.fs.FileSystem, folder: str, storage_root: str, where: str,
+                            *, accept_unsigned: bool = False) -> None:
     """Raise ValueError when ``strategy`` would resume from ``folder`` through a reader that can run code and
-    the folder is not a checkpoint of this storage's own runs (``native_checkpoint_refusal``). DDP's reads are
-    ``weights_only`` and need no such check."""
+    the folder is not signed with this deployment's key (``native_checkpoint_refusal``); where it lies
+    (``storage_root``, kept for the callers) no longer matters: a signature cannot be copied onto other files.
+    ``accept_unsigned`` (run.accept_unsigned_checkpoints) lets an unsigned but complete folder through, loudly.
+    DDP's reads are ``weights_only`` and need no such check."""
     from metaformer_platform.strategies import get_strategy_class
 
+    del storage_root
     if not get_strategy_class(strategy).native_format_runs_code:
         return
-    why = native_checkpoint_refusal(fs, folder, storage_root)
-    if why is not None:
-        raise ValueError(
-            f"{where}: strategy {strategy} resumes through its native checkpoint reader, which can run code from "
-            f"the files, so it reads only checkpoints of this job's own runs; refused, unread: {why}. To start from "
-            "these weights, export them first (python jobs/export.py CHECKPOINT OUT) and set model.init_from=OUT "
-            "(the optimizer state starts fresh), or resume the run that wrote it under its own run.name and "
-            "run.storage_path"
-        )
+    why = native_checkpoint_refusal(fs, folder)
+    if why is None:
+        return
+    if accept_unsigned and why.startswith("its marker is not signed"):
+        fmt.verify_native(_location(fs, folder), accept_unsigned=True, what=where)  # says so, loudly
+        return
+    raise fmt.UnsignedCheckpointError(
+        f"{where}: strategy {strategy} resumes through its native checkpoint reader, which can run code from "
+        f"the files, so it reads only checkpoints signed with this deployment's key; refused, unread: {why}. To "
+        "start from these weights, export them first (python jobs/export.py CHECKPOINT OUT) and set "
+        "model.init_from=OUT (the optimizer state starts fresh); for your own run's checkpoints written before "
+        "signing, set run.accept_unsigned_checkpoints=true once"
+    )

@@ -549,7 +549,7 @@ class Trainer:
             )
         elastic.check_resume_world_size(self.cfg.strategy.name, state.get("world_size"), self.dist.world_size,
                                         str(directory))
-        self.strategy.load(directory)
+        self.strategy.load(directory, accept_unsigned=self.cfg.run.accept_unsigned_checkpoints)
         if self.ema is not None:
             if (directory / fmt.EMA_FILE).is_file():
                 self.strategy.load_ema_state_dict(self.ema.module, fmt.load_tensors(directory / fmt.EMA_FILE))
