@@ -256,6 +256,7 @@ def s3_checkpoint_job(ray_cluster: Any, mlflow_server: str, s3_server: S3Server,
     import os
     import tempfile
 
+    import cloudpickle
     from s3_checkpoint_job import (
         S3_CKPT_DATA,
         TRACKING_PASSWORD,
@@ -265,9 +266,17 @@ def s3_checkpoint_job(ray_cluster: Any, mlflow_server: str, s3_server: S3Server,
     )
 
     from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
+    from metaformer_platform.launch import driver
     from metaformer_platform.launch.driver import run_job
 
     workdir = tmp_path_factory.mktemp("s3ckpt")
+    payloads: list[bytes] = []  # the worker function Ray is handed, pickled as Ray pickles it (with its plan)
+
+    def recording(plan: Any, worker: Any, **kwargs: Any) -> Any:
+        payloads.append(cloudpickle.dumps(worker))
+        return build_trainer(plan, worker, **kwargs)
+
+    build_trainer = driver.build_trainer
     shards = ensure_synthetic_shards(workdir / "data", num_classes=4, train_samples=512, val_samples=64,
                                      image_size=32, samples_per_shard=64)
     s3_server.upload(shards, S3_CKPT_DATA)
@@ -280,6 +289,7 @@ def s3_checkpoint_job(ray_cluster: Any, mlflow_server: str, s3_server: S3Server,
     with pytest.MonkeyPatch.context() as mp:
         for key, value in s3_server.env.items():
             mp.setenv(key, value)
+        mp.setattr(driver, "build_trainer", recording)
         with CmdlineWatch([s3_server.secret_key, TRACKING_PASSWORD]) as watch:
             result = run_job(s3_checkpoint_config(workdir, tracking, s3_server.bucket))
-    return S3CheckpointJob(workdir, result, scratch() - before, watch)
+    return S3CheckpointJob(workdir, result, scratch() - before, watch, payloads)

@@ -69,9 +69,10 @@ class CmdlineWatch:
 @dataclass(frozen=True)
 class S3CheckpointJob:
     """The S3 checkpoint job as it ended: its folder, its ``JobResult``, the scratch folders it left in the temp
-    dir, and what the command-line watch saw while it ran."""
+    dir, what the command-line watch saw while it ran, and the worker function (with its plan) it gave Ray."""
 
     workdir: Path
     result: Any
     scratch_left: set[str]
     watch: CmdlineWatch
+    worker_payloads: list[bytes]  # what Ray was handed to run in the workers, pickled

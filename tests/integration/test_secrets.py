@@ -36,6 +36,18 @@ def secret_job(s3_checkpoint_job):
     return s3_checkpoint_job.result, s3_checkpoint_job.watch
 
 
+def test_the_plan_sent_to_the_workers_holds_no_secret(s3_checkpoint_job, s3_server, mlflow_server):
+    """Ray pickles the worker function with its plan into the payload it sends (its state API and dashboard can
+    serve it): the tracking URI travels masked, and the workers still logged to MLflow with the URI they made
+    of it (the suite's server checks no password; a real one gets the nodes' MLFLOW_TRACKING_USERNAME/PASSWORD)."""
+    payloads = s3_checkpoint_job.worker_payloads
+    assert len(payloads) == 1 and b"poolformer_debug" in payloads[0]
+    assert b"metaformer:***@" in payloads[0]
+    assert not [n for n in (TRACKING_PASSWORD, s3_server.secret_key) if n.encode() in payloads[0]]
+    history = MlflowClient(mlflow_server).get_metric_history(s3_checkpoint_job.result.mlflow_run_id, "train/loss")
+    assert sorted(m.step for m in history)[-1] == 14  # rank 0's tracker worked
+
+
 def test_the_s3_secret_is_in_no_ray_session_file_and_no_command_line(secret_job, s3_server):
     import ray
 

@@ -125,3 +125,25 @@ def test_malformed_manifest_and_bad_model_kwargs_are_refused_before_ray(tmp_path
     for (code, err), needles in zip(outcomes, expected, strict=True):
         assert code == 2 and all(n in err for n in needles), (needles, err)
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs" / "poolformer_debug-pretrain").exists()
+
+
+def test_a_tracking_password_never_reaches_the_console(tmp_path):
+    """A job whose MLflow server is unreachable fails with MLflow's own error, which names the URL it requested:
+    jobs/pretrain.py's error line (and whatever it logged) must name it without the password, whether the
+    password is plain or holds a ``/`` (which makes the URL invalid to requests: a different error, same URL)."""
+    shards = _tiny_shards(tmp_path / "data")
+    passwords = ["s3cr3t-tr4ck1ng", "p/ss-w0rd"]
+    common = [f"data.source={shards}", f"run.storage_path={tmp_path / 'runs'}", "model.name=poolformer_debug",
+              "trainer.batch_size=8", "model.init_from=models:/m@champion"]  # looked up before Ray is joined
+    cases = [([*common, f"tracking.tracking_uri=http://alice:{pw}@127.0.0.1:9/"], tmp_path) for pw in passwords]
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_CASES, str(PRETRAIN)], input=json.dumps([[a, str(c)] for a, c in cases]),
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outcomes = json.loads(proc.stdout.strip().splitlines()[-1])
+    for code, err in outcomes:
+        assert code == 1 and "error: the pretrain job failed" in err and "http://alice:***@127.0.0.1:9/" in err, err
+    printed = proc.stdout + proc.stderr + "".join(err for _, err in outcomes)
+    assert not [pw for pw in passwords if pw in printed], printed[-3000:]

@@ -124,3 +124,78 @@ def test_checkpoint_config_yaml_is_redacted(tmp_path):
     text = (tmp_path / "config.yaml").read_text()
     assert "s3cr3t" not in text
     assert JobConfig.model_validate(yaml.safe_load(text)).model.name == "poolformer_debug"
+
+
+@pytest.mark.parametrize("password", ["p/ss", "p?ss", "p#ss", "p ss/w?#"])
+def test_a_database_password_sqlalchemy_accepts_is_masked_in_params_and_config_yaml(password, tmp_path):
+    """SQLAlchemy (MLflow's SQL store) reads everything up to the @ as the password, ``/``, ``?`` and ``#`` too:
+    the params and config.yaml must hold no part of it, and SQLAlchemy must read the masked URI's password as
+    ``***`` (the real URI still reads as the real password: the job itself uses it)."""
+    from sqlalchemy.engine import make_url
+
+    uri = f"postgresql://user:{password}@db/x"
+    assert make_url(uri).password == password
+    cfg = load_config(None, [*DEBUG, f"tracking.tracking_uri={uri!r}", f"run.ray_address='ray://me:{password}@head:1'"])
+    assert cfg.tracking.tracking_uri == uri
+    param = cfg.flat()["tracking.tracking_uri"]
+    assert make_url(param).password == "***" and param == "postgresql://user:***@db/x"
+    assert cfg.flat()["run.ray_address"] == "ray://me:***@head:1"
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    stored = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert make_url(stored["tracking"]["tracking_uri"]).password == "***"
+    for text in (repr(cfg.flat()), (tmp_path / "config.yaml").read_text()):
+        assert password not in text and "ss@" not in text
+
+
+@pytest.mark.parametrize(
+    "raw, clean",
+    [
+        ("error: API request to http://alice:p/w@h:9/api/2.0/x failed", "error: API request to http://alice:***@h:9/api/2.0/x failed"),
+        ("x 'postgresql://u:a?b@db/x' y", "x 'postgresql://u:***@db/x' y"),
+        ("https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F1&X-Amz-Signature=ab12"
+         "&X-Amz-Security-Token=tok",
+         "https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=***&X-Amz-Signature=***"
+         "&X-Amz-Security-Token=***"),
+        ("Traceback ...\n  conn = connect('mysql://root:hunter2@db/x')\nOperationalError", None),
+        ("models:/poolformer_s12@champion", "models:/poolformer_s12@champion"),
+        ("http://127.0.0.1:5000/#/experiments/1", "http://127.0.0.1:5000/#/experiments/1"),
+    ],
+)
+def test_redact_finds_secrets_in_text(raw, clean):
+    out = redact(raw)
+    assert "hunter2" not in out and "p/w" not in out and "a?b" not in out and "ab12" not in out and "tok" not in out
+    if clean is not None:
+        assert out == clean
+
+
+def test_secret_values_from_the_environment_are_masked_anywhere(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalr/XUtnFEMI+K7MDENG")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "mlfl0w-pw")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "dapi-t0ken")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://bob:uri-pw-99@mlflow.example")
+    text = ("botocore: signature for wJalr/XUtnFEMI+K7MDENG (wJalr%2FXUtnFEMI%2BK7MDENG) mismatch; "
+            "basic auth mlfl0w-pw, bearer dapi-t0ken, uri-pw-99")
+    out = redact(text)
+    assert out == "botocore: signature for *** (***) mismatch; basic auth ***, bearer ***, ***"
+    assert redact("key id AKIAEXAMPLE") == "key id AKIAEXAMPLE"  # an identifier, not a secret
+    assert redact_tree({"t": ("x", "mlfl0w-pw", 3)}) == {"t": ("x", "***", 3)}
+
+
+def test_log_records_and_their_tracebacks_print_redacted():
+    import io
+    import logging
+
+    from metaformer_platform.storage.redact import redact_logging
+
+    stream = io.StringIO()
+    logger = logging.getLogger("test_trust_config.redacted")
+    logger.propagate = False
+    logger.addHandler(logging.StreamHandler(stream))
+    redact_logging(logger)
+    try:
+        raise RuntimeError("cannot reach postgresql://me:p/ss@db/x")
+    except RuntimeError:
+        logger.exception("stage %s failed at %s", "pretrain", "http://a:b-secret@h/")
+    assert "p/ss" not in stream.getvalue() and "b-secret" not in stream.getvalue()
+    assert "postgresql://me:***@db/x" in stream.getvalue() and "Traceback" in stream.getvalue()

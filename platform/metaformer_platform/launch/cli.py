@@ -33,7 +33,10 @@ def parse_job_config(stage: str, description: str, argv: Sequence[str] | None, d
 def run_main(stage: str, description: str, argv: Sequence[str] | None = None, default_config: Path | None = None) -> int:
     """Parse, run, print the outcome; returns the process exit code (2: bad input, 1: the job failed,
     143/130: stopped by SIGTERM/SIGINT at a checkpoint, see ``stop.py``)."""
+    from metaformer_platform.storage.redact import redact, redact_logging
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact_logging()  # log records and their tracebacks, printed by this process: no password in them
     try:
         cfg = parse_job_config(stage, description, argv, default_config)
         from metaformer_platform.launch.driver import run_job
@@ -45,16 +48,16 @@ def run_main(stage: str, description: str, argv: Sequence[str] | None = None, de
             print(stopped.mlflow_hint, flush=True)
         return stopped.exit_code
     except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(redact(f"error: {err}"), file=sys.stderr, flush=True)
         return 2
     except Exception as err:  # the job ran and failed: say so plainly, with the cause
-        print(f"error: the {stage} job failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        print(redact(f"error: the {stage} job failed: {type(err).__name__}: {err}"), file=sys.stderr, flush=True)
         return 1
     m = result.metrics
     if result.report is not None:  # evaluate
         from metaformer_platform.evaluation.report import summary_line
 
-        print(f"\n{stage} finished: {result.report['model_name']} from {result.report['weights']}")
+        print(redact(f"\n{stage} finished: {result.report['model_name']} from {result.report['weights']}"))
         print(summary_line(result.report))
         print(f"report: {result.run_dir}/eval.json")
         if result.mlflow_hint:

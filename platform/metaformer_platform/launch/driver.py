@@ -27,6 +27,7 @@ from metaformer_platform.launch.plan import JobPlan, build_plan
 from metaformer_platform.launch.stop import STOPS, JobStop, JobStopped, make_flag
 from metaformer_platform.launch.workers import Launch, _eval_worker, _train_worker
 from metaformer_platform.storage import Location
+from metaformer_platform.storage.redact import redact
 
 if TYPE_CHECKING:
     from ray.train.v2.api.result import Result
@@ -251,9 +252,10 @@ def run_job(cfg: JobConfig) -> JobResult:
     )
     stop = JobStop(plan.run_name, plan.cfg.run.stop_grace_s, flag=make_flag())
     launch = Launch(owner=lease.owner, run_id=handle.run_id if handle else None,
-                    tracking_uri=handle.tracking_uri if handle else None, progress_queue=printer.queue,
+                    tracking_uri=redact(handle.tracking_uri) if handle else None, progress_queue=printer.queue,
                     stop_flag=stop.flag)
-    trainer = build_trainer(plan, functools.partial(_train_worker, plan, launch),
+    # Ray pickles the worker with what it carries into a payload its state API can serve: secrets masked there
+    trainer = build_trainer(plan, functools.partial(_train_worker, plan.for_workers(), launch),
                             callbacks=[failure_notice(printer.queue)], stop=stop)
     results: list[Result] = []
     _fit(trainer, lease, handle, results.append, stop, around=printer)
@@ -273,7 +275,7 @@ def run_evaluate(plan: JobPlan) -> JobResult:
     the file to the MLflow run."""
     lease, handle = _connect_and_open_run(plan)
     stop = JobStop(plan.run_name, plan.cfg.run.stop_grace_s)  # nothing to save: Ray Train's abort stops it
-    trainer = build_trainer(plan, functools.partial(_eval_worker, plan), stop=stop)
+    trainer = build_trainer(plan, functools.partial(_eval_worker, plan.for_workers()), stop=stop)
     reports: list[dict[str, Any]] = []
     _fit(trainer, lease, handle, lambda result: reports.append(_report_evaluation(plan, result, handle)), stop)
     report = reports[0]
@@ -323,7 +325,7 @@ def _log_evaluation(handle: RunHandle, report: dict[str, Any], step: int, weight
     metrics = [Metric(k, float(v), now, step) for k, v in report.items() if k.startswith("eval/")]
     handle.client.log_batch(handle.run_id, metrics=metrics)
     handle.client.set_tag(handle.run_id, "metaformer.eval_data_hash", report["data_hash"])
-    handle.client.set_tag(handle.run_id, "metaformer.weights", weights_uri)
+    handle.client.set_tag(handle.run_id, "metaformer.weights", redact(weights_uri))
     if report["paper_top1"] is not None:
         handle.client.set_tag(handle.run_id, "metaformer.paper_top1", str(report["paper_top1"]))
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,13 +15,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
+
+from pydantic import BaseModel
 
 from metaformer_platform.config import JobConfig
 from metaformer_platform.launch import checks
 from metaformer_platform.storage import Location
+from metaformer_platform.storage.redact import redact, redact_tree
 from metaformer_platform.training import hardware
 from metaformer_platform.training.ownership import check_run_free
 
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
     from metaformer_platform.storage.weights import WeightsInfo
 
 log = logging.getLogger(__name__)
+_Model = TypeVar("_Model", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,9 @@ class InitialWeights:
         if self.local.exists():
             return self.local
         from metaformer_platform.storage.weights import resolve
+        from metaformer_platform.tracking.runs import worker_tracking_uri
 
-        return resolve(self.source, tracking_uri=self.registry_uri)
+        return resolve(self.source, tracking_uri=worker_tracking_uri(self.registry_uri))
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,14 @@ class JobPlan:
     @property
     def run_dir(self) -> str:
         return Location.parse(self.storage_path).join(self.run_name).uri
+
+    def for_workers(self) -> JobPlan:
+        """The plan as Ray's workers receive it: every secret masked (``storage.redact``), as in what is logged.
+        Ray pickles it into the payload it sends, which its state API and dashboard can serve; the workers take
+        credentials from their node's environment (``tracking.runs.worker_tracking_uri``, the AWS chain)."""
+        init = self.init_from and replace(self.init_from, source=redact(self.init_from.source),
+                                          registry_uri=redact(self.init_from.registry_uri))
+        return replace(self, cfg=_masked(self.cfg), init_from=init, registry_uri=redact(self.registry_uri))
 
     @property
     def worker_count(self) -> str:
@@ -177,6 +190,17 @@ def _resolved(cfg: JobConfig, **sections: dict[str, object]) -> JobConfig:
     """``cfg`` with ``sections`` (section name -> the fields resolved there): the one place a job config is copied."""
     update = {name: getattr(cfg, name).model_copy(update=fields) for name, fields in sections.items() if fields}
     return cfg.model_copy(update=update) if update else cfg
+
+
+def _masked(model: _Model) -> _Model:
+    """``model`` with every string in it (sections recursively, dicts and lists too) passed through ``redact``."""
+    update = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        masked = _masked(value) if isinstance(value, BaseModel) else redact_tree(value)
+        if masked != value:
+            update[name] = masked
+    return model.model_copy(update=update) if update else model
 
 
 def _cluster_layout(cfg: JobConfig) -> hardware.Layout:

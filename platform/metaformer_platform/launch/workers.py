@@ -41,7 +41,7 @@ class Launch:
 
     owner: Stamp
     run_id: str | None
-    tracking_uri: str | None
+    tracking_uri: str | None  # redacted: it travels in Ray's payload (see tracking.runs.worker_tracking_uri)
     progress_queue: EventQueue | None  # a Ray queue actor handle
     stop_flag: object = None  # the driver's stop.StopFlag actor: raised on SIGTERM/SIGINT
 
@@ -178,9 +178,10 @@ def _train_worker(plan: JobPlan, launch: Launch) -> dict[str, object]:
              dist.local_rank, os.getpid())
     run_tracker: RunTracker = NullTracker()  # the MLflow tracker itself (tags), before the progress wrapper
     if dist.is_main and launch.run_id and launch.tracking_uri:
-        from metaformer_platform.tracking.runs import MlflowTracker
+        from metaformer_platform.tracking.runs import open_worker_tracker
 
-        run_tracker = MlflowTracker(launch.tracking_uri, launch.run_id, system_metrics=cfg.tracking.system_metrics)
+        # launch.tracking_uri is redacted: the credentials come from this node (see worker_tracking_uri)
+        run_tracker = open_worker_tracker(launch.tracking_uri, launch.run_id, system_metrics=cfg.tracking.system_metrics)
     progress, tracker = worker_progress(launch.progress_queue, plan.run_dir, dist, run_tracker,
                                          forward_warnings=not cfg.run.verbose)
     report = checkpoint_reporter(cfg.run.checkpoint_upload, dist, flush=tracker.flush, owner=launch.owner)

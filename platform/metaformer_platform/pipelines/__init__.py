@@ -86,14 +86,16 @@ def main(argv: Sequence[str] | None = None, default_pipeline: Path | None = None
     member, e.g. unreachable data or storage), 1 (a member failed), 2 (bad pipeline), 143/130 (stopped by
     SIGTERM/SIGINT at the running stages' checkpoints)."""
     from metaformer_platform.launch.stop import JobStopped
+    from metaformer_platform.storage.redact import redact, redact_logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact_logging()  # a failed member's traceback is logged: no password in it
     args = parse_command(argv, default_pipeline)
     try:
         result = run_pipeline(args.pipeline, args.overrides, dry_run=args.dry_run,
                               out=lambda text: print(text, flush=True))
     except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(redact(f"error: {err}"), file=sys.stderr, flush=True)
         return 2
     except JobStopped as stopped:  # SIGTERM/SIGINT: the running stages checkpointed; the same command continues
         print(f"pipeline {stopped.describe()}", flush=True)

@@ -142,12 +142,15 @@ def status_lines(result: PipelineResult) -> list[str]:
 
 
 def family_report(client: MlflowClient, result: PipelineResult) -> str:
-    """Build the report, log it (table, JSON, plot) to the pipeline's parent run, and return its text."""
-    data = rows(result)
+    """Build the report, log it (table, JSON, plot) to the pipeline's parent run, and return its text, secrets
+    masked (``storage.redact``: a member's error may quote a URI with its password)."""
+    from metaformer_platform.storage.redact import redact, redact_tree
+
+    data = redact_tree(rows(result))
     text = [f"Family report: pipeline {result.name}"]
     text += ["", table(data)] if data else ["", "(no member was evaluated)"]
     text += ["", "Status:", *status_lines(result)]
-    report = "\n".join(text)
+    report = redact("\n".join(text))
     if result.parent_run_id is not None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)

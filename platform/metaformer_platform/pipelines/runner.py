@@ -128,7 +128,7 @@ class PipelineRunner:
 
     def say(self, text: str) -> None:
         with self._print_lock:
-            self.out(text)
+            self.out(redact(text))
 
     # -- planning view ---------------------------------------------------------------------------------
 
@@ -170,7 +170,7 @@ class PipelineRunner:
                 )
             if self.spec.registry.enabled and any(s.kind == "evaluate" and s.upstream for s in plan.stages):
                 lines.append(f"    {'register':<10} {self._registered_name(plan.model)} (champion if top-1 >= champion's)")
-        return "\n".join(lines)
+        return redact("\n".join(lines))
 
     def _registered_name(self, member: str) -> str:
         return self.spec.registry.name.replace("{model}", member)
@@ -188,7 +188,7 @@ class PipelineRunner:
         runnable = [p for p in self.plans if not p.error]
         if runnable:
             connect_ray(runnable[0].stages[0].cfg)  # once, here: ray.init from several threads would race
-        outcomes = {p.model: MemberOutcome(p.model, error=p.error) for p in self.plans}
+        outcomes = {p.model: MemberOutcome(p.model, error=p.error and redact(p.error)) for p in self.plans}
         for plan in self.plans:
             if plan.error:
                 self.say(f"[{plan.model}] not run: {plan.error}")
@@ -261,7 +261,8 @@ class PipelineRunner:
                 return
             except Exception as err:  # recorded, reported, and the exit status says so: the other members go on
                 log.exception("%s: stage %s failed", plan.model, stage.name)
-                self._stop_chain(plan, member, i, f"stage {stage.name!r} failed: {type(err).__name__}: {err}")
+                # the error goes to the console, the report and an MLflow artifact: scrubbed once, here
+                self._stop_chain(plan, member, i, redact(f"stage {stage.name!r} failed: {type(err).__name__}: {err}"))
                 return
             outputs[stage.name] = outcome
             member.stages.append(outcome)
@@ -291,7 +292,7 @@ class PipelineRunner:
             self._register(plan, stage, outputs, member)
         except Exception as err:  # as for a stage: this member fails, the others go on
             log.exception("%s: registering failed", plan.model)
-            member.error = f"registering {self._registered_name(plan.model)} failed: {type(err).__name__}: {err}"
+            member.error = redact(f"registering {self._registered_name(plan.model)} failed: {type(err).__name__}: {err}")
             self.say(f"[{plan.model}] {member.error}")
             return False
         return True

@@ -205,7 +205,10 @@ class ForwardHandler(logging.Handler):
         # client is not usable (that worker's warnings reach its rank's log file only).
         if record.name == __name__ or os.getpid() != self.pid:
             return
-        self.sender.send("log", rank=self.rank, level=record.levelname, message=self.format(record))
+        from metaformer_platform.storage.redact import redact
+
+        # scrubbed here, before the queue actor holds it, and again where the driver prints it
+        self.sender.send("log", rank=self.rank, level=record.levelname, message=redact(self.format(record)))
 
 
 def failure_notice(queue: EventQueue) -> UserCallback:
@@ -215,9 +218,11 @@ def failure_notice(queue: EventQueue) -> UserCallback:
 
     class FailureNotice(UserCallback):
         def after_exception(self, run_context: object, worker_exceptions: dict[int, Exception]) -> None:
+            from metaformer_platform.storage.redact import redact
+
             sender = ProgressSender(queue, "")
             for rank, err in sorted(worker_exceptions.items()):
-                first = str(err).strip().splitlines()[-1:] or [""]
+                first = redact(str(err)).strip().splitlines()[-1:] or [""]
                 sender.send("log", rank=rank, level="ERROR", message=f"worker failed: {type(err).__name__}: "
                             f"{first[0]} (Ray Train restarts the workers from the latest checkpoint up to "
                             "run.max_failures times)")
@@ -344,7 +349,9 @@ class Console:
         self._print(f"checkpoint step {e['step']} -> {e['where']} | stall {e['stall_s']:.2f} s")
 
     def _on_log(self, e: LogEvent) -> None:
-        self._print(f"[rank {e['rank']}] {e['level']}: {e['message']}")
+        from metaformer_platform.storage.redact import redact
+
+        self._print(redact(f"[rank {e['rank']}] {e['level']}: {e['message']}"))
 
     def _on_finish(self, e: FinishEvent) -> None:
         self.stats.last_step = int(e["step"])

@@ -18,7 +18,8 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict
@@ -86,6 +87,18 @@ class ExportInfo(TypedDict):
 
     model_name: str
     step: int | None
+
+
+@contextmanager
+def _scrubbed_errors() -> Iterator[None]:
+    """Re-raise a ``ValueError`` (what names nothing, and where it looked: the registry's URI) with its message
+    scrubbed: it ends up on a console, in a pipeline's report, in an MLflow tag."""
+    from metaformer_platform.storage.redact import redact
+
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(redact(str(err))) from None
 
 
 def _client(tracking_uri: str | None) -> MlflowClient:
@@ -186,6 +199,9 @@ def register_export(
     tags = _checked_tags(model_name, lineage_tags)
     client = _client(tracking_uri)
     key = _lineage_key(run_id, tags[TAG_CHECKPOINT])
+    from metaformer_platform.storage.redact import redact
+
+    tags = {k: redact(v) for k, v in tags.items()}  # stored and shown: a URI's password must not be
     existing = _find_registered(client, model_name, key)
     if existing is not None:
         return str(existing.version)
@@ -302,7 +318,8 @@ def get_model_version(uri: str, *, tracking_uri: str | None = None) -> ModelVers
     """The ``ModelVersion`` that ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names (ValueError if none)."""
     from metaformer_platform.tracking.runs import resolve_tracking_uri
 
-    return weights.model_version(uri, resolve_tracking_uri(tracking_uri))
+    with _scrubbed_errors():
+        return weights.model_version(uri, resolve_tracking_uri(tracking_uri))
 
 
 def resolve_model_uri(
@@ -314,4 +331,5 @@ def resolve_model_uri(
 
     if not is_registry_uri(uri):  # a path or another URL is the resolver's business, not the registry's
         raise ValueError(f"{uri!r} is not a registry URI: use models:/NAME@ALIAS or models:/NAME/VERSION")
-    return weights.resolve(uri, tracking_uri=resolve_tracking_uri(tracking_uri), cache_dir=cache_dir)
+    with _scrubbed_errors():
+        return weights.resolve(uri, tracking_uri=resolve_tracking_uri(tracking_uri), cache_dir=cache_dir)

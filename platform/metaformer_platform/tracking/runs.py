@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from metaformer_platform.config import JobConfig
+from metaformer_platform.storage.redact import MASK, redact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -51,6 +52,54 @@ def resolve_tracking_uri(configured: str | None) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def worker_tracking_uri(sent: str) -> str:
+    """The tracking URI a Ray Train worker opens, given the one its driver sent, which is ``redact``ed: Ray pickles
+    what it sends to the workers into a payload that its state API and dashboard can serve, so no credential
+    travels with a job. They come from the worker's node instead:
+
+    - ``MLFLOW_TRACKING_URI`` of the node's environment, when it is the URI the driver used (it redacts to the
+      same text): it carries the password (the only way for a database URI: ``postgresql://user:PW@db/x``);
+    - else, for an HTTP(S) server, the URI without the masked parts: MLflow's client then sends the
+      ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (or ``MLFLOW_TRACKING_TOKEN``) of the node's
+      environment (none: no credentials, which a server that checks none accepts);
+    - a database URI with a masked password and no such variable: a ``ValueError`` that says what to set."""
+    if MASK not in sent:
+        return sent
+    env = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if env and redact(env) == sent:
+        return env
+    if sent.startswith(("http://", "https://")):
+        scheme, rest = sent.split("://", 1)
+        authority, sep, tail = rest.partition("/")
+        host = authority.rsplit("@", 1)[-1]
+        path, qsep, query = tail.partition("?")
+        kept = "&".join(p for p in query.split("&") if not p.endswith(f"={MASK}"))
+        return f"{scheme}://{host}{sep}{path}" + (f"?{kept}" if kept else "")
+    raise ValueError(
+        f"the tracking URI {sent} has a password, which the driver does not send to Ray's workers: set "
+        "MLFLOW_TRACKING_URI to the full URI in the environment of every Ray node (where `ray start` runs, or a "
+        "Kubernetes Secret mounted as env) and in the driver's, instead of tracking.tracking_uri"
+    )
+
+
+def open_worker_tracker(sent_uri: str, run_id: str, *, system_metrics: bool) -> MlflowTracker:
+    """Rank 0's ``MlflowTracker`` on the URI the driver sent (see ``worker_tracking_uri``); a server that refuses
+    the node's credentials (or their absence) fails with what to set, not only MLflow's 401."""
+    from mlflow.exceptions import MlflowException
+
+    uri = worker_tracking_uri(sent_uri)
+    try:
+        return MlflowTracker(uri, run_id, system_metrics=system_metrics)
+    except MlflowException as err:
+        if uri == sent_uri:
+            raise
+        raise RuntimeError(redact(
+            f"the worker cannot open MLflow run {run_id} at {sent_uri}: {err}. The driver sends no tracking "
+            "credentials to Ray's workers: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+            "MLFLOW_TRACKING_TOKEN), or MLFLOW_TRACKING_URI with the password, in every Ray node's environment"
+        )) from None
 
 
 def git_commit() -> str:
@@ -123,7 +172,7 @@ class RunHandle:
                 self.client.delete_tag(self.run_id, STOPPED_TAG)
             # The configured tags hold for the run as it continues now (a pipeline's parent run, say).
             for key, value in cfg.tracking.tags.items():
-                self.client.set_tag(self.run_id, key, value)
+                self.client.set_tag(self.run_id, key, redact(value))
             log.info("continuing MLflow run %s (%s)", self.run_id, cfg.run_name)
         else:
             tags = {
@@ -133,7 +182,7 @@ class RunHandle:
                 "family": _family(cfg.model.name),
                 "strategy": cfg.strategy.name,
                 **source_tags(),
-                **cfg.tracking.tags,
+                **{key: redact(value) for key, value in cfg.tracking.tags.items()},
             }
             run = self.client.create_run(
                 self.experiment_id, run_name=cfg.tracking.run_name or cfg.run_name, tags=tags
@@ -200,8 +249,6 @@ class RunHandle:
         self.client.set_terminated(self.run_id, status=status)
 
     def ui_hint(self) -> str:
-        from metaformer_platform.storage.redact import redact
-
         uri = redact(self.tracking_uri)  # printed: a database password in the URI must not be
         if uri.startswith(("http://", "https://")):
             where = f"open {uri}/#/experiments/{self.experiment_id}/runs/{self.run_id}{UI_TRAINING_VIEW}"
@@ -213,7 +260,7 @@ class RunHandle:
 
 
 def _param_value(value: object) -> str:
-    text = str(value)
+    text = redact(str(value))
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
@@ -263,7 +310,7 @@ class MlflowTracker:
 
     def set_tag(self, key: str, value: str) -> None:
         """A run tag the worker decides (e.g. the list of an elastic job's resizes); later values replace it."""
-        self._mlflow.MlflowClient().set_tag(self.run_id, key, value)
+        self._mlflow.MlflowClient().set_tag(self.run_id, key, redact(value))
 
     def flush(self) -> None:
         """Wait until every metric logged so far is stored.
