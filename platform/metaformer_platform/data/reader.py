@@ -219,6 +219,7 @@ class _TarMembers:
             if block == _ZERO_BLOCK:  # end of archive (some writers omit the end blocks)
                 return
             name, size, kind = self._header(block)
+            del block  # a view of the window: holding it would keep a third 16 MiB window alive across a refill
             padded = -(-size // _BLOCK) * _BLOCK
             if kind == tarfile.GNUTYPE_LONGNAME:
                 record = self._record(name, size, padded)
