@@ -14,6 +14,12 @@ a restart of the same state dir reuses its ports and credentials, so exported va
 
 Every server binds 127.0.0.1. Ray's processes also bind the machine's own address; on a shared host run the
 stack inside a loopback-only network namespace (``infra/local/stack.sh`` does that when it can).
+
+Private from creation: every folder the stack makes is 0700 and every file 0600 (explicit modes for what this
+module writes; the servers run with umask 077, so their databases, objects and logs are born that way too).
+MLflow runs with its basic-auth app: every request but ``/health`` needs the stack's admin user, whose password
+is generated at the first ``up`` and kept in ``stack.json``; the exports carry MLFLOW_TRACKING_USERNAME/PASSWORD,
+which MLflow's clients read, and the Ray head passes them to every job.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ DEFAULT_BUCKET = "metaformer"
 PREFERRED_PORTS = {"s3_http": 8333, "mlflow_http": 5000, "ray_gcs": 6379, "ray_dashboard": 8265}
 # A Unix socket path longer than this cannot be bound (sun_path is 108 bytes including the NUL).
 MAX_SOCKET_PATH = 100
+PRIVATE_UMASK = 0o077  # the servers' umask: what they create is their owner's only (0700 folders, 0600 files)
+MLFLOW_AUTH_FILE = "basic_auth.ini"  # MLflow's auth config (admin user and password): mode 0600
+MLFLOW_ADMIN = "admin"
 
 
 class StackError(RuntimeError):
@@ -75,6 +84,8 @@ class Stack:
     access_key: str = field(default_factory=lambda: "mf" + secrets.token_hex(8))
     secret_key: str = field(default_factory=lambda: secrets.token_hex(20))
     bucket: str = DEFAULT_BUCKET
+    mlflow_password: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # of MLFLOW_ADMIN
+    mlflow_flask_key: str = field(default_factory=lambda: secrets.token_hex(32))  # the server's CSRF key only
     services: dict[str, Service] = field(default_factory=dict)
 
     @classmethod
@@ -90,7 +101,7 @@ class Stack:
 
     def save(self) -> None:
         """Write the state file (credentials included, so it is readable by its owner only, from creation)."""
-        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(self.state_dir)
         raw = asdict(self)
         raw["state_dir"] = str(self.state_dir)
         write_private(self.state_dir / STATE_FILE, json.dumps(raw, indent=2) + "\n")
@@ -100,7 +111,7 @@ class Stack:
         """The file holding the Ray head's auth token (created on first use, mode 0600)."""
         path = self.state_dir / RAY_TOKEN_FILE
         if not path.is_file():
-            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_dir(self.state_dir)
             write_private(path, secrets.token_hex(32))
         return path
 
@@ -115,6 +126,9 @@ class Stack:
             env.update(s3_env(running["s3"].url, self.access_key, self.secret_key))
         if "mlflow" in running:
             env["MLFLOW_TRACKING_URI"] = running["mlflow"].url
+            # MLflow's clients send these as basic auth; the server refuses requests without them (401)
+            env["MLFLOW_TRACKING_USERNAME"] = MLFLOW_ADMIN
+            env["MLFLOW_TRACKING_PASSWORD"] = self.mlflow_password
         if "ray" in running:
             env["RAY_ADDRESS"] = f"{HOST}:{running['ray'].ports['gcs']}"  # ray.init() and `ray status`
             env["RAY_API_SERVER_ADDRESS"] = running["ray"].url  # `ray job submit` (falls back to RAY_ADDRESS)
@@ -243,15 +257,25 @@ def forget_ray_address(address: str) -> None:
         pass
 
 
+def private_dir(path: Path) -> Path:
+    """``path`` and any missing parents created mode 0700 (``Path.mkdir(parents=True)`` gives parents the
+    default mode, 0755 under the usual umask, whatever ``mode`` says)."""
+    path = Path(path)
+    if not path.is_dir():
+        private_dir(path.parent)
+        path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
 def _spawn(name: str, cmd: Sequence[str], env: dict[str, str], log_dir: Path, cwd: Path) -> subprocess.Popen:
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}.log"
-    with open(log_path, "ab") as log:
+    private_dir(log_dir)
+    fd = os.open(log_dir / f"{name}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "ab") as log:
         log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         log.flush()
         return subprocess.Popen(
             list(cmd), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env=env, cwd=cwd, start_new_session=True,
+            env=env, cwd=cwd, start_new_session=True, umask=PRIVATE_UMASK,
         )
 
 
@@ -419,8 +443,7 @@ def start_s3(
     only way in without credentials is none. Every port it opens is pinned to a free one (its defaults would collide between
     two stacks), its Unix sockets live in ``data_dir``, and ``bucket`` is created at start when given.
     """
-    data_dir = Path(data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = private_dir(Path(data_dir).resolve())
     log_dir = Path(log_dir) if log_dir else data_dir.parent / "logs"
     if len(str(data_dir / "filer.sock")) > MAX_SOCKET_PATH:
         raise ValueError(f"S3 data dir {data_dir} is too long for its Unix sockets: use a shorter --state-dir")
@@ -482,22 +505,32 @@ def _read_from(path: Path, offset: int) -> bytes:
 
 def start_mlflow(
     store_dir: Path, *, port: int | None = None, log_dir: Path | None = None, ports: Ports | None = None,
-    timeout: float = 120.0,
+    timeout: float = 120.0, admin_password: str | None = None, flask_secret_key: str | None = None,
 ) -> Service:
     """Start ``mlflow server`` on 127.0.0.1: sqlite backend and served artifacts under ``store_dir``.
 
     One worker and no job execution: about 8 s and 400 MB, against 40 s and 1.9 GB with MLflow's defaults.
+    With ``admin_password`` it runs MLflow's basic-auth app (``--app-name basic-auth``; needs ``mlflow[auth]``):
+    every request but ``/health`` must authenticate, as MLFLOW_ADMIN with that password (set when its user
+    store, ``basic_auth.db``, is created; a later password change goes through MLflow's API). The auth app
+    wants a static ``flask_secret_key`` for its CSRF tokens (MLFLOW_FLASK_SERVER_SECRET_KEY; a fresh one when
+    None); only the server sees it.
     """
-    store_dir = Path(store_dir).resolve()
-    store_dir.mkdir(parents=True, exist_ok=True)
+    store_dir = private_dir(Path(store_dir).resolve())
     log_dir = Path(log_dir) if log_dir else store_dir.parent / "logs"
     ports = ports or Ports()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    auth = []
+    if admin_password is not None:
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(_write_mlflow_auth(store_dir, admin_password))
+        env.pop("MLFLOW_AUTH_ADMIN_PASSWORD", None)  # the config file is the one source
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = flask_secret_key or secrets.token_hex(32)
+        auth = ["--app-name", "basic-auth"]
 
     def start() -> Service:
         http = port or ports.get()
         cmd = [
-            sys.executable, "-m", "mlflow", "server",
+            sys.executable, "-m", "mlflow", "server", *auth,
             "--backend-store-uri", f"sqlite:///{store_dir / 'mlflow.db'}",
             "--artifacts-destination", str(store_dir / "artifacts"), "--serve-artifacts",
             "--host", HOST, "--port", str(http), "--workers", "1",
@@ -507,6 +540,22 @@ def start_mlflow(
                        check=_says_ok)
 
     return _retry_on_port_clash(start)
+
+
+def _write_mlflow_auth(store_dir: Path, admin_password: str) -> Path:
+    """MLflow's basic-auth config: its user store beside the tracking database, the admin's name and password,
+    and no permission for users the admin did not grant one."""
+    text = (
+        "[mlflow]\n"
+        "default_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{store_dir / 'basic_auth.db'}\n"
+        f"admin_username = {MLFLOW_ADMIN}\n"
+        f"admin_password = {admin_password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    path = store_dir / MLFLOW_AUTH_FILE
+    write_private(path, text)
+    return path
 
 
 # -------------------------------------------------------------------------------------------------- Ray
@@ -581,6 +630,7 @@ def _ray_auth_headers(env: dict[str, str]) -> dict[str, str]:
 def up(state_dir: Path | str = ".stack", *, ray: bool = True, num_cpus: int = 2) -> Stack:
     """Start whatever of the stack is not running yet; already running services are left as they are."""
     stack = Stack.load(state_dir)
+    private_dir(stack.state_dir)  # before anything else creates it (0700, parents included)
     running = stack.running()
     ports = Ports()
     logs = stack.state_dir / "logs"
@@ -600,6 +650,7 @@ def up(state_dir: Path | str = ".stack", *, ray: bool = True, num_cpus: int = 2)
         if "mlflow" not in running:
             stack.services["mlflow"] = start_mlflow(
                 stack.state_dir / "mlflow", port=port("mlflow", "http"), log_dir=logs, ports=ports,
+                admin_password=stack.mlflow_password, flask_secret_key=stack.mlflow_flask_key,
             )
             stack.save()
         if ray and "ray" not in running:

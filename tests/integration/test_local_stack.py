@@ -34,7 +34,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     """The whole stack (S3, MLflow, Ray head) in a fresh state dir, brought down after the module."""
     from ray._common.utils import get_ray_address_file
 
-    state_dir = tmp_path_factory.mktemp("stack")
+    state_dir = tmp_path_factory.mktemp("stack") / "state"  # created by the stack, as `.stack` is for a user
     address_file = Path(get_ray_address_file(None))
     try:
         stack = devstack.up(state_dir, ray=True, num_cpus=2)
@@ -83,8 +83,14 @@ def test_s3_and_mlflow_listen_on_loopback_only(stack) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_ray_job_submit_runs_pretrain_and_logs_to_the_stack_mlflow(stack, tmp_path: Path) -> None:
+def test_ray_job_submit_runs_pretrain_and_logs_to_the_stack_mlflow(stack, tmp_path: Path, monkeypatch) -> None:
     import mlflow
+
+    # this test's own MLflow client authenticates as `eval "$(stack.sh env)"` would make it (the job gets the
+    # same variables from the Ray head's environment)
+    for key, value in stack.env().items():
+        if key.startswith("MLFLOW_TRACKING_"):
+            monkeypatch.setenv(key, value)
 
     mlflow_uri, dashboard = stack.services["mlflow"].url, stack.services["ray"].url
     experiment, submission_id = f"stack-test-{uuid.uuid4().hex[:8]}", f"stack-test-{uuid.uuid4().hex[:8]}"
@@ -148,6 +154,8 @@ def test_cli_down_stops_everything_and_up_restores_ports_and_data(tmp_path: Path
         env = dict(re.findall(r"^export (\w+)=(\S+)$", first.stdout, flags=re.M))
         assert set(env) >= {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI"}
         assert "RAY_ADDRESS" not in env
+        assert env["MLFLOW_TRACKING_USERNAME"] == devstack.MLFLOW_ADMIN and len(env["MLFLOW_TRACKING_PASSWORD"]) >= 24
+        _assert_private_tree(state)  # as the command line leaves it
         state_before = json.loads((state / "stack.json").read_text())
         _s3(env).put_object(Bucket="metaformer", Key="kept.txt", Body=b"still here")
 
@@ -223,6 +231,82 @@ def test_seaweedfs_filer_and_volume_ports_refuse_unauthenticated_requests(stack)
             with pytest.raises(urllib.error.HTTPError) as refused:
                 urllib.request.urlopen(request, timeout=10)
             assert refused.value.code == 401, (port, path, data)
+
+
+def _assert_private_tree(root: Path) -> list[Path]:
+    """Every folder under ``root`` (itself included) is 0700 and nothing in it has a group or other bit (but
+    SeaweedFS's .vif files, see below); the regular files among them. Ray's own session files live in its temp
+    dir, not here."""
+    files, problems = [], []
+    for folder, _dirs, names in os.walk(root):
+        mode = stat.S_IMODE(os.stat(folder).st_mode)
+        if mode != 0o700:
+            problems.append(f"{folder}/ {mode:o}")
+        for name in names:
+            path = Path(folder) / name
+            info = path.lstat()
+            if stat.S_ISLNK(info.st_mode):
+                continue
+            # SeaweedFS chmods its volume info files (N.vif) to 0644 itself, whatever its umask: they are
+            # covered by their 0700 folder (checked above), and hold volume metadata, not objects or keys
+            if stat.S_IMODE(info.st_mode) & 0o077 and not (path.suffix == ".vif" and mode == 0o700):
+                problems.append(f"{path} {stat.S_IMODE(info.st_mode):o}")
+            if stat.S_ISREG(info.st_mode):
+                files.append(path)
+    assert not problems, f"readable by others: {problems}"
+    return files
+
+
+def test_every_file_and_folder_the_stack_creates_is_private(stack) -> None:
+    """Finding 5 of issue 24: folders, logs and mlflow.db were 0755/0644. Now 0700 folders and 0600 files,
+    from creation: what devstack writes and what its servers (umask 077) write alike."""
+    state = stack.state_dir
+    files = _assert_private_tree(state)
+    for name in (devstack.STATE_FILE, devstack.RAY_TOKEN_FILE, f"s3/{devstack.WEED_SECURITY_FILE}",
+                 "mlflow/mlflow.db", "mlflow/basic_auth.db", f"mlflow/{devstack.MLFLOW_AUTH_FILE}",
+                 "logs/s3.log", "logs/mlflow.log", "logs/ray.log"):
+        assert state / name in files, f"{name} missing from {sorted(str(f) for f in files)}"
+        assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
+    assert len(files) > 20  # weed's objects and indexes, MLflow's artifacts folder: checked too, not skipped
+
+
+def _mlflow_post(url: str, path: str, body: dict, auth: tuple[str, str] | None) -> int:
+    import base64
+
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(), method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_mlflow_refuses_registry_writes_without_the_stack_credentials(stack, monkeypatch) -> None:
+    """The stack's MLflow runs its basic-auth app: a registry write (or any API call) without credentials,
+    or with a wrong password, is refused; the exported user and password are accepted."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    url, name = stack.services["mlflow"].url, f"stack-auth-{uuid.uuid4().hex[:8]}"
+    create = "/api/2.0/mlflow/registered-models/create"
+    assert _mlflow_post(url, create, {"name": name}, None) == 401
+    assert _mlflow_post(url, create, {"name": name}, (devstack.MLFLOW_ADMIN, "not-the-password")) == 401
+    assert _mlflow_post(url, "/api/2.0/mlflow/experiments/create", {"name": name}, None) == 401
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(MlflowException, match="401|[Uu]nauthori[sz]ed|credentials"):
+        mlflow.MlflowClient(url).create_registered_model(name)
+    # nothing was written by the refused calls; the stack's exports (what jobs get) write
+    for key, value in stack.env().items():
+        if key.startswith("MLFLOW_TRACKING_"):
+            monkeypatch.setenv(key, value)
+    client = mlflow.MlflowClient(url)
+    assert client.search_registered_models(f"name = '{name}'") == []
+    client.create_registered_model(name)
+    assert [m.name for m in client.search_registered_models(f"name = '{name}'")] == [name]
 
 
 def _s3(env: dict[str, str]):

@@ -89,6 +89,13 @@ class DataConfig(_Section):
         description="unreadable samples (missing or corrupt shards, undecodable images) are skipped, counted "
         "and replaced; above this fraction of a rank's samples in one epoch the job fails naming the bad shards",
     )
+    max_member_bytes: int = Field(
+        64 << 20,  # data.faults.DEFAULT_MAX_MEMBER_BYTES
+        ge=1 << 10,
+        le=1 << 32,
+        description="the largest tar member (one image) a loader worker holds, bytes; a larger one is a bad sample, "
+        "refused from its header before anything is allocated for it",
+    )
     auto_augment: str | None = Field("rand-m9-mstd0.5-inc1", description="timm auto-augment policy or null")
     re_prob: float = Field(0.25, ge=0, le=1, description="random erasing probability")
     hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")

@@ -1,8 +1,9 @@
 """Bad input met while reading shards: what counts as a fault, how it is counted, and when it is fatal.
 
 A fault is a sample the loader could not produce from the bytes it read: its shard is missing, is not a
-tar (random bytes), ends early (truncated, or fewer samples than the manifest lists), or the sample's
-image does not decode or its `.cls` is not a label. Faults are skipped and counted per shard
+tar (random bytes), ends early (truncated, or fewer samples than the manifest lists), declares a member
+larger than the bytes left in it (truncated) or than `data.max_member_bytes` ("oversized"), both refused
+from the header before anything is allocated for the member, or the sample's image does not decode or its `.cls` is not a label. Faults are skipped and counted per shard
 (`FaultStats`); past `max_bad_fraction` of a rank's samples in one epoch the loader raises
 `DataFaultError`, naming the bad shards. Credentials, a missing bucket or an unreachable endpoint are not
 faults: they are `S3AccessError`s, raised at once, because they would fail every shard alike.
@@ -18,11 +19,14 @@ from typing import Any, Protocol, runtime_checkable
 from PIL import Image
 
 __all__ = [
+    "DEFAULT_MAX_MEMBER_BYTES",
     "IGNORE_LABEL",
+    "BadShardError",
     "DataFaultError",
     "FaultCheckpointing",
     "FaultCounting",
     "FaultStats",
+    "OversizedMemberError",
     "ShortShardError",
     "SHARD_ERRORS",
     "SAMPLE_ERRORS",
@@ -32,6 +36,9 @@ __all__ = [
 # The label of a sample that stands in for a bad one in evaluation batches (drop_last=False): torch's
 # CrossEntropyLoss ignores it by default, and counting `labels >= 0` counts only real samples.
 IGNORE_LABEL = -100
+# The largest tar member the reader copies out (`data.max_member_bytes`): an ImageNet JPEG is about 110 KB, the
+# largest a few MB. A header may declare up to 8 GiB (or, base-256, any size): it is never trusted for an allocation.
+DEFAULT_MAX_MEMBER_BYTES = 64 << 20
 
 
 @runtime_checkable
@@ -69,6 +76,17 @@ class ShortShardError(RuntimeError):
     """A shard holds fewer samples than its manifest lists."""
 
 
+class BadShardError(tarfile.ReadError):
+    """The tar reader refused a shard (not a tar, cut short, a header that cannot be right); the message names
+    the shard. Every refusal of the reader is one of these (or a ShortShardError): nothing else escapes it."""
+
+
+class OversizedMemberError(BadShardError):
+    """A GNU long name or PAX header record larger than any tar writer makes: refused from its header, before
+    anything is allocated for it. (A member larger than `data.max_member_bytes` only makes its sample bad; one
+    larger than what is left of the shard is a truncated shard.)"""
+
+
 # What reading one shard may raise for a shard that is bad (not for a refused or unreachable storage:
 # S3AccessError is a ValueError and is not listed). OSError covers a missing file (FileNotFoundError),
 # an S3 object that is gone, and a read that kept breaking.
@@ -88,6 +106,8 @@ def shard_fault_kind(err: BaseException) -> str:
         return "missing"
     if isinstance(err, ShortShardError):
         return "short"
+    if isinstance(err, OversizedMemberError):
+        return "oversized"
     if isinstance(err, tarfile.TarError | EOFError):
         return "not_a_tar"
     return "read_error"
@@ -95,7 +115,7 @@ def shard_fault_kind(err: BaseException) -> str:
 
 @dataclass
 class FaultStats:
-    """Samples skipped, per shard and per kind ("missing", "not_a_tar", "short", "read_error",
+    """Samples skipped, per shard and per kind ("missing", "not_a_tar", "short", "oversized", "read_error",
     "bad_image", "bad_label"), plus the first message seen for each shard."""
 
     shards: dict[str, dict[str, int]] = field(default_factory=dict)

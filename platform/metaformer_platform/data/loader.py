@@ -58,7 +58,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from metaformer_platform.data.faults import IGNORE_LABEL, DataFaultError, FaultStats, describe_shards
+from metaformer_platform.data.faults import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    IGNORE_LABEL,
+    DataFaultError,
+    FaultStats,
+    describe_shards,
+)
 from metaformer_platform.data.manifest import Manifest, load_manifest
 from metaformer_platform.data.shardset import RankPlan, ShardSet
 from metaformer_platform.data.stream import EpochStream, Transform
@@ -105,6 +111,7 @@ class ShardLoader:
     prefetch_shards: int = 0
     max_bad_fraction: float | None = None
     batch_transform: BatchTransformFn | None = None
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
 
     def __post_init__(self) -> None:
         self._faults = FaultStats()  # since this loader was made
@@ -249,6 +256,7 @@ class ShardLoader:
             prefetch_shards=self.prefetch_shards,
             # evaluation promises each sample once: stand-ins are there for the shapes, not to be scored
             stand_in_label=None if self.drop_last else IGNORE_LABEL,
+            max_member_bytes=self.max_member_bytes,
         )
         loader = self._data_loader(stream)
         for images, labels, seeds, *keys, found in loader:
@@ -439,7 +447,7 @@ def build_loader(
     drop_last: bool = True, decode_size: int | None = None, with_keys: bool = False, pin_memory: bool = False,
     prefetch_factor: int | None = 2, multiprocessing_context: str | None = None, timeout: float = 0,
     prefetch_shards: int | None = None, max_bad_fraction: float | None = None,
-    batch_transform: BatchTransformFn | None = None,
+    batch_transform: BatchTransformFn | None = None, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> ShardLoader:
     """A loader over split `split` of the shards under `source` (a folder or file:// URL with `_info.json`).
 
@@ -457,6 +465,9 @@ def build_loader(
     `max_bad_fraction`: unreadable samples (see `data.faults`) are replaced and counted (`fault_stats()`);
     when more than this fraction of the rank's samples in one epoch are bad, iterating raises
     DataFaultError naming the bad shards (None: never).
+    `max_member_bytes` (`data.max_member_bytes`): the largest tar member a worker holds; a larger one is a bad
+    sample ("oversized"), and one larger than what is left of its shard a bad shard, refused from the header
+    before anything is allocated for it.
     """
     _check_arguments(
         batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed, epoch=epoch,
@@ -467,10 +478,12 @@ def build_loader(
     if prefetch_shards is None:
         prefetch_shards = 1 if manifest.storage.root.remote else 0
     _non_negative("prefetch_shards", prefetch_shards)
+    _positive("max_member_bytes", max_member_bytes)
     return ShardLoader(
         manifest, split, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
         transform=transform, seed=seed, epoch=epoch, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
         drop_last=drop_last, decode_size=decode_size, with_keys=with_keys, pin_memory=pin_memory,
         prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context, timeout=timeout,
         prefetch_shards=prefetch_shards, max_bad_fraction=max_bad_fraction, batch_transform=batch_transform,
+        max_member_bytes=max_member_bytes,
     )

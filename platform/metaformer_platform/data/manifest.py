@@ -49,7 +49,9 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "INFO_NAME",
+    "MAX_MANIFEST_BYTES",
     "Manifest",
+    "ManifestError",
     "ShardInfo",
     "SplitInfo",
     "load_manifest",
@@ -65,6 +67,14 @@ BUILD_HINT = (
     "build shards with `python jobs/build_shards.py` (or `ensure_synthetic_shards()` for the built-in "
     "synthetic set), or point the data source at a folder that has one"
 )
+# An ImageNet manifest is about 200 KB (1,152 shards, 1,000 class names); a manifest is read whole and parsed
+# in memory, so one from storage is refused past this size before a byte of it is parsed.
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used: unreadable, too large, not JSON, or not the schema; the message names the
+    file, the problem and the fix."""
 
 
 @dataclass(frozen=True)
@@ -128,8 +138,8 @@ def _listing(names: Sequence[str], shown: int = 5) -> str:
     return ", ".join(names[:shown]) + more
 
 
-def _fail(where: str, problem: str, fix: str) -> ValueError:
-    return ValueError(f"{where}: {problem}; {fix}")
+def _fail(where: str, problem: str, fix: str) -> ManifestError:
+    return ManifestError(f"{where}: {problem}; {fix}")
 
 
 def _parse_split(where: str, key: str, raw: object) -> SplitInfo:
@@ -204,11 +214,36 @@ def load_manifest(source: str | Path | Store, *, check_files: bool = True) -> Ma
         storage = source
     where = storage.describe(info_name)
     if not storage.exists(info_name):
-        raise ValueError(f"no shards found in {storage.url}: expected {where}; {BUILD_HINT}")
+        raise ManifestError(f"no shards found in {storage.url}: expected {where}; {BUILD_HINT}")
+    manifest = parse_manifest(_read_capped(storage, info_name), storage, info_name)
+    if check_files:
+        _check_files(manifest)
+    return manifest
+
+
+def _read_capped(storage: Store, name: str) -> bytes:
+    """The file's bytes, refused past MAX_MANIFEST_BYTES from a bounded read (a size another writer reports is
+    not trusted)."""
+    with storage.open(name) as stream:
+        data = stream.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise _fail(
+            storage.describe(name), f"the manifest is larger than {MAX_MANIFEST_BYTES} bytes (MAX_MANIFEST_BYTES)",
+            "it is not one the shard writer made: rebuild the shards",
+        )
+    return data
+
+
+def parse_manifest(data: bytes, storage: Store, info_name: str = INFO_NAME) -> Manifest:
+    """A manifest from the bytes of `_info.json` (as `load_manifest` read them from `storage`), validated:
+    anything else is a ManifestError naming the file."""
+    where = storage.describe(info_name)
     try:
-        raw = json.loads(storage.read_bytes(info_name))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise _fail(where, f"not valid JSON ({err})", "rebuild the shards or fix the file") from None
+        raw = json.loads(data)
+    except RecursionError:  # nesting deeper than the interpreter's stack: json raises this, not a ValueError
+        raise _fail(where, "not valid JSON (nested too deeply)", "rebuild the shards or fix the file") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer past int_max_str_digits
+        raise _fail(where, f"not valid JSON ({str(err)[:200]})", "rebuild the shards or fix the file") from None
     if not isinstance(raw, Mapping):
         raise _fail(where, "the manifest must be a JSON object", "rebuild the shards")
     splits_raw = raw.get("splits")
@@ -230,18 +265,18 @@ def load_manifest(source: str | Path | Store, *, check_files: bool = True) -> Ma
             f"num_classes is {num_classes} but {len(class_names)} class_names are listed",
             "rebuild the shards",
         )
-    manifest = Manifest(
-        name=str(raw.get("name", "")),
+    name, extra = raw.get("name", ""), raw.get("extra", {})
+    if not isinstance(name, str) or not isinstance(extra, Mapping):
+        raise _fail(where, "'name' must be a string and 'extra' an object", "rebuild the shards")
+    return Manifest(
+        name=name,
         splits=splits,
         storage=storage,
         class_names=tuple(class_names),
         num_classes=num_classes,
-        extra=dict(raw.get("extra", {})),
+        extra=dict(extra),
         info_name=info_name,
     )
-    if check_files:
-        _check_files(manifest)
-    return manifest
 
 
 _SHARD_NAME = re.compile(r"^(?P<split>.+)-\d+\.tar$")

@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from metaformer_platform.data.faults import (
+    DEFAULT_MAX_MEMBER_BYTES,
     SAMPLE_ERRORS,
     SHARD_ERRORS,
     DataFaultError,
@@ -64,7 +65,9 @@ Slot = RawSample | _Lost
 _SHARD_ENDS: tuple[type[BaseException], ...] = (*SHARD_ERRORS, StopIteration)
 
 
-def _slots(storage: ShardSource, filenames: Sequence[str], wplan: WorkerPlan) -> Iterator[Slot]:
+def _slots(
+    storage: ShardSource, filenames: Sequence[str], wplan: WorkerPlan, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+) -> Iterator[Slot]:
     """One item per planned sample of the worker, in plan order: the sample, or a `_Lost` placeholder
     for each sample a bad shard did not deliver, so positions (and with them resume) never shift.
 
@@ -80,7 +83,9 @@ def _slots(storage: ShardSource, filenames: Sequence[str], wplan: WorkerPlan) ->
     def advance(shard: int, wanted: int) -> None:
         if shard not in readers:
             first, last = min(need[shard]), max(need[shard])
-            readers[shard] = (iter_shard(storage, filenames[shard], first, last + 1), [first])
+            readers[shard] = (
+                iter_shard(storage, filenames[shard], first, last + 1, max_member_bytes=max_member_bytes), [first]
+            )
         samples, cursor = readers[shard]
         try:
             while (shard, wanted) not in held:
@@ -214,8 +219,10 @@ class EpochStream(IterableDataset[tuple]):
         with_keys: bool,
         prefetch_shards: int = 0,
         stand_in_label: int | None = None,
+        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     ):
         super().__init__()
+        self.max_member_bytes = max_member_bytes
         self.prefetch_shards = prefetch_shards
         self.stand_in_label = stand_in_label
         self.storage = storage
@@ -258,6 +265,10 @@ class EpochStream(IterableDataset[tuple]):
             if faults is not None:
                 faults.add(sample.shard, sample.kind, 1, sample.detail)
             return None
+        if sample.refused:  # a member over max_member_bytes was read past, not held
+            if faults is not None:
+                faults.add(self.storage.describe(sample.shard), "oversized", 1, f"{sample.key}: {sample.refused}")
+            return None
         try:
             label = decode_label(sample)
             if label < 0:
@@ -285,7 +296,7 @@ class EpochStream(IterableDataset[tuple]):
         known_bad = cursor.known_bad
 
         def good(candidate: Slot) -> tuple[Image.Image, int] | None:
-            if not isinstance(candidate, RawSample) or candidate is bad or candidate.key in known_bad:
+            if not isinstance(candidate, RawSample) or candidate is bad or candidate.refused or candidate.key in known_bad:
                 return None
             if self.lazy_decode or self.encoded:  # stand-ins are decoded in full here: known to decode
                 try:
@@ -323,7 +334,8 @@ class EpochStream(IterableDataset[tuple]):
         resume skips the same positions; stand-ins are augmented afresh (seeded by the bad slot), and in
         evaluation (`stand_in_label`) carry IGNORE_LABEL so they are not scored. Each batch carries the
         faults found since the previous one (a list of (shard, kind, samples, detail))."""
-        cursor = _Cursor(_Lookahead(_slots(storage, self.plan.filenames, wplan)), self.plan.rank, worker)
+        slots = _slots(storage, self.plan.filenames, wplan, self.max_member_bytes)
+        cursor = _Cursor(_Lookahead(slots), self.plan.rank, worker)
         for size in wplan.batch_sizes:
             cursor.next_batch()
             faults = FaultStats()
