@@ -134,3 +134,20 @@ def test_deep_or_huge_json_is_a_manifest_error(tmp_path, body):
     (tmp_path / "_info.json").write_bytes(body)
     with pytest.raises(ManifestError, match=r"_info\.json: not valid JSON"):
         load_manifest(tmp_path)
+
+
+def test_the_job_configs_cap_reaches_the_loader_the_trainer_builds(tmp_path):
+    from metaformer_platform.config import load_config
+    from metaformer_platform.strategies.base import DistContext
+    from metaformer_platform.training.trainer import build_split_loader
+
+    _dataset(tmp_path, extra={"s1_2": _jpeg(7) + b"\0" * (300 << 10)})
+    cfg = load_config(None, ["model.name=poolformer_debug", "data.img_size=32", "data.num_workers=0",
+                             f"data.max_member_bytes={256 << 10}", "data.max_bad_fraction=0.5"])
+    loader = build_split_loader(cfg, tmp_path, DistContext(), "train", training=False, channels_last=False,
+                                batch_size=2)
+    from metaformer_platform.data import IGNORE_LABEL
+
+    scored = sum(int((targets != IGNORE_LABEL).sum()) for _, targets in loader)  # stand-ins carry IGNORE_LABEL
+    assert scored == 2 * PER_SHARD - 1
+    assert loader.fault_stats()["bad_shards"][str(tmp_path / "train-000001.tar")]["kinds"] == {"oversized": 1}

@@ -141,6 +141,7 @@ def build_split_loader(
         drop_last=training,
         decode_size=decode_size,
         max_bad_fraction=d.max_bad_fraction,
+        max_member_bytes=d.max_member_bytes,
         batch_transform=batch_transform,
     )
 
