@@ -1,4 +1,5 @@
-"""jobs/pretrain.py as a user runs it: --help lists the keys; bad input exits non-zero with the fix, before Ray."""
+"""jobs/pretrain.py (and jobs/evaluate.py) as a user runs it: --help lists the keys; bad input exits non-zero with
+the fix, before Ray."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN = ROOT / "jobs" / "pretrain.py"
+EVALUATE = ROOT / "jobs" / "evaluate.py"
 
 
 def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -29,20 +31,22 @@ def test_help_lists_every_config_key():
         assert key in out.stdout, key
 
 
-# Every bad input below is run by jobs/pretrain.py's own `run_main`, in ONE child process for all of them (each
-# process start imports torch and timm, ~4.5 s): argv and working folder per case, exit code and stderr back.
+# Every bad input below is run by the job script's own `run_main` (jobs/pretrain.py unless a test names another;
+# the stage is the script's name), in ONE child process for all of them (each process start imports torch and
+# timm, ~4.5 s): argv and working folder per case, exit code and stderr back.
 # RAY_ADDRESS names a dead port: were Ray reached, the case would hang, then fail. The exit path of a real
 # process (`sys.exit(run_main(...))`) is the --help test's.
 RUN_CASES = """
 import contextlib, io, json, os, runpy, sys
 main = runpy.run_path(sys.argv[1], run_name="not_main")
+stage = os.path.basename(sys.argv[1]).removesuffix(".py")
 out = []
 for args, cwd in json.load(sys.stdin):
     os.chdir(cwd)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:
-            code = main["run_main"]("pretrain", main["__doc__"], argv=args, default_config=main["DEFAULT_CONFIG"])
+            code = main["run_main"](stage, main["__doc__"], argv=args, default_config=main.get("DEFAULT_CONFIG"))
         except SystemExit as exit_:  # argparse's own errors
             code = exit_.code
     out.append([code, err.getvalue()])
@@ -50,10 +54,10 @@ print(json.dumps(out))
 """
 
 
-def _run_cases(cases: list[tuple[list[str], Path]]) -> list[tuple[int, str]]:
+def _run_cases(cases: list[tuple[list[str], Path]], job: Path = PRETRAIN) -> list[tuple[int, str]]:
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
     proc = subprocess.run(
-        [sys.executable, "-c", RUN_CASES, str(PRETRAIN)], input=json.dumps([[a, str(c)] for a, c in cases]),
+        [sys.executable, "-c", RUN_CASES, str(job)], input=json.dumps([[a, str(c)] for a, c in cases]),
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -147,3 +151,51 @@ def test_a_tracking_password_never_reaches_the_console(tmp_path):
         assert code == 1 and "error: the pretrain job failed" in err and "http://alice:***@127.0.0.1:9/" in err, err
     printed = proc.stdout + proc.stderr + "".join(err for _, err in outcomes)
     assert not [pw for pw in passwords if pw in printed], printed[-3000:]
+
+
+def test_an_exports_model_json_cannot_make_evaluate_fetch_a_url(tmp_path):
+    """Issue 24, finding 6, through jobs/evaluate.py: an export whose model.json sets ``pretrained: true`` with a
+    ``pretrained_cfg_overlay`` URL (re-signed, as a teammate with the key could) exits 2 naming the refused keys,
+    before Ray, and nothing ever connects to the URL's listener (on f0844da the evaluate driver fetched it)."""
+    import http.server
+    import threading
+
+    from test_checkpoint_trust import _ddp_checkpoint
+
+    from metaformer_platform.storage import checkpoint_format as fmt
+    from metaformer_platform.training.export import export_checkpoint
+
+    connections: list[str] = []
+
+    class Counting(http.server.BaseHTTPRequestHandler):
+        def setup(self) -> None:  # every connection counts, whether or not a request follows
+            connections.append(str(self.client_address))
+            super().setup()
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_error(404)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    export = tmp_path / "export"
+    export_checkpoint(_ddp_checkpoint(tmp_path / "checkpoint-00000003"), export)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Counting)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/poolformer_debug.pth"
+        info = json.loads((export / "model.json").read_text())
+        info["model_kwargs"] = {"pretrained": True, "pretrained_cfg_overlay": {"url": url, "file": None}}
+        (export / "model.json").write_text(json.dumps(info))
+        fmt.mark_complete(export)  # signed again: the refusal is the allow-list's, not the marker's
+        ((code, err),) = _run_cases([([f"model.init_from={export}", f"data.source={_tiny_shards(tmp_path / 'data')}",
+                                        f"run.storage_path={tmp_path / 'runs'}"], tmp_path)], job=EVALUATE)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert connections == [], f"the evaluate job connected to the model.json's URL: {connections}; {err[-2000:]}"
+    assert code == 2, err[-3000:]
+    assert "model kwargs that weights may not set: pretrained, pretrained_cfg_overlay" in err, err[-3000:]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
