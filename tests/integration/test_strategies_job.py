@@ -5,14 +5,17 @@ For each strategy, one job pair: a full run (learns; its losses equal DDP's from
 a second run continued from the first run's middle checkpoint (its losses equal the full run's within 1e-6
 relative), and an export of the final checkpoint (loads strictly into plain timm with no process group and
 without deepspeed, all four in one fresh process after the strategy tests; its validation loss equals the one
-the job measured). Per-step losses come from MLflow.
+the job measured). Per-step losses come from MLflow. Last, the FSDP run submitted again by name after a forged,
+pickle-bearing checkpoint was planted in its folder (issue 24, finding 1): it resumes from its own newest one.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -157,3 +160,47 @@ def test_zero3_checkpoint_initialises_fsdp_with_a_new_head(small_job, workdir, t
     for key, value in original.items():
         if not key.startswith("head.fc."):
             assert torch.equal(tuned[key], value), key
+
+
+def test_a_forged_checkpoint_planted_in_the_fsdp_run_is_never_read_when_the_run_is_submitted_again(
+    small_job, workdir, ray_cluster, tmp_path
+):
+    """Issue 24, finding 1, through a job resubmitted by name. Whoever can write the storage reads the run's id
+    from its ``_owner.json`` and plants newer FSDP checkpoint folders whose DCP ``.metadata`` is a pickle that
+    runs a payload, with a ``COMPLETE`` marker and an ``OWNER-rank00000.json`` naming the run: one unsigned, one
+    signed with another deployment's key. The next submission of the run (same run.name, 1 more step) moves
+    both to ``_quarantine/`` unread and resumes from the run's own newest checkpoint (on f0844da it adopted the
+    newest planted folder and unpickled it in a Ray Train worker: the payload ran)."""
+    from metaformer_platform.storage import checkpoint_format as fmt
+
+    spec = importlib.util.spec_from_file_location(  # tests/ is no package: the unit tests' crafted folders, by path
+        "weights_trust_unit", Path(__file__).parents[1] / "unit" / "test_weights_trust.py")
+    unit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(unit)
+
+    run_dir = workdir / "runs" / "it-fsdp"
+    if not (run_dir / f"checkpoint-{STEPS:08d}" / fmt.COMPLETE_MARKER).is_file():  # run alone: the strategy test's
+        small_job.run("it-fsdp", *STRATEGIES["fsdp"])
+    run_id = json.loads((run_dir / fmt.OWNER_FILE).read_text())["run_id"]  # what the attacker reads
+    pwned = tmp_path / "PWNED"
+    unit.craft(run_dir / "checkpoint-00000099", "fsdp", pwned, run_id=run_id)  # unsigned
+    with pytest.MonkeyPatch.context() as mp:  # signed, but with a key that is not this deployment's
+        mp.setenv(fmt.KEY_ENV, "another-deployments-checkpoint-key")
+        unit.craft(run_dir / "checkpoint-00000098", "fsdp", pwned, run_id=run_id, signed=True)
+
+    since = time.time()
+    try:  # one more step, no validation: the job's own cost is its start, recovery and resume
+        result = small_job.run("it-fsdp", *STRATEGIES["fsdp"], f"trainer.max_steps={STEPS + 1}", "data.val_split=null")
+    finally:
+        assert not pwned.exists(), "a planted checkpoint's pickle ran in a Ray Train worker"
+    assert result.metrics["step"] == STEPS + 1
+    assert small_job.history(result.mlflow_run_id, "run/resumed_from_step") == {STEPS: float(STEPS)}
+    assert [s for s in small_job.history(result.mlflow_run_id) if s > STEPS] == [STEPS + 1]
+    assert sorted(p.name[:len("checkpoint-00000099")] for p in (run_dir / "_quarantine").iterdir()) == [
+        "checkpoint-00000098", "checkpoint-00000099"]
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == [
+        f"checkpoint-{s:08d}" for s in (RESUME_AT, STEPS, STEPS + 1)]
+    logs = Path(ray_cluster.address_info["session_dir"]) / "logs"
+    worker_logs = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*.err") if p.stat().st_mtime >= since)
+    assert ("moved checkpoint folders this run did not write to _quarantine/: checkpoint-00000098, "
+            "checkpoint-00000099") in worker_logs
