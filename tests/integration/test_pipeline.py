@@ -207,7 +207,7 @@ def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, mo
     ft_checkpoint = actions[(MEMBERS[0], "finetune")].checkpoint
     export_url = f"s3://{s3_server.bucket}/pipe/exports/{MEMBERS[0]}"
     assert _export_main([ft_checkpoint, export_url]) == 0
-    assert sorted(storage.list_files(export_url)) == ["model.json", "model.safetensors"]
+    assert sorted(storage.list_files(export_url)) == ["COMPLETE", "model.json", "model.safetensors"]  # signed marker
     assert load_export(storage.weights.resolve(export_url)).num_classes == 3
     assert _export_main([ft_checkpoint, export_url]) == 2  # an export is there already: refused, nothing replaced
 

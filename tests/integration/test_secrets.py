@@ -45,7 +45,9 @@ def test_the_plan_sent_to_the_workers_holds_no_secret(s3_checkpoint_job, s3_serv
     assert b"metaformer:***@" in payloads[0]
     assert not [n for n in (TRACKING_PASSWORD, s3_server.secret_key) if n.encode() in payloads[0]]
     history = MlflowClient(mlflow_server).get_metric_history(s3_checkpoint_job.result.mlflow_run_id, "train/loss")
-    assert sorted(m.step for m in history)[-1] == 14  # rank 0's tracker worked
+    # rank 0's tracker logged the job's last step, 14 (test_checkpoint_storage resumes this run by name to more
+    # steps, before or after this test)
+    assert 14 in {m.step for m in history}
 
 
 def test_the_s3_secret_is_in_no_ray_session_file_and_no_command_line(secret_job, s3_server):

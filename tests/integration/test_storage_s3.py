@@ -5,6 +5,7 @@ No Ray here: every check runs in this process (or two spawned ones for the concu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -38,8 +39,15 @@ def _put(s3_server: Any, prefix: str, files: dict[str, bytes]) -> str:
 
 def _checkpoint_files(step: int = 10) -> dict[str, bytes]:
     files = {"trainer.pt": os.urandom(3000 + step), "dcp/__0_0.distcp": os.urandom(5000), "config.yaml": b"model: {}\n"}
-    files[fmt.COMPLETE_MARKER] = fmt.marker_text([{n: len(d) for n, d in files.items()}]).encode()
+    files[fmt.COMPLETE_MARKER] = _marker(files)
     return files
+
+
+def _marker(files: dict[str, bytes]) -> bytes:
+    """The strict marker of ``files``: every file with its size and sha256."""
+    listed = {n: d for n, d in files.items() if n != fmt.COMPLETE_MARKER}
+    return fmt.marker_text([{n: len(d) for n, d in listed.items()}],
+                           sha256={n: hashlib.sha256(d).hexdigest() for n, d in listed.items()}).encode()
 
 
 def test_files_round_trip_on_s3(s3_env: Any) -> None:
@@ -125,7 +133,7 @@ def _resolve_in_child(url: str, cache: str, env: dict[str, str], out: str) -> No
 
 def test_weights_on_s3_are_fetched_once_even_by_two_processes_at_once(s3_env: Any, tmp_path: Path) -> None:
     files = {**_checkpoint_files(), "big.bin": os.urandom(4 << 20)}
-    files[fmt.COMPLETE_MARKER] = fmt.marker_text([{n: len(d) for n, d in files.items() if n != fmt.COMPLETE_MARKER}]).encode()
+    files[fmt.COMPLETE_MARKER] = _marker(files)
     url = _put(s3_env, "core/concurrent/checkpoint-00000020", files)
     cache = tmp_path / "cache"
     ctx = multiprocessing.get_context("spawn")
