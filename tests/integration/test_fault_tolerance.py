@@ -27,6 +27,8 @@ from metaformer_platform.launch.driver import run_job
 from metaformer_platform.storage import checkpoint_format as fmt
 
 KILL_AFTER, STEPS = 20, 30  # the small job runs 30 steps (tests/integration/conftest.py)
+JOB = ("strategy.name=ddp", "trainer.checkpoint_every_steps=10", "run.num_to_keep=2", "run.max_failures=1",
+       "tracking.experiment=it-faults")
 
 
 class Killer(threading.Thread):
@@ -66,7 +68,7 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, flo
 
 
 def test_a_worker_killed_mid_run_resumes_from_the_newest_complete_checkpoint(
-    ray_cluster, mlflow_server, small_job, ddp_reference, train_worker_pids
+    ray_cluster, mlflow_server, small_job, ddp_reference, train_worker_pids, capfd
 ):
     client = MlflowClient(mlflow_server)
     reference = ddp_reference  # the same job, never killed
@@ -75,10 +77,7 @@ def test_a_worker_killed_mid_run_resumes_from_the_newest_complete_checkpoint(
     run_dir = small_job.workdir / "runs" / "it-faults"
     killer = Killer(run_dir, train_worker_pids)
     killer.start()
-    result = run_job(small_job.config(
-        "it-faults", "strategy.name=ddp", "trainer.checkpoint_every_steps=10", "run.num_to_keep=2",
-        "run.max_failures=1", "tracking.experiment=it-faults",
-    ))
+    result = run_job(small_job.config("it-faults", *JOB))
     killer.join(5)
     assert killer.error is None, killer.error
     assert killer.killed_pid is not None and not psutil.pid_exists(killer.killed_pid)
@@ -111,3 +110,30 @@ def test_a_worker_killed_mid_run_resumes_from_the_newest_complete_checkpoint(
     assert all(fmt.is_complete(run_dir / name) for name in ("checkpoint-00000020", "checkpoint-00000030"))
     assert (run_dir / "checkpoint-00000030" / "rng-rank00001.pt").is_file()
     assert result.checkpoint_path == str(run_dir / "checkpoint-00000030")
+    _resume_over_a_truncated_checkpoint(small_job, run_dir, client, reference.mlflow_run_id, capfd)
+
+
+def _resume_over_a_truncated_checkpoint(small_job, run_dir: Path, client: MlflowClient, reference: str, capfd) -> None:
+    """Issue 25: the finished run's newest checkpoint (30, registered) has its weights cut short, and the job is
+    submitted again by name. Recovery sets 30 aside in _quarantine/ naming it, resumes from 20 once (no restart
+    loop), redoes 21-30 into checkpoint-00000030-1 with the same losses; a later submit by name starts (Ray's
+    snapshot still names 30: the placeholder keeps it loadable) and resumes from 30-1."""
+    bad = run_dir / f"checkpoint-{STEPS:08d}"
+    weights = bad / "model.pt"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capfd.readouterr()
+    result = run_job(small_job.config("it-faults", *JOB))
+    console = capfd.readouterr().out
+    assert console.count(f"checkpoint {bad.name} is not complete (COMPLETE lists files that are missing or short: "
+                         "model.pt") == 1, console[-3000:]
+    assert f"resuming from checkpoint-{KILL_AFTER:08d} instead" in console
+    moved = list((run_dir / "_quarantine").glob(f"{bad.name}-*"))
+    assert len(moved) == 1 and (moved[0] / "model.pt").stat().st_size < (run_dir / f"{bad.name}-1" / "model.pt").stat().st_size
+    assert result.metrics["step"] == STEPS and result.checkpoint_path == str(run_dir / f"{bad.name}-1")
+    assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
+    assert _history(client, result.mlflow_run_id, "train/loss") == _history(client, reference, "train/loss")
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint-")) == [bad.name, f"{bad.name}-1"]
+    assert fmt.is_complete(run_dir / f"{bad.name}-1")
+    again = run_job(small_job.config("it-faults", *JOB))
+    assert again.metrics["step"] == STEPS and again.checkpoint_path == str(run_dir / f"{bad.name}-1")
+    assert "is not complete" not in capfd.readouterr().out

@@ -136,3 +136,49 @@ def test_recover_run_folder_reads_completeness_on_the_storage_filesystem_and_del
     assert plan == ckpt.Recovery("checkpoint-00000020", True, ("checkpoint-00000030",))
     assert sorted(p.name for p in run.iterdir()) == _names(10, 20)
     assert ckpt.is_complete_on(fs, str(run / "checkpoint-00000020"))
+
+
+def test_a_registered_checkpoint_cut_short_is_quarantined_and_the_newest_complete_one_resumed(tmp_path):
+    """Ray's newest registered checkpoint had a file truncated after it was registered: recovery (before the
+    Trainer reads anything) moves it to _quarantine/, leaves Ray a placeholder, and resumes from the previous
+    one; a second start does the same, not the bad folder again; a redone step gets a name of its own."""
+    from metaformer_platform.training import quarantine
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (10, 20):
+        shutil.copytree(_merged(tmp_path, f"c{step}"), run / f"checkpoint-{step:08d}")
+    (run / "checkpoint-00000020" / "model.pt").write_bytes(b"x" * 7)  # cut short
+    fs = pyarrow.fs.LocalFileSystem()
+    c10, c20 = _names(10, 20)
+    plan = ckpt.recover_run_folder(fs, str(run), registered=[c10, c20], latest=c20)
+    assert plan == ckpt.Recovery(c10, False, (), (
+        (c20, "COMPLETE lists files that are missing or short: model.pt (7 of 300 bytes)"),))
+    moved = list((run / quarantine.QUARANTINE).iterdir())
+    assert [p.name.startswith(f"{c20}-") for p in moved] == [True]
+    assert (moved[0] / "model.pt").read_bytes() == b"x" * 7 and (moved[0] / fmt.COMPLETE_MARKER).is_file()
+    # Ray's snapshot still names checkpoint-00000020: a placeholder keeps it loadable, and is never resumed from
+    assert sorted(p.name for p in (run / c20).iterdir()) == [quarantine.QUARANTINED_NOTE]
+    assert json.loads((run / c20 / quarantine.QUARANTINED_NOTE).read_text())["moved_to"] == str(moved[0])
+    again = ckpt.recover_run_folder(fs, str(run), registered=[c10, c20], latest=c20)
+    assert again == ckpt.Recovery(c10, False, (), ())
+    assert len(list((run / quarantine.QUARANTINE).iterdir())) == 1
+    # the redone step 20 is reported beside the placeholder (Ray deletes the placeholder's path when it prunes it)
+    assert ckpt.checkpoint_dir_name(fs, str(run), 20) == "checkpoint-00000020-1"
+    assert ckpt.checkpoint_dir_name(fs, str(run), 30) == "checkpoint-00000030"
+    shutil.copytree(run / c10, run / "checkpoint-00000020-1")
+    redone = ckpt.recover_run_folder(fs, str(run), registered=[c10, c20, "checkpoint-00000020-1"],
+                                     latest="checkpoint-00000020-1")
+    assert redone == ckpt.Recovery("checkpoint-00000020-1", False, (), ())
+    assert ckpt.checkpoint_step("checkpoint-00000020-1") == 20
+
+
+def test_a_digest_mismatch_is_caught_before_the_folder_is_chosen_and_all_bad_means_a_fresh_start(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(_merged(tmp_path, "c10"), run / "checkpoint-00000010")
+    (run / "checkpoint-00000010" / "model.pt").write_bytes(b"y" * 300)  # same size, other bytes
+    plan = ckpt.recover_run_folder(pyarrow.fs.LocalFileSystem(), str(run), registered=_names(10),
+                                   latest="checkpoint-00000010")
+    assert plan.resume is None and [name for name, _ in plan.quarantine] == _names(10)
+    assert "model.pt changed after the folder was written" in plan.quarantine[0][1]

@@ -70,6 +70,10 @@ def checkpoint_reporter(
         if checkpoint_dir is None:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return False
+        from metaformer_platform.training.checkpoint import checkpoint_dir_name
+
+        storage = ray.train.get_context().get_storage()  # a quarantined folder's name is not reused (see there)
+        name = checkpoint_dir_name(storage.storage_filesystem, storage.experiment_fs_path, int(metrics["step"]))
         if flush is not None:
             flush()
         if owner is not None:
@@ -122,6 +126,8 @@ def _recover_checkpoint(dist: DistContext, owner: Stamp | None = None) -> tuple[
     when it is newer than Ray's, registers it, and deletes the unregistered rest (partial uploads, older
     leftovers), so that every rank resumes from the same checkpoint. Unregistered folders its run did not
     write (no ``owner`` stamp of this run: copied in, another run's) are moved to ``_quarantine/`` first.
+    A registered folder (Ray's own included) no longer complete (the strict marker's check) is moved there too,
+    with a warning naming it, and the newest complete one is resumed from: no restart loop on a bad folder.
     """
     import ray.train
     import torch.distributed as tdist
@@ -148,20 +154,24 @@ def _recover_checkpoint(dist: DistContext, owner: Stamp | None = None) -> tuple[
         )
         if recovery.remove:
             log.warning("removed checkpoint folders Ray never registered: %s", ", ".join(recovery.remove))
+        for name, why in recovery.quarantine:
+            log.warning("checkpoint %s is not complete (%s): moved to _quarantine/, resuming from %s instead",
+                        name, why, recovery.resume or "the start")
         plans[0] = recovery
     if dist.distributed:
         tdist.broadcast_object_list(plans, src=0)
     plan = plans[0]
     assert plan is not None, "rank 0 broadcast its plan"
-    if not plan.adopt:
-        return latest, False
-    if dist.is_main:
+    if plan.resume is None or (latest is not None and Path(latest.path).name == plan.resume):
+        return (latest if plan.resume else None), False  # None: Ray's only checkpoints were quarantined
+    if plan.adopt and dist.is_main:
         log.warning(
             "resuming from %s, newer than the %s Ray handed over: its report was lost with the worker that made it",
             plan.resume, Path(latest.path).name if latest else "nothing",
         )
+    # not Ray's latest: one whose report was lost (adopted), or an older one Ray registered (Ray's was quarantined)
     path = f"{storage.experiment_fs_path}/{plan.resume}"
-    return ray.train.Checkpoint(path=path, filesystem=storage.storage_filesystem), True
+    return ray.train.Checkpoint(path=path, filesystem=storage.storage_filesystem), plan.adopt
 
 
 def _train_worker(plan: JobPlan, launch: Launch) -> dict[str, object]:

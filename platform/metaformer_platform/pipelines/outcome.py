@@ -34,10 +34,17 @@ class MemberOutcome:
     promotion: Promotion | None = None
     eval_cfg: JobConfig | None = None  # the evaluate stage's config (resolution, classes) for the report
     num_classes: int | None = None
+    orphaned: list[StageOutcome] = field(default_factory=list)  # its runs found RUNNING with their driver gone
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def still_orphaned(self) -> list[StageOutcome]:
+        """Its orphaned runs (closed KILLED) that no stage of this pipeline run met again."""
+        met = {s.run_name for s in self.stages if s.action != "blocked"}
+        return [o for o in self.orphaned if o.run_name not in met]
 
     @property
     def eval_metrics(self) -> dict[str, float]:

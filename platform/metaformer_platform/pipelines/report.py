@@ -133,11 +133,15 @@ def plot(data: list[ReportRow], path: Path, title: str) -> Path:
 
 
 def status_lines(result: PipelineResult) -> list[str]:
-    """A line per member: ok or FAILED, what each stage did, and the error."""
+    """A line per member: ok, FAILED or KILLED (a run of it was left RUNNING by a driver that is gone, and
+    closed, and nothing ran it again), what each stage did, the error and the orphaned runs."""
     lines = []
     for m in result.members:
-        stages = ", ".join(f"{s.stage}: {s.action}" for s in m.stages)
-        lines.append(f"  {m.model:<28} {'ok    ' if m.ok else 'FAILED'} {stages}" + (f"\n      {m.error}" if m.error else ""))
+        orphaned = m.still_orphaned
+        stages = ", ".join([f"{s.stage}: {s.action}" for s in m.stages] + [f"{o.stage}: killed (orphaned)" for o in orphaned])
+        status = "FAILED" if not m.ok else "KILLED" if orphaned else "ok    "
+        lines.append(f"  {m.model:<28} {status} {stages}" + (f"\n      {m.error}" if m.error else ""))
+        lines += [f"      {o.stage}: {o.run_name} (MLflow run {o.run_id}) orphaned: {o.detail}" for o in orphaned]
     return lines
 
 

@@ -189,6 +189,7 @@ class PipelineRunner:
         if runnable:
             connect_ray(runnable[0].stages[0].cfg)  # once, here: ray.init from several threads would race
         outcomes = {p.model: MemberOutcome(p.model, error=p.error and redact(p.error)) for p in self.plans}
+        self._close_orphans(experiment_id, outcomes)
         for plan in self.plans:
             if plan.error:
                 self.say(f"[{plan.model}] not run: {plan.error}")
@@ -237,6 +238,30 @@ class PipelineRunner:
         })
         self.client.log_text(run.info.run_id, json.dumps(redact_tree(self.spec.model_dump(mode="json")), indent=2), "pipeline.json")
         return run.info.run_id
+
+    def _close_orphans(self, experiment_id: str, outcomes: dict[str, MemberOutcome]) -> None:
+        """The members' stage runs left RUNNING by a driver that is gone (the lease of the run folder shows it: a
+        pipeline or job SIGKILLed, a lost node): closed KILLED (``tracking.runs.close_orphan``) and noted on the
+        member for the report. A stage that runs again continues its run (RunHandle), as after any stop."""
+        from metaformer_platform.storage import Location
+        from metaformer_platform.tracking.runs import RUN_NAME_TAG, close_orphan
+        from metaformer_platform.training.ownership import lost_driver
+
+        for plan in (p for p in self.plans if p.stages):
+            running = self.client.search_runs([experiment_id], filter_string=(
+                f"tags.`{TAG_PIPELINE}` = '{self.spec.name}' and tags.`{TAG_MEMBER}` = '{plan.stages[0].member}' "
+                "and attributes.status = 'RUNNING'"))
+            for run in running:
+                name, stage_name = run.data.tags.get(RUN_NAME_TAG), run.data.tags.get(TAG_PIPELINE_STAGE, "")
+                stage = next((s for s in plan.stages if s.name == stage_name), plan.stages[0])
+                lost = lost_driver(Location.parse(stage.cfg.run.storage_path).join(name).uri) if name else None
+                if lost is None:  # alive, or no lease to tell: left alone
+                    continue
+                step = close_orphan(self.client, run, lost.why, lost.last_seen)
+                detail = f"driver lost ({lost.why}); MLflow run closed KILLED at step {step if step is not None else 'none'}"
+                outcomes[plan.model].orphaned.append(
+                    StageOutcome(plan.model, stage_name, "orphaned", name, run.info.run_id, detail=detail))
+                self.say(f"[{plan.model}] {stage_name}: {name}: {detail}")
 
     def _close_stopped(self, parent: str, stopped: JobStopped) -> None:
         """The parent run, like its stopped stages: KILLED with the signal's tag; re-running continues them."""

@@ -22,7 +22,7 @@ from metaformer_platform.storage.redact import MASK, redact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-    from mlflow.entities import LoggedModel
+    from mlflow.entities import LoggedModel, Run
     from mlflow.utils.async_logging.run_operations import RunOperations
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 RUN_NAME_TAG = "metaformer.run_name"
 STAGE_TAG = "metaformer.stage"
 STOPPED_TAG = "metaformer.stopped"  # a run stopped by SIGTERM/SIGINT (status KILLED): the signal, "-forced" if cut short
+ORPHANED_TAG = "metaformer.orphaned"  # a run closed KILLED by whoever met it after its driver was lost: "driver-lost"
+ORPHANED_WHY_TAG = "metaformer.orphaned_why"  # how the lease showed the driver gone
+ORPHANED_STEP_METRIC = "run/orphaned_at_step"  # the last step it logged before its driver was lost
 PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
 # MLflow 3's UI opens an experiment on its GenAI "Traces" overview unless it takes the experiment for model
 # training. Its bundle (mlflow/server/js) reads the kind from this experiment tag (MLflow's Python package
@@ -167,9 +170,14 @@ class RunHandle:
         self.resumed = bool(previous)
         if previous:
             self.run_id = previous[0].info.run_id
+            set_before = set(previous[0].data.tags)
+            if previous[0].info.status == "RUNNING":  # this job holds the run name now: its last driver is gone
+                close_orphan(self.client, previous[0], "its run name was taken over by a new job")
+                set_before |= {ORPHANED_TAG, ORPHANED_WHY_TAG}
             self.client.update_run(self.run_id, status="RUNNING")
-            if STOPPED_TAG in previous[0].data.tags:  # stopped before, running again
-                self.client.delete_tag(self.run_id, STOPPED_TAG)
+            for tag in (STOPPED_TAG, ORPHANED_TAG, ORPHANED_WHY_TAG):  # stopped or orphaned before, running again
+                if tag in set_before:
+                    self.client.delete_tag(self.run_id, tag)
             # The configured tags hold for the run as it continues now (a pipeline's parent run, say).
             for key, value in cfg.tracking.tags.items():
                 self.client.set_tag(self.run_id, key, redact(value))
@@ -257,6 +265,24 @@ class RunHandle:
             where = (f"run `{mlflow_cli} ui --backend-store-uri {uri}` and open "
                      f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}{UI_TRAINING_VIEW}")
         return f"MLflow run {self.run_id} (experiment {self.cfg.tracking.experiment!r}): {where}"
+
+
+def close_orphan(client: MlflowClient, run: Run, why: str, last_seen: float | None = None) -> int | None:
+    """Close ``run``, left RUNNING by a driver that is gone (its lease shows it: ``ownership.lost_driver``), as
+    KILLED with ``metaformer.orphaned=driver-lost``, ``why`` and the last step it logged (the metric
+    ``run/orphaned_at_step``, at that step), ended when its driver was last seen. Returns that step."""
+    steps = [max((m.step for m in client.get_metric_history(run.info.run_id, key)), default=-1)
+             for key in run.data.metrics if not key.startswith("system/") and key != ORPHANED_STEP_METRIC]
+    step = max(steps, default=-1)
+    client.set_tag(run.info.run_id, ORPHANED_TAG, "driver-lost")
+    client.set_tag(run.info.run_id, ORPHANED_WHY_TAG, why)
+    if step >= 0:
+        client.log_metric(run.info.run_id, ORPHANED_STEP_METRIC, float(step), step=step)
+    client.set_terminated(run.info.run_id, status="KILLED",
+                          end_time=int(last_seen * 1000) if last_seen is not None else None)
+    log.warning("MLflow run %s (%s) was left RUNNING by a driver that is gone (%s): closed KILLED at step %s",
+                run.info.run_id, run.data.tags.get(RUN_NAME_TAG, run.info.run_name), why, step if step >= 0 else "none")
+    return step if step >= 0 else None
 
 
 def _param_value(value: object) -> str:

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from metaformer_platform.storage import checkpoint_format as fmt
+from metaformer_platform.training.quarantine import is_placeholder, quarantine_registered
 
-CHECKPOINT_DIR = re.compile(r"checkpoint-(\d{8})")  # the names the Trainer reports: checkpoint-NNNNNNNN
+CHECKPOINT_DIR = re.compile(r"checkpoint-(\d{8})(?:-(\d+))?")  # the names reported: checkpoint-NNNNNNNN[-R]
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -46,60 +47,111 @@ class RngState(TypedDict):
 
 
 def checkpoint_step(name: str) -> int | None:
-    """The step of a ``checkpoint-NNNNNNNN`` folder name, else None."""
+    """The step of a ``checkpoint-NNNNNNNN`` folder name (``checkpoint-NNNNNNNN-R``: a step redone), else None."""
     match = CHECKPOINT_DIR.fullmatch(name)
     return int(match.group(1)) if match else None
+
+
+def _order(name: str) -> tuple[int, int]:
+    """Newest first by this key: the step, then the redo count (a redone step is newer than the folder it redoes)."""
+    match = CHECKPOINT_DIR.fullmatch(name)
+    assert match is not None, name
+    return int(match.group(1)), int(match.group(2) or 0)
+
+
+def checkpoint_dir_name(fs: pyarrow.fs.FileSystem, run_path: str, step: int) -> str:
+    """The folder name a checkpoint of ``step`` is reported under: ``checkpoint-NNNNNNNN``, or, when that name
+    is a quarantined folder's placeholder (see ``quarantine_registered``), ``checkpoint-NNNNNNNN-R``: Ray
+    still lists the placeholder and deletes it by its path when it prunes it, so the redone step needs a
+    path of its own. Every rank asks the same storage, so every rank uploads its part to the same folder."""
+    base, redo = f"checkpoint-{step:08d}", 0
+    name = base
+    while is_placeholder(fs, f"{run_path}/{name}"):
+        redo += 1
+        name = f"{base}-{redo}"
+    return name
 
 
 @dataclass(frozen=True)
 class Recovery:
     """What to do with a run folder before (re)starting: resume from ``resume`` (a folder name, or None for
-    whatever Ray hands over), register it with Ray when ``adopt``, and delete ``remove``."""
+    whatever Ray hands over), register it with Ray when ``adopt``, delete ``remove``, and move ``quarantine``
+    (folders Ray registered that are not complete any more: (name, why)) to ``_quarantine/``."""
 
     resume: str | None
     adopt: bool = False
     remove: tuple[str, ...] = field(default_factory=tuple)
+    quarantine: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
 
-def plan_recovery(complete: Mapping[str, bool], registered: Iterable[str], latest: str | None) -> Recovery:
+def plan_recovery(complete: Mapping[str, bool], registered: Iterable[str], latest: str | None,
+                  why: Mapping[str, str] | None = None) -> Recovery:
     """Decide from the run folder's checkpoints (name -> complete) and the names Ray registered.
 
     A folder Ray never registered was uploaded by a worker that died before the controller collected its
-    report (or was left by a prune that was cut short). The newest complete one newer than Ray's ``latest``
-    holds the most training: resume from it and register it. Every other unregistered folder (partial
-    uploads, older leftovers) can never be resumed from or pruned by Ray: remove it.
+    report (or was left by a prune that was cut short). The newest complete one newer than the newest complete
+    folder Ray registered holds the most training: resume from it and register it. Every other unregistered
+    folder (partial uploads, older leftovers) can never be resumed from or pruned by Ray: remove it.
+    A registered folder that is not complete (a file truncated or altered since: ``why`` says how), newer
+    than the one resumed from, is quarantined: resuming from it would fail the same way on every restart.
+    A registered name missing from ``complete`` (gone, or a quarantined folder's placeholder) is skipped.
     """
     known = set(registered)
-    latest_step = checkpoint_step(latest) if latest else None
-    floor = -1 if latest_step is None else latest_step
-    orphans = {name: step for name in complete if name not in known and (step := checkpoint_step(name)) is not None}
-    newer = [name for name, step in orphans.items() if step > floor and complete[name]]
-    adopt = max(newer, key=orphans.__getitem__) if newer else None
-    remove = tuple(sorted(name for name in orphans if name != adopt))
-    return Recovery(resume=adopt or latest, adopt=adopt is not None, remove=remove)
+    ours = {name for name in complete if checkpoint_step(name) is not None}
+    good = [name for name in ours if name in known and complete[name]]
+    base = max(good, key=_order) if good else None
+    floor = _order(base) if base else (-1, -1)
+    bad = tuple(sorted(((name, (why or {}).get(name, "incomplete")) for name in ours
+                        if name in known and not complete[name] and _order(name) > floor), key=lambda b: _order(b[0])))
+    newer = [name for name in ours if name not in known and _order(name) > floor and complete[name]]
+    adopt = max(newer, key=_order) if newer else None
+    remove = tuple(sorted(name for name in ours if name not in known and name != adopt))
+    del latest  # Ray's latest is the newest registered: the complete ones' newest is chosen above
+    return Recovery(resume=adopt or base, adopt=adopt is not None, remove=remove, quarantine=bad)
 
 
 def is_complete_on(fs: pyarrow.fs.FileSystem, path: str) -> bool:
     """``is_complete`` for a folder on the pyarrow filesystem Ray stores checkpoints on."""
+    return incomplete_reason_on(fs, path) is None
+
+
+def incomplete_reason_on(fs: pyarrow.fs.FileSystem, path: str) -> str | None:
+    """``incomplete_reason`` (the strict marker: listing, marker, sizes; sha256 on a local folder) for a
+    folder on the pyarrow filesystem Ray stores checkpoints on."""
     import pyarrow.fs as pafs
 
-    return fmt.is_complete(f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path)
+    return fmt.incomplete_reason(f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path)
 
 
 def recover_run_folder(
     fs: pyarrow.fs.FileSystem, run_path: str, registered: Iterable[str], latest: str | None
 ) -> Recovery:
-    """``plan_recovery`` over the checkpoint folders in ``run_path``, then delete what it removes."""
+    """``plan_recovery`` over the checkpoint folders in ``run_path``, then delete what it removes and move
+    what it quarantines (leaving Ray a placeholder: ``quarantine_registered``).
+
+    Registered folders are checked newest first only until one is complete (the strict marker: its listing and
+    sizes, and on a local folder the digests the resume reads): a registered folder was complete when Ray
+    registered it, but a file can be cut short or replaced since, and resuming from it would then fail on
+    every restart of the worker group. Unregistered folders are all checked (each is adopted or removed)."""
     import pyarrow.fs as pafs
 
     infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
-    folders = [i.base_name for i in infos if i.type == pafs.FileType.Directory and checkpoint_step(i.base_name) is not None]
+    folders = [i.base_name for i in infos if i.type == pafs.FileType.Directory and checkpoint_step(i.base_name) is not None
+               and not is_placeholder(fs, f"{run_path}/{i.base_name}")]
     registered = set(registered)
-    # Registered folders are complete by construction (every rank had uploaded); only orphans are read.
-    complete = {name: name in registered or is_complete_on(fs, f"{run_path}/{name}") for name in folders}
-    plan = plan_recovery(complete, registered, latest)
+    why: dict[str, str] = {}
+    for name in sorted((n for n in folders if n not in registered), key=_order):
+        why[name] = incomplete_reason_on(fs, f"{run_path}/{name}") or ""
+    for name in sorted((n for n in folders if n in registered), key=_order, reverse=True):
+        why[name] = incomplete_reason_on(fs, f"{run_path}/{name}") or ""
+        if not why[name]:
+            break
+    complete = {name: not why.get(name, "") for name in folders}
+    plan = plan_recovery(complete, registered, latest, why)
     for name in plan.remove:
         fs.delete_dir(f"{run_path}/{name}")
+    for name, reason in plan.quarantine:
+        quarantine_registered(fs, run_path, name, reason)
     return plan
 
 

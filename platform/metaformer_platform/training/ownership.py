@@ -40,13 +40,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from metaformer_platform.storage import checkpoint_format as fmt
+from metaformer_platform.training.quarantine import (
+    QUARANTINE as QUARANTINE,  # re-exported: where recovery sets folders aside
+)
+from metaformer_platform.training.quarantine import quarantine_folder
 
 if TYPE_CHECKING:
     import pyarrow.fs
 
 log = logging.getLogger(__name__)
 
-QUARANTINE = "_quarantine"
 HEARTBEAT_S = 15.0
 LEASE_TTL_S = 120.0  # 8 missed heartbeats: a driver that stopped renewing is gone, not slow
 SETTLE_S = 0.5
@@ -170,19 +173,61 @@ def _died_here(lease: Mapping[str, object]) -> bool:
     return False
 
 
+def _heartbeat(lease: Mapping[str, object]) -> float:
+    heartbeat = lease.get("heartbeat")
+    return float(heartbeat) if isinstance(heartbeat, int | float) else 0.0
+
+
+def holder_gone(lease: Mapping[str, object], *, ttl_s: float = LEASE_TTL_S, now: float | None = None) -> str | None:
+    """Why the job that holds ``lease`` (an ``_owner.json``) is gone, or None while it may be alive: it released
+    the name, its driver's pid is gone (known only on the host it ran on), or its heartbeat is older than
+    ``ttl_s`` (the lease expired: the driver stopped renewing it)."""
+    if lease.get("released"):
+        return "its job released the run name"
+    if _died_here(lease):
+        return f"its driver (pid {lease.get('pid')} on {lease.get('host')}) is gone"
+    age = (time.time() if now is None else now) - _heartbeat(lease)
+    if age >= ttl_s:
+        return f"its driver's lease expired: last renewed {age:.0f} s ago (expiry {ttl_s:.0f} s)"
+    return None
+
+
+@dataclass(frozen=True)
+class LostDriver:
+    """A run folder whose lease shows a driver that is gone: why, and when it was last seen (epoch seconds;
+    None when its lease says nothing: a released one)."""
+
+    why: str
+    last_seen: float | None
+
+
+def lost_driver(run_dir: str, *, ttl_s: float = LEASE_TTL_S, now: float | None = None) -> LostDriver | None:
+    """Whether the job holding the run folder ``run_dir`` (local or s3://) is gone (``holder_gone``), reading
+    only its ``_owner.json``. None while the holder may be alive, and when there is no lease to judge by (no
+    folder, or one from before leases): only a lease says a driver is gone."""
+    from metaformer_platform.storage import Location
+
+    loc = Location.parse(run_dir)
+    lease = fmt.read_json(loc.filesystem(), f"{loc.fs_path}/{fmt.OWNER_FILE}")
+    if not lease:
+        return None
+    why = holder_gone(lease, ttl_s=ttl_s, now=now)
+    if why is None:
+        return None
+    return LostDriver(why, _heartbeat(lease) or None)
+
+
 def _refuse_if_live(current: Mapping[str, object] | None, run_name: str, storage_path: str, ttl_s: float,
                     now: float | None) -> None:
-    if not current or current.get("released") or _died_here(current):
+    if not current or holder_gone(current, ttl_s=ttl_s, now=now) is not None:
         return
-    heartbeat = current.get("heartbeat")
-    age = (time.time() if now is None else now) - (float(heartbeat) if isinstance(heartbeat, int | float) else 0.0)
-    if age < ttl_s:
-        raise ValueError(
-            f"run.name={run_name!r} under {storage_path} is in use by a live job (host {current.get('host')!r}, "
-            f"pid {current.get('pid')}, last heartbeat {max(age, 0):.0f} s ago): two jobs under one run name "
-            "would overwrite each other's checkpoints and MLflow run. Choose another run.name, or wait for that "
-            f"job to end (a job whose driver died releases the name {ttl_s:.0f} s after its last heartbeat)"
-        )
+    age = (time.time() if now is None else now) - _heartbeat(current)
+    raise ValueError(
+        f"run.name={run_name!r} under {storage_path} is in use by a live job (host {current.get('host')!r}, "
+        f"pid {current.get('pid')}, last heartbeat {max(age, 0):.0f} s ago): two jobs under one run name "
+        "would overwrite each other's checkpoints and MLflow run. Choose another run.name, or wait for that "
+        f"job to end (a job whose driver died releases the name {ttl_s:.0f} s after its last heartbeat)"
+    )
 
 
 def quarantine_foreign(fs: pyarrow.fs.FileSystem, run_path: str, registered: Iterable[str], run_id: str) -> list[str]:
@@ -204,22 +249,9 @@ def quarantine_foreign(fs: pyarrow.fs.FileSystem, run_path: str, registered: Ite
         # deletes it); the digests are checked where the files are read
         if fmt.written_by(fs, folder, run_id) and fmt.signature_reason(_location(fs, folder)) is None:
             continue
-        dest = f"{run_path}/{QUARANTINE}/{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        fs.create_dir(f"{run_path}/{QUARANTINE}")
-        _move_dir(fs, f"{run_path}/{name}", dest)
+        quarantine_folder(fs, run_path, name)
         moved.append(name)
     return moved
-
-
-def _move_dir(fs: pyarrow.fs.FileSystem, src: str, dest: str) -> None:
-    """Rename a folder locally; on object storage (no folder renames) copy it, then delete the source."""
-    from pyarrow import fs as pafs
-
-    if isinstance(fs, pafs.LocalFileSystem):
-        fs.move(src, dest)
-        return
-    pafs.copy_files(src, dest, source_filesystem=fs, destination_filesystem=fs)
-    fs.delete_dir(src)
 
 
 def native_checkpoint_refusal(fs: pyarrow.fs.FileSystem, folder: str) -> str | None:
