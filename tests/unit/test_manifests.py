@@ -352,6 +352,10 @@ def test_pods_get_their_credentials_from_the_example_secrets() -> None:
         for g in group:
             for container in g["template"]["spec"]["containers"]:
                 assert {"secretRef": {"name": "metaformer-credentials"}} in container["envFrom"], kind
+    # the checkpoint signing key reaches every Ray pod from that Secret, one value for all (storage/checkpoint_format)
+    from metaformer_platform.storage.checkpoint_format import KEY_ENV
+
+    assert KEY_ENV in secrets["metaformer-credentials"]["stringData"]
 
 
 RAY_TOKEN_REF = {"name": "metaformer-ray-token", "key": "auth_token"}
