@@ -91,11 +91,12 @@ def test_a_crafted_s3_checkpoint_is_refused_by_every_load_path(s3_env, tmp_path,
         run_job(_cfg(tmp_path, bucket, f"run.resume_from={uri}"))  # the whole job stops before Ray starts
     assert not storage.exists(f"s3://{bucket}/trust-runs/trust-job/{fmt.OWNER_FILE}")  # nothing claimed
 
-    # dropped into a run folder on the job's storage: the stamps name another run than the folder's owner
+    # dropped into a run folder on the job's storage, stamped as another run's: refused for its missing signature
+    # (what the stamps say no longer decides a native read)
     run = f"s3://{bucket}/trust-runs/victim"
     storage.write_bytes(storage.Location.parse(f"{run}/{fmt.OWNER_FILE}"), json.dumps({"run_id": "v"}).encode())
     dropped = _upload(tmp_path / "crafted", f"{run}/checkpoint-00000009")
-    with pytest.raises(ValueError, match="stamps do not name run v"):
+    with pytest.raises(ValueError, match="refused, unread: its marker is not signed"):
         check_resume_from(_cfg(tmp_path, bucket, f"run.resume_from={dropped}"))
     moved = ownership.quarantine_foreign(storage.Location.parse(run).filesystem(), storage.Location.parse(run).fs_path,
                                          registered=[], run_id="v")
