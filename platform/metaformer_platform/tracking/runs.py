@@ -154,7 +154,8 @@ def call_server(uri: str, endpoint: str, body: Mapping[str, object], *,
     try:
         response = http_request(get_default_host_creds(uri), endpoint, "POST", max_retries=1, backoff_factor=0,
                                 timeout=timeout, json=dict(body))
-    except MlflowException as err:  # its text holds the URI as given: say what happened, not what it said
+    except (MlflowException, OSError, ValueError) as err:  # requests' errors, an invalid URL (requests, urllib3):
+        # their text holds the URI as given: say what happened, not what it said
         what = f"no answer within {timeout:g} s" if "timeout" in str(err).lower() else "no connection"
         raise ServerError(uri, None, what) from None
     if response.status_code != 200:
