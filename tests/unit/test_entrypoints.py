@@ -3,11 +3,16 @@ the fix, before Ray."""
 
 from __future__ import annotations
 
+import base64
+import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -37,31 +42,38 @@ def test_help_lists_every_config_key():
 # RAY_ADDRESS names a dead port: were Ray reached, the case would hang, then fail. The exit path of a real
 # process (`sys.exit(run_main(...))`) is the --help test's.
 RUN_CASES = """
-import contextlib, io, json, os, runpy, sys
+import contextlib, io, json, os, runpy, sys, time
 main = runpy.run_path(sys.argv[1], run_name="not_main")
 stage = os.path.basename(sys.argv[1]).removesuffix(".py")
 out = []
 for args, cwd in json.load(sys.stdin):
     os.chdir(cwd)
     err = io.StringIO()
+    start = time.monotonic()
     with contextlib.redirect_stderr(err):
         try:
             code = main["run_main"](stage, main["__doc__"], argv=args, default_config=main.get("DEFAULT_CONFIG"))
         except SystemExit as exit_:  # argparse's own errors
             code = exit_.code
-    out.append([code, err.getvalue()])
+    out.append([code, err.getvalue(), time.monotonic() - start, "ray" in sys.modules])
 print(json.dumps(out))
 """
 
 
-def _run_cases(cases: list[tuple[list[str], Path]], job: Path = PRETRAIN) -> list[tuple[int, str]]:
+def _run_cases_timed(cases: list[tuple[list[str], Path]], job: Path = PRETRAIN) -> list[tuple[int, str, float, bool]]:
+    """Each case's exit code, stderr, seconds, and whether Ray had been imported by then (the cases run in
+    order, in one process: once a case imports Ray, the later ones say True too)."""
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
     proc = subprocess.run(
         [sys.executable, "-c", RUN_CASES, str(job)], input=json.dumps([[a, str(c)] for a, c in cases]),
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [(code, err) for code, err in json.loads(proc.stdout.strip().splitlines()[-1])]
+    return [(code, err, seconds, ray) for code, err, seconds, ray in json.loads(proc.stdout.strip().splitlines()[-1])]
+
+
+def _run_cases(cases: list[tuple[list[str], Path]], job: Path = PRETRAIN) -> list[tuple[int, str]]:
+    return [(code, err) for code, err, _, _ in _run_cases_timed(cases, job)]
 
 
 BAD_INPUT = [
@@ -132,9 +144,9 @@ def test_malformed_manifest_and_bad_model_kwargs_are_refused_before_ray(tmp_path
 
 
 def test_a_tracking_password_never_reaches_the_console(tmp_path):
-    """A job whose MLflow server is unreachable fails with MLflow's own error, which names the URL it requested:
-    jobs/pretrain.py's error line (and whatever it logged) must name it without the password, whether the
-    password is plain or holds a ``/`` (which makes the URL invalid to requests: a different error, same URL)."""
+    """A job whose MLflow server is unreachable is refused by the preflight (exit 2), naming the URL: jobs/pretrain.py's
+    error line (and whatever it logged) must name it without the password, whether the password is plain or
+    holds a ``/`` (which makes the URL invalid to requests: a different error, same URL)."""
     shards = _tiny_shards(tmp_path / "data")
     passwords = ["s3cr3t-tr4ck1ng", "p/ss-w0rd"]
     common = [f"data.source={shards}", f"run.storage_path={tmp_path / 'runs'}", "model.name=poolformer_debug",
@@ -147,9 +159,9 @@ def test_a_tracking_password_never_reaches_the_console(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     outcomes = json.loads(proc.stdout.strip().splitlines()[-1])
-    for code, err in outcomes:
-        assert code == 1 and "error: the pretrain job failed" in err and "http://alice:***@127.0.0.1:9/" in err, err
-    printed = proc.stdout + proc.stderr + "".join(err for _, err in outcomes)
+    for code, err, *_ in outcomes:
+        assert code == 2 and "error: the MLflow server at " in err and "http://alice:***@127.0.0.1:9/" in err, err
+    printed = proc.stdout + proc.stderr + "".join(err for _, err, *_ in outcomes)
     assert not [pw for pw in passwords if pw in printed], printed[-3000:]
 
 
@@ -199,3 +211,53 @@ def test_an_exports_model_json_cannot_make_evaluate_fetch_a_url(tmp_path):
     assert code == 2, err[-3000:]
     assert "model kwargs that weights may not set: pretrained, pretrained_cfg_overlay" in err, err[-3000:]
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+TRACKING_SECRET = "pw-preflight-7f3a"
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    """A tracking server that refuses every request (HTTP 401), noting the Authorization header it was sent."""
+
+    seen: ClassVar[list[str]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        self.seen.append(self.headers.get("Authorization", ""))
+        self.send_response(401)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_tracking_server_unreachable_or_refusing_exits_2_in_seconds_before_ray(tmp_path):
+    with socket.socket() as sock:  # a port nothing listens on once this closes
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    refusing = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    threading.Thread(target=refusing.serve_forever, daemon=True).start()
+    try:
+        def case(port: int, name: str) -> tuple[list[str], Path]:
+            uri = f"http://metaformer:{TRACKING_SECRET}@127.0.0.1:{port}"
+            return [f"tracking.tracking_uri={uri}", f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}",
+                    f"data.cache_dir={tmp_path / 'cache'}"], tmp_path
+
+        outcomes = _run_cases_timed([case(closed, "down"), case(refusing.server_address[1], "refused")])
+    finally:
+        refusing.shutdown()
+        refusing.server_close()
+    (down, down_err, down_s, down_ray), (refused, refused_err, refused_s, refused_ray) = outcomes
+    assert down == 2, down_err
+    assert f"tracking.tracking_uri = http://metaformer:***@127.0.0.1:{closed}" in down_err
+    assert "start the server" in down_err and "tracking.enabled=false" in down_err
+    assert refused == 2, refused_err
+    assert "HTTP 401" in refused_err and "MLFLOW_TRACKING_USERNAME" in refused_err
+    # asked once, with the credentials MLflow's client sends (here the URI's own), no retry storm
+    assert _Refusing.seen == ["Basic " + base64.b64encode(f"metaformer:{TRACKING_SECRET}".encode()).decode()]
+    assert TRACKING_SECRET not in down_err + refused_err
+    assert down_s < 10 and refused_s < 10, (down_s, refused_s)
+    # nothing started or claimed: Ray not even imported, no run folder or lease, no data generated
+    assert not down_ray and not refused_ray
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+    assert not (tmp_path / "mlflow.db").exists()

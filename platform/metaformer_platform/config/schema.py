@@ -334,6 +334,16 @@ class TrackingConfig(_Section):
     run_name: str | None = Field(None, description="MLflow run name (default: run.name)")
     tags: dict[str, str] = Field(default_factory=dict, description="extra MLflow tags")
     system_metrics: bool = Field(True, description="log CPU/GPU/memory system metrics")
+    buffer_limit: int = Field(
+        100_000, ge=100,
+        description="metric values, params and tags held while the MLflow server is unreachable (training goes "
+        "on); past it new metric values are dropped, counted in the metric tracking/dropped_values",
+    )
+    outage_wait_s: float = Field(
+        300.0, ge=0,
+        description="how long the end of a job waits for an unreachable MLflow server, to deliver what is held "
+        "and to close the run, before it gives up (and says so)",
+    )
 
 
 class JobConfig(_Section):

@@ -95,6 +95,34 @@ def registry_uri(cfg: JobConfig) -> str:
     return resolve_tracking_uri(cfg.tracking.tracking_uri)
 
 
+def check_tracking_servers(cfg: JobConfig) -> None:
+    """Every tracking server the job will talk to answers and lets it in, in seconds (one request each, no
+    retry): the tracking URI when tracking is on, and the registry URI when ``model.init_from`` is a
+    ``models:/`` URI. An sqlite or local URI needs no server. Runs first: MLflow's own client would retry
+    for minutes, and only after Ray was joined and the run name claimed."""
+    from metaformer_platform.storage.redact import redact
+    from metaformer_platform.tracking.runs import check_server, resolve_tracking_uri, served
+
+    uses: dict[str, str] = {}
+    if cfg.tracking.enabled:
+        uses[resolve_tracking_uri(cfg.tracking.tracking_uri)] = "tracking.tracking_uri"
+    if storage.weights.is_registry_uri(cfg.model.init_from):
+        uses.setdefault(registry_uri(cfg), f"the registry of model.init_from={cfg.model.init_from}")
+    for uri, key in uses.items():
+        if not served(uri) or (err := check_server(uri)) is None:
+            continue
+        where = f"{key} = {redact(uri)}"
+        if err.status in (401, 403):
+            raise ValueError(
+                f"the MLflow server at {where} refuses this client (HTTP {err.status}): set MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account it accepts"
+                + ("" if key.startswith("the registry") else ", or run without tracking: tracking.enabled=false"))
+        fix = "start the server (or name the one that runs)"
+        if key == "tracking.tracking_uri":
+            fix += ", or run without tracking: tracking.enabled=false"
+        raise ValueError(f"the MLflow server at {where} cannot be used ({err.detail}): {fix}")
+
+
 def resolve_init_from(cfg: JobConfig) -> Path | None:
     """``model.init_from`` as a local folder on the driver (None when unset), through the one weights resolver:
     a ``models:/`` URI or an s3:// folder is fetched once into the weights cache; a source that names nothing,

@@ -191,7 +191,9 @@ def _train_worker(plan: JobPlan, launch: Launch) -> dict[str, object]:
         from metaformer_platform.tracking.runs import open_worker_tracker
 
         # launch.tracking_uri is redacted: the credentials come from this node (see worker_tracking_uri)
-        run_tracker = open_worker_tracker(launch.tracking_uri, launch.run_id, system_metrics=cfg.tracking.system_metrics)
+        run_tracker = open_worker_tracker(launch.tracking_uri, launch.run_id, system_metrics=cfg.tracking.system_metrics,
+                                          buffer_limit=cfg.tracking.buffer_limit,
+                                          outage_wait_s=cfg.tracking.outage_wait_s)
     progress, tracker = worker_progress(launch.progress_queue, plan.run_dir, dist, run_tracker,
                                          forward_warnings=not cfg.run.verbose)
     report = checkpoint_reporter(cfg.run.checkpoint_upload, dist, flush=tracker.flush, owner=launch.owner)

@@ -100,7 +100,13 @@ class FinishEvent(_Event):
     step: int
 
 
-Event = StartEvent | MetricsEvent | CheckpointEvent | LogEvent | FinishEvent
+class TrackingEvent(_Event):
+    """The tracking server went out, or is back (``runs.Outbox``): one line each, not one per failed call."""
+
+    message: str
+
+
+Event = StartEvent | MetricsEvent | CheckpointEvent | LogEvent | FinishEvent | TrackingEvent
 
 
 # -- worker side -----------------------------------------------------------------------------------
@@ -185,7 +191,11 @@ def worker_progress(
     """In a Ray Train worker: ``(progress, tracker)``, where rank 0's tracker also feeds the driver's console
     (through ``queue``, the driver's; None: no console) and, when ``forward_warnings`` (Ray's log streaming is
     off), every rank's platform warnings go there too."""
+    from metaformer_platform.tracking.runs import MlflowTracker
+
     sender = ProgressSender(queue, run_dir, tracker, main=dist.is_main)
+    if isinstance(tracker, MlflowTracker):  # its outbox says when the tracking server goes out and is back
+        tracker.outbox.on_change = lambda line: sender.send("tracking", message=line)
     if forward_warnings and sender.queue is not None:
         logging.getLogger(PLATFORM_LOGGER).addHandler(ForwardHandler(sender, dist.rank))
     return sender, sender if dist.is_main else tracker
@@ -352,6 +362,9 @@ class Console:
         from metaformer_platform.storage.redact import redact
 
         self._print(redact(f"[rank {e['rank']}] {e['level']}: {e['message']}"))
+
+    def _on_tracking(self, e: TrackingEvent) -> None:
+        self._print(e["message"])
 
     def _on_finish(self, e: FinishEvent) -> None:
         self.stats.last_step = int(e["step"])

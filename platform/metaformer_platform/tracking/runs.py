@@ -2,28 +2,33 @@
 
 The run is created on the driver before any worker starts, so its status is always settled by the driver
 (FINISHED, or FAILED when the job fails), and a job restarted with the same ``run.name`` continues the same
-MLflow run instead of opening a second one. Workers log metrics asynchronously so the training step never
-waits on the tracking server.
+MLflow run instead of opening a second one. Rank 0 logs through an ``Outbox``: one thread delivers its metrics,
+params and tags in order while training goes on; an unreachable tracking server (an outage of any length) is
+waited out with the values held, up to ``tracking.buffer_limit`` (past it new metric values are dropped and
+counted), and the console says when it went down and when it is back (see docs/operations.md, "Tracking outages").
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, cast
 
 from metaformer_platform.config import JobConfig
 from metaformer_platform.storage.redact import MASK, redact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-    from mlflow.entities import LoggedModel, Run
-    from mlflow.utils.async_logging.run_operations import RunOperations
+    from mlflow.entities import LoggedModel, Metric, Param, Run, RunTag
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,14 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
 UI_TRAINING_VIEW = "?workflowType=machine_learning"
 DATASET_DIGEST_CHARS = 36  # MLflow stores a dataset digest in 36 characters; the full hash goes in the profile
+# One request to a tracking server, never retried by MLflow's client (its default retries a call for about four
+# minutes): an outage is told apart in seconds, and the platform does its own retrying where it waits it out.
+SERVER_TIMEOUT_S = 5.0
+SEND_TIMEOUT_S = 15.0  # a batch's: a busy server may be slow to answer without being out
+RETRY_FIRST_S, RETRY_MAX_S = 0.5, 5.0  # the back-off between tries while a server is down
+DROPPED_METRIC = "tracking/dropped_values"  # how many metric values the outbox dropped at its bound, so far
+# MLflow's limits per log_batch call
+BATCH_ITEMS, BATCH_PARAMS, BATCH_TAGS = 1000, 100, 100
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
@@ -87,14 +100,16 @@ def worker_tracking_uri(sent: str) -> str:
     )
 
 
-def open_worker_tracker(sent_uri: str, run_id: str, *, system_metrics: bool) -> MlflowTracker:
+def open_worker_tracker(sent_uri: str, run_id: str, *, system_metrics: bool, buffer_limit: int = 100_000,
+                        outage_wait_s: float = 300.0) -> MlflowTracker:
     """Rank 0's ``MlflowTracker`` on the URI the driver sent (see ``worker_tracking_uri``); a server that refuses
     the node's credentials (or their absence) fails with what to set, not only MLflow's 401."""
     from mlflow.exceptions import MlflowException
 
     uri = worker_tracking_uri(sent_uri)
     try:
-        return MlflowTracker(uri, run_id, system_metrics=system_metrics)
+        return MlflowTracker(uri, run_id, system_metrics=system_metrics, buffer_limit=buffer_limit,
+                             outage_wait_s=outage_wait_s)
     except MlflowException as err:
         if uri == sent_uri:
             raise
@@ -103,6 +118,98 @@ def open_worker_tracker(sent_uri: str, run_id: str, *, system_metrics: bool) -> 
             "credentials to Ray's workers: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
             "MLFLOW_TRACKING_TOKEN), or MLFLOW_TRACKING_URI with the password, in every Ray node's environment"
         )) from None
+
+
+def served(uri: str) -> bool:
+    """Whether ``uri`` names a tracking server (http/https); an sqlite or local URI needs none."""
+    return uri.startswith(("http://", "https://"))
+
+
+class ServerError(Exception):
+    """A tracking server's request that failed: no answer (``status`` None) or an HTTP error. Its text names the
+    server's URI redacted, never a credential."""
+
+    def __init__(self, uri: str, status: int | None, detail: str) -> None:
+        super().__init__(f"MLflow at {redact(uri)}: {detail}")
+        self.status = status
+        self.detail = detail
+
+    @property
+    def transient(self) -> bool:
+        """An outage (no answer, a timeout, throttling or a server error), not a refusal of the request."""
+        return self.status is None or self.status in (408, 429) or self.status >= 500
+
+
+def call_server(uri: str, endpoint: str, body: Mapping[str, object], *,
+                timeout: float = SERVER_TIMEOUT_S) -> dict[str, object]:
+    """POST ``body`` to ``endpoint`` of the tracking server at ``uri``, with the credentials MLflow's own client
+    sends (MLFLOW_TRACKING_USERNAME/PASSWORD, MLFLOW_TRACKING_TOKEN, or the URI's user info); the JSON answer.
+    Raises ``ServerError``. One immediate second try, no back-off: MLflow's session keeps connections alive, and
+    the server closes an idle one after 5 s (uvicorn's keep-alive), which the next request finds broken (seen:
+    a false outage between two log cadences); the store takes a resent batch once (same timestamps)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        response = http_request(get_default_host_creds(uri), endpoint, "POST", max_retries=1, backoff_factor=0,
+                                timeout=timeout, json=dict(body))
+    except (MlflowException, OSError, ValueError) as err:  # requests' errors, an invalid URL (requests, urllib3):
+        # their text holds the URI as given: say what happened, not what it said
+        what = f"no answer within {timeout:g} s" if "timeout" in str(err).lower() else "no connection"
+        raise ServerError(uri, None, what) from None
+    if response.status_code != 200:
+        raise ServerError(uri, response.status_code, f"HTTP {response.status_code} {response.reason} on {endpoint}")
+    return response.json() if response.text.strip() else {}
+
+
+def check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> ServerError | None:
+    """Whether the tracking server at ``uri`` answers and lets this client in: one search of experiments, the
+    lightest call that needs the same authorisation as a run's logging. None when it does."""
+    try:
+        call_server(uri, "/api/2.0/mlflow/experiments/search", {"max_results": 1}, timeout=timeout)
+    except ServerError as err:
+        return err
+    return None
+
+
+def transient(err: Exception) -> bool:
+    """Whether a tracking call's failure is an outage to wait out (a server's, or a locked sqlite store), not
+    a refusal that sending again cannot change."""
+    if isinstance(err, ServerError):
+        return err.transient
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        return err.get_http_status_code() >= 500
+    return True
+
+
+def retry_outage(action: Callable[[], object], what: str, uri: str, wait_s: float) -> bool:
+    """``action()`` (one call to the tracking store), tried again while the store is out, for up to ``wait_s``
+    seconds; a log line when it is found out, one when it is back or given up. False when given up; a refusal
+    (not an outage) is raised."""
+    start, delay, said = time.monotonic(), RETRY_FIRST_S, False
+    while True:
+        try:
+            action()
+        except Exception as err:
+            if not transient(err):
+                raise
+            waited = time.monotonic() - start
+            if waited >= wait_s:
+                log.error("gave up after %.0f s trying to %s: %s (tracking.outage_wait_s=%g)", waited, what, err,
+                          wait_s)
+                return False
+            if not said:
+                log.warning("%s; retrying to %s for up to %g s (tracking.outage_wait_s)", err, what, wait_s)
+                said = True
+            time.sleep(min(delay, wait_s - waited))
+            delay = min(2 * delay, RETRY_MAX_S)
+            continue
+        if said:
+            log.warning("MLflow at %s is back: done, %s", redact(uri), what)
+        return True
 
 
 def git_commit() -> str:
@@ -251,10 +358,33 @@ class RunHandle:
     def close(self, succeeded: bool, stopped: str | None = None) -> None:
         """FINISHED or FAILED; KILLED with the tag ``metaformer.stopped`` = ``stopped`` (the signal) when the job
         was stopped from outside (``launch/stop.py``): MLflow has no status of its own for a stopped run."""
-        if stopped is not None:
-            self.client.set_tag(self.run_id, STOPPED_TAG, stopped)
         status = "KILLED" if stopped is not None else "FINISHED" if succeeded else "FAILED"
-        self.client.set_terminated(self.run_id, status=status)
+        uri, wait_s = self.tracking_uri, self.cfg.tracking.outage_wait_s
+
+        def tag() -> None:
+            assert stopped is not None
+            if served(uri):  # one request per try: the waiting is retry_outage's, bounded
+                call_server(uri, "/api/2.0/mlflow/runs/set-tag", {"run_id": self.run_id, "key": STOPPED_TAG,
+                                                                   "value": stopped})
+            else:
+                self.client.set_tag(self.run_id, STOPPED_TAG, stopped)
+
+        def terminate() -> None:
+            if served(uri):
+                call_server(uri, "/api/2.0/mlflow/runs/update", {
+                    "run_id": self.run_id, "run_uuid": self.run_id, "status": status,
+                    "end_time": int(time.time() * 1000)})
+            else:
+                self.client.set_terminated(self.run_id, status=status)
+
+        start = time.monotonic()
+        if stopped is not None:
+            retry_outage(tag, f"tag MLflow run {self.run_id} {STOPPED_TAG}={stopped}", uri, wait_s)
+        left = max(0.0, wait_s - (time.monotonic() - start))
+        if not retry_outage(terminate, f"mark MLflow run {self.run_id} {status}", uri, left):
+            log.error("MLflow run %s stays RUNNING at %s: mark it %s when the server is back "
+                      "(MlflowClient().set_terminated(%r, status=%r))", self.run_id, redact(uri), status,
+                      self.run_id, status)
 
     def ui_hint(self) -> str:
         uri = redact(self.tracking_uri)  # printed: a database password in the URI must not be
@@ -290,27 +420,193 @@ def _param_value(value: object) -> str:
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
+Kind = Literal["metric", "param", "tag"]
+
+
+class Outbox:
+    """What rank 0 logs, on its way to the tracking store: a queue (first in, first out) and one thread that
+    sends it in order, in batches, through ``send(metrics, params, tags)``.
+
+    An outage of any length is waited out (tried again with a back-off; the values resent keep their
+    timestamps, which the store takes once), training going on meanwhile. The queue holds at most ``limit``
+    items: past it new metric values are dropped and counted (params and tags are few, and always kept); the
+    count is logged as the metric ``tracking/dropped_values`` once the store is back. ``on_change`` gets one line
+    when the store goes out and one when it is back (the driver's console), not one per failed call. A batch the
+    store refuses (not an outage) is dropped with a warning: sending it again would be refused again."""
+
+    def __init__(self, send: Callable[[list[Metric], list[Param], list[RunTag]], None], *, limit: int,
+                 where: str, on_change: Callable[[str], None] | None = None) -> None:
+        self._send = send
+        self.limit = limit
+        self.where = where  # the store's URI, redacted: for the lines
+        self.on_change = on_change
+        self._items: deque[tuple[Kind, Metric | Param | RunTag]] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._abandoned = threading.Event()
+        self.down_since: float | None = None  # time.monotonic() of the first failure of the outage
+        self.dropped = 0  # metric values not queued: the queue was full
+        self.refused = 0  # values the store refused (not an outage)
+        self._dropped_logged = 0
+        self._last_step = 0
+        self._thread = threading.Thread(target=self._run, name="mlflow-outbox", daemon=True)
+        self._thread.start()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, kind: Kind, item: Metric | Param | RunTag, *, bound: bool = True) -> None:
+        """Queue ``item`` (never waits); a metric value beyond the bound is dropped and counted."""
+        with self._cond:
+            if kind == "metric":
+                self._last_step = max(self._last_step, int(getattr(item, "step", 0)))
+                if bound and len(self._items) >= self.limit:
+                    if not self.dropped:
+                        log.warning("tracking: %d values held for MLflow at %s (tracking.buffer_limit): new metric "
+                                    "values are dropped, and counted in %s", self.limit, self.where, DROPPED_METRIC)
+                    self.dropped += 1
+                    return
+            self._items.append((kind, item))
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        delay = RETRY_FIRST_S
+        while True:
+            with self._cond:
+                while not self._items and not self._closing:
+                    self._cond.wait()
+                if not self._items or self._abandoned.is_set():
+                    return
+                batch = self._head()
+            try:
+                self._send(*_split(batch))
+            except Exception as err:  # judged by transient(): an outage is waited out, a refusal is dropped
+                if transient(err):
+                    self._went_down(err)
+                    if self._abandoned.wait(delay):
+                        return
+                    delay = min(2 * delay, RETRY_MAX_S)
+                    continue
+                self.refused += len(batch)
+                log.warning("tracking: MLflow at %s refused %d values, dropped: %s", self.where, len(batch), err)
+            delay = RETRY_FIRST_S
+            self._sent(len(batch))
+
+    def _head(self) -> list[tuple[Kind, Metric | Param | RunTag]]:
+        """The first items that fit one log_batch call (in order; left in the queue until sent)."""
+        batch: list[tuple[Kind, Metric | Param | RunTag]] = []
+        counts = {"param": 0, "tag": 0}
+        for kind, item in itertools.islice(self._items, BATCH_ITEMS):
+            if kind != "metric":
+                if counts[kind] == (BATCH_PARAMS if kind == "param" else BATCH_TAGS):
+                    break
+                counts[kind] += 1
+            batch.append((kind, item))
+        return batch
+
+    def _sent(self, count: int) -> None:
+        with self._cond:
+            held = len(self._items)
+            for _ in range(count):
+                self._items.popleft()
+            self._cond.notify_all()
+        if self.down_since is not None:
+            self._came_back(held)
+
+    def _went_down(self, err: Exception) -> None:
+        with self._cond:
+            first = self.down_since is None
+            if first:
+                self.down_since = time.monotonic()
+            self._cond.notify_all()  # a flush waits no longer
+        if first:
+            self._tell(f"tracking: MLflow is out ({err}); training goes on, holding what it logs (up to "
+                       f"{self.limit} values) until the server is back")
+
+    def _came_back(self, held: int) -> None:
+        from mlflow.entities import Metric
+
+        assert self.down_since is not None
+        outage, self.down_since = time.monotonic() - self.down_since, None
+        with self._cond:
+            dropped = self.dropped
+        line = f"tracking: MLflow at {self.where} is back after {outage:.0f} s; delivering the {held} values held"
+        if dropped > self._dropped_logged:
+            self._dropped_logged = dropped
+            self.put("metric", Metric(DROPPED_METRIC, float(dropped), int(time.time() * 1000), self._last_step),
+                     bound=False)
+            line += f"; {dropped} metric values were dropped at tracking.buffer_limit ({DROPPED_METRIC})"
+        self._tell(line)
+
+    def _tell(self, line: str) -> None:
+        if self.on_change is not None:
+            log.info("%s", line)
+            self.on_change(line)
+        else:
+            log.warning("%s", line)
+
+    def flush(self) -> None:
+        """Wait until everything queued so far is stored; not while the store is out (training goes on)."""
+        with self._cond:
+            while self._items and self.down_since is None and self._thread.is_alive():
+                self._cond.wait(0.5)
+
+    def close(self, wait_s: float) -> int:
+        """Deliver what is queued, waiting out an outage for up to ``wait_s`` seconds, then stop; returns how
+        many values were not delivered (said in a line)."""
+        start = time.monotonic()
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            while self._items and self._thread.is_alive():
+                down = self.down_since
+                if down is not None and time.monotonic() - max(down, start) >= wait_s:
+                    break
+                self._cond.wait(0.5)
+            left = len(self._items)
+            self._abandoned.set()
+        self._thread.join(timeout=SEND_TIMEOUT_S + 1)
+        if left:
+            self._tell(f"tracking: gave up on MLflow at {self.where} after waiting {time.monotonic() - start:.0f} s "
+                       f"(tracking.outage_wait_s): {left} values not delivered")
+        return left
+
+
+def _split(batch: list[tuple[Kind, Metric | Param | RunTag]]) -> tuple[list[Metric], list[Param], list[RunTag]]:
+    """A batch's metrics, params and tags, each in order."""
+    def of(kind: Kind) -> list[Metric | Param | RunTag]:
+        return [item for k, item in batch if k == kind]
+
+    return (cast("list[Metric]", of("metric")), cast("list[Param]", of("param")),
+            cast("list[RunTag]", of("tag")))
+
+
 class MlflowTracker:
-    """Rank 0's logger: metrics go to an existing run, asynchronously; system metrics when asked.
+    """Rank 0's logger: metrics, params and tags go to an existing run through an ``Outbox`` (training never
+    waits on the tracking server, nor stops for it); system metrics when asked.
 
     A restarted job resumes from its last checkpoint and replays the steps after it, which the attempt
     before the restart may already have logged: each metric keeps the steps it had (``logged_up_to``), so
     no step appears twice. (A resumed job computes the same values: resumes are exact.)
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, *, system_metrics: bool = True) -> None:
+    def __init__(self, tracking_uri: str, run_id: str, *, system_metrics: bool = True, buffer_limit: int = 100_000,
+                 outage_wait_s: float = 300.0) -> None:
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri)
-        self._mlflow = mlflow
+        self.tracking_uri = tracking_uri
         self.run_id = run_id
-        client = mlflow.MlflowClient(tracking_uri)
+        self.outage_wait_s = outage_wait_s
+        self._client = mlflow.MlflowClient(tracking_uri)
+        run = self._client.get_run(run_id)
         self.logged_up_to: dict[str, int] = {
-            key: max(m.step for m in client.get_metric_history(run_id, key))
-            for key in client.get_run(run_id).data.metrics
+            key: max(m.step for m in self._client.get_metric_history(run_id, key))
+            for key in run.data.metrics
             if not key.startswith("system/")  # the system metrics monitor keeps its own step
         }
-        self._pending: list[RunOperations] = []  # the RunOperations of the metrics not yet known to be stored
+        self._params = set(run.data.params)  # MLflow params cannot change: a resumed run keeps its own
+        self.outbox = Outbox(self._send, limit=buffer_limit, where=redact(tracking_uri))
         self._monitor = None
         if system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -318,45 +614,56 @@ class MlflowTracker:
             self._monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=True)
             self._monitor.start()
 
+    def _send(self, metrics: list[Metric], params: list[Param], tags: list[RunTag]) -> None:
+        """One log_batch: to a server as one request (the outbox does the retrying), else to the local store."""
+        if not served(self.tracking_uri):
+            self._client.log_batch(self.run_id, metrics=metrics, params=params, tags=tags)
+            return
+        import json
+
+        from mlflow.protos.service_pb2 import LogBatch
+        from mlflow.utils.proto_json_utils import message_to_json
+
+        body = LogBatch(run_id=self.run_id, metrics=[m.to_proto() for m in metrics],
+                        params=[p.to_proto() for p in params], tags=[t.to_proto() for t in tags])
+        call_server(self.tracking_uri, "/api/2.0/mlflow/runs/log-batch", json.loads(message_to_json(body)),
+                    timeout=SEND_TIMEOUT_S)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        new = {k: float(v) for k, v in metrics.items() if step > self.logged_up_to.get(k, -1)}
-        if new:
-            operations = self._mlflow.log_metrics(new, step=step, run_id=self.run_id, synchronous=False)
-            if operations is not None:  # always, when asynchronous
-                self._pending.append(operations)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if step > self.logged_up_to.get(key, -1):
+                self.outbox.put("metric", Metric(key, float(value), now, step))
 
     def log_params(self, params: Mapping[str, object]) -> None:
         """Params the worker decides (the settings resolved for its device); kept as they were on a resume
         (MLflow params cannot change)."""
-        client = self._mlflow.MlflowClient()
-        existing = client.get_run(self.run_id).data.params
+        from mlflow.entities import Param
+
         for key, value in params.items():
-            if key not in existing:
-                client.log_param(self.run_id, key, _param_value(value))
+            if key not in self._params:
+                self._params.add(key)
+                self.outbox.put("param", Param(key, _param_value(value)))
 
     def set_tag(self, key: str, value: str) -> None:
         """A run tag the worker decides (e.g. the list of an elastic job's resizes); later values replace it."""
-        self._mlflow.MlflowClient().set_tag(self.run_id, key, redact(value))
+        from mlflow.entities import RunTag
+
+        self.outbox.put("tag", RunTag(key, redact(value)))
 
     def flush(self) -> None:
-        """Wait until every metric logged so far is stored.
-
-        Waits on the futures ``log_metrics`` returned, not ``mlflow.flush_async_logging()``: that one stops and
-        restarts MLflow's logging thread, whose idle ``queue.get(timeout=1)`` made every flush (each checkpoint
-        and the end of each job) take a full second when nothing was pending. A failed batch is logged, not
-        raised, as MLflow's own flush does: a tracking hiccup does not stop training."""
-        pending, self._pending = self._pending, []
-        for operations in pending:
-            try:
-                operations.wait()
-            except self._mlflow.exceptions.MlflowException as err:
-                log.warning("some metrics were not stored in MLflow run %s: %s", self.run_id, err)
+        """Wait until every metric logged so far is stored, unless the tracking server is out: then training
+        goes on at once (a checkpoint is not held up by tracking), and the values wait in the outbox."""
+        self.outbox.flush()
 
     def close(self) -> None:
-        """Flush pending metrics (must run before the driver closes the run)."""
+        """Deliver what is held (waiting out an outage up to ``tracking.outage_wait_s``): before the driver
+        closes the run."""
         if self._monitor is not None:
             self._monitor.finish()
-        self.flush()
+        self.outbox.close(self.outage_wait_s)
 
 
 def log_export_model(
