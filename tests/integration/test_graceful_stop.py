@@ -14,10 +14,10 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+from cli_job import pretrain_command
 from mlflow import MlflowClient
 
 from metaformer_platform.storage import checkpoint_format as fmt
@@ -29,15 +29,7 @@ STEPS = 400  # never reached: the job is stopped long before
 
 
 def _command(tmp: Path, mlflow_uri: str, steps: int = STEPS) -> list[str]:
-    return [
-        sys.executable, "jobs/pretrain.py", "model.name=poolformer_debug", "data.synthetic.num_classes=4",
-        "data.synthetic.train_samples=512", "data.synthetic.val_samples=32", "data.synthetic.samples_per_shard=64",
-        f"data.cache_dir={tmp / 'cache'}", "data.num_workers=0", "data.val_split=null", "trainer.batch_size=16",
-        f"trainer.max_steps={steps}", "trainer.checkpoint_every_steps=5", "trainer.log_every_steps=1",
-        "trainer.precision=fp32", "optim.warmup_epochs=0", f"run.storage_path={tmp / 'runs'}", f"run.name={RUN}",
-        "run.num_to_keep=null", "run.max_failures=0", f"tracking.tracking_uri={mlflow_uri}",
-        "tracking.experiment=it-stop", "tracking.system_metrics=false",
-    ]
+    return pretrain_command(tmp, mlflow_uri, run=RUN, experiment="it-stop", steps=steps, batch_size=16)
 
 
 def test_sigterm_checkpoints_the_next_step_closes_the_run_as_stopped_and_the_rerun_resumes_there(

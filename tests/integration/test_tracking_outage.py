@@ -16,13 +16,13 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import devstack
+from cli_job import pretrain_command
 from mlflow import MlflowClient
 
 from metaformer_platform.tracking.runs import RUN_NAME_TAG
@@ -34,15 +34,7 @@ OUTAGE_S = 10.0  # at least: the restart itself takes 8 s or more
 
 
 def _command(tmp: Path, mlflow_uri: str) -> list[str]:
-    return [
-        sys.executable, "jobs/pretrain.py", "model.name=poolformer_debug", "data.synthetic.num_classes=4",
-        "data.synthetic.train_samples=512", "data.synthetic.val_samples=32", "data.synthetic.samples_per_shard=64",
-        f"data.cache_dir={tmp / 'cache'}", "data.num_workers=0", "data.val_split=null", "trainer.batch_size=8",
-        f"trainer.max_steps={STEPS}", "trainer.checkpoint_every_steps=5", "trainer.log_every_steps=1",
-        "trainer.precision=fp32", "optim.warmup_epochs=0", f"run.storage_path={tmp / 'runs'}", f"run.name={RUN}",
-        "run.num_to_keep=null", "run.max_failures=0", f"tracking.tracking_uri={mlflow_uri}",
-        "tracking.experiment=it-outage", "tracking.system_metrics=false",
-    ]
+    return pretrain_command(tmp, mlflow_uri, run=RUN, experiment="it-outage", steps=STEPS, batch_size=8)
 
 
 def _kill_server(svc: devstack.Service) -> None:
