@@ -346,6 +346,18 @@ class TrackingConfig(_Section):
     )
 
 
+class CostConfig(_Section):
+    """Prices for the run ledger's cost figures; unset, the ledger shows hours only (no price is guessed)."""
+
+    accelerator_hour: float | None = Field(
+        None, ge=0, le=10_000, description="price of one accelerator (GPU) for one hour (null: hours only)"
+    )
+    cpu_hour: float | None = Field(
+        None, ge=0, le=10_000, description="price of one CPU worker for one hour, for jobs without GPUs (null: hours only)"
+    )
+    currency: str = Field("USD", pattern=r"^[A-Z]{3}$", description="ISO 4217 code the prices are in")
+
+
 class JobConfig(_Section):
     stage: Literal["pretrain", "finetune", "evaluate"] = Field("pretrain", description="what this job does")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -356,6 +368,7 @@ class JobConfig(_Section):
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
     run: RunSettings = Field(default_factory=RunSettings)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    cost: CostConfig = Field(default_factory=CostConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
