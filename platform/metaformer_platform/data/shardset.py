@@ -230,6 +230,21 @@ class ShardSet:
             left = np.setdiff1d(left, np.concatenate([np.zeros(0, np.int64), *taken]), assume_unique=True)
         return left
 
+    def reads(
+        self, *, world_size: int, num_workers: int, batch_size: int, drop_last: bool, seed: int, epoch: int,
+        shuffle: bool, window: int = 1,
+    ) -> list[list[np.ndarray]]:
+        """The shards each loader worker of each rank reads in a whole pass of `epoch` ([rank][worker]: shard
+        indices, ascending): what `plan` deals, for every rank at once. The driver sizes a job with it; `plan`
+        per rank would cost O(ranks x steps) there (each call builds every rank's schedule)."""
+        batch_schedule(self.num_samples, world_size=world_size, batch_size=batch_size, drop_last=drop_last)
+        order = self.sample_order(seed=seed, epoch=epoch, shuffle=shuffle, window=window)
+        shard_of = np.searchsorted(self._offsets, order, side="right") - 1
+        return [
+            [np.unique(shard_of[offset : offset + sum(sizes)]) for offset, sizes in ranks]
+            for ranks in _deal(self.num_samples, world_size, num_workers, batch_size, drop_last)
+        ]
+
     def plan(
         self,
         *,

@@ -256,12 +256,14 @@ NO_WEIGHTS = (
 )
 
 
-def prepare_evaluation(cfg: JobConfig, weights_folder: Path | None, data_root: str | Path) -> tuple[WeightsInfo, Manifest]:
+def prepare_evaluation(cfg: JobConfig, weights_folder: Path | None, data_root: str | Path, *,
+                       check_files: bool = True) -> tuple[WeightsInfo, Manifest]:
     """Check an evaluate job on the driver; returns (the weights, the manifest). The job plan then sets the
     config to the weights' model (``evaluation_updates``).
 
     Raises ``ValueError`` for no ``model.init_from``, weights of another model than a configured ``model.name``,
-    no validation split, or shards of another label set than the weights'.
+    no validation split, or shards of another label set than the weights'. ``check_files``: whether the
+    manifest's shards must exist (a dry run reads the manifest only).
     """
     from metaformer_platform.data import INFO_NAME, load_manifest
 
@@ -281,7 +283,7 @@ def prepare_evaluation(cfg: JobConfig, weights_folder: Path | None, data_root: s
         )
     if d.val_split is None:
         raise ValueError("an evaluate job scores data.val_split: set it to a split of the data (e.g. data.val_split=val)")
-    manifest = load_manifest(data_root)
+    manifest = load_manifest(data_root, check_files=check_files)
     check_label_set(weights, manifest.num_classes, manifest.class_names, manifest.storage.describe(INFO_NAME))
     check_eval_batches(cfg, manifest)
     return weights, manifest

@@ -12,8 +12,10 @@ from metaformer_platform.config import ConfigError, JobConfig, describe_keys, lo
 from metaformer_platform.launch.stop import JobStopped
 
 
-def parse_job_config(stage: str, description: str, argv: Sequence[str] | None, default_config: Path | None) -> JobConfig:
-    """Parse the command line into a validated config; ``--help`` lists every key with its default."""
+def parse_job_config(stage: str, description: str, argv: Sequence[str] | None,
+                     default_config: Path | None) -> tuple[JobConfig, bool]:
+    """Parse the command line into a validated config and whether it asks for a dry run; ``--help`` lists
+    every key with its default."""
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -24,10 +26,15 @@ def parse_job_config(stage: str, description: str, argv: Sequence[str] | None, d
     parser.add_argument(
         "--verbose", action="store_true", help="also show Ray's own logs (same as run.verbose=true)"
     )
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="check and plan the job, print its layout, steps, shard reads, bytes, checkpoint sizes and estimate, "
+        "and exit (no training; no Ray unless scaling.num_workers=auto names a cluster)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     args = parser.parse_args(argv)
     verbose = ["run.verbose=true"] if args.verbose else []
-    return load_config(args.config, [f"stage={stage}", *args.overrides, *verbose])
+    return load_config(args.config, [f"stage={stage}", *args.overrides, *verbose]), args.dry_run
 
 
 def run_main(stage: str, description: str, argv: Sequence[str] | None = None, default_config: Path | None = None) -> int:
@@ -38,7 +45,10 @@ def run_main(stage: str, description: str, argv: Sequence[str] | None = None, de
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     redact_logging()  # log records and their tracebacks, printed by this process: no password in them
     try:
-        cfg = parse_job_config(stage, description, argv, default_config)
+        cfg, dry = parse_job_config(stage, description, argv, default_config)
+        if dry:
+            print(redact(plan_only(cfg)), flush=True)
+            return 0
         from metaformer_platform.launch.driver import run_job
 
         result = run_job(cfg)
@@ -76,3 +86,21 @@ def run_main(stage: str, description: str, argv: Sequence[str] | None = None, de
     # Ray's exit handlers can end the process before Python flushes a redirected stdout.
     sys.stdout.flush()
     return 0
+
+
+def plan_only(cfg: JobConfig) -> str:
+    """The job's dry run as printed (``launch.dryrun``): planned, sized and estimated, nothing run."""
+    import os
+    import time
+
+    from metaformer_platform.launch.dryrun import dry_run, text
+    from metaformer_platform.launch.plan import build_plan
+
+    start = time.perf_counter()
+    plan = build_plan(cfg, dry_run=True)
+    notes = []
+    if cfg.scaling.num_workers == "auto" and not (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")):
+        notes.append(f"scaling.num_workers=auto and no Ray cluster named (run.ray_address or RAY_ADDRESS): planned "
+                     f"for this machine, {plan.worker_count} worker(s); set scaling.num_workers=N to plan N ranks")
+    run = dry_run(plan, tuple(notes))
+    return text(run, time.perf_counter() - start)

@@ -114,11 +114,12 @@ class _Inputs:
     resume_from: Path | str | None
 
 
-def build_plan(cfg: JobConfig) -> JobPlan:
+def build_plan(cfg: JobConfig, *, dry_run: bool = False) -> JobPlan:
     """Check ``cfg`` and resolve it into a ``JobPlan`` (pretrain, fine-tune and evaluate alike). Raises
-    ``ValueError`` naming the key and the fix for bad input, before any cluster time is spent."""
+    ``ValueError`` naming the key and the fix for bad input, before any cluster time is spent. A ``dry_run``
+    plan reads the manifest only (its shards need not exist: none is listed or opened)."""
     checks.check_tracking_servers(cfg)  # first: the inputs' checks may fetch models:/ weights from the registry
-    inputs = _evaluate_inputs(cfg) if cfg.stage == "evaluate" else _training_inputs(cfg)
+    inputs = _evaluate_inputs(cfg, dry_run) if cfg.stage == "evaluate" else _training_inputs(cfg, dry_run)
     storage_path = checks.resolve_storage_path(cfg.run.storage_path)
     check_run_free(storage_path, cfg.run_name)
     registry = checks.registry_uri(cfg)
@@ -150,11 +151,11 @@ def build_plan(cfg: JobConfig) -> JobPlan:
     )
 
 
-def _training_inputs(cfg: JobConfig) -> _Inputs:
+def _training_inputs(cfg: JobConfig, dry_run: bool) -> _Inputs:
     from metaformer_platform.data import load_manifest
 
     data_root = checks.resolve_data_root(cfg)
-    manifest = load_manifest(data_root)
+    manifest = load_manifest(data_root, check_files=not dry_run)
     checks.check_data(cfg, manifest, data_root)
     local = checks.resolve_init_from(cfg)
     weights = checks.check_init_from(cfg, local)
@@ -162,12 +163,12 @@ def _training_inputs(cfg: JobConfig) -> _Inputs:
     return _Inputs(cfg, data_root, manifest, num_classes, local, weights, checks.check_resume_from(cfg))
 
 
-def _evaluate_inputs(cfg: JobConfig) -> _Inputs:
+def _evaluate_inputs(cfg: JobConfig, dry_run: bool) -> _Inputs:
     local = checks.resolve_init_from(cfg)
     if local is None:
         raise ValueError(checks.NO_WEIGHTS)
     data_root = checks.resolve_data_root(cfg)
-    weights, manifest = checks.prepare_evaluation(cfg, local, data_root)
+    weights, manifest = checks.prepare_evaluation(cfg, local, data_root, check_files=not dry_run)
     return _Inputs(evaluation_config(cfg, weights), data_root, manifest, weights.num_classes, local, weights, None)
 
 
