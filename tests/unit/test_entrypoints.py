@@ -265,3 +265,25 @@ def test_tracking_server_unreachable_or_refusing_exits_2_in_seconds_before_ray(t
     assert not down_ray and not refused_ray
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
     assert not (tmp_path / "mlflow.db").exists()
+
+
+# -- the job dry run (launch/cli.py --dry-run, launch/dryrun.py) --------------------------------------------------
+
+
+def test_pretrain_dry_run_plans_the_embedded_default_and_exits_0_without_ray(tmp_path):
+    blocker = tmp_path / "no-ray" / "ray"  # `import ray` fails in the child: a dry run that needs Ray exits 1
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('the dry run imported ray')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker.parent), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run(
+        [sys.executable, str(PRETRAIN), "--dry-run", f"data.cache_dir={tmp_path / 'cache'}",
+         f"run.storage_path={tmp_path / 'runs'}", "tracking.enabled=false"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "dry run of pretrain poolformer_s12-demo: poolformer_s12 (11,407,306 parameters)" in out.stdout  # 10 classes
+    assert "scaling.num_workers=auto and no Ray cluster named" in out.stdout
+    assert "62 per epoch, 186 in all" in out.stdout  # the default's documented 186 steps on one worker
+    assert "estimate      expected" in out.stdout
+    assert not (tmp_path / "runs" / "poolformer_s12-demo").exists()  # nothing claimed or written
+    assert not (tmp_path / "mlflow.db").exists()

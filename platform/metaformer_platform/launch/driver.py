@@ -71,6 +71,9 @@ def _connect_and_open_run(plan: JobPlan) -> tuple[RunLease, RunHandle | None]:
 
         handle = RunHandle(plan.cfg)
         handle.log_data(plan.cfg, plan.data.root)
+        from metaformer_platform.launch.estimate import start_logging_estimate
+
+        start_logging_estimate(handle.client, handle.run_id, plan)
         return lease, handle
     except BaseException:
         lease.release()

@@ -18,8 +18,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from metaformer_platform.launch import capacity
-from metaformer_platform.launch.estimate import Estimate, estimate_job, images_to_process, job_steps
+from metaformer_platform.launch.estimate import Estimate, job_steps, plan_estimate
 from metaformer_platform.launch.plan import JobPlan
 from metaformer_platform.storage import Location
 
@@ -59,16 +58,17 @@ class DryRun:
 
 def dry_run(plan: JobPlan, notes: tuple[str, ...] = ()) -> DryRun:
     """Size ``plan`` (see the module docstring)."""
-    cfg, layout = plan.cfg, plan.layout
-    n = layout.num_workers
+    import torch
+
+    from metaformer_platform.training.trainer import build_model
+
+    cfg, n = plan.cfg, plan.layout.num_workers
     workers = n[1] if isinstance(n, tuple) else n
-    data = data_figures(plan, workers)
-    params, gmacs = _model_size(plan)
-    est = estimate_job(cfg, workers=workers, use_gpu=layout.use_gpu, cpus_per_worker=layout.cpus_per_worker,
-                       images=images_to_process(cfg, data.samples, workers),
-                       tracking_uri=plan.registry_uri, gmacs_224=gmacs)
-    return DryRun(plan, workers, data, params, checkpoint_sizes(cfg.optim.name, params, workers,
-                                                                ema=cfg.trainer.ema_decay is not None), est, notes)
+    with torch.device("meta"):
+        model = build_model(cfg, int(cfg.model.num_classes or plan.data.num_classes or 1000))
+    params = sum(p.numel() for p in model.parameters())
+    sizes = checkpoint_sizes(cfg.optim.name, params, workers, ema=cfg.trainer.ema_decay is not None)
+    return DryRun(plan, workers, data_figures(plan, workers), params, sizes, plan_estimate(plan), notes)
 
 
 def data_figures(plan: JobPlan, workers: int) -> DataFigures:
@@ -93,21 +93,6 @@ def data_figures(plan: JobPlan, workers: int) -> DataFigures:
     return DataFigures(split, info.num_samples, info.num_shards, steps, total, per_rank, read_bytes, remote)
 
 
-def _model_size(plan: JobPlan) -> tuple[int, float | None]:
-    """(parameters, forward GMACs at 224 px when the capacity table lacks the model) of the planned model."""
-    import torch
-
-    from metaformer_platform.training.trainer import build_model
-
-    cfg = plan.cfg
-    with torch.device("meta"):
-        model = build_model(cfg, int(cfg.model.num_classes or plan.data.num_classes or 1000))
-    params = sum(p.numel() for p in model.parameters())
-    if cfg.model.name in capacity.SIZES:
-        return params, None
-    return params, capacity.forward_gmacs(model, cfg.data.img_size) * (224 / cfg.data.img_size) ** 2
-
-
 def checkpoint_sizes(optimizer: str, params: int, workers: int, *, ema: bool) -> dict[str, tuple[int, int]]:
     """Bytes of one checkpoint written by rank 0 and by each other rank, per strategy: fp32 weights, the
     optimizer's fp32 states, the fp32 EMA (rank 0 writes it whole: ``Strategy.ema_state_dict``). DDP: rank 0
@@ -126,7 +111,9 @@ def checkpoint_sizes(optimizer: str, params: int, workers: int, *, ema: bool) ->
 
 
 def _gb(value: float) -> str:
-    return f"{value / 1e9:,.3f} GB" if value >= 1e7 else f"{value / 1e6:,.3f} MB"
+    if value >= 1e9:
+        return f"{value / 1e9:,.3f} GB"
+    return f"{value / 1e6:,.1f} MB" if value >= 1e6 else f"{value:,.0f} bytes"
 
 
 def text(run: DryRun, seconds: float) -> str:
@@ -167,6 +154,6 @@ def _strategy_key(name: str, zero_stage: int) -> str:
 def _per_rank(reads: tuple[int, ...], loader_workers: int) -> str:
     workers = max(1, loader_workers)
     if len(reads) <= 8:
-        return f"per rank ({workers} loader workers each): {', '.join(map(str, reads))}"
-    return (f"per rank ({workers} loader workers each): min {min(reads)}, median {statistics.median(reads):g}, "
+        return f"per rank ({workers} loader worker(s) each): {', '.join(map(str, reads))}"
+    return (f"per rank ({workers} loader worker(s) each): min {min(reads)}, median {statistics.median(reads):g}, "
             f"max {max(reads)}")

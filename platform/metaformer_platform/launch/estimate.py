@@ -15,14 +15,19 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from metaformer_platform.config import JobConfig
 from metaformer_platform.launch import capacity
+from metaformer_platform.training import hardware
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
     from mlflow.entities import Run
+
+    from metaformer_platform.launch.plan import JobPlan
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +113,69 @@ def estimate_job(cfg: JobConfig, *, workers: int, use_gpu: bool, cpus_per_worker
     price = cfg.cost.accelerator_hour if use_gpu else cfg.cost.cpu_hour
     return Estimate(images, wall, hours, use_gpu, None if price is None else hours * price, cfg.cost.currency,
                     rate.source + (" (evaluation: 3x the training rate)" if cfg.stage == "evaluate" else ""))
+
+
+def plan_estimate(plan: JobPlan) -> Estimate:
+    """The estimate of a planned job at its layout."""
+    cfg = plan.cfg
+    split = cfg.data.train_split if cfg.stage != "evaluate" else str(cfg.data.val_split)
+    return config_estimate(cfg, plan.layout, plan.data.samples[split], plan.data.num_classes, plan.registry_uri)
+
+
+def config_estimate(cfg: JobConfig, layout: hardware.Layout, split_samples: int, data_classes: int | None,
+                    tracking_uri: str | None) -> Estimate:
+    """The estimate of a job of ``cfg`` at ``layout`` (an elastic job at its largest size) that reads a split of
+    ``split_samples`` samples."""
+    n = layout.num_workers
+    workers = n[1] if isinstance(n, tuple) else n
+    gmacs = None if cfg.model.name in capacity.SIZES else _gmacs_224(cfg, data_classes)
+    return estimate_job(cfg, workers=workers, use_gpu=layout.use_gpu, cpus_per_worker=layout.cpus_per_worker,
+                        images=images_to_process(cfg, split_samples, workers), tracking_uri=tracking_uri,
+                        gmacs_224=gmacs)
+
+
+_GMACS: dict[tuple[str, int, int], float] = {}
+
+
+def _gmacs_224(cfg: JobConfig, data_classes: int | None) -> float:
+    """Forward GMACs at 224 px of a model outside the capacity table, counted on the meta device once per
+    model config in a process (a pipeline or a test session plans the same model many times)."""
+    classes = int(cfg.model.num_classes or data_classes or 1000)
+    key = (cfg.model.model_dump_json(), cfg.data.img_size, classes)
+    if key not in _GMACS:
+        import torch
+
+        from metaformer_platform.training.trainer import build_model
+
+        with torch.device("meta"):
+            model = build_model(cfg, classes)
+        _GMACS[key] = capacity.forward_gmacs(model, cfg.data.img_size) * (224 / cfg.data.img_size) ** 2
+    return _GMACS[key]
+
+
+def start_logging_estimate(client: MlflowClient, run_id: str, plan: JobPlan) -> threading.Thread:
+    """``log_estimate`` beside the job, not before it: the estimate waits on MLflow (bounded) and counts the
+    model's MACs, and a job's start should wait on neither. Not a daemon: the driver's exit waits for it."""
+    thread = threading.Thread(target=log_estimate, args=(client, run_id, plan), name="estimate")
+    thread.start()
+    return thread
+
+
+def log_estimate(client: MlflowClient, run_id: str, plan: JobPlan) -> Estimate | None:
+    """Log the job's estimate on its MLflow run (``estimate/*`` metrics and the source tag), for the family
+    report to set against the actuals. Never fails the job: a failure is logged and skipped."""
+    try:
+        est = plan_estimate(plan)
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in est.metrics().items()],
+                         tags=[RunTag(SOURCE_TAG, est.source[:5000])])
+    except Exception as err:  # an estimate is advice: the job goes on without it
+        log.warning("estimate not logged (%s: %s)", type(err).__name__, err)
+        return None
+    log.info("estimate: %s", est.line())
+    return est
 
 
 def table_rate(cfg: JobConfig, *, use_gpu: bool, cpus_per_worker: float, gmacs_224: float | None) -> Rate:

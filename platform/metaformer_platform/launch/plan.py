@@ -209,22 +209,29 @@ def _cluster_layout(cfg: JobConfig) -> hardware.Layout:
     """``scaling.*: auto`` made concrete: the fastest worker layout for the cluster the job runs on (see
     ``training.hardware.resolve_layout``). A local Ray is not started for it: it would take this machine's CPUs
     and GPUs, which are probed directly."""
-    s = cfg.scaling
     if (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
             or ("ray" in sys.modules and sys.modules["ray"].is_initialized())):
         import ray
 
         checks.connect_ray(cfg)
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        layout = hardware.resolve_layout(cfg.scaling, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
     else:
-        import torch
-
-        nodes = [{"CPU": float(hardware.available_cpus()), "GPU": float(torch.cuda.device_count())}]
-    layout = hardware.resolve_layout(s, nodes)
+        layout = machine_layout(cfg)
     log.info(
         "worker layout: %s worker(s) x %g CPU%s (%s)", layout.num_workers, layout.cpus_per_worker,
         " + 1 GPU" if layout.use_gpu else "", layout.reason)
     return layout
+
+
+def machine_layout(cfg: JobConfig) -> hardware.Layout:
+    """``cfg``'s layout when its scaling is set, else the one ``auto`` resolves to on this machine (its CPUs and
+    GPUs probed directly, no Ray): what a plan without a cluster assumes."""
+    s = cfg.scaling
+    if "auto" not in (s.num_workers, s.cpus_per_worker, s.use_gpu):
+        return hardware.Layout.of(s)
+    import torch
+
+    return hardware.resolve_layout(s, [{"CPU": float(hardware.available_cpus()), "GPU": float(torch.cuda.device_count())}])
 
 
 def _any_remote(*sources: str | None) -> bool:

@@ -60,6 +60,10 @@ def run_pipeline(
     preview = runner.preview(experiment_id)
     out(runner.describe(preview))
     if dry_run:
+        from metaformer_platform.pipelines.plan import describe_estimates
+
+        actions = {(m.model, s.stage): s.action for m in preview for s in m.stages}
+        out(describe_estimates(runner.plans, actions, runner.tracking_uri))
         return PipelineResult(runner.spec.name, preview, dry_run=True)
     result = runner.run()
     out("\n" + result.report)

@@ -39,6 +39,7 @@ class StagePlan:
     init_from: str | None  # an explicit input ({model} filled in)
     data_hash: str | None = None
     num_classes: int | None = None  # the head's size: model.num_classes, else the data's
+    samples: int | None = None  # of the split the stage reads (training: train_split; evaluate: val_split)
     input_id: str | None = None  # what the key records about the input (upstream key, URI@version, path)
     key: str | None = None
     run_name: str | None = None
@@ -150,9 +151,9 @@ def expand(spec: PipelineSpec, base_dir: Path, extra_overrides: list[str] | None
     return plans
 
 
-def data_hash(cfg: JobConfig) -> tuple[str, int | None]:
-    """sha256 of the data's ``_info.json`` (which lists every shard's sha256), the data set's identity, and its
-    number of classes."""
+def data_hash(cfg: JobConfig) -> tuple[str, int | None, int]:
+    """sha256 of the data's ``_info.json`` (which lists every shard's sha256), the data set's identity, its
+    number of classes and the samples of the split the stage reads."""
     from metaformer_platform.data import INFO_NAME, load_manifest
     from metaformer_platform.launch import checks
 
@@ -161,12 +162,13 @@ def data_hash(cfg: JobConfig) -> tuple[str, int | None]:
     if cfg.stage == "evaluate":
         if cfg.data.val_split is None:
             raise ValueError("an evaluate stage scores data.val_split: set it (e.g. data.val_split=val)")
-        manifest.split(cfg.data.val_split)  # evaluate reads only this split
+        samples = manifest.split(cfg.data.val_split).num_samples  # evaluate reads only this split
     else:  # splits, num_classes, batch per rank: refused now rather than on the cluster (`auto`: one worker)
         checks.check_data(cfg, manifest, root)
         workers = cfg.scaling.num_workers
         checks.check_rank_batches(cfg, manifest, root, 1 if workers == "auto" else cfg.scaling.max_workers)
-    return hashlib.sha256(manifest.storage.read_bytes(INFO_NAME)).hexdigest(), manifest.num_classes
+        samples = manifest.split(cfg.data.train_split).num_samples
+    return hashlib.sha256(manifest.storage.read_bytes(INFO_NAME)).hexdigest(), manifest.num_classes, samples
 
 
 def check_input(stage: StagePlan, tracking_uri: str | None) -> str:
@@ -214,7 +216,7 @@ def resolve(spec: PipelineSpec, plans: list[MemberPlan], tracking_uri: str | Non
         keys: dict[str, str] = {}
         for stage in plan.stages:
             try:
-                stage.data_hash, classes = data_hash(stage.cfg)  # each stage's own checks (its batch size...)
+                stage.data_hash, classes, stage.samples = data_hash(stage.cfg)  # each stage's own checks
                 check_run_storage(stage.cfg.run.storage_path)
                 stage.num_classes = stage.cfg.model.num_classes or classes
                 if stage.upstream is not None:
@@ -239,3 +241,33 @@ def pipeline_key(spec: PipelineSpec, plans: list[MemberPlan]) -> str:
         "name": spec.name,
         "members": {p.model: p.error or [s.key for s in p.stages] for p in plans},
     })
+
+
+def describe_estimates(plans: list[MemberPlan], actions: dict[tuple[str, str], str], tracking_uri: str | None) -> str:
+    """Per member and stage that would run (``actions``: (member, stage) -> skip/run/resume), the expected wall
+    time, worker-hours and cost at the stage's layout (``launch.estimate``: earlier runs in MLflow, else the
+    capacity model), and the totals. A resumed stage is estimated whole (an upper bound)."""
+    from metaformer_platform.launch.estimate import config_estimate
+    from metaformer_platform.launch.plan import machine_layout
+
+    lines, wall, hours, cost, currency = ["estimates at the planned layouts:"], 0.0, 0.0, 0.0, ""
+    priced = True
+    for plan in plans:
+        if plan.error:
+            continue
+        lines.append(f"  {plan.model}")
+        for stage in plan.stages:
+            if actions.get((plan.model, stage.name), "run") == "skip" or stage.samples is None:
+                continue
+            layout = machine_layout(stage.cfg)
+            est = config_estimate(stage.cfg, layout, stage.samples, stage.num_classes, tracking_uri)
+            auto = " (auto: this machine's)" if stage.cfg.scaling.num_workers == "auto" else ""
+            lines.append(f"    {stage.name:<10} {layout.num_workers} worker(s){auto}: {est.line()}")
+            wall, hours, currency = wall + est.wall_s, hours + est.worker_hours, est.currency
+            priced = priced and est.cost is not None
+            cost += est.cost or 0.0
+    if len(lines) == 1:
+        return "estimates: nothing would run"
+    total = f"{cost:,.2f} {currency}" if priced else "no price (set cost.accelerator_hour / cost.cpu_hour)"
+    lines.append(f"  total: {wall / 3600:,.2f} h of stage wall time, {hours:,.2f} worker-hours, {total}")
+    return "\n".join(lines)
