@@ -3,8 +3,9 @@
 For manifests of ImageNet-1k's size (1,281,167 samples in 1,281 shards) and ImageNet-21k's (14M in 14,000),
 at 8, 64 and 512 ranks, each in a fresh process (so its peak RSS is its own):
 
-- the whole dry run (``jobs/pretrain.py --dry-run``'s path: ``build_plan(dry_run=True)`` + ``dryrun.dry_run``):
-  seconds and peak driver memory (ru_maxrss, and tracemalloc's peak of Python allocations);
+- the whole dry run (``jobs/pretrain.py --dry-run``'s path: ``build_plan(dry_run=True)`` + ``dryrun.dry_run``),
+  after torch's and timm's imports: seconds, and peak driver memory (ru_maxrss, what the plan added to it, and
+  tracemalloc's peak of Python and numpy allocations in a second, traced plan);
 - the shard reads per epoch against the ideal (each shard read once);
 - with ``--per-rank``: ``ShardSet.plan`` called for every rank, as a driver would have to without
   ``ShardSet.reads`` (O(ranks x steps): each call builds every rank's schedule), timed on a few ranks and
@@ -50,14 +51,18 @@ def one(data: str, ranks: int, storage: str, per_rank: bool) -> dict[str, float]
     cfg = load_config(Path("jobs/configs/poolformer_s12.yaml"), [
         f"data.source={data}", f"scaling.num_workers={ranks}", f"run.storage_path={storage}", "tracking.enabled=false",
         "run.name=scale"])
-    tracemalloc.start()
+    import metaformer_platform.training.trainer  # noqa: F401  # torch and timm: imports are not the plan's time
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     run = dry_run(build_plan(cfg, dry_run=True))
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    tracemalloc.start()  # a second plan, traced (tracing slows it: the time above is untraced)
+    dry_run(build_plan(cfg, dry_run=True))
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    out = {"seconds": seconds, "traced_peak_mb": peak / 2**20,
-           "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    out = {"seconds": seconds, "traced_peak_mb": peak / 2**20, "maxrss_mb": after, "rss_added_mb": after - before,
            "reads": run.data.reads, "shards": run.data.shards, "steps_per_epoch": run.data.steps_per_epoch,
            "bytes_per_epoch": run.data.bytes_per_epoch or 0}
     if per_rank:
@@ -93,7 +98,7 @@ def main() -> None:
         print(json.dumps(one(args.one[0], int(args.one[1]), args.one[2], args.per_rank)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"{'data set':<13} {'ranks':>5} {'plan s':>7} {'traced MB':>9} {'RSS MB':>7} {'reads':>7} "
+        print(f"{'data set':<13} {'ranks':>5} {'plan s':>7} {'traced MB':>9} {'RSS MB':>7} {'+RSS MB':>7} {'reads':>7} "
               f"{'x ideal':>7} {'GB/epoch':>9}" + (f" {'per-rank plan s':>15}" if args.per_rank else ""))
         for name, (samples, shards) in SETS.items():
             root = Path(tmp) / name
@@ -102,7 +107,7 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--one", str(root), str(ranks), str(Path(tmp) / "runs")]
                 r = json.loads(subprocess.run(cmd + (["--per-rank"] if args.per_rank else []), check=True,
                                               capture_output=True, text=True).stdout.splitlines()[-1])
-                print(f"{name:<13} {ranks:>5} {r['seconds']:>7.2f} {r['traced_peak_mb']:>9.0f} {r['maxrss_mb']:>7.0f} "
+                print(f"{name:<13} {ranks:>5} {r['seconds']:>7.2f} {r['traced_peak_mb']:>9.0f} {r['maxrss_mb']:>7.0f} {r['rss_added_mb']:>7.0f} "
                       f"{r['reads']:>7} {r['reads'] / r['shards']:>7.2f} {r['bytes_per_epoch'] / 1e9:>9.1f}"
                       + (f" {r['per_rank_plan_s']:>15.1f}" if args.per_rank else ""), flush=True)
 

@@ -185,3 +185,39 @@ def test_a_running_job_logs_its_estimate_on_its_mlflow_run(tmp_path, mlflow_db):
     assert logged.metrics["estimate/worker_hours"] == pytest.approx(192 / 100 / 0.5 * 2 / 3600)
     assert "estimate/cost" not in logged.metrics
     assert runs["cpu (test)"] in logged.tags[estimate.SOURCE_TAG]
+
+
+def test_the_pipeline_dry_run_prints_each_stages_estimate_and_the_total(tmp_path):
+    import yaml
+
+    from metaformer_platform import pipelines
+
+    default = str(REPO / "jobs" / "configs" / "default.yaml")
+    tree = {
+        "name": "est", "members": ["poolformer_debug"], "experiment": "pipe-est",
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "overrides": [f"data.cache_dir={tmp_path / 'cache'}", "data.synthetic.num_classes=4",
+                      "data.synthetic.train_samples=32", "data.synthetic.val_samples=16",
+                      "data.synthetic.samples_per_shard=16", "trainer.batch_size=8", "scaling.num_workers=1",
+                      "scaling.cpus_per_worker=1", "scaling.use_gpu=false", "cost.cpu_hour=3600",
+                      f"run.storage_path={tmp_path / 'runs'}"],
+        "stages": [{"name": "pretrain", "kind": "pretrain", "config": default},
+                   {"name": "evaluate", "kind": "evaluate", "config": default}],
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    lines: list[str] = []
+    pipelines.run_pipeline(path, dry_run=True, out=lines.append)
+    out = "\n".join(lines)
+    # pretrain: 3 epochs of 32 samples in batches of 8 on 1 worker = 12 steps, 96 images; evaluate: 16 images at
+    # 3x the training rate. No earlier run: the capacity model's CPU rate at 1 CPU.
+    planned = pipelines.plan_pipeline(path, out=lambda _: None).plans[0]
+    cfg = planned.stage("pretrain").cfg
+    rate = capacity.cpu_images_per_s("poolformer_debug", cpus=1, img_size=32, gmacs_224=estimate._gmacs_224(cfg, 4))
+    train_s, eval_s = 96 / rate, 16 / (3 * rate)
+    assert "estimates at the planned layouts:" in out
+    assert f"pretrain   1 worker(s): expected {train_s:.0f} s wall, {train_s / 3600:,.2f} worker-hours, " \
+           f"{train_s:,.2f} USD for 96 images; from the capacity model" in out
+    assert f"evaluate   1 worker(s): expected {eval_s:.0f} s wall" in out and "for 16 images" in out
+    assert f"total: {(train_s + eval_s) / 3600:,.2f} h of stage wall time" in out
+    assert f"{train_s + eval_s:,.2f} USD" in out  # 3600 a CPU-hour: the cost is the seconds
