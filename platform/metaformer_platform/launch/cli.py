@@ -12,10 +12,14 @@ from metaformer_platform.config import ConfigError, JobConfig, describe_keys, lo
 from metaformer_platform.launch.stop import JobStopped
 
 
-def parse_job_config(stage: str, description: str, argv: Sequence[str] | None,
-                     default_config: Path | None) -> tuple[JobConfig, bool]:
-    """Parse the command line into a validated config and whether it asks for a dry run; ``--help`` lists
-    every key with its default."""
+def parse_job_config(stage: str, description: str, argv: Sequence[str] | None, default_config: Path | None) -> JobConfig:
+    """Parse the command line into a validated config; ``--help`` lists every key with its default."""
+    return _parse(stage, description, argv, default_config)[0]
+
+
+def _parse(stage: str, description: str, argv: Sequence[str] | None,
+           default_config: Path | None) -> tuple[JobConfig, bool]:
+    """The command line's config, and whether it asks for a dry run (``--dry-run``)."""
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -45,7 +49,7 @@ def run_main(stage: str, description: str, argv: Sequence[str] | None = None, de
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     redact_logging()  # log records and their tracebacks, printed by this process: no password in them
     try:
-        cfg, dry = parse_job_config(stage, description, argv, default_config)
+        cfg, dry = _parse(stage, description, argv, default_config)
         if dry:
             print(redact(plan_only(cfg)), flush=True)
             return 0
