@@ -43,7 +43,11 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "integration")]
 import devstack  # noqa: E402
 
 MICRO_BATCH, IMG, SHARD, SHARDS = 8, 32, 64, 6  # 6 shards of 64 samples: fewer shards than ranks
-ELASTIC_BATCH = 6  # per rank at 8 ranks: a global batch of 48, 8 per rank at 6 and 12 at 4
+# The shuffle window is one shard, as ImageNet's 1,000-sample window is about one of its shards: a window larger
+# than this small set (the default 1,000) would have every rank read every shard each epoch.
+# [4, 8] keeps one global batch at every size from 4 to 8, so it must divide by each: lcm(4..8) = 840, 105 per rank
+# at 8, 140 at 6. Its own set: 6 shards of 560 samples, 4 steps per epoch.
+ELASTIC_BATCH, ELASTIC_SHARD = 105, 560
 ENV = {  # as tests/conftest.py sets them for the suite
     "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true",
     "AWS_EC2_METADATA_DISABLED": "true", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
@@ -104,12 +108,13 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _config(tmp: Path, data: str, name: str, *extra: str) -> Any:
+def _config(tmp: Path, data: str, name: str, *extra: str, shard: int = SHARD) -> Any:
     from metaformer_platform.config import load_config
 
     return load_config(None, [
         "model.name=poolformer_debug", f"data.source={data}", f"data.img_size={IMG}", "data.auto_augment=null",
-        "data.num_workers=0", "data.re_prob=0", "data.mixup_alpha=0", "data.cutmix_alpha=0", "data.val_split=null",
+        "data.num_workers=0", f"data.shuffle_buffer={shard}", "data.re_prob=0", "data.mixup_alpha=0",
+        "data.cutmix_alpha=0", "data.val_split=null",
         f"data.cache_dir={tmp / 'cache'}", "trainer.precision=fp32", "trainer.channels_last=true",
         "trainer.torch_threads=1", "trainer.log_every_steps=1", "optim.warmup_epochs=0",
         "scaling.cpus_per_worker=1", "scaling.use_gpu=false", f"run.storage_path={tmp / 'runs'}", f"run.name={name}",
@@ -125,16 +130,18 @@ def _median_metric(tracking_uri: str, run_id: str, key: str, skip: int = 3) -> f
     return statistics.median(values[skip:] or values)
 
 
-def overhead(tmp: Path, data: str, proxy: CountingProxy, ranks: list[int], steps: int) -> list[dict[str, Any]]:
+def overhead(tmp: Path, data: str, proxy: CountingProxy, ranks: list[int], steps: int,
+             strategies: list[str]) -> list[dict[str, Any]]:
     """DDP at each rank count (and FSDP2 at the largest): step times and S3 traffic per sample."""
     from metaformer_platform.launch.driver import run_job
 
     rows = []
-    for strategy, n in [("ddp", n) for n in ranks] + [("fsdp", max(ranks))]:
+    jobs = [("ddp", n) for n in ranks] * ("ddp" in strategies) + [("fsdp", max(ranks))] * ("fsdp" in strategies)
+    for strategy, n in jobs:
         name = f"rehearse-{strategy}-{n}"
         cfg = _config(tmp, data, name, f"strategy.name={strategy}", f"scaling.num_workers={n}",
                       f"trainer.batch_size={MICRO_BATCH}", f"trainer.max_steps={steps}",
-                      f"trainer.checkpoint_every_steps={steps}")
+                      f"trainer.checkpoint_every_steps={steps}", "run.max_failures=2")
         proxy.take()
         start = time.perf_counter()
         result = run_job(cfg)
@@ -190,8 +197,8 @@ def elastic(tmp: Path, data: str, cluster: Any, env: dict[str, str], steps: int,
     name, keys = "rehearse-elastic", tmp / "keys"
     cfg = _config(tmp, data, name, "strategy.name=ddp", "scaling.num_workers=[4, 8]",
                   "scaling.elastic_resize_interval_s=1", f"trainer.batch_size={ELASTIC_BATCH}",
-                  f"trainer.max_steps={steps}", "trainer.checkpoint_every_steps=4", f"trainer.sample_log_dir={keys}",
-                  "run.num_to_keep=2", "run.max_failures=5")
+                  f"trainer.max_steps={steps}", "trainer.checkpoint_every_steps=2", f"trainer.sample_log_dir={keys}",
+                  "run.num_to_keep=2", "run.max_failures=5", shard=ELASTIC_SHARD)
     lost = ["127.0.0.7", "127.0.0.8"]
     job, started, times = Job(cfg), time.monotonic(), {}
 
@@ -226,7 +233,7 @@ def elastic(tmp: Path, data: str, cluster: Any, env: dict[str, str], steps: int,
         raise job.error
     wall = time.monotonic() - started
     # the accounting of test_elastic_job: each step once, at its group's size; each epoch every sample once
-    global_batch, samples = 8 * ELASTIC_BATCH, SHARDS * SHARD
+    global_batch, samples = 8 * ELASTIC_BATCH, SHARDS * ELASTIC_SHARD
     effective = _effective_steps(_records(keys))
     assert sorted(effective) == list(range(1, steps + 1)), "steps missing or extra"
     sizes = []
@@ -263,8 +270,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", default="1,2,4,8")
     parser.add_argument("--steps", type=int, default=12, help="steps of each overhead job")
-    parser.add_argument("--elastic-steps", type=int, default=160)
-    parser.add_argument("--kill-after", type=int, default=12)
+    parser.add_argument("--strategies", default="ddp,fsdp", help="ddp: at each of --ranks; fsdp: at the largest")
+    parser.add_argument("--elastic-steps", type=int, default=60)
+    parser.add_argument("--kill-after", type=int, default=6)
     parser.add_argument("--skip-elastic", action="store_true")
     parser.add_argument("--skip-overhead", action="store_true")
     args = parser.parse_args()
@@ -278,6 +286,7 @@ def main() -> None:
     from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
 
     bare = bare_step(args.steps)
+    print(f"bare compute: {bare * 1e3:.1f} ms/step", flush=True)
     rows, elastic_result = [], None
     with tempfile.TemporaryDirectory(prefix="rehearse-") as tmp_name:
         tmp = Path(tmp_name)
@@ -290,10 +299,11 @@ def main() -> None:
             os.environ.update(devstack.s3_env(svc.url, key, secret))
             client = boto3.client("s3")
             client.create_bucket(Bucket="data")
-            shards = ensure_synthetic_shards(tmp / "shards", num_classes=4, train_samples=SHARDS * SHARD,
-                                             val_samples=SHARD, image_size=IMG, samples_per_shard=SHARD)
-            for path in sorted(p for p in shards.iterdir() if p.is_file()):
-                client.upload_file(str(path), "data", f"set/{path.name}")
+            for name, shard in (("set", SHARD), ("elastic", ELASTIC_SHARD)):
+                shards = ensure_synthetic_shards(tmp / name, num_classes=4, train_samples=SHARDS * shard,
+                                                 val_samples=shard, image_size=IMG, samples_per_shard=shard)
+                for path in sorted(p for p in shards.iterdir() if p.is_file()):
+                    client.upload_file(str(path), "data", f"{name}/{path.name}")
             # every process of the job (driver and nodes) reads S3 through the counting proxy
             env = devstack.s3_env(proxy.url, key, secret)
             os.environ.update(env)
@@ -301,9 +311,10 @@ def main() -> None:
             cluster.wait_for_nodes()
             ray.init(address=cluster.address, log_to_driver=False)
             if not args.skip_overhead:
-                rows = overhead(tmp, "s3://data/set", proxy, [int(n) for n in args.ranks.split(",")], args.steps)
+                rows = overhead(tmp, "s3://data/set", proxy, [int(n) for n in args.ranks.split(",")], args.steps,
+                                args.strategies.split(","))
             if not args.skip_elastic:
-                elastic_result = elastic(tmp, "s3://data/set", cluster, env, args.elastic_steps, args.kill_after)
+                elastic_result = elastic(tmp, "s3://data/elastic", cluster, env, args.elastic_steps, args.kill_after)
         finally:
             ray.shutdown()
             if cluster is not None:
