@@ -46,8 +46,9 @@ MICRO_BATCH, IMG, SHARD, SHARDS = 8, 32, 64, 6  # 6 shards of 64 samples: fewer 
 # The shuffle window is one shard, as ImageNet's 1,000-sample window is about one of its shards: a window larger
 # than this small set (the default 1,000) would have every rank read every shard each epoch.
 # [4, 8] keeps one global batch at every size from 4 to 8, so it must divide by each: lcm(4..8) = 840, 105 per rank
-# at 8, 140 at 6. Its own set: 6 shards of 560 samples, 4 steps per epoch.
-ELASTIC_BATCH, ELASTIC_SHARD = 105, 560
+# at 8 (3 micro-batches of 35: less memory per worker; 8 ranks of 105 were killed by Ray's memory monitor on this
+# shared 23 GiB machine), 140 at 6. Its own set: 6 shards of 560 samples, 4 steps per epoch.
+ELASTIC_BATCH, ELASTIC_ACCUM, ELASTIC_SHARD = 35, 3, 560
 ENV = {  # as tests/conftest.py sets them for the suite
     "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true",
     "AWS_EC2_METADATA_DISABLED": "true", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
@@ -196,7 +197,7 @@ def elastic(tmp: Path, data: str, cluster: Any, env: dict[str, str], steps: int,
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "5"  # a restart counting dead nodes: take fewer
     name, keys = "rehearse-elastic", tmp / "keys"
     cfg = _config(tmp, data, name, "strategy.name=ddp", "scaling.num_workers=[4, 8]",
-                  "scaling.elastic_resize_interval_s=1", f"trainer.batch_size={ELASTIC_BATCH}",
+                  "scaling.elastic_resize_interval_s=1", f"trainer.batch_size={ELASTIC_BATCH}", f"trainer.grad_accum_steps={ELASTIC_ACCUM}",
                   f"trainer.max_steps={steps}", "trainer.checkpoint_every_steps=2", f"trainer.sample_log_dir={keys}",
                   "run.num_to_keep=2", "run.max_failures=5", shard=ELASTIC_SHARD)
     lost = ["127.0.0.7", "127.0.0.8"]
@@ -233,7 +234,7 @@ def elastic(tmp: Path, data: str, cluster: Any, env: dict[str, str], steps: int,
         raise job.error
     wall = time.monotonic() - started
     # the accounting of test_elastic_job: each step once, at its group's size; each epoch every sample once
-    global_batch, samples = 8 * ELASTIC_BATCH, SHARDS * ELASTIC_SHARD
+    global_batch, samples = 8 * ELASTIC_BATCH * ELASTIC_ACCUM, SHARDS * ELASTIC_SHARD
     effective = _effective_steps(_records(keys))
     assert sorted(effective) == list(range(1, steps + 1)), "steps missing or extra"
     sizes = []
