@@ -100,6 +100,8 @@ def test_export_init_from_and_resume_from_take_an_s3_checkpoint(first_run, s3_en
         check_resume_from(_cfg(tmp, mlflow_server, s3_env.bucket, f"run.resume_from={uri}-nothing-here"))
 
 
+# Refused in the plan, before Ray is joined: it needs no cluster, so it runs beside the cluster group (tests/conftest.py).
+@pytest.mark.beside_cluster
 def test_unwritable_storage_is_refused_before_any_worker_starts(s3_env, mlflow_server, tmp_path, monkeypatch):
     client = MlflowClient(mlflow_server)
     with pytest.raises(ValueError, match=r"run.storage_path='s3://no-such-bucket/runs' cannot be written: .*does not "
