@@ -118,6 +118,7 @@ def build_plan(cfg: JobConfig) -> JobPlan:
     """Check ``cfg`` and resolve it into a ``JobPlan`` (pretrain, fine-tune and evaluate alike). Raises
     ``ValueError`` naming the key and the fix for bad input, before any cluster time is spent."""
     checks.check_tracking_servers(cfg)  # first: the inputs' checks may fetch models:/ weights from the registry
+    checks.claim_sqlite_store(cfg)
     inputs = _evaluate_inputs(cfg) if cfg.stage == "evaluate" else _training_inputs(cfg)
     storage_path = checks.resolve_storage_path(cfg.run.storage_path)
     check_run_free(storage_path, cfg.run_name)
