@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 import time
 
@@ -202,3 +203,27 @@ def test_a_second_job_on_one_sqlite_store_is_refused_before_the_start(tmp_path):
     # the first job's process has exited: its lock went with it, and this process may claim the store
     checks.claim_sqlite_store(JobConfig.model_validate({"tracking": {"tracking_uri": uri}}))
     assert (tmp_path / "mlflow.db.lock").is_file()
+
+
+def test_mlflows_own_client_gives_up_on_an_outage_in_seconds(monkeypatch, caplog):
+    """The calls MLflow's client makes for the platform (system metrics, an evaluation's report, a logged model)
+    retry for about four minutes by default; once a process has resolved its tracking URI (every driver) or
+    opened rank 0's tracker, a server that is down fails such a call within seconds (3 tries)."""
+    import socket
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for key in runs.CLIENT_RETRIES:
+        monkeypatch.delenv(key, raising=False)
+    with socket.socket() as probe:  # a port where nothing listens: connection refused, as a stopped server's
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uri = runs.resolve_tracking_uri(f"http://127.0.0.1:{port}")
+    assert {k: os.environ[k] for k in runs.CLIENT_RETRIES} == runs.CLIENT_RETRIES
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="urllib3"), pytest.raises(MlflowException, match="Max retries"):
+        mlflow.MlflowClient(uri).log_artifact("0" * 32, __file__)  # an evaluation report's call
+    took = time.monotonic() - start
+    assert len([r for r in caplog.records if r.getMessage().startswith("Retrying")]) == 2, caplog.text
+    assert took < 10.0, took
