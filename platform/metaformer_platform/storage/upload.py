@@ -39,6 +39,12 @@ def upload_checkpoint_part(
     try:
         _write_part(local_dir, fs, dest, rank=rank, world_size=world_size, held=held, timeout_s=timeout_s)
     except OSError as err:
+        if isinstance(fs, pafs.S3FileSystem):
+            raise OSError(
+                f"uploading the checkpoint to s3://{dest} failed: the S3 endpoint {s3_endpoint(fs)} did not take it "
+                f"within its retries (AWS_MAX_ATTEMPTS, then Ray's 3 tries): {err}. The folder has no "
+                f"{COMPLETE_MARKER} marker and is never resumed from; the run's earlier checkpoints are untouched, and "
+                "the same command resumes from the newest of them once the endpoint answers") from err
         if isinstance(fs, pafs.LocalFileSystem) and (full := disk_full(
                 err, Path(dest), "free space there, or set run.storage_path to a larger disk")) is not None:
             raise full from err
@@ -46,6 +52,13 @@ def upload_checkpoint_part(
     finally:
         if held.is_file():
             os.replace(held, marker)
+
+
+def s3_endpoint(fs: pyarrow.fs.S3FileSystem) -> str:
+    """The endpoint a pyarrow S3 filesystem talks to, for messages (AWS's own when it overrides none)."""
+    settings = fs.__reduce__()[1][0]  # its constructor's arguments: the only place pyarrow keeps the endpoint
+    endpoint = settings.get("endpoint_override")
+    return f"{settings.get('scheme', 'https')}://{endpoint}" if endpoint else "AWS's default endpoint"
 
 
 def _write_part(local_dir: Path, fs: pyarrow.fs.FileSystem, dest: str, *, rank: int, world_size: int, held: Path,
