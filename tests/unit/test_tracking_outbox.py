@@ -1,7 +1,7 @@
 """Tracking never stops training: rank 0's outbox holds what it logs through an outage (bounded, in order, the
 drops counted), says once that the store is out and once that it is back; the driver's close waits out an outage
 for a bounded time and says so when it gives up. A fake store stands in for the server (the real one is
-tests/integration/test_graceful_stop.py)."""
+tests/integration/test_tracking_outage.py's)."""
 
 from __future__ import annotations
 
