@@ -184,3 +184,47 @@ def test_bad_s3_shards_are_skipped_counted_and_refused(s3_server, tmp_path, monk
     s3.put_object(Bucket=s3_server.bucket, Key=f"{prefix}/{rotten}", Body=os.urandom(size - 1))
     with pytest.raises(ValueError, match=rf"size differs from the manifest: {url}/{rotten} \({size - 1} bytes"):
         load_manifest(url)
+
+
+def test_a_checkpoint_upload_through_an_outage_fails_naming_the_endpoint_and_keeps_the_last_good_one(
+    server, tmp_path, monkeypatch
+):
+    """Issue 25, an untried fault: S3 is down for longer than the retry budget while a checkpoint is uploaded
+    (the rank's upload, as Ray Train's worker runs it; its failure fails the worker and Ray restarts the group
+    from the last registered checkpoint, up to run.max_failures). The error names the endpoint and the folder;
+    once S3 is back the last good checkpoint is complete, the failed one is not, and recovery resumes from the
+    good one."""
+    from metaformer_platform.storage import checkpoint_format as fmt
+    from metaformer_platform.storage.settings import S3Settings
+    from metaformer_platform.storage.upload import upload_checkpoint_part
+    from metaformer_platform.training import checkpoint as ckpt
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    fs = S3Settings.from_env().pyarrow_filesystem()
+    run = f"{BUCKET}/runs/upload-outage"
+
+    def checkpoint(step: int) -> Path:
+        folder = tmp_path / f"scratch-{step}"
+        folder.mkdir()
+        (folder / fmt.TRAINER_FILE).write_bytes(os.urandom(300_000))
+        fmt.mark_complete(folder)
+        return folder
+
+    upload_checkpoint_part(checkpoint(2), fs, f"{run}/checkpoint-00000002", rank=0, world_size=1)
+    server.crash()
+    try:
+        start = time.monotonic()
+        with pytest.raises(OSError) as raised:
+            upload_checkpoint_part(checkpoint(4), fs, f"{run}/checkpoint-00000004", rank=0, world_size=1)
+        took = time.monotonic() - start
+    finally:
+        server.start()
+    print(f"upload given up after {took:.1f} s")
+    assert str(raised.value).startswith(f"uploading the checkpoint to s3://{run}/checkpoint-00000004 failed: the S3 "
+                                        f"endpoint http://127.0.0.1:{server.port} did not take it within its retries")
+    assert "AWS Error NETWORK_CONNECTION" in str(raised.value)  # pyarrow's own words, which Ray retries on
+    assert took < 30
+    assert fmt.incomplete_reason(f"s3://{run}/checkpoint-00000002") is None
+    assert fmt.incomplete_reason(f"s3://{run}/checkpoint-00000004") is not None
+    plan = ckpt.recover_run_folder(fs, run, ["checkpoint-00000002"], "checkpoint-00000002")
+    assert plan.resume == "checkpoint-00000002" and not plan.adopt

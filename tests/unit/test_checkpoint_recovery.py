@@ -182,3 +182,39 @@ def test_a_digest_mismatch_is_caught_before_the_folder_is_chosen_and_all_bad_mea
                                    latest="checkpoint-00000010")
     assert plan.resume is None and [name for name, _ in plan.quarantine] == _names(10)
     assert "model.pt changed after the folder was written" in plan.quarantine[0][1]
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_folder_and_never_adopts_the_partial_one(tmp_path):
+    """Issue 25, an untried fault: the disk fills while a checkpoint is written, for real (a 4 MiB tmpfs in a
+    mount namespace of its own, filled by a ballast file; tests/unit/disk_full_job.py). The upload into the run
+    folder finds it full, then the scratch write of a later checkpoint: each is an error that names the folder
+    and the free space, the scratch copy is deleted, the partial run folder has no marker and recovery removes
+    it, resuming from the last good checkpoint, which trains on to the same losses (the state is intact)."""
+    import os
+    import subprocess
+    import sys
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    repo = Path(__file__).resolve().parents[2]
+    mount = f"mount -t tmpfs -o size=4m tmpfs {disk} && exec \"$0\" \"$@\""
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", mount, sys.executable, str(Path(__file__).with_name(
+        "disk_full_job.py")), str(disk), str(tmp_path / "shards")], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(repo / "platform")})
+    if proc.returncode != 0 and "unshare" in proc.stderr and "Operation not permitted" in proc.stderr:
+        pytest.skip(f"no mount namespace here (needs root): {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    run = disk / "runs" / "r"
+    assert out["upload_error"].startswith(f"[Errno 28] no space left on the disk of {run}/checkpoint-00000004 "
+                                          "while writing a checkpoint there (")
+    assert " bytes free): free space there, or set run.storage_path to a larger disk." in out["upload_error"]
+    assert out["scratch_error"].startswith(f"[Errno 28] no space left on the disk of {disk}/scratch/ckpt-00000006-")
+    assert "give the workers a TMPDIR on a larger disk" in out["scratch_error"]
+    assert out["scratch_after_upload"] == [] and out["scratch_after_save"] == []  # no scratch copy left behind
+    assert out["partial_4"] == "no COMPLETE marker"
+    assert out["recovery"] == {"resume": "checkpoint-00000002", "remove": ["checkpoint-00000004"]}
+    assert out["left"] == ["checkpoint-00000002"]
+    first, resumed = out["losses"]["first"], out["losses"]["resumed"]
+    assert resumed == {"3": first["3"], "4": first["4"]}  # exactly the steps the first trainer took from step 2
+    assert out["complete_4"] is None  # with room again, the same step is written whole

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 import time
 
@@ -157,3 +158,72 @@ def test_the_run_close_waits_out_an_outage_within_its_bound_and_says_so(monkeypa
 
     with pytest.raises(ServerError):  # a refusal is not waited out
         retry_outage(refused, "mark MLflow run r FINISHED", "http://127.0.0.1:1", wait_s=10)
+
+
+HOLD_SQLITE = """
+import sys
+from metaformer_platform.config import JobConfig
+from metaformer_platform.launch.checks import claim_sqlite_store
+claim_sqlite_store(JobConfig.model_validate({"tracking": {"tracking_uri": sys.argv[1]}}))
+print("claimed", flush=True)
+sys.stdin.read()  # holds the store until the test closes stdin
+"""
+
+
+def test_a_second_job_on_one_sqlite_store_is_refused_before_the_start(tmp_path):
+    """Two jobs writing one sqlite MLflow store at once (issue 25, untried fault): the second `jobs/pretrain.py`
+    exits 2 before Ray is joined (RAY_ADDRESS names nothing that listens) or its run folder made, naming the
+    store and the server to run instead; once the first job's process is gone, the store is free again."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from metaformer_platform.config import JobConfig
+    from metaformer_platform.launch import checks
+
+    repo = Path(__file__).resolve().parents[2]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1", "PYTHONPATH": str(repo / "platform")}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_SQLITE, uri], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=env)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "claimed"
+        second = subprocess.run(
+            [sys.executable, "jobs/pretrain.py", "model.name=poolformer_debug", f"tracking.tracking_uri={uri}",
+             f"run.storage_path={tmp_path / 'runs'}", "run.name=second", f"data.cache_dir={tmp_path / 'cache'}"],
+            cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        holder.communicate("", timeout=30)
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+    err = second.stderr
+    assert f"tracking.tracking_uri = {uri} is an sqlite store another job is writing now" in err, err[-2000:]
+    assert "mlflow server --backend-store-uri" in err and "infra/local/stack.sh up" in err
+    assert not (tmp_path / "runs" / "second").exists() and not (tmp_path / "mlflow.db").exists()
+    # the first job's process has exited: its lock went with it, and this process may claim the store
+    checks.claim_sqlite_store(JobConfig.model_validate({"tracking": {"tracking_uri": uri}}))
+    assert (tmp_path / "mlflow.db.lock").is_file()
+
+
+def test_mlflows_own_client_gives_up_on_an_outage_in_seconds(monkeypatch, caplog):
+    """The calls MLflow's client makes for the platform (system metrics, an evaluation's report, a logged model)
+    retry for about four minutes by default; once a process has resolved its tracking URI (every driver) or
+    opened rank 0's tracker, a server that is down fails such a call within seconds (3 tries)."""
+    import socket
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for key in runs.CLIENT_RETRIES:
+        monkeypatch.delenv(key, raising=False)
+    with socket.socket() as probe:  # a port where nothing listens: connection refused, as a stopped server's
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uri = runs.resolve_tracking_uri(f"http://127.0.0.1:{port}")
+    assert {k: os.environ[k] for k in runs.CLIENT_RETRIES} == runs.CLIENT_RETRIES
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="urllib3"), pytest.raises(MlflowException, match="Max retries"):
+        mlflow.MlflowClient(uri).log_artifact("0" * 32, __file__)  # an evaluation report's call
+    took = time.monotonic() - start
+    assert len([r for r in caplog.records if r.getMessage().startswith("Retrying")]) == 2, caplog.text
+    assert took < 10.0, took

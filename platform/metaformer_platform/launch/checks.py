@@ -123,6 +123,41 @@ def check_tracking_servers(cfg: JobConfig) -> None:
         raise ValueError(f"the MLflow server at {where} cannot be used ({err.detail}): {fix}")
 
 
+_SQLITE_CLAIMS: dict[Path, int] = {}  # this process's locks on sqlite stores (a pipeline's members share them)
+
+
+def claim_sqlite_store(cfg: JobConfig) -> None:
+    """One job at a time on an sqlite MLflow store: a lock (``<db>.lock``, held until this process exits) that a
+    second job's driver finds taken, refused before Ray is joined or a name is claimed. Each job writes the store
+    from two processes (its driver and rank 0), and sqlite serialises every writer of a file: two jobs at once
+    end in "database is locked" (or a schema created twice) mid-run. Jobs of one process (a pipeline's members,
+    one thread each) share the claim."""
+    import fcntl
+
+    from metaformer_platform.tracking.runs import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    if not cfg.tracking.enabled or not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
+    lock = db.with_name(db.name + ".lock")
+    if lock in _SQLITE_CLAIMS:
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(
+            f"tracking.tracking_uri = {uri} is an sqlite store another job is writing now (it holds {lock}): sqlite "
+            "serves one job at a time. Run both against an MLflow server: `mlflow server --backend-store-uri "
+            f"{uri} --host 127.0.0.1 --port 5000 --workers 1` (or the local stack: infra/local/stack.sh up, "
+            "which prints its tracking URI), and set tracking.tracking_uri to the server's URL; or wait for the other job to end"
+        ) from None
+    _SQLITE_CLAIMS[lock] = fd
+
+
 def resolve_init_from(cfg: JobConfig) -> Path | None:
     """``model.init_from`` as a local folder on the driver (None when unset), through the one weights resolver:
     a ``models:/`` URI or an s3:// folder is fetched once into the weights cache; a source that names nothing,

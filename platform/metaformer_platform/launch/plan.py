@@ -119,6 +119,8 @@ def build_plan(cfg: JobConfig, *, dry_run: bool = False) -> JobPlan:
     ``ValueError`` naming the key and the fix for bad input, before any cluster time is spent. A ``dry_run``
     plan reads the manifest only (its shards need not exist: none is listed or opened)."""
     checks.check_tracking_servers(cfg)  # first: the inputs' checks may fetch models:/ weights from the registry
+    if not dry_run:  # a dry run trains nothing: it must not hold the store against a real job
+        checks.claim_sqlite_store(cfg)
     inputs = _evaluate_inputs(cfg, dry_run) if cfg.stage == "evaluate" else _training_inputs(cfg, dry_run)
     storage_path = checks.resolve_storage_path(cfg.run.storage_path)
     check_run_free(storage_path, cfg.run_name)

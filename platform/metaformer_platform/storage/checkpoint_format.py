@@ -406,6 +406,34 @@ def mark_complete(directory: Path, parts: Iterable[Mapping[str, tuple[int, str]]
         out.write(json.dumps(body, indent=0))
 
 
+# -- a full disk ----------------------------------------------------------------------------------------------
+
+LOW_SPACE_BYTES = 1 << 20  # under this free after a failed write, the disk counts as full
+
+
+def disk_full(err: BaseException, folder: Path, fix: str) -> OSError | None:
+    """An error naming ``folder`` and the free space on its disk when ``err``, raised while a checkpoint was written
+    into it, is a full disk; else None. ``torch.save`` reports a full disk only as a short write (a RuntimeError,
+    "unexpected pos"): a disk left with under ``LOW_SPACE_BYTES`` free counts as full. Called before the partial
+    folder is deleted, so the space it took is counted as used."""
+    import errno
+    import shutil
+
+    where = folder
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        usage = shutil.disk_usage(where)
+    except OSError:
+        return None
+    if getattr(err, "errno", None) != errno.ENOSPC and "No space left" not in str(err) and usage.free >= LOW_SPACE_BYTES:
+        return None
+    return OSError(errno.ENOSPC, (
+        f"no space left on the disk of {folder} while writing a checkpoint there ({usage.free:,} of {usage.total:,} "
+        f"bytes free): {fix}. The partial folder is deleted or left without its {COMPLETE_MARKER} marker (never "
+        f"resumed from); the run's earlier checkpoints are untouched ({type(err).__name__}: {err})"))
+
+
 # -- tensor files --------------------------------------------------------------------------------------------
 
 

@@ -580,7 +580,13 @@ class Trainer:
         scratch = Path(tempfile.mkdtemp(prefix=f"ckpt-{self.step:08d}-", dir=self.scratch))
         owned = False
         try:
-            self.save_checkpoint(scratch)
+            try:
+                self.save_checkpoint(scratch)
+            except (OSError, RuntimeError) as err:  # torch.save tells a full disk as a RuntimeError
+                full = fmt.disk_full(err, scratch, "free space there, or give the workers a TMPDIR on a larger disk")
+                if full is None:
+                    raise
+                raise full from err
             saved = time.perf_counter()
             owned = bool(self.report({**metrics, "step": float(self.step)}, scratch))
         finally:
