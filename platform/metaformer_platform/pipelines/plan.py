@@ -39,6 +39,7 @@ class StagePlan:
     init_from: str | None  # an explicit input ({model} filled in)
     data_hash: str | None = None
     num_classes: int | None = None  # the head's size: model.num_classes, else the data's
+    data_name: str | None = None  # the manifest's name (e.g. imagenet-1k): what the report compares with
     input_id: str | None = None  # what the key records about the input (upstream key, URI@version, path)
     key: str | None = None
     run_name: str | None = None
@@ -150,9 +151,9 @@ def expand(spec: PipelineSpec, base_dir: Path, extra_overrides: list[str] | None
     return plans
 
 
-def data_hash(cfg: JobConfig) -> tuple[str, int | None]:
-    """sha256 of the data's ``_info.json`` (which lists every shard's sha256), the data set's identity, and its
-    number of classes."""
+def data_hash(cfg: JobConfig) -> tuple[str, int | None, str]:
+    """sha256 of the data's ``_info.json`` (which lists every shard's sha256), the data set's identity, its
+    number of classes and its name."""
     from metaformer_platform.data import INFO_NAME, load_manifest
     from metaformer_platform.launch import checks
 
@@ -166,7 +167,7 @@ def data_hash(cfg: JobConfig) -> tuple[str, int | None]:
         checks.check_data(cfg, manifest, root)
         workers = cfg.scaling.num_workers
         checks.check_rank_batches(cfg, manifest, root, 1 if workers == "auto" else cfg.scaling.max_workers)
-    return hashlib.sha256(manifest.storage.read_bytes(INFO_NAME)).hexdigest(), manifest.num_classes
+    return hashlib.sha256(manifest.storage.read_bytes(INFO_NAME)).hexdigest(), manifest.num_classes, manifest.name
 
 
 def check_input(stage: StagePlan, tracking_uri: str | None) -> str:
@@ -214,7 +215,7 @@ def resolve(spec: PipelineSpec, plans: list[MemberPlan], tracking_uri: str | Non
         keys: dict[str, str] = {}
         for stage in plan.stages:
             try:
-                stage.data_hash, classes = data_hash(stage.cfg)  # each stage's own checks (its batch size...)
+                stage.data_hash, classes, stage.data_name = data_hash(stage.cfg)  # each stage's own checks (its batch size...)
                 check_run_storage(stage.cfg.run.storage_path)
                 stage.num_classes = stage.cfg.model.num_classes or classes
                 if stage.upstream is not None:

@@ -52,6 +52,10 @@ TAG_LINEAGE_KEY = "metaformer.lineage_key"
 # Evaluation (set by promote):
 TAG_EVAL_DATA_HASH = "metaformer.eval_data_hash"
 TAG_EVAL_TOP1 = "metaformer.eval_top1"
+TAG_EVAL_TOP5 = "metaformer.eval_top5"
+TAG_EVAL_DATA = "metaformer.eval_data"  # the data set's name and resolution, e.g. "imagenet-1k 224px"
+TAG_PARAMS_M = "metaformer.params_m"
+TAG_GMACS = "metaformer.gmacs"
 TAG_PROMOTION = "metaformer.promotion"  # "champion: REASON" or "candidate: REASON"
 
 
