@@ -238,7 +238,7 @@ def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, mo
     # (4) The fine-tune changed (a learning rate that wrecks it, on purpose): a new pipeline run, compared with
     # the previous retrain; a drop in top-1 is flagged (limit 0 points) and, with block_on_regression, not promoted.
     spec = yaml.safe_load(path.read_text())
-    spec["stages"][1]["overrides"].append("trainer.lr=100")
+    spec["stages"][1]["overrides"] += ["optim.lr=100", "optim.warmup_epochs=0"]
     spec["regressions"] = {"top1_drop": 0.0}
     spec["registry"]["block_on_regression"] = True
     changed = root / "tiny_family_changed.yaml"

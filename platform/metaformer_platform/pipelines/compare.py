@@ -6,15 +6,15 @@
   table folds nested runs under their parent); ``metaformer.pipeline_run_id`` links them to it instead.
 - A member's figures add up its stage runs' ``ledger/*`` and ``estimate/*`` metrics (logged by the jobs; absent
   on older runs); the pipeline's run carries them as ``MEMBER/*`` metrics and a table (``mlflow.log_table``).
-- Week over week: the previous retrain is the last FINISHED run of the same pipeline in the experiment; its
-  ``MEMBER/*`` metrics are what this run is compared with, and ``regressions`` says which changes are flagged.
+- Week over week: the previous retrain is the last FINISHED run of the same pipeline in the experiment
+  (``runner.previous_retrain``); its ``MEMBER/*`` metrics are what this run is compared with, and ``regressions`` says which changes are flagged.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -39,10 +39,19 @@ WEEKLY = (("top1", "top1_drop", False), ("time_to_final_top1_s", "time_increase_
           ("worker_hours", "worker_hours_increase_pct", True), ("cost", "cost_increase_pct", True))
 
 
+def complexity(model: str, num_classes: int | None, img_size: int, kwargs: dict[str, Any] | None = None) -> dict[str, int]:
+    """Params and MACs of ``model`` with this head and input size (built on the meta device)."""
+    import torch
+
+    from metaformer_platform.models import create_model, model_complexity
+
+    with torch.device("meta"):
+        net = create_model(model, num_classes=num_classes, img_size=img_size, **(kwargs or {}))
+    return model_complexity(net, img_size)
+
+
 def stage_figures(stage: StagePlan, metrics: Mapping[str, float]) -> dict[str, float]:
     """The ``compare/*`` metrics of one stage run: the same columns for pretrain, fine-tune and evaluate."""
-    from metaformer_platform.pipelines.report import complexity
-
     cfg = stage.cfg
     size = complexity(stage.member, stage.num_classes, cfg.data.img_size, cfg.model.kwargs)
     kind = "eval" if not stage.trains else "val"
@@ -96,19 +105,6 @@ def largest_losses(figures: Mapping[str, float], count: int = 2) -> list[tuple[s
     """The ``count`` largest categories of time that did not train, largest first (name without ``_s``)."""
     found = [(k.removesuffix("_s"), figures[k]) for k in LOSSES if figures.get(k)]
     return sorted(found, key=lambda item: -item[1])[:count]
-
-
-def previous_retrain(client: MlflowClient, experiment_id: str, pipeline: str, current: str) -> Run | None:
-    """The last FINISHED run of the pipeline ``pipeline`` in the experiment, other than ``current``."""
-    from metaformer_platform.pipelines.runner import TAG_PIPELINE, TAG_PIPELINE_KEY
-
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{TAG_PIPELINE}` = '{pipeline}' and tags.`{TAG_PIPELINE_KEY}` != '' "
-        "and attributes.status = 'FINISHED'",
-        order_by=["attributes.end_time DESC"], max_results=5,
-    )
-    return next((r for r in runs if r.info.run_id != current), None)
 
 
 def previous_figures(run: Run | None, member: str) -> dict[str, float]:

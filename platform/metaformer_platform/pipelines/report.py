@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -31,17 +31,6 @@ PAPER_DATA = ("imagenet-1k", "imagenet")  # manifest names of the paper's data (
 def like_paper(data_name: str | None, num_classes: int | None, img_size: int) -> bool:
     """The paper's numbers compare with ours only on ImageNet-1k (1000 classes) at 224 px."""
     return (data_name or "").lower() in PAPER_DATA and num_classes == 1000 and img_size == 224
-
-
-def complexity(model: str, num_classes: int | None, img_size: int, kwargs: dict[str, Any] | None = None) -> dict[str, int]:
-    """Params and MACs of ``model`` with this head and input size (built on the meta device)."""
-    import torch
-
-    from metaformer_platform.models import create_model, model_complexity
-
-    with torch.device("meta"):
-        net = create_model(model, num_classes=num_classes, img_size=img_size, **(kwargs or {}))
-    return model_complexity(net, img_size)
 
 
 class ReportRow(TypedDict):
@@ -67,6 +56,7 @@ class ReportRow(TypedDict):
 def rows(result: PipelineResult) -> list[ReportRow]:
     """One row per member that was evaluated (in the pipeline's order)."""
     from metaformer_platform.models import PAPER_MACS_G, PAPER_PARAMS_M, PAPER_TOP1
+    from metaformer_platform.pipelines.compare import complexity
 
     out: list[ReportRow] = []
     for member in result.members:

@@ -87,6 +87,17 @@ def find_completed(client: MlflowClient, experiment_id: str | None, stage: Stage
     return None
 
 
+def previous_retrain(client: MlflowClient, experiment_id: str, pipeline: str, current: str) -> Run | None:
+    """The last FINISHED run of the pipeline ``pipeline`` in the experiment, other than ``current``."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_PIPELINE}` = '{pipeline}' and tags.`{TAG_PIPELINE_KEY}` != '' "
+        "and attributes.status = 'FINISHED'",
+        order_by=["attributes.end_time DESC"], max_results=5,
+    )
+    return next((r for r in runs if r.info.run_id != current), None)
+
+
 def resumable_checkpoint(run_dir: str) -> str | None:
     """The checkpoint Ray Train resumes a stage's run from when started again under its name, or None.
 
@@ -189,7 +200,7 @@ class PipelineRunner:
         experiment_id = training_experiment(self.client, self.spec.experiment, create=True)
         assert experiment_id is not None  # create=True makes it
         parent = self._open_parent(experiment_id)
-        self.previous = compare.previous_retrain(self.client, experiment_id, self.spec.name, parent)
+        self.previous = previous_retrain(self.client, experiment_id, self.spec.name, parent)
         runnable = [p for p in self.plans if not p.error]
         if runnable:
             connect_ray(runnable[0].stages[0].cfg)  # once, here: ray.init from several threads would race
