@@ -4,6 +4,7 @@
         --val-labels /data/imagenet/LOC_val_solution.csv --classes classes.tsv \\
         --out s3://bucket/imagenet --samples-per-shard 1000 --max-side 512
     ray job submit --working-dir . -- python jobs/build_shards.py ...
+    python jobs/build_shards.py --train cifar10/train --val cifar10/test --any-class-names --name cifar10 --out DIR
 
 Re-running the same command skips the shards already built intact and redoes the rest; _info.json is
 written last. Exit status 2: bad input (nothing was built); 1: the build failed.
@@ -47,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-shuffle", action="store_true", help="keep sorted order in the shards")
     p.add_argument("--max-side", type=int, default=None, help="re-encode to this longest side (e.g. 512)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
-    p.add_argument("--any-class-names", action="store_true", help="class folders need not be wnids")
+    p.add_argument("--any-class-names", action="store_true", help="class folders may have any names (e.g. CIFAR's airplane/, cat/): labels are their sorted order")
     p.add_argument("--local", action="store_true", help="build in this process, without Ray")
     p.add_argument("--overwrite", action="store_true", help="build into a non-empty destination that holds "
                    "another data set (its _info.json and same-named shards are replaced)")

@@ -2,9 +2,11 @@
 register/promote, with shards AND run folders (checkpoints, eval reports) on the session's SeaweedFS, the
 session's two-node Ray cluster and the real MLflow server: no folder is shared between stages but S3.
 
-One story, three pipeline runs: (1) a pipeline driver killed while pretrain is checkpointing; (2) the re-run
-continues that stage from its checkpoint and finishes everything (nested runs, lineage, versions, champion,
-report); (3) a third run re-trains nothing and duplicates nothing.
+One story, four pipeline runs: (1) a pipeline driver killed while pretrain is checkpointing; (2) the re-run
+continues that stage from its checkpoint and finishes everything (top-level runs with the comparison metrics,
+lineage, versions with their evaluation tags, champion, report, links to the training view); (3) a third run
+re-trains nothing and duplicates nothing; (4) the fine-tune's config changed (a learning rate that wrecks it):
+a new pipeline run, compared week over week with the previous one, its regressions flagged and not promoted.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import yaml
 
 from metaformer_platform import storage
 from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
-from metaformer_platform.pipelines import run_pipeline, runner
+from metaformer_platform.pipelines import compare, run_pipeline, runner
 from metaformer_platform.storage import checkpoint_format as fmt
 from metaformer_platform.tracking import registry
 
@@ -90,7 +92,26 @@ def _wait_for_free_cpus(want: float, timeout: float = 60.0) -> None:
         time.sleep(0.5)
 
 
-def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, monkeypatch) -> None:
+def _rest(uri: str, endpoint: str, method: str = "GET", **query: Any) -> dict[str, Any]:
+    """What the UI reads: MLflow's REST API (the server's own JSON, not the Python client's objects)."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    kwargs = {"json": query} if method == "POST" else {"params": query}
+    response = http_request(get_default_host_creds(uri), f"/api/2.0/mlflow/{endpoint}", method, **kwargs)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def _metrics(run: dict[str, Any]) -> dict[str, float]:
+    return {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
+
+
+def _tags(entity: dict[str, Any]) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in entity.get("tags", entity.get("data", {}).get("tags", []))}
+
+
+def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, monkeypatch, capsys) -> None:
     import mlflow
 
     path, root, uri = family_pipeline["path"], family_pipeline["root"], family_pipeline["tracking_uri"]
@@ -147,7 +168,9 @@ def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, mo
     by_stage = {(r.data.tags[runner.TAG_MEMBER], r.data.tags[runner.TAG_PIPELINE_STAGE]): r for r in stage_runs}
     for (member, stage), run in by_stage.items():
         tags = run.data.tags
-        assert tags[runner.PARENT_TAG] == result.parent_run_id and run.info.status == "FINISHED"
+        # Not nested (the runs table would fold them under the parent): linked by a tag, each a top-level row.
+        assert tags[compare.TAG_PIPELINE_RUN] == result.parent_run_id and run.info.status == "FINISHED"
+        assert "mlflow.parentRunId" not in tags
         assert len(tags[runner.TAG_DATA_HASH]) == 64 and tags["mlflow.source.git.commit"]
         assert tags["metaformer.run_name"] == actions[(member, stage)].run_name
     # The members ran side by side (1 CPU each on the 2-CPU cluster): their fine-tunes overlap in time.
@@ -190,6 +213,7 @@ def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, mo
     for member in MEMBERS:
         assert f"| {member} " in result.report and f"pipe-{member} v1 @champion" in result.report
     assert "Family report: pipeline tiny-family" in output and "all 2 members succeeded" in output
+    _check_ui_view(uri, experiment, result, output, capsys.readouterr().out)
 
     # (3) Again: nothing re-trained, no new run, no new version, the same parent run.
     before = len(client.search_runs([experiment]))
@@ -210,6 +234,72 @@ def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, mo
     assert sorted(storage.list_files(export_url)) == ["COMPLETE", "model.json", "model.safetensors"]  # signed marker
     assert load_export(storage.weights.resolve(export_url)).num_classes == 3
     assert _export_main([ft_checkpoint, export_url]) == 2  # an export is there already: refused, nothing replaced
+
+    # (4) The fine-tune changed (a learning rate that wrecks it, on purpose): a new pipeline run, compared with
+    # the previous retrain; a drop in top-1 is flagged (limit 0 points) and, with block_on_regression, not promoted.
+    spec = yaml.safe_load(path.read_text())
+    spec["stages"][1]["overrides"] += ["optim.lr=100", "optim.warmup_epochs=0"]
+    spec["regressions"] = {"top1_drop": 0.0}
+    spec["registry"]["block_on_regression"] = True
+    changed = root / "tiny_family_changed.yaml"
+    changed.write_text(yaml.safe_dump(spec))
+    lines.clear()
+    week = run_pipeline(changed, out=lines.append)
+    output = "\n".join(lines)
+    assert not week.failed and week.parent_run_id != result.parent_run_id, output
+    assert week.previous_run_id == result.parent_run_id
+    assert {(m.model, s.stage, s.action) for m in week.members for s in m.stages} == {
+        (m, st, "skip" if st == "pretrain" else "run") for m in MEMBERS for st in ("pretrain", "finetune", "evaluate")}
+    before, now = (_metrics(_rest(uri, "runs/get", run_id=r)["run"]) for r in (result.parent_run_id, week.parent_run_id))
+    assert f"Against the previous retrain (pipeline run {result.parent_run_id}):" in week.report
+    flagged = []
+    for member in MEMBERS:
+        top1, was = now[f"{member}/top1"], before[f"{member}/top1"]
+        assert top1 == pytest.approx(week.members[MEMBERS.index(member)].figures["top1"])
+        row = next(line for line in week.report.splitlines() if line.startswith(f"| {member} ") and "->" in line)
+        assert f"{was:.2f} -> {top1:.2f} ({top1 - was:+.2f})" in row, row
+        version = _rest(uri, "model-versions/get", name=f"pipe-{member}", version="2")["model_version"]
+        decision = _tags(version)[registry.TAG_PROMOTION]
+        if top1 < was:  # the regression: flagged in the report and the console, the champion kept, and why
+            flagged.append(member)
+            assert "REGRESSION: top1" in row and f"[{member}] REGRESSION against the previous retrain: top1" in output
+            assert decision.startswith("candidate: blocked: regression against the previous retrain: top1 ")
+            assert client.get_registered_model(f"pipe-{member}").aliases["champion"] == "1"
+        else:
+            assert row.split("|")[-2].strip() == "no" and not decision.startswith("candidate: blocked")
+    assert flagged, f"the wrecked fine-tune scored no lower than the first one: {before} {now}"
+
+
+def _check_ui_view(uri: str, experiment: str, result: Any, output: str, stdout: str) -> None:
+    """What a person sees in the MLflow UI, through the REST API it reads: every member and stage a top-level row
+    with the same comparison columns, the family's summary on the pipeline's run, the evaluation on the registry
+    versions, and links that open the training view (MLflow's own GenAI-view links silenced)."""
+    runs = _rest(uri, "runs/search", "POST", experiment_ids=[experiment], max_results=100)["runs"]
+    top = [r for r in runs if "mlflow.parentRunId" not in _tags(r)]
+    stages = [r for r in top if runner.TAG_STAGE_KEY in _tags(r)]
+    assert len(stages) == 6 and len(top) == 7  # 2 members x 3 stages and the pipeline's run, nothing folded
+    for run in stages:
+        metrics, tags = _metrics(run), _tags(run)
+        assert {"compare/params_m", "compare/gmacs", "compare/img_size"} <= set(metrics), metrics
+        assert metrics["compare/img_size"] == 32 and tags[compare.TAG_DATA] == "synthetic-shapes-v1 32px"
+        if tags[runner.TAG_PIPELINE_STAGE] == "evaluate":
+            assert metrics["compare/top1"] == metrics["eval/top1"] and metrics["compare/top5"] == metrics["eval/top5"]
+    parent = _metrics(_rest(uri, "runs/get", run_id=result.parent_run_id)["run"])
+    evals = {_tags(r)[runner.TAG_MEMBER]: _metrics(r) for r in stages if _tags(r)[runner.TAG_PIPELINE_STAGE] == "evaluate"}
+    for member in MEMBERS:
+        assert parent[f"{member}/top1"] == evals[member]["eval/top1"] and parent[f"{member}/top5"] == evals[member]["eval/top5"]
+        (version,) = _rest(uri, "model-versions/search", filter=f"name = 'pipe-{member}'")["model_versions"]
+        tags = _tags(version)
+        assert float(tags[registry.TAG_EVAL_TOP1]) == evals[member]["eval/top1"]
+        assert float(tags[registry.TAG_EVAL_TOP5]) == pytest.approx(evals[member]["eval/top5"], rel=1e-3)
+        assert tags[registry.TAG_EVAL_DATA] == "synthetic-shapes-v1 32px" and float(tags[registry.TAG_GMACS]) > 0
+        assert tags[registry.TAG_PROMOTION].startswith("champion: first evaluated version: top-1 ")
+    assert parent["family/best_top1"] == max(e["eval/top1"] for e in evals.values()) and parent["family/members_ok"] == 2
+    link = f"{uri}/#/experiments/{experiment}/runs/{result.parent_run_id}?workflowType=machine_learning"
+    assert link in output
+    assert "View run" not in stdout and "View experiment" not in stdout
+    assert f"[{MEMBERS[0]}/pretrain] " in stdout and f"[{MEMBERS[1]}/finetune] " in stdout  # whose line it is
+    assert "Not compared with the paper (ImageNet-1k at 224 px)" in result.report and "vs paper" in result.report
 
 
 def _export_main(argv: list[str]) -> int:

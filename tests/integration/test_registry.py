@@ -81,13 +81,17 @@ def test_promotion_gate(tmp_path: Path, mlflow_server: str, client, run_id: str)
     worse = gate(v[1], 69.5)
     assert (worse.promoted, worse.alias, worse.previous_champion) == (False, "candidate", "1")
     assert aliases() == {"champion": "1", "candidate": "2"}
-    desc = client.get_model_version(name, "2").description
-    assert desc.startswith("seed 2") and "69.5000 < champion v1's 70.0000" in desc
+    def decision(version: str) -> str:
+        mv = client.get_model_version(name, version)
+        assert mv.description == f"seed {version}"  # the user's description: the gate writes only its tag
+        return mv.tags[registry.TAG_PROMOTION]
+
+    assert decision("2").startswith("candidate: ") and "69.5000 < champion v1's 70.0000" in decision("2")
 
     equal = gate(v[2], 70.0)
     assert (equal.promoted, equal.previous_champion) == (True, "1")
     assert aliases() == {"champion": "3", "candidate": "2"}
-    assert "70.0000 >= champion v1's 70.0000" in client.get_model_version(name, "3").description
+    assert decision("3").startswith("champion: ") and "70.0000 >= champion v1's 70.0000" in decision("3")
 
     better = gate(v[3], 71.25)
     assert better.promoted and aliases() == {"champion": "4", "candidate": "2"}
@@ -96,7 +100,7 @@ def test_promotion_gate(tmp_path: Path, mlflow_server: str, client, run_id: str)
     other = gate(v[4], 99.0, data="val-222")
     assert (other.promoted, other.alias) == (False, "candidate")
     assert aliases() == {"champion": "4", "candidate": "5"}
-    desc = client.get_model_version(name, "5").description
+    desc = decision("5")
     assert "other validation data (val-111, this version on val-222)" in desc and "champion kept" in desc
 
     # Promoting again is idempotent, and re-evaluating the candidate on the champion's data can promote it;
@@ -105,7 +109,17 @@ def test_promotion_gate(tmp_path: Path, mlflow_server: str, client, run_id: str)
     assert gate(v[4], 80.0).promoted and aliases() == {"champion": "5"}
     mv = client.get_model_version(name, "5")
     assert mv.tags[registry.TAG_EVAL_TOP1] == "80.0" and mv.tags[registry.TAG_EVAL_DATA_HASH] == "val-111"
-    assert mv.description.count("Promotion:") == 1
+    # One decision, replaced by the re-evaluation (not appended): the tag now says champion, with the new reason.
+    assert decision("5") == "champion: top-1 80.0000 >= champion v4's 71.2500 on data val-111"
+
+    # A blocked promotion (a regression against the previous retrain) keeps the champion whatever the top-1,
+    # with the reason in the same tag; the evaluation's other facts land as version tags beside it.
+    held = registry.promote(name, v[0], 99.0, eval_data_hash="val-111", tracking_uri=mlflow_server,
+                            blocked="top-1 -3.00 vs the previous retrain", evaluation_tags={"metaformer.eval_top5": "99.5"})
+    assert (held.promoted, held.alias) == (False, "candidate") and aliases() == {"champion": "5", "candidate": "1"}
+    assert decision("1") == ("candidate: blocked: top-1 -3.00 vs the previous retrain; champion v5 kept; "
+                             "top-1 99.0000 on data val-111")
+    assert client.get_model_version(name, "1").tags["metaformer.eval_top5"] == "99.5"
 
     # A champion with no recorded evaluation (set by hand) cannot be compared either.
     client.set_registered_model_alias(name, "champion", "1")

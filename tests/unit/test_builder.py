@@ -236,6 +236,16 @@ def test_build_shards_job_exits_2_on_bad_input(tmp_path):
     assert f"ImageFolder {tmp_path / 'train'} has no images" in out.stderr
     assert not (tmp_path / "out").exists()
 
+    # Class folders that are not wnids: the message names the flag the user types, not the Python argument.
+    (tmp_path / "named" / "cat").mkdir(parents=True)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "build_shards.py"), "--local", "--train", str(tmp_path / "named"),
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert out.returncode == 2 and "'cat' is not a WordNet id" in out.stderr, out.stderr
+    assert "pass --any-class-names to jobs/build_shards.py" in out.stderr and not (tmp_path / "out").exists()
+
 
 @pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"the real ImageNet sample is not at {SAMPLE}")
 def test_imagenet_sample_labels_follow_classes_tsv_and_timm_reads_it(tmp_path):

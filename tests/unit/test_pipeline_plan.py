@@ -260,8 +260,11 @@ def test_family_report_table_and_plot(tmp_path: Path) -> None:
     from metaformer_platform.config import load_config
 
     members = []
-    for name, top1 in (("poolformer_debug", 40.0), ("poolformer_s12", 70.0)):
-        m = outcome.MemberOutcome(name, eval_cfg=load_config(DEFAULT, ["data.img_size=32"]), num_classes=10)
+    # The paper's numbers are ImageNet-1k at 224 px: only the member evaluated so is compared with them.
+    for name, top1, data, size, classes in (("poolformer_debug", 40.0, "synthetic-shapes-v1", 32, 10),
+                                            ("poolformer_s12", 70.0, "imagenet-1k", 224, 1000)):
+        m = outcome.MemberOutcome(name, eval_cfg=load_config(DEFAULT, [f"data.img_size={size}"]), num_classes=classes,
+                                  data_name=f"{data} {size}px")
         m.stages.append(outcome.StageOutcome(name, "evaluate", "run", metrics={
             "eval/top1": top1, "eval/top5": 90.0, "eval/images_per_s": 1234.0, "eval/samples": 64}))
         m.registered = f"{name} v1"
@@ -270,15 +273,67 @@ def test_family_report_table_and_plot(tmp_path: Path) -> None:
     result = outcome.PipelineResult("fam", members)
     data = report.rows(result)
     assert [r["model"] for r in data] == ["poolformer_debug", "poolformer_s12"]
-    s12 = data[1]
-    assert s12["params_m"] == pytest.approx((11_915_176 - 1000 * 512 - 1000 + 10 * 512 + 10) / 1e6)
+    debug, s12 = data
+    assert s12["params_m"] == pytest.approx(11_915_176 / 1e6) and s12["macs_g"] == pytest.approx(1.81, abs=0.01)
     assert s12["paper_top1"] == 77.2 and s12["vs_paper"] == pytest.approx(-7.2)
+    assert debug["paper_top1"] is None and debug["vs_paper"] is None and debug["data"] == "synthetic-shapes-v1 32px"
     text = report.table(data)
     assert "| poolformer_s12 " in text and "-7.2" in text and "| poolformer_debug " in text and "n/a" in text
     png = report.plot(data, tmp_path / "fig.png", "fam")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     status = "\n".join(report.status_lines(result))
     assert "poolformer_debug_m           FAILED" in status and "boom" in status
+
+
+def test_time_and_week_over_week_tables() -> None:
+    """The ledger's figures per member and in total ("-" where a run logged none), and the change against the
+    previous retrain with what the pipeline's limits flag."""
+    from metaformer_platform.pipelines import compare
+    from metaformer_platform.pipelines.spec import RegressionSpec
+
+    a = outcome.MemberOutcome("poolformer_s12", figures={
+        "top1": 70.0, "wall_s": 3600.0, "queued_s": 600.0, "worker_hours": 8.0, "cost": 20.0, "goodput": 0.5,
+        "lost_work_s": 300.0, "checkpoint_stall_s": 60.0, "time_to_final_top1_s": 3000.0, "estimate_wall_s": 3000.0,
+        "estimate_worker_hours": 6.0, "estimate_cost": 15.0},
+        previous={"top1": 71.0, "worker_hours": 6.0, "cost": 20.0, "time_to_final_top1_s": 3000.0})
+    b = outcome.MemberOutcome("poolformer_s24", figures={"top1": 75.0, "wall_s": 1200.0, "goodput": 1.0})
+    limits = RegressionSpec(top1_drop=0.5, worker_hours_increase_pct=20)
+    a.regressions = compare.regressions(a.figures, a.previous, limits)
+    assert a.regressions == ["top1 -1.00 points (limit -0.5)", "worker_hours +33.3% (limit +20%)"]
+    assert compare.regressions(b.figures, b.previous, limits) == []  # nothing to compare with: nothing flagged
+    assert compare.largest_losses(a.figures) == [("queued", 600.0), ("lost_work", 300.0)]
+
+    time = [[cell.strip() for cell in line.split("|")[1:-1]] for line in report.time_table([a, b]).splitlines()]
+    assert time[2] == ["poolformer_s12", "1h00m", "10m00s", "8.000", "20.00", "50%", "queued 10m00s, lost_work 5m00s",
+                       "50m00s", "50m00s / 6.000 / 15.00"]
+    assert time[3] == ["poolformer_s24", "20m00s", "-", "-", "-", "100%", "-", "-", "- / - / -"]
+    # 4800 s of wall, of which 0.5 x 3600 + 1.0 x 1200 = 3000 s productive
+    assert time[4][:6] == ["total", "1h20m", "10m00s", "8.000", "20.00", "62%"]
+
+    week = report.week_table([a, b])
+    row = next(line for line in week.splitlines() if line.startswith("| poolformer_s12 "))
+    assert "71.00 -> 70.00 (-1.00)" in row and "6.000 -> 8.000 (+33.3%)" in row and "20.00 -> 20.00 (+0.0%)" in row
+    assert "REGRESSION: top1 -1.00 points (limit -0.5); worker_hours +33.3% (limit +20%)" in row
+    last = [cell.strip() for cell in week.splitlines()[-1].split("|")[1:-1]]
+    assert last == ["poolformer_s24", "- -> 75.00", "-", "-", "-", "no"]
+
+
+def test_console_lines_carry_the_member_set_for_this_context() -> None:
+    import contextvars
+    import io
+
+    from metaformer_platform.tracking import console
+
+    def made_here() -> str:
+        console.LINE_PREFIX.set("[poolformer_s12/pretrain] ")
+        out = io.StringIO()
+        console.Console(out, bar=False).print_line("step 10/40")
+        return out.getvalue()
+
+    assert contextvars.copy_context().run(made_here) == "[poolformer_s12/pretrain] step 10/40\n"
+    out = io.StringIO()
+    console.Console(out, bar=False).print_line("step 10/40")  # another context: no prefix
+    assert out.getvalue() == "step 10/40\n"
 
 
 def test_a_member_that_fails_stops_only_its_own_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

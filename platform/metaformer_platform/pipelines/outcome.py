@@ -35,6 +35,10 @@ class MemberOutcome:
     eval_cfg: JobConfig | None = None  # the evaluate stage's config (resolution, classes) for the report
     num_classes: int | None = None
     orphaned: list[StageOutcome] = field(default_factory=list)  # its runs found RUNNING with their driver gone
+    data_name: str = ""  # the evaluated data's name and resolution ("imagenet-1k 224px")
+    figures: dict[str, float] = field(default_factory=dict)  # top-1, ledger sums, estimates (pipelines.compare)
+    previous: dict[str, float] = field(default_factory=dict)  # the same figures of the previous retrain
+    regressions: list[str] = field(default_factory=list)  # what got worse beyond the pipeline's `regressions`
 
     @property
     def ok(self) -> bool:
@@ -59,6 +63,7 @@ class PipelineResult:
     name: str
     members: list[MemberOutcome]
     parent_run_id: str | None = None
+    previous_run_id: str | None = None  # the previous retrain's pipeline run (week over week)
     report: str = ""
     dry_run: bool = False
 

@@ -40,6 +40,7 @@ class StagePlan:
     data_hash: str | None = None
     num_classes: int | None = None  # the head's size: model.num_classes, else the data's
     samples: int | None = None  # of the split the stage reads (training: train_split; evaluate: val_split)
+    data_name: str | None = None  # the manifest's name (e.g. imagenet-1k): what the report compares with
     input_id: str | None = None  # what the key records about the input (upstream key, URI@version, path)
     key: str | None = None
     run_name: str | None = None
@@ -151,9 +152,9 @@ def expand(spec: PipelineSpec, base_dir: Path, extra_overrides: list[str] | None
     return plans
 
 
-def data_hash(cfg: JobConfig) -> tuple[str, int | None, int]:
+def data_hash(cfg: JobConfig) -> tuple[str, int | None, int, str]:
     """sha256 of the data's ``_info.json`` (which lists every shard's sha256), the data set's identity, its
-    number of classes and the samples of the split the stage reads."""
+    number of classes, the samples of the split the stage reads and the data set's name."""
     from metaformer_platform.data import INFO_NAME, load_manifest
     from metaformer_platform.launch import checks
 
@@ -168,7 +169,8 @@ def data_hash(cfg: JobConfig) -> tuple[str, int | None, int]:
         workers = cfg.scaling.num_workers
         checks.check_rank_batches(cfg, manifest, root, 1 if workers == "auto" else cfg.scaling.max_workers)
         samples = manifest.split(cfg.data.train_split).num_samples
-    return hashlib.sha256(manifest.storage.read_bytes(INFO_NAME)).hexdigest(), manifest.num_classes, samples
+    digest = hashlib.sha256(manifest.storage.read_bytes(INFO_NAME)).hexdigest()
+    return digest, manifest.num_classes, samples, manifest.name
 
 
 def check_input(stage: StagePlan, tracking_uri: str | None) -> str:
@@ -216,7 +218,7 @@ def resolve(spec: PipelineSpec, plans: list[MemberPlan], tracking_uri: str | Non
         keys: dict[str, str] = {}
         for stage in plan.stages:
             try:
-                stage.data_hash, classes, stage.samples = data_hash(stage.cfg)  # each stage's own checks
+                stage.data_hash, classes, stage.samples, stage.data_name = data_hash(stage.cfg)  # its own checks
                 check_run_storage(stage.cfg.run.storage_path)
                 stage.num_classes = stage.cfg.model.num_classes or classes
                 if stage.upstream is not None:

@@ -1,8 +1,8 @@
 """Run a planned pipeline: one thread per member drives its chain of Ray Train jobs; MLflow records everything.
 
 - One MLflow parent run per pipeline run (found again by the pipeline's key: the same members, configs and data
-  continue the same parent run); each stage's run is nested in it (``mlflow.parentRunId``) and tagged with the
-  stage key, config hash, data manifest hash, its input checkpoint and, once done, its output checkpoint.
+  continue the same parent run); each stage's run points at it (``metaformer.pipeline_run_id``, not nested: the
+  runs table would fold the members away, see ``compare``) and is tagged with the stage key, config hash, data manifest hash, its input checkpoint and, once done, its output checkpoint.
 - A stage whose key has a FINISHED run with its output recorded is skipped (its checkpoint and metrics are
   reused). Any other stage runs under its key-derived ``run.name``: Ray Train resumes that run's latest
   checkpoint and RunHandle continues its MLflow run, so an interrupted stage continues, and nothing is duplicated.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import threading
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
+from metaformer_platform.pipelines import compare
 from metaformer_platform.pipelines.outcome import MemberOutcome, PipelineResult, StageOutcome
 from metaformer_platform.pipelines.plan import MemberPlan, StagePlan, digest, pipeline_key, stable_config
 from metaformer_platform.pipelines.spec import PipelineSpec
@@ -37,7 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PARENT_TAG = "mlflow.parentRunId"
 TAG_PIPELINE = "metaformer.pipeline"
 TAG_PIPELINE_KEY = "metaformer.pipeline_key"
 TAG_MEMBER = "metaformer.member"
@@ -86,6 +87,17 @@ def find_completed(client: MlflowClient, experiment_id: str | None, stage: Stage
     return None
 
 
+def previous_retrain(client: MlflowClient, experiment_id: str, pipeline: str, current: str) -> Run | None:
+    """The last FINISHED run of the pipeline ``pipeline`` in the experiment, other than ``current``."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_PIPELINE}` = '{pipeline}' and tags.`{TAG_PIPELINE_KEY}` != '' "
+        "and attributes.status = 'FINISHED'",
+        order_by=["attributes.end_time DESC"], max_results=5,
+    )
+    return next((r for r in runs if r.info.run_id != current), None)
+
+
 def resumable_checkpoint(run_dir: str) -> str | None:
     """The checkpoint Ray Train resumes a stage's run from when started again under its name, or None.
 
@@ -125,6 +137,7 @@ class PipelineRunner:
         self.key = pipeline_key(spec, plans)
         self._print_lock = threading.Lock()
         self.stopped: JobStopped | None = None  # a member's stage stopped by SIGTERM/SIGINT (launch/stop.py)
+        self.previous: Run | None = None  # the previous retrain's pipeline run (week over week)
 
     def say(self, text: str) -> None:
         with self._print_lock:
@@ -179,12 +192,15 @@ class PipelineRunner:
 
     def run(self) -> PipelineResult:
         from metaformer_platform.launch.driver import connect_ray
-        from metaformer_platform.pipelines import report
         from metaformer_platform.tracking.runs import training_experiment
 
+        # MLflow prints "View run"/"View experiment" links when a run ends; they open the GenAI view. The
+        # pipeline prints its own, to the training view (``parent_link``).
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         experiment_id = training_experiment(self.client, self.spec.experiment, create=True)
         assert experiment_id is not None  # create=True makes it
         parent = self._open_parent(experiment_id)
+        self.previous = previous_retrain(self.client, experiment_id, self.spec.name, parent)
         runnable = [p for p in self.plans if not p.error]
         if runnable:
             connect_ray(runnable[0].stages[0].cfg)  # once, here: ray.init from several threads would race
@@ -199,13 +215,42 @@ class PipelineRunner:
             self._run_members(runnable, outcomes, experiment_id, parent)
         if self.stopped is not None:
             self._close_stopped(parent, self.stopped)
-        result = PipelineResult(self.spec.name, [outcomes[p.model] for p in self.plans], parent)
-        result.report = report.family_report(self.client, result)
+        result = PipelineResult(self.spec.name, [outcomes[p.model] for p in self.plans], parent,
+                                self.previous.info.run_id if self.previous is not None else None)
+        self._summarise(result)
         failed = result.failed
         if failed:
             self.client.set_tag(parent, TAG_FAILED, ", ".join(m.model for m in failed))
         self.client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
         return result
+
+    def _summarise(self, result: PipelineResult) -> None:
+        """Each member's figures against the previous retrain, on the parent run, and the family report."""
+        from metaformer_platform.pipelines import report
+
+        for member in result.members:
+            if not member.figures and member.stages:
+                self._compare(member)
+        compare.log_summary(self.client, str(result.parent_run_id), result.members)
+        result.report = report.family_report(self.client, result)
+        self.say(f"pipeline run {result.parent_run_id}: {self.parent_link(result.parent_run_id)}")
+
+    def parent_link(self, run_id: str | None) -> str:
+        """Where the UI shows a run: its page in the experiment's training view (not the GenAI traces view)."""
+        from metaformer_platform.tracking.runs import UI_TRAINING_VIEW
+
+        uri = redact(self.tracking_uri)
+        experiment = self.client.get_run(str(run_id)).info.experiment_id
+        path = f"#/experiments/{experiment}/runs/{run_id}{UI_TRAINING_VIEW}"
+        return f"{uri}/{path}" if uri.startswith(("http://", "https://")) else f"`mlflow ui --backend-store-uri {uri}`, then /{path}"
+
+    def _compare(self, member: MemberOutcome) -> None:
+        """The member's figures, the previous retrain's, and what regressed beyond the pipeline's limits."""
+        member.figures = compare.member_figures(self.client, member.stages)
+        member.previous = compare.previous_figures(self.previous, member.model)
+        member.regressions = compare.regressions(member.figures, member.previous, self.spec.regressions)
+        if member.regressions:
+            self.say(f"[{member.model}] REGRESSION against the previous retrain: {'; '.join(member.regressions)}")
 
     def _run_members(
         self, runnable: list[MemberPlan], outcomes: dict[str, MemberOutcome], experiment_id: str, parent: str
@@ -309,8 +354,11 @@ class PipelineRunner:
     def _after_evaluation(
         self, plan: MemberPlan, stage: StagePlan, outputs: dict[str, StageOutcome], member: MemberOutcome
     ) -> bool:
-        """Keep what the report needs and register the evaluated weights; False when registering failed."""
+        """Keep what the report needs, compare with the previous retrain and register the evaluated weights;
+        False when registering failed."""
         member.eval_cfg, member.num_classes = stage.cfg, stage.num_classes
+        member.data_name = f"{stage.data_name or 'unnamed'} {stage.cfg.data.img_size}px"
+        self._compare(member)
         if not self.spec.registry.enabled or stage.upstream is None:
             return True
         try:
@@ -324,7 +372,7 @@ class PipelineRunner:
 
     def _stage_tags(self, stage: StagePlan, parent: str) -> dict[str, str]:
         return {
-            PARENT_TAG: parent,
+            compare.TAG_PIPELINE_RUN: parent,
             TAG_PIPELINE: self.spec.name,
             TAG_MEMBER: stage.member,
             TAG_PIPELINE_STAGE: stage.name,
@@ -357,7 +405,13 @@ class PipelineRunner:
         stage.cfg.tracking.tags = {**stage.cfg.tracking.tags, **self._stage_tags(stage, parent)}
         self.say(f"[{plan.model}] {stage.name}: starting {stage.run_name}"
                  + (f" (continues {_name(previous)})" if previous else ""))
-        result = run_job(stage.cfg)
+        from metaformer_platform.tracking.console import LINE_PREFIX
+
+        LINE_PREFIX.set(f"[{plan.model}/{stage.name}] ")  # this member's thread: its job's progress lines
+        try:
+            result = run_job(stage.cfg)
+        finally:
+            LINE_PREFIX.set("")
         run_id = result.mlflow_run_id
         assert run_id is not None  # plan.resolve turns tracking on for every stage
         metrics = dict(result.metrics)
@@ -368,6 +422,7 @@ class PipelineRunner:
         else:
             self._record_evaluation(run_id, stage, result)
             metrics = {**metrics, **{k: v for k, v in self.client.get_run(run_id).data.metrics.items() if k not in metrics}}
+        compare.log_stage_figures(self.client, run_id, stage)
         detail = f"(continued from {_name(previous)})" if previous else ""
         return StageOutcome(plan.model, stage.name, action, stage.run_name, run_id, result.checkpoint_path, metrics, detail)
 
@@ -406,7 +461,17 @@ class PipelineRunner:
             export_checkpoint(str(source.checkpoint), tmp, overwrite=True)
             version = registry.register_export(tmp, name, tracking_uri=self.tracking_uri, run_id=str(source.run_id), lineage_tags=tags)
         member.registered = f"{name} v{version}"
+        blocked = None
+        if self.spec.registry.block_on_regression and member.regressions:
+            blocked = "regression against the previous retrain: " + "; ".join(member.regressions)
+        figures = self.client.get_run(str(evaluated.run_id)).data.metrics
+        evaluation = {registry.TAG_EVAL_DATA: member.data_name}
+        for tag, key in ((registry.TAG_EVAL_TOP5, "eval/top5"), (registry.TAG_PARAMS_M, "compare/params_m"),
+                         (registry.TAG_GMACS, "compare/gmacs")):
+            if key in figures:
+                evaluation[tag] = f"{figures[key]:.4g}"
         member.promotion = registry.promote(
-            name, version, float(evaluated.metrics["eval/top1"]), eval_data_hash=eval_hash, tracking_uri=self.tracking_uri
+            name, version, float(evaluated.metrics["eval/top1"]), eval_data_hash=eval_hash,
+            tracking_uri=self.tracking_uri, evaluation_tags=evaluation, blocked=blocked,
         )
         self.say(f"[{plan.model}] registered {name} v{version}: {member.promotion.alias} ({member.promotion.reason})")

@@ -8,8 +8,13 @@ stages:
   - {name: pretrain, kind: pretrain, config: ../jobs/configs/{model}.yaml}
   - {name: finetune, kind: finetune, config: finetune.yaml, overrides: [trainer.epochs=30]}
   - {name: evaluate, kind: evaluate, config: finetune.yaml}
-registry: {name: "{model}"}
+registry: {name: "{model}", block_on_regression: false}
+regressions: {top1_drop: 0.5, time_increase_pct: 20, worker_hours_increase_pct: 20, cost_increase_pct: 20}
 ```
+
+``regressions``: what counts as a regression against the previous retrain (the last FINISHED run of this
+pipeline in its experiment); flagged in the report and the console, and with ``registry.block_on_regression``
+the member's new version is not promoted (the reason is its ``metaformer.promotion`` tag).
 
 A stage's input is, unless it names one with ``init_from``, the checkpoint of the nearest earlier training stage
 (pretrain or finetune); a pretrain stage starts from random weights. ``{model}`` in a config path, an override
@@ -68,6 +73,16 @@ class StageSpec(_Section):
 class RegistrySpec(_Section):
     enabled: bool = Field(True, description="after evaluate: export, register and promote the evaluated weights")
     name: str = Field("{model}", description="registered model name ({model} is the member's name)")
+    block_on_regression: bool = Field(
+        False, description="a member that regressed against the previous retrain (see `regressions`) is not promoted"
+    )
+
+
+class RegressionSpec(_Section):
+    top1_drop: float = Field(0.5, ge=0, description="flag a top-1 that fell by more than this many points")
+    time_increase_pct: float = Field(20.0, ge=0, description="flag a time to final top-1 up by more than this %")
+    worker_hours_increase_pct: float = Field(20.0, ge=0, description="flag worker-hours up by more than this %")
+    cost_increase_pct: float = Field(20.0, ge=0, description="flag a cost up by more than this %")
 
 
 class PipelineSpec(_Section):
@@ -83,6 +98,7 @@ class PipelineSpec(_Section):
     experiment: str = Field("metaformer-pipelines", description="MLflow experiment of every run of the pipeline")
     tracking_uri: str | None = Field(None, description="MLflow URI (null: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     registry: RegistrySpec = Field(default_factory=RegistrySpec)
+    regressions: RegressionSpec = Field(default_factory=RegressionSpec)
 
     @field_validator("name")
     @classmethod

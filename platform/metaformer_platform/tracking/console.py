@@ -20,6 +20,7 @@ loggers, WARNING and up) travel the same way, so a quiet console still shows bad
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import sys
@@ -270,10 +271,16 @@ class _Stats:
             self.data_wait.append(data_wait)
 
 
+# A prefix for every line of the consoles made in this context: a pipeline running members at once sets
+# "[MODEL/STAGE] " in each member's thread, so interleaved lines say whose they are.
+LINE_PREFIX: contextvars.ContextVar[str] = contextvars.ContextVar("LINE_PREFIX", default="")
+
+
 class Console:
     """Formats events into lines on ``out``; with a terminal, a tqdm bar stays below them."""
 
-    def __init__(self, out: TextIO | None = None, *, bar: bool | None = None) -> None:
+    def __init__(self, out: TextIO | None = None, *, bar: bool | None = None, prefix: str | None = None) -> None:
+        self.prefix = LINE_PREFIX.get() if prefix is None else prefix
         self.out = out or sys.stdout
         self.use_bar = bar if bar is not None else self.out.isatty()
         self.stats = _Stats()
@@ -284,6 +291,7 @@ class Console:
         self._print(line)
 
     def _print(self, line: str) -> None:
+        line = self.prefix + line
         if self._bar is not None:
             self._bar.write(line, file=self.out)
         else:

@@ -8,8 +8,10 @@ a version (``resolve_model_uri``) gets a folder that ``training.export.load_expo
 
 Alias ``champion`` names the version in service. ``promote`` moves it to a newly evaluated version only when
 that version's top-1 is at least the champion's on the same validation data (same eval data hash); any other
-version is kept with alias ``candidate`` and the reason in its description. Registering and promoting are
-idempotent, so a pipeline that is re-run registers nothing twice.
+version is kept with alias ``candidate``. The decision and its reason are ONE version tag (``metaformer.promotion``:
+"champion: ..." or "candidate: ..."), replaced by every re-evaluation; the description stays the user's. The
+evaluation (top-1/top-5, data, resolution, params, GMACs) is version tags too, so the registry's lists show it.
+Registering and promoting are idempotent, so a pipeline that is re-run registers nothing twice.
 """
 
 from __future__ import annotations
@@ -50,9 +52,11 @@ TAG_LINEAGE_KEY = "metaformer.lineage_key"
 # Evaluation (set by promote):
 TAG_EVAL_DATA_HASH = "metaformer.eval_data_hash"
 TAG_EVAL_TOP1 = "metaformer.eval_top1"
-TAG_PROMOTION = "metaformer.promotion"  # "champion" or "candidate"
-
-_PROMOTION_MARK = "\n\nPromotion: "
+TAG_EVAL_TOP5 = "metaformer.eval_top5"
+TAG_EVAL_DATA = "metaformer.eval_data"  # the data set's name and resolution, e.g. "imagenet-1k 224px"
+TAG_PARAMS_M = "metaformer.params_m"
+TAG_GMACS = "metaformer.gmacs"
+TAG_PROMOTION = "metaformer.promotion"  # "champion: REASON" or "candidate: REASON"
 
 
 @dataclass(frozen=True)
@@ -240,11 +244,6 @@ def _champion(client: MlflowClient, model_name: str) -> ModelVersion | None:
         return None
 
 
-def _with_reason(description: str | None, reason: str) -> str:
-    base = (description or "").split(_PROMOTION_MARK, 1)[0]
-    return f"{base}{_PROMOTION_MARK}{reason}" if base else f"Promotion: {reason}"
-
-
 def _check_evaluation(top1: float, eval_data_hash: str) -> None:
     if isinstance(top1, bool) or not isinstance(top1, int | float) or not math.isfinite(top1) or not 0 <= top1 <= 100:
         raise ValueError(f"top1 must be a percentage in [0, 100], got {top1!r}")
@@ -252,8 +251,13 @@ def _check_evaluation(top1: float, eval_data_hash: str) -> None:
         raise ValueError("eval_data_hash must name the validation data the top-1 was measured on")
 
 
-def _decide(champion: ModelVersion | None, version: str, top1: float, eval_data_hash: str) -> tuple[bool, str]:
+def _decide(
+    champion: ModelVersion | None, version: str, top1: float, eval_data_hash: str, blocked: str | None = None
+) -> tuple[bool, str]:
     """Whether ``version`` (top-1 ``top1`` on ``eval_data_hash``) takes ``champion``, and why."""
+    if blocked:
+        kept = f"champion v{champion.version} kept" if champion is not None else "no champion set"
+        return False, f"blocked: {blocked}; {kept}; top-1 {top1:.4f} on data {eval_data_hash}"
     if champion is None:
         return True, f"first evaluated version: top-1 {top1:.4f} on data {eval_data_hash}"
     previous = str(champion.version)
@@ -286,30 +290,34 @@ def promote(
     *,
     eval_data_hash: str,
     tracking_uri: str | None = None,
+    evaluation_tags: Mapping[str, str] | None = None,
+    blocked: str | None = None,
 ) -> Promotion:
     """Record the version's evaluation and move ``champion`` to it if it is at least as good as the champion.
 
     The comparison holds only between evaluations on the same validation data (``eval_data_hash``): a champion
     evaluated on other data, or with no recorded top-1, is kept, and this version becomes ``candidate``. A
-    version that does not take ``champion`` gets alias ``candidate`` and the reason in its description.
+    version that does not take ``champion`` gets alias ``candidate``. ``blocked`` (a reason, e.g. a regression
+    against the previous retrain) keeps the champion whatever the top-1. The decision and its reason replace the
+    version's ``metaformer.promotion`` tag; ``evaluation_tags`` (top-5, data, resolution, size) are set beside it.
     """
     _check_evaluation(top1, eval_data_hash)
     client = _client(tracking_uri)
     version = str(version)
-    mv = client.get_model_version(model_name, version)
-    client.set_model_version_tag(model_name, version, TAG_EVAL_DATA_HASH, eval_data_hash)
-    client.set_model_version_tag(model_name, version, TAG_EVAL_TOP1, repr(float(top1)))
+    client.get_model_version(model_name, version)  # MlflowException for a version that does not exist
+    for key, value in {**(evaluation_tags or {}), TAG_EVAL_DATA_HASH: eval_data_hash,
+                       TAG_EVAL_TOP1: repr(float(top1))}.items():
+        client.set_model_version_tag(model_name, version, key, str(value))
 
     champion = _champion(client, model_name)
-    promoted, reason = _decide(champion, version, top1, eval_data_hash)
+    promoted, reason = _decide(champion, version, top1, eval_data_hash, blocked)
     alias = CHAMPION if promoted else CANDIDATE
     client.set_registered_model_alias(model_name, alias, version)
     if promoted:
         aliases = client.get_registered_model(model_name).aliases
         if str(aliases.get(CANDIDATE)) == version:
             client.delete_registered_model_alias(model_name, CANDIDATE)
-    client.set_model_version_tag(model_name, version, TAG_PROMOTION, alias)
-    client.update_model_version(model_name, version, description=_with_reason(mv.description, reason))
+    client.set_model_version_tag(model_name, version, TAG_PROMOTION, f"{alias}: {reason}")
     previous = str(champion.version) if champion is not None else None
     return Promotion(model_name, version, promoted, alias, previous, reason)
 

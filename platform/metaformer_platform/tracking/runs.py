@@ -358,7 +358,16 @@ class RunHandle:
                 source=json.dumps({"uri": uri, "split": split}), profile=json.dumps(profile),
             )
             inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        except MlflowException as err:
+            # Two runs logging the same new dataset at once (a pipeline's members): the server's check-then-insert
+            # races and one gets the UNIQUE constraint; the dataset exists now, so a second try links it.
+            if "UNIQUE constraint" not in str(err):
+                raise
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_params(self, params: Mapping[str, object]) -> None:
         """Extra derived params (e.g. total steps, resolved lr), logged once."""

@@ -225,7 +225,8 @@ def load_classes(
             raise ValueError(
                 f"{classes.source}: {bad[0]!r} is not a WordNet id (n + 8 digits, e.g. n01440764)"
                 + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
-                + "; rename the class folders, or pass require_wnids=False for a non-ImageNet set"
+                + "; rename the class folders, or for a non-ImageNet set pass --any-class-names to "
+                "jobs/build_shards.py (require_wnids=False in Python)"
             )
     return classes
 
