@@ -225,6 +225,26 @@ def test_request_stop_checkpoints_at_the_next_step_boundary_and_the_resume_loses
     assert losses == pytest.approx(full.series("train/loss"), rel=1e-5)  # and exactly the uninterrupted run's
 
 
+def test_a_drain_notice_checkpoints_once_at_the_next_log_window_and_training_goes_on(shards, tmp_path):
+    """Ray's preemption notice (a node being drained) from step 5 on, asked every log window (2 steps): one
+    checkpoint at step 6, none again while the same drain lasts, training to the end as Ray Train recommends."""
+    cfg = _cfg("trainer.max_steps=10", "trainer.checkpoint_every_steps=8", "trainer.log_every_steps=2",
+               "data.val_split=null")
+    reported, rec, asked = tmp_path / "reported", Recorder(), []
+    trainer = _trainer(cfg, shards, rec, reported)
+
+    def draining() -> bool:
+        asked.append(trainer.step)
+        return trainer.step >= 5
+
+    trainer._draining = draining
+    trainer.train()
+    assert asked == [2, 4, 6, 8, 10]  # the same steps on every rank: the notice is Ray's collective
+    assert sorted(p.name for p in reported.iterdir()) == ["step-10", "step-6", "step-8"]
+    assert not trainer.stopped and trainer.step == 10
+    assert fmt.incomplete_reason(reported / "step-6") is None
+
+
 def _stop_agreement_on_rank(rank: int, world: int, init_method: str, results) -> None:
     import threading
     from types import SimpleNamespace

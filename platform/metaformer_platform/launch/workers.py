@@ -204,6 +204,7 @@ def _train_worker(plan: JobPlan, launch: Launch) -> dict[str, object]:
                 cfg, dist, data_root=plan.data.root, tracker=tracker, report=report,
                 resume_from=Path(resume_dir) if resume_dir else None,
                 init_from=plan.init_from.on_this_node() if plan.init_from else None,
+                draining=_ray_preemption_notice,
             )
         _record_start(trainer, run_tracker, tracker, resumed=checkpoint is not None, elastic=cfg.scaling.elastic)
         progress.start(trainer)
@@ -227,6 +228,14 @@ def _train_worker(plan: JobPlan, launch: Launch) -> dict[str, object]:
     finally:
         tracker.close()
     return {"step": trainer.step, "stopped": trainer.stopped}
+
+
+def _ray_preemption_notice() -> bool:
+    """Ray Train's own preemption signal: a node of this worker group is being drained (spot reclaim, a
+    Kubernetes node drain, ``ray drain-node``). A collective across the group's workers."""
+    import ray.train
+
+    return ray.train.get_preemption_info() is not None
 
 
 def _checkpoint_to_resume(plan: JobPlan, dist: DistContext,

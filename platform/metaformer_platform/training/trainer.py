@@ -163,6 +163,7 @@ class Trainer:
         report: ReportFn | None = None,
         resume_from: Path | None = None,
         checkpoint_scratch: Path | None = None,
+        draining: Callable[[], bool] | None = None,
         loaders: tuple[mdata.ShardLoader, mdata.ShardLoader | None] | None = None,
         init_from: Path | str | None = None,
     ) -> None:
@@ -171,6 +172,11 @@ class Trainer:
         self.tracker = tracker or NullTracker()
         self.report = report or _no_report
         self.scratch = checkpoint_scratch
+        # Ray Train's preemption notice (a node of this job is being drained); a collective, so every rank asks
+        # at the same steps: each log window. Answered with one checkpoint per drain, then training goes on until
+        # Ray restarts the group without the node, from that checkpoint.
+        self._draining = draining
+        self._drain_checkpointed = False
         self.batch = elastic.fit_to_world(cfg.scaling, cfg.trainer, dist.world_size, even=cfg.data.uses_mixup)
         self.data_root = data_root
         self.manifest = mdata.load_manifest(data_root) if data_root is not None else None
@@ -383,13 +389,30 @@ class Trainer:
                 self.strategy.model.train()
 
             stopping = self._stop_agreed()  # every rank, every step: all ranks stop at the same step
-            if stopping or self.step % t.checkpoint_every_steps == 0 or self.step == self.total_steps:
+            drained = self._drain_noticed()
+            if stopping or drained or self.step % t.checkpoint_every_steps == 0 or self.step == self.total_steps:
                 self.save_and_report({**metrics, **self.last_val})
             if stopping:
                 log.info("stopped on request at step %d, checkpointed", self.step)
                 self.stopped = True
                 break
         return {**metrics, **self.last_val, "step": float(self.step)}
+
+    def _drain_noticed(self) -> bool:
+        """Whether a node of this job has just been found draining (checked each log window, on every rank):
+        true once per drain, so the job checkpoints before the node goes instead of losing the steps since the
+        last checkpoint."""
+        if self._draining is None or self.step % self.cfg.trainer.log_every_steps:
+            return False
+        if not self._draining():
+            self._drain_checkpointed = False
+            return False
+        if self._drain_checkpointed:
+            return False
+        self._drain_checkpointed = True
+        log.warning("a node of this job is being drained (preemption): checkpointing at step %d before it goes",
+                    self.step)
+        return True
 
     def request_stop(self) -> None:
         """Ask ``train()`` to checkpoint at the next step boundary and return (``stopped`` then says so).
