@@ -400,12 +400,7 @@ class Trainer:
                 window_steps = 0
 
             if self.val_loader is not None and (self.step % self.val_every == 0 or self.step == self.total_steps):
-                began = time.perf_counter()
-                self.last_val = self.validate()
-                self.meter.validation_s += time.perf_counter() - began
-                self.meter.step = self.step
-                self.tracker.log_metrics(self.last_val, step=self.step)
-                self.strategy.model.train()
+                self._validate_in_training()
 
             stopping = self._stop_agreed()  # every rank, every step: all ranks stop at the same step
             if stopping or self.step % t.checkpoint_every_steps == 0 or self.step == self.total_steps:
@@ -415,6 +410,15 @@ class Trainer:
                 self.stopped = True
                 break
         return {**metrics, **self.last_val, "step": float(self.step)}
+
+    def _validate_in_training(self) -> None:
+        """A validation between steps: timed for the run ledger, logged, then back to training mode."""
+        began = time.perf_counter()
+        self.last_val = self.validate()
+        self.meter.validation_s += time.perf_counter() - began
+        self.meter.step = self.step
+        self.tracker.log_metrics(self.last_val, step=self.step)
+        self.strategy.model.train()  # type: ignore[union-attr]
 
     def _mfu(self, step_s: float) -> dict[str, float]:
         """``train/mfu`` of a log window (rank 0's step time), when the device's peak is known."""
