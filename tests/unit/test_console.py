@@ -146,9 +146,9 @@ def test_the_done_line_shows_queue_time_apart_and_the_ledger():
     console.handle({"kind": "finish", "time": now - 10.0, "step": 40, "stopped": True, "ledger": snapshot})
     console.close(succeeded=True)
     line = out.getvalue().splitlines()[-1]
-    # 34 s queued (the controller's start to the placement); 100 s of wall in all; MFU: 40 x 8 x 1 GFLOP in
+    # 33 s queued (the placement group's request to the placement); 100 s of wall in all; MFU: 40 x 8 x 1 GFLOP in
     # 40 s on 2 x 1 TFLOP/s
-    assert line.startswith("stopped at step 40 in 1m06s (+34s queued) | ")
+    assert line.startswith("stopped at step 40 in 1m07s (+33s queued) | ")
     hours = 2 * 65 / 3600  # 2 workers placed 65 s before the end
     assert line.endswith(f"| 0 checkpoints, stall 0.0 s | goodput 40% | MFU 0.4% | {hours:.3g} worker-hours | "
                          f"cost {hours * 3.0:.2f} USD")

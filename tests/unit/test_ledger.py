@@ -36,8 +36,8 @@ def clean_run() -> RunLedger:
 def test_a_clean_run_splits_its_wall_time_into_the_categories():
     m = summarize(clean_run().attempts)["metrics"]
     assert m[lg.WALL] == 80.0
-    assert m[lg.QUEUED] == 8.0  # the controller's start to the placement group's readiness
-    assert m[lg.STARTING] == 7.0  # the driver's planning and the workers' start, up to the first step
+    assert m[lg.QUEUED] == 7.0  # the controller's first SCHEDULING to the placement group's readiness
+    assert m[lg.STARTING] == 8.0  # the driver's planning, the controller's and the workers' start, to the first step
     assert (m[lg.TRAIN], m[lg.DATA_WAIT], m[lg.COMPUTE]) == (54.0, 6.0, 48.0)
     assert (m[lg.VALIDATION], m[lg.CHECKPOINT_STALL], m[lg.SHUTDOWN]) == (4.0, 2.0, 5.0)
     assert m[lg.LOST_WORK] == m[lg.RECOVERY_GAP] == m[lg.RESIZE_GAP] == 0.0
@@ -77,7 +77,8 @@ def test_a_failure_and_a_resize_cost_lost_work_and_gaps_of_their_size():
     assert m[lg.RECOVERY_GAP] == 1062.0 - 1043.0  # A's last progress to B's first step
     assert m[lg.RESIZE_GAP] == 1113.0 - 1104.0  # B's last progress to C's first step
     assert m[lg.TRAIN] == 20.0 + 40.0 + 20.0  # A's 26 s less its 6 lost, B's, C's
-    assert (m[lg.QUEUED], m[lg.STARTING], m[lg.CHECKPOINT_STALL], m[lg.SHUTDOWN]) == (8.0, 7.0, 6.0, 5.0)
+    # no SCHEDULING state seen before the first placement: the wait since the group's own request
+    assert (m[lg.QUEUED], m[lg.STARTING], m[lg.CHECKPOINT_STALL], m[lg.SHUTDOWN]) == (7.0, 8.0, 6.0, 5.0)
     assert sum(m[c] for c in lg.CATEGORIES) == pytest.approx(m[lg.WALL], rel=0.02)
     steps = [i for i in summary["intervals"] if i["category"] == "steps"]
     assert [(i["from_step"], i["to_step"], i["steps_redone"]) for i in steps] == [(0, 26, 6), (20, 40, 0), (40, 60, 0)]
@@ -120,10 +121,13 @@ def test_mfu_counts_model_flops_over_the_workers_peak():
 def test_a_run_that_never_took_a_step_is_queued_and_starting_only():
     ledger = RunLedger(0.0)
     ledger.controller_started(1.0)
-    ledger.placed(2.0, 30.0, 1, False)
+    ledger.state("SCHEDULING", 2.0)
+    ledger.state("RESCHEDULING", 12.0)  # its placement group timed out: asked for again
+    ledger.state("SCHEDULING", 12.0)
+    ledger.placed(12.0, 30.0, 1, False)
     ledger.finish(at=40.0)
     m = ledger.summary()["metrics"]
-    assert (m[lg.QUEUED], m[lg.STARTING], m[lg.GOODPUT]) == (29.0, 11.0, 0.0)
+    assert (m[lg.QUEUED], m[lg.STARTING], m[lg.GOODPUT]) == (28.0, 12.0, 0.0)
 
 
 def test_the_meter_sums_windows_and_snapshots_only_after_the_first_step():

@@ -12,8 +12,9 @@ Two ends, both cheap:
   second). ``summarize`` turns one or more driver attempts into the categories below, which add up to the
   attempts' wall time by construction: each second falls in exactly one.
 
-Categories: ``queued`` (the first worker group's wait for its placement group), ``starting`` (the driver's
-planning, the controller's start, worker start and imports up to the first step), ``train`` (productive step
+Categories: ``queued`` (the first worker group's wait for its placement group, from the controller's first
+SCHEDULING state), ``starting`` (the driver's planning, the controller's start, worker start and imports up to
+the first step), ``train`` (productive step
 time: ``data_wait`` + ``compute``, compute including the few between-step bookkeeping calls), ``validation``,
 ``checkpoint_stall``, ``lost_work`` (the step time of steps trained again after a restore: steps redone x that
 group's mean step time), ``recovery_gap`` (from a failed group's last progress to the next group's first step),
@@ -325,12 +326,14 @@ def _account_attempt(i: int, a: Attempt, accounts: list[_Account], cats: dict[st
 
 
 def _queued(a: Attempt, g: Group, gap: float) -> float:
-    """The first group's wait for its placement group: from the controller's start (or the group's request, when
-    the controller's start was not seen) until it was ready; at most ``gap``."""
-    since = a.controller_started or g.scheduled_at
-    if g.placed_at is None or since is None:
+    """The first group's wait for its placement group: from the controller's first SCHEDULING state (a placement
+    group that timed out is asked for again: RESCHEDULING, SCHEDULING) until it was ready, or from the request of
+    the group's own placement group when no state was seen; at most ``gap``."""
+    if g.placed_at is None:
         return 0.0
-    return min(gap, max(0.0, g.placed_at - since))
+    scheduling = [t for name, t in a.states if name == "SCHEDULING" and t <= g.placed_at]
+    since = min(scheduling) if scheduling else g.scheduled_at
+    return 0.0 if since is None else min(gap, max(0.0, g.placed_at - since))
 
 
 def _worker_hours(attempts: list[Attempt], until: float | None = None) -> float:
