@@ -12,6 +12,10 @@ torchtitan, one line per log cadence; a line per validation and checkpoint; a su
     val    step 30 | top-1 52.00% | top-5 90.80% | loss 1.5781 | 500 images
     checkpoint step 30 -> /home/me/metaformer-runs/poolformer_s12-demo/checkpoint-00000030 | stall 1.01 s
     done: 60 steps in 2m39s | 51 img/s | data wait 2% | val top-1 59.80% top-5 91.60% | 2 checkpoints, stall 2.0 s
+        | goodput 38% | MFU 1.2% | 0.0883 worker-hours
+
+(one line; the last figures are the run ledger's, ``training.ledger``; a queue wait shows as ``in 2m39s (+41s
+queued)``, a graceful stop as ``stopped at step 40 in ...``).
 
 A progress bar (tqdm) is added below the lines only when the driver's stdout is a terminal; redirected
 output (files, ``ray job logs``) gets the plain lines only. Workers' own warnings (``metaformer_platform``
