@@ -517,12 +517,17 @@ class ProgressPrinter:
     """
 
     def __init__(self, greeting: str | None = None, console: Console | None = None) -> None:
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.greeting = greeting  # printed as training starts up: workers can take a while to come up
         self.console = console or Console()
-        # num_cpus=0: the queue must never take a CPU a worker is waiting for
-        self.queue: Queue = Queue(actor_options={"num_cpus": 0})
+        # num_cpus=0: the queue must never take a CPU a worker is waiting for. On the driver's own node: a queue
+        # placed on a worker's node would die with that node, and every later line (and the run ledger's
+        # events) with it (seen: the elastic job's lost node took the queue along)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue: Queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
