@@ -502,7 +502,7 @@ def _ledger_parts(head: str, ledger: RunLedger) -> tuple[str, list[str]]:
     total = summary["metrics"]
     parts = [f"goodput {100 * total[lg.GOODPUT]:.0f}%"]
     if lg.MFU in total:
-        parts.append(f"MFU {100 * total[lg.MFU]:.1f}%")
+        parts.append(f"MFU {100 * total[lg.MFU]:.2g}%")  # two digits: a debug model's is hundredths of a percent
     parts.append(f"{total[lg.WORKER_HOURS]:.3g} {'accelerator' if summary['gpu'] else 'worker'}-hours")
     if lg.COST in total:
         parts.append(f"cost {total[lg.COST]:.2f} {ledger.currency}")
