@@ -9,6 +9,11 @@ printed beside it.
 
     python tests/benchmarks/bench_train_loop.py [--model poolformer_s12] [--steps 60] [--batch 64] [--size 64]
 
+``--ledger`` measures the run ledger's cost instead, in this process (no Ray): the Trainer with its ledger
+meter (and a progress snapshot per log window, as rank 0 sends them) against the same Trainer with the meter's
+calls made no-ops, alternating rounds, logging every step (the worst case: the meter is touched only at the
+log cadence, validations and checkpoints); and the meter's own cost per window, timed alone.
+
 Ray needs a loopback-only network namespace on the project's sandbox (see the README).
 """
 
@@ -25,9 +30,78 @@ from common import WINDOW, bare_loop, bench_config, make_batches, platform_loop 
 LABEL_SMOOTHING = 0.1
 
 
-def main() -> None:
-    import ray
+class _NoMeter:
+    """The ledger meter with nothing to do: the Trainer's loop without the run ledger."""
 
+    validation_s = checkpoint_s = 0.0
+    step = 0
+    flops_per_sample = peak_flops = None
+
+    def begin(self, step: int) -> None:
+        pass
+
+    def add_window(self, times: dict[str, float], steps: int, step: int) -> None:
+        pass
+
+    def snapshot(self) -> None:
+        return None
+
+
+def _ledger_round(cfg, batches: list, *, ledger: bool) -> float:
+    """Median seconds per step of the Trainer in this process, with or without its ledger meter."""
+    from common import InMemoryLoader
+
+    from metaformer_platform.strategies.base import DistContext
+    from metaformer_platform.training.trainer import Trainer
+
+    step_s: list[float] = []
+
+    class Recorder:
+        def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+            if "time/step_s" in metrics:
+                step_s.append(metrics["time/step_s"])
+                trainer.meter.snapshot()  # what rank 0's progress channel adds to each event
+
+    trainer = Trainer(cfg, DistContext(), data_root=None, tracker=Recorder(), loaders=(InMemoryLoader(batches), None))
+    if not ledger:
+        trainer.meter = _NoMeter()  # type: ignore[assignment]
+    trainer.train()
+    return statistics.median(step_s[WINDOW:])
+
+
+def ledger_overhead(args: argparse.Namespace) -> None:
+    """The run ledger's share of the step time, side by side (see the module's docstring)."""
+    import time
+
+    from metaformer_platform.training.ledger import GroupMeter
+
+    cfg = bench_config(args.model, batch=args.batch, steps=args.steps, threads=args.threads, precision=args.precision,
+                       num_workers=1, label_smoothing=LABEL_SMOOTHING, extra=["trainer.log_every_steps=1"])
+    batches = make_batches(args.steps, args.batch, args.size, seed=0)
+    on, off = [], []
+    for _ in range(args.rounds):
+        on.append(_ledger_round(cfg, batches, ledger=True))
+        off.append(_ledger_round(cfg, batches, ledger=False))
+    meter, times = GroupMeter(workers=1, gpu=False, global_batch=args.batch), {
+        "time/data_s": 0.01, "time/forward_s": 0.1, "time/backward_s": 0.2, "time/optimizer_s": 0.05, "time/step_s": 0.36}
+    meter.begin(0)
+    calls = 20000
+    begin = time.perf_counter()
+    for step in range(calls):
+        meter.add_window(times, 1, step)
+        meter.snapshot()
+    per_window = (time.perf_counter() - begin) / calls
+    ratios = [a / b for a, b in zip(on, off, strict=True)]
+    print(f"model {args.model}, batch {args.batch}, {args.size} px, {args.threads} threads, {args.precision}, "
+          f"{args.steps} steps logged every step, {args.rounds} alternating rounds")
+    print(f"step time with the ledger:    {', '.join(f'{1000 * v:.1f}' for v in on)} ms")
+    print(f"step time without the ledger: {', '.join(f'{1000 * v:.1f}' for v in off)} ms")
+    print(f"ratio with / without: {statistics.median(ratios):.4f} median of rounds ({', '.join(f'{r:.4f}' for r in ratios)})")
+    print(f"the meter alone: {1e6 * per_window:.1f} us per log window = {100 * per_window / statistics.median(off):.4f}% "
+          f"of a step (goal < 0.5%)")
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="poolformer_s12")
     parser.add_argument("--steps", type=int, default=60)
@@ -36,7 +110,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; the median per-round ratio counts")
+    parser.add_argument("--ledger", action="store_true", help="the run ledger's overhead per step instead (no Ray)")
     args = parser.parse_args()
+    if args.ledger:
+        ledger_overhead(args)
+        return
+    import ray
+
     cfg = bench_config(args.model, batch=args.batch, steps=args.steps, threads=args.threads, precision=args.precision,
                        num_workers=1, label_smoothing=LABEL_SMOOTHING)
     batches = make_batches(args.steps, args.batch, args.size, seed=0)  # the worker draws the same (seed 0 + rank 0)

@@ -1,5 +1,6 @@
-"""An elastic job (``scaling.num_workers: [1, 2]``) on the session's two-node cluster loses its second node
-mid-epoch, goes on with one worker, grows back to two when the node returns, and finishes.
+"""An elastic job (``scaling.num_workers: [1, 2]``) on the session's two-node cluster has its rank 0 SIGKILLed
+(Ray Train restarts the group from the newest checkpoint), loses its second node mid-epoch, goes on with one
+worker, grows back to two when the node returns, and finishes. Its run ledger accounts for all of it.
 
 The second node's raylet is SIGKILLed by its PID (a node lost without notice). Ray Train restarts the group
 with the one worker the cluster still holds, from the newest complete checkpoint; the test then starts a new
@@ -13,6 +14,11 @@ soon as the node is dead or back, so the test waits for Ray's decisions, not for
 took after its last checkpoint are replayed by the next attempt (whose records win), and then every epoch,
 the interrupted ones included, holds each training sample exactly once. The re-added node stays as the
 session's second node (same IP, one CPU) for the tests after this one.
+
+The run ledger (``ledger.json`` in the run folder, the ``ledger/*`` metrics in MLflow, the ``done:`` line): four
+worker groups (start, the restart after the SIGKILL, the one-worker restart, the resize), the steps each one's
+successor trained again (as the sample logs show them) at most a checkpoint interval, their time as lost work,
+two recovery gaps and a resize gap, and categories that add up to the wall time the test measured within 2%.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -32,6 +39,7 @@ from mlflow import MlflowClient
 from metaformer_platform.config import load_config
 from metaformer_platform.launch.driver import run_job
 from metaformer_platform.storage import checkpoint_format as fmt
+from metaformer_platform.tracking.console import format_duration
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 SECOND_NODE_IP = "127.0.0.2"  # as the session's ray_cluster fixture starts it
@@ -40,6 +48,8 @@ SECOND_NODE_IP = "127.0.0.2"  # as the session's ray_cluster fixture starts it
 # alone give that runway (measured: 128 steps ended before the regrow on an idle machine).
 SAMPLES, GLOBAL_BATCH, MAX_STEPS = 256, 32, 256
 KILL_AFTER = 12  # the kill follows checkpoint 12: mid-epoch (epoch 2 is steps 9-16)
+SIGKILL_AT = 6  # rank 0 is SIGKILLed once checkpoint 4 is complete and it has taken step 6: mid-interval
+CHECKPOINT_EVERY = 4
 
 
 def _config(tmp: Path, mlflow_uri: str, name: str):
@@ -48,7 +58,7 @@ def _config(tmp: Path, mlflow_uri: str, name: str):
         "data.synthetic.num_classes=4", f"data.synthetic.train_samples={SAMPLES}", "data.synthetic.val_samples=32",
         "data.synthetic.samples_per_shard=32", f"data.cache_dir={tmp / 'cache'}", "data.val_split=null",
         "trainer.batch_size=16", f"trainer.max_steps={MAX_STEPS}", "trainer.log_every_steps=1",
-        "trainer.checkpoint_every_steps=4", "trainer.precision=fp32", "trainer.torch_threads=1",
+        f"trainer.checkpoint_every_steps={CHECKPOINT_EVERY}", "trainer.precision=fp32", "trainer.torch_threads=1",
         f"trainer.sample_log_dir={tmp / 'keys'}", "optim.warmup_epochs=0",
         "scaling.num_workers=[1, 2]", "scaling.cpus_per_worker=1", "scaling.use_gpu=false",
         "scaling.elastic_resize_interval_s=1",
@@ -148,8 +158,19 @@ class Job(threading.Thread):
             self.error = err
 
 
+def _redone_by_attempt(folder: Path) -> list[tuple[int, int]]:
+    """Per attempt but the last (in order): the step the next attempt resumed from, and how many of this one's
+    steps it took again (rank 0's records)."""
+    attempts: dict[int, list[int]] = {}
+    for record in _records(folder):
+        if record["rank"] == 0:
+            attempts.setdefault(record["started"], []).append(record["step"])
+    spans = [(min(steps), max(steps)) for _, steps in sorted(attempts.items())]
+    return [(first - 1, reached - (first - 1)) for (_, reached), (first, _) in zip(spans, spans[1:], strict=False)]
+
+
 def test_an_elastic_job_shrinks_when_a_node_dies_grows_back_and_sees_every_sample_once(
-    ray_cluster, mlflow_server, ray_node_env, tmp_path, monkeypatch
+    ray_cluster, mlflow_server, ray_node_env, train_worker_pids, tmp_path, monkeypatch, capsys
 ):
     import ray
 
@@ -172,6 +193,12 @@ def test_an_elastic_job_shrinks_when_a_node_dies_grows_back_and_sees_every_sampl
 
     job.start()
     try:
+        since = time.time()
+        first = run_dir / f"checkpoint-{CHECKPOINT_EVERY:08d}"
+        wait(f"checkpoint {CHECKPOINT_EVERY} and step {SIGKILL_AT}", lambda: first.is_dir() and fmt.is_complete(first)
+             and any(r["step"] >= SIGKILL_AT and r["rank"] == 0 for r in _records(keys)))
+        os.kill(train_worker_pids(since)[0], signal.SIGKILL)  # rank 0, on this node
+        wait("the restart", lambda: len({r["started"] for r in _records(keys) if r["rank"] == 0}) == 2)
         target = run_dir / f"checkpoint-{KILL_AFTER:08d}"
         wait("checkpoint 12 of two workers", lambda: target.is_dir() and fmt.is_complete(target))
         os.kill(_raylet_pid(SECOND_NODE_IP), signal.SIGKILL)
@@ -194,6 +221,7 @@ def test_an_elastic_job_shrinks_when_a_node_dies_grows_back_and_sees_every_sampl
         wait("two workers again", lambda: _world_sizes_seen(keys)[-1] == 2)
     finally:
         job.join(600)
+    wall = time.monotonic() - started
     print(f"elastic timeline (s from the job's start): {times}, finished at {time.monotonic() - started:.1f}")
     assert not job.is_alive(), "the job did not finish"
     if job.error is not None:
@@ -227,3 +255,45 @@ def test_an_elastic_job_shrinks_when_a_node_dies_grows_back_and_sees_every_sampl
         seen = [k for s in range(epoch * steps_per_epoch + 1, (epoch + 1) * steps_per_epoch + 1)
                 for r in steps[s] for k in r["keys"]]
         assert len(seen) == len(set(seen)) == SAMPLES, f"epoch {epoch}: {len(seen)} keys, {len(set(seen))} distinct"
+    _check_ledger(run_dir, keys, wall, client, result.mlflow_run_id, capsys.readouterr().out)
+
+
+def _check_ledger(run_dir: Path, keys: Path, wall: float, client: MlflowClient, run_id: str, out: str) -> None:
+    """The run ledger of the job above: its groups, lost work, gaps and sums, in the file, MLflow and the console."""
+    from metaformer_platform.training import ledger as lg
+
+    stored = json.loads((run_dir / lg.ARTIFACT).read_text())
+    [attempt], summary = stored["attempts"], stored["summary"]
+    m = summary["metrics"]
+    stepped = [g for g in attempt["groups"] if g["progress"] is not None]
+    assert [(g["cause"], g["workers"]) for g in stepped] == [("start", 2), ("recovery", 2), ("recovery", 1),
+                                                             ("resize", 2)]
+    steps = [i for i in summary["intervals"] if i["category"] == "steps"]
+    redone = [i["steps_redone"] for i in steps]
+    # the ledger knows a step once its progress event has left rank 0, which follows the step's sample record
+    resumed_and_redone = _redone_by_attempt(keys)
+    assert len(resumed_and_redone) == 3 and redone[-1] == 0
+    for (resumed, expected), got in zip(resumed_and_redone, redone, strict=False):
+        assert resumed % CHECKPOINT_EVERY == 0  # each restart resumed from a checkpoint: the rest was redone
+        assert expected - 1 <= got <= expected, (resumed_and_redone, redone)
+    assert sum(expected for _, expected in resumed_and_redone) > 0
+    for i in steps:  # lost work = steps redone x that group's step time
+        per_step = (i["train_s"] + i["lost_work_s"]) / (i["to_step"] - i["from_step"])
+        assert i["lost_work_s"] == pytest.approx(i["steps_redone"] * per_step, abs=0.01)
+    assert m[lg.LOST_WORK] == pytest.approx(sum(i["lost_work_s"] for i in steps), abs=0.01) and m[lg.LOST_WORK] > 0
+    gaps = [(i["category"], i["workers"]) for i in summary["intervals"] if i["category"].endswith("_gap")]
+    assert gaps == [("recovery_gap", 2), ("recovery_gap", 1), ("resize_gap", 2)]
+    assert m[lg.RECOVERY_GAP] > 0 and m[lg.RESIZE_GAP] > 0
+    assert sum(m[c] for c in lg.CATEGORIES) == pytest.approx(m[lg.WALL], rel=0.02)
+    assert m[lg.WALL] == pytest.approx(wall, rel=0.02)  # the driver's start to its end, as the test measured it
+    assert 0 < m[lg.GOODPUT] < 1 and m[lg.WORKER_HOURS] > 0 and lg.COST not in m
+    logged = client.get_run(run_id).data.metrics
+    assert {k: round(v, 6) for k, v in logged.items() if k.startswith("ledger/")} == {
+        k: round(v, 6) for k, v in m.items()}
+    [done] = [line for line in out.splitlines() if line.startswith(f"done: {MAX_STEPS} steps in ")]
+    print(done)
+    # the line is printed a moment before the ledger is stored: its wall is that much shorter
+    goodput = re.search(r"\| goodput (\d+)% \|", done)
+    assert goodput is not None and abs(int(goodput[1]) - 100 * m[lg.GOODPUT]) <= 1, done
+    assert f"| {m[lg.WORKER_HOURS]:.3g} worker-hours" in done
+    assert (f"(+{format_duration(m[lg.QUEUED])} queued)" in done) == (m[lg.QUEUED] >= 1), done

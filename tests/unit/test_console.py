@@ -123,3 +123,32 @@ def test_a_worker_failure_reaches_the_console():
     failure_notice(queue).after_exception(None, {1: RuntimeError("boom\nout of memory")})
     assert len(queue) == 1 and queue[0]["kind"] == "log" and queue[0]["rank"] == 1
     assert queue[0]["message"].startswith("worker failed: RuntimeError: out of memory (Ray Train restarts")
+
+
+def test_the_done_line_shows_queue_time_apart_and_the_ledger():
+    """The driver's ledger, fed from the events: queue time apart from the time the job took, then goodput,
+    MFU, worker-hours and cost (cpu_hour set); a graceful stop says where it stopped."""
+    import time
+
+    from metaformer_platform.training.ledger import RunLedger
+
+    now = time.time()
+    out = io.StringIO()
+    ledger = RunLedger(now - 100.0, cpu_hour=3.0)
+    console = Console(out, ledger=ledger)
+    _start(console, total=40)
+    console.handle({"kind": "controller", "time": now - 99.0, "what": "start"})
+    console.handle({"kind": "controller", "time": now - 60.0, "what": "placed", "scheduled_at": now - 98.0,
+                    "placed_at": now - 65.0, "workers": 2, "gpu": False})
+    snapshot = {"group": "g", "workers": 2, "gpu": False, "global_batch": 8, "from_step": 0, "step": 40,
+                "began": now - 50.0, "time": now - 10.0, "data_s": 4.0, "phases": {}, "validation_s": 0.0,
+                "checkpoint_s": 0.0, "flops_per_sample": 1e9, "peak_flops": 1e12}
+    console.handle({"kind": "finish", "time": now - 10.0, "step": 40, "stopped": True, "ledger": snapshot})
+    console.close(succeeded=True)
+    line = out.getvalue().splitlines()[-1]
+    # 33 s queued (the placement group's request to the placement); 100 s of wall in all; MFU: 40 x 8 x 1 GFLOP in
+    # 40 s on 2 x 1 TFLOP/s
+    assert line.startswith("stopped at step 40 in 1m07s (+33s queued) | ")
+    hours = 2 * 65 / 3600  # 2 workers placed 65 s before the end
+    assert line.endswith(f"| 0 checkpoints, stall 0.0 s | goodput 40% | MFU 0.4% | {hours:.3g} worker-hours | "
+                         f"cost {hours * 3.0:.2f} USD")

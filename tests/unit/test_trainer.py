@@ -265,3 +265,27 @@ def _stop_agreement_on_rank(rank: int, world: int, init_method: str, results) ->
 
 def test_one_ranks_stop_request_stops_every_rank_at_the_same_step(tmp_path):
     assert run_ranks(_stop_agreement_on_rank, tmp_path) == [(0, False, True), (1, False, True)]
+
+
+def test_the_ledger_meter_accounts_the_groups_steps_validation_and_checkpoints(shards, tmp_path):
+    """Rank 0's run-ledger counters after a real run: its steps, the step timer's data wait and phases, the time
+    of each validation and checkpoint; the model's training FLOPs (6 x MACs at the run's resolution) and MFU."""
+    from metaformer_platform.models import model_complexity
+    from metaformer_platform.training.trainer import build_model
+
+    rec = Recorder()
+    cfg = _cfg("trainer.max_steps=20", "trainer.val_every_steps=10", "trainer.checkpoint_every_steps=10")
+    trainer = _trainer(cfg, shards, rec, reported=tmp_path)
+    trainer.train()
+    s = trainer.meter.snapshot()
+    assert s is not None and (s["from_step"], s["step"], s["workers"]) == (0, 20, 1)
+    assert s["checkpoint_s"] == pytest.approx(sum(trainer.checkpoint_stalls)) and len(trainer.checkpoint_stalls) == 2
+    assert s["validation_s"] > 0
+    timed = s["data_s"] + sum(s["phases"].values())  # the step timer's own seconds
+    train = s["time"] - s["began"] - s["validation_s"] - s["checkpoint_s"]
+    assert 0.8 * train < timed <= train  # the rest: bookkeeping between steps, counted as compute
+    macs = model_complexity(build_model(cfg, 4), 32)["macs"]
+    assert s["flops_per_sample"] == 6.0 * macs
+    if s["peak_flops"] is not None:  # a CPU whose vector units are known: MFU per log window
+        mfus = list(rec.series("train/mfu").values())
+        assert len(mfus) == 20 and all(0 < v < 1 for v in mfus)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from ray.train.v2.torch.torch_trainer import TorchTrainer
 
     from metaformer_platform.tracking.runs import RunHandle
+    from metaformer_platform.training.ledger import RunLedger
     from metaformer_platform.training.ownership import RunLease
 
 log = logging.getLogger(__name__)
@@ -188,10 +190,11 @@ def _on(storage: Location, fs_path: str) -> str:
 
 
 def _fit(trainer: TorchTrainer, lease: RunLease, handle: RunHandle | None, report: Callable[[Result], None],
-         stop: JobStop, around: AbstractContextManager[object] | None = None) -> None:
+         stop: JobStop, around: AbstractContextManager[object] | None = None,
+         record: Callable[[], None] | None = None) -> None:
     """Fit (inside ``around``: the console's progress printer), raise a failed job's error, raise ``JobStopped``
-    when a signal stopped it (``stop.py``), or hand the result to ``report``; then close the MLflow run with the
-    outcome and release the run name."""
+    when a signal stopped it (``stop.py``), or hand the result to ``report``; then ``record`` (the run ledger),
+    close the MLflow run with the outcome and release the run name."""
     succeeded, stopped = False, None
     stop.on_force += [lambda tag: handle.close(False, stopped=tag)] if handle is not None else []
     stop.on_force.append(lambda tag: lease.release())
@@ -211,6 +214,8 @@ def _fit(trainer: TorchTrainer, lease: RunLease, handle: RunHandle | None, repor
         report(result)
         succeeded = True
     finally:
+        if record is not None:
+            record()
         if handle is not None:
             handle.close(succeeded, stopped=stopped)
         lease.release()
@@ -242,16 +247,19 @@ def run_job(cfg: JobConfig) -> JobResult:
     """Plan, open the MLflow run, fit on Ray Train, and close the run with the job's outcome.
 
     ``stage="evaluate"`` scores the weights in ``model.init_from`` instead (see ``run_evaluate``)."""
+    started = time.time()  # the run ledger's wall time starts with the driver: planning is the job's time too
     plan = build_plan(cfg)
     if plan.cfg.stage == "evaluate":
         return run_evaluate(plan)
     lease, handle = _connect_and_open_run(plan)
-    from metaformer_platform.tracking.console import ProgressPrinter, failure_notice
+    from metaformer_platform.tracking.console import Console, ProgressPrinter, failure_notice, ledger_events
 
+    ledger = _open_ledger(plan, started)
     # rank 0's progress lines, printed by this process (see console.py)
     count = plan.worker_count
     printer = ProgressPrinter(
-        f"run {plan.run_name}: starting {count} Ray Train worker{'' if count == '1' else 's'} ({plan.cfg.strategy.name})"
+        f"run {plan.run_name}: starting {count} Ray Train worker{'' if count == '1' else 's'} ({plan.cfg.strategy.name})",
+        console=Console(ledger=ledger),
     )
     stop = JobStop(plan.run_name, plan.cfg.run.stop_grace_s, flag=make_flag())
     launch = Launch(owner=lease.owner, run_id=handle.run_id if handle else None,
@@ -259,9 +267,10 @@ def run_job(cfg: JobConfig) -> JobResult:
                     stop_flag=stop.flag)
     # Ray pickles the worker with what it carries into a payload its state API can serve: secrets masked there
     trainer = build_trainer(plan, functools.partial(_train_worker, plan.for_workers(), launch),
-                            callbacks=[failure_notice(printer.queue)], stop=stop)
+                            callbacks=[failure_notice(printer.queue), ledger_events(printer.queue)], stop=stop)
     results: list[Result] = []
-    _fit(trainer, lease, handle, results.append, stop, around=printer)
+    _fit(trainer, lease, handle, results.append, stop, around=printer,
+         record=functools.partial(_record_ledger, ledger, plan.run_dir, handle))
     storage, result = Location.parse(plan.storage_path), results[0]
     return JobResult(
         metrics={k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)},
@@ -270,6 +279,41 @@ def run_job(cfg: JobConfig) -> JobResult:
         mlflow_run_id=handle.run_id if handle else None,
         mlflow_hint=handle.ui_hint() if handle else None,
     )
+
+
+def _open_ledger(plan: JobPlan, started: float) -> RunLedger:
+    """This attempt's run ledger, after the attempts of earlier drivers of the same run name (its run folder's
+    ``ledger.json``), priced at ``cost.*``."""
+    from metaformer_platform.storage import files
+    from metaformer_platform.training.ledger import ARTIFACT, RunLedger, load_attempts
+
+    where = Location.parse(plan.run_dir).join(ARTIFACT).uri
+    earlier = []
+    if files.exists(where):
+        try:
+            earlier = load_attempts(files.read_bytes(where).decode())
+        except (ValueError, TypeError, KeyError) as err:  # unreadable: a fresh ledger, the old file kept aside
+            log.warning("the run ledger %s is unreadable (%s): this attempt starts a new one", where, err)
+            files.write_bytes(f"{where}.unreadable", files.read_bytes(where))
+    c = plan.cfg.cost
+    return RunLedger(started, earlier, accelerator_hour=c.accelerator_hour, cpu_hour=c.cpu_hour, currency=c.currency)
+
+
+def _record_ledger(ledger: RunLedger, run_dir: str, handle: RunHandle | None) -> None:
+    """The run ledger, ended now: ``ledger.json`` in the run folder (the next attempt appends to it) and, with
+    tracking, its figures and the file on the MLflow run. Never hides the job's own outcome: a failure to store
+    it is a warning."""
+    from metaformer_platform.storage import files
+    from metaformer_platform.training.ledger import ARTIFACT
+
+    ledger.finish(stopped=ledger.attempt.stopped)
+    text = ledger.to_json()
+    try:
+        files.write_bytes(Location.parse(run_dir).join(ARTIFACT).uri, text.encode())
+        if handle is not None:
+            handle.log_ledger(ledger.summary(), text, ledger.currency)
+    except Exception as err:  # storage or tracking down at the very end: the job's outcome stands
+        log.warning("the run ledger was not stored: %s", redact(str(err)))
 
 
 def run_evaluate(plan: JobPlan) -> JobResult:

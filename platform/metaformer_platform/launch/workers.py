@@ -224,7 +224,7 @@ def _train_worker(plan: JobPlan, launch: Launch) -> dict[str, object]:
         finally:
             if watching is not None:
                 watching.set()
-        progress.finish(trainer.step)
+        progress.finish(trainer.step, stopped=trainer.stopped)
     finally:
         tracker.close()
     return {"step": trainer.step, "stopped": trainer.stopped}

@@ -12,6 +12,10 @@ torchtitan, one line per log cadence; a line per validation and checkpoint; a su
     val    step 30 | top-1 52.00% | top-5 90.80% | loss 1.5781 | 500 images
     checkpoint step 30 -> /home/me/metaformer-runs/poolformer_s12-demo/checkpoint-00000030 | stall 1.01 s
     done: 60 steps in 2m39s | 51 img/s | data wait 2% | val top-1 59.80% top-5 91.60% | 2 checkpoints, stall 2.0 s
+        | goodput 38% | MFU 1.2% | 0.0883 worker-hours
+
+(one line; the last figures are the run ledger's, ``training.ledger``; a queue wait shows as ``in 2m39s (+41s
+queued)``, a graceful stop as ``stopped at step 40 in ...``).
 
 A progress bar (tqdm) is added below the lines only when the driver's stdout is a terminal; redirected
 output (files, ``ray job logs``) gets the plain lines only. Workers' own warnings (``metaformer_platform``
@@ -28,7 +32,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, TextIO, TypedDict
+from typing import TYPE_CHECKING, Protocol, TextIO, TypedDict, cast
 
 if TYPE_CHECKING:
     from ray.train import UserCallback
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
     from metaformer_platform.strategies.base import DistContext
+    from metaformer_platform.training.ledger import GroupMeter, GroupSnapshot, RunLedger
     from metaformer_platform.training.trainer import RunTracker, Trainer
 
 log = logging.getLogger(__name__)
@@ -78,14 +83,18 @@ class StartEvent(_Event):
     step: int
 
 
-class MetricsEvent(_Event):
+class _LedgerEvent(_Event, total=False):
+    ledger: GroupSnapshot  # rank 0's run-ledger counters, with every event after the first step
+
+
+class MetricsEvent(_LedgerEvent):
     """A training window (kind ``step``) or a validation (``val``)."""
 
     step: int
     metrics: dict[str, float]
 
 
-class CheckpointEvent(_Event):
+class CheckpointEvent(_LedgerEvent):
     step: int
     where: str
     stall_s: float
@@ -97,8 +106,21 @@ class LogEvent(_Event):
     message: str
 
 
-class FinishEvent(_Event):
+class FinishEvent(_LedgerEvent):
     step: int
+    stopped: bool  # training returned early, on a stop request (launch/stop.py)
+
+
+class ControllerEvent(_Event, total=False):
+    """Ray Train's controller (``ledger_events``): started (``what`` start), changed state (``state``: its name),
+    or placed a worker group (``placed``: when it asked, when its placement group was ready, how many workers)."""
+
+    what: str
+    state: str
+    scheduled_at: float
+    placed_at: float
+    workers: int
+    gpu: bool
 
 
 class TrackingEvent(_Event):
@@ -107,7 +129,7 @@ class TrackingEvent(_Event):
     message: str
 
 
-Event = StartEvent | MetricsEvent | CheckpointEvent | LogEvent | FinishEvent | TrackingEvent
+Event = StartEvent | MetricsEvent | CheckpointEvent | LogEvent | FinishEvent | TrackingEvent | ControllerEvent
 
 
 # -- worker side -----------------------------------------------------------------------------------
@@ -129,11 +151,15 @@ class ProgressSender:
         self.inner = inner
         self.main = main
         self._broken = False
+        self._meter: GroupMeter | None = None  # rank 0's run-ledger counters (the Trainer's), once started
 
     def send(self, kind: str, **payload: object) -> None:
         """Put one event on the queue (a round trip to the queue actor; events come at the log cadence)."""
         if self._broken or self.queue is None:
             return
+        if self._meter is not None and kind in ("step", "val", "checkpoint", "finish"):
+            if (snapshot := self._meter.snapshot()) is not None:
+                payload["ledger"] = snapshot
         try:
             self.queue.put_nowait({"kind": kind, "time": time.time(), **payload})
         except Exception as err:  # the queue actor died with its driver: training goes on, unseen
@@ -145,6 +171,7 @@ class ProgressSender:
         if not self.main:
             return
         cfg = trainer.cfg
+        self._meter = trainer.meter
         self.send(
             "start", model=cfg.model.name, strategy=cfg.strategy.name, workers=trainer.dist.world_size,
             total_steps=trainer.total_steps, steps_per_epoch=trainer.steps_per_epoch,
@@ -170,10 +197,10 @@ class ProgressSender:
         if self.inner is not None:
             self.inner.log_params(dict(params))
 
-    def finish(self, step: int) -> None:
-        """Training ended at ``step`` (the driver prints the summary)."""
+    def finish(self, step: int, *, stopped: bool = False) -> None:
+        """Training ended at ``step``, or ``stopped`` there on request (the driver prints the summary)."""
         if self.main:
-            self.send("finish", step=step)
+            self.send("finish", step=step, stopped=stopped)
 
     def flush(self) -> None:
         """The inner tracker's flush (metrics stored before a checkpoint is reported)."""
@@ -241,6 +268,48 @@ def failure_notice(queue: EventQueue) -> UserCallback:
     return FailureNotice()
 
 
+def ledger_events(queue: EventQueue) -> object:
+    """A Ray Train controller callback (it runs in the controller) that puts on the console's queue what the run
+    ledger needs from the controller: its start, its state changes, and when each worker group was asked for and
+    when its placement group was ready (Ray's own measure of the wait, ``end_to_end_creation_latency_ms``)."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+
+    def state_name(state: object) -> str:
+        return str(getattr(getattr(state, "_state_type", None), "name", type(state).__name__))
+
+    class LedgerEvents(ControllerCallback, WorkerGroupCallback):
+        asked: float | None = None
+        gpu = False
+
+        def _send(self, **payload: object) -> None:
+            ProgressSender(queue, "").send("controller", **payload)
+
+        def after_controller_start(self, train_run_context: object) -> None:
+            self._send(what="start")
+
+        def after_controller_state_update(self, previous_state: object, current_state: object) -> None:
+            if state_name(current_state) != state_name(previous_state):
+                self._send(what="state", state=state_name(current_state))
+
+        def before_worker_group_start(self, worker_group_context: object) -> None:
+            self.asked = time.time()
+            resources = getattr(worker_group_context, "resources_per_worker", {}) or {}
+            self.gpu = float(resources.get("GPU", 0)) > 0
+
+        def after_worker_group_start(self, worker_group: object) -> None:
+            from ray.util import placement_group_table
+
+            now = time.time()
+            asked = self.asked if self.asked is not None else now
+            handle = worker_group.get_worker_group_state().placement_group_handle  # type: ignore[attr-defined]
+            stats = placement_group_table(handle.placement_group).get("stats") or {}
+            wait_s = float(stats.get("end_to_end_creation_latency_ms", 1000 * (now - asked))) / 1000
+            self._send(what="placed", scheduled_at=asked, placed_at=min(now, asked + wait_s),
+                       workers=len(worker_group.get_workers()), gpu=self.gpu)  # type: ignore[attr-defined]
+
+    return LedgerEvents()
+
+
 # -- driver side -----------------------------------------------------------------------------------
 
 
@@ -260,6 +329,7 @@ class _Stats:
     last_val: dict[str, float] = field(default_factory=dict)
     checkpoints: int = 0
     stall_s: float = 0.0
+    stopped: bool = False  # training stopped on request (a graceful stop), not at its last step
 
     def add_window(self, step: int, now: float, images_per_s: float, data_wait: float | None) -> None:
         """A training window's step, time and speed."""
@@ -279,11 +349,13 @@ LINE_PREFIX: contextvars.ContextVar[str] = contextvars.ContextVar("LINE_PREFIX",
 class Console:
     """Formats events into lines on ``out``; with a terminal, a tqdm bar stays below them."""
 
-    def __init__(self, out: TextIO | None = None, *, bar: bool | None = None, prefix: str | None = None) -> None:
+    def __init__(self, out: TextIO | None = None, *, bar: bool | None = None, prefix: str | None = None,
+                 ledger: RunLedger | None = None) -> None:
         self.prefix = LINE_PREFIX.get() if prefix is None else prefix
         self.out = out or sys.stdout
         self.use_bar = bar if bar is not None else self.out.isatty()
         self.stats = _Stats()
+        self.ledger = ledger  # the driver's run ledger, fed from the events (None: a console without one)
         self._bar: tqdm | None = None
 
     def print_line(self, line: str) -> None:
@@ -299,10 +371,28 @@ class Console:
             self.out.flush()
 
     def handle(self, event: Event) -> None:
-        """Print what ``event`` (from ``ProgressSender``) says."""
+        """Print what ``event`` (from ``ProgressSender``) says; feed the run ledger what it measures."""
+        if self.ledger is not None:
+            self._to_ledger(cast("Mapping[str, object]", event))
         handler = getattr(self, f"_on_{event['kind']}", None)
         if handler is not None:
             handler(event)
+
+    def _to_ledger(self, e: Mapping[str, object]) -> None:
+        ledger, kind, at = self.ledger, e["kind"], float(cast(float, e["time"]))
+        assert ledger is not None
+        if (snapshot := e.get("ledger")) is not None:
+            ledger.progress(cast("GroupSnapshot", snapshot))
+        if kind == "val" and "val/top1" in (metrics := cast("dict[str, float]", e["metrics"])):
+            ledger.validated(int(cast(int, e["step"])), metrics["val/top1"], at)
+        elif kind == "controller":
+            c = cast(ControllerEvent, e)
+            if c["what"] == "start":
+                ledger.controller_started(at)
+            elif c["what"] == "state":
+                ledger.state(c["state"], at)
+            elif c["what"] == "placed":
+                ledger.placed(c["scheduled_at"], c["placed_at"], c["workers"], c["gpu"])
 
     def _on_start(self, e: StartEvent) -> None:
         s = self.stats
@@ -376,11 +466,20 @@ class Console:
 
     def _on_finish(self, e: FinishEvent) -> None:
         self.stats.last_step = int(e["step"])
+        self.stats.stopped = bool(e.get("stopped", False))
 
     def summary(self) -> str:
-        """One line: steps, wall time, mean speed and data wait, last validation, checkpoints."""
+        """One line: steps (or where it stopped), wall time (queue time apart), mean speed and data wait, last
+        validation, checkpoints; with a ledger, goodput, MFU, worker-hours and, when priced, cost."""
         s = self.stats
-        parts = [f"done: {s.last_step} steps in {format_duration(time.time() - s.started)}"]
+        head = f"stopped at step {s.last_step}" if s.stopped else f"done: {s.last_step} steps"
+        ledger_parts: list[str] = []
+        if self.ledger is None:
+            parts = [f"{head} in {format_duration(time.time() - s.started)}"]
+        else:
+            self.ledger.finish(stopped=s.stopped)
+            head, ledger_parts = _ledger_parts(head, self.ledger)
+            parts = [head]
         if s.images_per_s:
             parts.append(f"{sum(s.images_per_s) / len(s.images_per_s):.0f} img/s")
         if s.data_wait:
@@ -388,7 +487,7 @@ class Console:
         if "val/top1" in s.last_val:
             parts.append(f"val top-1 {s.last_val['val/top1']:.2f}% top-5 {s.last_val.get('val/top5', 0.0):.2f}%")
         parts.append(f"{s.checkpoints} checkpoints, stall {s.stall_s:.1f} s")
-        return " | ".join(parts)
+        return " | ".join(parts + ledger_parts)
 
     def close(self, *, succeeded: bool) -> None:
         """Remove the bar; print the summary when training got anywhere."""
@@ -399,6 +498,26 @@ class Console:
             self._print(self.summary())
 
 
+def _ledger_parts(head: str, ledger: RunLedger) -> tuple[str, list[str]]:
+    """This attempt's time (its queue time apart) after ``head``, and the ledger's figures for the ``done:`` line."""
+    from metaformer_platform.training import ledger as lg
+
+    m = lg.summarize([ledger.attempt])["metrics"]
+    queued = m[lg.QUEUED]
+    head = f"{head} in {format_duration(m[lg.WALL] - queued)}"
+    if queued >= 1:
+        head += f" (+{format_duration(queued)} queued)"
+    summary = ledger.summary()  # the run's, over every attempt: what MLflow gets
+    total = summary["metrics"]
+    parts = [f"goodput {100 * total[lg.GOODPUT]:.0f}%"]
+    if lg.MFU in total:
+        parts.append(f"MFU {100 * total[lg.MFU]:.2g}%")  # two digits: a debug model's is hundredths of a percent
+    parts.append(f"{total[lg.WORKER_HOURS]:.3g} {'accelerator' if summary['gpu'] else 'worker'}-hours")
+    if lg.COST in total:
+        parts.append(f"cost {total[lg.COST]:.2f} {ledger.currency}")
+    return head, parts
+
+
 class ProgressPrinter:
     """The driver's end: a queue actor for the workers to send to, and a thread printing what arrives.
 
@@ -407,12 +526,17 @@ class ProgressPrinter:
     """
 
     def __init__(self, greeting: str | None = None, console: Console | None = None) -> None:
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.greeting = greeting  # printed as training starts up: workers can take a while to come up
         self.console = console or Console()
-        # num_cpus=0: the queue must never take a CPU a worker is waiting for
-        self.queue: Queue = Queue(actor_options={"num_cpus": 0})
+        # num_cpus=0: the queue must never take a CPU a worker is waiting for. On the driver's own node: a queue
+        # placed on a worker's node would die with that node, and every later line (and the run ledger's
+        # events) with it (seen: the elastic job's lost node took the queue along)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue: Queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import LoggedModel, Metric, Param, Run, RunTag
 
+    from metaformer_platform.training.ledger import Summary
+
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "metaformer.run_name"
@@ -408,6 +410,24 @@ class RunHandle:
             log.error("MLflow run %s stays RUNNING at %s: mark it %s when the server is back "
                       "(MlflowClient().set_terminated(%r, status=%r))", self.run_id, redact(uri), status,
                       self.run_id, status)
+
+    def log_ledger(self, summary: Summary, text: str, currency: str) -> None:
+        """The run ledger's figures as ``ledger/*`` metrics (at the last step trained: a later attempt's values are
+        the latest), the currency tag when priced, and ``ledger.json`` as an artifact."""
+        from mlflow.entities import Metric
+
+        from metaformer_platform.training import ledger
+
+        step = max((int(cast(int, i.get("to_step", 0))) for i in summary["intervals"]), default=0)
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step)
+                                                    for k, v in summary["metrics"].items()])
+        if ledger.COST in summary["metrics"]:
+            self.client.set_tag(self.run_id, ledger.CURRENCY_TAG, currency)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / ledger.ARTIFACT
+            path.write_text(text)
+            self.client.log_artifact(self.run_id, str(path))
 
     def ui_hint(self) -> str:
         uri = redact(self.tracking_uri)  # printed: a database password in the URI must not be

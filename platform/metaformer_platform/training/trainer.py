@@ -36,6 +36,7 @@ from metaformer_platform.strategies.base import DistContext
 from metaformer_platform.strategies.config import StepSettings
 from metaformer_platform.training import checkpoint as ckpt
 from metaformer_platform.training import elastic, hardware
+from metaformer_platform.training.ledger import GroupMeter, mfu
 from metaformer_platform.training.optim import build_optimizer, build_scheduler, use_fused
 from metaformer_platform.training.steptime import StepTimer, watch_allreduce
 
@@ -197,6 +198,7 @@ class Trainer:
         assert self.strategy.optimizer is not None
         self.scheduler = build_scheduler(self.strategy.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch)
         self._build_loss()
+        self.meter = self._build_meter(caps)
 
         self.step = 0
         self.resizes: list[dict[str, int]] = []  # (step, from, to) of every change of world size, carried on
@@ -280,6 +282,23 @@ class Trainer:
             if isinstance(self.tracker, ParamsTracker):
                 self.tracker.log_params(self.settings.params())
 
+    def _build_meter(self, caps: hardware.Capabilities) -> GroupMeter:
+        """The run ledger's counters of this worker group; on rank 0 with the model's training FLOPs per sample
+        (3 x 2 x its MACs at the run's resolution, counted once on the meta device: no memory, no compute) and
+        the device's peak at the run's precision (None where unknown: then MFU is left out)."""
+        meter = GroupMeter(workers=self.dist.world_size, gpu=self.dist.device.type == "cuda",
+                           global_batch=self.batch.global_batch)
+        if self.dist.is_main:
+            from metaformer_platform.models import model_complexity
+            from metaformer_platform.training.peak_flops import device_peak
+
+            with torch.device("meta"):
+                model = build_model(self.cfg, self.num_classes)
+            meter.flops_per_sample = 6.0 * model_complexity(model, self.cfg.data.img_size)["macs"]
+            meter.peak_flops = device_peak(caps.device_type, caps.device_name, self.settings.precision,
+                                           self.settings.torch_threads)
+        return meter
+
     def _build_loss(self) -> None:
         d = self.cfg.data
         self.mixup = mdata.build_mixup(
@@ -346,6 +365,7 @@ class Trainer:
             "training %s: %d steps (%d per epoch), global batch %d, lr %.3g, from step %d",
             self.cfg.model.name, self.total_steps, self.steps_per_epoch, self.batch.global_batch, self.lr, self.step,
         )
+        self.meter.begin(self.step)
         if self.step >= self.total_steps:
             # A finished run started again under its name: nothing to train, report where it stands.
             log.info("run is already complete at step %d", self.step)
@@ -370,6 +390,7 @@ class Trainer:
             if self.step % t.log_every_steps == 0 or self.step == self.total_steps:
                 # the timer holds training time only: validation and checkpoints fall between its steps
                 times = self.timer.window(window_steps)
+                self.meter.add_window(times, window_steps, self.step)
                 metrics = {
                     "train/loss": self._mean_across_ranks(window_loss / window_steps),
                     "train/lr": self.strategy.optimizer.param_groups[0]["lr"],  # type: ignore[union-attr]
@@ -378,15 +399,14 @@ class Trainer:
                     **times,
                     "train/data_wait_frac": min(times["time/data_s"] / times["time/step_s"], 1.0),  # rank 0
                     **self._data_faults(),
+                    **self._mfu(times["time/step_s"]),
                 }
                 self.tracker.log_metrics(metrics, step=self.step)
                 window_loss.zero_()
                 window_steps = 0
 
             if self.val_loader is not None and (self.step % self.val_every == 0 or self.step == self.total_steps):
-                self.last_val = self.validate()
-                self.tracker.log_metrics(self.last_val, step=self.step)
-                self.strategy.model.train()
+                self._validate_in_training()
 
             stopping = self._stop_agreed()  # every rank, every step: all ranks stop at the same step
             drained = self._drain_noticed()
@@ -413,6 +433,22 @@ class Trainer:
         log.warning("a node of this job is being drained (preemption): checkpointing at step %d before it goes",
                     self.step)
         return True
+
+    def _validate_in_training(self) -> None:
+        """A validation between steps: timed for the run ledger, logged, then back to training mode."""
+        began = time.perf_counter()
+        self.last_val = self.validate()
+        self.meter.validation_s += time.perf_counter() - began
+        self.meter.step = self.step
+        self.tracker.log_metrics(self.last_val, step=self.step)
+        self.strategy.model.train()  # type: ignore[union-attr]
+
+    def _mfu(self, step_s: float) -> dict[str, float]:
+        """``train/mfu`` of a log window (rank 0's step time), when the device's peak is known."""
+        m = self.meter
+        value = mfu(m.flops_per_sample, self.batch.global_batch / step_s if step_s > 0 else 0.0, m.peak_flops,
+                    self.dist.world_size)
+        return {} if value is None else {"train/mfu": value}
 
     def request_stop(self) -> None:
         """Ask ``train()`` to checkpoint at the next step boundary and return (``stopped`` then says so).
@@ -617,4 +653,6 @@ class Trainer:
                 shutil.rmtree(scratch, ignore_errors=True)
         stall = time.perf_counter() - start
         self.checkpoint_stalls.append(stall)
+        self.meter.checkpoint_s += stall
+        self.meter.step = self.step
         self.tracker.log_metrics({"checkpoint/stall_s": stall, "checkpoint/save_s": saved - start}, step=self.step)
