@@ -158,8 +158,11 @@ def test_the_console_shows_progress_and_no_ray_noise(first_run):
         f"checkpoint step {step} -> {run_dir}/checkpoint-{step:08d}" for step in (25, 50, 75, 100)
     ]
     summary = [line for line in lines if line.startswith("done: ")]
-    assert len(summary) == 1 and re.match(r"done: 100 steps in \S+ \| \d+ img/s \| data wait \d+% \| val top-1 "
-                                          r"[\d.]+% top-5 [\d.]+% \| 4 checkpoints, stall [\d.]+ s$", summary[0])
+    # the run ledger's figures close it: goodput, MFU where the CPU's peak is known, worker-hours (no price set)
+    assert len(summary) == 1 and re.match(
+        r"done: 100 steps in \S+( \(\+\S+ queued\))? \| \d+ img/s \| data wait \d+% \| val top-1 [\d.]+% top-5 "
+        r"[\d.]+% \| 4 checkpoints, stall [\d.]+ s \| goodput \d+% \| (MFU [\d.e+-]+% \| )?[\d.e+-]+ worker-hours$",
+        summary[0]), summary
     noise = [line for line in out.splitlines() + err.splitlines() if any(n in line for n in RAY_NOISE)]
     assert not noise, noise
 
@@ -188,6 +191,17 @@ def test_mlflow_shows_a_training_experiment_with_data_source_and_model(first_run
     assert run["info"]["run_id"] == first_run.mlflow_run_id
     run_tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert run_tags["mlflow.source.name"] == "jobs/pretrain.py" and run_tags["mlflow.source.type"] == "LOCAL"
+    # the run ledger: its categories sum to the wall time, nothing lost on a run without faults, no price set
+    from metaformer_platform.training import ledger as lg
+
+    m = {x["key"]: x["value"] for x in run["data"]["metrics"]}
+    assert sum(m[c] for c in lg.CATEGORIES) == pytest.approx(m[lg.WALL], rel=0.02)
+    assert m[lg.LOST_WORK] == m[lg.RECOVERY_GAP] == m[lg.RESIZE_GAP] == 0
+    assert 0 < m[lg.GOODPUT] < 1 and lg.COST not in m
+    assert m[lg.TIME_TO_FINAL_TOP1] <= m[lg.TRAIN]
+    from mlflow import MlflowClient
+
+    assert "ledger.json" in {a.path for a in MlflowClient(mlflow_server).list_artifacts(run["info"]["run_id"])}
 
     data_root = tmp / "cache" / "synthetic"
     roots = list(data_root.glob("*/_info.json")) or list(data_root.glob("_info.json"))
