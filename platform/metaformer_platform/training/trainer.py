@@ -173,10 +173,7 @@ class Trainer:
         self.tracker = tracker or NullTracker()
         self.report = report or _no_report
         self.scratch = checkpoint_scratch
-        # Ray Train's preemption notice (a node of this job is being drained); a collective, so every rank asks
-        # at the same steps: each log window. Answered with one checkpoint per drain, then training goes on until
-        # Ray restarts the group without the node, from that checkpoint.
-        self._draining = draining
+        self._draining = draining  # Ray Train's preemption notice: see _drain_noticed
         self._drain_checkpointed = False
         self.batch = elastic.fit_to_world(cfg.scaling, cfg.trainer, dist.world_size, even=cfg.data.uses_mixup)
         self.data_root = data_root
@@ -421,7 +418,8 @@ class Trainer:
     def _drain_noticed(self) -> bool:
         """Whether a node of this job has just been found draining (checked each log window, on every rank):
         true once per drain, so the job checkpoints before the node goes instead of losing the steps since the
-        last checkpoint."""
+        last checkpoint. Ray's notice is a collective, hence the same steps on every rank; after the checkpoint
+        training goes on until Ray restarts the group without the node, from that checkpoint."""
         if self._draining is None or self.step % self.cfg.trainer.log_every_steps:
             return False
         if not self._draining():
