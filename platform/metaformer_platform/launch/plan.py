@@ -119,8 +119,6 @@ def build_plan(cfg: JobConfig, *, dry_run: bool = False) -> JobPlan:
     ``ValueError`` naming the key and the fix for bad input, before any cluster time is spent. A ``dry_run``
     plan reads the manifest only (its shards need not exist: none is listed or opened)."""
     checks.check_tracking_servers(cfg)  # first: the inputs' checks may fetch models:/ weights from the registry
-    if not dry_run:  # a dry run trains nothing: it must not hold the store against a real job
-        checks.claim_sqlite_store(cfg)
     inputs = _evaluate_inputs(cfg, dry_run) if cfg.stage == "evaluate" else _training_inputs(cfg, dry_run)
     storage_path = checks.resolve_storage_path(cfg.run.storage_path)
     check_run_free(storage_path, cfg.run_name)
@@ -131,6 +129,10 @@ def build_plan(cfg: JobConfig, *, dry_run: bool = False) -> JobPlan:
     # The launch layer's checks come first, then those of lower layers (the model on the meta device, the
     # layout): the config goes down once instead of down and up again for each check.
     checks.check_model(inputs.cfg, inputs.num_classes)
+    # Once the input is known good (a bad one reports its own error, and holds nothing), before Ray is joined; a
+    # dry run trains nothing: it must not hold the store against a real job.
+    if not dry_run:
+        checks.claim_sqlite_store(cfg)
     # The layout needs the cluster, so it is chosen only once every check of the input has passed.
     s = inputs.cfg.scaling
     layout = _cluster_layout(inputs.cfg) if "auto" in (s.num_workers, s.cpus_per_worker, s.use_gpu) else hardware.Layout.of(s)
