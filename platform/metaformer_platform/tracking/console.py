@@ -6,13 +6,13 @@ sends small events instead through a ``ray.util.queue.Queue`` that the driver cr
 formats them (``Console``) and prints them on the driver's own stdout. Like timm's ``train.py`` and
 torchtitan, one line per log cadence; a line per validation and checkpoint; a summary at the end::
 
-    run poolformer_s12-demo: starting 2 Ray Train workers (ddp)
-    training poolformer_s12 (ddp, 2 workers): 60 steps, 62 per epoch, global batch 64, lr 0.002
-    step 10/60 | epoch 0.16 | loss 2.0630 | lr 6.46e-04 |    38 img/s | data  7% | eta 1m25s
-    val    step 30 | top-1 52.00% | top-5 90.80% | loss 1.5781 | 500 images
-    checkpoint step 30 -> /home/me/metaformer-runs/poolformer_s12-demo/checkpoint-00000030 | stall 1.01 s
-    done: 60 steps in 2m39s | 51 img/s | data wait 2% | val top-1 59.80% top-5 91.60% | 2 checkpoints, stall 2.0 s
-        | goodput 38% | MFU 1.2% | 0.0883 worker-hours
+    run poolformer_s12-demo: starting 1 Ray Train worker (ddp)
+    training poolformer_s12 (ddp, 1 worker): 186 steps, 62 per epoch, global batch 64, lr 0.002
+    step  10/186 | epoch 0.16 | loss 2.1074 | lr 6.46e-04 |   287 img/s | data  9% | eta 39s
+    val    step 62 | top-1 52.40% | top-5 86.00% | loss 1.5198 | 500 images
+    checkpoint step 100 -> /home/me/metaformer-runs/poolformer_s12-demo/checkpoint-00000100 | stall 0.27 s
+    done: 186 steps in 1m16s | 256 img/s | data wait 4% | val top-1 72.60% top-5 90.40% | 2 checkpoints, stall 0.6 s
+        | goodput 64% | MFU 8.3% | 0.0172 worker-hours
 
 (one line; the last figures are the run ledger's, ``training.ledger``; a queue wait shows as ``in 2m39s (+41s
 queued)``, a graceful stop as ``stopped at step 40 in ...``).
