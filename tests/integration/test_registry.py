@@ -111,6 +111,9 @@ def test_promotion_gate(tmp_path: Path, mlflow_server: str, client, run_id: str)
     assert mv.tags[registry.TAG_EVAL_TOP1] == "80.0" and mv.tags[registry.TAG_EVAL_DATA_HASH] == "val-111"
     # One decision, replaced by the re-evaluation (not appended): the tag now says champion, with the new reason.
     assert decision("5") == "champion: top-1 80.0000 >= champion v4's 71.2500 on data val-111"
+    # and the registry's model list (the registered model's tags) shows the champion and its top-1
+    tags = client.get_registered_model(name).tags
+    assert (tags[registry.TAG_CHAMPION_VERSION], tags[registry.TAG_CHAMPION_TOP1]) == ("5", "80.00")
 
     # A blocked promotion (a regression against the previous retrain) keeps the champion whatever the top-1,
     # with the reason in the same tag; the evaluation's other facts land as version tags beside it.

@@ -57,6 +57,10 @@ TAG_EVAL_DATA = "metaformer.eval_data"  # the data set's name and resolution, e.
 TAG_PARAMS_M = "metaformer.params_m"
 TAG_GMACS = "metaformer.gmacs"
 TAG_PROMOTION = "metaformer.promotion"  # "champion: REASON" or "candidate: REASON"
+# On the registered model (the registry's model list shows the model's tags, not its versions'): the champion's
+# version and evaluation, replaced at each promotion, so the list answers "which is best" without opening a version.
+TAG_CHAMPION_VERSION = "metaformer.champion_version"
+TAG_CHAMPION_TOP1 = "metaformer.champion_top1"
 
 
 @dataclass(frozen=True)
@@ -317,6 +321,13 @@ def promote(
         aliases = client.get_registered_model(model_name).aliases
         if str(aliases.get(CANDIDATE)) == version:
             client.delete_registered_model_alias(model_name, CANDIDATE)
+        champion_tags = {TAG_CHAMPION_VERSION: version, TAG_CHAMPION_TOP1: f"{float(top1):.2f}"}
+        given = evaluation_tags or {}
+        for key in (TAG_EVAL_TOP5, TAG_EVAL_DATA):  # the champion's top-5 and data, where the evaluation gave them
+            if key in given:
+                champion_tags[key.replace("metaformer.eval_", "metaformer.champion_")] = str(given[key])
+        for key, value in champion_tags.items():
+            client.set_registered_model_tag(model_name, key, value)
     client.set_model_version_tag(model_name, version, TAG_PROMOTION, f"{alias}: {reason}")
     previous = str(champion.version) if champion is not None else None
     return Promotion(model_name, version, promoted, alias, previous, reason)
