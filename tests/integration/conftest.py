@@ -259,6 +259,7 @@ def s3_checkpoint_job(ray_cluster: Any, mlflow_server: str, s3_server: S3Server,
     import cloudpickle
     from s3_checkpoint_job import (
         S3_CKPT_DATA,
+        S3_CKPT_RUN,
         TRACKING_PASSWORD,
         CmdlineWatch,
         S3CheckpointJob,
@@ -281,8 +282,10 @@ def s3_checkpoint_job(ray_cluster: Any, mlflow_server: str, s3_server: S3Server,
                                      image_size=32, samples_per_shard=64)
     s3_server.upload(shards, S3_CKPT_DATA)
 
-    def scratch() -> set[str]:  # each rank's local checkpoint folder before Ray uploads it
-        return {p for step in (7, 14) for p in glob.glob(os.path.join(tempfile.gettempdir(), f"ckpt-{step:08d}-*"))}
+    run_scratch = Path(tempfile.gettempdir()) / f"metaformer-checkpoints-{os.getuid()}" / S3_CKPT_RUN
+
+    def scratch() -> set[str]:  # each rank's local checkpoint folders before Ray uploads them (launch.workers)
+        return {p for step in (7, 14) for p in glob.glob(str(run_scratch / "rank-*" / f"ckpt-{step:08d}-*"))}
 
     before = scratch()
     tracking = f"http://metaformer:{TRACKING_PASSWORD}@{mlflow_server.removeprefix('http://')}"
@@ -292,4 +295,5 @@ def s3_checkpoint_job(ray_cluster: Any, mlflow_server: str, s3_server: S3Server,
         mp.setattr(driver, "build_trainer", recording)
         with CmdlineWatch([s3_server.secret_key, TRACKING_PASSWORD]) as watch:
             result = run_job(s3_checkpoint_config(workdir, tracking, s3_server.bucket))
+    assert sorted(p.name for p in run_scratch.iterdir()) == ["rank-00000", "rank-00001"]  # where the ranks saved
     return S3CheckpointJob(workdir, result, scratch() - before, watch, payloads)

@@ -243,13 +243,6 @@ def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, mo
     spec["registry"]["block_on_regression"] = True
     changed = root / "tiny_family_changed.yaml"
     changed.write_text(yaml.safe_dump(spec))
-    # Before spending: the dry run's estimates for the stages that would run come from the first retrain's runs
-    # (the same model, resolution and hardware, measured), not from the capacity model's table.
-    lines.clear()
-    run_pipeline(changed, dry_run=True, out=lines.append)
-    estimates = [row for line in lines for row in line.splitlines()
-                 if row.strip().startswith("finetune ") and " worker(s)" in row]
-    assert len(estimates) == len(MEMBERS) and all("from MLflow run " in e for e in estimates), lines
     lines.clear()
     week = run_pipeline(changed, out=lines.append)
     output = "\n".join(lines)

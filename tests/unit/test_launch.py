@@ -61,3 +61,23 @@ def test_the_state_api_counts_only_when_this_clusters_dashboard_serves_it(monkey
                            (["x"], False), ([], False), (["a", "b"], True)]:
         monkeypatch.setattr(ray.util.state, "list_nodes", answer(result))
         assert launch.state_api_served() is served, result
+
+
+def test_a_ranks_checkpoint_scratch_is_emptied_for_its_own_run_and_rank_only(tmp_path, monkeypatch):
+    """What a killed attempt left in its scratch folder is cleared by the next attempt of the same run and rank;
+    another run's and another rank's are left alone; the folder is private to the user."""
+    import os
+    import tempfile
+
+    from metaformer_platform.launch.workers import checkpoint_scratch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    first = checkpoint_scratch("run-a", 0)
+    (first / "ckpt-00000007-left").mkdir()
+    other_run, other_rank = checkpoint_scratch("run-b", 0), checkpoint_scratch("run-a", 1)
+    (other_run / "ckpt-00000007-b").mkdir()
+    (other_rank / "ckpt-00000007-r1").mkdir()
+    again = checkpoint_scratch("run-a", 0)
+    assert again == first and again.is_dir() and not any(again.iterdir())
+    assert (other_run / "ckpt-00000007-b").is_dir() and (other_rank / "ckpt-00000007-r1").is_dir()
+    assert (tmp_path / f"metaformer-checkpoints-{os.getuid()}").stat().st_mode & 0o777 == 0o700

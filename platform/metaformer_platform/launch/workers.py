@@ -204,7 +204,7 @@ def _train_worker(plan: JobPlan, launch: Launch) -> dict[str, object]:
                 cfg, dist, data_root=plan.data.root, tracker=tracker, report=report,
                 resume_from=Path(resume_dir) if resume_dir else None,
                 init_from=plan.init_from.on_this_node() if plan.init_from else None,
-                draining=_ray_preemption_notice,
+                draining=_ray_preemption_notice, checkpoint_scratch=checkpoint_scratch(plan.run_name, dist.rank),
             )
         _record_start(trainer, run_tracker, tracker, resumed=checkpoint is not None, elastic=cfg.scaling.elastic)
         progress.start(trainer)
@@ -228,6 +228,26 @@ def _train_worker(plan: JobPlan, launch: Launch) -> dict[str, object]:
     finally:
         tracker.close()
     return {"step": trainer.step, "stopped": trainer.stopped}
+
+
+def checkpoint_scratch(run_name: str, rank: int) -> Path:
+    """This rank's local folder for its checkpoints before upload, emptied now.
+
+    Ray deletes each one once uploaded, but a worker killed before that (a SIGKILL, a lost node that comes back)
+    leaves its copy behind: the suite's fault tests had left 36 whole checkpoints in /tmp. Under this user's and
+    this run's name, the next attempt of the same run clears what the killed one left, and nothing else (one live
+    job per run name: see training/ownership.py; each rank its own folder)."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.gettempdir()) / f"metaformer-checkpoints-{os.getuid()}"
+    base.mkdir(mode=0o700, exist_ok=True)
+    if base.is_symlink() or base.stat().st_uid != os.getuid():  # a shared /tmp: another user's folder or link
+        raise PermissionError(f"{base} is not this user's own folder; remove it, or set TMPDIR to a private one")
+    folder = base / run_name / f"rank-{rank:05d}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
 
 
 def _ray_preemption_notice() -> bool:
