@@ -58,7 +58,7 @@ def test_checkpoints_are_uploaded_complete_to_s3(first_run, s3_env, mlflow_serve
         assert expected <= files, sorted(files)
     assert not scratch_left  # Ray deleted each rank's scratch folder once its upload was done
     client = MlflowClient(mlflow_server)
-    stalls = client.get_metric_history(result.mlflow_run_id, "checkpoint/stall_s")
+    stalls = client.get_metric_history(result.mlflow_run_id, "system/checkpoint_stall_s")
     assert sorted(m.step for m in stalls) == [7, 14] and all(0 < m.value < 60 for m in stalls)
     assert {m.step for m in client.get_metric_history(result.mlflow_run_id, "val/ema_top1")} == {14}
 

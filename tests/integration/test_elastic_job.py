@@ -15,7 +15,7 @@ took after its last checkpoint are replayed by the next attempt (whose records w
 the interrupted ones included, holds each training sample exactly once. The re-added node stays as the
 session's second node (same IP, one CPU) for the tests after this one.
 
-The run ledger (``ledger.json`` in the run folder, the ``ledger/*`` metrics in MLflow, the ``done:`` line): four
+The run ledger (``ledger.json`` in the run folder, the ``system/ledger_*`` metrics in MLflow, the ``done:`` line): four
 worker groups (start, the restart after the SIGKILL, the one-worker restart, the resize), the steps each one's
 successor trained again (as the sample logs show them) at most a checkpoint interval, their time as lost work,
 two recovery gaps and a resize gap, and categories that add up to the wall time the test measured within 2%.
@@ -288,7 +288,7 @@ def _check_ledger(run_dir: Path, keys: Path, wall: float, client: MlflowClient, 
     assert m[lg.WALL] == pytest.approx(wall, rel=0.02)  # the driver's start to its end, as the test measured it
     assert 0 < m[lg.GOODPUT] < 1 and m[lg.WORKER_HOURS] > 0 and lg.COST not in m
     logged = client.get_run(run_id).data.metrics
-    assert {k: round(v, 6) for k, v in logged.items() if k.startswith("ledger/")} == {
+    assert {k: round(v, 6) for k, v in logged.items() if k.startswith("system/ledger_")} == {
         k: round(v, 6) for k, v in m.items()}
     [done] = [line for line in out.splitlines() if line.startswith(f"done: {MAX_STEPS} steps in ")]
     print(done)

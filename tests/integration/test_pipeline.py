@@ -280,10 +280,10 @@ def _check_ui_view(uri: str, experiment: str, result: Any, output: str, stdout: 
     assert len(stages) == 6 and len(top) == 7  # 2 members x 3 stages and the pipeline's run, nothing folded
     for run in stages:
         metrics, tags = _metrics(run), _tags(run)
-        assert {"compare/params_m", "compare/gmacs", "compare/img_size"} <= set(metrics), metrics
-        assert metrics["compare/img_size"] == 32 and tags[compare.TAG_DATA] == "synthetic-shapes-v1 32px"
+        assert {"params_m", "gmacs", "img_size"} <= set(metrics), metrics
+        assert metrics["img_size"] == 32 and tags[compare.TAG_DATA] == "synthetic-shapes-v1 32px"
         if tags[runner.TAG_PIPELINE_STAGE] == "evaluate":
-            assert metrics["compare/top1"] == metrics["eval/top1"] and metrics["compare/top5"] == metrics["eval/top5"]
+            assert metrics["top1"] == metrics["eval/top1"] and metrics["top5"] == metrics["eval/top5"]
     parent = _metrics(_rest(uri, "runs/get", run_id=result.parent_run_id)["run"])
     evals = {_tags(r)[runner.TAG_MEMBER]: _metrics(r) for r in stages if _tags(r)[runner.TAG_PIPELINE_STAGE] == "evaluate"}
     for member in MEMBERS:

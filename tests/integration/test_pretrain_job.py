@@ -113,7 +113,7 @@ def test_job_learns_checkpoints_and_tracks(first_run, mlflow_server):
     assert last < 0.9 * first and last < 0.75 * math.log(4), values
     assert {m.step for m in client.get_metric_history(run.info.run_id, "val/top1")} == {50, 100}
     # the data-fault counters reach MLflow at the log cadence (clean data: nothing skipped)
-    skipped = client.get_metric_history(run.info.run_id, "data/skipped_samples")
+    skipped = client.get_metric_history(run.info.run_id, "system/data_skipped_samples")
     assert sorted(m.step for m in skipped) == list(range(5, 101, 5)) and {m.value for m in skipped} == {0.0}
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
@@ -324,7 +324,7 @@ def test_a_job_on_shards_gone_bad_counts_them_in_mlflow(ray_cluster, mlflow_serv
     result = run_job(cfg)
     assert result.metrics["step"] == 32  # 1024 = 2 ranks x 32 batches x 16: the whole epoch
     client = MlflowClient(mlflow_server)
-    skipped = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "data/skipped_samples")}
+    skipped = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "system/data_skipped_samples")}
     assert skipped[32] == 50.0 and sorted(skipped) == list(range(5, 31, 5)) + [32]
-    assert {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "data/bad_shards")}[32] == 1.0
+    assert {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "system/data_bad_shards")}[32] == 1.0
     assert result.metrics["val/samples"] == 150 and result.metrics["val/skipped_samples"] == 50

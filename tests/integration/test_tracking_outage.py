@@ -125,7 +125,7 @@ def test_an_mlflow_outage_mid_run_costs_no_training_and_no_metric(ray_cluster, t
         for key in ("train/loss", "train/lr", "train/images_per_s"):
             steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
             assert steps == list(range(1, STEPS + 1)), (key, steps)  # every step once: none lost, none doubled
-        stalls = sorted(m.step for m in client.get_metric_history(run.info.run_id, "checkpoint/stall_s"))
+        stalls = sorted(m.step for m in client.get_metric_history(run.info.run_id, "system/checkpoint_stall_s"))
         assert stalls == list(range(5, STEPS + 1, 5))
         assert "tracking/dropped_values" not in run.data.metrics  # far from the bound
     finally:

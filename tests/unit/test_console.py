@@ -33,7 +33,7 @@ def test_the_trainer_metrics_become_events_and_pass_through_to_mlflow():
     sender = ProgressSender(queue, "/runs/demo/", inner)
     sender.log_metrics({"train/loss": 1.5, "train/images_per_s": 10.0}, step=10)
     sender.log_metrics({"val/top1": 50.0}, step=20)
-    sender.log_metrics({"checkpoint/stall_s": 0.25, "checkpoint/save_s": 0.2}, step=20)
+    sender.log_metrics({"system/checkpoint_stall_s": 0.25, "system/checkpoint_save_s": 0.2}, step=20)
     sender.log_metrics({"run/resumed_from_step": 5.0}, step=5)  # MLflow only
     assert [(e["kind"], e["step"]) for e in queue] == [("step", 10), ("val", 20), ("checkpoint", 20)]
     assert queue[2]["where"] == "/runs/demo/checkpoint-00000020" and queue[2]["stall_s"] == 0.25
@@ -63,7 +63,7 @@ def _start(console: Console, total: int = 100) -> None:
 def _step(console: Console, step: int, t: float, ips: float = 100.0) -> None:
     console.handle({"kind": "step", "step": step, "time": t, "metrics": {
         "train/loss": 2.0 - step / 100, "train/lr": 1e-3, "train/images_per_s": ips, "train/epoch": step / 50,
-        "train/data_wait_frac": 0.25}})
+        "system/data_wait_frac": 0.25}})
 
 
 def test_lines_eta_and_summary():

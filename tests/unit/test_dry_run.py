@@ -124,7 +124,7 @@ def mlflow_db(tmp_path_factory):
                            "scaling.num_workers": "2", "resolved.precision": "fp32"}.items():
             client.log_param(run.info.run_id, key, value)
         client.log_metric(run.info.run_id, "train/images_per_s", rate)
-        client.log_metric(run.info.run_id, "ledger/goodput", 0.5)
+        client.log_metric(run.info.run_id, "system/ledger_goodput", 0.5)
         client.set_terminated(run.info.run_id)
         runs[device] = run.info.run_id
     return uri, runs
@@ -152,8 +152,8 @@ def test_the_estimate_is_priced_from_the_cost_section(tmp_path, mlflow_db):
                        "cost.currency=EUR")
     est = estimate.estimate_job(cfg, workers=4, use_gpu=False, cpus_per_worker=1, images=1000, tracking_uri=uri)
     assert est.cost == pytest.approx(10.0 * 4 / 3600 * 0.36)
-    assert est.metrics() == {"estimate/wall_s": est.wall_s, "estimate/worker_hours": est.worker_hours,
-                             "estimate/cost": est.cost}
+    assert est.metrics() == {"system/estimate_wall_s": est.wall_s, "system/estimate_worker_hours": est.worker_hours,
+                             "system/estimate_cost": est.cost}
     assert "EUR" in est.line()
 
 
@@ -181,9 +181,9 @@ def test_a_running_job_logs_its_estimate_on_its_mlflow_run(tmp_path, mlflow_db):
     estimate.start_logging_estimate(client, run_id, plan).join(30)
     logged = client.get_run(run_id).data
     # 192 images on 2 workers at the earlier CPU run's 50 img/s per worker and goodput 0.5
-    assert logged.metrics["estimate/wall_s"] == pytest.approx(192 / 100 / 0.5)
-    assert logged.metrics["estimate/worker_hours"] == pytest.approx(192 / 100 / 0.5 * 2 / 3600)
-    assert "estimate/cost" not in logged.metrics
+    assert logged.metrics["system/estimate_wall_s"] == pytest.approx(192 / 100 / 0.5)
+    assert logged.metrics["system/estimate_worker_hours"] == pytest.approx(192 / 100 / 0.5 * 2 / 3600)
+    assert "system/estimate_cost" not in logged.metrics
     assert runs["cpu (test)"] in logged.tags[estimate.SOURCE_TAG]
 
 

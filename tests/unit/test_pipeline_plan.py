@@ -366,3 +366,29 @@ def test_a_member_that_fails_stops_only_its_own_chain(tmp_path: Path, monkeypatc
     parent = planned.client.get_run(result.parent_run_id)
     assert parent.info.status == "FAILED" and parent.data.tags[runner.TAG_FAILED] == "poolformer_debug_m"
     assert "poolformer_debug_m           FAILED pretrain: failed, finetune: blocked" in result.report
+
+
+def test_stage_runs_carry_the_columns_of_the_shared_family_view_and_links_open_the_training_view(tmp_path: Path) -> None:
+    """The comparison metrics are unprefixed (after the curves on a run's page) and exactly the shared view's
+    columns; the view is MLflow's own shared-view tag; every link opens the training view, a password masked."""
+    from metaformer_platform.pipelines import compare
+    from metaformer_platform.tracking import ui
+
+    planned = _planned(tmp_path, _spec(tmp_path, name="weekly.family"))
+    pre, ev = planned.plans[0].stage("pretrain"), planned.plans[0].stage("evaluate")
+    logged = {"val/top1": 40.0, "val/top5": 90.0, "train/images_per_s": 12.0, "eval/top1": 41.0, "eval/top5": 91.0,
+              "eval/images_per_s": 30.0, "system/ledger_train_s": 5.0, "system/ledger_worker_hours": 0.01}
+    figures = compare.stage_figures(pre, logged)
+    assert list(figures) == [c for c in compare.COLUMNS if c != "cost"]  # no price, no cost
+    assert (figures["top1"], figures["images_per_s"], figures["train_s"]) == (40.0, 12.0, 5.0)
+    assert compare.stage_figures(ev, logged)["top1"] == 41.0 and compare.stage_figures(ev, logged)["images_per_s"] == 30.0
+    exp = training_experiment(planned.client, planned.spec.experiment, create=True)
+    planned._share_family_view(exp)
+    state = json.loads(planned.client.get_experiment(exp).tags[ui.SHARED_VIEW_TAG + "weekly.family"])
+    assert state["selectedColumns"][3:] == ["tags.`metaformer.member`", "tags.`metaformer.pipeline_stage`",
+                                           "tags.`metaformer.data`"] + [f"metrics.`{c}`" for c in compare.COLUMNS]
+    assert state["runsHiddenMode"] == "SHOW_ALL"
+    assert ui.link("https://me:pw@mlflow.example", exp, view=planned.view_key) == (
+        f"https://me:***@mlflow.example/#/experiments/{exp}?workflowType=machine_learning&viewStateShareKey=weekly.family")
+    assert ui.link("http://127.0.0.1:5000", "3", "abc").endswith("/#/experiments/3/runs/abc?workflowType=machine_learning")
+    assert "ui --backend-store-uri sqlite:///" in ui.link(planned.tracking_uri, "3", "abc")

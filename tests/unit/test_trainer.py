@@ -141,15 +141,15 @@ def test_bad_shards_are_counted_in_metrics_and_fatal_above_the_threshold(tmp_pat
     saved.mkdir()
     trainer = _trainer(cfg, root, rec, reported=saved)
     final = trainer.train()
-    halfway = rec.series("data/skipped_samples")[2]
+    halfway = rec.series("system/data_skipped_samples")[2]
     assert 0 < halfway < 32  # counted as the shuffled epoch reaches the bad shard's samples
-    assert rec.series("data/skipped_samples")[4] == 32.0 and rec.series("data/bad_shards") == {2: 1.0, 4: 1.0}
+    assert rec.series("system/data_skipped_samples")[4] == 32.0 and rec.series("system/data_bad_shards") == {2: 1.0, 4: 1.0}
     assert final["val/samples"] == 32 and final["val/skipped_samples"] == 32  # 32 + 32 == the split's 64
-    assert trainer._data_faults() == {"data/skipped_samples": 64.0, "data/bad_shards": 2.0}  # with val's
+    assert trainer._data_faults() == {"system/data_skipped_samples": 64.0, "system/data_bad_shards": 2.0}  # with val's
     # a job resumed mid-epoch keeps the counts of its checkpoint (and so the threshold cannot be dodged)
     resumed = Recorder()
     _trainer(cfg, root, resumed, resume_from=saved / "step-2").train()
-    assert resumed.series("data/skipped_samples") == {4: 32.0}
+    assert resumed.series("system/data_skipped_samples") == {4: 32.0}
     with pytest.raises(DataFaultError, match=r"more than max_bad_fraction=0.1; bad shards: .*train-000001.tar"):
         _trainer(_cfg("trainer.max_steps=4", "data.max_bad_fraction=0.1"), root, Recorder()).train()
 
@@ -183,8 +183,8 @@ def test_fault_metrics_are_reduced_over_ranks(tmp_path):
     got = run_ranks(_data_faults_on_rank, tmp_path)
     assert [rank for rank, _, _ in got] == [0, 1]
     for _, faults, clean in got:  # the same on both ranks: 3 + 4 samples, 2 distinct shards
-        assert faults == {"data/skipped_samples": 7.0, "data/bad_shards": 2.0}
-        assert clean == {"data/skipped_samples": 0.0, "data/bad_shards": 0.0}
+        assert faults == {"system/data_skipped_samples": 7.0, "system/data_bad_shards": 2.0}
+        assert clean == {"system/data_skipped_samples": 0.0, "system/data_bad_shards": 0.0}
 
 
 class _StopAt(Recorder):
@@ -287,5 +287,5 @@ def test_the_ledger_meter_accounts_the_groups_steps_validation_and_checkpoints(s
     macs = model_complexity(build_model(cfg, 4), 32)["macs"]
     assert s["flops_per_sample"] == 6.0 * macs
     if s["peak_flops"] is not None:  # a CPU whose vector units are known: MFU per log window
-        mfus = list(rec.series("train/mfu").values())
+        mfus = list(rec.series("system/train_mfu").values())
         assert len(mfus) == 20 and all(0 < v < 1 for v in mfus)

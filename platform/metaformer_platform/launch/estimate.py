@@ -3,7 +3,7 @@ its planned layout, from the best evidence there is:
 
 1. earlier FINISHED runs in MLflow of the same model, resolution and hardware (and precision, when the config
    names one): their measured ``train/images_per_s`` per worker and, when the run ledger logged it,
-   ``ledger/goodput``;
+   ``system/ledger_goodput``;
 2. else the capacity model (``launch.capacity``: published and measured rates).
 
 The estimate says which it used. The MLflow lookup runs under a deadline and any failure of it (tracking down,
@@ -58,10 +58,10 @@ class Estimate:
     source: str
 
     def metrics(self) -> dict[str, float]:
-        """As MLflow metrics (``estimate/*``); the cost only when priced."""
-        out = {"estimate/wall_s": self.wall_s, "estimate/worker_hours": self.worker_hours}
+        """As MLflow metrics (``system/estimate_*``); the cost only when priced."""
+        out = {"system/estimate_wall_s": self.wall_s, "system/estimate_worker_hours": self.worker_hours}
         if self.cost is not None:
-            out["estimate/cost"] = self.cost
+            out["system/estimate_cost"] = self.cost
         return out
 
     def line(self) -> str:
@@ -162,7 +162,7 @@ def start_logging_estimate(client: MlflowClient, run_id: str, plan: JobPlan) -> 
 
 
 def log_estimate(client: MlflowClient, run_id: str, plan: JobPlan) -> Estimate | None:
-    """Log the job's estimate on its MLflow run (``estimate/*`` metrics and the source tag), for the family
+    """Log the job's estimate on its MLflow run (``system/estimate_*`` metrics and the source tag), for the family
     report to set against the actuals. Never fails the job: a failure is logged and skipped."""
     try:
         est = plan_estimate(plan)
@@ -244,7 +244,7 @@ def _run_rate(run: Run, cfg: JobConfig, use_gpu: bool) -> Rate | None:
         workers = int(params.get("scaling.num_workers", ""))
     except ValueError:  # an elastic run's range: its size changed during the run
         return None
-    goodput = metrics.get("ledger/goodput")
+    goodput = metrics.get("system/ledger_goodput")
     goodput = goodput if goodput and 0 < goodput <= 1 else 1.0
     where = (f"MLflow run {run.info.run_id} ({run.info.run_name}: {metrics['train/images_per_s']:,.1f} img/s on "
              f"{workers} worker(s), {device}" + (f", goodput {goodput:.2f})" if goodput < 1 else ")"))

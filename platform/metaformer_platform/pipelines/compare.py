@@ -1,10 +1,12 @@
 """The family side by side, in MLflow and against the previous retrain.
 
-- Every stage run gets the same ``compare/*`` metrics (top-1, top-5, images/s, params, GMACs, resolution,
-  training time, worker-hours, cost) and a ``metaformer.data`` tag, so the experiment's runs table lines up the
-  members and stages in the same columns. The stage runs are not nested under the pipeline's run (MLflow's
+- Every stage run gets the same comparison metrics (``COLUMNS``: top-1, top-5, images/s, params, GMACs,
+  resolution, training time, worker-hours, cost) and a ``metaformer.data`` tag, so the experiment's runs table
+  lines up the members and stages in the same columns. They are unprefixed: MLflow's run page lays out a
+  prefix's charts as a section, sections in string order, then the unprefixed ("Model metrics") last, so the
+  curves (``train/``, ``val/``) come first. The stage runs are not nested under the pipeline's run (MLflow's
   table folds nested runs under their parent); ``metaformer.pipeline_run_id`` links them to it instead.
-- A member's figures add up its stage runs' ``ledger/*`` and ``estimate/*`` metrics (logged by the jobs; absent
+- A member's figures add up its stage runs' ``system/ledger_*`` and ``system/estimate_*`` metrics (logged by the jobs; absent
   on older runs); the pipeline's run carries them as ``MEMBER/*`` metrics and a table (``mlflow.log_table``).
 - Week over week: the previous retrain is the last FINISHED run of the same pipeline in the experiment
   (``runner.previous_retrain``); its ``MEMBER/*`` metrics are what this run is compared with, and ``regressions`` says which changes are flagged.
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
 
 TAG_PIPELINE_RUN = "metaformer.pipeline_run_id"
 TAG_DATA = "metaformer.data"
+# The comparison metrics every stage run carries (``stage_figures``), in the order the runs table shows them.
+COLUMNS = ("top1", "top5", "images_per_s", "params_m", "gmacs", "img_size", "train_s", "worker_hours", "cost")
 # Summed over a member's stage runs.
 SUMMED = ("wall_s", "queued_s", "starting_s", "train_s", "data_wait_s", "compute_s", "validation_s",
           "checkpoint_stall_s", "lost_work_s", "recovery_gap_s", "resize_gap_s", "shutdown_s", "worker_hours",
@@ -51,7 +55,7 @@ def complexity(model: str, num_classes: int | None, img_size: int, kwargs: dict[
 
 
 def stage_figures(stage: StagePlan, metrics: Mapping[str, float]) -> dict[str, float]:
-    """The ``compare/*`` metrics of one stage run: the same columns for pretrain, fine-tune and evaluate."""
+    """The comparison metrics (``COLUMNS``) of one stage run: the same columns for pretrain, fine-tune and evaluate."""
     cfg = stage.cfg
     size = complexity(stage.member, stage.num_classes, cfg.data.img_size, cfg.model.kwargs)
     kind = "eval" if not stage.trains else "val"
@@ -62,15 +66,15 @@ def stage_figures(stage: StagePlan, metrics: Mapping[str, float]) -> dict[str, f
         "params_m": size["params"] / 1e6,
         "gmacs": size["macs"] / 1e9,
         "img_size": float(cfg.data.img_size),
-        "train_s": metrics.get("ledger/train_s"),
-        "worker_hours": metrics.get("ledger/worker_hours"),
-        "cost": metrics.get("ledger/cost"),
+        "train_s": metrics.get("system/ledger_train_s"),
+        "worker_hours": metrics.get("system/ledger_worker_hours"),
+        "cost": metrics.get("system/ledger_cost"),
     }
-    return {f"compare/{k}": float(v) for k, v in found.items() if v is not None}
+    return {k: float(v) for k, v in found.items() if v is not None}
 
 
 def log_stage_figures(client: MlflowClient, run_id: str, stage: StagePlan) -> None:
-    """Put the stage's ``compare/*`` metrics and its data's name on its run (from what the run logged)."""
+    """Put the stage's comparison metrics and its data's name on its run (from what the run logged)."""
     from mlflow.entities import Metric
 
     run = client.get_run(run_id)
@@ -85,14 +89,14 @@ def member_figures(client: MlflowClient, stages: list[StageOutcome]) -> dict[str
     runs = [client.get_run(s.run_id).data.metrics for s in stages if s.run_id and s.action != "blocked"]
     out: dict[str, float] = {}
     for key in SUMMED:
-        values = [m[f"ledger/{key}"] for m in runs if f"ledger/{key}" in m]
+        values = [m[f"system/ledger_{key}"] for m in runs if f"system/ledger_{key}" in m]
         if values:
             out[key] = float(sum(values))
     for key in ESTIMATES:
-        values = [m[f"estimate/{key}"] for m in runs if f"estimate/{key}" in m]
+        values = [m[f"system/estimate_{key}"] for m in runs if f"system/estimate_{key}" in m]
         if values:
             out[f"estimate_{key}"] = float(sum(values))
-    productive = [m["ledger/goodput"] * m["ledger/wall_s"] for m in runs if "ledger/goodput" in m and "ledger/wall_s" in m]
+    productive = [m["system/ledger_goodput"] * m["system/ledger_wall_s"] for m in runs if "system/ledger_goodput" in m and "system/ledger_wall_s" in m]
     if productive and out.get("wall_s"):
         out["goodput"] = sum(productive) / out["wall_s"]
     for m in runs:

@@ -1,5 +1,5 @@
 """The family report: a table (model, data, params, MACs, top-1, top-5, images/s, vs paper), where the time and
-the worker-hours went (the jobs' ``ledger/*`` metrics, ``pipelines.compare``), the change against the previous
+the worker-hours went (the jobs' ``system/ledger_*`` metrics, ``pipelines.compare``), the change against the previous
 retrain, and top-1 against MACs.
 
 Params and MACs are measured on the model as evaluated (its head, its resolution) with ``model_complexity``;

@@ -200,6 +200,7 @@ class PipelineRunner:
         experiment_id = training_experiment(self.client, self.spec.experiment, create=True)
         assert experiment_id is not None  # create=True makes it
         parent = self._open_parent(experiment_id)
+        self._share_family_view(experiment_id)
         self.previous = previous_retrain(self.client, experiment_id, self.spec.name, parent)
         runnable = [p for p in self.plans if not p.error]
         if runnable:
@@ -234,15 +235,29 @@ class PipelineRunner:
         compare.log_summary(self.client, str(result.parent_run_id), result.members)
         result.report = report.family_report(self.client, result)
         self.say(f"pipeline run {result.parent_run_id}: {self.parent_link(result.parent_run_id)}")
+        from metaformer_platform.tracking import ui
+
+        experiment = self.client.get_run(str(result.parent_run_id)).info.experiment_id
+        self.say(f"the family side by side: {ui.link(self.tracking_uri, experiment, view=self.view_key)}")
+
+    @property
+    def view_key(self) -> str:
+        """The pipeline's shared view in the MLflow UI: its name (letters, digits, '-', '_', '.': URL-safe)."""
+        return self.spec.name
+
+    def _share_family_view(self, experiment_id: str) -> None:
+        """The experiment's runs table as the family is compared: member, stage and data beside the comparison
+        metrics, every stage run in the charts (MLflow's shared view; the link printed at the end opens it)."""
+        from metaformer_platform.tracking import ui
+
+        ui.share_view(self.client, experiment_id, self.view_key, metrics=compare.COLUMNS,
+                      tags=(TAG_MEMBER, TAG_PIPELINE_STAGE, compare.TAG_DATA))
 
     def parent_link(self, run_id: str | None) -> str:
         """Where the UI shows a run: its page in the experiment's training view (not the GenAI traces view)."""
-        from metaformer_platform.tracking.runs import UI_TRAINING_VIEW
+        from metaformer_platform.tracking import ui
 
-        uri = redact(self.tracking_uri)
-        experiment = self.client.get_run(str(run_id)).info.experiment_id
-        path = f"#/experiments/{experiment}/runs/{run_id}{UI_TRAINING_VIEW}"
-        return f"{uri}/{path}" if uri.startswith(("http://", "https://")) else f"`mlflow ui --backend-store-uri {uri}`, then /{path}"
+        return ui.link(self.tracking_uri, self.client.get_run(str(run_id)).info.experiment_id, run_id)
 
     def _compare(self, member: MemberOutcome) -> None:
         """The member's figures, the previous retrain's, and what regressed beyond the pipeline's limits."""
@@ -466,8 +481,8 @@ class PipelineRunner:
             blocked = "regression against the previous retrain: " + "; ".join(member.regressions)
         figures = self.client.get_run(str(evaluated.run_id)).data.metrics
         evaluation = {registry.TAG_EVAL_DATA: member.data_name}
-        for tag, key in ((registry.TAG_EVAL_TOP5, "eval/top5"), (registry.TAG_PARAMS_M, "compare/params_m"),
-                         (registry.TAG_GMACS, "compare/gmacs")):
+        for tag, key in ((registry.TAG_EVAL_TOP5, "eval/top5"), (registry.TAG_PARAMS_M, "params_m"),
+                         (registry.TAG_GMACS, "gmacs")):
             if key in figures:
                 evaluation[tag] = f"{figures[key]:.4g}"
         member.promotion = registry.promote(

@@ -188,9 +188,9 @@ class ProgressSender:
             self.send("step", step=step, metrics=dict(metrics))
         elif "val/top1" in metrics:
             self.send("val", step=step, metrics=dict(metrics))
-        elif "checkpoint/stall_s" in metrics:
+        elif "system/checkpoint_stall_s" in metrics:
             where = f"{self.checkpoint_root}/checkpoint-{step:08d}"  # launch.checkpoint_reporter's names
-            self.send("checkpoint", step=step, where=where, stall_s=float(metrics["checkpoint/stall_s"]))
+            self.send("checkpoint", step=step, where=where, stall_s=float(metrics["system/checkpoint_stall_s"]))
 
     def log_params(self, params: Mapping[str, object]) -> None:
         """The inner tracker's params (the settings a worker resolved for its device)."""
@@ -422,7 +422,7 @@ class Console:
         s, m, step = self.stats, e["metrics"], int(e["step"])
         ips = float(m.get("train/images_per_s", 0.0))
         eta = self.eta_s(step, e["time"], ips)
-        wait = m.get("train/data_wait_frac")
+        wait = m.get("system/data_wait_frac")
         s.add_window(step, e["time"], ips, None if wait is None else float(wait))
         width = len(str(s.total_steps))
         parts = [

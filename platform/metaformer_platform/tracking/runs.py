@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Literal, cast
 
 from metaformer_platform.config import JobConfig
 from metaformer_platform.storage.redact import MASK, redact
+from metaformer_platform.training.ledger import monitor_metric
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -47,7 +48,6 @@ PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
 # training toggle instead (remembered per browser; the URL parameter below sets it), so the platform sets both.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
-UI_TRAINING_VIEW = "?workflowType=machine_learning"
 DATASET_DIGEST_CHARS = 36  # MLflow stores a dataset digest in 36 characters; the full hash goes in the profile
 # One request to a tracking server, never retried by MLflow's client (its default retries a call for about four
 # minutes): an outage is told apart in seconds, and the platform does its own retrying where it waits it out.
@@ -412,7 +412,7 @@ class RunHandle:
                       self.run_id, status)
 
     def log_ledger(self, summary: Summary, text: str, currency: str) -> None:
-        """The run ledger's figures as ``ledger/*`` metrics (at the last step trained: a later attempt's values are
+        """The run ledger's figures as ``system/ledger_*`` metrics (at the last step trained: a later attempt's values are
         the latest), the currency tag when priced, and ``ledger.json`` as an artifact."""
         from mlflow.entities import Metric
 
@@ -430,13 +430,10 @@ class RunHandle:
             self.client.log_artifact(self.run_id, str(path))
 
     def ui_hint(self) -> str:
-        uri = redact(self.tracking_uri)  # printed: a database password in the URI must not be
-        if uri.startswith(("http://", "https://")):
-            where = f"open {uri}/#/experiments/{self.experiment_id}/runs/{self.run_id}{UI_TRAINING_VIEW}"
-        else:
-            mlflow_cli = Path(sys.executable).parent / "mlflow"
-            where = (f"run `{mlflow_cli} ui --backend-store-uri {uri}` and open "
-                     f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}{UI_TRAINING_VIEW}")
+        from metaformer_platform.tracking import ui
+
+        where = ui.link(self.tracking_uri, self.experiment_id, self.run_id)
+        where = where if where.startswith("run `") else f"open {where}"
         return f"MLflow run {self.run_id} (experiment {self.cfg.tracking.experiment!r}): {where}"
 
 
@@ -445,7 +442,7 @@ def close_orphan(client: MlflowClient, run: Run, why: str, last_seen: float | No
     KILLED with ``metaformer.orphaned=driver-lost``, ``why`` and the last step it logged (the metric
     ``run/orphaned_at_step``, at that step), ended when its driver was last seen. Returns that step."""
     steps = [max((m.step for m in client.get_metric_history(run.info.run_id, key)), default=-1)
-             for key in run.data.metrics if not key.startswith("system/") and key != ORPHANED_STEP_METRIC]
+             for key in run.data.metrics if not monitor_metric(key) and key != ORPHANED_STEP_METRIC]
     step = max(steps, default=-1)
     client.set_tag(run.info.run_id, ORPHANED_TAG, "driver-lost")
     client.set_tag(run.info.run_id, ORPHANED_WHY_TAG, why)
@@ -647,7 +644,7 @@ class MlflowTracker:
         self.logged_up_to: dict[str, int] = {
             key: max(m.step for m in self._client.get_metric_history(run_id, key))
             for key in run.data.metrics
-            if not key.startswith("system/")  # the system metrics monitor keeps its own step
+            if not monitor_metric(key)  # the system metrics monitor keeps its own step
         }
         self._params = set(run.data.params)  # MLflow params cannot change: a resumed run keeps its own
         self.outbox = Outbox(self._send, limit=buffer_limit, where=redact(tracking_uri))

@@ -30,25 +30,38 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import TypedDict
 
-# The MLflow names, read by the family report and the week-over-week comparison: do not rename.
-WALL = "ledger/wall_s"
-QUEUED = "ledger/queued_s"
-STARTING = "ledger/starting_s"
-TRAIN = "ledger/train_s"
-DATA_WAIT = "ledger/data_wait_s"
-COMPUTE = "ledger/compute_s"
-VALIDATION = "ledger/validation_s"
-CHECKPOINT_STALL = "ledger/checkpoint_stall_s"
-LOST_WORK = "ledger/lost_work_s"
-RECOVERY_GAP = "ledger/recovery_gap_s"
-RESIZE_GAP = "ledger/resize_gap_s"
-SHUTDOWN = "ledger/shutdown_s"
-GOODPUT = "ledger/goodput"
-WORKER_HOURS = "ledger/worker_hours"
-COST = "ledger/cost"
-MFU = "ledger/mfu"
-TIME_TO_FINAL_TOP1 = "ledger/time_to_final_top1_s"
-WORKER_HOURS_TO_FINAL_TOP1 = "ledger/worker_hours_to_final_top1"
+# Operational metrics (the ledger's, the checkpoint's, the data's, the estimate's) go under MLflow's `system/`
+# namespace: MLflow's run page shows `system/` keys on its System metrics tab, beside its own CPU/GPU monitor's,
+# and keeps its Model metrics tab for the curves (train/loss, train/lr, val/top1, train/images_per_s). Every
+# operational key the platform logs starts with one of these; any other `system/` key is the monitor's.
+OPERATIONAL_PREFIXES = tuple(f"system/{area}_" for area in ("checkpoint", "data", "ledger", "estimate", "train"))
+
+
+def monitor_metric(key: str) -> bool:
+    """Whether ``key`` is MLflow's system metrics monitor's (its own step axis, not training steps)."""
+    return key.startswith("system/") and not key.startswith(OPERATIONAL_PREFIXES)
+
+
+# The MLflow names, read by the family report and the week-over-week comparison (runs logged before the
+# `system/` rename carry `ledger/*`: the comparison shows no previous figure for them).
+WALL = "system/ledger_wall_s"
+QUEUED = "system/ledger_queued_s"
+STARTING = "system/ledger_starting_s"
+TRAIN = "system/ledger_train_s"
+DATA_WAIT = "system/ledger_data_wait_s"
+COMPUTE = "system/ledger_compute_s"
+VALIDATION = "system/ledger_validation_s"
+CHECKPOINT_STALL = "system/ledger_checkpoint_stall_s"
+LOST_WORK = "system/ledger_lost_work_s"
+RECOVERY_GAP = "system/ledger_recovery_gap_s"
+RESIZE_GAP = "system/ledger_resize_gap_s"
+SHUTDOWN = "system/ledger_shutdown_s"
+GOODPUT = "system/ledger_goodput"
+WORKER_HOURS = "system/ledger_worker_hours"
+COST = "system/ledger_cost"
+MFU = "system/ledger_mfu"
+TIME_TO_FINAL_TOP1 = "system/ledger_time_to_final_top1_s"
+WORKER_HOURS_TO_FINAL_TOP1 = "system/ledger_worker_hours_to_final_top1"
 CURRENCY_TAG = "metaformer.ledger.currency"
 ARTIFACT = "ledger.json"  # in the run folder (every attempt appends) and as the MLflow run's artifact
 
@@ -221,7 +234,7 @@ class RunLedger:
         self.attempt.stopped = stopped
 
     def summary(self) -> Summary:
-        """``summarize`` over every attempt, with ``ledger/cost`` when the workers' kind is priced."""
+        """``summarize`` over every attempt, with ``system/ledger_cost`` when the workers' kind is priced."""
         summary = summarize(self.attempts)
         if (cost := priced(summary, *self.prices)) is not None:
             summary["metrics"][COST] = cost
@@ -281,7 +294,7 @@ def _accounts(attempts: list[Attempt]) -> list[_Account]:
 
 def _interval(out: list[dict[str, object]], attempt: int, category: str, start: float, seconds: float,
               **extra: object) -> None:
-    out.append({"attempt": attempt, "category": category.removeprefix("ledger/").removesuffix("_s"),
+    out.append({"attempt": attempt, "category": category.removeprefix("system/ledger_").removesuffix("_s"),
                 "start": round(start, 3), "seconds": round(seconds, 3), **extra})
 
 

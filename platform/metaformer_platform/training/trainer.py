@@ -394,7 +394,7 @@ class Trainer:
                     "train/images_per_s": self.batch.global_batch / times["time/step_s"],
                     "train/epoch": self.step / self.steps_per_epoch,
                     **times,
-                    "train/data_wait_frac": min(times["time/data_s"] / times["time/step_s"], 1.0),  # rank 0
+                    "system/data_wait_frac": min(times["time/data_s"] / times["time/step_s"], 1.0),  # rank 0
                     **self._data_faults(),
                     **self._mfu(times["time/step_s"]),
                 }
@@ -442,11 +442,11 @@ class Trainer:
         self.strategy.model.train()  # type: ignore[union-attr]
 
     def _mfu(self, step_s: float) -> dict[str, float]:
-        """``train/mfu`` of a log window (rank 0's step time), when the device's peak is known."""
+        """``system/train_mfu`` of a log window (rank 0's step time), when the device's peak is known."""
         m = self.meter
         value = mfu(m.flops_per_sample, self.batch.global_batch / step_s if step_s > 0 else 0.0, m.peak_flops,
                     self.dist.world_size)
-        return {} if value is None else {"train/mfu": value}
+        return {} if value is None else {"system/train_mfu": value}
 
     def request_stop(self) -> None:
         """Ask ``train()`` to checkpoint at the next step boundary and return (``stopped`` then says so).
@@ -516,7 +516,7 @@ class Trainer:
                 gathered: list[list[str] | None] = [None] * self.dist.world_size
                 tdist.all_gather_object(gathered, sorted(shards))
                 shards = {name for names in gathered for name in names or ()}
-        return {"data/skipped_samples": float(skipped), "data/bad_shards": float(len(shards))}
+        return {"system/data_skipped_samples": float(skipped), "system/data_bad_shards": float(len(shards))}
 
     def validate(self) -> dict[str, float]:
         """Top-1/top-5 and loss over the whole validation split: each sample counted once across ranks.
@@ -631,7 +631,7 @@ class Trainer:
         """Save a checkpoint to local scratch and hand it to ``report`` (which persists it).
 
         The scratch folder is deleted here unless ``report`` took it over (an asynchronous upload deletes it
-        once uploaded). The time training was blocked is logged as ``checkpoint/stall_s``.
+        once uploaded). The time training was blocked is logged as ``system/checkpoint_stall_s``.
         """
         start = time.perf_counter()
         scratch = Path(tempfile.mkdtemp(prefix=f"ckpt-{self.step:08d}-", dir=self.scratch))
@@ -653,4 +653,4 @@ class Trainer:
         self.checkpoint_stalls.append(stall)
         self.meter.checkpoint_s += stall
         self.meter.step = self.step
-        self.tracker.log_metrics({"checkpoint/stall_s": stall, "checkpoint/save_s": saved - start}, step=self.step)
+        self.tracker.log_metrics({"system/checkpoint_stall_s": stall, "system/checkpoint_save_s": saved - start}, step=self.step)
