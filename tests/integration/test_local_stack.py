@@ -94,19 +94,24 @@ def test_ray_job_submit_runs_pretrain_and_logs_to_the_stack_mlflow(stack, tmp_pa
 
     mlflow_uri, dashboard = stack.services["mlflow"].url, stack.services["ray"].url
     experiment, submission_id = f"stack-test-{uuid.uuid4().hex[:8]}", f"stack-test-{uuid.uuid4().hex[:8]}"
+    # The README's command, literally: `infra/local/stack.sh exec ray job submit --working-dir . -- python ...`
+    # from the repo's root, with no address, token or MLflow URI given: `exec` exports the stack's own (the
+    # head's dashboard, the token file, MLflow's URI and login) and finds the venv's `ray` with no venv active.
+    # No namespace here (STACK_NETNS=none): the test session already runs in a loopback-only one.
     cmd = [
-        sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", dashboard,
-        "--working-dir", str(REPO), "--submission-id", submission_id, "--",
+        "bash", "infra/local/stack.sh", "exec", "ray", "job", "submit", "--working-dir", ".",
+        "--submission-id", submission_id, "--",
         "python", "jobs/pretrain.py", *TINY_JOB,
-        f"tracking.tracking_uri={mlflow_uri}", f"tracking.experiment={experiment}", "run.name=stack-test",
+        f"tracking.experiment={experiment}", "run.name=stack-test",
         f"run.storage_path={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}",
     ]
-    # the client side of the stack's exports: the head's token, by its file (as `stack.sh exec` gives it)
-    env = {**os.environ, **{k: v for k, v in stack.env().items() if k.startswith("RAY_AUTH")}}
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", str(tmp_path)), "STACK_NETNS": "none",
+           "STACK_STATE_DIR": str(stack.state_dir), "PYTHON": sys.executable}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=840, cwd=REPO, env=env)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     assert f"Job '{submission_id}' succeeded" in output, output[-6000:]
+    assert "MLflow run" in output and f"{mlflow_uri}/#/experiments/" in output  # the URI came from the stack
 
     from ray._common.utils import get_default_ray_temp_dir
     from ray.job_submission import JobStatus, JobSubmissionClient
