@@ -25,6 +25,7 @@ which MLflow's clients read, and the Ray head passes them to every job.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import secrets
@@ -265,6 +266,15 @@ def private_dir(path: Path) -> Path:
         private_dir(path.parent)
         path.mkdir(mode=0o700, exist_ok=True)
     return path
+
+
+def _owned_private_dir(path: Path) -> Path:
+    """``private_dir``, refusing a folder someone else made first (in /tmp anyone can create the name)."""
+    info = private_dir(path).lstat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077 or not Path(path).is_dir() or Path(path).is_symlink():
+        raise StackError(f"{path} is not a private folder of this user (owner uid {info.st_uid}, mode "
+                         f"{info.st_mode & 0o777:o}): remove it, or set TMPDIR to a private folder")
+    return Path(path)
 
 
 def _spawn(name: str, cmd: Sequence[str], env: dict[str, str], log_dir: Path, cwd: Path) -> subprocess.Popen:
@@ -564,7 +574,7 @@ def _write_mlflow_auth(store_dir: Path, admin_password: str) -> Path:
 def start_ray_head(
     log_dir: Path, *, num_cpus: int = 2, gcs_port: int | None = None, dashboard_port: int | None = None,
     extra_env: dict[str, str] | None = None, ports: Ports | None = None, timeout: float = 120.0,
-    auth_token_path: Path | None = None,
+    auth_token_path: Path | None = None, temp_dir: Path | None = None,
 ) -> Service:
     """Start a Ray head (``ray start --head --block``) with the job API on 127.0.0.1.
 
@@ -572,7 +582,8 @@ def start_ray_head(
     Workers run this interpreter, so they import what this environment has installed. ``extra_env``
     (the S3 and MLflow variables) is inherited by every job's driver and workers. With ``auth_token_path``
     the head runs with token authentication: every client (``ray job submit``, the dashboard's API,
-    ``ray.init``) must present that token, and the jobs it runs inherit where to find it.
+    ``ray.init``) must present that token, and the jobs it runs inherit where to find it. ``temp_dir``: Ray's
+    session folder (``ray start --temp-dir``; see ``ray_temp_dir``), else Ray's shared default.
     """
     ports = ports or Ports()
     log_dir = Path(log_dir)
@@ -587,7 +598,7 @@ def start_ray_head(
             "--include-dashboard", "true", "--dashboard-host", HOST, "--dashboard-port", str(p["dashboard"]),
             "--ray-client-server-port", str(p["client"]), "--dashboard-agent-listen-port", str(p["agent"]),
             "--num-cpus", str(num_cpus), "--disable-usage-stats",
-        ]
+        ] + (["--temp-dir", str(_owned_private_dir(temp_dir))] if temp_dir is not None else [])
         env = {
             **os.environ, **(extra_env or {}),
             # A job's entrypoint says `python ...`: make that this interpreter even when the venv is not activated.
@@ -611,6 +622,17 @@ def start_ray_head(
                        headers=_ray_auth_headers(env))
 
     return _retry_on_port_clash(start)
+
+
+def ray_temp_dir(state_dir: Path) -> Path:
+    """The stack's own Ray temp folder. Ray's job supervisor hands every job driver the address written in
+    ``<temp_dir>/ray_current_cluster``, whatever RAY_ADDRESS said; in Ray's shared default (/tmp/ray) that file
+    names the head started last on the host, so with a test session's or another stack's Ray started after
+    this one, the stack's jobs joined that cluster (seen: a pipeline's driver waiting on a GCS in another network
+    namespace). Derived from the state folder, so ``up``, ``status`` and ``down`` agree without recording it,
+    and short: Ray's socket paths under it must fit in 107 bytes."""
+    digest = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"ray-stack-{os.getuid()}-{digest}"
 
 
 def _ray_auth_headers(env: dict[str, str]) -> dict[str, str]:
@@ -657,7 +679,7 @@ def up(state_dir: Path | str = ".stack", *, ray: bool = True, num_cpus: int = 2)
             stack.services["ray"] = start_ray_head(
                 logs, num_cpus=num_cpus, gcs_port=port("ray", "gcs"),
                 dashboard_port=port("ray", "dashboard"), extra_env=stack.env(), ports=ports,
-                auth_token_path=stack.ray_token_path,
+                auth_token_path=stack.ray_token_path, temp_dir=ray_temp_dir(stack.state_dir),
             )
         elif not ray and "ray" in stack.services and "ray" not in running:
             del stack.services["ray"]

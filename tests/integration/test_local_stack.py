@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import subprocess
@@ -38,11 +39,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     address_file = Path(get_ray_address_file(None))
     try:
         stack = devstack.up(state_dir, ray=True, num_cpus=2)
+        # Ray's job supervisor hands each job driver the address in <its temp dir>/ray_current_cluster: the
+        # stack's own temp dir names the stack's head, whatever other Ray the host (or this session) starts.
+        head = f"{devstack.HOST}:{stack.services['ray'].ports['gcs']}"
+        own = Path(get_ray_address_file(str(devstack.ray_temp_dir(state_dir))))
+        assert own.read_text().strip() == head
         yield stack
     finally:
         devstack.down(state_dir)
-    # the stopped head's address is not left behind for every later Ray job on the host to hang on
-    head = f"{devstack.HOST}:{stack.services['ray'].ports['gcs']}"
+        shutil.rmtree(devstack.ray_temp_dir(state_dir), ignore_errors=True)  # Ray's session files of this test
+    # and the shared default (/tmp/ray) never names the stack's head: every other Ray user on the host keeps its own
     assert not (address_file.is_file() and address_file.read_text().strip() == head)
 
 
@@ -113,7 +119,6 @@ def test_ray_job_submit_runs_pretrain_and_logs_to_the_stack_mlflow(stack, tmp_pa
     assert f"Job '{submission_id}' succeeded" in output, output[-6000:]
     assert "MLflow run" in output and f"{mlflow_uri}/#/experiments/" in output  # the URI came from the stack
 
-    from ray._common.utils import get_default_ray_temp_dir
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     jobs = JobSubmissionClient(dashboard, headers=_bearer(stack))
@@ -123,7 +128,7 @@ def test_ray_job_submit_runs_pretrain_and_logs_to_the_stack_mlflow(stack, tmp_pa
     with urllib.request.urlopen(urllib.request.Request(f"{dashboard}/api/version", headers=_bearer(stack)),
                                 timeout=10) as resp:
         session = json.loads(resp.read())["session_name"]
-    unpacked = (Path(get_default_ray_temp_dir()) / session / "runtime_resources" / "working_dir_files"
+    unpacked = (devstack.ray_temp_dir(stack.state_dir) / session / "runtime_resources" / "working_dir_files"
                 / package.removeprefix("gcs://").removesuffix(".zip"))
     files = [p for p in unpacked.rglob("*") if p.is_file()]
     assert (unpacked / "jobs" / "pretrain.py").is_file()
@@ -131,7 +136,7 @@ def test_ray_job_submit_runs_pretrain_and_logs_to_the_stack_mlflow(stack, tmp_pa
     upload_mib = sum(p.stat().st_size for p in files) / 2**20
     assert upload_mib < 5, f"the working dir upload holds {upload_mib:.1f} MiB in {len(files)} files"
     # The stack's head serves Ray's State API (its dashboard): the job kept Ray Train's placement-group cleaner.
-    cleaners = [p for p in (Path(get_default_ray_temp_dir()) / session / "logs").glob("worker-*.err")
+    cleaners = [p for p in (devstack.ray_temp_dir(stack.state_dir) / session / "logs").glob("worker-*.err")
                 if ":actor_name:PlacementGroupCleaner" in p.read_text(errors="replace")[:300]]
     assert cleaners, "no PlacementGroupCleaner ran on the stack's cluster"
 

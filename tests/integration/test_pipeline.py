@@ -11,6 +11,7 @@ a new pipeline run, compared week over week with the previous one, its regressio
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -297,6 +298,12 @@ def _check_ui_view(uri: str, experiment: str, result: Any, output: str, stdout: 
     assert parent["family/best_top1"] == max(e["eval/top1"] for e in evals.values()) and parent["family/members_ok"] == 2
     link = f"{uri}/#/experiments/{experiment}/runs/{result.parent_run_id}?workflowType=machine_learning"
     assert link in output
+    # The runs table as the family is compared: MLflow's shared view, stored on the experiment, opened by the link
+    shared = {t["key"]: t["value"] for t in _rest(uri, "experiments/get", experiment_id=experiment)["experiment"]["tags"]}
+    columns = json.loads(shared["mlflow.sharedViewState.tiny-family"])["selectedColumns"]
+    assert {f"metrics.`{c}`" for c in compare.COLUMNS} | {"tags.`metaformer.member`"} <= set(columns)
+    assert f"the family side by side: {uri}/#/experiments/{experiment}?workflowType=machine_learning" \
+           "&viewStateShareKey=tiny-family" in output
     assert "View run" not in stdout and "View experiment" not in stdout
     assert f"[{MEMBERS[0]}/pretrain] " in stdout and f"[{MEMBERS[1]}/finetune] " in stdout  # whose line it is
     assert "Not compared with the paper (ImageNet-1k at 224 px)" in result.report and "vs paper" in result.report

@@ -94,7 +94,7 @@ def test_lines_eta_and_summary():
     assert lines[5].startswith("step 100/100 |") and lines[5].endswith("| eta 0s")
     assert lines[6] == "[rank 1] WARNING: shard b.tar is bad"
     assert lines[7].startswith("done: 100 steps in ") and lines[7].endswith(
-        "| 100 img/s | data wait 25% | val top-1 61.50% top-5 97.00% | 1 checkpoints, stall 0.4 s")
+        "| 100 img/s | data wait 25% | val top-1 61.50% top-5 97.00% | 1 checkpoint, stall 0.4 s")
 
 
 def test_a_failed_job_gets_no_summary():

@@ -486,7 +486,7 @@ class Console:
             parts.append(f"data wait {100 * sum(s.data_wait) / len(s.data_wait):.0f}%")
         if "val/top1" in s.last_val:
             parts.append(f"val top-1 {s.last_val['val/top1']:.2f}% top-5 {s.last_val.get('val/top5', 0.0):.2f}%")
-        parts.append(f"{s.checkpoints} checkpoints, stall {s.stall_s:.1f} s")
+        parts.append(f"{s.checkpoints} checkpoint{'s' * (s.checkpoints != 1)}, stall {s.stall_s:.1f} s")
         return " | ".join(parts + ledger_parts)
 
     def close(self, *, succeeded: bool) -> None:
