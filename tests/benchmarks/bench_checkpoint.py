@@ -1,6 +1,6 @@
 """Benchmark: a full-state checkpoint of poolformer_m48 to S3, and how long it stalls training.
 
-A private SeaweedFS on 127.0.0.1 (``devstack.start_s3``). Two parts, each measured side by side in one run:
+A private SeaweedFS on 127.0.0.1 (``common.private_s3``). Two parts, each measured side by side in one run:
 
 1. Upload bytes/s. The Trainer writes a full-state checkpoint of poolformer_m48 (model, AdamW state, EMA,
    schedule, RNG) once; then, rounds alternating, the same folder goes up (a) through the platform's path,
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 import statistics
 import sys
 import tempfile
@@ -31,8 +29,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import devstack  # noqa: E402
-from common import InMemoryLoader, make_batches  # noqa: E402
+from common import InMemoryLoader, make_batches, private_s3  # noqa: E402
 
 MODEL = "poolformer_m48"
 
@@ -162,30 +159,21 @@ def main() -> None:
     args, _ = parser.parse_known_args()  # `make benchmark` passes one ARGS to every benchmark
     torch.set_num_threads(2)
 
-    import boto3
     import ray
 
-    with tempfile.TemporaryDirectory(prefix="bench-ckpt-s3-") as tmp_name:
-        tmp = Path(tmp_name)
-        key, secret = "bench" + secrets.token_hex(4), secrets.token_hex(16)
-        svc = devstack.start_s3(tmp / "s3", key, secret, log_dir=tmp)
-        try:
-            os.environ.update(devstack.s3_env(svc.url, key, secret))
-            boto3.client("s3").create_bucket(Bucket="bench")
-            total, rates = upload_rates(args, "bench")
-            stalls: dict[tuple[str, str], dict[str, Any]] = {}
-            if not args.skip_stall:
-                ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-                try:
-                    for where, storage in (("local", str(tmp / "runs")), ("s3", "s3://bench/runs")):
-                        if args.where not in ("both", where):
-                            continue
-                        for mode in ("sync", "async"):
-                            stalls[where, mode] = stall(args, storage, mode)
-                finally:
-                    ray.shutdown()
-        finally:
-            devstack.stop_service(svc)
+    with private_s3("bench-ckpt-s3-") as s3:
+        total, rates = upload_rates(args, "bench")
+        stalls: dict[tuple[str, str], dict[str, Any]] = {}
+        if not args.skip_stall:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+            try:
+                for where, storage in (("local", str(s3.tmp / "runs")), ("s3", "s3://bench/runs")):
+                    if args.where not in ("both", where):
+                        continue
+                    for mode in ("sync", "async"):
+                        stalls[where, mode] = stall(args, storage, mode)
+            finally:
+                ray.shutdown()
 
     print(f"{MODEL} full-state checkpoint (model + AdamW state + EMA + schedule + RNG): {total / 2**20:.0f} MiB, "
           f"{args.rounds} rounds, SeaweedFS on 127.0.0.1")

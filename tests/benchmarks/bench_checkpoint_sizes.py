@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import secrets
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,8 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import devstack  # noqa: E402
-from common import InMemoryLoader, make_batches  # noqa: E402
+from common import InMemoryLoader, make_batches, private_s3  # noqa: E402
 
 MODELS = ("poolformer_s12", "poolformer_s24", "poolformer_s36", "poolformer_m36", "poolformer_m48")
 STRATEGIES = {  # name in the table -> the job config's strategy settings
@@ -137,30 +134,22 @@ def main() -> None:
     parser.add_argument("--stall-every", type=int, default=4)
     args, _ = parser.parse_known_args()  # `make benchmark` passes one ARGS to every benchmark
     torch.set_num_threads(2)
-    import boto3
     import torch.distributed as tdist
 
     sizes: dict[tuple[str, str], dict[str, float]] = {}
     stalls: list[tuple[str, str, dict[str, Any]]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-ckpt-sizes-") as tmp_name:
-        tmp = Path(tmp_name)
-        key, secret = "bench" + secrets.token_hex(4), secrets.token_hex(16)
-        svc = devstack.start_s3(tmp / "s3", key, secret, log_dir=tmp)
-        try:
-            os.environ.update(devstack.s3_env(svc.url, key, secret))
-            boto3.client("s3").create_bucket(Bucket="bench")
-            # FSDP2 and DeepSpeed need a process group, even of one (DeepSpeed: and the launcher's variables)
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-            tdist.init_process_group("gloo", init_method=f"file://{tmp / 'store'}", rank=0, world_size=1)
-            for model in args.models.split(","):
-                for strategy in args.strategies.split(","):
-                    sizes[model, strategy] = measure(model, strategy, not args.no_ema, "bench", tmp / "ckpt")
-                    print(model, strategy, {k: round(v, 2) for k, v in sizes[model, strategy].items()}, flush=True)
-            tdist.destroy_process_group()
-            if not args.skip_stall:
-                stalls = _stall_rows(args, tmp)
-        finally:
-            devstack.stop_service(svc)
+    with private_s3("bench-ckpt-sizes-") as s3:
+        tmp = s3.tmp
+        # FSDP2 and DeepSpeed need a process group, even of one (DeepSpeed: and the launcher's variables)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        tdist.init_process_group("gloo", init_method=f"file://{tmp / 'store'}", rank=0, world_size=1)
+        for model in args.models.split(","):
+            for strategy in args.strategies.split(","):
+                sizes[model, strategy] = measure(model, strategy, not args.no_ema, "bench", tmp / "ckpt")
+                print(model, strategy, {k: round(v, 2) for k, v in sizes[model, strategy].items()}, flush=True)
+        tdist.destroy_process_group()
+        if not args.skip_stall:
+            stalls = _stall_rows(args, tmp)
     _print(sizes, stalls, args)
 
 

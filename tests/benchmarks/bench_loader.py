@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import secrets
 import statistics
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import devstack
+from common import private_s3
 
 from metaformer_platform.data import build_loader, build_split_transforms, build_transforms
 from metaformer_platform.data.build import builder
@@ -143,56 +140,47 @@ def main() -> None:
     torch.set_num_threads(1)
     worker_tf, batch_tf = build_split_transforms(224, is_training=True)
     paths: dict[str, object] = {}  # name -> a fresh iterable of batches
-    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp_name:
-        tmp = Path(tmp_name)
-        key, secret = "bench" + secrets.token_hex(4), secrets.token_hex(16)
-        svc = devstack.start_s3(tmp / "s3", key, secret, log_dir=tmp)
-        try:
-            os.environ.update(devstack.s3_env(svc.url, key, secret))
-            import boto3
-
-            boto3.client("s3").create_bucket(Bucket="bench")
-            train = _image_folder(tmp, args.samples)
-            builds = [("S3 shards, original JPEGs", "s3://bench/orig", None),
-                      ("local shards, original JPEGs", str(tmp / "local"), None)]
-            if args.max_side:
-                builds.append((f"S3 shards, max side {args.max_side}", f"s3://bench/{args.max_side}", args.max_side))
-            for label, url, max_side in builds:
-                classes, tasks = builder.prepare_build(
-                    train=train,
-                    classes_file=SAMPLE / "classes.tsv",
-                    options=builder.BuildOptions(samples_per_shard=500, max_side=max_side),
-                )
-                start = time.perf_counter()
-                builder.build_dataset(url, tasks, classes=classes, run=_in_processes(2), log=lambda _: None)
-                print(f"built {url} ({label}) in {time.perf_counter() - start:.0f} s")
-                paths[f"platform loader, {label}"] = build_loader(
-                    url, "train", batch_size=args.batch, rank=0, world_size=1, num_workers=args.workers,
-                    transform=worker_tf, batch_transform=batch_tf, seed=0, shuffle=True,
-                )
-            paths["platform loader, S3 shards, original JPEGs, PIL decode (main)"] = build_loader(
-                "s3://bench/orig", "train", batch_size=args.batch, rank=0, world_size=1, num_workers=args.workers,
-                transform=_MainDecode(worker_tf), batch_transform=batch_tf, seed=0, shuffle=True,
+    with private_s3("bench-loader-") as s3:
+        tmp = s3.tmp
+        train = _image_folder(tmp, args.samples)
+        builds = [("S3 shards, original JPEGs", "s3://bench/orig", None),
+                  ("local shards, original JPEGs", str(tmp / "local"), None)]
+        if args.max_side:
+            builds.append((f"S3 shards, max side {args.max_side}", f"s3://bench/{args.max_side}", args.max_side))
+        for label, url, max_side in builds:
+            classes, tasks = builder.prepare_build(
+                train=train,
+                classes_file=SAMPLE / "classes.tsv",
+                options=builder.BuildOptions(samples_per_shard=500, max_side=max_side),
             )
-            float_tf = build_transforms(224, is_training=True)
-            # the loader as it was before the uint8 split: timm's float transform in the workers
-            paths["platform loader, S3 shards, original, float transform (before)"] = build_loader(
-                "s3://bench/orig", "train", batch_size=args.batch, rank=0, world_size=1, num_workers=args.workers,
-                transform=float_tf, seed=0, shuffle=True, decode_size=224,
+            start = time.perf_counter()
+            builder.build_dataset(url, tasks, classes=classes, run=_in_processes(2), log=lambda _: None)
+            print(f"built {url} ({label}) in {time.perf_counter() - start:.0f} s")
+            paths[f"platform loader, {label}"] = build_loader(
+                url, "train", batch_size=args.batch, rank=0, world_size=1, num_workers=args.workers,
+                transform=worker_tf, batch_transform=batch_tf, seed=0, shuffle=True,
             )
-            folder = ImageFolder(str(train), transform=float_tf)
-            paths[BASELINE] = DataLoader(folder, batch_size=args.batch, shuffle=True, num_workers=args.workers)
-            # Rounds alternate the paths, so a change in the machine's load hits them alike; medians reported.
-            rates: dict[str, list[float]] = {name: [] for name in paths}
-            cpus: dict[str, list[float]] = {name: [] for name in paths}
-            for r in range(args.rounds):
-                for name, batches in paths.items():
-                    rate, cpu = _rate(batches, args.measure)
-                    rates[name].append(rate)
-                    cpus[name].append(cpu)
-                    print(f"  round {r + 1}: {name:62s} {rate:7.1f} samples/s {cpu:6.2f} CPU ms/sample", flush=True)
-        finally:
-            devstack.stop_service(svc)
+        paths["platform loader, S3 shards, original JPEGs, PIL decode (main)"] = build_loader(
+            "s3://bench/orig", "train", batch_size=args.batch, rank=0, world_size=1, num_workers=args.workers,
+            transform=_MainDecode(worker_tf), batch_transform=batch_tf, seed=0, shuffle=True,
+        )
+        float_tf = build_transforms(224, is_training=True)
+        # the loader as it was before the uint8 split: timm's float transform in the workers
+        paths["platform loader, S3 shards, original, float transform (before)"] = build_loader(
+            "s3://bench/orig", "train", batch_size=args.batch, rank=0, world_size=1, num_workers=args.workers,
+            transform=float_tf, seed=0, shuffle=True, decode_size=224,
+        )
+        folder = ImageFolder(str(train), transform=float_tf)
+        paths[BASELINE] = DataLoader(folder, batch_size=args.batch, shuffle=True, num_workers=args.workers)
+        # Rounds alternate the paths, so a change in the machine's load hits them alike; medians reported.
+        rates: dict[str, list[float]] = {name: [] for name in paths}
+        cpus: dict[str, list[float]] = {name: [] for name in paths}
+        for r in range(args.rounds):
+            for name, batches in paths.items():
+                rate, cpu = _rate(batches, args.measure)
+                rates[name].append(rate)
+                cpus[name].append(cpu)
+                print(f"  round {r + 1}: {name:62s} {rate:7.1f} samples/s {cpu:6.2f} CPU ms/sample", flush=True)
 
     base = statistics.median(rates[BASELINE])
     print(f"{args.samples} samples, {args.workers} workers, batch {args.batch}, 224 px training transform, "

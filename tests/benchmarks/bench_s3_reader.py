@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import secrets
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-import devstack
+from common import private_s3
 
 from metaformer_platform.data.build import builder
 from metaformer_platform.data.reader import iter_shard, read_shard
@@ -76,72 +73,64 @@ def main() -> None:
     import boto3
     import webdataset as wds
 
-    with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp_name:
-        tmp = Path(tmp_name)
-        key, secret = "bench" + secrets.token_hex(4), secrets.token_hex(16)
-        svc = devstack.start_s3(tmp / "s3", key, secret, log_dir=tmp)
-        try:
-            env = devstack.s3_env(svc.url, key, secret)
-            os.environ.update(env)
-            s3 = boto3.client("s3")
-            s3.create_bucket(Bucket="bench")
-            train = _photos(tmp, args.shards * args.shard_mb << 20)
-            classes, tasks = builder.prepare_build(
-                train=train,
-                classes_file=SAMPLE / "classes.tsv",
-                options=builder.BuildOptions(samples_per_shard=None, shard_bytes=args.shard_mb << 20),
-            )
-            url = "s3://bench/imagenet"
-            builder.build_dataset(url, tasks, classes=classes, log=lambda _: None)
-            storage = open_store(url)
-            names = [t.filename for t in tasks["train"]]
-            total = sum(storage.size(n) for n in names)
-            register_webdataset_s3()
+    with private_s3("bench-s3-") as server:
+        tmp = server.tmp
+        s3 = boto3.client("s3")
+        train = _photos(tmp, args.shards * args.shard_mb << 20)
+        classes, tasks = builder.prepare_build(
+            train=train,
+            classes_file=SAMPLE / "classes.tsv",
+            options=builder.BuildOptions(samples_per_shard=None, shard_bytes=args.shard_mb << 20),
+        )
+        url = "s3://bench/imagenet"
+        builder.build_dataset(url, tasks, classes=classes, log=lambda _: None)
+        storage = open_store(url)
+        names = [t.filename for t in tasks["train"]]
+        total = sum(storage.size(n) for n in names)
+        register_webdataset_s3()
 
-            def raw() -> None:
-                for n in names:
-                    s3.get_object(Bucket="bench", Key=f"imagenet/{n}")["Body"].read()
+        def raw() -> None:
+            for n in names:
+                s3.get_object(Bucket="bench", Key=f"imagenet/{n}")["Body"].read()
 
-            def stream() -> None:
-                for n in names:
-                    with storage.open(n) as f:
-                        while f.read(1 << 20):
-                            pass
-
-            def reader() -> None:
-                for n in names:
-                    for _ in iter_shard(storage, n):
+        def stream() -> None:
+            for n in names:
+                with storage.open(n) as f:
+                    while f.read(1 << 20):
                         pass
 
-            def prefetched() -> None:  # what the loader runs on S3: whole shards fetched, then parsed in memory
-                for n in names:
-                    data = read_shard(storage, n)
-                    for _ in iter_shard(_InMemory(data), n):
-                        pass
-
-            def loader() -> None:  # the loader worker's read path: the next shards download while one parses
-                fetcher = _Prefetcher(storage, names, depth=1)  # build_loader's default on S3
-                try:
-                    for n in names:
-                        for _ in iter_shard(fetcher, n):
-                            pass
-                finally:
-                    fetcher.close()
-
-            def webdataset() -> None:
-                for _ in wds.WebDataset([f"{url}/{n}" for n in names], shardshuffle=False):
+        def reader() -> None:
+            for n in names:
+                for _ in iter_shard(storage, n):
                     pass
 
-            paths = {"raw": raw, "storage": stream, "reader": reader, "fetched": prefetched, "loader": loader,
-                     "wds": webdataset}
-            rates: dict[str, list[float]] = {p: [] for p in paths}
-            for _ in range(args.rounds):
-                for name, fn in paths.items():
-                    start = time.perf_counter()
-                    fn()
-                    rates[name].append(total / (time.perf_counter() - start) / 2**20)
-        finally:
-            devstack.stop_service(svc)
+        def prefetched() -> None:  # what the loader runs on S3: whole shards fetched, then parsed in memory
+            for n in names:
+                data = read_shard(storage, n)
+                for _ in iter_shard(_InMemory(data), n):
+                    pass
+
+        def loader() -> None:  # the loader worker's read path: the next shards download while one parses
+            fetcher = _Prefetcher(storage, names, depth=1)  # build_loader's default on S3
+            try:
+                for n in names:
+                    for _ in iter_shard(fetcher, n):
+                        pass
+            finally:
+                fetcher.close()
+
+        def webdataset() -> None:
+            for _ in wds.WebDataset([f"{url}/{n}" for n in names], shardshuffle=False):
+                pass
+
+        paths = {"raw": raw, "storage": stream, "reader": reader, "fetched": prefetched, "loader": loader,
+                 "wds": webdataset}
+        rates: dict[str, list[float]] = {p: [] for p in paths}
+        for _ in range(args.rounds):
+            for name, fn in paths.items():
+                start = time.perf_counter()
+                fn()
+                rates[name].append(total / (time.perf_counter() - start) / 2**20)
 
     med = {p: statistics.median(r) for p, r in rates.items()}
     print(f"{len(names)} shards, {total / 2**20:.0f} MiB (original JPEGs), {args.rounds} rounds, SeaweedFS on 127.0.0.1")

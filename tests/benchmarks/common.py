@@ -1,19 +1,55 @@
-"""What the training benchmarks share: seeded in-memory batches, a bare timm loop, and the platform's
-Trainer run in Ray Train workers on the same batches. Each side reports the median seconds per optimizer step
-over windows of ``WINDOW`` steps, leaving out the first window (warm-up)."""
+"""What the benchmarks share: a private S3 server in a temporary folder; for the training benchmarks, seeded
+in-memory batches, a bare timm loop, and the platform's Trainer run in Ray Train workers on the same batches.
+Each training side reports the median seconds per optimizer step over windows of ``WINDOW`` steps, leaving
+out the first window (warm-up)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 WINDOW = 5
+
+
+@dataclass(frozen=True)
+class PrivateS3:
+    """A benchmark's temporary folder and the S3 server whose data lies in it (``tmp / "s3"``)."""
+
+    tmp: Path
+    url: str
+    key: str
+    secret: str
+
+
+@contextlib.contextmanager
+def private_s3(prefix: str, bucket: str = "bench") -> Iterator[PrivateS3]:
+    """A temporary folder (name starting ``prefix``) and a SeaweedFS on 127.0.0.1 in it with fresh credentials
+    and one empty ``bucket``; this process's AWS_* variables point at it (they stay so: every S3 client the
+    benchmark makes, boto3 or pyarrow, finds it). The server stops and the folder goes on exit."""
+    import boto3
+    import devstack  # infra/local on PYTHONPATH, as `make benchmark` runs it; only the S3 benchmarks need it
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp_name:
+        tmp = Path(tmp_name)
+        key, secret = "bench" + secrets.token_hex(4), secrets.token_hex(16)
+        svc = devstack.start_s3(tmp / "s3", key, secret, log_dir=tmp)
+        try:
+            os.environ.update(devstack.s3_env(svc.url, key, secret))
+            boto3.client("s3").create_bucket(Bucket=bucket)
+            yield PrivateS3(tmp, svc.url, key, secret)
+        finally:
+            devstack.stop_service(svc)
 
 
 def make_batches(num: int, batch: int, size: int, seed: int, num_classes: int = 10) -> list[tuple[torch.Tensor, torch.Tensor]]:

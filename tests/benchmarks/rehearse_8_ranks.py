@@ -32,7 +32,6 @@ import secrets
 import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "integration")]
 import devstack  # noqa: E402
+from common import private_s3  # noqa: E402
 
 MICRO_BATCH, IMG, SHARD, SHARDS = 8, 32, 64, 6  # 6 shards of 64 samples: fewer shards than ranks
 # The shuffle window is one shard, as ImageNet's 1,000-sample window is about one of its shards: a window larger
@@ -289,24 +289,20 @@ def main() -> None:
     bare = bare_step(args.steps)
     print(f"bare compute: {bare * 1e3:.1f} ms/step", flush=True)
     rows, elastic_result = [], None
-    with tempfile.TemporaryDirectory(prefix="rehearse-") as tmp_name:
-        tmp = Path(tmp_name)
-        key, secret = "rehearse" + secrets.token_hex(4), secrets.token_hex(16)
-        svc = devstack.start_s3(tmp / "s3", key, secret, log_dir=tmp)
-        proxy = CountingProxy(svc.url)
+    with private_s3("rehearse-", bucket="data") as s3:
+        tmp = s3.tmp
+        proxy = CountingProxy(s3.url)
         threading.Thread(target=proxy.serve_forever, daemon=True).start()
         cluster = None
         try:
-            os.environ.update(devstack.s3_env(svc.url, key, secret))
             client = boto3.client("s3")
-            client.create_bucket(Bucket="data")
             for name, shard in (("set", SHARD), ("elastic", ELASTIC_SHARD)):
                 shards = ensure_synthetic_shards(tmp / name, num_classes=4, train_samples=SHARDS * shard,
                                                  val_samples=shard, image_size=IMG, samples_per_shard=shard)
                 for path in sorted(p for p in shards.iterdir() if p.is_file()):
                     client.upload_file(str(path), "data", f"{name}/{path.name}")
             # every process of the job (driver and nodes) reads S3 through the counting proxy
-            env = devstack.s3_env(proxy.url, key, secret)
+            env = devstack.s3_env(proxy.url, s3.key, s3.secret)
             os.environ.update(env)
             cluster = local_cluster(env, tuple(f"127.0.0.{i}" for i in range(2, 9)))
             cluster.wait_for_nodes()
@@ -321,7 +317,6 @@ def main() -> None:
             if cluster is not None:
                 cluster.shutdown()
             proxy.shutdown()
-            devstack.stop_service(svc)
     _print(bare, rows, elastic_result)
 
 

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from metaformer_platform.config import load_config
 from metaformer_platform.data import load_manifest
-from metaformer_platform.evaluation.report import data_hash
+from metaformer_platform.evaluation.report import split_hash
 from metaformer_platform.launch.checks import resolve_data_root
 from metaformer_platform.launch.driver import run_job
 from metaformer_platform.tracking import registry
@@ -73,7 +73,7 @@ def _check_report(result, tmp: Path, cfg, mlflow_uri: str) -> dict:
     assert sum(report["per_class_samples"]) == VAL_SAMPLES and len(report["per_class_top1"]) == 4
     hits = sum(p / 100 * n for p, n in zip(report["per_class_top1"], report["per_class_samples"], strict=True))
     assert math.isclose(100 * hits / VAL_SAMPLES, m["eval/top1"], rel_tol=1e-9)
-    assert report["data_hash"] == data_hash(manifest, "val")[0]
+    assert report["data_hash"] == split_hash(manifest, "val")[0]
     assert report["class_names"] == list(manifest.class_names) and report["paper_top1"] is None  # not ImageNet
     # the pretrain run's (32 px, crop 0.9), from the weights
     assert (report["img_size"], report["crop_pct"]) == (cfg.data.img_size, cfg.data.crop_pct) == (32, 0.9)

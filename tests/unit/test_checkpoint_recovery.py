@@ -170,7 +170,7 @@ def test_a_registered_checkpoint_cut_short_is_quarantined_and_the_newest_complet
     redone = ckpt.recover_run_folder(fs, str(run), registered=[c10, c20, "checkpoint-00000020-1"],
                                      latest="checkpoint-00000020-1")
     assert redone == ckpt.Recovery("checkpoint-00000020-1", False, (), ())
-    assert ckpt.checkpoint_step("checkpoint-00000020-1") == 20
+    assert fmt.checkpoint_step("checkpoint-00000020-1") == 20
 
 
 def test_a_digest_mismatch_is_caught_before_the_folder_is_chosen_and_all_bad_means_a_fresh_start(tmp_path):

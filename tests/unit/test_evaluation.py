@@ -18,7 +18,7 @@ from metaformer_platform.config import load_config
 from metaformer_platform.data import IGNORE_LABEL, load_manifest
 from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
 from metaformer_platform.evaluation.metrics import MetricSums
-from metaformer_platform.evaluation.report import build_report, data_hash, summary_line
+from metaformer_platform.evaluation.report import build_report, split_hash, summary_line
 from metaformer_platform.launch.checks import check_eval_batches, check_label_set, prepare_evaluation
 from metaformer_platform.launch.plan import InitialWeights, evaluation_config
 from metaformer_platform.launch.workers import evaluate_worker
@@ -245,12 +245,12 @@ def test_registry_uri_resolves_on_the_driver_and_in_workers(trained, sqlite_regi
         check_init_from(_cfg("stage=finetune", "model.name=poolformer_s12", "model.init_from=models:/x@y"), local)
 
 
-def test_data_hash_follows_the_split_and_labels(shards, tmp_path):
+def test_split_hash_follows_the_split_and_labels(shards, tmp_path):
     manifest = load_manifest(shards)
-    digest, of = data_hash(manifest, "val")
+    digest, of = split_hash(manifest, "val")
     assert len(digest) == 64 and "val" in of
-    assert data_hash(load_manifest(shards), "val") == (digest, of)  # stable
-    assert data_hash(manifest, "train")[0] != digest
+    assert split_hash(load_manifest(shards), "val") == (digest, of)  # stable
+    assert split_hash(manifest, "train")[0] != digest
     import shutil
 
     other = tmp_path / "renamed"
@@ -258,7 +258,7 @@ def test_data_hash_follows_the_split_and_labels(shards, tmp_path):
     body = json.loads((other / "_info.json").read_text())
     body["class_names"] = body["class_names"][::-1]
     (other / "_info.json").write_text(json.dumps(body))
-    assert data_hash(load_manifest(other), "val")[0] != digest  # same images, other labels: not comparable
+    assert split_hash(load_manifest(other), "val")[0] != digest  # same images, other labels: not comparable
 
 
 # -- the entry points: bad input exits 2 before Ray or MLflow ----------------------------------------------

@@ -27,13 +27,15 @@ if TYPE_CHECKING:
 REPORT_FILE = "eval.json"
 
 
-def data_hash(manifest: Any, split: str) -> tuple[str, str]:
-    """(sha256, what it covers) of the validation data: the split's shard list, lengths and per-shard sha256
-    plus the class names when the manifest records shard checksums, else the bytes of ``_info.json``.
+def split_hash(manifest: Any, split: str) -> tuple[str, str]:
+    """(sha256, what it covers) of one split under its labels: the split's shard list, lengths and per-shard
+    sha256 plus the class names when the manifest records shard checksums, else the bytes of ``_info.json``.
+    The report's ``data_hash``; not the pipeline's key (``plan.manifest_hash``: the whole manifest, every split).
 
     Two evaluations with the same hash scored the same samples under the same labels (the registry's
     promotion gate compares top-1 only then)."""
     from metaformer_platform.data import INFO_NAME
+    from metaformer_platform.data.manifest import sha256_of
 
     info = manifest.split(split)
     if info.shard_sha256:
@@ -47,7 +49,7 @@ def data_hash(manifest: Any, split: str) -> tuple[str, str]:
         }
         text = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(text).hexdigest(), f"split {split!r} of {INFO_NAME}"
-    return hashlib.sha256(manifest.storage.read_bytes(INFO_NAME)).hexdigest(), INFO_NAME
+    return sha256_of(manifest.storage, INFO_NAME), INFO_NAME
 
 
 def build_report(
@@ -71,7 +73,7 @@ def build_report(
             f"evaluation counted {sums.samples} samples + {sums.skipped} skipped, but split "
             f"{cfg.data.val_split!r} has {expected_samples}: samples were dropped or counted twice"
         )
-    digest, digest_of = data_hash(manifest, str(cfg.data.val_split))  # set: the job plan checked it
+    digest, digest_of = split_hash(manifest, str(cfg.data.val_split))  # set: the job plan checked it
     # The paper's number is for ImageNet-1k at 224 px: shown beside ours only for a 1000-class label set.
     paper = PAPER_TOP1.get(cfg.model.name) if cfg.model.num_classes == 1000 else None
     return {

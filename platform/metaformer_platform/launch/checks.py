@@ -200,7 +200,11 @@ def check_resume_from(cfg: JobConfig) -> Path | str | None:
     a complete checkpoint of this model (judged where the files are, by the marker's file list)."""
     if cfg.run.resume_from is None:
         return None
-    from metaformer_platform.storage.checkpoint_format import TRAINER_FILE, incomplete_reason, load_tensors
+    from metaformer_platform.storage.checkpoint_format import (
+        TRAINER_FILE,
+        incomplete_reason,
+        read_checkpoint_info,
+    )
     from metaformer_platform.training.ownership import check_native_checkpoint
 
     where = f"run.resume_from={cfg.run.resume_from!r}"
@@ -212,7 +216,7 @@ def check_resume_from(cfg: JobConfig) -> Path | str | None:
                             Location.parse(cfg.run.storage_path).fs_path, where,
                             accept_unsigned=cfg.run.accept_unsigned_checkpoints)
     with storage.local_folder(loc, [TRAINER_FILE]) as folder:
-        state = load_tensors(folder / TRAINER_FILE)
+        state, _ = read_checkpoint_info(folder)
     if state["model_name"] != cfg.model.name:
         raise ValueError(
             f"{where} holds {state['model_name']}, but this job trains "

@@ -367,11 +367,12 @@ def _log_evaluation(handle: RunHandle, report: dict[str, Any], step: int, weight
     from mlflow.entities import Metric
 
     from metaformer_platform.evaluation.report import write_report
+    from metaformer_platform.tracking.registry import TAG_EVAL_DATA_HASH
 
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, step) for k, v in report.items() if k.startswith("eval/")]
     handle.client.log_batch(handle.run_id, metrics=metrics)
-    handle.client.set_tag(handle.run_id, "metaformer.eval_data_hash", report["data_hash"])
+    handle.client.set_tag(handle.run_id, TAG_EVAL_DATA_HASH, report["data_hash"])
     handle.client.set_tag(handle.run_id, "metaformer.weights", redact(weights_uri))
     if report["paper_top1"] is not None:
         handle.client.set_tag(handle.run_id, "metaformer.paper_top1", str(report["paper_top1"]))

@@ -20,6 +20,7 @@ from metaformer_platform.config import JobConfig
 from metaformer_platform.launch.checks import split_and_classes
 from metaformer_platform.launch.plan import JobPlan
 from metaformer_platform.storage import Location
+from metaformer_platform.storage.checkpoint_format import checkpoint_name
 
 if TYPE_CHECKING:
     import ray.train
@@ -66,7 +67,7 @@ def checkpoint_reporter(
         return ray.train.Checkpoint(path=dest, filesystem=storage.storage_filesystem)
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> bool:
-        name = f"checkpoint-{int(metrics['step']):08d}"
+        name = checkpoint_name(int(metrics["step"]))
         if checkpoint_dir is None:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return False

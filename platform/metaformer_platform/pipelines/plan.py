@@ -37,7 +37,7 @@ class StagePlan:
     cfg: JobConfig
     upstream: str | None  # the stage whose checkpoint this one starts from (None: init_from or random)
     init_from: str | None  # an explicit input ({model} filled in)
-    data_hash: str | None = None
+    data_hash: str | None = None  # manifest_hash: the whole data set's, part of the key
     num_classes: int | None = None  # the head's size: model.num_classes, else the data's
     samples: int | None = None  # of the split the stage reads (training: train_split; evaluate: val_split)
     data_name: str | None = None  # the manifest's name (e.g. imagenet-1k): what the report compares with
@@ -152,10 +152,12 @@ def expand(spec: PipelineSpec, base_dir: Path, extra_overrides: list[str] | None
     return plans
 
 
-def data_hash(cfg: JobConfig) -> tuple[str, int | None, int, str]:
-    """sha256 of the data's ``_info.json`` (which lists every shard's sha256), the data set's identity, its
-    number of classes, the samples of the split the stage reads and the data set's name."""
+def manifest_hash(cfg: JobConfig) -> tuple[str, int | None, int, str]:
+    """sha256 of the data's whole ``_info.json`` (which lists every split's shards and their sha256), the data
+    set's identity in the stage's key, with its number of classes, the samples of the split the stage reads and
+    the data set's name. Not the evaluation report's ``split_hash`` (one split under its labels)."""
     from metaformer_platform.data import INFO_NAME, load_manifest
+    from metaformer_platform.data.manifest import sha256_of
     from metaformer_platform.launch import checks
 
     root = checks.resolve_data_root(cfg)
@@ -169,8 +171,7 @@ def data_hash(cfg: JobConfig) -> tuple[str, int | None, int, str]:
         workers = cfg.scaling.num_workers
         checks.check_rank_batches(cfg, manifest, root, 1 if workers == "auto" else cfg.scaling.max_workers)
         samples = manifest.split(cfg.data.train_split).num_samples
-    digest = hashlib.sha256(manifest.storage.read_bytes(INFO_NAME)).hexdigest()
-    return digest, manifest.num_classes, samples, manifest.name
+    return sha256_of(manifest.storage, INFO_NAME), manifest.num_classes, samples, manifest.name
 
 
 def check_input(stage: StagePlan, tracking_uri: str | None) -> str:
@@ -218,7 +219,7 @@ def resolve(spec: PipelineSpec, plans: list[MemberPlan], tracking_uri: str | Non
         keys: dict[str, str] = {}
         for stage in plan.stages:
             try:
-                stage.data_hash, classes, stage.samples, stage.data_name = data_hash(stage.cfg)  # its own checks
+                stage.data_hash, classes, stage.samples, stage.data_name = manifest_hash(stage.cfg)  # its own checks
                 check_run_storage(stage.cfg.run.storage_path)
                 stage.num_classes = stage.cfg.model.num_classes or classes
                 if stage.upstream is not None:

@@ -48,7 +48,6 @@ TAG_CONFIG_HASH = "metaformer.config_hash"
 TAG_DATA_HASH = "metaformer.data_manifest_hash"
 TAG_INPUT = "metaformer.input_checkpoint"
 TAG_OUTPUT = "metaformer.output_checkpoint"
-TAG_EVAL_DATA_HASH = "metaformer.eval_data_hash"
 TAG_FAILED = "metaformer.failed_members"
 EVAL_METRICS = ("eval/top1", "eval/top5", "eval/loss", "eval/samples", "eval/images_per_s")
 
@@ -445,6 +444,8 @@ class PipelineRunner:
         """The evaluation's metrics, data hash and report on its run, so a later skip finds them there."""
         from mlflow.entities import Metric
 
+        from metaformer_platform.tracking.registry import TAG_EVAL_DATA_HASH
+
         logged = self.client.get_run(run_id).data.metrics
         missing = [
             Metric(k, float(result.metrics[k]), 0, 0) for k in EVAL_METRICS if k in result.metrics and k not in logged
@@ -465,7 +466,7 @@ class PipelineRunner:
         trained = plan.stage(str(stage.upstream))
         source = outputs[trained.name]
         evaluated = outputs[stage.name]
-        eval_hash = self.client.get_run(str(evaluated.run_id)).data.tags.get(TAG_EVAL_DATA_HASH) or str(stage.data_hash)
+        eval_hash = self.client.get_run(str(evaluated.run_id)).data.tags.get(registry.TAG_EVAL_DATA_HASH) or str(stage.data_hash)
         name = self._registered_name(plan.model)
         tags = registry.lineage_tags(
             str(source.checkpoint), str(trained.data_hash),

@@ -56,6 +56,7 @@ OWNER_FILE = "_owner.json"  # in a run folder: the run's id and the lease of the
 FETCHED_MARKER = "FETCHED"  # a weights-cache entry's marker, in the same format
 MAX_MARKER_BYTES = 8 << 20  # a marker above this is refused unparsed (100k files' names and digests fit)
 # written after the marker (stamps, upload parts) or beside it (the other marker): never read as weights
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d{8})(?:-(\d+))?")  # a run's checkpoint folder: checkpoint-NNNNNNNN[-R]
 _BOOKKEEPING = re.compile(r"(OWNER-rank\d{5}\.json|PART-rank\d{5}|COMPLETE|FETCHED)")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 KEY_ENV = "METAFORMER_CHECKPOINT_KEY"  # the deployment's secret (a Kubernetes Secret on every pod)
@@ -71,6 +72,31 @@ class Stamp(TypedDict):
     """What a rank stamps a checkpoint folder with: the run (kept across the jobs that resume it) and the job."""
     run_id: str
     attempt: str
+
+
+# -- a run's checkpoint folders ------------------------------------------------------------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name a checkpoint of ``step`` is reported under, ``checkpoint-NNNNNNNN`` (a step redone after
+    its folder was quarantined gets ``-R`` appended: ``training.checkpoint.checkpoint_dir_name``)."""
+    return f"checkpoint-{step:08d}"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a ``checkpoint-NNNNNNNN`` folder name (``checkpoint-NNNNNNNN-R``: a step redone), else None."""
+    match = CHECKPOINT_NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def read_checkpoint_info(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainer state, job config as a dict: ``{}`` without ``config.yaml``) of a local checkpoint folder,
+    read without running code. The caller has judged the folder (its marker, the files it needs)."""
+    import yaml
+
+    state = load_tensors(directory / TRAINER_FILE)
+    config_file = directory / CONFIG_FILE
+    return state, yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
 
 
 # -- the deployment key and signatures -------------------------------------------------------------------------

@@ -316,17 +316,13 @@ def read_weights_info(source: str | Path) -> WeightsInfo:
 
     Raises ``ValueError`` for a folder that is neither.
     """
-    import yaml
-
     folder = Path(str(source).removeprefix("file://")).expanduser().resolve()
     where = f"model.init_from={str(source)!r}"
     if folder.is_dir():
         check_folder(folder, where)  # strict marker first: a file added to a checkpoint never changes its kind
     if (folder / fmt.COMPLETE_MARKER).is_file() and (folder / fmt.TRAINER_FILE).is_file():
         fmt.weights_file(folder)  # weights readable without running code, or "export it first"
-        state = fmt.load_tensors(folder / fmt.TRAINER_FILE)
-        config_file = folder / fmt.CONFIG_FILE
-        config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+        state, config = fmt.read_checkpoint_info(folder)
         data, model = config.get("data") or {}, config.get("model") or {}
         return WeightsInfo(
             "checkpoint", folder, state["model_name"], int(state["num_classes"]),

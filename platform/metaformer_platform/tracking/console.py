@@ -189,7 +189,9 @@ class ProgressSender:
         elif "val/top1" in metrics:
             self.send("val", step=step, metrics=dict(metrics))
         elif "system/checkpoint_stall_s" in metrics:
-            where = f"{self.checkpoint_root}/checkpoint-{step:08d}"  # launch.checkpoint_reporter's names
+            from metaformer_platform.storage.checkpoint_format import checkpoint_name
+
+            where = f"{self.checkpoint_root}/{checkpoint_name(step)}"  # launch.checkpoint_reporter's names
             self.send("checkpoint", step=step, where=where, stall_s=float(metrics["system/checkpoint_stall_s"]))
 
     def log_params(self, params: Mapping[str, object]) -> None:

@@ -336,15 +336,15 @@ class RunHandle:
         """The data the job reads, as MLflow dataset inputs (the runs table's Dataset column and lineage):
         one per split with context ``train`` / ``validation``, its digest the manifest's sha256 (the data
         set's identity, as the pipeline's ``metaformer.data_manifest_hash``), its source ``data.source``."""
-        import hashlib
         import json
 
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         from metaformer_platform.data import load_manifest
+        from metaformer_platform.data.manifest import sha256_of
 
         manifest = load_manifest(data_root)
-        digest = hashlib.sha256(manifest.storage.read_bytes(manifest.info_name)).hexdigest()
+        digest = sha256_of(manifest.storage, manifest.info_name)
         uri = str(data_root) if cfg.data.source == "synthetic" else cfg.data.source
         splits = [] if cfg.stage == "evaluate" else [(cfg.data.train_split, "train")]
         if cfg.data.val_split:

@@ -9,7 +9,6 @@ Ray never registered).
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NotRequired, TypedDict
@@ -18,9 +17,8 @@ import numpy as np
 import torch
 
 from metaformer_platform.storage import checkpoint_format as fmt
+from metaformer_platform.storage.checkpoint_format import checkpoint_step
 from metaformer_platform.training.quarantine import is_placeholder, quarantine_registered
-
-CHECKPOINT_DIR = re.compile(r"checkpoint-(\d{8})(?:-(\d+))?")  # the names reported: checkpoint-NNNNNNNN[-R]
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -46,15 +44,9 @@ class RngState(TypedDict):
 # -- run folders: what Ray registered vs. what is on storage -------------------------------------------
 
 
-def checkpoint_step(name: str) -> int | None:
-    """The step of a ``checkpoint-NNNNNNNN`` folder name (``checkpoint-NNNNNNNN-R``: a step redone), else None."""
-    match = CHECKPOINT_DIR.fullmatch(name)
-    return int(match.group(1)) if match else None
-
-
 def _order(name: str) -> tuple[int, int]:
     """Newest first by this key: the step, then the redo count (a redone step is newer than the folder it redoes)."""
-    match = CHECKPOINT_DIR.fullmatch(name)
+    match = fmt.CHECKPOINT_NAME.fullmatch(name)
     assert match is not None, name
     return int(match.group(1)), int(match.group(2) or 0)
 
@@ -64,7 +56,7 @@ def checkpoint_dir_name(fs: pyarrow.fs.FileSystem, run_path: str, step: int) -> 
     is a quarantined folder's placeholder (see ``quarantine_registered``), ``checkpoint-NNNNNNNN-R``: Ray
     still lists the placeholder and deletes it by its path when it prunes it, so the redone step needs a
     path of its own. Every rank asks the same storage, so every rank uploads its part to the same folder."""
-    base, redo = f"checkpoint-{step:08d}", 0
+    base, redo = fmt.checkpoint_name(step), 0
     name = base
     while is_placeholder(fs, f"{run_path}/{name}"):
         redo += 1

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from metaformer_platform.storage import Location
 from metaformer_platform.storage import checkpoint_format as fmt
@@ -51,9 +50,7 @@ def _read_checkpoint_info(directory: Path) -> tuple[dict[str, Any], dict[str, An
         )
     if (why := fmt.incomplete_reason(directory)) is not None:  # sizes and sha256 digests
         raise ValueError(f"{str(directory)!r} is not a complete checkpoint ({why})")
-    state = fmt.load_tensors(directory / fmt.TRAINER_FILE)
-    config = yaml.safe_load((directory / fmt.CONFIG_FILE).read_text())
-    return state, config
+    return fmt.read_checkpoint_info(directory)
 
 
 def _reference_model(name: str, num_classes: int, kwargs: dict[str, Any]) -> torch.nn.Module:

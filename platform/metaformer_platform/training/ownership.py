@@ -236,12 +236,10 @@ def quarantine_foreign(fs: pyarrow.fs.FileSystem, run_path: str, registered: Ite
     returns their names. Recovery then sees only its own run's folders."""
     from pyarrow import fs as pafs
 
-    from metaformer_platform.training.checkpoint import checkpoint_step
-
     known = set(registered)
     infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
     orphans = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
-                     and checkpoint_step(i.base_name) is not None and i.base_name not in known)
+                     and fmt.checkpoint_step(i.base_name) is not None and i.base_name not in known)
     moved = []
     for name in orphans:
         folder = f"{run_path}/{name}"
