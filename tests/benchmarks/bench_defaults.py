@@ -69,7 +69,7 @@ def platform_job(shards: Path, tmp: Path, *, steps: int, batch: int, size: int, 
     wall = time.perf_counter() - start
     client = MlflowClient(uri)
     rates = sorted(client.get_metric_history(result.mlflow_run_id, "train/images_per_s"), key=lambda m: m.step)
-    step_s = sorted(client.get_metric_history(result.mlflow_run_id, "time/step_s"), key=lambda m: m.step)
+    step_s = sorted(client.get_metric_history(result.mlflow_run_id, "system/step_s"), key=lambda m: m.step)
     top1 = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "val/top1")}
     trained, last, curve = 0.0, 0, []
     for m in step_s:  # one entry per log window: the mean step time of its steps
@@ -79,7 +79,7 @@ def platform_job(shards: Path, tmp: Path, *, steps: int, batch: int, size: int, 
             curve.append((m.step, trained, top1[m.step]))
     params = client.get_run(result.mlflow_run_id).data.params
     shares = {k: client.get_metric_history(result.mlflow_run_id, k)[-1].value
-              for k in ("time/data_s", "time/forward_s", "time/backward_s", "time/optimizer_s")}
+              for k in ("system/step_data_s", "system/step_forward_s", "system/step_backward_s", "system/step_optimizer_s")}
     settings = {k: params.get(k) for k in ("resolved.precision", "resolved.channels_last", "resolved.compile",
                                            "resolved.torch_threads", "resolved.fused_optimizer", "scaling.num_workers")}
     return {"images_per_s": statistics.median(m.value for m in rates[1:]), "top1": result.metrics["val/top1"],

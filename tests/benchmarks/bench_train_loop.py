@@ -58,8 +58,8 @@ def _ledger_round(cfg, batches: list, *, ledger: bool) -> float:
 
     class Recorder:
         def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-            if "time/step_s" in metrics:
-                step_s.append(metrics["time/step_s"])
+            if "system/step_s" in metrics:
+                step_s.append(metrics["system/step_s"])
                 trainer.meter.snapshot()  # what rank 0's progress channel adds to each event
 
     trainer = Trainer(cfg, DistContext(), data_root=None, tracker=Recorder(), loaders=(InMemoryLoader(batches), None))
@@ -83,7 +83,7 @@ def ledger_overhead(args: argparse.Namespace) -> None:
         on.append(_ledger_round(cfg, batches, ledger=True))
         off.append(_ledger_round(cfg, batches, ledger=False))
     meter, times = GroupMeter(workers=1, gpu=False, global_batch=args.batch), {
-        "time/data_s": 0.01, "time/forward_s": 0.1, "time/backward_s": 0.2, "time/optimizer_s": 0.05, "time/step_s": 0.36}
+        "system/step_data_s": 0.01, "system/step_forward_s": 0.1, "system/step_backward_s": 0.2, "system/step_optimizer_s": 0.05, "system/step_s": 0.36}
     meter.begin(0)
     calls = 20000
     begin = time.perf_counter()

@@ -6,7 +6,7 @@ nodes on 127.0.0.2 ... 127.0.0.8, as the suite's two-node cluster), the data on 
 32 px, fp32, one torch thread and no loader process per rank:
 
 1. DDP at 1, 2, 4 and 8 ranks with the same per-rank micro-batch, and FSDP2 at 8: the median step time
-   (``time/step_s``) against the bare compute (the same micro-batch through a plain timm loop in this process,
+   (``system/step_s``) against the bare compute (the same micro-batch through a plain timm loop in this process,
    no Ray, no DDP), and the S3 requests and bytes per sample (counted by a proxy in front of SeaweedFS that
    every node's ``AWS_ENDPOINT_URL`` names).
 2. An elastic ``[4, 8]`` job: two nodes' raylets are SIGKILLed (nodes lost without notice) after a
@@ -152,8 +152,8 @@ def overhead(tmp: Path, data: str, proxy: CountingProxy, ranks: list[int], steps
         samples = steps * n * MICRO_BATCH
         rows.append({
             "strategy": strategy, "ranks": n, "wall_s": wall,
-            "step_s": _median_metric(uri, result.mlflow_run_id, "time/step_s"),
-            "data_s": _median_metric(uri, result.mlflow_run_id, "time/data_s"),
+            "step_s": _median_metric(uri, result.mlflow_run_id, "system/step_s"),
+            "data_s": _median_metric(uri, result.mlflow_run_id, "system/step_data_s"),
             "gets_per_sample": requests.get("GET", 0) / samples, "requests": requests,
             "bytes_per_sample": nbytes / samples,
         })

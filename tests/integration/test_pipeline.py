@@ -284,7 +284,8 @@ def _check_ui_view(uri: str, experiment: str, result: Any, output: str, stdout: 
         assert {"params_m", "gmacs", "img_size"} <= set(metrics), metrics
         assert metrics["img_size"] == 32 and tags[compare.TAG_DATA] == "synthetic-shapes-v1 32px"
         if tags[runner.TAG_PIPELINE_STAGE] == "evaluate":
-            assert metrics["top1"] == metrics["eval/top1"] and metrics["top5"] == metrics["eval/top5"]
+            assert metrics["top1"] == float(f"{metrics['eval/top1']:.4g}") and metrics["top5"] == pytest.approx(
+                metrics["eval/top5"], rel=1e-3)
     parent = _metrics(_rest(uri, "runs/get", run_id=result.parent_run_id)["run"])
     evals = {_tags(r)[runner.TAG_MEMBER]: _metrics(r) for r in stages if _tags(r)[runner.TAG_PIPELINE_STAGE] == "evaluate"}
     for member in MEMBERS:

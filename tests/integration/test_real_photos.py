@@ -44,7 +44,7 @@ def test_defaults_learn_real_photos_far_above_chance(ray_cluster, mlflow_server,
     assert params["resolved.channels_last"] == str(expected.channels_last)
     assert params["resolved.compile"] == "False"
     assert params["resolved.fused_optimizer"] == "True"
-    steps = {m.step for m in client.get_metric_history(run.info.run_id, "time/forward_s")}
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "system/step_forward_s")}
     assert steps == {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
-    allreduce = client.get_metric_history(run.info.run_id, "time/allreduce_s")
+    allreduce = client.get_metric_history(run.info.run_id, "system/step_allreduce_s")
     assert allreduce and all(m.value > 0 for m in allreduce)  # DDP over 2 workers: the gradient all-reduce

@@ -134,8 +134,8 @@ def test_the_meter_sums_windows_and_snapshots_only_after_the_first_step():
     meter = GroupMeter(workers=2, gpu=False, global_batch=16)
     assert meter.snapshot() is None
     meter.begin(10)
-    meter.add_window({"time/data_s": 0.1, "time/forward_s": 0.2, "time/step_s": 0.5}, 4, 14)
-    meter.add_window({"time/data_s": 0.3, "time/forward_s": 0.2, "time/step_s": 0.5}, 2, 16)
+    meter.add_window({"system/step_data_s": 0.1, "system/step_forward_s": 0.2, "system/step_s": 0.5}, 4, 14)
+    meter.add_window({"system/step_data_s": 0.3, "system/step_forward_s": 0.2, "system/step_s": 0.5}, 2, 16)
     s = meter.snapshot()
     assert s is not None and (s["from_step"], s["step"]) == (10, 16)
     assert s["data_s"] == pytest.approx(0.4 + 0.6) and s["phases"] == {"forward": pytest.approx(1.2)}

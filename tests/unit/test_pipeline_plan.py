@@ -376,16 +376,16 @@ def test_stage_runs_carry_the_columns_of_the_shared_family_view_and_links_open_t
 
     planned = _planned(tmp_path, _spec(tmp_path, name="weekly.family"))
     pre, ev = planned.plans[0].stage("pretrain"), planned.plans[0].stage("evaluate")
-    logged = {"val/top1": 40.0, "val/top5": 90.0, "train/images_per_s": 12.0, "eval/top1": 41.0, "eval/top5": 91.0,
+    logged = {"val/top1": 40.123456, "val/top5": 90.0, "train/images_per_s": 12.0, "eval/top1": 41.0, "eval/top5": 91.0,
               "eval/images_per_s": 30.0, "system/ledger_train_s": 5.0, "system/ledger_worker_hours": 0.01}
     figures = compare.stage_figures(pre, logged)
     assert list(figures) == [c for c in compare.COLUMNS if c != "cost"]  # no price, no cost
-    assert (figures["top1"], figures["images_per_s"], figures["train_s"]) == (40.0, 12.0, 5.0)
+    assert (figures["top1"], figures["images_per_s"], figures["train_s"]) == (40.12, 12.0, 5.0)  # 4 digits
     assert compare.stage_figures(ev, logged)["top1"] == 41.0 and compare.stage_figures(ev, logged)["images_per_s"] == 30.0
     exp = training_experiment(planned.client, planned.spec.experiment, create=True)
     planned._share_family_view(exp)
     state = json.loads(planned.client.get_experiment(exp).tags[ui.SHARED_VIEW_TAG + "weekly.family"])
-    assert state["selectedColumns"][3:] == ["tags.`metaformer.member`", "tags.`metaformer.pipeline_stage`",
+    assert state["selectedColumns"] == ["attributes.`Models`", "tags.`metaformer.member`", "tags.`metaformer.pipeline_stage`",
                                            "tags.`metaformer.data`"] + [f"metrics.`{c}`" for c in compare.COLUMNS]
     assert state["runsHiddenMode"] == "SHOW_ALL"
     assert ui.link("https://me:pw@mlflow.example", exp, view=planned.view_key) == (

@@ -84,6 +84,8 @@ def test_base_beside_the_config_or_a_preset(tmp_path):
         ("http://tok3n@mlflow:5000", "http://***@mlflow:5000"),
         ("mysql://u:p@h/db?password=zz&charset=utf8", "mysql://u:***@h/db?password=***&charset=utf8"),
         ("https://mlflow:5000/?token=abc", "https://mlflow:5000/?token=***"),
+        ("https://u:pw@mlflow/#/experiments/1?workflowType=machine_learning&viewStateShareKey=tiny-family&apiKey=k",
+         "https://u:***@mlflow/#/experiments/1?workflowType=machine_learning&viewStateShareKey=tiny-family&apiKey=***"),
         ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
         ("s3://bucket/key", "s3://bucket/key"),
         ("plain text", "plain text"),

@@ -70,7 +70,8 @@ def stage_figures(stage: StagePlan, metrics: Mapping[str, float]) -> dict[str, f
         "worker_hours": metrics.get("system/ledger_worker_hours"),
         "cost": metrics.get("system/ledger_cost"),
     }
-    return {k: float(v) for k, v in found.items() if v is not None}
+    # 4 significant digits: columns to read across runs (91.67, not 91.66666666); the runs' own metrics keep all
+    return {k: float(f"{v:.4g}") for k, v in found.items() if v is not None}
 
 
 def log_stage_figures(client: MlflowClient, run_id: str, stage: StagePlan) -> None:

@@ -32,6 +32,8 @@ from urllib.parse import quote
 MASK = "***"
 # Query parameter names that carry credentials (matched as a substring, case-insensitive).
 _SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|sig|credential|auth", re.IGNORECASE)
+# ... except these, which only look like one: MLflow UI's shared view (a view's name the platform prints in links)
+_PUBLIC_PARAMS = frozenset({"viewStateShareKey"})
 _SCHEME = r"[A-Za-z][A-Za-z0-9+.-]*://"
 _URI_START = re.compile(_SCHEME)
 # A URI inside a text: up to the first whitespace, quote or bracket that ends it in prose, JSON or a repr.
@@ -79,7 +81,7 @@ def _mask_userinfo(uri: str) -> str:
 
 def _mask_query(uri: str) -> str:
     def mask(m: re.Match[str]) -> str:
-        secret = m["value"] and _SECRET_PARAM.search(m["name"])
+        secret = m["value"] and _SECRET_PARAM.search(m["name"]) and m["name"] not in _PUBLIC_PARAMS
         return f"{m['sep']}{m['name']}={MASK}" if secret else m.group(0)
 
     return _QUERY_PARAM.sub(mask, uri)

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 
 TRAINING_VIEW = "workflowType=machine_learning"
 SHARED_VIEW_TAG = "mlflow.sharedViewState."  # + the view's key: MLflow's UI reads it (its SHARE_STATE_TAG_NAME_PREFIX)
-# The runs table's attribute columns MLflow shows by default (its getDefaultSelectedColumns), kept in a shared view.
-_DEFAULT_ATTRIBUTES = ("Source", "Models", "Dataset")
+# Of the attribute columns MLflow shows by default (Source, Models, Dataset), the one a comparison needs: the
+# registered versions (the table is wide; "Source" and "Dataset" push the figures off the screen).
+_ATTRIBUTES = ("Models",)
 
 
 def link(tracking_uri: str, experiment_id: str, run_id: str | None = None, *, view: str | None = None) -> str:
@@ -48,10 +49,11 @@ def column(kind: str, name: str) -> str:
 
 def share_view(client: MlflowClient, experiment_id: str, key: str, *, metrics: Iterable[str],
                tags: Iterable[str] = ()) -> None:
-    """Store the shared view ``key`` on the experiment: the runs table with these metric and tag columns after
-    MLflow's default ones, and every run (not only the first ten) in the charts. Replaced when written again."""
+    """Store the shared view ``key`` on the experiment: the runs table with the registered models and these tag
+    and metric columns (MLflow orders each group by name), and every run (not only the first ten) in the charts.
+    Replaced when written again."""
     state = {
-        "selectedColumns": [column("attributes", a) for a in _DEFAULT_ATTRIBUTES]
+        "selectedColumns": [column("attributes", a) for a in _ATTRIBUTES]
         + [column("tags", t) for t in tags] + [column("metrics", m) for m in metrics],
         "runsHiddenMode": "SHOW_ALL",
     }

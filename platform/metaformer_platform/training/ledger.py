@@ -34,7 +34,8 @@ from typing import TypedDict
 # namespace: MLflow's run page shows `system/` keys on its System metrics tab, beside its own CPU/GPU monitor's,
 # and keeps its Model metrics tab for the curves (train/loss, train/lr, val/top1, train/images_per_s). Every
 # operational key the platform logs starts with one of these; any other `system/` key is the monitor's.
-OPERATIONAL_PREFIXES = tuple(f"system/{area}_" for area in ("checkpoint", "data", "ledger", "estimate", "train"))
+OPERATIONAL_PREFIXES = tuple(f"system/{area}_"
+                             for area in ("checkpoint", "data", "ledger", "estimate", "train", "step"))
 
 
 def monitor_metric(key: str) -> bool:
@@ -119,10 +120,10 @@ class GroupMeter:
         """A log window of ``steps`` steps ending at ``step``: the step timer's mean seconds per step (``window()``)."""
         self.step = step
         for key, mean in times.items():
-            if key == "time/data_s":
+            if key == "system/step_data_s":
                 self.data_s += mean * steps
-            elif key != "time/step_s":
-                phase = key.removeprefix("time/").removesuffix("_s")
+            elif key != "system/step_s":
+                phase = key.removeprefix("system/step_").removesuffix("_s")
                 self.phases[phase] = self.phases.get(phase, 0.0) + mean * steps
 
     def snapshot(self) -> GroupSnapshot | None:

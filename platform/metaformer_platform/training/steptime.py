@@ -6,7 +6,7 @@ nothing. On CUDA the host runs ahead of the GPU: marks record CUDA events instea
 read only at the log cadence (``window()``), where one sync on the last event settles them all.
 
 The all-reduce of DDP runs on its own stream/thread, overlapped with backward: its busy time is measured by a
-DDP communication hook (``watch_allreduce``) and reported as ``time/allreduce_s``, a part of backward's time
+DDP communication hook (``watch_allreduce``) and reported as ``system/step_allreduce_s``, a part of backward's time
 that the others do not add up to. Training throughput (``train/images_per_s``) counts these phases only, so a
 validation or checkpoint inside a log window is not training time.
 """
@@ -51,7 +51,7 @@ class StepTimer:
 
     def window(self, steps: int) -> dict[str, float]:
         """Mean seconds per step of each phase since the last call (``time/<phase>_s``), their sum
-        (``time/step_s``, training time only), and the all-reduce's busy time; then starts a new window."""
+        (``system/step_s``, training time only), and the all-reduce's busy time; then starts a new window."""
         if self.cuda and self._events:
             self._events[-1][1].synchronize()  # the one sync, at the log cadence
             for (_, begin), (phase, end) in zip(self._events, self._events[1:], strict=False):
@@ -59,10 +59,10 @@ class StepTimer:
                     self._totals[phase] += begin.elapsed_time(end) / 1000.0
             self._events.clear()
         n = max(steps, 1)
-        out = {f"time/{phase}_s": total / n for phase, total in self._totals.items()}
-        out["time/step_s"] = sum(self._totals.values()) / n
+        out = {f"system/step_{phase}_s": total / n for phase, total in self._totals.items()}
+        out["system/step_s"] = sum(self._totals.values()) / n
         if self._allreduce:
-            out["time/allreduce_s"] = self._allreduce / n
+            out["system/step_allreduce_s"] = self._allreduce / n
         self._totals = dict.fromkeys(PHASES, 0.0)
         self._allreduce = 0.0
         return out

@@ -391,12 +391,12 @@ class Trainer:
                 metrics = {
                     "train/loss": self._mean_across_ranks(window_loss / window_steps),
                     "train/lr": self.strategy.optimizer.param_groups[0]["lr"],  # type: ignore[union-attr]
-                    "train/images_per_s": self.batch.global_batch / times["time/step_s"],
+                    "train/images_per_s": self.batch.global_batch / times["system/step_s"],
                     "train/epoch": self.step / self.steps_per_epoch,
                     **times,
-                    "system/data_wait_frac": min(times["time/data_s"] / times["time/step_s"], 1.0),  # rank 0
+                    "system/data_wait_frac": min(times["system/step_data_s"] / times["system/step_s"], 1.0),  # rank 0
                     **self._data_faults(),
-                    **self._mfu(times["time/step_s"]),
+                    **self._mfu(times["system/step_s"]),
                 }
                 self.tracker.log_metrics(metrics, step=self.step)
                 window_loss.zero_()
