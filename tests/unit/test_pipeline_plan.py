@@ -392,3 +392,26 @@ def test_stage_runs_carry_the_columns_of_the_shared_family_view_and_links_open_t
         f"https://me:***@mlflow.example/#/experiments/{exp}?workflowType=machine_learning&viewStateShareKey=weekly.family")
     assert ui.link("http://127.0.0.1:5000", "3", "abc").endswith("/#/experiments/3/runs/abc?workflowType=machine_learning")
     assert "ui --backend-store-uri sqlite:///" in ui.link(planned.tracking_uri, "3", "abc")
+
+
+def test_a_manifest_given_as_a_file_is_hashed_as_that_file(tmp_path: Path) -> None:
+    """Two data sets described by two manifest files in one folder are two data sets: the stage key's hash and
+    the evaluation's are of the file named, not of the folder's _info.json."""
+    from metaformer_platform.config import load_config
+    from metaformer_platform.data import load_manifest
+    from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
+    from metaformer_platform.evaluation import report as evaluation_report
+    from metaformer_platform.pipelines import plan
+
+    root = Path(ensure_synthetic_shards(tmp_path / "d", num_classes=4, train_samples=32, val_samples=16,
+                                        samples_per_shard=16, image_size=32, seed=0))
+    info = json.loads((root / "_info.json").read_text())
+    (root / "a.json").write_bytes((root / "_info.json").read_bytes())
+    info["name"] = "another-subset"
+    (root / "b.json").write_text(json.dumps(info))
+    hashes = {}
+    for name in ("_info.json", "a.json", "b.json"):
+        cfg = load_config(DEFAULT, [f"data.source={root / name}", "trainer.batch_size=8", "scaling.num_workers=1"])
+        hashes[name] = plan.manifest_hash(cfg)[0]
+        assert evaluation_report.split_hash(load_manifest(str(root / name)), "val")[1] == f"split 'val' of {name}"
+    assert hashes["a.json"] == hashes["_info.json"] != hashes["b.json"]  # same bytes, same hash; other bytes, other

@@ -34,7 +34,6 @@ def split_hash(manifest: Any, split: str) -> tuple[str, str]:
 
     Two evaluations with the same hash scored the same samples under the same labels (the registry's
     promotion gate compares top-1 only then)."""
-    from metaformer_platform.data import INFO_NAME
     from metaformer_platform.data.manifest import sha256_of
 
     info = manifest.split(split)
@@ -48,8 +47,9 @@ def split_hash(manifest: Any, split: str) -> tuple[str, str]:
             "num_classes": manifest.num_classes,
         }
         text = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(text).hexdigest(), f"split {split!r} of {INFO_NAME}"
-    return sha256_of(manifest.storage, INFO_NAME), INFO_NAME
+        return hashlib.sha256(text).hexdigest(), f"split {split!r} of {manifest.info_name}"
+    # the manifest's own file: a data set given as `.../subset.json` is that file, not its folder's _info.json
+    return sha256_of(manifest.storage, manifest.info_name), manifest.info_name
 
 
 def build_report(

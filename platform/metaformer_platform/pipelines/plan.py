@@ -156,7 +156,7 @@ def manifest_hash(cfg: JobConfig) -> tuple[str, int | None, int, str]:
     """sha256 of the data's whole ``_info.json`` (which lists every split's shards and their sha256), the data
     set's identity in the stage's key, with its number of classes, the samples of the split the stage reads and
     the data set's name. Not the evaluation report's ``split_hash`` (one split under its labels)."""
-    from metaformer_platform.data import INFO_NAME, load_manifest
+    from metaformer_platform.data import load_manifest
     from metaformer_platform.data.manifest import sha256_of
     from metaformer_platform.launch import checks
 
@@ -171,7 +171,8 @@ def manifest_hash(cfg: JobConfig) -> tuple[str, int | None, int, str]:
         workers = cfg.scaling.num_workers
         checks.check_rank_batches(cfg, manifest, root, 1 if workers == "auto" else cfg.scaling.max_workers)
         samples = manifest.split(cfg.data.train_split).num_samples
-    return sha256_of(manifest.storage, INFO_NAME), manifest.num_classes, samples, manifest.name
+    # the manifest's own file: two subsets given as `.../a.json` and `.../b.json` in one folder are two data sets
+    return sha256_of(manifest.storage, manifest.info_name), manifest.num_classes, samples, manifest.name
 
 
 def check_input(stage: StagePlan, tracking_uri: str | None) -> str:
