@@ -11,7 +11,7 @@ warm-up job, and alternates the settings round after round:
 
     unshare -n sh -c 'ip link set lo up && exec "$0" "$@"' env PYTHONPATH=platform:infra/local \\
         nice -n 5 python tests/benchmarks/bench_suite_job.py [--rounds 2] [--jobs 3] \\
-        'before:RAY_worker_maximum_startup_concurrency=1' 'after:'
+        'suite:' 'parallel-starts:RAY_worker_maximum_startup_concurrency=8'
 
 A setting is ``NAME:KEY=VALUE;KEY=VALUE`` (empty: the suite's own node environment). On a shared machine the
 minimum of the warm jobs is the figure least disturbed by others' load.
