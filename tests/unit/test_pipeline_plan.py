@@ -385,8 +385,10 @@ def test_stage_runs_carry_the_columns_of_the_shared_family_view_and_links_open_t
     exp = training_experiment(planned.client, planned.spec.experiment, create=True)
     planned._share_family_view(exp)
     state = json.loads(planned.client.get_experiment(exp).tags[ui.SHARED_VIEW_TAG + "weekly.family"])
-    assert state["selectedColumns"] == ["attributes.`Models`", "tags.`metaformer.member`", "tags.`metaformer.pipeline_stage`",
-                                           "tags.`metaformer.data`"] + [f"metrics.`{c}`" for c in compare.COLUMNS]
+    shown = [f"metrics.`{c}`" for c in compare.COLUMNS] + [
+        "tags.`metaformer.member`", "tags.`metaformer.pipeline_stage`", "tags.`metaformer.data`"]
+    assert state["selectedColumns"] == ["attributes.`Models`", *shown] and state["columnOrder"] == shown
+
     assert state["runsHiddenMode"] == "SHOW_ALL"
     assert ui.link("https://me:pw@mlflow.example", exp, view=planned.view_key) == (
         f"https://me:***@mlflow.example/#/experiments/{exp}?workflowType=machine_learning&viewStateShareKey=weekly.family")

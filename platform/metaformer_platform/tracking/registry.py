@@ -321,7 +321,9 @@ def promote(
         aliases = client.get_registered_model(model_name).aliases
         if str(aliases.get(CANDIDATE)) == version:
             client.delete_registered_model_alias(model_name, CANDIDATE)
-        champion_tags = {TAG_CHAMPION_VERSION: version, TAG_CHAMPION_TOP1: f"{float(top1):.2f}"}
+        # top-1 first: the registry's model list shows a model's tags in the order they were first set, in a
+        # narrow column where only the first is read without a click
+        champion_tags = {TAG_CHAMPION_TOP1: f"{float(top1):.2f}", TAG_CHAMPION_VERSION: version}
         given = evaluation_tags or {}
         for key in (TAG_EVAL_TOP5, TAG_EVAL_DATA):  # the champion's top-5 and data, where the evaluation gave them
             if key in given:

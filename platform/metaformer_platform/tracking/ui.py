@@ -49,12 +49,13 @@ def column(kind: str, name: str) -> str:
 
 def share_view(client: MlflowClient, experiment_id: str, key: str, *, metrics: Iterable[str],
                tags: Iterable[str] = ()) -> None:
-    """Store the shared view ``key`` on the experiment: the runs table with the registered models and these tag
-    and metric columns (MLflow orders each group by name), and every run (not only the first ten) in the charts.
-    Replaced when written again."""
+    """Store the shared view ``key`` on the experiment: the runs table with these metric and tag columns first,
+    in this order, then the registered models; every run (not only the first ten) in the charts. Replaced when
+    written again."""
+    shown = [column("metrics", m) for m in metrics] + [column("tags", t) for t in tags]
     state = {
-        "selectedColumns": [column("attributes", a) for a in _ATTRIBUTES]
-        + [column("tags", t) for t in tags] + [column("metrics", m) for m in metrics],
+        "selectedColumns": [column("attributes", a) for a in _ATTRIBUTES] + shown,
+        "columnOrder": shown,  # in the order given, right after the run's name and start (else: by name)
         "runsHiddenMode": "SHOW_ALL",
     }
     client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, json.dumps(state, separators=(",", ":")))
