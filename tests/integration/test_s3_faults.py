@@ -187,16 +187,17 @@ def test_bad_s3_shards_are_skipped_counted_and_refused(s3_server, tmp_path, monk
 
 
 def test_a_checkpoint_upload_through_an_outage_fails_naming_the_endpoint_and_keeps_the_last_good_one(
-    server, tmp_path, monkeypatch
+    server, tmp_path, monkeypatch, caplog
 ):
     """Issue 25, an untried fault: S3 is down for longer than the retry budget while a checkpoint is uploaded
     (the rank's upload, as Ray Train's worker runs it; its failure fails the worker and Ray restarts the group
-    from the last registered checkpoint, up to run.max_failures). The error names the endpoint and the folder;
+    from the last registered checkpoint, up to run.max_failures; with run.on_upload_failure=continue it is a
+    warning and the worker trains on). The error names the endpoint and the folder;
     once S3 is back the last good checkpoint is complete, the failed one is not, and recovery resumes from the
     good one."""
     from metaformer_platform.storage import checkpoint_format as fmt
     from metaformer_platform.storage.settings import S3Settings
-    from metaformer_platform.storage.upload import upload_checkpoint_part
+    from metaformer_platform.storage.upload import upload_checkpoint_part, upload_checkpoint_part_or_warn
     from metaformer_platform.training import checkpoint as ckpt
 
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
@@ -217,14 +218,23 @@ def test_a_checkpoint_upload_through_an_outage_fails_naming_the_endpoint_and_kee
         with pytest.raises(OSError) as raised:
             upload_checkpoint_part(checkpoint(4), fs, f"{run}/checkpoint-00000004", rank=0, world_size=1)
         took = time.monotonic() - start
+        # run.on_upload_failure=continue: the same outage is a warning, and the worker trains on
+        with caplog.at_level("WARNING", logger="metaformer_platform.storage.upload"):
+            assert not upload_checkpoint_part_or_warn(checkpoint(6), fs, f"{run}/checkpoint-00000006", rank=0,
+                                                      world_size=1, agree=lambda landed: landed)
     finally:
         server.start()
     print(f"upload given up after {took:.1f} s")
     assert str(raised.value).startswith(f"uploading the checkpoint to s3://{run}/checkpoint-00000004 failed: the S3 "
                                         f"endpoint http://127.0.0.1:{server.port} did not take it within its retries")
     assert "AWS Error NETWORK_CONNECTION" in str(raised.value)  # pyarrow's own words, which Ray retries on
+    (warned,) = [r.getMessage() for r in caplog.records if r.name == "metaformer_platform.storage.upload"]
+    assert warned.startswith(f"uploading the checkpoint to s3://{run}/checkpoint-00000006 failed: the S3 endpoint "
+                             f"http://127.0.0.1:{server.port} did not take it within its retries (AWS_MAX_ATTEMPTS)")
+    assert "run.on_upload_failure=continue: training goes on without this checkpoint" in warned
     assert took < 30
     assert fmt.incomplete_reason(f"s3://{run}/checkpoint-00000002") is None
     assert fmt.incomplete_reason(f"s3://{run}/checkpoint-00000004") is not None
+    assert fmt.incomplete_reason(f"s3://{run}/checkpoint-00000006") is not None
     plan = ckpt.recover_run_folder(fs, run, ["checkpoint-00000002"], "checkpoint-00000002")
     assert plan.resume == "checkpoint-00000002" and not plan.adopt

@@ -218,3 +218,87 @@ def test_a_full_disk_during_a_checkpoint_names_the_folder_and_never_adopts_the_p
     first, resumed = out["losses"]["first"], out["losses"]["resumed"]
     assert resumed == {"3": first["3"], "4": first["4"]}  # exactly the steps the first trainer took from step 2
     assert out["complete_4"] is None  # with room again, the same step is written whole
+
+
+def _dead_s3(monkeypatch) -> tuple[pyarrow.fs.FileSystem, str]:
+    """A pyarrow S3 filesystem at a 127.0.0.1 port where nothing listens (2 attempts per request), and its URL."""
+    import socket
+
+    from metaformer_platform.storage.settings import S3Settings
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+                       "AWS_MAX_ATTEMPTS": "2"}.items():
+        monkeypatch.setenv(key, value)
+    return S3Settings.from_env().pyarrow_filesystem(), endpoint
+
+
+def test_on_upload_failure_continue_warns_naming_the_endpoint_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    """run.on_upload_failure=continue, on the real upload code: every checkpoint's upload to a dead S3 endpoint
+    fails after its retries; each is a warning naming the endpoint and the folder, never an error, the Trainer
+    trains to its last step, and no scratch copy is left behind."""
+    from metaformer_platform.config import load_config
+    from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
+    from metaformer_platform.storage.upload import upload_checkpoint_part_or_warn
+    from metaformer_platform.strategies.base import DistContext
+    from metaformer_platform.training.trainer import Trainer
+
+    fs, endpoint = _dead_s3(monkeypatch)
+    shards = ensure_synthetic_shards(tmp_path / "data", num_classes=4, train_samples=64, val_samples=16,
+                                     image_size=32, samples_per_shard=64)
+    cfg = load_config(None, ["model.name=poolformer_debug", "data.img_size=32", "data.num_workers=0",
+                             "data.val_split=null", "trainer.batch_size=16", "trainer.max_steps=4",
+                             "trainer.checkpoint_every_steps=2", "trainer.precision=fp32", "trainer.torch_threads=1",
+                             "scaling.num_workers=1", "run.on_upload_failure=continue", "run.checkpoint_upload=sync"])
+    reported: list[tuple[int, bool]] = []
+
+    def report(metrics: dict[str, float], checkpoint: Path | None) -> bool:
+        if checkpoint is not None:
+            dest = f"bucket/runs/r/checkpoint-{int(metrics['step']):08d}"
+            reported.append((int(metrics["step"]), upload_checkpoint_part_or_warn(
+                checkpoint, fs, dest, rank=0, world_size=1, agree=lambda landed: landed)))
+        return False
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with caplog.at_level("WARNING", logger="metaformer_platform.storage.upload"):
+        trainer = Trainer(cfg, DistContext(), data_root=shards, report=report, checkpoint_scratch=scratch)
+        trainer.train()
+    assert trainer.step == 4 and reported == [(2, False), (4, False)]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "metaformer_platform.storage.upload"]
+    assert len(warnings) == 2, warnings
+    for step, text in zip((2, 4), warnings, strict=True):
+        assert text.startswith(f"uploading the checkpoint to s3://bucket/runs/r/checkpoint-{step:08d} failed: the S3 "
+                               f"endpoint {endpoint} did not take it within its retries (AWS_MAX_ATTEMPTS): "), text
+        assert "run.on_upload_failure=continue: training goes on without this checkpoint" in text
+    assert list(scratch.iterdir()) == []
+
+
+def test_on_upload_failure_continue_writes_no_marker_unless_every_rank_landed_and_needs_sync(tmp_path):
+    """Rank 0's part landed but another rank's did not (the ranks' agreement says so): no COMPLETE is written,
+    so the folder is never resumed from; the local marker is put back. The setting needs synchronous uploads."""
+    from metaformer_platform.config import load_config
+    from metaformer_platform.storage.upload import upload_checkpoint_part_or_warn
+
+    local = tmp_path / "scratch"
+    parts = [_rank_part(local, 0)]
+    fmt.mark_complete(local, parts)
+    fs = pyarrow.fs.LocalFileSystem()
+    dest = tmp_path / "runs" / "checkpoint-00000002"
+    landed: list[bool] = []
+
+    def another_rank_failed(ok: bool) -> bool:
+        landed.append(ok)
+        return False
+
+    assert not upload_checkpoint_part_or_warn(local, fs, str(dest), rank=0, world_size=2, agree=another_rank_failed)
+    assert landed == [True] and (dest / "model.pt").is_file() and not (dest / fmt.COMPLETE_MARKER).exists()
+    assert (local / fmt.COMPLETE_MARKER).is_file()
+    assert upload_checkpoint_part_or_warn(local, fs, str(dest), rank=0, world_size=1, agree=lambda ok: ok)
+    assert fmt.is_complete(dest)
+
+    with pytest.raises(ValueError, match="run.on_upload_failure=continue .* set run.checkpoint_upload=sync"):
+        load_config(None, ["run.on_upload_failure=continue"])

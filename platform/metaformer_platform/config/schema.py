@@ -285,6 +285,13 @@ class RunSettings(_Section):
         description="async: training goes on while Ray uploads a checkpoint to storage_path (stall = the local "
         "save only); sync: each rank waits for its upload",
     )
+    on_upload_failure: Literal["fail", "continue"] = Field(
+        "fail",
+        description="a checkpoint upload to storage_path that fails after its retries: fail (the worker fails; Ray "
+        "restarts the group from the last good checkpoint, up to max_failures) or continue (a warning naming the "
+        "endpoint, and training goes on without that checkpoint; needs checkpoint_upload=sync: the ranks agree "
+        "whether every part landed before it is reported)",
+    )
     stop_grace_s: float = Field(
         20.0, gt=0, le=3600,
         description="on SIGTERM/SIGINT the workers finish their step and checkpoint; after this many seconds "
@@ -307,6 +314,15 @@ class RunSettings(_Section):
         "(written before checkpoints were signed); their native files can run code when read: only for your own "
         "runs' older checkpoints, and said loudly each time",
     )
+
+    @model_validator(mode="after")
+    def _continue_needs_sync(self) -> RunSettings:
+        if self.on_upload_failure == "continue" and self.checkpoint_upload != "sync":
+            raise ValueError(
+                "run.on_upload_failure=continue uploads each checkpoint in the training loop, so that every rank "
+                "knows whether all parts landed before it is reported: set run.checkpoint_upload=sync with it"
+            )
+        return self
 
     @field_validator("name")
     @classmethod

@@ -49,12 +49,13 @@ class Launch:
 
 def checkpoint_reporter(
     upload_mode: Literal["sync", "async"], dist: DistContext, flush: Callable[[], None] | None = None,
-    owner: Stamp | None = None,
+    owner: Stamp | None = None, on_failure: Literal["fail", "continue"] = "fail",
 ) -> Callable[[dict[str, float], Path | None], bool]:
     """The Trainer's ``report`` inside a Ray Train worker: ``ray.train.report`` with this rank's checkpoint
     part, uploaded (``upload_mode``: ``run.checkpoint_upload``) so that COMPLETE lands last.
     ``flush`` runs before a checkpoint is reported: the metrics up to it are stored before anything can
-    resume from it. ``owner`` (the run's lease) stamps each folder, so recovery knows what its run wrote."""
+    resume from it. ``owner`` (the run's lease) stamps each folder, so recovery knows what its run wrote.
+    ``on_failure="continue"`` (``run.on_upload_failure``): see ``report_unless_upload_fails``."""
     import ray.train
 
     def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
@@ -81,6 +82,9 @@ def checkpoint_reporter(
             from metaformer_platform.storage.checkpoint_format import stamp
 
             stamp(checkpoint_dir, owner, dist.rank)
+        if on_failure == "continue":
+            report_unless_upload_fails(metrics, checkpoint_dir, name, dist)
+            return False  # uploaded, or given up on: the Trainer deletes its scratch copy
         async_upload = upload_mode == "async"
         ray.train.report(
             metrics,
@@ -96,6 +100,36 @@ def checkpoint_reporter(
         return True  # Ray owns the scratch folder now
 
     return report
+
+
+def report_unless_upload_fails(metrics: dict[str, float], checkpoint_dir: Path, name: str, dist: DistContext) -> None:
+    """``run.on_upload_failure=continue``: upload this rank's part here, in the training loop, then report.
+
+    Ray's own upload cannot give up on a checkpoint: what its upload function returns is registered, and Ray
+    prunes older checkpoints by it, and writes its snapshot to the storage that is down. So the ranks agree
+    (a collective) whether every part landed; only then does rank 0 write COMPLETE and report the folder
+    (``NO_UPLOAD``). Otherwise each rank has warned, naming the endpoint, and the round is reported without a
+    checkpoint: Ray keeps the last good one, and the job's resume point stays there."""
+    import ray.train
+    import torch
+    import torch.distributed as tdist
+
+    from metaformer_platform.storage.upload import upload_checkpoint_part_or_warn
+
+    def every_rank(landed: bool) -> bool:
+        if not dist.distributed:
+            return landed
+        flag = torch.tensor([int(landed)], device=dist.device)
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    storage = ray.train.get_context().get_storage()
+    dest = storage.build_checkpoint_path_from_name(name)
+    complete = upload_checkpoint_part_or_warn(checkpoint_dir, storage.storage_filesystem, dest, rank=dist.rank,
+                                              world_size=dist.world_size, agree=every_rank)
+    checkpoint = ray.train.Checkpoint(path=dest, filesystem=storage.storage_filesystem)
+    ray.train.report(metrics, checkpoint=checkpoint if complete and dist.is_main else None, checkpoint_dir_name=name,
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
 
 
 def _dist_context() -> DistContext:
@@ -197,7 +231,8 @@ def _train_worker(plan: JobPlan, launch: Launch) -> dict[str, object]:
                                           outage_wait_s=cfg.tracking.outage_wait_s)
     progress, tracker = worker_progress(launch.progress_queue, plan.run_dir, dist, run_tracker,
                                          forward_warnings=not cfg.run.verbose)
-    report = checkpoint_reporter(cfg.run.checkpoint_upload, dist, flush=tracker.flush, owner=launch.owner)
+    report = checkpoint_reporter(cfg.run.checkpoint_upload, dist, flush=tracker.flush, owner=launch.owner,
+                                 on_failure=cfg.run.on_upload_failure)
     checkpoint, adopted = _checkpoint_to_resume(plan, dist, launch.owner)
     try:
         with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
