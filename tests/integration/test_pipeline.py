@@ -2,8 +2,9 @@
 register/promote, with shards AND run folders (checkpoints, eval reports) on the session's SeaweedFS, the
 session's two-node Ray cluster and the real MLflow server: no folder is shared between stages but S3.
 
-One story, four pipeline runs: (1) a pipeline driver killed while pretrain is checkpointing; (2) the re-run
-continues that stage from its checkpoint and finishes everything (top-level runs with the comparison metrics,
+One story, four pipeline runs: (1) a pipeline driver stopped by SIGTERM (a preempted pod) while pretrain trains:
+the running pretrains checkpoint the step they are at, their MLflow runs and the pipeline's are closed as stopped,
+exit 143; (2) the re-run continues each stopped stage from that checkpoint and finishes everything (top-level runs with the comparison metrics,
 lineage, versions with their evaluation tags, champion, report, links to the training view); (3) a third run
 re-trains nothing and duplicates nothing; (4) the fine-tune's config changed (a learning rate that wrecks it):
 a new pipeline run, compared week over week with the previous one, its regressions flagged and not promoted.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
 from metaformer_platform.pipelines import compare, run_pipeline, runner
 from metaformer_platform.storage import checkpoint_format as fmt
 from metaformer_platform.tracking import registry
+from metaformer_platform.tracking.runs import STOPPED_TAG
 
 REPO = Path(__file__).resolve().parents[2]
 MEMBERS = ["poolformer_debug", "poolformer_debug_m"]
@@ -55,6 +58,7 @@ def family_pipeline(s3_server, mlflow_server, ray_cluster, tmp_path_factory) -> 
             "data.num_workers=0", "trainer.batch_size=8", "trainer.precision=fp32", "trainer.channels_last=false",
             "trainer.log_every_steps=2", "scaling.num_workers=1", "tracking.system_metrics=false",
             f"run.storage_path=s3://{s3_server.bucket}/pipe/runs", "run.max_failures=0",
+            "run.stop_grace_s=120",  # a stage whose workers are still starting at the SIGTERM must not be forced
         ],
         "stages": [
             {"name": "pretrain", "kind": "pretrain", "config": default, "overrides": [
@@ -122,24 +126,41 @@ def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, mo
     monkeypatch.setenv("METAFORMER_WEIGHTS_CACHE", str(root / "weights-cache"))
     client = mlflow.MlflowClient(uri, registry_uri=uri)
 
-    # (1) The pipeline as its own Ray driver, killed once a pretrain checkpoint exists.
+    # (1) The pipeline as its own Ray driver, stopped by SIGTERM once a pretrain checkpoint exists. (A driver that
+    # is SIGKILLed instead leaves its runs RUNNING: closing them is tests/unit/test_orphaned_runs.py's, on real
+    # leases whose driver's pid is gone; Ray's lost report of a SIGKILLed worker is test_fault_tolerance's.)
     env = {**os.environ, "RAY_ADDRESS": family_pipeline["ray"].address_info["address"],
            "PYTHONPATH": os.pathsep.join(p for p in [str(REPO / "platform"), os.environ.get("PYTHONPATH", "")] if p)}
-    log = (root / "killed.log").open("w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "poolformer_family.py"), "--pipeline", str(path)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 420  # worker start-up is slow on a busy 2-core machine
-        while not _resumable_pretrains(runs):
-            assert proc.poll() is None, (root / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no pretrain checkpoint within 420 s: " + (root / "killed.log").read_text()[-3000:]
-            time.sleep(0.5)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        log.close()
+    log_path = root / "stopped.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "poolformer_family.py"), "--pipeline",
+                                 str(path)], env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 420  # worker start-up is slow on a busy 2-core machine
+            while not _resumable_pretrains(runs):
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no pretrain checkpoint within 420 s: " + log_path.read_text()[-3000:]
+                time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=150)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stopped_log = log_path.read_text()
+    assert proc.returncode == 143, stopped_log[-3000:]
+    # each running pretrain: "[member] pretrain: stopped on SIGTERM at step N: checkpoint s3://.../run/checkpoint-N"
+    stops = {name: int(step) for name, step in re.findall(
+        rf"\] pretrain: stopped on SIGTERM at step (?:\d+): checkpoint {re.escape(runs)}/(\S+)/checkpoint-(\d+)\. "
+        r"To continue", stopped_log)}
     interrupted = _resumable_pretrains(runs)  # run name -> the step it continues from
-    assert not any("-finetune-" in k and "/checkpoint-" in k for k in storage.list_files(runs)), "killed too late"
+    assert stops and stops == interrupted, (stops, interrupted, stopped_log[-3000:])  # the stop's own checkpoints
+    assert "pipeline stopped on SIGTERM" in stopped_log and "PC: @" not in stopped_log
+    assert not any("-finetune-" in k and "/checkpoint-" in k for k in storage.list_files(runs)), "stopped too late"
+    killed = client.search_runs([client.get_experiment_by_name("pipeline-it").experiment_id],
+                                filter_string="attributes.status = 'KILLED'")
+    assert {r.data.tags["metaformer.run_name"] for r in killed if runner.TAG_STAGE_KEY in r.data.tags} == set(stops)
+    assert all(r.data.tags[STOPPED_TAG] == "sigterm" for r in killed) and len(killed) == len(stops) + 1  # + parent
     _wait_for_free_cpus(2)
 
     # (2) Re-run: the interrupted pretrain stages continue from their checkpoints, the rest runs.
@@ -171,6 +192,7 @@ def test_family_pipeline_killed_resumed_and_rerun(family_pipeline, s3_server, mo
         tags = run.data.tags
         # Not nested (the runs table would fold them under the parent): linked by a tag, each a top-level row.
         assert tags[compare.TAG_PIPELINE_RUN] == result.parent_run_id and run.info.status == "FINISHED"
+        assert STOPPED_TAG not in tags  # a stopped stage, continued, is no longer marked stopped
         assert "mlflow.parentRunId" not in tags
         assert len(tags[runner.TAG_DATA_HASH]) == 64 and tags["mlflow.source.git.commit"]
         assert tags["metaformer.run_name"] == actions[(member, stage)].run_name
