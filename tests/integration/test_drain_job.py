@@ -37,9 +37,9 @@ from metaformer_platform.storage import checkpoint_format as fmt
 # RAY_TRAIN_ENABLE_PREEMPTION_WATCHER to the job's controller, and the suite sets it to 0 for every other job
 # (tests/conftest.py: one more actor process per job).
 pytestmark = pytest.mark.skipif(
-    os.environ.get("METAFORMER_TEST_DRAIN") != "1",
+    os.environ.get("METAFORMER_TEST_SLOW_FAULTS") != "1",
     reason="out of the default suite for its time (300 s alone on a busy 2-core machine: 256 steps, a node drained, "
-    "lost and added back): run with METAFORMER_TEST_DRAIN=1 pytest tests/integration/test_drain_job.py",
+    "lost and added back): run with METAFORMER_TEST_SLOW_FAULTS=1 pytest tests/integration/test_drain_job.py",
 )
 MAX_STEPS = 256
 DEADLINE_S = 4
