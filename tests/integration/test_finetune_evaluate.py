@@ -166,7 +166,7 @@ def test_weights_on_s3_are_fetched_once_and_checked(pretrained, s3_server, monke
 
 
 @pytest.mark.skipif(os.environ.get("METAFORMER_TEST_SLOW_FAULTS") != "1", reason="out of the default suite for its "
-                    "time (26 s on the critical path, alone): run with METAFORMER_TEST_SLOW_FAULTS=1")
+                    "time (18-26 s on the critical path, alone): run with METAFORMER_TEST_SLOW_FAULTS=1")
 def test_evaluate_stopped_by_sigterm_exits_143_closes_its_run_as_stopped_and_writes_nothing(pretrained, mlflow_server,
                                                                                             ray_cluster):
     """Issue 25: `python jobs/evaluate.py` (the entry point a user runs, joining the session cluster as a submitted
