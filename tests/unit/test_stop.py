@@ -85,3 +85,40 @@ def test_the_stop_message_names_the_step_the_checkpoint_and_the_command_to_conti
     assert text.endswith("python jobs/pretrain.py --config 'my config.yaml' run.name=r1")
     assert JobStopped("sigint", "ev", None, None).exit_code == 130
     assert "nothing to save" in JobStopped("sigint", "ev", None, None).describe()
+
+
+_JOINS_RAY = """
+import os, signal, sys, time
+import ray
+from metaformer_platform.launch.stop import StopRequests
+stops = StopRequests(out=print, exit=os._exit)
+with stops.handling():
+    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False, _temp_dir=sys.argv[2])
+    if sys.argv[1] == "reclaim":
+        stops.reclaim()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(1.0)
+    print("reason:", stops.reason, flush=True)
+ray.shutdown()
+"""
+
+
+@pytest.mark.timeout(180)
+def test_joining_ray_takes_sigterm_over_and_reclaim_takes_it_back():
+    """What the driver meets between joining Ray and starting its workers (a pod evicted while the job plans or
+    opens its MLflow run): without ``reclaim``, Ray's own SIGTERM handler ends the driver after a stack dump;
+    with it, the signal is a stop request like any other."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray of its own
+    temp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # Ray's socket paths under it must fit 107 bytes
+    try:
+        runs = {how: subprocess.run([sys.executable, "-c", _JOINS_RAY, how, temp], capture_output=True, text=True,
+                                    env=env, timeout=150) for how in ("reclaim", "as-is")}
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert runs["reclaim"].returncode == 0 and "reason: sigterm" in runs["reclaim"].stdout, runs["reclaim"].stderr[-2000:]
+    assert runs["as-is"].returncode != 0 and "reason:" not in runs["as-is"].stdout  # Ray's handler ended it

@@ -54,8 +54,10 @@ def run_main(stage: str, description: str, argv: Sequence[str] | None = None, de
             print(redact(plan_only(cfg)), flush=True)
             return 0
         from metaformer_platform.launch.driver import run_job
+        from metaformer_platform.launch.stop import STOPS
 
-        result = run_job(cfg)
+        with STOPS.handling():  # from the plan on: a signal before the workers start stops the job cleanly too
+            result = run_job(cfg)
     except JobStopped as stopped:  # SIGTERM/SIGINT: checkpointed, the MLflow run closed as stopped
         print(f"\n{stage} {stopped.describe()}", flush=True)
         if stopped.mlflow_hint:

@@ -63,8 +63,11 @@ def _connect_and_open_run(plan: JobPlan) -> tuple[RunLease, RunHandle | None]:
     ``check_run_free`` of the plan refuses it earlier still, before Ray is joined). On failure it is released."""
     from metaformer_platform.training.ownership import claim_run
 
+    STOPS.check(plan.run_name)  # a signal while planning: nothing joined or claimed yet
     connect_ray(plan.cfg)
+    STOPS.reclaim()  # joining Ray installed Ray's SIGTERM handler, which aborts the driver
     check_cluster(plan.cfg, plan.layout)
+    STOPS.check(plan.run_name)
     lease = claim_run(plan.storage_path, plan.run_name)
     try:
         if not plan.cfg.tracking.enabled:
@@ -201,6 +204,7 @@ def _fit(trainer: TorchTrainer, lease: RunLease, handle: RunHandle | None, repor
     try:
         with STOPS.handling(), STOPS.job(stop), around or nullcontext():
             try:
+                STOPS.check(stop.run_name)  # a signal since the run was opened: no worker is started
                 result: Result | None = cast("Result", trainer.fit())  # Train v2's Result: see build_trainer
             except Exception:
                 if STOPS.reason is None:

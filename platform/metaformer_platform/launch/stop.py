@@ -67,7 +67,8 @@ class JobStopped(Exception):
         """Where it stopped and how to continue."""
         signame = self.reason.upper()
         if self.step is None:
-            return f"stopped on {signame} (run {self.run_name}): nothing to save"
+            return (f"stopped on {signame} (run {self.run_name}) before this attempt trained a step: nothing to "
+                    f"save. Run the same command again to continue: {resubmit_command()}")
         where = f": checkpoint {self.checkpoint}" if self.checkpoint else ""
         return (f"stopped on {signame} at step {self.step}{where}. To continue from step {self.step}, run the "
                 f"same command again (run.name={self.run_name} resumes): {resubmit_command()}")
@@ -147,6 +148,7 @@ class StopRequests:
         self._out = out or (lambda line: print(line, file=sys.stderr, flush=True))
         self._exit = exit
         self._timer: threading.Timer | None = None
+        self._handling = 0  # how many ``handling`` blocks are open (in the main thread)
 
     @contextmanager
     def handling(self) -> Iterator[None]:
@@ -157,11 +159,26 @@ class StopRequests:
         previous = {sig: signal.getsignal(sig) for sig in REASONS}
         for sig in REASONS:
             signal.signal(sig, self._on_signal)
+        self._handling += 1
         try:
             yield
         finally:
+            self._handling -= 1
             for sig, handler in previous.items():
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def reclaim(self) -> None:
+        """The handlers again, while ``handling``, over any installed since: ``ray.init`` installs Ray's own for
+        SIGTERM (``sys.exit(15)``, after its core worker's stack dump), so a signal between joining Ray and the
+        job's start ended the driver with no stop line and its MLflow run left RUNNING. Called once Ray is joined."""
+        if self._handling and threading.current_thread() is threading.main_thread():
+            for sig in REASONS:
+                signal.signal(sig, self._on_signal)
+
+    def check(self, run_name: str) -> None:
+        """Raise ``JobStopped`` (nothing to save) when a signal came before the job's workers started."""
+        if self.reason is not None:
+            raise JobStopped(self.reason, run_name, None, None)
 
     @contextmanager
     def job(self, stop: JobStop) -> Iterator[JobStop]:
@@ -193,8 +210,11 @@ class StopRequests:
             jobs = list(self._jobs)
         grace = max((job.grace_s for job in jobs), default=0.0)
         again = "Ctrl-C again" if reason == "sigint" else "a second signal"
-        self._out(f"{reason.upper()} received: stopping at the next step boundary with a checkpoint (up to "
-                  f"{grace:.0f} s; {again} stops at once)")
+        if jobs:
+            self._out(f"{reason.upper()} received: stopping at the next step boundary with a checkpoint (up to "
+                      f"{grace:.0f} s; {again} stops at once)")
+        else:  # planning, joining Ray, opening the run: no worker has started, none will
+            self._out(f"{reason.upper()} received: stopping before the workers start ({again} stops at once)")
         for job in jobs:
             job.request(reason)
         if grace > 0:
