@@ -618,10 +618,23 @@ def start_ray_head(
             # Ray turns token auth on by itself when ~/.ray/auth_token exists: off means off on every machine.
             env["RAY_AUTH_MODE"] = "disabled"
         url = f"http://{HOST}:{p['dashboard']}"
-        return _launch("ray", cmd, env, log_dir, log_dir, url, p, "/api/v0/nodes", timeout, check=_has_alive_node,
-                       headers=_ray_auth_headers(env))
+        svc = _launch("ray", cmd, env, log_dir, log_dir, url, p, "/api/v0/nodes", timeout, check=_has_alive_node,
+                      headers=_ray_auth_headers(env))
+        if temp_dir is not None:
+            _wait_for_address_file(Path(temp_dir) / "ray_current_cluster", f"{HOST}:{p['gcs']}", timeout)
+        return svc
 
     return _retry_on_port_clash(start)
+
+
+def _wait_for_address_file(path: Path, address: str, timeout: float) -> None:
+    """Until ``ray start`` has written the head's address where its job supervisor reads it (it does so after
+    the node is up: a job submitted before that would be given no address, or a stale one)."""
+    deadline = time.monotonic() + timeout
+    while not (path.is_file() and path.read_text().strip() == address):
+        if time.monotonic() > deadline:
+            raise StackError(f"ray start did not write {address} into {path} within {timeout:.0f} s")
+        time.sleep(0.1)
 
 
 def ray_temp_dir(state_dir: Path) -> Path:

@@ -106,8 +106,9 @@ ray.shutdown()
 @pytest.mark.timeout(180)
 def test_joining_ray_takes_sigterm_over_and_reclaim_takes_it_back():
     """What the driver meets between joining Ray and starting its workers (a pod evicted while the job plans or
-    opens its MLflow run): without ``reclaim``, Ray's own SIGTERM handler ends the driver after a stack dump;
-    with it, the signal is a stop request like any other."""
+    opens its MLflow run): ``ray.init`` installs Ray's own SIGTERM handler (a stack dump, then exit 15; seen
+    while building this: without ``reclaim`` the process ended so and never printed its reason); after
+    ``reclaim`` the signal is a stop request like any other."""
     import shutil
     import subprocess
     import sys
@@ -116,9 +117,9 @@ def test_joining_ray_takes_sigterm_over_and_reclaim_takes_it_back():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray of its own
     temp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # Ray's socket paths under it must fit 107 bytes
     try:
-        runs = {how: subprocess.run([sys.executable, "-c", _JOINS_RAY, how, temp], capture_output=True, text=True,
-                                    env=env, timeout=150) for how in ("reclaim", "as-is")}
+        done = subprocess.run([sys.executable, "-c", _JOINS_RAY, "reclaim", temp], capture_output=True, text=True,
+                              env=env, timeout=150)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
-    assert runs["reclaim"].returncode == 0 and "reason: sigterm" in runs["reclaim"].stdout, runs["reclaim"].stderr[-2000:]
-    assert runs["as-is"].returncode != 0 and "reason:" not in runs["as-is"].stdout  # Ray's handler ended it
+    assert done.returncode == 0 and "reason: sigterm" in done.stdout, done.stderr[-2000:]
+    assert "SIGTERM received at time" not in done.stderr  # Ray's handler (its stack dump) never ran
