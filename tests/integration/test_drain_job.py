@@ -101,7 +101,8 @@ def test_a_drained_node_checkpoints_before_it_goes_and_the_job_resumes_there(
     resizes = json.loads(run.data.tags["metaformer.elastic.resizes"])
     shrink = resizes[0]["step"]
     assert (resizes[0]["from"], resizes[0]["to"]) == (2, 1)
-    # resumed from the drain's own checkpoint: at or after the step the drain began, not the cadence's step 0
-    assert drained_at <= shrink <= drained_at + 2 + 2 * DEADLINE_S * 10, (drained_at, shrink)
+    # resumed from the drain's own checkpoint: at or after the step the drain began, not the cadence's step 0.
+    # (An upper bound of 10 steps/s over the deadline broke when the machine was idle: 118 steps after 10.)
+    assert drained_at <= shrink < MAX_STEPS, (drained_at, shrink)
     steps = _effective_steps(_records(keys))
     assert sorted(steps) == list(range(1, MAX_STEPS + 1))  # every step once, none lost
