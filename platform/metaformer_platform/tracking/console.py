@@ -24,6 +24,7 @@ loggers, WARNING and up) travel the same way, so a quiet console still shows bad
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import os
@@ -520,6 +521,9 @@ def _ledger_parts(head: str, ledger: RunLedger) -> tuple[str, list[str]]:
     return head, parts
 
 
+_WAKE = None  # what ProgressPrinter puts in its own queue to end the pump's wait: no event is None
+
+
 class ProgressPrinter:
     """The driver's end: a queue actor for the workers to send to, and a thread printing what arrives.
 
@@ -560,15 +564,21 @@ class ProgressPrinter:
             except Exception as err:  # the queue actor is gone (cluster shutting down)
                 log.warning("progress lines stop: %s", err)
                 return
-            self.console.handle(event)
+            if event is not _WAKE:
+                self.console.handle(event)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         if self._thread is not None:
+            # The pump waits in a get when fit() returns (the workers' last events came just before): without
+            # this it would time out first, half a second of every job's end
+            with contextlib.suppress(Exception):
+                self.queue.put_nowait(_WAKE)
             self._thread.join(timeout=5)
         try:  # what arrived after the last poll
             for event in self.queue.get_nowait_batch(self.queue.qsize()):
-                self.console.handle(event)
+                if event is not _WAKE:
+                    self.console.handle(event)
         except Exception as err:
             log.warning("the last progress lines were lost: %s", err)
         self.console.close(succeeded=exc[0] is None)
