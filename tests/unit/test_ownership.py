@@ -34,6 +34,42 @@ def test_a_live_run_name_is_refused_a_released_or_stale_one_taken_over(tmp_path)
     assert json.loads((tmp_path / "r1" / fmt.OWNER_FILE).read_text())["released"] is True
 
 
+def test_jobs_claiming_one_local_run_name_at_once_get_it_once_without_waiting(tmp_path, monkeypatch):
+    """A local run folder's lease is read, checked and written under an flock: of jobs claiming one name at
+    the same moment exactly one gets it, the rest are refused naming it, and none waits ``SETTLE_S`` (the
+    object-storage fallback). Each write is slowed (storage latency): unlocked, every claimer would read the
+    empty lease first."""
+    import threading
+
+    write = ownership._write_json
+    monkeypatch.setattr(ownership, "_write_json", lambda *a: (time.sleep(0.05), write(*a)))
+    monkeypatch.setattr(ownership, "SETTLE_S", 30.0)
+    barrier, outcomes = threading.Barrier(6), []
+
+    def claim() -> None:
+        barrier.wait()
+        try:
+            outcomes.append(ownership.claim_run(str(tmp_path), "r1"))
+        except ValueError as err:
+            outcomes.append(err)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=claim) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    leases = [o for o in outcomes if isinstance(o, ownership.RunLease)]
+    try:
+        assert len(outcomes) == 6 and len(leases) == 1, outcomes
+        assert all("in use by a live job" in str(o) for o in outcomes if o not in leases)
+        assert time.monotonic() - started < 10  # no claimer settled
+        assert json.loads((tmp_path / "r1" / fmt.OWNER_FILE).read_text())["attempt"] == leases[0].attempt
+    finally:
+        for lease in leases:
+            lease.release()
+
+
 def test_the_read_only_check_refuses_a_live_name_and_writes_nothing(tmp_path):
     """``check_run_free`` (the driver's check before Ray): a live lease refused with claim_run's message, a free
     or released name passes, and nothing is written either way."""

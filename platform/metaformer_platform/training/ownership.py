@@ -22,8 +22,10 @@ folder whose ``COMPLETE`` is signed with the deployment key (a key never in the 
 match it (``check_native_checkpoint`` early, ``checkpoint_format.verify_native`` right before the read).
 
 Written by hand because neither Ray Train (which keys runs by name alone) nor pyarrow's filesystems offer
-a lease; it is a heartbeat file, not a lock: two jobs started within ``SETTLE_S`` of each other on object
-storage could both read an empty lease, so each re-reads it after writing and only the last writer goes on.
+a lease; it is a heartbeat file, not a lock. Taking it is read, check, write: in a local (or mounted) run folder
+under an ``flock`` on the folder, so of two jobs claiming one name at once the second reads the first's lease.
+Object storage has no lock: two jobs started within ``SETTLE_S`` of each other could both read an empty lease,
+so each re-reads it after writing and only the last writer goes on.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -144,18 +147,40 @@ def claim_run(storage_path: str, run_name: str, *, ttl_s: float = LEASE_TTL_S, n
     fs, run_path = _run_path(storage_path, run_name)
     path = f"{run_path}/{fmt.OWNER_FILE}"
     fs.create_dir(run_path)
-    current = fmt.read_json(fs, path)
-    _refuse_if_live(current, run_name, storage_path, ttl_s, now)
-    # never the run_id in _owner.json: whoever can write the bucket could have chosen it
-    run_id = fmt.run_id_for(_location(fs, run_path))
-    lease = RunLease(fs, run_path, run_id, uuid.uuid4().hex, ttl_s)
-    _write_json(fs, path, lease._body(True))
+    with _exclusive(fs, run_path) as locked:
+        current = fmt.read_json(fs, path)
+        _refuse_if_live(current, run_name, storage_path, ttl_s, now)
+        # never the run_id in _owner.json: whoever can write the bucket could have chosen it
+        run_id = fmt.run_id_for(_location(fs, run_path))
+        lease = RunLease(fs, run_path, run_id, uuid.uuid4().hex, ttl_s)
+        _write_json(fs, path, lease._body(True))
+    if locked:
+        return lease.start()
     time.sleep(SETTLE_S)  # two jobs that both read an empty lease: the last writer wins, the other refuses
     after = fmt.read_json(fs, path) or {}
     if after.get("attempt") != lease.attempt:
         _refuse_if_live(after, run_name, storage_path, ttl_s, None)
         raise ValueError(f"run {run_name!r} under {storage_path} was claimed by another job at the same moment")
     return lease.start()
+
+
+@contextmanager
+def _exclusive(fs: pyarrow.fs.FileSystem, run_path: str) -> Iterator[bool]:
+    """An exclusive ``flock`` on a local run folder while its lease is read, checked and written (yields True);
+    on object storage, which has no lock, nothing (yields False: ``claim_run`` settles instead)."""
+    import fcntl
+
+    import pyarrow.fs as pafs
+
+    if not isinstance(fs, pafs.LocalFileSystem):
+        yield False
+        return
+    fd = os.open(run_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released with the descriptor
+        yield True
+    finally:
+        os.close(fd)
 
 
 def _died_here(lease: Mapping[str, object]) -> bool:
