@@ -92,10 +92,16 @@ class StopFlag:
 
 
 def make_flag() -> Any:
-    """A ``StopFlag`` actor (no CPU: it must never take one a worker waits for; threaded: waits block)."""
+    """A ``StopFlag`` actor (no CPU: it must never take one a worker waits for; threaded: waits block), on the
+    driver's own node. Placed on a worker's node, it would keep that node busy: a drained node (spot reclaim,
+    ``ray drain-node``) then never finishes its drain, so Ray Train restarts at the old size on it until its
+    deadline, and the flag, and with it every later stop, goes with the node (seen: tests/integration/
+    test_drain_job.py hung with the flag on the drained node)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(StopFlag).options(num_cpus=0, max_concurrency=16).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(StopFlag).options(num_cpus=0, max_concurrency=16, scheduling_strategy=here).remote()
 
 
 def watch_stop(flag: Any, trainer: Trainer, poll_s: float = 10.0) -> threading.Event:
