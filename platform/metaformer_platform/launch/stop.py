@@ -93,10 +93,10 @@ class StopFlag:
 
 def make_flag() -> Any:
     """A ``StopFlag`` actor (no CPU: it must never take one a worker waits for; threaded: waits block), on the
-    driver's own node. Placed on a worker's node, it would keep that node busy: a drained node (spot reclaim,
-    ``ray drain-node``) then never finishes its drain, so Ray Train restarts at the old size on it until its
-    deadline, and the flag, and with it every later stop, goes with the node (seen: tests/integration/
-    test_drain_job.py hung with the flag on the drained node)."""
+    driver's own node. On a worker's node (where Ray may put a 0-CPU actor) it keeps the node busy: a drained
+    node (spot reclaim, ``ray drain-node``) then never finishes its drain (its raylet exits once idle), Ray
+    Train keeps retrying the old size on it, and when the node is taken the flag, and every later stop, goes
+    with it (seen: tests/integration/test_drain_job.py hung with the flag on the drained node)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
