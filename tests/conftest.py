@@ -28,7 +28,7 @@ _SESSION_ENV = {
     # Every job starts a PreemptionWatcher actor (one more Python process per job) that polls Ray's node drain
     # state: only tests/integration/test_drain_job.py drains a node, and on 2 cores the process start delays
     # every job's workers. That test turns it on for its own job (Ray passes the driver's value to the job's
-    # controller); `METAFORMER_TEST_SLOW_FAULTS=1 pytest tests/integration/test_drain_job.py` runs it (Ray's default: on).
+    # controller); `make test-slow-faults` runs it, after the suite (Ray's default: on).
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
     # The GCS declares a node dead after `failure_threshold` failed health checks `period_ms` apart: 5 x 3 s by
     # default, 15 s the elastic test waits after it kills a node's raylet. 5 x 1 s here; a slow but live raylet
