@@ -6,6 +6,8 @@ Then, rounds alternating, this benchmark runs
 
 - ``ray job submit --working-dir . -- python -c pass``: the floor of any job (upload of the working dir, the
   job supervisor actor, the driver process);
+- the same with a bare ``TorchTrainer`` of one worker that only prints its first step: Ray Train's own floor
+  (its controller and worker processes, torch's process group), under everything the small job adds;
 - ``ray job submit --working-dir . -- python jobs/pretrain.py`` with a tiny config (the debug model, 32 px,
   2 steps, one worker);
 
@@ -45,6 +47,19 @@ MARKS = {  # name -> the first line of the job driver's log that marks it
     "workers": re.compile(r"^training \S+ \("),  # the worker group started, the Trainer built
     "first step": re.compile(r"^step +1/"),
 }
+FLOOR_STEP = re.compile(r"^first step at ([\d.]+)")  # the floor's: its worker's clock, printed by its driver
+
+# Ray Train's own floor on this cluster: a TorchTrainer of one worker whose training function only prints its
+# first step. Everything the small job adds (our driver's checks, MLflow, the model and data) comes on top.
+TRAIN_FLOOR = """
+import tempfile, time
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+with tempfile.TemporaryDirectory() as runs:
+    result = TorchTrainer(lambda: time.time(), scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                          run_config=RunConfig(storage_path=runs, name="floor")).fit()
+print("first step at", result.return_value, flush=True)  # a worker's stdout does not reach the job's log
+"""
 
 
 def tiny_job(cache: Path, runs: Path) -> list[str]:
@@ -68,7 +83,7 @@ def submit(address: str, logs: Path, tree: Path, entrypoint: list[str]) -> dict[
     env = json.dumps({"env_vars": {"PYTHONPATH": str(tree / "platform")}})
     cmd = [RAY, "job", "submit", "--address", address, "--working-dir", str(tree), "--runtime-env-json", env,
            "--submission-id", sid, "--no-wait", "--", *entrypoint]
-    start = time.perf_counter()
+    start, wall = time.perf_counter(), time.time()
     subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
     seen = {"accepted": time.perf_counter() - start}
     client, log, done = JobSubmissionClient(address), logs / f"job-driver-{sid}.log", 0
@@ -80,6 +95,8 @@ def submit(address: str, logs: Path, tree: Path, entrypoint: list[str]) -> dict[
             for name, pattern in MARKS.items():
                 if name not in seen and pattern.search(line.strip()):
                     seen[name] = now
+            if floor := FLOOR_STEP.search(line.strip()):
+                seen["first step"] = float(floor.group(1)) - wall
         done = len(text) - len(text.rpartition("\n")[2])  # a line still being written: read again
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             break
@@ -125,7 +142,7 @@ def main() -> None:
         "gcs_server_port": gcs_port, "temp_dir": temp_dir})
     # what `ray start` writes there (Cluster does not; without it "auto" takes any GCS found on the host)
     ray_utils.write_ray_address(cluster.address, temp_dir)
-    results: dict[str, list[dict[str, float]]] = {"python -c pass": []}
+    results: dict[str, list[dict[str, float]]] = {"python -c pass": [], "Ray Train floor": []}
     results.update({f"pretrain {name}": [] for name in trees})
     try:
         with tempfile.TemporaryDirectory(prefix="bench-submit-") as tmp_name:
@@ -137,6 +154,7 @@ def main() -> None:
             submit(address, logs, REPO, tiny_job(tmp / "cache", tmp / "runs"))
             for _ in range(args.rounds):
                 results["python -c pass"].append(submit(address, logs, REPO, [sys.executable, "-c", "pass"]))
+                results["Ray Train floor"].append(submit(address, logs, REPO, [sys.executable, "-c", TRAIN_FLOOR]))
                 for name, tree in trees.items():
                     results[f"pretrain {name}"].append(submit(address, logs, tree, tiny_job(tmp / "cache", tmp / "runs")))
                     print(name, {k: round(v, 2) for k, v in results[f"pretrain {name}"][-1].items()}, flush=True)
