@@ -239,12 +239,14 @@ def _dead_s3(monkeypatch) -> tuple[pyarrow.fs.FileSystem, str]:
 def test_on_upload_failure_continue_warns_naming_the_endpoint_and_training_goes_on(tmp_path, monkeypatch, caplog):
     """run.on_upload_failure=continue, on the real upload code: every checkpoint's upload to a dead S3 endpoint
     fails after its retries; each is a warning naming the endpoint and the folder, never an error, the Trainer
-    trains to its last step, and no scratch copy is left behind."""
+    trains to its last step, logs each as dropped (what the console then says: not stored, not "checkpoint ->"),
+    and no scratch copy is left behind."""
     from metaformer_platform.config import load_config
     from metaformer_platform.data.build.synthetic import ensure_synthetic_shards
     from metaformer_platform.storage.upload import upload_checkpoint_part_or_warn
     from metaformer_platform.strategies.base import DistContext
-    from metaformer_platform.training.trainer import Trainer
+    from metaformer_platform.training.checkpoint import CheckpointNotStored
+    from metaformer_platform.training.trainer import NullTracker, Trainer
 
     fs, endpoint = _dead_s3(monkeypatch)
     shards = ensure_synthetic_shards(tmp_path / "data", num_classes=4, train_samples=64, val_samples=16,
@@ -256,18 +258,29 @@ def test_on_upload_failure_continue_warns_naming_the_endpoint_and_training_goes_
     reported: list[tuple[int, bool]] = []
 
     def report(metrics: dict[str, float], checkpoint: Path | None) -> bool:
-        if checkpoint is not None:
+        if checkpoint is not None:  # launch.checkpoint_reporter's continue path, without Ray
             dest = f"bucket/runs/r/checkpoint-{int(metrics['step']):08d}"
             reported.append((int(metrics["step"]), upload_checkpoint_part_or_warn(
                 checkpoint, fs, dest, rank=0, world_size=1, agree=lambda landed: landed)))
+            if not reported[-1][1]:
+                raise CheckpointNotStored(dest)
         return False
 
-    scratch = tmp_path / "scratch"
+    class Recorder(NullTracker):
+        def __init__(self) -> None:
+            self.logged: list[tuple[int, dict[str, float]]] = []
+
+        def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+            self.logged.append((step, metrics))
+
+    scratch, tracker = tmp_path / "scratch", Recorder()
     scratch.mkdir()
     with caplog.at_level("WARNING", logger="metaformer_platform.storage.upload"):
-        trainer = Trainer(cfg, DistContext(), data_root=shards, report=report, checkpoint_scratch=scratch)
+        trainer = Trainer(cfg, DistContext(), data_root=shards, report=report, checkpoint_scratch=scratch,
+                          tracker=tracker)
         trainer.train()
     assert trainer.step == 4 and reported == [(2, False), (4, False)]
+    assert [step for step, m in tracker.logged if m.get("system/checkpoint_dropped") == 1.0] == [2, 4]
     warnings = [r.getMessage() for r in caplog.records if r.name == "metaformer_platform.storage.upload"]
     assert len(warnings) == 2, warnings
     for step, text in zip((2, 4), warnings, strict=True):

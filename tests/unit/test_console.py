@@ -35,9 +35,12 @@ def test_the_trainer_metrics_become_events_and_pass_through_to_mlflow():
     sender.log_metrics({"val/top1": 50.0}, step=20)
     sender.log_metrics({"system/checkpoint_stall_s": 0.25, "system/checkpoint_save_s": 0.2}, step=20)
     sender.log_metrics({"run/resumed_from_step": 5.0}, step=5)  # MLflow only
-    assert [(e["kind"], e["step"]) for e in queue] == [("step", 10), ("val", 20), ("checkpoint", 20)]
+    sender.log_metrics({"system/checkpoint_stall_s": 0.5, "system/checkpoint_save_s": 0.2,
+                        "system/checkpoint_dropped": 1.0}, step=30)  # on_upload_failure=continue gave up on it
+    assert [(e["kind"], e["step"]) for e in queue] == [("step", 10), ("val", 20), ("checkpoint", 20), ("checkpoint", 30)]
     assert queue[2]["where"] == "/runs/demo/checkpoint-00000020" and queue[2]["stall_s"] == 0.25
-    assert [step for step, _ in logged] == [10, 20, 20, 5]  # MLflow still gets everything
+    assert not queue[2]["dropped"] and queue[3]["dropped"]
+    assert [step for step, _ in logged] == [10, 20, 20, 5, 30]  # MLflow still gets everything
 
     other_rank = ProgressSender(ListQueue(), "/runs/demo", inner, main=False)
     other_rank.log_metrics({"train/loss": 1.0}, step=10)
@@ -76,7 +79,9 @@ def test_lines_eta_and_summary():
     console.handle({"kind": "val", "step": 20, "time": 111.0,
                     "metrics": {"val/top1": 61.5, "val/top5": 97.0, "val/loss": 1.0234, "val/samples": 500}})
     console.handle({"kind": "checkpoint", "step": 20, "time": 112.0, "where": "/runs/x/checkpoint-00000020",
-                    "stall_s": 0.41})
+                    "stall_s": 0.41, "dropped": False})
+    console.handle({"kind": "checkpoint", "step": 40, "time": 130.0, "where": "/runs/x/checkpoint-00000040",
+                    "stall_s": 0.2, "dropped": True})
     _step(console, 100, 190.0)
     console.handle({"kind": "log", "time": 191.0, "rank": 1, "level": "WARNING", "message": "shard b.tar is bad"})
     console.handle({"kind": "finish", "time": 192.0, "step": 100})
@@ -91,10 +96,12 @@ def test_lines_eta_and_summary():
     assert lines[2].endswith("| eta 1m20s")
     assert lines[3] == "val    step 20 | top-1 61.50% | top-5 97.00% | loss 1.0234 | 500 images"
     assert lines[4] == "checkpoint step 20 -> /runs/x/checkpoint-00000020 | stall 0.41 s"
+    assert lines.pop(5) == ("checkpoint step 40 NOT stored (its upload failed; run.on_upload_failure=continue): "
+                            "training goes on, and a restart resumes from the last stored checkpoint | stall 0.20 s")
     assert lines[5].startswith("step 100/100 |") and lines[5].endswith("| eta 0s")
     assert lines[6] == "[rank 1] WARNING: shard b.tar is bad"
-    assert lines[7].startswith("done: 100 steps in ") and lines[7].endswith(
-        "| 100 img/s | data wait 25% | val top-1 61.50% top-5 97.00% | 1 checkpoint, stall 0.4 s")
+    assert lines[7].startswith("done: 100 steps in ") and lines[7].endswith(  # the stored one counted; both stalls
+        "| 100 img/s | data wait 25% | val top-1 61.50% top-5 97.00% | 1 checkpoint, stall 0.6 s")
 
 
 def test_a_failed_job_gets_no_summary():

@@ -83,8 +83,11 @@ def checkpoint_reporter(
 
             stamp(checkpoint_dir, owner, dist.rank)
         if on_failure == "continue":
-            report_unless_upload_fails(metrics, checkpoint_dir, name, dist)
-            return False  # uploaded, or given up on: the Trainer deletes its scratch copy
+            if not report_unless_upload_fails(metrics, checkpoint_dir, name, dist):
+                from metaformer_platform.training.checkpoint import CheckpointNotStored
+
+                raise CheckpointNotStored(name)  # the Trainer trains on, and says so
+            return False  # uploaded: the Trainer deletes its scratch copy
         async_upload = upload_mode == "async"
         ray.train.report(
             metrics,
@@ -102,14 +105,15 @@ def checkpoint_reporter(
     return report
 
 
-def report_unless_upload_fails(metrics: dict[str, float], checkpoint_dir: Path, name: str, dist: DistContext) -> None:
+def report_unless_upload_fails(metrics: dict[str, float], checkpoint_dir: Path, name: str, dist: DistContext) -> bool:
     """``run.on_upload_failure=continue``: upload this rank's part here, in the training loop, then report.
 
     Ray's own upload cannot give up on a checkpoint: what its upload function returns is registered, and Ray
     prunes older checkpoints by it, and writes its snapshot to the storage that is down. So the ranks agree
     (a collective) whether every part landed; only then does rank 0 write COMPLETE and report the folder
     (``NO_UPLOAD``). Otherwise each rank has warned, naming the endpoint, and the round is reported without a
-    checkpoint: Ray keeps the last good one, and the job's resume point stays there."""
+    checkpoint: Ray keeps the last good one, and the job's resume point stays there. Returns whether this rank
+    saw it stored (rank 0 decides: its marker is the last write)."""
     import ray.train
     import torch
     import torch.distributed as tdist
@@ -130,6 +134,7 @@ def report_unless_upload_fails(metrics: dict[str, float], checkpoint_dir: Path, 
     checkpoint = ray.train.Checkpoint(path=dest, filesystem=storage.storage_filesystem)
     ray.train.report(metrics, checkpoint=checkpoint if complete and dist.is_main else None, checkpoint_dir_name=name,
                      checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+    return complete
 
 
 def _dist_context() -> DistContext:

@@ -99,6 +99,7 @@ class CheckpointEvent(_LedgerEvent):
     step: int
     where: str
     stall_s: float
+    dropped: bool  # not stored: its upload failed and run.on_upload_failure=continue gave up on it
 
 
 class LogEvent(_Event):
@@ -193,7 +194,8 @@ class ProgressSender:
             from metaformer_platform.storage.checkpoint_format import checkpoint_name
 
             where = f"{self.checkpoint_root}/{checkpoint_name(step)}"  # launch.checkpoint_reporter's names
-            self.send("checkpoint", step=step, where=where, stall_s=float(metrics["system/checkpoint_stall_s"]))
+            self.send("checkpoint", step=step, where=where, stall_s=float(metrics["system/checkpoint_stall_s"]),
+                      dropped=bool(metrics.get("system/checkpoint_dropped")))
 
     def log_params(self, params: Mapping[str, object]) -> None:
         """The inner tracker's params (the settings a worker resolved for its device)."""
@@ -455,8 +457,13 @@ class Console:
         self._print(line)
 
     def _on_checkpoint(self, e: CheckpointEvent) -> None:
-        self.stats.checkpoints += 1
         self.stats.stall_s += e["stall_s"]
+        if e.get("dropped"):
+            self._print(f"checkpoint step {e['step']} NOT stored (its upload failed; run.on_upload_failure=continue): "
+                        f"training goes on, and a restart resumes from the last stored checkpoint | stall "
+                        f"{e['stall_s']:.2f} s")
+            return
+        self.stats.checkpoints += 1
         self._print(f"checkpoint step {e['step']} -> {e['where']} | stall {e['stall_s']:.2f} s")
 
     def _on_log(self, e: LogEvent) -> None:

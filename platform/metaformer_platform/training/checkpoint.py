@@ -24,6 +24,12 @@ if TYPE_CHECKING:
     import pyarrow.fs
 
 
+class CheckpointNotStored(Exception):
+    """What a Trainer's ``report`` raises for a checkpoint it gave up storing (``run.on_upload_failure=continue``:
+    an upload that failed after its retries, already warned about): training goes on without it, and the run's
+    resume point stays its last stored checkpoint."""
+
+
 class NumpyRngState(TypedDict):
     """NumPy's legacy MT19937 state, its key array as a tensor (``weights_only`` loading refuses arrays)."""
     kind: str

@@ -631,11 +631,12 @@ class Trainer:
         """Save a checkpoint to local scratch and hand it to ``report`` (which persists it).
 
         The scratch folder is deleted here unless ``report`` took it over (an asynchronous upload deletes it
-        once uploaded). The time training was blocked is logged as ``system/checkpoint_stall_s``.
+        once uploaded). The time training was blocked is logged as ``system/checkpoint_stall_s``; a checkpoint
+        ``report`` gave up storing (``CheckpointNotStored``) as ``system/checkpoint_dropped``, and training goes on.
         """
         start = time.perf_counter()
         scratch = Path(tempfile.mkdtemp(prefix=f"ckpt-{self.step:08d}-", dir=self.scratch))
-        owned = False
+        owned = dropped = False
         try:
             try:
                 self.save_checkpoint(scratch)
@@ -645,7 +646,10 @@ class Trainer:
                     raise
                 raise full from err
             saved = time.perf_counter()
-            owned = bool(self.report({**metrics, "step": float(self.step)}, scratch))
+            try:
+                owned = bool(self.report({**metrics, "step": float(self.step)}, scratch))
+            except ckpt.CheckpointNotStored:
+                dropped = True
         finally:
             if not owned:
                 shutil.rmtree(scratch, ignore_errors=True)
@@ -653,4 +657,5 @@ class Trainer:
         self.checkpoint_stalls.append(stall)
         self.meter.checkpoint_s += stall
         self.meter.step = self.step
-        self.tracker.log_metrics({"system/checkpoint_stall_s": stall, "system/checkpoint_save_s": saved - start}, step=self.step)
+        self.tracker.log_metrics({"system/checkpoint_stall_s": stall, "system/checkpoint_save_s": saved - start,
+                                  **({"system/checkpoint_dropped": 1.0} if dropped else {})}, step=self.step)
