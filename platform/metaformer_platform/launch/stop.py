@@ -93,15 +93,14 @@ class StopFlag:
 
 def make_flag() -> Any:
     """A ``StopFlag`` actor (no CPU: it must never take one a worker waits for; threaded: waits block), on the
-    driver's own node. On a worker's node (where Ray may put a 0-CPU actor) it keeps the node busy: a drained
-    node (spot reclaim, ``ray drain-node``) then never finishes its drain (its raylet exits once idle), Ray
-    Train keeps retrying the old size on it, and when the node is taken the flag, and every later stop, goes
-    with it (seen: tests/integration/test_drain_job.py hung with the flag on the drained node)."""
+    driver's own node (``on_the_driver_node``: a drained node would otherwise never finish its drain, and Ray
+    Train would keep retrying the old size on it)."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(StopFlag).options(num_cpus=0, max_concurrency=16, scheduling_strategy=here).remote()
+    from metaformer_platform.tracking.console import on_the_driver_node
+
+    return ray.remote(StopFlag).options(num_cpus=0, max_concurrency=16,
+                                        scheduling_strategy=on_the_driver_node()).remote()
 
 
 def watch_stop(flag: Any, trainer: Trainer, poll_s: float = 10.0) -> threading.Event:

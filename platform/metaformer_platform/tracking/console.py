@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, TextIO, TypedDict, cast
+from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypedDict, cast
 
 if TYPE_CHECKING:
     from ray.train import UserCallback
@@ -528,6 +528,17 @@ def _ledger_parts(head: str, ledger: RunLedger) -> tuple[str, list[str]]:
     return head, parts
 
 
+def on_the_driver_node() -> Any:
+    """Ray's placement (hard) on this driver's node, for the job's helper actors (the console's queue, the stop
+    flag). On a worker's node, where Ray may put a 0-CPU actor, one dies with that node, and every later line or
+    stop with it (seen: the elastic job's lost node took the queue along), and it keeps a drained node busy, so
+    the node never finishes its drain (seen: tests/integration/test_drain_job.py hung on the stop flag)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
 _WAKE = None  # what ProgressPrinter puts in its own queue to end the pump's wait: no event is None
 
 
@@ -539,17 +550,12 @@ class ProgressPrinter:
     """
 
     def __init__(self, greeting: str | None = None, console: Console | None = None) -> None:
-        import ray
         from ray.util.queue import Queue
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.greeting = greeting  # printed as training starts up: workers can take a while to come up
         self.console = console or Console()
-        # num_cpus=0: the queue must never take a CPU a worker is waiting for. On the driver's own node: a queue
-        # placed on a worker's node would die with that node, and every later line (and the run ledger's
-        # events) with it (seen: the elastic job's lost node took the queue along)
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.queue: Queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+        # num_cpus=0: the queue must never take a CPU a worker is waiting for
+        self.queue: Queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": on_the_driver_node()})
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
